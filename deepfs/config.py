@@ -1,0 +1,92 @@
+"""Configuration in one place: typed dataclasses, defaults next to the fields.
+
+Every process works with no file at all. A TOML file describes a real
+cluster (see ``examples/cluster.toml``); CLI flags override it.
+"""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from deepfs.errors import ConfigError
+from deepfs.layout import DEFAULT_CODEC
+
+
+@dataclass
+class MetaConfig:
+    """Metadata server (``deepfs meta serve``)."""
+
+    data_dir: str = "./deepfs-data/meta"
+    host: str = "127.0.0.1"
+    port: int = 7700  # framed namespace protocol
+    grpc_port: int = 7701  # control plane
+    map_size_bytes: int = 8 << 30  # LMDB address space; grows with no cost until used
+    sync_interval_s: float = 0.005  # group commit: the longest a commit waits for its disk sync
+    node_grace_period_s: float = 6.0  # heartbeats missed this long mark a node down
+    heartbeat_interval_s: float = 1.0
+    gc_interval_s: float = 1.0
+    default_k: int = 4
+    default_m: int = 2
+    default_stripe_size: int = 4 << 20
+    default_codec: str = DEFAULT_CODEC
+
+
+@dataclass
+class NodeConfig:
+    """Storage node (``deepfs node serve``)."""
+
+    data_dir: str = "./deepfs-data/node0"
+    host: str = "127.0.0.1"
+    port: int = 7710
+    meta_grpc: str = "127.0.0.1:7701"
+    failure_domain: str = ""  # empty: the node's own address
+    fsync: bool = True  # fsync each fragment and its directory before acknowledging
+    reserve_bytes: int = 256 << 20  # refuse writes (ENOSPC) below this much free space
+    capacity_bytes: int = 0  # 0: the file system's size
+    block_size: int = 64 << 10  # CRC32C granularity of stored fragments
+    max_payload_bytes: int = 64 << 20
+
+
+@dataclass
+class ClientConfig:
+    """Client library, FUSE mount and torch adapter."""
+
+    meta_address: str = "127.0.0.1:7700"
+    io_timeout_s: float = 10.0  # one fragment request; then the read goes degraded
+    connect_timeout_s: float = 3.0
+    map_refresh_s: float = 2.0
+    max_dirty_stripes: int = 8  # per open file, before writes wait for uploads
+    readahead_stripes: int = 2
+
+
+@dataclass
+class ClusterConfig:
+    """A whole cluster described in one TOML file (``[meta]``, ``[[nodes]]``, ``[client]``)."""
+
+    meta: MetaConfig = field(default_factory=MetaConfig)
+    nodes: list[NodeConfig] = field(default_factory=list)
+    client: ClientConfig = field(default_factory=ClientConfig)
+
+
+def _build(cls: type, data: dict[str, Any], where: str) -> Any:
+    known = {f.name for f in fields(cls)}
+    unknown = set(data) - known
+    if unknown:
+        raise ConfigError(f"{where}: unknown setting(s) {', '.join(sorted(unknown))}")
+    return cls(**data)
+
+
+def load_cluster_config(path: str | Path) -> ClusterConfig:
+    """Read a cluster TOML file; unknown keys are an error, not a silent typo."""
+    try:
+        raw = tomllib.loads(Path(path).read_text())
+    except (OSError, tomllib.TOMLDecodeError) as exc:
+        raise ConfigError(f"cannot read {path}: {exc}") from exc
+    return ClusterConfig(
+        meta=_build(MetaConfig, raw.get("meta", {}), "[meta]"),
+        nodes=[_build(NodeConfig, n, f"[[nodes]] #{i}") for i, n in enumerate(raw.get("nodes", []))],
+        client=_build(ClientConfig, raw.get("client", {}), "[client]"),
+    )

@@ -1,0 +1,400 @@
+"""trio shell around ``deepfs.frames``: a pipelined client and a frame server.
+
+Mental model: one TCP connection is a pipe many requests share. Requests are
+written whole under a send lock; a single reader task per connection takes
+responses off the wire and wakes the waiter whose ``request_id`` matches, so
+answers may come back in any order. Response payloads are received straight
+into a buffer the caller supplies (``into=``), or into a fresh ``bytearray``.
+
+The server side runs each request of a connection as its own task (bounded
+by ``max_in_flight``) so one slow disk read does not hold back the others.
+A frame that fails validation closes that connection and is logged; the
+listener keeps serving everybody else.
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import math
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from deepfs import frames
+from deepfs.errors import os_error
+from deepfs.frames import FLAG_ERROR, FLAG_RESPONSE, HEADER_SIZE, FrameHeader, ProtocolError
+
+log = logging.getLogger(__name__)
+
+Buffer = bytes | bytearray | memoryview
+
+
+async def receive_exactly(stream: trio.abc.ReceiveStream, view: memoryview) -> None:
+    """Fill ``view`` from ``stream``; EOF in the middle is a protocol error."""
+    got = 0
+    total = len(view)
+    while got < total:
+        chunk = await stream.receive_some(total - got)
+        if not chunk:
+            raise ProtocolError(f"connection closed after {got} of {total} bytes")
+        view[got : got + len(chunk)] = chunk
+        got += len(chunk)
+
+
+async def _receive_into(stream: trio.SocketStream, view: memoryview) -> None:
+    """Like receive_exactly, but lets the kernel write straight into ``view``."""
+    sock = stream.socket
+    got = 0
+    total = len(view)
+    while got < total:
+        await trio.lowlevel.wait_readable(sock)
+        try:
+            n = sock._sock.recv_into(view[got:], total - got)  # noqa: SLF001 - zero-copy receive
+        except BlockingIOError:
+            continue
+        if n == 0:
+            raise ProtocolError(f"connection closed after {got} of {total} bytes")
+        got += n
+
+
+async def receive_frame(
+    stream: trio.abc.ReceiveStream,
+    max_body: int,
+    max_payload: int,
+    payload_buffer: Callable[[FrameHeader, Any], memoryview | None] | None = None,
+) -> tuple[FrameHeader, Any, memoryview] | None:
+    """Read one frame; None on a clean EOF before its first byte.
+
+    ``payload_buffer(header, body)`` may return a memoryview of exactly
+    ``payload_len`` bytes to receive the payload into; otherwise a bytearray
+    is allocated.
+    """
+    head = bytearray(HEADER_SIZE)
+    view = memoryview(head)
+    first = await stream.receive_some(HEADER_SIZE)
+    if not first:
+        return None
+    view[: len(first)] = first
+    if len(first) < HEADER_SIZE:
+        await _receive(stream, view[len(first) :])
+    header = frames.parse_header(head, max_body, max_payload)
+    body_bytes = bytearray(header.body_len)
+    if header.body_len:
+        await _receive(stream, memoryview(body_bytes))
+    body = frames.decode_body(head, header, bytes(body_bytes))
+    payload: memoryview | None = None
+    if header.payload_len:
+        if payload_buffer is not None:
+            payload = payload_buffer(header, body)
+        if payload is None or len(payload) != header.payload_len:
+            payload = memoryview(bytearray(header.payload_len))
+        await _receive(stream, payload)
+    else:
+        payload = memoryview(b"")
+    return header, body, payload
+
+
+async def _receive(stream: trio.abc.ReceiveStream, view: memoryview) -> None:
+    if isinstance(stream, trio.SocketStream):
+        await _receive_into(stream, view)
+    else:
+        await receive_exactly(stream, view)
+
+
+async def send_frame(
+    stream: trio.abc.SendStream,
+    lock: trio.Lock,
+    op: int,
+    request_id: int,
+    body: Any,
+    payload: Sequence[Buffer] = (),
+    flags: int = 0,
+) -> None:
+    """Send header, body and payload pieces as one frame (no joining of payloads)."""
+    payload_len = sum(len(p) for p in payload)
+    head = frames.encode_frame(op, request_id, body, payload_len, flags)
+    async with lock:
+        if payload and isinstance(stream, trio.SocketStream):
+            await _send_vectored(stream, [head, *payload])
+        else:
+            await stream.send_all(head)
+            for piece in payload:
+                await stream.send_all(piece)
+
+
+async def _send_vectored(stream: trio.SocketStream, pieces: list[Buffer]) -> None:
+    """sendmsg() the pieces without copying them together."""
+    sock = stream.socket
+    views = [memoryview(p).cast("B") for p in pieces if len(p)]
+    while views:
+        await trio.lowlevel.wait_writable(sock)
+        try:
+            sent = sock._sock.sendmsg(views[:64])  # noqa: SLF001 - vectored send
+        except BlockingIOError:
+            continue
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
+
+
+@dataclass
+class _Pending:
+    done: trio.Event = field(default_factory=trio.Event)
+    into: memoryview | None = None
+    header: FrameHeader | None = None
+    body: Any = None
+    payload: memoryview | None = None
+    failure: BaseException | None = None
+
+
+class FrameClient:
+    """One pipelined connection to a framed server.
+
+    Create with ``await FrameClient.connect(nursery, host, port)``; the reader
+    task lives in ``nursery``. After the connection breaks every waiter gets
+    ``ConnectionError`` and ``closed`` turns True; callers reconnect.
+    """
+
+    def __init__(self, stream: trio.SocketStream, address: str, max_payload: int) -> None:
+        self.address = address
+        self._stream = stream
+        self._send_lock = trio.Lock()
+        self._ids = itertools.count(1)
+        self._pending: dict[int, _Pending] = {}
+        self._max_payload = max_payload
+        self.closed = False
+
+    @classmethod
+    async def connect(
+        cls,
+        nursery: trio.Nursery,
+        host: str,
+        port: int,
+        max_payload: int = frames.DEFAULT_MAX_PAYLOAD,
+        timeout_s: float = 5.0,
+    ) -> FrameClient:
+        with trio.fail_after(timeout_s):
+            stream = await trio.open_tcp_stream(host, port)
+        stream.setsockopt(6, 1, 1)  # TCP_NODELAY: small metadata frames must not wait
+        client = cls(stream, f"{host}:{port}", max_payload)
+        nursery.start_soon(client._read_loop)
+        return client
+
+    async def call(
+        self,
+        op: int,
+        body: Any,
+        payload: Sequence[Buffer] = (),
+        into: memoryview | None = None,
+        timeout_s: float = math.inf,
+    ) -> tuple[Any, memoryview]:
+        """Send one request and wait for its response (body, payload view).
+
+        Raises the errno the peer answered with as an ``OSError`` subclass,
+        ``ConnectionError`` if the connection broke, ``trio.TooSlowError``
+        past ``timeout_s``.
+        """
+        if self.closed:
+            raise ConnectionResetError(errno.ECONNRESET, f"connection to {self.address} is closed")
+        request_id = next(self._ids)
+        pending = _Pending(into=into)
+        self._pending[request_id] = pending
+        try:
+            with trio.fail_after(timeout_s):
+                try:
+                    await send_frame(self._stream, self._send_lock, op, request_id, body, payload)
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    await self._fail_all(exc)
+                    raise ConnectionResetError(errno.ECONNRESET, f"send to {self.address} failed: {exc}") from exc
+                await pending.done.wait()
+        finally:
+            self._pending.pop(request_id, None)
+        if pending.failure is not None:
+            raise ConnectionResetError(
+                errno.ECONNRESET, f"connection to {self.address} broke: {pending.failure}"
+            ) from pending.failure
+        assert pending.header is not None and pending.payload is not None
+        if pending.header.is_error:
+            body = pending.body or {}
+            raise _remote_error(body, self.address)
+        return pending.body, pending.payload
+
+    def _payload_buffer(self, header: FrameHeader, _body: Any) -> memoryview | None:
+        pending = self._pending.get(header.request_id)
+        if pending is not None and pending.into is not None and len(pending.into) >= header.payload_len:
+            return pending.into[: header.payload_len]
+        return None
+
+    async def _read_loop(self) -> None:
+        failure: BaseException = ConnectionResetError("closed")
+        try:
+            while True:
+                frame = await receive_frame(
+                    self._stream, frames.DEFAULT_MAX_BODY, self._max_payload, self._payload_buffer
+                )
+                if frame is None:
+                    failure = ConnectionResetError(f"{self.address} closed the connection")
+                    break
+                header, body, payload = frame
+                pending = self._pending.get(header.request_id)
+                if pending is None:
+                    continue  # the waiter timed out and left
+                pending.header, pending.body, pending.payload = header, body, payload
+                pending.done.set()
+        except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            failure = exc
+            log.warning("connection to %s failed: %s", self.address, exc)
+        await self._fail_all(failure)
+
+    async def _fail_all(self, failure: BaseException) -> None:
+        self.closed = True
+        for pending in list(self._pending.values()):
+            if not pending.done.is_set():
+                pending.failure = failure
+                pending.done.set()
+        with trio.CancelScope(shield=True):
+            await self._stream.aclose()
+
+    async def aclose(self) -> None:
+        await self._fail_all(ConnectionResetError("closed by the client"))
+
+
+def _remote_error(body: dict, address: str) -> OSError:
+    """The errno a peer answered with, as the matching OSError subclass."""
+    if not isinstance(body, dict):
+        body = {}
+    code = int(body.get("errno", errno.EIO))
+    msg = str(body.get("msg") or "")
+    return os_error(code, msg)
+
+
+Handler = Callable[[int, Any, memoryview], Awaitable[tuple[Any, Sequence[Buffer]]]]
+"""``handler(op, body, payload) -> (response_body, response_payload_pieces)``.
+
+Raise OSError to answer with its errno; raise ProtocolError to close the
+connection (the peer sent something no valid client sends)."""
+
+
+@dataclass
+class ServerLimits:
+    max_body: int = frames.DEFAULT_MAX_BODY
+    max_payload: int = frames.DEFAULT_MAX_PAYLOAD
+    max_in_flight: int = 64
+
+
+class FrameServer:
+    """Serve a handler over the framed protocol; one task per request."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        limits: ServerLimits | None = None,
+        name: str = "server",
+        payload_buffer: Callable[[FrameHeader, Any], memoryview | None] | None = None,
+    ) -> None:
+        self.handler = handler
+        self.limits = limits or ServerLimits()
+        self.name = name
+        self.payload_buffer = payload_buffer
+        self.connections_rejected = 0
+
+    async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(port, host=host)
+        task_status.started(listeners[0].socket.getsockname()[1])
+        await trio.serve_listeners(self.serve_connection, listeners)
+
+    async def serve_connection(self, stream: trio.SocketStream) -> None:
+        peer = _peer_name(stream)
+        send_lock = trio.Lock()
+        in_flight = trio.CapacityLimiter(self.limits.max_in_flight)
+        try:
+            async with trio.open_nursery() as nursery:
+                while True:
+                    await in_flight.acquire()
+                    try:
+                        frame = await receive_frame(
+                            stream, self.limits.max_body, self.limits.max_payload, self.payload_buffer
+                        )
+                    except BaseException:
+                        in_flight.release()
+                        raise
+                    if frame is None:
+                        in_flight.release()
+                        break
+                    header, body, payload = frame
+                    if header.is_response:
+                        in_flight.release()
+                        raise ProtocolError("a client sent a response frame")
+                    nursery.start_soon(self._answer, stream, send_lock, in_flight, header, body, payload, peer)
+        except ProtocolError as exc:
+            self.connections_rejected += 1
+            log.warning("%s: closing connection from %s: %s", self.name, peer, exc)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
+            log.debug("%s: connection from %s ended: %s", self.name, peer, exc)
+        finally:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+
+    async def _answer(
+        self,
+        stream: trio.SocketStream,
+        send_lock: trio.Lock,
+        in_flight: trio.CapacityLimiter,
+        header: FrameHeader,
+        body: Any,
+        payload: memoryview,
+        peer: str,
+    ) -> None:
+        try:
+            try:
+                out_body, out_payload = await self.handler(header.op, body, payload)
+                flags = FLAG_RESPONSE
+            except ProtocolError:
+                raise
+            except OSError as exc:
+                code = exc.errno or errno.EIO
+                out_body, out_payload = {"errno": code, "msg": exc.strerror or str(exc)}, ()
+                flags = FLAG_RESPONSE | FLAG_ERROR
+            except Exception as exc:  # a bug in a handler must not take the server down
+                log.exception("%s: op %s from %s failed", self.name, header.op, peer)
+                out_body, out_payload = {"errno": errno.EIO, "msg": f"internal error: {exc}"}, ()
+                flags = FLAG_RESPONSE | FLAG_ERROR
+            try:
+                await send_frame(stream, send_lock, header.op, header.request_id, out_body, out_payload, flags)
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
+                pass
+        except ProtocolError as exc:
+            self.connections_rejected += 1
+            log.warning("%s: closing connection from %s: %s", self.name, peer, exc)
+            await stream.aclose()
+        finally:
+            in_flight.release()
+
+
+def _peer_name(stream: trio.SocketStream) -> str:
+    try:
+        host, port = stream.socket.getpeername()[:2]
+        return f"{host}:{port}"
+    except OSError:
+        return "?"
+
+
+def parse_address(address: str, default_port: int | None = None) -> tuple[str, int]:
+    """'host:port' → (host, port), with a clear error for anything else."""
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        if default_port is None:
+            raise ValueError(f"address {address!r} must be HOST:PORT")
+        return address, default_port
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise ValueError(f"address {address!r} must be HOST:PORT") from None
