@@ -314,40 +314,57 @@ class FrameServer:
     async def serve_connection(self, stream: trio.SocketStream) -> None:
         peer = _peer_name(stream)
         send_lock = trio.Lock()
-        in_flight = trio.CapacityLimiter(self.limits.max_in_flight)
+        # A Semaphore, not a CapacityLimiter: tokens are taken by this reader task
+        # and given back by the request's own task, which a limiter refuses.
+        in_flight = trio.Semaphore(self.limits.max_in_flight)
         try:
             async with trio.open_nursery() as nursery:
-                while True:
-                    await in_flight.acquire()
-                    try:
-                        frame = await receive_frame(
-                            stream, self.limits.max_body, self.limits.max_payload, self.payload_buffer
-                        )
-                    except BaseException:
-                        in_flight.release()
-                        raise
-                    if frame is None:
-                        in_flight.release()
-                        break
-                    header, body, payload = frame
-                    if header.is_response:
-                        in_flight.release()
-                        raise ProtocolError("a client sent a response frame")
-                    nursery.start_soon(self._answer, stream, send_lock, in_flight, header, body, payload, peer)
-        except ProtocolError as exc:
-            self.connections_rejected += 1
-            log.warning("%s: closing connection from %s: %s", self.name, peer, exc)
-        except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
-            log.debug("%s: connection from %s ended: %s", self.name, peer, exc)
+                # Connection errors are handled inside the nursery: trio wraps what
+                # escapes a nursery in an ExceptionGroup, which no ``except`` here
+                # would match, and the listener (every connection) would die.
+                try:
+                    await self._read_requests(stream, nursery, send_lock, in_flight, peer)
+                except ProtocolError as exc:
+                    self.connections_rejected += 1
+                    log.warning("%s: closing connection from %s: %s", self.name, peer, exc)
+                    nursery.cancel_scope.cancel()
+                except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
+                    log.debug("%s: connection from %s ended: %s", self.name, peer, exc)
+                    nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    async def _read_requests(
+        self,
+        stream: trio.SocketStream,
+        nursery: trio.Nursery,
+        send_lock: trio.Lock,
+        in_flight: trio.Semaphore,
+        peer: str,
+    ) -> None:
+        """Start one task per request until a clean EOF."""
+        while True:
+            await in_flight.acquire()
+            try:
+                frame = await receive_frame(stream, self.limits.max_body, self.limits.max_payload, self.payload_buffer)
+            except BaseException:
+                in_flight.release()
+                raise
+            if frame is None:
+                in_flight.release()
+                return
+            header, body, payload = frame
+            if header.is_response:
+                in_flight.release()
+                raise ProtocolError("a client sent a response frame")
+            nursery.start_soon(self._answer, stream, send_lock, in_flight, header, body, payload, peer)
 
     async def _answer(
         self,
         stream: trio.SocketStream,
         send_lock: trio.Lock,
-        in_flight: trio.CapacityLimiter,
+        in_flight: trio.Semaphore,
         header: FrameHeader,
         body: Any,
         payload: memoryview,
