@@ -1,0 +1,131 @@
+"""The client's view of the cluster: node map, connections, misbehaving peers.
+
+The map comes from the metadata server's gRPC control plane and is refreshed
+in the background (and on demand after an error), so the data path never
+waits on it. Connections to storage nodes are opened lazily, one pipelined
+connection per node. A node whose request failed is *suspect* for a short
+while: reads go degraded around it and placement avoids it, instead of every
+request paying its timeout again.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from typing import Any
+
+import grpc
+import trio
+
+from deepfs import rpc
+from deepfs.config import ClientConfig
+from deepfs.placement import NodeView
+from deepfs.proto import control_pb2, control_pb2_grpc
+
+log = logging.getLogger(__name__)
+
+SUSPECT_FOR_S = 3.0
+
+
+class ClusterView:
+    def __init__(self, nursery: trio.Nursery, grpc_address: str, config: ClientConfig) -> None:
+        self._nursery = nursery
+        self._grpc_address = grpc_address
+        self._config = config
+        self._channel = grpc.insecure_channel(grpc_address)
+        self._stub = control_pb2_grpc.ClusterStub(self._channel)
+        self.nodes: dict[int, NodeView] = {}
+        self.epoch = -1
+        self._connections: dict[int, rpc.FrameClient] = {}
+        self._connect_locks: dict[int, trio.Lock] = {}
+        self._suspect_until: dict[int, float] = {}
+        self._refresh_lock = trio.Lock()
+
+    async def refresh(self) -> None:
+        """Fetch the cluster map now (one gRPC call in a worker thread)."""
+        async with self._refresh_lock:
+            timeout = self._config.connect_timeout_s
+            reply = await trio.to_thread.run_sync(
+                lambda: self._stub.GetClusterMap(control_pb2.ClusterMapRequest(), timeout=timeout)
+            )
+            self.epoch = reply.epoch
+            self.nodes = {
+                n.node_id: NodeView(n.node_id, n.address, n.failure_domain or n.address, n.state == "up", n.free_bytes)
+                for n in reply.nodes
+            }
+            for node_id, conn in list(self._connections.items()):
+                node = self.nodes.get(node_id)
+                if node is None or conn.address != node.address:
+                    self._connections.pop(node_id, None)
+                    self._nursery.start_soon(conn.aclose)
+
+    async def refresh_forever(self) -> None:
+        while True:
+            await trio.sleep(self._config.map_refresh_s)
+            try:
+                await self.refresh()
+            except grpc.RpcError as exc:
+                log.debug("cluster map refresh failed: %s", exc.code())
+
+    def status(self) -> Any:
+        return self._stub.Status(control_pb2.StatusRequest(), timeout=self._config.connect_timeout_s)
+
+    def live_nodes(self) -> list[NodeView]:
+        return [n for n in self.nodes.values() if n.up]
+
+    def suspects(self) -> frozenset[int]:
+        now = time.monotonic()
+        return frozenset(n for n, until in self._suspect_until.items() if until > now)
+
+    def is_usable(self, node_id: int) -> bool:
+        node = self.nodes.get(node_id)
+        return node is not None and node.up and node_id not in self.suspects()
+
+    def mark_suspect(self, node_id: int, reason: str) -> None:
+        if node_id not in self.suspects():
+            log.warning("storage node %s is misbehaving (%s); avoiding it for %.0fs", node_id, reason, SUSPECT_FOR_S)
+        self._suspect_until[node_id] = time.monotonic() + SUSPECT_FOR_S
+
+    async def connection(self, node_id: int) -> rpc.FrameClient:
+        conn = self._connections.get(node_id)
+        if conn is not None and not conn.closed:
+            return conn
+        lock = self._connect_locks.setdefault(node_id, trio.Lock())
+        async with lock:
+            conn = self._connections.get(node_id)
+            if conn is not None and not conn.closed:
+                return conn
+            node = self.nodes.get(node_id)
+            if node is None:
+                raise ConnectionRefusedError(f"storage node {node_id} is not in the cluster map")
+            host, port = rpc.parse_address(node.address)
+            conn = await rpc.FrameClient.connect(
+                self._nursery, host, port, timeout_s=self._config.connect_timeout_s
+            )
+            self._connections[node_id] = conn
+            return conn
+
+    async def call_node(
+        self,
+        node_id: int,
+        op: int,
+        body: Any,
+        payload: tuple = (),
+        into: memoryview | None = None,
+        timeout_s: float | None = None,
+    ) -> tuple[Any, memoryview]:
+        """One request to a storage node; connection trouble marks it suspect."""
+        try:
+            conn = await self.connection(node_id)
+            return await conn.call(op, body, payload, into, timeout_s or self._config.io_timeout_s or math.inf)
+        except (ConnectionError, trio.TooSlowError, OSError) as exc:
+            if isinstance(exc, (ConnectionError, trio.TooSlowError)) or getattr(exc, "errno", None) is None:
+                self.mark_suspect(node_id, type(exc).__name__)
+            raise
+
+    async def aclose(self) -> None:
+        for conn in list(self._connections.values()):
+            await conn.aclose()
+        self._connections.clear()
+        self._channel.close()

@@ -1,0 +1,285 @@
+"""An open DeepFS file: write-back of whole stripes, reads from any state.
+
+Mental model: each stripe of the file is in one of three places.
+- *dirty*: in a local stripe buffer, written but not yet stored;
+- *in flight*: encoded and being stored on the nodes (we keep its bytes so a
+  read or a second write of the same stripe sees them);
+- *committed*: described by a stripe record from the metadata server.
+A read looks in that order. Writes fill stripe buffers; a buffer whose whole
+stripe is written is stored in the background right away (bounded by
+``max_dirty_stripes``, which is the back-pressure on writers); partial
+stripes are stored at flush/close. A partially written stripe that already
+had data is merged with it (read-modify-write) just before it is stored.
+Each stored stripe is a new version committed in one metadata transaction,
+so readers see the old stripe or the new one, never a mix.
+Errors of background uploads are raised by the next write, flush or close.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import trio
+
+from deepfs.client._stripes import StripeRecord
+from deepfs.frames import Op
+from deepfs.layout import Layout
+
+if TYPE_CHECKING:
+    from deepfs.client._core import AsyncClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _DirtyStripe:
+    buf: bytearray
+    written: list[tuple[int, int]] = field(default_factory=list)  # merged [start, end) ranges
+
+    def add(self, start: int, end: int) -> None:
+        spans = sorted([*self.written, (start, end)])
+        merged: list[tuple[int, int]] = []
+        for s, e in spans:
+            if merged and s <= merged[-1][1]:
+                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
+            else:
+                merged.append((s, e))
+        self.written = merged
+
+    def covers(self, start: int, end: int) -> bool:
+        return any(s <= start and e >= end for s, e in self.written)
+
+    @property
+    def end(self) -> int:
+        return self.written[-1][1] if self.written else 0
+
+
+class AsyncFile:
+    """Use through ``AsyncClient.open``; every method runs in the client's trio loop."""
+
+    def __init__(self, client: AsyncClient, path: str, attr: dict[str, Any], layout: Layout,
+                 records: list[StripeRecord], readable: bool, writable: bool, append: bool) -> None:
+        self._client = client
+        self.path = path
+        self.ino = int(attr["ino"])
+        self.attr = attr
+        self.layout = layout
+        self.size = int(attr["size"])
+        self.readable = readable
+        self.writable = writable
+        self.append = append
+        self.closed = False
+        self._records = {r.index: r for r in records}
+        self._dirty: dict[int, _DirtyStripe] = {}
+        self._in_flight: dict[int, tuple[bytes, trio.Event]] = {}
+        self._upload_slots = trio.Semaphore(client.config.max_dirty_stripes)
+        self._uploads_done = trio.Event()
+        self._uploads_done.set()
+        self._uploads_running = 0
+        self._error: BaseException | None = None
+        self._committed_size = self.size
+        self._pool = client.pools.pool(layout.stripe_size)
+
+    # ----------------------------------------------------------------- reads
+    async def pread(self, size: int, offset: int) -> bytes:
+        self._check_open()
+        if not self.readable:
+            raise OSError(9, "file not open for reading")  # EBADF
+        size = max(0, min(size, self.size - offset))
+        if size == 0:
+            return b""
+        out = bytearray(size)
+        await self.pread_into(memoryview(out), offset)
+        return bytes(out)
+
+    async def pread_into(self, out: memoryview, offset: int) -> int:
+        """Fill ``out`` from ``offset``; returns the bytes read (short at EOF)."""
+        n = max(0, min(len(out), self.size - offset))
+        stripe_size = self.layout.stripe_size
+        async with trio.open_nursery() as nursery:
+            pos = offset
+            while pos < offset + n:
+                index, inner = divmod(pos, stripe_size)
+                take = min(stripe_size - inner, offset + n - pos)
+                nursery.start_soon(self._read_stripe_part, index, inner, out[pos - offset : pos - offset + take])
+                pos += take
+        return n
+
+    async def _read_stripe_part(self, index: int, inner: int, dest: memoryview) -> None:
+        dirty = self._dirty.get(index)
+        if dirty is not None:
+            await self._fill_gaps(index, dirty)
+            dest[:] = memoryview(dirty.buf)[inner : inner + len(dest)]
+            return
+        flight = self._in_flight.get(index)
+        if flight is not None:
+            data = flight[0]
+            piece = data[inner : inner + len(dest)]
+            dest[: len(piece)] = piece
+            dest[len(piece) :] = bytes(len(dest) - len(piece))
+            return
+        record = self._records.get(index)
+        if record is None:
+            dest[:] = bytes(len(dest))
+            return
+        await self._client.stripes.read_into(self.ino, self.layout, record, inner, dest)
+
+    # ---------------------------------------------------------------- writes
+    async def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+        self._check_open()
+        self._raise_background_error()
+        if not self.writable:
+            raise OSError(9, "file not open for writing")  # EBADF
+        if self.append:
+            offset = self.size
+        view = memoryview(data).cast("B")
+        stripe_size = self.layout.stripe_size
+        pos = 0
+        while pos < len(view):
+            index, inner = divmod(offset + pos, stripe_size)
+            take = min(stripe_size - inner, len(view) - pos)
+            dirty = await self._dirty_stripe(index)
+            dirty.buf[inner : inner + take] = view[pos : pos + take]
+            dirty.add(inner, inner + take)
+            pos += take
+            self.size = max(self.size, offset + pos)
+            if dirty.covers(0, stripe_size):
+                await self._start_upload(index)
+        return len(view)
+
+    async def _dirty_stripe(self, index: int) -> _DirtyStripe:
+        dirty = self._dirty.get(index)
+        if dirty is None:
+            flight = self._in_flight.get(index)
+            if flight is not None:
+                await flight[1].wait()  # one version of a stripe at a time, in order
+            dirty = self._dirty.get(index)
+            if dirty is None:
+                dirty = self._dirty[index] = _DirtyStripe(self._pool.take())
+        return dirty
+
+    async def _fill_gaps(self, index: int, dirty: _DirtyStripe) -> None:
+        """Merge the stripe's stored bytes under the parts this writer has not written."""
+        stripe_size = self.layout.stripe_size
+        length = min(stripe_size, max(self.size - index * stripe_size, 0))
+        if dirty.covers(0, length):
+            return
+        base = bytearray(stripe_size)
+        record = self._records.get(index)
+        if record is not None:
+            await self._client.stripes.read_into(self.ino, self.layout, record, 0, memoryview(base)[: min(length, record.length)])
+        view = memoryview(dirty.buf)
+        pos = 0
+        for start, end in [*dirty.written, (length, length)]:
+            if start > pos:
+                view[pos:start] = memoryview(base)[pos:start]
+            pos = max(pos, end)
+        if length > pos:
+            view[pos:length] = memoryview(base)[pos:length]
+        dirty.written = [(0, max(length, dirty.end))]
+
+    async def _start_upload(self, index: int) -> None:
+        await self._upload_slots.acquire()
+        dirty = self._dirty.get(index)
+        if dirty is None:
+            self._upload_slots.release()
+            return
+        try:
+            await self._fill_gaps(index, dirty)
+        except BaseException:
+            self._upload_slots.release()
+            raise
+        del self._dirty[index]
+        stripe_start = index * self.layout.stripe_size
+        length = min(self.layout.stripe_size, self.size - stripe_start)
+        data = bytes(memoryview(dirty.buf)[:length])
+        self._pool.give(dirty.buf)
+        done = trio.Event()
+        self._in_flight[index] = (data, done)
+        self._uploads_running += 1
+        self._uploads_done = trio.Event()
+        self._client.nursery.start_soon(self._upload, index, data, done)
+
+    async def _upload(self, index: int, data: bytes, done: trio.Event) -> None:
+        try:
+            record = await self._client.stripes.write_stripe(self.ino, index, self.layout, data)
+            stripe_end = index * self.layout.stripe_size + len(data)
+            reply = await self._client.meta.call(
+                Op.COMMIT, ino=self.ino, stripes=[record.to_wire()], size=min(self.size, stripe_end)
+            )
+            self._records[index] = record
+            self.attr = reply.get("attr", self.attr)
+            self._committed_size = max(self._committed_size, min(self.size, stripe_end))
+        except BaseException as exc:  # noqa: BLE001 - handed to the writer at its next call
+            if self._error is None:
+                self._error = exc
+            log.error("storing stripe %s of %s failed: %s", index, self.path, exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._in_flight.pop(index, None)
+            done.set()
+            self._upload_slots.release()
+            self._uploads_running -= 1
+            if self._uploads_running == 0:
+                self._uploads_done.set()
+
+    def _raise_background_error(self) -> None:
+        if self._error is not None:
+            exc, self._error = self._error, None
+            if isinstance(exc, OSError):
+                raise OSError(exc.errno, f"an earlier write to {self.path} failed: {exc.strerror or exc}") from exc
+            raise OSError(5, f"an earlier write to {self.path} failed: {exc}") from exc
+
+    async def flush(self) -> None:
+        """Store every dirty stripe and commit the size; returns when all are committed."""
+        self._check_open()
+        for index in sorted(self._dirty):
+            await self._start_upload(index)
+        await self._uploads_done.wait()
+        self._raise_background_error()
+        if self.size != self._committed_size and self.writable:
+            reply = await self._client.meta.call(Op.COMMIT, ino=self.ino, stripes=[], size=self.size)
+            self.attr = reply.get("attr", self.attr)
+            self._committed_size = self.size
+
+    async def fsync(self) -> None:
+        """flush, then wait for the metadata server's disk sync covering it."""
+        await self.flush()
+        await self._client.meta.call(Op.FSYNC)
+
+    async def truncate(self, size: int) -> None:
+        self._check_open()
+        if not self.writable:
+            raise OSError(9, "file not open for writing")
+        await self.flush()
+        reply = await self._client.meta.call(Op.SETATTR, ino=self.ino, size=size, ctx=self._client.ctx)
+        self.attr = reply["attr"]
+        self.size = self._committed_size = int(self.attr["size"])
+        await self.reload()
+
+    async def reload(self) -> None:
+        """Fetch the committed stripe records again (close-to-open: done at open)."""
+        reply = await self._client.meta.call(Op.OPEN, ino=self.ino)
+        self._records = {r.index: r for r in (StripeRecord.from_wire(s) for s in reply.get("stripes", []))}
+        self.attr = reply["attr"]
+        if not self._dirty and not self._in_flight:
+            self.size = self._committed_size = int(self.attr["size"])
+
+    async def close(self) -> None:
+        if self.closed:
+            return
+        try:
+            if self.writable:
+                await self.flush()
+        finally:
+            self.closed = True
+            for dirty in self._dirty.values():
+                self._pool.give(dirty.buf)
+            self._dirty.clear()
+
+    def _check_open(self) -> None:
+        if self.closed:
+            raise ValueError("I/O operation on closed file")

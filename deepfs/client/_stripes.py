@@ -1,0 +1,247 @@
+"""Stripe I/O: encode and fan out on write, range or degraded reads on read.
+
+Write: one encode per stripe, all k+m fragments sent in parallel to the
+nodes placement picked, each with per-block CRC32C the node verifies. The
+write succeeds once ``min_acks`` fragments are stored — k+1 when enough
+nodes are live, never fewer than k — and records the missing ones (placement
+slot ``MISSING``) for repair.
+
+Read: bytes of a stripe map straight onto data fragments, read as ranges
+with no decode. If any piece fails (node down, slow past the deadline,
+checksum error, fragment missing) the stripe is read degraded: whole
+fragments from any k nodes, each verified against the CRC recorded at
+commit, then decoded.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import secrets
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+
+from deepfs import codec
+from deepfs.client._cluster import ClusterView
+from deepfs.errors import ChecksumError, UnavailableError
+from deepfs.frames import Op
+from deepfs.layout import FRAGMENT_HEADER_SIZE, Layout, stripe_range_to_fragments
+from deepfs.placement import MISSING, place_stripe
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StripeRecord:
+    """What the metadata server knows of one stripe version."""
+
+    index: int
+    version: int
+    length: int
+    fragment_size: int
+    placement: list[int]
+    crcs: list[int]
+
+    @classmethod
+    def from_wire(cls, data: dict[str, Any]) -> StripeRecord:
+        return cls(
+            int(data["index"]),
+            int(data["version"]),
+            int(data["length"]),
+            int(data["fragment_size"]),
+            [int(p) for p in data["placement"]],
+            [int(c) for c in data["crcs"]],
+        )
+
+    def to_wire(self) -> dict[str, Any]:
+        return {
+            "index": self.index,
+            "version": self.version,
+            "length": self.length,
+            "fragment_size": self.fragment_size,
+            "placement": self.placement,
+            "crcs": self.crcs,
+        }
+
+
+@dataclass
+class IOStats:
+    """Counters a user can inspect (``Client.stats``) and tests can assert on."""
+
+    stripes_written: int = 0
+    degraded_writes: int = 0
+    range_reads: int = 0
+    degraded_reads: int = 0
+    checksum_errors: int = 0
+    bad_fragments: list[tuple[int, int, int, int, int]] = field(default_factory=list)
+
+
+class StripeIO:
+    def __init__(self, cluster: ClusterView) -> None:
+        self.cluster = cluster
+        self.stats = IOStats()
+
+    # ------------------------------------------------------------------ write
+    async def write_stripe(self, ino: int, index: int, layout: Layout, data: bytes | bytearray | memoryview) -> StripeRecord:
+        """Encode ``data`` as a new version of stripe ``index`` and store it; not yet committed."""
+        fragments = codec.encode_stripe(layout, data)
+        version = secrets.randbits(63)
+        placement = place_stripe(ino, index, layout.width, list(self.cluster.nodes.values()), self.cluster.suspects())
+        live = sum(1 for p in placement if p != MISSING)
+        min_acks = max(layout.k, min(layout.k + 1, live))
+        if live < layout.k:
+            raise UnavailableError(
+                f"only {live} storage node(s) are up; layout {layout.k}+{layout.m} needs at least {layout.k}"
+            )
+        crcs = [codec.whole_crc(f) for f in fragments]
+        stored = list(placement)
+
+        async def put(slot: int) -> None:
+            node_id = placement[slot]
+            body = {"key": [ino, index, version, slot], "block_size": codec.BLOCK_SIZE, "crcs": codec.block_crcs(fragments[slot])}
+            try:
+                reply, _ = await self.cluster.call_node(node_id, Op.PUT_FRAGMENT, body, (fragments[slot],))
+                if int(reply.get("crc", -1)) != crcs[slot]:
+                    raise ChecksumError(f"node {node_id} stored fragment {slot} with a different crc")
+            except (OSError, trio.TooSlowError) as exc:
+                log.warning("fragment %s of stripe %s/%s not stored on node %s: %s", slot, ino, index, node_id, exc)
+                stored[slot] = MISSING
+
+        async with trio.open_nursery() as nursery:
+            for slot, node_id in enumerate(placement):
+                if node_id != MISSING:
+                    nursery.start_soon(put, slot)
+        acks = sum(1 for p in stored if p != MISSING)
+        if acks < min_acks:
+            await self._discard(ino, index, version, stored)
+            raise UnavailableError(
+                f"stripe {index} of inode {ino}: only {acks} of {layout.width} fragments stored, need {min_acks}"
+            )
+        self.stats.stripes_written += 1
+        if acks < layout.width:
+            self.stats.degraded_writes += 1
+        return StripeRecord(index, version, len(data), len(fragments[0]), stored, crcs)
+
+    async def _discard(self, ino: int, index: int, version: int, stored: list[int]) -> None:
+        """Best effort: remove fragments of a stripe version that will never be committed."""
+        async with trio.open_nursery() as nursery:
+            for slot, node_id in enumerate(stored):
+                if node_id != MISSING:
+                    body = {"keys": [[ino, index, version, slot]]}
+                    nursery.start_soon(self._quiet_call, node_id, Op.DELETE_FRAGMENT, body)
+
+    async def _quiet_call(self, node_id: int, op: int, body: dict) -> None:
+        try:
+            await self.cluster.call_node(node_id, op, body)
+        except (OSError, trio.TooSlowError):
+            pass
+
+    # ------------------------------------------------------------------- read
+    async def read_into(self, ino: int, layout: Layout, record: StripeRecord, start: int, out: memoryview) -> None:
+        """Fill ``out`` with stripe bytes [start, start+len(out)); bytes past the record's length are zeros."""
+        want = len(out)
+        have = max(0, min(want, record.length - start))
+        if have < want:
+            out[have:] = bytes(want - have)
+        if have <= 0:
+            return
+        data_size = record.fragment_size - FRAGMENT_HEADER_SIZE
+        pieces = stripe_range_to_fragments(data_size, start, have)
+        if all(self.cluster.is_usable(record.placement[p.index]) for p in pieces):
+            try:
+                async with trio.open_nursery() as nursery:
+                    for piece in pieces:
+                        dest = out[piece.stripe_offset - start : piece.stripe_offset - start + piece.length]
+                        nursery.start_soon(self._read_piece, ino, record, piece.index, piece.start, dest)
+                self.stats.range_reads += 1
+                return
+            except* (OSError, trio.TooSlowError) as group:
+                log.info("range read of stripe %s/%s failed (%s); reading degraded", ino, record.index, _first(group))
+        stripe = await self.read_degraded(ino, layout, record)
+        out[:have] = stripe[start : start + have]
+
+    async def _read_piece(self, ino: int, record: StripeRecord, index: int, start: int, dest: memoryview) -> None:
+        node_id = record.placement[index]
+        body = {"key": [ino, record.index, record.version, index], "offset": FRAGMENT_HEADER_SIZE + start, "length": len(dest)}
+        try:
+            _, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body, into=dest)
+        except OSError as exc:
+            if exc.errno == errno.EBADMSG:
+                self._report_bad(ino, record, index, node_id)
+            raise
+        if len(payload) != len(dest):
+            raise OSError(errno.EIO, f"node {node_id} returned {len(payload)} of {len(dest)} bytes")
+        if payload.obj is not dest.obj:
+            dest[:] = payload
+
+    async def read_degraded(self, ino: int, layout: Layout, record: StripeRecord) -> bytes:
+        """Whole stripe from any k verified fragments (decode)."""
+        self.stats.degraded_reads += 1
+        order = sorted(
+            (slot for slot, node in enumerate(record.placement) if node != MISSING),
+            key=lambda slot: (not self.cluster.is_usable(record.placement[slot]), slot),
+        )
+        got: dict[int, bytes] = {}
+        errors: list[str] = []
+        queue = iter(order)
+        lock = trio.Lock()
+
+        async def worker() -> None:
+            while len(got) < layout.k:
+                async with lock:
+                    slot = next(queue, None)
+                if slot is None:
+                    return
+                fragment = await self._fetch_whole(ino, record, slot, errors)
+                if fragment is not None and len(got) < layout.k:
+                    got[slot] = fragment
+
+        async with trio.open_nursery() as nursery:
+            for _ in range(layout.k):
+                nursery.start_soon(worker)
+        if len(got) < layout.k:
+            raise UnavailableError(
+                f"stripe {record.index} of inode {ino} is unreadable: {len(got)} of the {layout.k} fragments needed "
+                f"are available ({'; '.join(errors) or 'no live nodes'})"
+            )
+        if sorted(got) == list(range(layout.k)):
+            data_size = record.fragment_size - FRAGMENT_HEADER_SIZE
+            joined = b"".join(memoryview(got[i])[FRAGMENT_HEADER_SIZE : FRAGMENT_HEADER_SIZE + data_size] for i in range(layout.k))
+            return joined[: record.length]
+        return await trio.to_thread.run_sync(codec.decode_stripe, layout, record.length, got)
+
+    async def _fetch_whole(self, ino: int, record: StripeRecord, slot: int, errors: list[str]) -> bytes | None:
+        node_id = record.placement[slot]
+        body = {"key": [ino, record.index, record.version, slot], "offset": 0, "length": record.fragment_size}
+        try:
+            _, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body)
+            data = bytes(payload)
+            codec.verify_fragment(data, record.crcs[slot], f"fragment {slot} of stripe {ino}/{record.index} on node {node_id}")
+            return data
+        except ChecksumError as exc:
+            self._report_bad(ino, record, slot, node_id)
+            errors.append(str(exc))
+        except OSError as exc:
+            if exc.errno == errno.EBADMSG:
+                self._report_bad(ino, record, slot, node_id)
+            errors.append(f"node {node_id}: {exc.strerror or exc}")
+        except trio.TooSlowError:
+            errors.append(f"node {node_id}: timed out")
+        return None
+
+    def _report_bad(self, ino: int, record: StripeRecord, slot: int, node_id: int) -> None:
+        self.stats.checksum_errors += 1
+        self.stats.bad_fragments.append((ino, record.index, record.version, slot, node_id))
+        log.error(
+            "bad fragment %s of stripe %s/%s (version %s) on node %s: checksum mismatch; served from the other fragments",
+            slot, ino, record.index, record.version, node_id,
+        )
+
+
+def _first(group: BaseExceptionGroup) -> BaseException:
+    exc: BaseException = group
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc

@@ -1,0 +1,247 @@
+"""``deepfs.Client``: the synchronous facade for plain scripts and threads.
+
+A trio loop runs on a background thread and owns the AsyncClient; every
+method hands its coroutine to that loop and blocks until it returns. Calls
+from many threads are fine: they run concurrently inside the one loop.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import threading
+from collections.abc import Callable, Coroutine
+from typing import Any, TypeVar
+
+import trio
+
+from deepfs.client._core import AsyncClient
+from deepfs.client._file import AsyncFile
+from deepfs.config import ClientConfig
+from deepfs.layout import Layout
+
+T = TypeVar("T")
+
+
+class Client:
+    """Connect to the cluster whose metadata server listens on ``meta_address``.
+
+    >>> with deepfs.Client("127.0.0.1:7700") as fs:
+    ...     with fs.open("/data/x.bin", "wb") as f:
+    ...         f.write(b"hello")
+    """
+
+    def __init__(self, meta_address: str, config: ClientConfig | None = None) -> None:
+        self.meta_address = meta_address
+        self._ready = threading.Event()
+        self._token: trio.lowlevel.TrioToken | None = None
+        self._stop: trio.Event | None = None
+        self._async: AsyncClient | None = None
+        self._failure: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(config,), name="deepfs-client", daemon=True)
+        self._thread.start()
+        self._ready.wait()
+        if self._failure is not None:
+            raise self._failure
+
+    def _run(self, config: ClientConfig | None) -> None:
+        async def main() -> None:
+            try:
+                async with AsyncClient.connect(self.meta_address, config) as client:
+                    self._async = client
+                    self._token = trio.lowlevel.current_trio_token()
+                    self._stop = trio.Event()
+                    self._ready.set()
+                    await self._stop.wait()
+            except BaseException as exc:
+                if not self._ready.is_set():
+                    self._failure = _unwrap(exc)
+                else:
+                    raise
+
+        try:
+            trio.run(main)
+        except BaseException as exc:  # noqa: BLE001 - reported to the waiting constructor
+            self._failure = self._failure or _unwrap(exc)
+        finally:
+            self._ready.set()
+
+    def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+        if self._token is None or not self._thread.is_alive():
+            raise RuntimeError("the DeepFS client is closed")
+
+        async def run() -> T:
+            return await fn(*args, **kwargs)
+
+        try:
+            return trio.from_thread.run(run, trio_token=self._token)
+        except BaseExceptionGroup as group:
+            raise _unwrap(group) from None
+
+    @property
+    def aio(self) -> AsyncClient:
+        assert self._async is not None
+        return self._async
+
+    @property
+    def stats(self) -> Any:
+        """I/O counters: stripes written, degraded reads, checksum errors, bad fragments."""
+        return self.aio.stripes.stats
+
+    def close(self) -> None:
+        if self._token is not None and self._thread.is_alive():
+            stop = self._stop
+            assert stop is not None
+            trio.from_thread.run_sync(stop.set, trio_token=self._token)
+            self._thread.join(timeout=10)
+        self._token = None
+
+    def __enter__(self) -> Client:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # Namespace
+    def stat(self, path: str) -> os.stat_result:
+        return self._call(self.aio.stat, path)
+
+    def exists(self, path: str) -> bool:
+        return self._call(self.aio.exists, path)
+
+    def listdir(self, path: str = "/") -> list[str]:
+        return self._call(self.aio.listdir, path)
+
+    def mkdir(self, path: str, mode: int = 0o755) -> None:
+        self._call(self.aio.mkdir, path, mode)
+
+    def makedirs(self, path: str, mode: int = 0o755, exist_ok: bool = True) -> None:
+        self._call(self.aio.makedirs, path, mode, exist_ok)
+
+    def unlink(self, path: str) -> None:
+        self._call(self.aio.unlink, path)
+
+    def rmdir(self, path: str) -> None:
+        self._call(self.aio.rmdir, path)
+
+    def rename(self, src: str, dst: str, flags: int = 0) -> None:
+        self._call(self.aio.rename, src, dst, flags)
+
+    def symlink(self, target: str, path: str) -> None:
+        self._call(self.aio.symlink, target, path)
+
+    def readlink(self, path: str) -> str:
+        return self._call(self.aio.readlink, path)
+
+    def link(self, src: str, dst: str) -> None:
+        self._call(self.aio.link, src, dst)
+
+    def chmod(self, path: str, mode: int) -> None:
+        self._call(self.aio.chmod, path, mode)
+
+    def truncate(self, path: str, size: int) -> None:
+        self._call(self.aio.truncate, path, size)
+
+    def set_layout(self, path: str, layout: Layout) -> None:
+        self._call(self.aio.set_layout, path, layout)
+
+    def statfs(self) -> dict[str, int]:
+        return self._call(self.aio.statfs)
+
+    # Data
+    def open(self, path: str, mode: str = "rb", layout: Layout | None = None) -> File:
+        return File(self, self._call(self.aio.open, path, mode, layout))
+
+    def read_file(self, path: str) -> bytes:
+        return self._call(self.aio.read_file, path)
+
+    def write_file(self, path: str, data: bytes | bytearray | memoryview, layout: Layout | None = None) -> None:
+        self._call(self.aio.write_file, path, data, layout)
+
+
+class File(io.RawIOBase):
+    """A DeepFS file opened through ``Client.open``: a binary, seekable raw file."""
+
+    def __init__(self, client: Client, handle: AsyncFile) -> None:
+        super().__init__()
+        self._client = client
+        self._handle = handle
+        self._pos = handle.size if handle.append else 0
+        self.name = handle.path
+
+    @property
+    def size(self) -> int:
+        return self._handle.size
+
+    def readable(self) -> bool:
+        return self._handle.readable
+
+    def writable(self) -> bool:
+        return self._handle.writable
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._handle.size}[whence]
+        if base + offset < 0:
+            raise OSError(22, "negative seek position")
+        self._pos = base + offset
+        return self._pos
+
+    def readinto(self, buffer: Any) -> int:
+        view = memoryview(buffer).cast("B")
+        n = self._client._call(self._handle.pread_into, view, self._pos)
+        self._pos += n
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            size = max(0, self._handle.size - self._pos)
+        data = self.pread(size, self._pos)
+        self._pos += len(data)
+        return data
+
+    def readall(self) -> bytes:
+        return self.read(-1)
+
+    def pread(self, size: int, offset: int) -> bytes:
+        return self._client._call(self._handle.pread, size, offset)
+
+    def write(self, data: Any) -> int:
+        if self._handle.append:
+            self._pos = self._handle.size
+        n = self._client._call(self._handle.pwrite, data, self._pos)
+        self._pos += n
+        return n
+
+    def pwrite(self, data: Any, offset: int) -> int:
+        return self._client._call(self._handle.pwrite, data, offset)
+
+    def truncate(self, size: int | None = None) -> int:
+        size = self._pos if size is None else size
+        self._client._call(self._handle.truncate, size)
+        return size
+
+    def flush(self) -> None:
+        if not self.closed and self._handle.writable:
+            self._client._call(self._handle.flush)
+
+    def fsync(self) -> None:
+        self._client._call(self._handle.fsync)
+
+    def close(self) -> None:
+        if not self.closed:
+            try:
+                self._client._call(self._handle.close)
+            finally:
+                super().close()
+
+
+def _unwrap(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
