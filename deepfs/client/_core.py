@@ -21,6 +21,7 @@ from deepfs.client._cluster import ClusterView
 from deepfs.client._file import AsyncFile
 from deepfs.client._meta import MetaClient, caller_context
 from deepfs.client._stripes import StripeIO, StripeRecord
+from deepfs.concurrency import sole_exception
 from deepfs.config import ClientConfig
 from deepfs.errors import os_error
 from deepfs.frames import Op
@@ -77,16 +78,23 @@ class AsyncClient:
     async def connect(cls, meta_address: str, config: ClientConfig | None = None) -> AsyncIterator[AsyncClient]:
         tune_malloc()
         config = config or ClientConfig(meta_address=meta_address)
-        async with trio.open_nursery() as nursery:
-            meta = MetaClient(nursery, meta_address, config.connect_timeout_s, config.io_timeout_s * 3)
-            client = cls(nursery, meta, config)
-            try:
-                await client._start()
-                yield client
-            finally:
-                with trio.CancelScope(shield=True):
-                    await client._stop()
-                nursery.cancel_scope.cancel()
+        try:
+            async with trio.open_nursery() as nursery:
+                meta = MetaClient(nursery, meta_address, config.connect_timeout_s, config.io_timeout_s * 3)
+                client = cls(nursery, meta, config)
+                try:
+                    await client._start()
+                    yield client
+                finally:
+                    with trio.CancelScope(shield=True):
+                        await client._stop()
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            # Callers wrote `except FileNotFoundError`, not `except*`: hand back the one error.
+            sole = sole_exception(group)
+            if sole is None:
+                raise
+            raise sole from None
 
     async def _start(self) -> None:
         hello = await self.meta.call(Op.HELLO)

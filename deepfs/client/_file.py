@@ -17,6 +17,7 @@ Errors of background uploads are raised by the next write, flush or close.
 
 from __future__ import annotations
 
+import functools
 import logging
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import trio
 
 from deepfs.client._stripes import StripeRecord
+from deepfs.concurrency import run_all
 from deepfs.frames import Op
 from deepfs.layout import Layout
 
@@ -98,13 +100,15 @@ class AsyncFile:
         """Fill ``out`` from ``offset``; returns the bytes read (short at EOF)."""
         n = max(0, min(len(out), self.size - offset))
         stripe_size = self.layout.stripe_size
-        async with trio.open_nursery() as nursery:
-            pos = offset
-            while pos < offset + n:
-                index, inner = divmod(pos, stripe_size)
-                take = min(stripe_size - inner, offset + n - pos)
-                nursery.start_soon(self._read_stripe_part, index, inner, out[pos - offset : pos - offset + take])
-                pos += take
+        parts = []
+        pos = offset
+        while pos < offset + n:
+            index, inner = divmod(pos, stripe_size)
+            take = min(stripe_size - inner, offset + n - pos)
+            dest = out[pos - offset : pos - offset + take]
+            parts.append(functools.partial(self._read_stripe_part, index, inner, dest))
+            pos += take
+        await run_all(parts)
         return n
 
     async def _read_stripe_part(self, index: int, inner: int, dest: memoryview) -> None:

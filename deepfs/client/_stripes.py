@@ -16,6 +16,7 @@ commit, then decoded.
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ import trio
 
 from deepfs import codec
 from deepfs.client._cluster import ClusterView
+from deepfs.concurrency import run_all
 from deepfs.errors import ChecksumError, UnavailableError
 from deepfs.frames import Op
 from deepfs.layout import FRAGMENT_HEADER_SIZE, Layout, stripe_range_to_fragments
@@ -151,14 +153,15 @@ class StripeIO:
         pieces = stripe_range_to_fragments(data_size, start, have)
         if all(self.cluster.is_usable(record.placement[p.index]) for p in pieces):
             try:
-                async with trio.open_nursery() as nursery:
-                    for piece in pieces:
-                        dest = out[piece.stripe_offset - start : piece.stripe_offset - start + piece.length]
-                        nursery.start_soon(self._read_piece, ino, record, piece.index, piece.start, dest)
+                await run_all(
+                    functools.partial(self._read_piece, ino, record, p.index, p.start,
+                                      out[p.stripe_offset - start : p.stripe_offset - start + p.length])
+                    for p in pieces
+                )
                 self.stats.range_reads += 1
                 return
-            except* (OSError, trio.TooSlowError) as group:
-                log.info("range read of stripe %s/%s failed (%s); reading degraded", ino, record.index, _first(group))
+            except (OSError, trio.TooSlowError) as exc:
+                log.info("range read of stripe %s/%s failed (%s); reading degraded", ino, record.index, exc)
         stripe = await self.read_degraded(ino, layout, record)
         out[:have] = stripe[start : start + have]
 
@@ -239,9 +242,3 @@ class StripeIO:
             slot, ino, record.index, record.version, node_id,
         )
 
-
-def _first(group: BaseExceptionGroup) -> BaseException:
-    exc: BaseException = group
-    while isinstance(exc, BaseExceptionGroup):
-        exc = exc.exceptions[0]
-    return exc

@@ -17,6 +17,7 @@ import trio
 
 from deepfs.client._core import AsyncClient
 from deepfs.client._file import AsyncFile
+from deepfs.concurrency import sole_exception
 from deepfs.config import ClientConfig
 from deepfs.layout import Layout
 
@@ -242,6 +243,6 @@ class File(io.RawIOBase):
 
 
 def _unwrap(exc: BaseException) -> BaseException:
-    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        exc = exc.exceptions[0]
+    if isinstance(exc, BaseExceptionGroup):
+        return sole_exception(exc) or exc
     return exc

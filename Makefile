@@ -1,0 +1,46 @@
+# DeepFS: the two commands are `make run` (local cluster, mounted) and `make test`.
+# Both install what they need on a fresh Debian 12 machine (as root): the apt
+# packages below when missing, then a virtual environment with the project.
+
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio bindfs git sqlite3 tar
+STAMP := $(VENV)/.installed-stamp
+DATA_DIR ?= ./deepfs-data
+MOUNTPOINT ?= ./mnt
+
+.PHONY: run test deps venv proto bench clean
+
+deps:
+	@missing=""; for p in $(APT_PACKAGES); do \
+	  dpkg-query -W -f='$${Status}' $$p 2>/dev/null | grep -q "install ok installed" || missing="$$missing $$p"; \
+	done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing apt packages:$$missing"; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	fi
+
+$(STAMP): pyproject.toml
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	@touch $(STAMP)
+
+venv: deps $(STAMP)
+
+run: venv
+	$(VENV)/bin/deepfs run --data-dir $(DATA_DIR) --mountpoint $(MOUNTPOINT)
+
+test: venv
+	$(PY) -m pytest -q
+
+bench: venv
+	$(VENV)/bin/deepfs bench
+
+# Regenerate the committed gRPC stubs after editing deepfs/proto/control.proto.
+proto: venv
+	$(PY) -m grpc_tools.protoc -I. --python_out=. --grpc_python_out=. --pyi_out=. deepfs/proto/control.proto
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR) build *.egg-info

@@ -1,0 +1,43 @@
+"""Small trio helpers shared by the client and the servers."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable, Iterable
+
+import trio
+
+
+async def run_all(tasks: Iterable[Callable[[], Awaitable[object]]]) -> None:
+    """Run the tasks concurrently; if any fails, cancel the rest and raise the
+    first failure itself (not wrapped in an ExceptionGroup), so callers can
+    ``except OSError`` as with sequential code."""
+    failure: list[BaseException] = []
+
+    async def guarded(task: Callable[[], Awaitable[object]], cancel: trio.CancelScope) -> None:
+        try:
+            await task()
+        except Exception as exc:  # noqa: BLE001 - re-raised below
+            if not failure:
+                failure.append(exc)
+            cancel.cancel()
+
+    async with trio.open_nursery() as nursery:
+        for task in tasks:
+            nursery.start_soon(guarded, task, nursery.cancel_scope)
+    if failure:
+        raise failure[0]
+
+
+def sole_exception(group: BaseExceptionGroup) -> BaseException | None:
+    """The one exception inside a (nested) group, or None if there are several."""
+    leaves: list[BaseException] = []
+
+    def walk(exc: BaseException) -> None:
+        if isinstance(exc, BaseExceptionGroup):
+            for inner in exc.exceptions:
+                walk(inner)
+        else:
+            leaves.append(exc)
+
+    walk(group)
+    return leaves[0] if len(leaves) == 1 else None

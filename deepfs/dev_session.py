@@ -1,0 +1,37 @@
+"""``make run``: a local cluster in the foreground, mounted, until Ctrl-C."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from deepfs.local_cluster import LocalCluster
+from deepfs.status_view import render_status
+
+
+def run_dev_session(data_dir: str, mountpoint: str, nodes: int, k: int, m: int, mount: bool = True) -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    click.echo(f"starting 1 metadata server and {nodes} storage nodes (RS {k}+{m}) in {data_dir} ...")
+    with LocalCluster(data_dir, nodes, k, m).start() as cluster:
+        mounted = None
+        try:
+            if mount:
+                from fuse_client.mount_process import MountProcess
+
+                mounted = MountProcess(cluster.meta_address, Path(mountpoint)).start()
+            render_status(cluster.state.grpc_address)
+            click.echo(f"\nmetadata server: {cluster.meta_address}")
+            if mounted:
+                click.echo(f"mounted at {Path(mountpoint).resolve()}: try  ls -la {mountpoint}; cp -r /etc {mountpoint}/")
+            click.echo(f"python:  import deepfs; fs = deepfs.Client({cluster.meta_address!r})")
+            click.echo("Ctrl-C unmounts and stops everything.")
+            stop.wait()
+            click.echo("stopping ...")
+        finally:
+            if mounted is not None:
+                mounted.stop()

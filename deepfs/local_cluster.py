@@ -1,0 +1,268 @@
+"""A whole cluster on one machine: one metadata server, N storage nodes.
+
+Used by ``deepfs up``/``down``/``status``, by the test suite and by the
+benchmarks, so all three exercise the same processes users run. Each server
+is a separate process started with ``python -m metadata`` or
+``python -m storage_node``; their logs and a ``cluster.json`` describing the
+cluster live under the data directory. The metadata server keeps its ports
+across restarts so clients can reconnect; nodes re-register with their
+persisted uuid.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import grpc
+
+from deepfs.errors import ConfigError
+from deepfs.proto import control_pb2, control_pb2_grpc
+
+STATE_FILE = "cluster.json"
+READY_TIMEOUT_S = 30.0
+
+# glibc would otherwise unmap every >128 KiB buffer on free (see deepfs.malloc_tuning).
+SERVER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class ProcessInfo:
+    name: str
+    pid: int
+    log: str
+    address: str = ""
+
+
+@dataclass
+class ClusterState:
+    data_dir: str
+    meta_address: str
+    grpc_address: str
+    k: int
+    m: int
+    stripe_size: int
+    fsync: bool
+    meta: ProcessInfo | None = None
+    nodes: list[ProcessInfo | None] = field(default_factory=list)
+
+    def save(self) -> None:
+        Path(self.data_dir, STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
+
+    @classmethod
+    def load(cls, data_dir: str | Path) -> ClusterState:
+        path = Path(data_dir, STATE_FILE)
+        try:
+            raw = json.loads(path.read_text())
+        except FileNotFoundError:
+            raise ConfigError(f"no local cluster in {data_dir} (no {STATE_FILE}); start one with 'deepfs up'") from None
+        meta = ProcessInfo(**raw.pop("meta")) if raw.get("meta") else None
+        nodes = [ProcessInfo(**n) if n else None for n in raw.pop("nodes")]
+        return cls(**raw, meta=meta, nodes=nodes)
+
+
+class LocalCluster:
+    """Start, stop, kill and restart the processes of a one-machine cluster."""
+
+    def __init__(self, data_dir: str | Path, nodes: int = 6, k: int = 4, m: int = 2,
+                 stripe_size: int = 4 << 20, fsync: bool = True, host: str = "127.0.0.1",
+                 extra_meta_args: list[str] | None = None) -> None:
+        self.data_dir = Path(data_dir).resolve()
+        self.host = host
+        self.node_count = nodes
+        self.extra_meta_args = extra_meta_args or []
+        self.procs: dict[str, subprocess.Popen] = {}
+        self.state = ClusterState(str(self.data_dir), "", "", k, m, stripe_size, fsync, None, [None] * nodes)
+
+    @classmethod
+    def attach(cls, data_dir: str | Path) -> LocalCluster:
+        state = ClusterState.load(data_dir)
+        cluster = cls(state.data_dir, len(state.nodes), state.k, state.m, state.stripe_size, state.fsync)
+        cluster.state = state
+        return cluster
+
+    @property
+    def meta_address(self) -> str:
+        return self.state.meta_address
+
+    # --------------------------------------------------------------- start
+    def start(self, timeout_s: float = READY_TIMEOUT_S) -> LocalCluster:
+        self.data_dir.mkdir(parents=True, exist_ok=True)
+        (self.data_dir / "logs").mkdir(exist_ok=True)
+        self.state.meta_address = f"{self.host}:{free_port(self.host)}"
+        self.state.grpc_address = f"{self.host}:{free_port(self.host)}"
+        try:
+            self.start_meta(timeout_s)
+            for i in range(self.node_count):
+                self.start_node(i, timeout_s, wait_registered=False)
+            self.wait_nodes_up(self.node_count, timeout_s)
+        except BaseException:
+            self.stop()
+            raise
+        return self
+
+    def start_meta(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        _, port = self.state.meta_address.rsplit(":", 1)
+        _, gport = self.state.grpc_address.rsplit(":", 1)
+        args = [
+            sys.executable, "-m", "metadata", "--data-dir", str(self.data_dir / "meta"),
+            "--host", self.host, "--port", port, "--grpc-port", gport,
+            "--k", str(self.state.k), "--m", str(self.state.m), "--stripe-size", str(self.state.stripe_size),
+            *self.extra_meta_args,
+        ]
+        self.state.meta = self._spawn("meta", args, "deepfs-meta listening", timeout_s)
+        self.state.meta.address = self.state.meta_address
+        self.state.save()
+
+    def start_node(self, index: int, timeout_s: float = READY_TIMEOUT_S, wait_registered: bool = True) -> None:
+        previous = self.state.nodes[index]
+        port = previous.address.rsplit(":", 1)[1] if previous and previous.address else "0"
+        args = [
+            sys.executable, "-m", "storage_node", "--data-dir", str(self.data_dir / f"node{index}"),
+            "--host", self.host, "--port", port, "--meta-grpc", self.state.grpc_address,
+            "--failure-domain", f"host{index}",
+        ]
+        if not self.state.fsync:
+            args.append("--no-fsync")
+        info = self._spawn(f"node{index}", args, "deepfs-node listening", timeout_s)
+        self.state.nodes[index] = info
+        self.state.save()
+        if wait_registered:
+            self.wait_nodes_up(sum(1 for n in self.state.nodes if n and _alive(n.pid)), timeout_s)
+
+    def _spawn(self, name: str, args: list[str], ready: str, timeout_s: float) -> ProcessInfo:
+        log_path = self.data_dir / "logs" / f"{name}.log"
+        log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child
+        start_offset = log_file.tell()
+        env = {**os.environ, **SERVER_ENV, "PYTHONUNBUFFERED": "1"}
+        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                env=env, start_new_session=True)
+        log_file.close()
+        self.procs[name] = proc
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            with open(log_path, "rb") as f:
+                f.seek(start_offset)
+                text = f.read().decode(errors="replace")
+            for line in text.splitlines():
+                if line.startswith(ready):
+                    address = line.split()[3] if len(line.split()) > 3 else ""
+                    return ProcessInfo(name, proc.pid, str(log_path), address)
+            if proc.poll() is not None:
+                raise RuntimeError(f"{name} exited with status {proc.returncode}; last log lines:\n{_tail(text)}")
+            time.sleep(0.05)
+        proc.kill()
+        raise TimeoutError(f"{name} did not become ready within {timeout_s:.0f}s; see {log_path}")
+
+    def cluster_map(self, timeout_s: float = 2.0) -> control_pb2.ClusterMap:
+        with grpc.insecure_channel(self.state.grpc_address) as channel:
+            return control_pb2_grpc.ClusterStub(channel).GetClusterMap(control_pb2.ClusterMapRequest(), timeout=timeout_s)
+
+    def status(self, timeout_s: float = 2.0) -> control_pb2.StatusReply:
+        with grpc.insecure_channel(self.state.grpc_address) as channel:
+            return control_pb2_grpc.ClusterStub(channel).Status(control_pb2.StatusRequest(), timeout=timeout_s)
+
+    def wait_nodes_up(self, count: int, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Block until at least ``count`` nodes are registered and up."""
+        deadline = time.monotonic() + timeout_s
+        up = 0
+        while time.monotonic() < deadline:
+            try:
+                up = sum(1 for n in self.cluster_map().nodes if n.state == "up")
+                if up >= count:
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.1)
+        raise TimeoutError(f"only {up} of {count} storage nodes came up within {timeout_s:.0f}s")
+
+    def wait_nodes_down(self, node_ids: set[int], timeout_s: float = 30.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            states = {n.node_id: n.state for n in self.cluster_map().nodes}
+            if all(states.get(i) == "down" for i in node_ids):
+                return
+            time.sleep(0.1)
+        raise TimeoutError(f"nodes {sorted(node_ids)} were not marked down within {timeout_s:.0f}s")
+
+    # ------------------------------------------------------- stop and faults
+    def kill_node(self, index: int, sig: int = signal.SIGKILL) -> None:
+        self._signal(self.state.nodes[index], sig)
+
+    def kill_meta(self, sig: int = signal.SIGKILL) -> None:
+        self._signal(self.state.meta, sig)
+
+    def node_data_dir(self, index: int) -> Path:
+        return self.data_dir / f"node{index}"
+
+    def _signal(self, info: ProcessInfo | None, sig: int) -> None:
+        if info is None:
+            return
+        try:
+            os.kill(info.pid, sig)
+        except ProcessLookupError:
+            return
+        _wait_exit(info.pid, self.procs.get(info.name), 10.0)
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """SIGTERM everything (nodes first), then SIGKILL what is left."""
+        infos = [n for n in self.state.nodes if n] + ([self.state.meta] if self.state.meta else [])
+        for info in infos:
+            try:
+                os.kill(info.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        for info in infos:
+            if not _wait_exit(info.pid, self.procs.get(info.name), timeout_s):
+                try:
+                    os.kill(info.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                _wait_exit(info.pid, self.procs.get(info.name), 5.0)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:  # a zombie of ours is dead too
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _wait_exit(pid: int, proc: subprocess.Popen | None, timeout_s: float) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc is not None:
+            if proc.poll() is not None:
+                return True
+        elif not _alive(pid):
+            return True
+        time.sleep(0.02)
+    return False
+
+
+def _tail(text: str, lines: int = 15) -> str:
+    return "\n".join(text.splitlines()[-lines:])

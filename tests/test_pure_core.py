@@ -1,0 +1,139 @@
+"""Sans-I/O pieces: frame codec, layout maths, placement, erasure codec."""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from deepfs import codec, frames
+from deepfs.errors import ChecksumError, ConfigError
+from deepfs.layout import ALIGNMENT, FRAGMENT_HEADER_SIZE, Layout, fragment_data_size, stripe_range_to_fragments, stripe_span
+from deepfs.placement import MISSING, NodeView, place_stripe
+
+
+# ---------------------------------------------------------------- frames
+@given(
+    op=st.integers(0, 255),
+    rid=st.integers(0, 2**64 - 1),
+    body=st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-(2**63), 2**63 - 1), st.binary(max_size=32), st.text(max_size=8))),
+    payload_len=st.integers(0, 1 << 20),
+)
+def test_frame_round_trip(op: int, rid: int, body: dict, payload_len: int) -> None:
+    raw = frames.encode_frame(op, rid, body, payload_len)
+    header = frames.parse_header(raw[: frames.HEADER_SIZE])
+    assert (header.op, header.request_id, header.payload_len) == (op, rid, payload_len)
+    assert frames.decode_body(raw[: frames.HEADER_SIZE], header, raw[frames.HEADER_SIZE :]) == body
+
+
+def test_frame_rejects_garbage() -> None:
+    raw = bytearray(frames.encode_frame(frames.Op.PING, 1, {"a": 1}))
+    with pytest.raises(frames.ProtocolError, match="magic"):
+        frames.parse_header(b"\0" * frames.HEADER_SIZE)
+    with pytest.raises(frames.ProtocolError, match="payload length"):
+        frames.parse_header(frames.encode_frame(1, 1, {}, payload_len=2**31)[: frames.HEADER_SIZE], max_payload=1 << 20)
+    raw[-1] ^= 0xFF  # corrupt the body
+    header = frames.parse_header(raw[: frames.HEADER_SIZE])
+    with pytest.raises(frames.ProtocolError, match="checksum"):
+        frames.decode_body(raw[: frames.HEADER_SIZE], header, bytes(raw[frames.HEADER_SIZE :]))
+    with pytest.raises(frames.ProtocolError, match="header must be"):
+        frames.parse_header(b"short")
+
+
+# ---------------------------------------------------------------- layout
+def test_layout_validation() -> None:
+    Layout(4, 2, 4 << 20)
+    Layout(1, 2, 64 << 10)
+    with pytest.raises(ConfigError, match="multiple"):
+        Layout(4, 2, 4 << 20 | 4096)
+    with pytest.raises(ConfigError, match="m >= 5"):
+        Layout(4, 5, 4 * ALIGNMENT * 4, codec="isa_l_rs_vand")
+    Layout(4, 5, 4 * ALIGNMENT * 4, codec="isa_l_rs_cauchy")
+    with pytest.raises(ConfigError, match="k must be"):
+        Layout(0, 2)
+
+
+def test_stripe_maths() -> None:
+    layout = Layout(4, 2, 64 << 10)
+    assert list(stripe_span(layout, 0, 0)) == []
+    assert list(stripe_span(layout, (64 << 10) - 1, 2)) == [0, 1]
+    assert fragment_data_size(layout, 1) == ALIGNMENT
+    assert fragment_data_size(layout, 64 << 10) == 16 << 10
+    pieces = stripe_range_to_fragments(16 << 10, 16383, 3)
+    assert [(p.index, p.start, p.length, p.stripe_offset) for p in pieces] == [(0, 16383, 1, 16383), (1, 0, 2, 16384)]
+
+
+# ------------------------------------------------------------- placement
+def _nodes(count: int, domains: int | None = None) -> list[NodeView]:
+    return [NodeView(i, f"127.0.0.1:{9000 + i}", f"d{i % (domains or count)}") for i in range(count)]
+
+
+def test_placement_distinct_stable_and_spread() -> None:
+    nodes = _nodes(8)
+    first = place_stripe(7, 3, 6, nodes)
+    assert len(set(first)) == 6 and first == place_stripe(7, 3, 6, nodes)
+    # A node leaving moves only the fragments it held.
+    gone = first[0]
+    remaining = [n for n in nodes if n.node_id != gone]
+    second = place_stripe(7, 3, 6, remaining)
+    assert set(first) - {gone} <= set(second)
+    # Three domains, six fragments: each domain holds two.
+    spread = place_stripe(1, 1, 6, _nodes(6, domains=3))
+    domains = [f"d{i % 3}" for i in spread]
+    assert sorted(domains) == ["d0", "d0", "d1", "d1", "d2", "d2"]
+    assert spread[:3] and len({domains[0], domains[1], domains[2]}) == 3
+
+
+def test_placement_marks_missing_when_too_few_nodes() -> None:
+    nodes = [NodeView(i, "a", f"d{i}", up=i < 4) for i in range(6)]
+    placement = place_stripe(1, 0, 6, nodes)
+    assert placement.count(MISSING) == 2 and set(placement) - {MISSING} == {0, 1, 2, 3}
+
+
+def test_placement_balances() -> None:
+    nodes = _nodes(6)
+    counts = {n.node_id: 0 for n in nodes}
+    for stripe in range(600):
+        counts[place_stripe(42, stripe, 1, nodes)[0]] += 1
+    assert min(counts.values()) > 60  # ~100 each if the hash spreads
+
+
+# ----------------------------------------------------------------- codec
+@pytest.mark.parametrize("k,m", [(4, 2), (1, 2), (2, 1), (8, 3)])
+@pytest.mark.parametrize("length", [1, 4095, 4096, 100_000, 256 << 10])
+def test_codec_round_trip_any_k(k: int, m: int, length: int) -> None:
+    layout = Layout(k, m, 256 << 10 if (256 << 10) % (k * ALIGNMENT) == 0 else k * ALIGNMENT * 8)
+    length = min(length, layout.stripe_size)
+    data = os.urandom(length)
+    fragments = codec.encode_stripe(layout, data)
+    assert len(fragments) == k + m
+    assert all(len(f) == codec.fragment_size(layout, length) for f in fragments)
+    # Systematic: data fragment j holds stripe bytes [j*F, (j+1)*F).
+    size = fragment_data_size(layout, length)
+    for j in range(k):
+        assert fragments[j][FRAGMENT_HEADER_SIZE:] == data[j * size : (j + 1) * size].ljust(size, b"\0")
+    rng = random.Random(length)
+    for _ in range(3):
+        keep = rng.sample(range(k + m), k)
+        assert codec.decode_stripe(layout, length, {i: fragments[i] for i in keep}) == data
+
+
+def test_codec_checksums() -> None:
+    data = os.urandom(200_000)
+    crcs = codec.block_crcs(data)
+    assert len(crcs) == 4
+    codec.verify_fragment(data, codec.whole_crc(data), "x")
+    with pytest.raises(ChecksumError):
+        codec.verify_fragment(data[:-1] + b"\0", codec.whole_crc(data), "x")
+
+
+@settings(max_examples=30)
+@given(st.integers(1, 16), st.integers(0, 8))
+def test_every_valid_layout_encodes(k: int, m: int) -> None:
+    layout = Layout(k, m, k * ALIGNMENT * 2)
+    fragments = codec.encode_stripe(layout, b"x" * 5000)
+    assert len(fragments) == k + m
+    assert codec.decode_stripe(layout, 5000, dict(list(enumerate(fragments))[m:])) == b"x" * 5000
