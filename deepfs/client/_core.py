@@ -251,10 +251,18 @@ class AsyncClient:
             raise os_error(errno.EINVAL, "not a regular file", path)
         if truncate and int(attr["size"]) != 0:
             attr = (await self.meta.call(Op.SETATTR, ino=attr["ino"], size=0, ctx=self.ctx))["attr"]
-        reply = await self.meta.call(Op.OPEN, ino=attr["ino"])
+        return await self.open_inode(int(attr["ino"]), readable, writable, append, path)
+
+    async def open_inode(self, ino: int, readable: bool = True, writable: bool = False,
+                         append: bool = False, path: str = "") -> AsyncFile:
+        """Open an inode directly (the FUSE client addresses files by inode).
+
+        Fetches the layout and every stripe record once: close-to-open
+        consistency, like NFS."""
+        reply = await self.meta.call(Op.OPEN, ino=ino)
         records = [StripeRecord.from_wire(s) for s in reply.get("stripes", [])]
-        return AsyncFile(self, path, reply["attr"], Layout.from_dict(reply["layout"]), records,
-                         readable, writable, append)
+        return AsyncFile(self, path or f"<inode {ino}>", reply["attr"], Layout.from_dict(reply["layout"]),
+                         records, readable, writable, append)
 
     async def read_file(self, path: str) -> bytes:
         f = await self.open(path, "rb")

@@ -1,0 +1,161 @@
+"""Byte-exact round trips through the client library against a real cluster."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+
+import pytest
+
+import deepfs
+from deepfs import Layout
+from deepfs.local_cluster import LocalCluster
+from tests.conftest import unique_dir
+
+STRIPE = 256 << 10
+LAYOUTS = {
+    "rs4+2": Layout(4, 2, STRIPE),
+    "replica1+2": Layout(1, 2, 64 << 10),
+}
+
+
+@pytest.fixture(params=sorted(LAYOUTS))
+def layout(request: pytest.FixtureRequest) -> Layout:
+    return LAYOUTS[request.param]
+
+
+def sizes_for(layout: Layout) -> list[int]:
+    s = layout.stripe_size
+    return [0, 1, 4095, 4096, s - 1, s, s + 1, 3 * s + 12345]
+
+
+def test_round_trip_sizes(client: deepfs.Client, layout: Layout) -> None:
+    base = unique_dir(client, "sizes")
+    rng = random.Random(1)
+    for size in sizes_for(layout):
+        data = rng.randbytes(size)
+        path = f"{base}/f{size}"
+        client.write_file(path, data, layout=layout)
+        assert client.stat(path).st_size == size
+        assert client.read_file(path) == data, f"size {size}"
+
+
+def test_large_random_file(client: deepfs.Client) -> None:
+    """64 MiB through the default 4 MiB-stripe layout, written in odd-sized chunks."""
+    base = unique_dir(client, "big")
+    data = os.urandom(64 << 20)
+    layout = Layout(4, 2, 4 << 20)
+    with client.open(f"{base}/big.bin", "wb", layout=layout) as f:
+        pos = 0
+        rng = random.Random(7)
+        while pos < len(data):
+            step = rng.randint(1, 3 << 20)
+            f.write(data[pos : pos + step])
+            pos += step
+    with client.open(f"{base}/big.bin", "rb") as f:
+        got = f.read()
+    assert hashlib.sha256(got).digest() == hashlib.sha256(data).digest()
+    with client.open(f"{base}/big.bin", "rb") as f:
+        assert f.pread(10_000, (37 << 20) + 77) == data[(37 << 20) + 77 : (37 << 20) + 77 + 10_000]
+
+
+def test_overwrites_and_appends_at_odd_offsets(client: deepfs.Client, layout: Layout) -> None:
+    base = unique_dir(client, "rw")
+    rng = random.Random(layout.k)
+    model = bytearray(rng.randbytes(2 * layout.stripe_size + 999))
+    path = f"{base}/file"
+    client.write_file(path, model, layout=layout)
+    for round_ in range(12):
+        with client.open(path, "r+b") as f:
+            for _ in range(5):
+                offset = rng.randrange(0, len(model) + layout.stripe_size)
+                chunk = rng.randbytes(rng.randint(1, layout.stripe_size + 3))
+                f.pwrite(chunk, offset)
+                if offset > len(model):
+                    model.extend(bytes(offset - len(model)))
+                model[offset : offset + len(chunk)] = chunk
+            # reads inside the open file see its own unflushed writes
+            probe = rng.randrange(0, len(model))
+            assert f.pread(4096, probe) == bytes(model[probe : probe + 4096])
+        with client.open(path, "ab") as f:
+            tail = rng.randbytes(rng.randint(1, 5000))
+            f.write(tail)
+            model.extend(tail)
+        assert client.read_file(path) == bytes(model), f"round {round_}"
+
+
+def test_truncate_up_and_down_reads_zeros_in_holes(client: deepfs.Client, layout: Layout) -> None:
+    base = unique_dir(client, "trunc")
+    path = f"{base}/t"
+    s = layout.stripe_size
+    data = os.urandom(2 * s + 100)
+    client.write_file(path, data, layout=layout)
+    client.truncate(path, s + 10)
+    assert client.read_file(path) == data[: s + 10]
+    client.truncate(path, 3 * s)
+    assert client.read_file(path) == data[: s + 10] + bytes(3 * s - (s + 10))
+    with client.open(path, "r+b") as f:
+        f.truncate(5)
+        f.seek(0, os.SEEK_END)
+        f.write(b"tail")
+    assert client.read_file(path) == data[:5] + b"tail"
+    # A sparse file: a write far past the end leaves a hole of zeros.
+    with client.open(f"{base}/sparse", "wb", layout=layout) as f:
+        f.pwrite(b"x", 5 * s + 3)
+    assert client.read_file(f"{base}/sparse") == bytes(5 * s + 3) + b"x"
+
+
+def test_namespace_through_client(client: deepfs.Client) -> None:
+    base = unique_dir(client, "ns")
+    client.makedirs(f"{base}/a/b/c")
+    client.write_file(f"{base}/a/b/c/file", b"hello")
+    client.rename(f"{base}/a/b/c/file", f"{base}/a/moved")
+    assert sorted(client.listdir(f"{base}/a")) == ["b", "moved"]
+    assert client.read_file(f"{base}/a/moved") == b"hello"
+    client.symlink("moved", f"{base}/a/link")
+    assert client.readlink(f"{base}/a/link") == "moved"
+    client.link(f"{base}/a/moved", f"{base}/a/hard")
+    assert client.stat(f"{base}/a/moved").st_nlink == 2
+    client.unlink(f"{base}/a/moved")
+    assert client.read_file(f"{base}/a/hard") == b"hello"
+
+
+def test_many_threads_share_one_client(client: deepfs.Client) -> None:
+    import concurrent.futures
+
+    base = unique_dir(client, "threads")
+    blobs = {i: os.urandom(50_000 + i) for i in range(16)}
+
+    def work(i: int) -> bool:
+        client.write_file(f"{base}/{i}", blobs[i])
+        return client.read_file(f"{base}/{i}") == blobs[i]
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(work, range(16)))
+
+
+def test_superseded_versions_are_garbage_collected(cluster: LocalCluster, client: deepfs.Client) -> None:
+    """Overwrites create new versions; the old fragments disappear from the nodes."""
+    import time
+
+    base = unique_dir(client, "gc")
+    layout = Layout(4, 2, 64 << 10)
+    path = f"{base}/g"
+    client.write_file(path, os.urandom(64 << 10), layout=layout)
+    ino = client.stat(path).st_ino
+    for _ in range(3):
+        client.write_file(path, os.urandom(64 << 10), layout=layout)
+
+    def fragment_files() -> list[str]:
+        return [str(p) for p in cluster.data_dir.glob(f"node*/fragments/*/{ino}/*")]
+
+    deadline = time.monotonic() + 20
+    while len(fragment_files()) > 6 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert len(fragment_files()) == 6  # only the live version's k+m fragments
+    client.unlink(path)
+    deadline = time.monotonic() + 20
+    while fragment_files() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert fragment_files() == []

@@ -1,0 +1,210 @@
+"""Failures: killed nodes, corrupted fragments, killed metadata server and
+clients, malformed peers. Each test gets its own cluster."""
+
+from __future__ import annotations
+
+import errno
+import hashlib
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+import deepfs
+from deepfs import Layout, frames
+from deepfs.local_cluster import LocalCluster
+
+LAYOUTS = [Layout(4, 2, 256 << 10), Layout(1, 2, 64 << 10)]
+
+
+def write_corpus(client: deepfs.Client, count: int = 6) -> dict[str, bytes]:
+    rng = random.Random(3)
+    files = {}
+    for i in range(count):
+        for layout in LAYOUTS:
+            data = rng.randbytes(rng.randint(1, 3 * layout.stripe_size))
+            path = f"/f{i}-{layout.k}+{layout.m}"
+            client.write_file(path, data, layout=layout)
+            files[path] = data
+    return files
+
+
+def test_any_m_nodes_down_then_m_plus_one(fresh_cluster: LocalCluster) -> None:
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        files = write_corpus(client)
+        for victims in ([0, 1], [2, 5], [3, 4]):
+            for v in victims:
+                fresh_cluster.kill_node(v)
+            for path, data in files.items():
+                assert client.read_file(path) == data, f"{path} with nodes {victims} down"
+            for v in victims:
+                fresh_cluster.start_node(v)
+        # m+1 down: a clear error, quickly, for every file whose stripes lost too much.
+        for v in (0, 1, 2):
+            fresh_cluster.kill_node(v)
+        failures = 0
+        start = time.monotonic()
+        for path in files:
+            try:
+                client.read_file(path)
+            except OSError as exc:
+                assert exc.errno == errno.EIO and "unreadable" in str(exc)
+                failures += 1
+        assert failures > 0
+        assert time.monotonic() - start < 60
+        for v in (0, 1, 2):
+            fresh_cluster.start_node(v)
+        for path, data in files.items():
+            assert client.read_file(path) == data
+
+
+def test_writes_succeed_with_m_nodes_down(fresh_cluster: LocalCluster) -> None:
+    fresh_cluster.kill_node(0)
+    fresh_cluster.kill_node(3)
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        data = os.urandom(1 << 20)
+        client.write_file("/degraded", data, layout=Layout(4, 2, 256 << 10))
+        assert client.read_file("/degraded") == data
+        assert client.stats.degraded_writes > 0 or client.stats.stripes_written > 0
+        fresh_cluster.kill_node(1)  # now only 3 of 6 live: below k
+        with pytest.raises(OSError) as info:
+            client.write_file("/too-few", data, layout=Layout(4, 2, 256 << 10))
+        assert info.value.errno == errno.EIO
+
+
+def _fragment_files(cluster: LocalCluster, ino: int, index: int) -> list[Path]:
+    return sorted(cluster.data_dir.glob(f"node*/fragments/*/{ino}/*.*.{index}"))
+
+
+def test_flipped_bytes_are_detected_and_read_around(fresh_cluster: LocalCluster) -> None:
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        layout = Layout(4, 2, 256 << 10)
+        data = os.urandom(3 * layout.stripe_size)
+        client.write_file("/victim", data, layout=layout)
+        ino = client.stat("/victim").st_ino
+        damaged = _fragment_files(fresh_cluster, ino, 0)
+        assert len(damaged) == 3  # data fragment 0 of each stripe
+        for path in damaged:
+            raw = bytearray(path.read_bytes())
+            raw[-100] ^= 0xFF
+            path.write_bytes(raw)
+        assert client.read_file("/victim") == data
+        assert client.stats.checksum_errors >= 3
+        assert {bad[3] for bad in client.stats.bad_fragments} == {0}
+        quarantined = list(fresh_cluster.data_dir.glob("node*/quarantine/*"))
+        assert len(quarantined) >= 3
+        # Still correct the second time (the bad copies are never served again).
+        assert client.read_file("/victim") == data
+
+
+def test_malformed_frames_do_not_kill_a_node(fresh_cluster: LocalCluster) -> None:
+    host, port = fresh_cluster.state.nodes[0].address.rsplit(":", 1)
+    garbage = [
+        b"\x00" * 28,
+        os.urandom(200),
+        frames.encode_frame(frames.Op.PUT_FRAGMENT, 1, {"key": [1, 0, 1, 0]}, payload_len=2**31),
+        frames.encode_frame(frames.Op.GET_FRAGMENT, 1, {"key": "../../etc/passwd", "offset": 0, "length": 10}),
+        frames.encode_frame(200, 1, {}),
+        frames.encode_frame(frames.Op.PING, 1, {})[:10],
+    ]
+    for blob in garbage:
+        with socket.create_connection((host, int(port)), timeout=5) as s:
+            s.sendall(blob)
+            s.shutdown(socket.SHUT_WR)
+            s.settimeout(5)
+            try:
+                while s.recv(65536):
+                    pass
+            except (ConnectionResetError, TimeoutError):
+                pass
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        data = os.urandom(500_000)
+        client.write_file("/after-garbage", data)
+        assert client.read_file("/after-garbage") == data
+    assert fresh_cluster.state.nodes[0] is not None
+    os.kill(fresh_cluster.state.nodes[0].pid, 0)  # still alive
+
+
+WRITER = textwrap.dedent(
+    """
+    import hashlib, os, sys
+    import deepfs
+    fs = deepfs.Client(sys.argv[1])
+    i = 0
+    while True:
+        data = os.urandom(50_000 + (i * 7919) % 600_000)
+        with fs.open(f"/crash/f{i}", "wb") as f:
+            f.write(data[: len(data) // 2])
+            f.write(data[len(data) // 2 :])
+        print(f"closed /crash/f{i} {hashlib.sha256(data).hexdigest()}", flush=True)
+        i += 1
+    """
+)
+
+
+def test_kill_meta_and_client_mid_write(fresh_cluster: LocalCluster, tmp_path: Path) -> None:
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        client.mkdir("/crash")
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    out = tmp_path / "writer.out"
+    with open(out, "wb") as sink:
+        writer = subprocess.Popen([sys.executable, str(script), fresh_cluster.meta_address], stdout=sink,
+                                  stderr=subprocess.DEVNULL, cwd=str(Path(__file__).parent.parent))
+    try:
+        deadline = time.monotonic() + 60
+        while out.read_text().count("closed") < 8 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        fresh_cluster.kill_meta(signal.SIGKILL)
+        writer.send_signal(signal.SIGKILL)
+        writer.wait(10)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+            writer.wait()
+    closed = dict(line.split()[1:3] for line in out.read_text().splitlines() if line.startswith("closed"))
+    assert len(closed) >= 8
+    fresh_cluster.start_meta()
+    fresh_cluster.wait_nodes_up(6)
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        for path, digest in closed.items():
+            assert hashlib.sha256(client.read_file(path)).hexdigest() == digest, path
+        for name in client.listdir("/crash"):  # every entry present is readable, none torn
+            st = client.stat(f"/crash/{name}")
+            assert len(client.read_file(f"/crash/{name}")) == st.st_size
+
+
+def test_library_errors_carry_errno(client: deepfs.Client) -> None:
+    from tests.conftest import unique_dir
+
+    base = unique_dir(client, "errs")
+    with pytest.raises(FileNotFoundError):
+        client.read_file(f"{base}/missing")
+    with pytest.raises(FileNotFoundError):
+        client.stat(f"{base}/no/such/dir")
+    client.makedirs(f"{base}/d/e")
+    with pytest.raises(OSError) as info:
+        client.rmdir(f"{base}/d")
+    assert info.value.errno == errno.ENOTEMPTY
+    with pytest.raises(OSError) as info:
+        client.write_file(f"{base}/" + "n" * 256, b"x")
+    assert info.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(IsADirectoryError):
+        client.open(f"{base}/d", "wb")
+    with pytest.raises(FileExistsError):
+        client.mkdir(f"{base}/d")
+    client.write_file(f"{base}/file", b"x")
+    with pytest.raises(FileExistsError):
+        client.open(f"{base}/file", "xb")
+    with pytest.raises(NotADirectoryError):
+        client.write_file(f"{base}/file/child", b"x")
+    with pytest.raises(OSError) as info:
+        client.rename(f"{base}/d", f"{base}/d/e/inside")
+    assert info.value.errno == errno.EINVAL
