@@ -137,3 +137,21 @@ def test_every_valid_layout_encodes(k: int, m: int) -> None:
     fragments = codec.encode_stripe(layout, b"x" * 5000)
     assert len(fragments) == k + m
     assert codec.decode_stripe(layout, 5000, dict(list(enumerate(fragments))[m:])) == b"x" * 5000
+
+
+def test_example_cluster_config_loads() -> None:
+    from pathlib import Path
+
+    from deepfs.config import load_cluster_config
+
+    config = load_cluster_config(Path(__file__).parent.parent / "examples" / "cluster.toml")
+    assert config.meta.port == 7700 and len(config.nodes) == 2 and config.nodes[1].failure_domain == "rack2"
+
+
+def test_config_rejects_unknown_keys(tmp_path) -> None:
+    from deepfs.config import load_cluster_config
+
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[meta]\nprot = 1\n")
+    with pytest.raises(ConfigError, match="prot"):
+        load_cluster_config(bad)
