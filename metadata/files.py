@@ -1,0 +1,205 @@
+"""File contents and extended attributes: open, commit, release, xattrs.
+
+The server never sees file bytes. It keeps, per regular file, the layout
+and one record per stripe (version, length, placement, CRCs), and commits
+new stripe versions atomically with the new size: a reader sees a stripe's
+old version or its new one, never a mix. What a commit replaces goes to the
+GC queue in the same transaction (``metadata/stripes.py``).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from deepfs.errors import ConfigError, os_error
+from deepfs.layout import Layout
+from metadata.inodes import free_inode, now_ns, require_inode, set_size
+from metadata.records import NAME_MAX, Inode
+from metadata.store import MetaStore, Txn
+from metadata.stripes import check_record, check_version, retire_fragments, store_stripe, truncate_stripes
+
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+XATTR_SIZE_MAX = 64 << 10  # Linux's XATTR_SIZE_MAX
+STRIPES_PER_REPLY = 2048  # ~0.8 MB of records at 32 fragments: below a frame's body limit
+
+
+def checked_layout(raw: dict[str, Any]) -> dict[str, Any]:
+    """A layout a client sent, validated (EINVAL with the reason)."""
+    try:
+        return Layout.from_dict(raw).to_dict()
+    except ConfigError as exc:
+        raise os_error(errno.EINVAL, str(exc)) from exc
+
+
+def _require_file(txn: Txn, ino: int) -> Inode:
+    inode = require_inode(txn, ino)
+    if inode.is_dir:
+        raise os_error(errno.EISDIR, f"inode {ino} is a directory")
+    if not inode.is_reg or inode.layout is None:
+        raise os_error(errno.EINVAL, f"inode {ino} is not a regular file")
+    return inode
+
+
+def _check_xattr_name(name: bytes) -> None:
+    if not name or len(name) > NAME_MAX:
+        raise os_error(errno.ERANGE, f"xattr names are 1 to {NAME_MAX} bytes")
+
+
+class FileOps:
+    """Operations on a file's data records and on any inode's xattrs."""
+
+    def __init__(self, store: MetaStore) -> None:
+        self.store = store
+
+    # data -------------------------------------------------------------------
+
+    def open(self, ino: int) -> dict[str, Any]:
+        """attr, layout, stripe records (the first STRIPES_PER_REPLY of them), min_version.
+
+        ``stripes_complete`` is False when the file has more; the caller
+        fetches the rest with GET_STRIPES from the last index + 1.
+        """
+        with self.store.read() as txn:
+            inode = _require_file(txn, ino)
+            stripes = txn.stripes(ino, 0, STRIPES_PER_REPLY + 1)
+            complete = len(stripes) <= STRIPES_PER_REPLY
+            return {
+                "attr": inode.attr(),
+                "layout": inode.layout,
+                "stripes": stripes[:STRIPES_PER_REPLY],
+                "stripes_complete": complete,
+                "min_version": inode.retired_version + 1,
+            }
+
+    def get_stripes(self, ino: int, first: int, count: int) -> list[dict[str, Any]]:
+        count = STRIPES_PER_REPLY if count <= 0 else min(count, STRIPES_PER_REPLY)
+        with self.store.read() as txn:
+            _require_file(txn, ino)
+            return txn.stripes(ino, first, count)
+
+    def commit(
+        self,
+        ino: int,
+        stripes: list[dict[str, Any]],
+        size: int,
+        mtime_ns: int | None = None,
+        truncate: bool = False,
+    ) -> dict[str, Any]:
+        """Store new stripe versions and the new size in one transaction: {attr, min_version}.
+
+        The size becomes max(current, ``size``), so commits of different
+        stripes may arrive in any order; ``truncate`` sets it exactly and
+        drops what lies past it. Committing to an inode that is gone queues
+        the new fragments for GC (nobody will ever read them) and fails with
+        ENOENT.
+        """
+        indexes = [record["index"] for record in stripes]
+        if len(set(indexes)) != len(indexes):
+            raise os_error(errno.EINVAL, "a commit names a stripe twice")
+        with self.store.write() as txn:
+            inode = txn.get_inode(ino)
+            if inode is not None:
+                self._commit_into(txn, inode, stripes, size, mtime_ns, truncate)
+                return {"attr": inode.attr(), "min_version": inode.retired_version + 1}
+            for record in stripes:
+                retire_fragments(txn, ino, record)
+        raise os_error(errno.ENOENT, f"inode {ino} no longer exists; its new fragments go to GC")
+
+    @staticmethod
+    def _commit_into(
+        txn: Txn, inode: Inode, stripes: list[dict[str, Any]], size: int, mtime_ns: int | None, truncate: bool
+    ) -> None:
+        if inode.is_dir:
+            raise os_error(errno.EISDIR, f"inode {inode.ino} is a directory")
+        if not inode.is_reg or inode.layout is None:
+            raise os_error(errno.EINVAL, f"inode {inode.ino} is not a regular file")
+        layout = inode.layout
+        new_size = size if truncate else max(inode.size, size)
+        for record in stripes:
+            check_record(record, layout)
+            if record["index"] * layout["stripe_size"] + record["length"] > new_size:
+                raise os_error(errno.EINVAL, f"stripe {record['index']} ends past the file size {new_size}")
+            check_version(txn, inode, record)
+        if new_size < inode.size:
+            truncate_stripes(txn, inode, new_size)
+        for record in stripes:
+            store_stripe(txn, inode, record)
+        set_size(txn, inode, new_size)
+        now = now_ns()
+        inode.mtime_ns = now if mtime_ns is None else mtime_ns
+        inode.ctime_ns = now
+        txn.put_inode(inode)
+
+    def release(self, ino: int) -> None:
+        """The last user of an unlinked file closed it: free it now. Idempotent."""
+        with self.store.write() as txn:
+            if txn.remove_orphan(ino):
+                inode = txn.get_inode(ino)
+                if inode is not None and inode.nlink == 0:
+                    free_inode(txn, inode)
+
+    def set_layout(self, ino: int, layout: dict[str, Any] | None) -> None:
+        """A directory's default layout for new files (None: the server default).
+
+        An empty regular file may change its own layout too; one holding
+        stripes may not (EBUSY), since its records were cut by the old one.
+        """
+        chosen = None if layout is None else checked_layout(layout)
+        with self.store.write() as txn:
+            inode = require_inode(txn, ino)
+            if inode.is_dir:
+                inode.dir_layout = chosen
+            elif inode.is_reg:
+                if chosen is None:
+                    raise os_error(errno.EINVAL, "a regular file needs a layout")
+                if txn.stripes(ino, 0, 1):
+                    raise os_error(errno.EBUSY, f"inode {ino} has data; its layout is fixed")
+                inode.layout = chosen
+            else:
+                raise os_error(errno.EINVAL, f"inode {ino} has no layout")
+            inode.ctime_ns = now_ns()
+            txn.put_inode(inode)
+
+    # extended attributes ----------------------------------------------------
+
+    def getxattr(self, ino: int, name: bytes) -> bytes:
+        _check_xattr_name(name)
+        with self.store.read() as txn:
+            require_inode(txn, ino)
+            value = txn.get_xattr(ino, name)
+            if value is None:
+                raise os_error(errno.ENODATA, f"no attribute {name!r}")
+            return value
+
+    def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        _check_xattr_name(name)
+        if flags & ~(XATTR_CREATE | XATTR_REPLACE) or flags == XATTR_CREATE | XATTR_REPLACE:
+            raise os_error(errno.EINVAL, f"invalid xattr flags {flags}")
+        if len(value) > XATTR_SIZE_MAX:
+            raise os_error(errno.E2BIG, f"xattr values are at most {XATTR_SIZE_MAX} bytes")
+        with self.store.write() as txn:
+            inode = require_inode(txn, ino)
+            exists = txn.get_xattr(ino, name) is not None
+            if exists and flags & XATTR_CREATE:
+                raise os_error(errno.EEXIST, f"attribute {name!r} exists")
+            if not exists and flags & XATTR_REPLACE:
+                raise os_error(errno.ENODATA, f"no attribute {name!r}")
+            txn.put_xattr(ino, name, value)
+            inode.ctime_ns = now_ns()
+            txn.put_inode(inode)
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        with self.store.read() as txn:
+            require_inode(txn, ino)
+            return txn.xattr_names(ino)
+
+    def removexattr(self, ino: int, name: bytes) -> None:
+        _check_xattr_name(name)
+        with self.store.write() as txn:
+            inode = require_inode(txn, ino)
+            if not txn.delete_xattr(ino, name):
+                raise os_error(errno.ENODATA, f"no attribute {name!r}")
+            inode.ctime_ns = now_ns()
+            txn.put_inode(inode)

@@ -1,0 +1,181 @@
+"""Inode life cycle inside one transaction: checks, birth, links, death.
+
+Shared by every namespace operation so the POSIX rules live in one place:
+name validity, ownership of new inodes (setgid directories), directory link
+counts (2 + subdirectories), and what happens when the last link goes (the
+inode is freed and its fragments queued for GC, or it waits in the orphans
+table while some client still has it open).
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from deepfs.errors import os_error
+from metadata import keys
+from metadata.records import NAME_MAX, Inode
+from metadata.stripes import drop_stripes_from
+from metadata.store import Txn
+
+
+@dataclass(frozen=True, slots=True)
+class Ctx:
+    """The caller of an operation, for ownership of what it creates."""
+
+    uid: int = 0
+    gid: int = 0
+
+
+def now_ns() -> int:
+    return time.time_ns()
+
+
+def check_name(name: bytes, *, creating: bool = True) -> None:
+    """Refuse names no directory may hold: ENAMETOOLONG or EINVAL.
+
+    '.' and '..' exist in every directory without being stored, so they can
+    be looked up but not created, removed or renamed.
+    """
+    if len(name) > NAME_MAX:
+        raise os_error(errno.ENAMETOOLONG, f"name is longer than {NAME_MAX} bytes")
+    if not name or b"/" in name or b"\0" in name:
+        raise os_error(errno.EINVAL, f"invalid name {name!r}")
+    if creating and name in (b".", b".."):
+        raise os_error(errno.EINVAL, f"{name!r} cannot be created, removed or renamed")
+
+
+def require_inode(txn: Txn, ino: int) -> Inode:
+    inode = txn.get_inode(ino)
+    if inode is None:
+        raise os_error(errno.ENOENT, f"no inode {ino}")
+    return inode
+
+
+def require_dir(txn: Txn, ino: int) -> Inode:
+    inode = require_inode(txn, ino)
+    if not inode.is_dir:
+        raise os_error(errno.ENOTDIR, f"inode {ino} is not a directory")
+    return inode
+
+
+def lookup_child(txn: Txn, parent: Inode, name: bytes) -> Inode:
+    """The inode ``name`` names in ``parent``, including '.' and '..'."""
+    if name == b".":
+        return parent
+    if name == b"..":
+        return require_inode(txn, parent.parent)
+    check_name(name, creating=False)
+    found = txn.get_dentry(parent.ino, name)
+    if found is None:
+        raise os_error(errno.ENOENT, f"{name!r} not found in inode {parent.ino}")
+    return require_inode(txn, found[0])
+
+
+def touch_dir(directory: Inode, now: int) -> None:
+    directory.mtime_ns = directory.ctime_ns = now
+
+
+def new_inode(
+    txn: Txn,
+    parent: Inode,
+    mode: int,
+    ctx: Ctx,
+    generation: int,
+    *,
+    rdev: int = 0,
+    target: bytes | None = None,
+    layout: dict[str, Any] | None = None,
+) -> Inode:
+    """Allocate an inode under ``parent`` (not yet linked, not yet stored).
+
+    Inode numbers are never reused; ``generation`` (bumped at every server
+    start) tells apart handles from before a restore of an old store.
+    """
+    ino = txn.add_counter(keys.META_NEXT_INO, 1) - 1
+    now = now_ns()
+    gid = ctx.gid
+    if parent.mode & stat.S_ISGID:
+        gid = parent.gid  # BSD group semantics in setgid directories
+        if stat.S_ISDIR(mode):
+            mode |= stat.S_ISGID
+    inode = Inode(
+        ino=ino,
+        mode=mode,
+        uid=ctx.uid,
+        gid=gid,
+        nlink=2 if stat.S_ISDIR(mode) else 1,
+        atime_ns=now,
+        mtime_ns=now,
+        ctime_ns=now,
+        rdev=rdev,
+        generation=generation,
+        target=target,
+        size=len(target) if target is not None else 0,
+    )
+    if inode.is_dir:
+        inode.parent = parent.ino
+        inode.dir_layout = parent.dir_layout  # new subtrees keep their parent's default
+        txn.add_counter(keys.META_DIRECTORIES, 1)
+    elif inode.is_reg:
+        inode.layout = layout
+    return inode
+
+
+def add_entry(txn: Txn, parent: Inode, name: bytes, ino: int, now: int) -> None:
+    """Link ``ino`` as ``name`` with a fresh readdir cookie (caller stores ``parent``)."""
+    cookie = parent.next_cookie
+    parent.next_cookie += 1
+    txn.put_dentry(parent.ino, name, ino, cookie)
+    touch_dir(parent, now)
+
+
+def set_size(txn: Txn, inode: Inode, size: int) -> None:
+    """Change a file's size, keeping the cluster's logical byte count right."""
+    if size != inode.size:
+        txn.add_counter(keys.META_LOGICAL_BYTES, size - inode.size)
+        inode.size = size
+
+
+def free_inode(txn: Txn, inode: Inode) -> None:
+    """Delete an inode and everything hanging off it; its fragments go to GC."""
+    if inode.is_reg:
+        drop_stripes_from(txn, inode, 0)
+        set_size(txn, inode, 0)
+    if inode.is_dir:
+        txn.add_counter(keys.META_DIRECTORIES, -1)
+    for name in txn.xattr_names(inode.ino):
+        txn.delete_xattr(inode.ino, name)
+    txn.remove_orphan(inode.ino)
+    txn.delete_inode(inode.ino)
+
+
+def drop_link(txn: Txn, inode: Inode, keep_open: bool, now: int) -> None:
+    """One name of a non-directory is gone: free it, orphan it, or just count down."""
+    inode.nlink -= 1
+    inode.ctime_ns = now
+    if inode.nlink > 0:
+        txn.put_inode(inode)
+    elif keep_open:
+        txn.put_inode(inode)
+        txn.add_orphan(inode.ino)
+    else:
+        free_inode(txn, inode)
+
+
+def is_ancestor(txn: Txn, ancestor: int, ino: int) -> bool:
+    """Is directory ``ancestor`` equal to ``ino`` or above it? (rename loop check)"""
+    seen = 0
+    while True:
+        if ino == ancestor:
+            return True
+        inode = require_inode(txn, ino)
+        if inode.parent == ino or inode.parent == 0:
+            return False  # reached the root
+        ino = inode.parent
+        seen += 1
+        if seen > 1 << 20:
+            raise os_error(errno.ELOOP, "directory parent chain does not end at the root")

@@ -1,0 +1,421 @@
+"""Namespace operations: names, directories and attributes.
+
+Each method is one LMDB write (or read) transaction, so each operation is
+atomic and a crash leaves either all of it or none of it. Failures are
+``OSError`` with the POSIX errno a local file system would give; the ops
+server sends them as they are. File contents (stripes, commits, orphans)
+and extended attributes live in ``FileOps`` (``metadata/files.py``);
+``Namespace`` inherits them so callers see one object.
+
+Permission checks are the mount's job (FUSE ``default_permissions``); the
+server applies ownership rules only (``ctx`` of the caller, setgid dirs).
+"""
+
+from __future__ import annotations
+
+import errno
+import stat
+import uuid
+from typing import Any
+
+from deepfs.config import MetaConfig
+from deepfs.errors import os_error
+from deepfs.layout import Layout
+from metadata import keys
+from metadata.files import FileOps, checked_layout
+from metadata.inodes import (
+    Ctx,
+    add_entry,
+    check_name,
+    drop_link,
+    free_inode,
+    is_ancestor,
+    lookup_child,
+    new_inode,
+    now_ns,
+    require_dir,
+    require_inode,
+    set_size,
+    touch_dir,
+)
+from metadata.records import PATH_MAX, ROOT_INO, Inode
+from metadata.store import MetaStore, Txn
+from metadata.stripes import truncate_stripes
+
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+READDIR_MAX_ENTRIES = 1024  # 1024 names of 255 bytes stay far below a frame's body limit
+STATFS_BLOCK_SIZE = 4096
+STATFS_FREE_INODES = 1 << 32  # inode numbers are 64-bit; report a large, stable number
+_SPECIAL_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK)
+
+
+def layout_from_config(config: MetaConfig) -> dict[str, Any]:
+    return Layout(config.default_k, config.default_m, config.default_stripe_size, config.default_codec).to_dict()
+
+
+class Namespace(FileOps):
+    """All metadata operations over one ``MetaStore``."""
+
+    def __init__(self, store: MetaStore, config: MetaConfig) -> None:
+        super().__init__(store)
+        self.default_layout = layout_from_config(config)
+        self.cluster_id = ""
+        self.generation = 0
+
+    def bootstrap(self) -> None:
+        """Create the root and cluster identity on first start; bump the generation."""
+        with self.store.write() as txn:
+            cluster_id = txn.get_meta(keys.META_CLUSTER_ID)
+            if cluster_id is None:
+                cluster_id = uuid.uuid4().hex
+                txn.put_meta(keys.META_CLUSTER_ID, cluster_id)
+            self.cluster_id = cluster_id
+            self.generation = txn.add_counter(keys.META_GENERATION, 1)
+            if txn.get_inode(ROOT_INO) is None:
+                now = now_ns()
+                root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2, now, now, now, parent=ROOT_INO)
+                root.generation = self.generation
+                txn.put_inode(root)
+                txn.put_meta(keys.META_NEXT_INO, ROOT_INO + 1)
+                txn.add_counter(keys.META_DIRECTORIES, 1)
+
+    # lookups ----------------------------------------------------------------
+
+    def lookup(self, parent: int, name: bytes) -> dict[str, int]:
+        with self.store.read() as txn:
+            return lookup_child(txn, require_dir(txn, parent), name).attr()
+
+    def getattr(self, ino: int) -> dict[str, int]:
+        with self.store.read() as txn:
+            return require_inode(txn, ino).attr()
+
+    def resolve(self, path: bytes) -> dict[str, int]:
+        """Walk a '/'-separated path from the root; symlinks are not followed."""
+        if len(path) > PATH_MAX:
+            raise os_error(errno.ENAMETOOLONG, "path is too long")
+        with self.store.read() as txn:
+            inode = require_inode(txn, ROOT_INO)
+            for part in path.split(b"/"):
+                if part in (b"", b"."):
+                    continue
+                if not inode.is_dir:
+                    raise os_error(errno.ENOTDIR, f"inode {inode.ino} is not a directory")
+                inode = lookup_child(txn, inode, part)
+            return inode.attr()
+
+    def readdir(self, ino: int, offset: int, limit: int) -> list[list[Any]]:
+        """Entries with cookie > ``offset``: [name, ino, mode, cookie]; no '.' or '..'.
+
+        Cookies are handed out per directory in increasing order and never
+        reused, so an offset stays valid while entries come and go: entries
+        present throughout are listed exactly once.
+        """
+        limit = READDIR_MAX_ENTRIES if limit <= 0 else min(limit, READDIR_MAX_ENTRIES)
+        with self.store.read() as txn:
+            require_dir(txn, ino)
+            out = []
+            for cookie, name, child in txn.list_dir(ino, offset, limit):
+                inode = txn.get_inode(child)
+                if inode is not None:
+                    out.append([name, child, inode.mode, cookie])
+            return out
+
+    def readlink(self, ino: int) -> bytes:
+        with self.store.read() as txn:
+            inode = require_inode(txn, ino)
+            if not inode.is_symlink or inode.target is None:
+                raise os_error(errno.EINVAL, f"inode {ino} is not a symbolic link")
+            return inode.target
+
+    # creation ---------------------------------------------------------------
+
+    def _parent_for_new(self, txn: Txn, parent: int, name: bytes) -> Inode:
+        check_name(name)
+        directory = require_dir(txn, parent)
+        if directory.nlink == 0:
+            raise os_error(errno.ENOENT, f"directory {parent} was removed")
+        if txn.get_dentry(parent, name) is not None:
+            raise os_error(errno.EEXIST, f"{name!r} exists")
+        return directory
+
+    def _link_new(self, txn: Txn, directory: Inode, name: bytes, inode: Inode) -> dict[str, int]:
+        now = inode.ctime_ns
+        if inode.is_dir:
+            directory.nlink += 1
+        add_entry(txn, directory, name, inode.ino, now)
+        txn.put_inode(inode)
+        txn.put_inode(directory)
+        return inode.attr()
+
+    def create(
+        self, parent: int, name: bytes, mode: int, exclusive: bool, ctx: Ctx, layout: dict[str, Any] | None = None
+    ) -> tuple[dict[str, int], dict[str, Any] | None, bool]:
+        """Create a regular file, or open the existing one: (attr, layout, created)."""
+        if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
+            raise os_error(errno.EINVAL, "CREATE makes regular files only")
+        check_name(name)
+        chosen = checked_layout(layout) if layout is not None else None
+        with self.store.write() as txn:
+            directory = require_dir(txn, parent)
+            found = txn.get_dentry(parent, name)
+            if found is not None:
+                if exclusive:
+                    raise os_error(errno.EEXIST, f"{name!r} exists")
+                existing = require_inode(txn, found[0])
+                if existing.is_dir:
+                    raise os_error(errno.EISDIR, f"{name!r} is a directory")
+                return existing.attr(), existing.layout, False
+            directory = self._parent_for_new(txn, parent, name)
+            file_layout = chosen or directory.dir_layout or self.default_layout
+            inode = new_inode(
+                txn, directory, stat.S_IFREG | (mode & 0o7777), ctx, self.generation, layout=file_layout
+            )
+            return self._link_new(txn, directory, name, inode), file_layout, True
+
+    def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Ctx) -> dict[str, int]:
+        kind = stat.S_IFMT(mode) or stat.S_IFREG
+        if kind not in _SPECIAL_TYPES:
+            raise os_error(errno.EINVAL, "MKNOD makes files, FIFOs, sockets and devices; use MKDIR or SYMLINK")
+        with self.store.write() as txn:
+            directory = self._parent_for_new(txn, parent, name)
+            layout = (directory.dir_layout or self.default_layout) if kind == stat.S_IFREG else None
+            inode = new_inode(txn, directory, kind | (mode & 0o7777), ctx, self.generation, rdev=rdev, layout=layout)
+            return self._link_new(txn, directory, name, inode)
+
+    def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> dict[str, int]:
+        with self.store.write() as txn:
+            directory = self._parent_for_new(txn, parent, name)
+            inode = new_inode(txn, directory, stat.S_IFDIR | (mode & 0o7777), ctx, self.generation)
+            return self._link_new(txn, directory, name, inode)
+
+    def symlink(self, parent: int, name: bytes, target: bytes, ctx: Ctx) -> dict[str, int]:
+        if not target:
+            raise os_error(errno.ENOENT, "empty symlink target")
+        if len(target) >= PATH_MAX or b"\0" in target:
+            raise os_error(errno.ENAMETOOLONG if len(target) >= PATH_MAX else errno.EINVAL, "bad symlink target")
+        with self.store.write() as txn:
+            directory = self._parent_for_new(txn, parent, name)
+            inode = new_inode(txn, directory, stat.S_IFLNK | 0o777, ctx, self.generation, target=target)
+            return self._link_new(txn, directory, name, inode)
+
+    def link(self, ino: int, new_parent: int, new_name: bytes) -> dict[str, int]:
+        with self.store.write() as txn:
+            inode = require_inode(txn, ino)
+            if inode.is_dir:
+                raise os_error(errno.EPERM, "hard links to directories are not allowed")
+            if inode.nlink == 0:
+                raise os_error(errno.ENOENT, f"inode {ino} was unlinked")
+            directory = self._parent_for_new(txn, new_parent, new_name)
+            now = now_ns()
+            inode.nlink += 1
+            inode.ctime_ns = now
+            add_entry(txn, directory, new_name, ino, now)
+            txn.put_inode(inode)
+            txn.put_inode(directory)
+            return inode.attr()
+
+    # removal ----------------------------------------------------------------
+
+    def unlink(self, parent: int, name: bytes, keep_open: bool = False) -> None:
+        """Remove a non-directory name; the last name frees the inode unless it is open."""
+        check_name(name)
+        with self.store.write() as txn:
+            directory = require_dir(txn, parent)
+            inode = lookup_child(txn, directory, name)
+            if inode.is_dir:
+                raise os_error(errno.EISDIR, f"{name!r} is a directory")
+            now = now_ns()
+            txn.delete_dentry(parent, name)
+            touch_dir(directory, now)
+            txn.put_inode(directory)
+            drop_link(txn, inode, keep_open, now)
+
+    def rmdir(self, parent: int, name: bytes) -> None:
+        check_name(name)
+        with self.store.write() as txn:
+            directory = require_dir(txn, parent)
+            inode = lookup_child(txn, directory, name)
+            if not inode.is_dir:
+                raise os_error(errno.ENOTDIR, f"{name!r} is not a directory")
+            if not txn.dir_is_empty(inode.ino):
+                raise os_error(errno.ENOTEMPTY, f"{name!r} is not empty")
+            txn.delete_dentry(parent, name)
+            directory.nlink -= 1
+            touch_dir(directory, now_ns())
+            txn.put_inode(directory)
+            free_inode(txn, inode)
+
+    def rename(
+        self,
+        parent: int,
+        name: bytes,
+        new_parent: int,
+        new_name: bytes,
+        flags: int = 0,
+        keep_open: bool = False,
+    ) -> None:
+        """Move a name atomically, replacing or (RENAME_EXCHANGE) swapping the target.
+
+        ``keep_open`` orphans a replaced file whose last link goes, like UNLINK.
+        """
+        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+            raise os_error(errno.EINVAL, f"invalid rename flags {flags}")
+        check_name(name)
+        check_name(new_name)
+        with self.store.write() as txn:
+            src_dir = require_dir(txn, parent)
+            dst_dir = src_dir if new_parent == parent else require_dir(txn, new_parent)
+            src_entry = txn.get_dentry(parent, name)
+            if src_entry is None:
+                raise os_error(errno.ENOENT, f"{name!r} not found")
+            dst_entry = txn.get_dentry(new_parent, new_name)
+            if dst_entry is not None and flags & RENAME_NOREPLACE:
+                raise os_error(errno.EEXIST, f"{new_name!r} exists")
+            if dst_entry is None and flags & RENAME_EXCHANGE:
+                raise os_error(errno.ENOENT, f"{new_name!r} not found")
+            if dst_entry is not None and dst_entry[0] == src_entry[0]:
+                return  # both names are links to one inode: POSIX says do nothing
+            if dst_dir.nlink == 0:
+                raise os_error(errno.ENOENT, f"directory {new_parent} was removed")
+            src = require_inode(txn, src_entry[0])
+            if src.is_dir and new_parent != parent and is_ancestor(txn, src.ino, new_parent):
+                raise os_error(errno.EINVAL, "cannot move a directory into its own subtree")
+            now = now_ns()
+            if flags & RENAME_EXCHANGE:
+                assert dst_entry is not None
+                dst = require_inode(txn, dst_entry[0])
+                if dst.is_dir and new_parent != parent and is_ancestor(txn, dst.ino, parent):
+                    raise os_error(errno.EINVAL, "cannot move a directory into its own subtree")
+                txn.put_dentry(parent, name, dst.ino, src_entry[1])
+                txn.put_dentry(new_parent, new_name, src.ino, dst_entry[1])
+                self._move_dir_links(src, src_dir, dst_dir)
+                self._move_dir_links(dst, dst_dir, src_dir)
+                touch_dir(dst_dir, now)
+                dst.ctime_ns = now
+                txn.put_inode(dst)
+            else:
+                if dst_entry is not None:
+                    self._replace_target(txn, src, dst_dir, new_name, dst_entry[0], keep_open, now)
+                txn.delete_dentry(parent, name)
+                add_entry(txn, dst_dir, new_name, src.ino, now)
+                self._move_dir_links(src, src_dir, dst_dir)
+            touch_dir(src_dir, now)
+            src.ctime_ns = now
+            txn.put_inode(src)
+            txn.put_inode(src_dir)
+            if dst_dir is not src_dir:
+                txn.put_inode(dst_dir)
+
+    @staticmethod
+    def _move_dir_links(inode: Inode, old_dir: Inode, new_dir: Inode) -> None:
+        """A directory changing parents moves its '..' link count along."""
+        if inode.is_dir and old_dir is not new_dir:
+            old_dir.nlink -= 1
+            new_dir.nlink += 1
+            inode.parent = new_dir.ino
+
+    def _replace_target(
+        self, txn: Txn, src: Inode, dst_dir: Inode, new_name: bytes, target_ino: int, keep_open: bool, now: int
+    ) -> None:
+        target = require_inode(txn, target_ino)
+        if src.is_dir and not target.is_dir:
+            raise os_error(errno.ENOTDIR, f"{new_name!r} is not a directory")
+        if not src.is_dir and target.is_dir:
+            raise os_error(errno.EISDIR, f"{new_name!r} is a directory")
+        txn.delete_dentry(dst_dir.ino, new_name)
+        if target.is_dir:
+            if not txn.dir_is_empty(target.ino):
+                raise os_error(errno.ENOTEMPTY, f"{new_name!r} is not empty")
+            dst_dir.nlink -= 1
+            free_inode(txn, target)
+        else:
+            drop_link(txn, target, keep_open, now)
+
+    # attributes -------------------------------------------------------------
+
+    def setattr(
+        self,
+        ino: int,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime_ns: int | None = None,
+        mtime_ns: int | None = None,
+        atime_now: bool = False,
+        mtime_now: bool = False,
+    ) -> dict[str, int]:
+        """Change attributes; a smaller size sends the data past it to GC."""
+        with self.store.write() as txn:
+            inode = require_inode(txn, ino)
+            now = now_ns()
+            if size is not None:
+                self._resize(txn, inode, size)
+                inode.mtime_ns = now
+            if mode is not None:
+                inode.mode = stat.S_IFMT(inode.mode) | (mode & 0o7777)
+            if (uid is not None and uid != inode.uid) or (gid is not None and gid != inode.gid):
+                if mode is None and not inode.is_dir:
+                    # chown drops set-id bits, as Linux does (setgid only if group-executable)
+                    inode.mode &= ~stat.S_ISUID
+                    if inode.mode & stat.S_IXGRP:
+                        inode.mode &= ~stat.S_ISGID
+                inode.uid = inode.uid if uid is None else uid
+                inode.gid = inode.gid if gid is None else gid
+            if atime_now:
+                inode.atime_ns = now
+            elif atime_ns is not None:
+                inode.atime_ns = atime_ns
+            if mtime_now:
+                inode.mtime_ns = now
+            elif mtime_ns is not None:
+                inode.mtime_ns = mtime_ns
+            inode.ctime_ns = now
+            txn.put_inode(inode)
+            return inode.attr()
+
+    @staticmethod
+    def _resize(txn: Txn, inode: Inode, size: int) -> None:
+        if inode.is_dir:
+            raise os_error(errno.EISDIR, f"inode {inode.ino} is a directory")
+        if not inode.is_reg:
+            raise os_error(errno.EINVAL, f"inode {inode.ino} is not a regular file")
+        if size < inode.size:
+            truncate_stripes(txn, inode, size)
+        set_size(txn, inode, size)
+
+    # cluster-wide numbers ---------------------------------------------------
+
+    def statfs(self, capacity_bytes: int, free_bytes: int) -> dict[str, int]:
+        """Usable space of the live nodes, seen through the default layout's overhead."""
+        k, m = self.default_layout["k"], self.default_layout["m"]
+        with self.store.read() as txn:
+            used_inodes = txn.inode_count()
+        blocks = capacity_bytes * k // (k + m) // STATFS_BLOCK_SIZE
+        bfree = free_bytes * k // (k + m) // STATFS_BLOCK_SIZE
+        return {
+            "bsize": STATFS_BLOCK_SIZE,
+            "frsize": STATFS_BLOCK_SIZE,
+            "blocks": blocks,
+            "bfree": bfree,
+            "bavail": bfree,
+            "files": used_inodes + STATFS_FREE_INODES,
+            "ffree": STATFS_FREE_INODES,
+            "namemax": 255,
+        }
+
+    def counts(self) -> dict[str, int]:
+        """Totals for the Status RPC."""
+        with self.store.read() as txn:
+            inodes = txn.inode_count()
+            directories = int(txn.get_meta(keys.META_DIRECTORIES, 0))
+            return {
+                "files": inodes - directories,
+                "directories": directories,
+                "logical_bytes": int(txn.get_meta(keys.META_LOGICAL_BYTES, 0)),
+                "gc_pending": txn.gc_pending(),
+                "degraded_stripes": int(txn.get_meta(keys.META_DEGRADED_STRIPES, 0)),
+                "orphans": txn.orphan_count(),
+            }

@@ -1,0 +1,120 @@
+"""Stripe records and the garbage they leave behind, inside one transaction.
+
+Rule of the data path (DESIGN.md, "Write path"): an overwrite writes a new
+version of a stripe to new fragments, and the commit that points the stripe
+at them retires the previous version. Retired fragments are queued per
+storage node in the GC queue of the same transaction, so a fragment is
+either referenced by a stripe record or queued for deletion, never both and
+never neither (except when a node never got it: placement -1).
+"""
+
+from __future__ import annotations
+
+import errno
+from typing import Any
+
+from deepfs.errors import os_error
+from metadata import keys
+from metadata.keys import FragmentKey
+from metadata.records import MISSING_NODE, Inode, is_degraded
+from metadata.store import Txn
+
+
+def check_record(record: dict[str, Any], layout: dict[str, Any]) -> None:
+    """Refuse a stripe record that cannot belong to a file of ``layout`` (EINVAL)."""
+    width = layout["k"] + layout["m"]
+    if len(record["placement"]) != width or len(record["crcs"]) != width:
+        raise os_error(errno.EINVAL, f"stripe {record['index']}: placement and crcs need {width} entries")
+    if record["length"] > layout["stripe_size"]:
+        raise os_error(errno.EINVAL, f"stripe {record['index']}: length exceeds the stripe size")
+    if any(node < MISSING_NODE or node > keys.U32_MAX for node in record["placement"]):
+        raise os_error(errno.EINVAL, f"stripe {record['index']}: placement holds an invalid node id")
+    if any(not 0 <= crc <= keys.U32_MAX for crc in record["crcs"]):
+        raise os_error(errno.EINVAL, f"stripe {record['index']}: crcs must be 32-bit values")
+
+
+def retire_fragments(txn: Txn, ino: int, old: dict[str, Any], keep: dict[str, Any] | None = None) -> bool:
+    """Queue the fragments of ``old`` for GC, except those ``keep`` still points at.
+
+    Returns whether anything was queued.
+    """
+    queued = False
+    for index, node_id in enumerate(old["placement"]):
+        if node_id == MISSING_NODE:
+            continue
+        if keep is not None and keep["version"] == old["version"] and _node_at(keep, index) == node_id:
+            continue
+        txn.queue_gc(node_id, FragmentKey(ino, old["index"], old["version"], index))
+        queued = True
+    return queued
+
+
+def _node_at(record: dict[str, Any], index: int) -> int:
+    placement = record["placement"]
+    return placement[index] if index < len(placement) else MISSING_NODE
+
+
+def _retire(txn: Txn, inode: Inode, old: dict[str, Any], keep: dict[str, Any] | None = None) -> None:
+    if retire_fragments(txn, inode.ino, old, keep):
+        inode.retired_version = max(inode.retired_version, old["version"])
+
+
+def check_version(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
+    """Refuse (ESTALE) a version whose fragment keys may already be queued for deletion.
+
+    Fragment keys are (ino, stripe, version, index), so a writer that reused
+    a retired version would have its new fragments deleted by the GC. A
+    version at or below the file's highest retired version is accepted only
+    when it is the stripe's current one (a placement update after repair).
+    """
+    if record["version"] > inode.retired_version:
+        return
+    current = txn.get_stripe(inode.ino, record["index"])
+    if current is None or current["version"] != record["version"]:
+        raise os_error(
+            errno.ESTALE,
+            f"stripe {record['index']}: version {record['version']} may be garbage-collected; "
+            f"use a version >= {inode.retired_version + 1}",
+        )
+
+
+def store_stripe(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
+    """Point stripe ``record["index"]`` at ``record``; retire what it replaces."""
+    old = txn.get_stripe(inode.ino, record["index"])
+    delta = int(is_degraded(record))
+    if old is not None:
+        _retire(txn, inode, old, keep=record)
+        delta -= int(is_degraded(old))
+    if delta:
+        txn.add_counter(keys.META_DEGRADED_STRIPES, delta)
+    txn.put_stripe(inode.ino, record)
+
+
+def drop_stripes_from(txn: Txn, inode: Inode, first: int) -> None:
+    """Delete the stripe records of ``inode`` from index ``first`` on; retire their fragments."""
+    degraded = 0
+    for record in txn.stripes(inode.ino, first):
+        _retire(txn, inode, record)
+        degraded += int(is_degraded(record))
+        txn.delete_stripe(inode.ino, record["index"])
+    if degraded:
+        txn.add_counter(keys.META_DEGRADED_STRIPES, -degraded)
+
+
+def truncate_stripes(txn: Txn, inode: Inode, new_size: int) -> None:
+    """Forget file data at and past ``new_size``.
+
+    Whole stripes past the end go to GC. The stripe that now ends the file
+    keeps its fragments but gets a shorter logical length: readers treat
+    bytes past a stripe's length as zeros, so growing the file again later
+    reads zeros, not the old bytes.
+    """
+    assert inode.layout is not None
+    stripe_size = inode.layout["stripe_size"]
+    drop_stripes_from(txn, inode, -(-new_size // stripe_size))
+    inner = new_size % stripe_size
+    if inner:
+        last = txn.get_stripe(inode.ino, new_size // stripe_size)
+        if last is not None and last["length"] > inner:
+            last["length"] = inner
+            txn.put_stripe(inode.ino, last)
