@@ -1,0 +1,103 @@
+"""Garbage collector: deletes fragments that no stripe record points at.
+
+Commits, truncates and unlinks queue retired fragments per storage node in
+the ``gc`` database, inside the transaction that retired them. This task
+drains that queue: every ``interval_s`` it sends each live node batches of
+``DELETE_FRAGMENT {"keys": [[ino, stripe, version, index], ...]}`` and removes
+a batch from the queue only after the node acknowledged it. A node that is
+down, unknown or failing keeps its entries for a later round, so nothing is
+forgotten and deleting twice is harmless (a missing fragment counts as
+deleted).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import trio
+
+from deepfs.frames import Op
+from deepfs.rpc import FrameClient, parse_address
+from metadata.keys import FragmentKey
+from metadata.membership import Membership
+from metadata.store import MetaStore
+
+log = logging.getLogger(__name__)
+
+BATCH_SIZE = 512  # keys per DELETE_FRAGMENT request: ~15 KB of body
+BATCHES_PER_ROUND = 64  # per node and round, so one big backlog cannot starve the rest
+
+
+class GarbageCollector:
+    """Drains the GC queue to the storage nodes; one instance per server."""
+
+    def __init__(self, store: MetaStore, membership: Membership, interval_s: float, timeout_s: float = 10.0) -> None:
+        self.store = store
+        self.membership = membership
+        self.interval_s = interval_s
+        self.timeout_s = timeout_s
+        self.deleted = 0  # fragments acknowledged by nodes since start
+        self._clients: dict[str, FrameClient] = {}
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:  # holds the connections' reader tasks
+            task_status.started()
+            while True:
+                await trio.sleep(self.interval_s)
+                await self.collect_once(nursery)
+
+    async def collect_once(self, nursery: trio.Nursery) -> int:
+        """One round over every node with queued garbage; fragments deleted."""
+        with self.store.read() as txn:
+            node_ids = txn.gc_nodes()
+        deleted = 0
+        for node_id in node_ids:
+            address = self.membership.address_if_up(node_id)
+            if address is not None:
+                deleted += await self._drain_node(nursery, node_id, address)
+        return deleted
+
+    async def _drain_node(self, nursery: trio.Nursery, node_id: int, address: str) -> int:
+        deleted = 0
+        for _ in range(BATCHES_PER_ROUND):
+            with self.store.read() as txn:
+                batch = txn.gc_batch(node_id, BATCH_SIZE)
+            if not batch:
+                break
+            if not await self._delete_on_node(nursery, node_id, address, batch):
+                break
+            with self.store.write() as txn:
+                txn.gc_remove(node_id, batch)
+            deleted += len(batch)
+            self.deleted += len(batch)
+        return deleted
+
+    async def _delete_on_node(
+        self, nursery: trio.Nursery, node_id: int, address: str, batch: list[FragmentKey]
+    ) -> bool:
+        """True once node ``node_id`` acknowledged deleting ``batch``."""
+        body = {"keys": [list(key) for key in batch]}
+        try:
+            client = await self._client(nursery, address)
+            await client.call(Op.DELETE_FRAGMENT, body, timeout_s=self.timeout_s)
+        except FileNotFoundError:
+            return True  # already gone: what we wanted
+        except (OSError, ValueError, trio.TooSlowError) as exc:
+            log.warning("gc: node %d at %s did not delete %d fragments: %s", node_id, address, len(batch), exc)
+            await self._forget(address)
+            return False
+        return True
+
+    async def _client(self, nursery: trio.Nursery, address: str) -> FrameClient:
+        client = self._clients.get(address)
+        if client is None or client.closed:
+            host, port = parse_address(address)
+            client = await FrameClient.connect(nursery, host, port, timeout_s=self.timeout_s)
+            self._clients[address] = client
+        return client
+
+    async def _forget(self, address: str) -> None:
+        client = self._clients.pop(address, None)
+        if client is not None:
+            await client.aclose()
+

@@ -1,0 +1,194 @@
+"""The metadata server process: wiring, command line, clean shutdown.
+
+``serve_meta`` runs everything one server needs in one trio nursery:
+
+- the framed namespace protocol (``MetaOps`` on a ``FrameServer``),
+- the gRPC ``Cluster`` service (its own thread pool),
+- the group-commit syncer of the store,
+- the membership down-detector and the garbage collector.
+
+``main`` is what ``python -m metadata`` and ``deepfs meta serve`` run. Once
+both servers listen it prints exactly one line to stdout::
+
+    deepfs-meta listening on HOST:PORT grpc HOST:GPORT
+
+(with the real ports when 0 was asked for), so scripts and tests can wait for
+it. SIGTERM or SIGINT stop the server cleanly: listeners close, the store
+gets a final sync, the exit status is 0.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+from dataclasses import dataclass, replace
+
+import trio
+
+from deepfs.config import MetaConfig, load_cluster_config
+from deepfs.errors import ConfigError
+from deepfs.layout import Layout
+from deepfs.rpc import FrameServer
+from metadata.control_service import ClusterService, start_grpc_server
+from metadata.gc import GarbageCollector
+from metadata.membership import Membership
+from metadata.namespace import Namespace
+from metadata.ops_server import MetaOps
+from metadata.store import MetaStore
+
+log = logging.getLogger("deepfs.meta")
+
+GRPC_STOP_WAIT_S = 2.0
+
+
+@dataclass(frozen=True, slots=True)
+class MetaAddresses:
+    """Where a started server listens (ports resolved when 0 was asked for)."""
+
+    host: str
+    port: int
+    grpc_port: int
+
+    @property
+    def data_address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+
+async def serve_meta(config: MetaConfig, *, task_status: trio.TaskStatus[MetaAddresses] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a metadata server until cancelled; reports ``MetaAddresses`` once listening."""
+    store = MetaStore.open(
+        config.data_dir, map_size_bytes=config.map_size_bytes, sync_interval_s=config.sync_interval_s
+    )
+    try:
+        namespace = Namespace(store, config)
+        namespace.bootstrap()
+        membership = Membership(store, config.node_grace_period_s)
+        membership.load()
+        collector = GarbageCollector(store, membership, config.gc_interval_s)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store.run_syncer)
+            try:
+                listeners = await trio.open_tcp_listeners(config.port, host=config.host)
+            except OSError as exc:
+                raise OSError(exc.errno, f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
+            port = listeners[0].socket.getsockname()[1]
+            service = ClusterService(
+                membership,
+                namespace,
+                f"{config.host}:{port}",
+                config.heartbeat_interval_s,
+                trio.lowlevel.current_trio_token(),
+            )
+            grpc_server, grpc_port = start_grpc_server(service, config.host, config.grpc_port)
+            try:
+                addresses = MetaAddresses(config.host, port, grpc_port)
+                ops = MetaOps(
+                    namespace, store, membership, addresses.grpc_address, lambda: {"gc_deleted": collector.deleted}
+                )
+                frames = FrameServer(ops, name="meta")
+                nursery.start_soon(trio.serve_listeners, frames.serve_connection, listeners)
+                await nursery.start(membership.run_expiry)
+                await nursery.start(collector.run)
+                task_status.started(addresses)
+                await trio.sleep_forever()
+            finally:
+                # gRPC handlers hop into this thread, so wait for them without blocking it.
+                stopped = grpc_server.stop(grace=None)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(stopped.wait, GRPC_STOP_WAIT_S)
+    finally:
+        store.close()
+
+
+async def _run_until_signal(config: MetaConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            addresses = await nursery.start(serve_meta, config)
+            print(f"deepfs-meta listening on {addresses.data_address} grpc {addresses.grpc_address}", flush=True)
+            async for signum in signals:
+                log.info("received %s: shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deepfs-meta", description="DeepFS metadata server")
+    parser.add_argument("--config", help="cluster TOML file; its [meta] table is the base configuration")
+    parser.add_argument("--data-dir", help="directory of the LMDB store")
+    parser.add_argument("--host", help="address both servers listen on")
+    parser.add_argument("--port", type=int, help="framed namespace protocol port (0: any free port)")
+    parser.add_argument("--grpc-port", type=int, help="gRPC control-plane port (0: any free port)")
+    parser.add_argument("--k", type=int, help="default data fragments per stripe")
+    parser.add_argument("--m", type=int, help="default parity fragments per stripe")
+    parser.add_argument("--stripe-size", type=int, help="default stripe size in bytes")
+    parser.add_argument("--sync-interval", type=float, help="group commit: longest wait for a disk sync, seconds")
+    parser.add_argument("--grace-period", type=float, help="seconds without heartbeat before a node is down")
+    parser.add_argument("--gc-interval", type=float, help="seconds between garbage-collection rounds")
+    parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    return parser
+
+
+_FLAG_TO_FIELD = {
+    "data_dir": "data_dir",
+    "host": "host",
+    "port": "port",
+    "grpc_port": "grpc_port",
+    "k": "default_k",
+    "m": "default_m",
+    "stripe_size": "default_stripe_size",
+    "sync_interval": "sync_interval_s",
+    "grace_period": "node_grace_period_s",
+    "gc_interval": "gc_interval_s",
+}
+
+
+def config_from_args(args: argparse.Namespace) -> MetaConfig:
+    """The TOML file's [meta] (or the defaults), overridden by the flags given."""
+    config = load_cluster_config(args.config).meta if args.config else MetaConfig()
+    overrides = {field: getattr(args, flag) for flag, field in _FLAG_TO_FIELD.items() if getattr(args, flag) is not None}
+    config = replace(config, **overrides)
+    Layout(config.default_k, config.default_m, config.default_stripe_size, config.default_codec)
+    if config.sync_interval_s < 0 or config.node_grace_period_s <= 0 or config.gc_interval_s <= 0:
+        raise ConfigError("sync interval must be >= 0; grace period and gc interval must be > 0")
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=getattr(logging, args.log_level.upper()),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"deepfs-meta: {exc}", file=sys.stderr)
+        return 2
+    try:
+        trio.run(_run_until_signal, config)
+    except Exception as exc:  # noqa: BLE001 - an OSError may arrive wrapped in exception groups
+        cause = _first_os_error(exc)
+        if cause is None:
+            raise
+        print(f"deepfs-meta: {cause}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _first_os_error(exc: BaseException) -> OSError | None:
+    """The OSError (port in use, unwritable data dir) behind a failure, if any."""
+    if isinstance(exc, OSError):
+        return exc
+    if isinstance(exc, BaseExceptionGroup):
+        for inner in exc.exceptions:
+            found = _first_os_error(inner)
+            if found is not None:
+                return found
+    return None

@@ -1,0 +1,480 @@
+"""The metadata server as a real process: framed ops, gRPC, GC, crashes.
+
+Every test starts ``python -m metadata`` on free ports and kills it at the
+end, whatever happens. Framed calls go through ``deepfs.rpc.FrameClient``
+inside ``trio.run``; control-plane calls through the generated gRPC stub.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import select
+import signal
+import socket
+import stat
+import struct
+import subprocess
+import sys
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import crc32c
+import grpc
+import pytest
+import trio
+
+from deepfs import frames
+from deepfs.frames import Op
+from deepfs.proto import control_pb2, control_pb2_grpc
+from deepfs.rpc import FrameClient, FrameServer
+
+pytestmark = pytest.mark.timeout(60)
+
+REPO = Path(__file__).resolve().parent.parent
+READY = re.compile(rb"^deepfs-meta listening on (\S+):(\d+) grpc (\S+):(\d+)\n$")
+CTX = {"uid": 1000, "gid": 1000}
+ROOT = 1
+
+
+@dataclass
+class MetaProcess:
+    proc: subprocess.Popen[bytes]
+    host: str
+    port: int
+    grpc_port: int
+    data_dir: Path
+    log_path: Path
+
+    @property
+    def grpc_address(self) -> str:
+        return f"{self.host}:{self.grpc_port}"
+
+    def stop(self, sig: int = signal.SIGKILL) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout=10)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def start_meta(data_dir: Path, *extra: str) -> MetaProcess:
+    """Start a server and wait for its readiness line."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = data_dir.parent / f"{data_dir.name}.{time.monotonic_ns()}.log"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with log_path.open("wb") as log_file:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "metadata", "--port", "0", "--grpc-port", "0", "--data-dir", str(data_dir), *extra],
+            stdout=subprocess.PIPE,
+            stderr=log_file,
+            cwd=REPO,
+            env=env,
+        )
+    assert proc.stdout is not None
+    ready, _, _ = select.select([proc.stdout], [], [], 20)
+    line = proc.stdout.readline() if ready else b""
+    match = READY.match(line)
+    if match is None:
+        proc.kill()
+        proc.wait()
+        raise AssertionError(f"no readiness line (got {line!r}); log:\n{log_path.read_text(errors='replace')}")
+    host = match.group(1).decode()
+    return MetaProcess(proc, host, int(match.group(2)), int(match.group(4)), data_dir, log_path)
+
+
+@pytest.fixture
+def servers() -> Iterator[list[MetaProcess]]:
+    """Every process a test starts goes here and is killed at the end."""
+    started: list[MetaProcess] = []
+    yield started
+    for server in started:
+        server.stop()
+
+
+@pytest.fixture
+def meta(tmp_path: Path, servers: list[MetaProcess]) -> MetaProcess:
+    server = start_meta(tmp_path / "meta", "--grace-period", "0.6", "--gc-interval", "0.1")
+    servers.append(server)
+    return server
+
+
+def with_client(server: MetaProcess, fn: Callable[[FrameClient], Awaitable[Any]]) -> Any:
+    """Run ``fn(client)`` in a fresh trio loop with one connection to ``server``."""
+
+    async def main() -> Any:
+        async with trio.open_nursery() as nursery:
+            client = await FrameClient.connect(nursery, server.host, server.port)
+            try:
+                with trio.fail_after(30):
+                    return await fn(client)
+            finally:
+                await client.aclose()
+                nursery.cancel_scope.cancel()
+
+    return trio.run(main)
+
+
+async def call(client: FrameClient, op: Op, body: dict[str, Any]) -> Any:
+    reply, _ = await client.call(op, body, timeout_s=10)
+    return reply
+
+
+def record(index: int, version: int, length: int, nodes: list[int]) -> dict[str, Any]:
+    return {
+        "index": index,
+        "version": version,
+        "length": length,
+        "fragment_size": 4096,
+        "placement": nodes,
+        "crcs": [0] * len(nodes),
+    }
+
+
+def grpc_stub(server: MetaProcess) -> tuple[grpc.Channel, control_pb2_grpc.ClusterStub]:
+    channel = grpc.insecure_channel(server.grpc_address)
+    return channel, control_pb2_grpc.ClusterStub(channel)
+
+
+# framed operations ---------------------------------------------------------------
+
+
+def test_readiness_line_hello_and_clean_sigterm(meta: MetaProcess) -> None:
+    async def body(c: FrameClient) -> dict[str, Any]:
+        return await call(c, Op.HELLO, {})
+
+    hello = with_client(meta, body)
+    assert hello["grpc_address"] == meta.grpc_address and hello["root"] == ROOT
+    assert len(hello["cluster_id"]) == 32
+    assert hello["default_layout"] == {"k": 4, "m": 2, "stripe_size": 4 << 20, "codec": "isa_l_rs_cauchy"}
+    assert set(hello["stats"]) >= {"commits", "syncs", "sync_waits", "gc_deleted"}
+    assert meta.stop(signal.SIGTERM) == 0
+    assert "Traceback" not in meta.log()
+
+
+def test_namespace_ops_over_the_wire(meta: MetaProcess) -> None:
+    async def body(c: FrameClient) -> None:
+        d = (await call(c, Op.MKDIR, {"parent": ROOT, "name": b"d", "mode": 0o755, "ctx": CTX}))["attr"]
+        assert stat.S_ISDIR(d["mode"]) and d["uid"] == 1000
+        created = await call(
+            c, Op.CREATE, {"parent": d["ino"], "name": b"f", "mode": 0o644, "exclusive": True, "ctx": CTX}
+        )
+        f = created["attr"]
+        assert created["created"] and created["layout"]["k"] == 4
+        with pytest.raises(FileExistsError):
+            await call(c, Op.CREATE, {"parent": d["ino"], "name": b"f", "mode": 0o644, "exclusive": True, "ctx": CTX})
+        with pytest.raises(FileNotFoundError):
+            await call(c, Op.LOOKUP, {"parent": ROOT, "name": b"nope"})
+        assert (await call(c, Op.LOOKUP, {"parent": d["ino"], "name": b"f"}))["attr"]["ino"] == f["ino"]
+        assert (await call(c, Op.RESOLVE, {"path": "/d/f"}))["attr"]["ino"] == f["ino"]
+        nodes = [1, 2, 3, 4, 5, 6]
+        committed = await call(
+            c, Op.COMMIT, {"ino": f["ino"], "stripes": [record(0, 1, 100, nodes)], "size": 100, "mtime_ns": 7}
+        )
+        assert committed["attr"]["size"] == 100 and committed["attr"]["mtime_ns"] == 7
+        opened = await call(c, Op.OPEN, {"ino": f["ino"]})
+        assert opened["stripes"] == [record(0, 1, 100, nodes)] and opened["stripes_complete"]
+        assert opened["min_version"] == 1
+        got = await call(c, Op.GET_STRIPES, {"ino": f["ino"], "first": 0, "count": 10})
+        assert got["stripes"] == opened["stripes"]
+        attr = (await call(c, Op.SETATTR, {"ino": f["ino"], "size": 10, "mode": 0o600, "ctx": CTX}))["attr"]
+        assert attr["size"] == 10 and attr["mode"] == stat.S_IFREG | 0o600
+        entries = (await call(c, Op.READDIR, {"ino": d["ino"], "offset": 0, "limit": 100}))["entries"]
+        assert entries == [[b"f", f["ino"], attr["mode"], 1]]
+        await call(c, Op.SYMLINK, {"parent": ROOT, "name": b"l", "target": b"d/f", "ctx": CTX})
+        link = (await call(c, Op.LOOKUP, {"parent": ROOT, "name": b"l"}))["attr"]
+        assert (await call(c, Op.READLINK, {"ino": link["ino"]}))["target"] == b"d/f"
+        assert (await call(c, Op.LINK, {"ino": f["ino"], "new_parent": ROOT, "new_name": b"h"}))["attr"]["nlink"] == 2
+        await call(c, Op.RENAME, {"parent": ROOT, "name": b"h", "new_parent": ROOT, "new_name": b"h2", "flags": 0})
+        await call(c, Op.SETXATTR, {"ino": f["ino"], "name": b"user.k", "value": b"v", "flags": 0})
+        assert (await call(c, Op.GETXATTR, {"ino": f["ino"], "name": b"user.k"}))["value"] == b"v"
+        assert (await call(c, Op.LISTXATTR, {"ino": f["ino"]}))["names"] == [b"user.k"]
+        await call(c, Op.REMOVEXATTR, {"ino": f["ino"], "name": b"user.k"})
+        with pytest.raises(OSError) as info:
+            await call(c, Op.GETXATTR, {"ino": f["ino"], "name": b"user.k"})
+        assert info.value.errno == errno.ENODATA
+        await call(c, Op.MKNOD, {"parent": ROOT, "name": b"fifo", "mode": stat.S_IFIFO | 0o600, "rdev": 0, "ctx": CTX})
+        await call(c, Op.UNLINK, {"parent": ROOT, "name": b"h2", "keep_open": False})
+        await call(c, Op.UNLINK, {"parent": d["ino"], "name": b"f", "keep_open": True})
+        assert (await call(c, Op.GETATTR, {"ino": f["ino"]}))["attr"]["nlink"] == 0
+        await call(c, Op.RELEASE, {"ino": f["ino"]})
+        with pytest.raises(FileNotFoundError):
+            await call(c, Op.GETATTR, {"ino": f["ino"]})
+        await call(c, Op.RMDIR, {"parent": ROOT, "name": b"d"})
+        layout = {"k": 2, "m": 1, "stripe_size": 8192, "codec": "isa_l_rs_cauchy"}
+        await call(c, Op.SET_LAYOUT, {"ino": ROOT, "layout": layout})
+        again = await call(c, Op.CREATE, {"parent": ROOT, "name": b"g", "mode": 0o644, "exclusive": False, "ctx": CTX})
+        assert again["layout"] == layout
+        statfs = await call(c, Op.STATFS, {})
+        assert statfs["namemax"] == 255 and statfs["blocks"] == 0  # no storage nodes yet
+        assert await call(c, Op.FSYNC, {}) == {}
+
+    with_client(meta, body)
+
+
+def test_bad_values_answer_einval_and_bad_types_close_the_connection(meta: MetaProcess) -> None:
+    async def body(c: FrameClient) -> None:
+        for op, fields in [
+            (Op.GETATTR, {"ino": -1}),
+            (Op.MKDIR, {"parent": ROOT, "name": b"x", "mode": 1 << 20, "ctx": CTX}),
+            (Op.COMMIT, {"ino": ROOT, "stripes": [record(0, 1, 1, [-2])], "size": 1}),
+            (Op.SET_LAYOUT, {"ino": ROOT, "layout": {"k": 3, "m": 1, "stripe_size": 1000}}),
+            (Op.RENAME, {"parent": ROOT, "name": b"a", "new_parent": ROOT, "new_name": b"b", "flags": 3}),
+        ]:
+            with pytest.raises(OSError) as info:
+                await call(c, op, fields)
+            assert info.value.errno == errno.EINVAL, (op, info.value)
+        with pytest.raises(OSError) as info:
+            await call(c, Op.PUT_FRAGMENT, {})
+        assert info.value.errno == errno.ENOSYS
+        assert await call(c, Op.PING, {}) == {}
+        with pytest.raises(ConnectionError):
+            await call(c, Op.LOOKUP, {"parent": ROOT, "name": "text, not bytes"})
+        assert c.closed
+
+    with_client(meta, body)
+    for fields in ({"ino": True}, {"ino": "1"}, [], {"nothing": 1}):
+
+        async def bad(c: FrameClient, fields: Any = fields) -> None:
+            with pytest.raises(ConnectionError):
+                await c.call(Op.GETATTR, fields, timeout_s=10)
+
+        with_client(meta, bad)
+
+    async def still_alive(c: FrameClient) -> None:
+        assert (await call(c, Op.GETATTR, {"ino": ROOT}))["attr"]["ino"] == ROOT
+
+    with_client(meta, still_alive)
+
+
+def test_malformed_frames_do_not_kill_the_server(meta: MetaProcess) -> None:
+    good = frames.encode_frame(Op.GETATTR, 1, {"ino": ROOT})
+    bad_crc = bytearray(good)
+    bad_crc[-1] ^= 0xFF
+    huge = frames.HEADER.pack(frames.MAGIC, 1, Op.GETATTR, 0, 1, 1 << 30, 0, 0)
+    not_msgpack_body = b"\xc1"
+    head = frames.HEADER.pack(frames.MAGIC, 1, Op.GETATTR, 0, 1, 1, 0, 0)[:24]
+    bad_body = head + struct.pack("!I", crc32c.crc32c(not_msgpack_body, crc32c.crc32c(head))) + not_msgpack_body
+    for garbage in [b"\x00" * 28, bytes(bad_crc), huge, bad_body, good[:10], os.urandom(4096), good + b"\xff" * 40]:
+        with socket.create_connection((meta.host, meta.port), timeout=5) as sock:
+            sock.sendall(garbage)
+            sock.shutdown(socket.SHUT_WR)
+            try:
+                while sock.recv(65536):  # the server closes this connection
+                    pass
+            except ConnectionResetError:
+                pass  # closed with our unread garbage still queued: a reset
+    with socket.create_connection((meta.host, meta.port), timeout=5) as sock:
+        sock.sendall(good)
+        reply = sock.recv(65536)
+        assert frames.parse_header(reply[: frames.HEADER_SIZE]).is_response
+
+    async def alive(c: FrameClient) -> None:
+        assert (await call(c, Op.GETATTR, {"ino": ROOT}))["attr"]["ino"] == ROOT
+
+    with_client(meta, alive)
+    assert meta.proc.poll() is None
+
+
+# control plane -------------------------------------------------------------------
+
+
+def test_register_heartbeat_map_and_down_detection(meta: MetaProcess) -> None:
+    channel, stub = grpc_stub(meta)
+    with channel:
+        first = stub.Register(
+            control_pb2.RegisterRequest(uuid="u-1", address="127.0.0.1:9001", capacity_bytes=600 << 20, free_bytes=300 << 20)
+        )
+        second = stub.Register(control_pb2.RegisterRequest(uuid="u-2", address="127.0.0.1:9002", failure_domain="r2"))
+        assert first.node_id == 1 and second.node_id == 2 and first.heartbeat_interval_s > 0
+        again = stub.Register(control_pb2.RegisterRequest(uuid="u-1", address="127.0.0.1:9011", capacity_bytes=600 << 20))
+        assert again.node_id == 1 and again.epoch > second.epoch  # moved: a new epoch
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Heartbeat(control_pb2.HeartbeatRequest(node_id=77))
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        with pytest.raises(grpc.RpcError) as info:
+            stub.Register(control_pb2.RegisterRequest(uuid="", address="x"))
+        assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+        cmap = stub.GetClusterMap(control_pb2.ClusterMapRequest())
+        assert [(n.node_id, n.uuid, n.address, n.state) for n in cmap.nodes] == [
+            (1, "u-1", "127.0.0.1:9011", "up"),
+            (2, "u-2", "127.0.0.1:9002", "up"),
+        ]
+        assert cmap.grace_period_s == pytest.approx(0.6)
+
+        # node 1 keeps beating, node 2 falls silent and goes down
+        deadline = time.monotonic() + 10
+        while True:
+            stub.Heartbeat(control_pb2.HeartbeatRequest(node_id=1, capacity_bytes=600 << 20, free_bytes=60 << 20))
+            states = {n.node_id: n.state for n in stub.GetClusterMap(control_pb2.ClusterMapRequest()).nodes}
+            if states[2] == "down":
+                break
+            assert time.monotonic() < deadline, "node 2 never went down"
+            time.sleep(0.1)
+        assert states[1] == "up"
+        down_epoch = stub.GetClusterMap(control_pb2.ClusterMapRequest()).epoch
+        assert stub.Heartbeat(control_pb2.HeartbeatRequest(node_id=2)).epoch == down_epoch + 1  # back up
+
+        status = stub.Status(control_pb2.StatusRequest())
+        assert status.default_k == 4 and status.default_m == 2 and status.directories == 1
+        assert status.data_address == f"{meta.host}:{meta.port}" and len(status.map.nodes) == 2
+
+    async def statfs(c: FrameClient) -> dict[str, Any]:
+        return await call(c, Op.STATFS, {})
+
+    out = with_client(meta, statfs)
+    assert out["blocks"] == (600 << 20) * 4 // 6 // 4096
+
+
+def test_node_ids_survive_a_restart(tmp_path: Path, servers: list[MetaProcess]) -> None:
+    first = start_meta(tmp_path / "meta")
+    servers.append(first)
+    channel, stub = grpc_stub(first)
+    with channel:
+        node_id = stub.Register(control_pb2.RegisterRequest(uuid="keep-me", address="127.0.0.1:9")).node_id
+        epoch = stub.GetClusterMap(control_pb2.ClusterMapRequest()).epoch
+    assert first.stop(signal.SIGTERM) == 0
+    second = start_meta(tmp_path / "meta")
+    servers.append(second)
+    channel, stub = grpc_stub(second)
+    with channel:
+        assert stub.Heartbeat(control_pb2.HeartbeatRequest(node_id=node_id)).epoch >= epoch
+        assert stub.Register(control_pb2.RegisterRequest(uuid="keep-me", address="127.0.0.1:9")).node_id == node_id
+        assert stub.Register(control_pb2.RegisterRequest(uuid="other", address="127.0.0.1:8")).node_id == node_id + 1
+
+
+# garbage collection ----------------------------------------------------------------
+
+
+def test_gc_deletes_superseded_fragments_on_live_nodes_only(meta: MetaProcess) -> None:
+    """A small real storage-node stand-in answers DELETE_FRAGMENT and records the keys."""
+    deleted: list[list[int]] = []
+
+    async def fake_node(op: int, body: Any, payload: memoryview) -> tuple[dict[str, Any], tuple[()]]:
+        assert op == Op.DELETE_FRAGMENT
+        deleted.extend(body["keys"])
+        return {"deleted": len(body["keys"])}, ()
+
+    channel, stub = grpc_stub(meta)
+
+    async def status() -> control_pb2.StatusReply:
+        return await trio.to_thread.run_sync(stub.Status, control_pb2.StatusRequest())
+
+    async def scenario(c: FrameClient) -> None:
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(FrameServer(fake_node, name="fake-node").serve, "127.0.0.1", 0)
+            live = await trio.to_thread.run_sync(
+                stub.Register, control_pb2.RegisterRequest(uuid="live", address=f"127.0.0.1:{port}")
+            )
+
+            async def beat() -> None:
+                while True:
+                    await trio.to_thread.run_sync(stub.Heartbeat, control_pb2.HeartbeatRequest(node_id=live.node_id))
+                    await trio.sleep(0.1)
+
+            nursery.start_soon(beat)
+            dead = await trio.to_thread.run_sync(
+                stub.Register, control_pb2.RegisterRequest(uuid="dead", address="127.0.0.1:1")
+            )
+            f = await call(c, Op.CREATE, {"parent": ROOT, "name": b"f", "mode": 0o644, "exclusive": True, "ctx": CTX})
+            ino = f["attr"]["ino"]
+            placement = [live.node_id, dead.node_id, -1, live.node_id, live.node_id, live.node_id]
+            await call(c, Op.COMMIT, {"ino": ino, "stripes": [record(0, 1, 10, placement)], "size": 10})
+            await call(c, Op.COMMIT, {"ino": ino, "stripes": [record(0, 2, 10, placement)], "size": 10})
+            with trio.fail_after(15):
+                while len(deleted) < 4:
+                    await trio.sleep(0.05)
+            assert sorted(deleted) == [[ino, 0, 1, i] for i in (0, 3, 4, 5)]
+            with trio.fail_after(15):  # the dead node's entry waits until the node comes back
+                while (await status()).gc_pending != 1:
+                    await trio.sleep(0.05)
+            hello = await call(c, Op.HELLO, {})
+            assert hello["stats"]["gc_deleted"] == 4
+            nursery.cancel_scope.cancel()
+
+    with channel:
+        with_client(meta, scenario)
+
+
+# durability --------------------------------------------------------------------------
+
+
+def test_acknowledged_operations_survive_kill_9(tmp_path: Path, servers: list[MetaProcess]) -> None:
+    first = start_meta(tmp_path / "meta", "--sync-interval", "0.2")
+    servers.append(first)
+    acked_files: dict[bytes, tuple[int, int]] = {}
+    acked_dirs: dict[bytes, int] = {}
+
+    async def writer(c: FrameClient, worker: int) -> None:
+        d = (await call(c, Op.MKDIR, {"parent": ROOT, "name": b"w%d" % worker, "mode": 0o755, "ctx": CTX}))["attr"]
+        acked_dirs[b"w%d" % worker] = d["ino"]
+        for i in range(25):
+            name = b"f%03d" % i
+            attr = (await call(
+                c, Op.CREATE, {"parent": d["ino"], "name": name, "mode": 0o644, "exclusive": True, "ctx": CTX}
+            ))["attr"]
+            size = 1000 + i
+            await call(c, Op.COMMIT, {"ino": attr["ino"], "stripes": [record(0, 1, size, [1] * 6)], "size": size})
+            acked_files[b"w%d/" % worker + name] = (attr["ino"], size)
+
+    async def load(c: FrameClient) -> None:
+        async with trio.open_nursery() as nursery:
+            for worker in range(8):
+                nursery.start_soon(writer, c, worker)
+
+    with_client(first, load)
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL  # no sync interval elapsed guarantee: page cache only
+    second = start_meta(tmp_path / "meta")
+    servers.append(second)
+
+    async def check(c: FrameClient) -> None:
+        top = (await call(c, Op.READDIR, {"ino": ROOT, "offset": 0, "limit": 0}))["entries"]
+        assert sorted(e[0] for e in top) == sorted(acked_dirs)
+        root = (await call(c, Op.GETATTR, {"ino": ROOT}))["attr"]
+        assert root["nlink"] == 2 + len(acked_dirs)
+        for path, (ino, size) in acked_files.items():
+            attr = (await call(c, Op.RESOLVE, {"path": b"/" + path}))["attr"]
+            assert (attr["ino"], attr["size"], attr["nlink"]) == (ino, size, 1)
+            opened = await call(c, Op.OPEN, {"ino": ino})
+            assert [s["length"] for s in opened["stripes"]] == [size]
+        for name, ino in acked_dirs.items():
+            entries = (await call(c, Op.READDIR, {"ino": ino, "offset": 0, "limit": 0}))["entries"]
+            assert len(entries) == 25
+        made = await call(c, Op.CREATE, {"parent": ROOT, "name": b"after", "mode": 0o644, "exclusive": True, "ctx": CTX})
+        assert made["attr"]["ino"] > max(ino for ino, _ in acked_files.values())
+
+    with_client(second, check)
+    assert len(acked_files) == 200
+
+
+def test_fsync_waits_for_a_shared_sync(tmp_path: Path, servers: list[MetaProcess]) -> None:
+    server = start_meta(tmp_path / "meta", "--sync-interval", "0.05")
+    servers.append(server)
+
+    async def body(c: FrameClient) -> None:
+        before = (await call(c, Op.HELLO, {}))["stats"]
+
+        async def create_and_fsync(i: int) -> None:
+            await call(c, Op.CREATE, {"parent": ROOT, "name": b"f%d" % i, "mode": 0o644, "exclusive": True, "ctx": CTX})
+            assert await call(c, Op.FSYNC, {}) == {}
+
+        async with trio.open_nursery() as nursery:
+            for i in range(60):
+                nursery.start_soon(create_and_fsync, i)
+        after = (await call(c, Op.HELLO, {}))["stats"]
+        assert after["sync_waits"] - before["sync_waits"] == 60
+        assert after["commits"] - before["commits"] == 60
+        syncs = after["syncs"] - before["syncs"]
+        assert 1 <= syncs < 30, f"{syncs} syncs for 60 fsyncs: group commit is not sharing"
+
+    with_client(server, body)
