@@ -251,7 +251,8 @@ class FrameClient:
                 pending.done.set()
         except (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
             failure = exc
-            log.warning("connection to %s failed: %s", self.address, exc)
+            if not self.closed:  # not our own aclose()
+                log.warning("connection to %s failed: %s", self.address, exc)
         await self._fail_all(failure)
 
     async def _fail_all(self, failure: BaseException) -> None:
@@ -328,7 +329,9 @@ class FrameServer:
                     self.connections_rejected += 1
                     log.warning("%s: closing connection from %s: %s", self.name, peer, exc)
                     nursery.cancel_scope.cancel()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, ConnectionError) as exc:
+                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                    # OSError, not just ConnectionError: the zero-copy receive sees raw
+                    # socket errors (ETIMEDOUT, EHOSTUNREACH, …) that trio does not translate.
                     log.debug("%s: connection from %s ended: %s", self.name, peer, exc)
                     nursery.cancel_scope.cancel()
         finally:
