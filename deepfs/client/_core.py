@@ -259,10 +259,21 @@ class AsyncClient:
 
         Fetches the layout and every stripe record once: close-to-open
         consistency, like NFS."""
+        attr, layout, records, min_version = await self.fetch_open_state(ino)
+        return AsyncFile(self, path or f"<inode {ino}>", attr, layout, records, readable, writable, append,
+                         min_version)
+
+    async def fetch_open_state(self, ino: int) -> tuple[dict[str, Any], Layout, list[StripeRecord], int]:
+        """attr, layout, all stripe records (paged past OPEN's first batch) and min_version."""
         reply = await self.meta.call(Op.OPEN, ino=ino)
         records = [StripeRecord.from_wire(s) for s in reply.get("stripes", [])]
-        return AsyncFile(self, path or f"<inode {ino}>", reply["attr"], Layout.from_dict(reply["layout"]),
-                         records, readable, writable, append)
+        complete = reply.get("stripes_complete", True)
+        while not complete and records:
+            more = await self.meta.call(Op.GET_STRIPES, ino=ino, first=records[-1].index + 1, count=2048)
+            batch = [StripeRecord.from_wire(s) for s in more.get("stripes", [])]
+            records.extend(batch)
+            complete = not batch
+        return reply["attr"], Layout.from_dict(reply["layout"]), records, int(reply.get("min_version", 0))
 
     async def read_file(self, path: str) -> bytes:
         f = await self.open(path, "rb")

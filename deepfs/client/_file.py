@@ -17,6 +17,7 @@ Errors of background uploads are raised by the next write, flush or close.
 
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 from dataclasses import dataclass, field
@@ -62,7 +63,8 @@ class AsyncFile:
     """Use through ``AsyncClient.open``; every method runs in the client's trio loop."""
 
     def __init__(self, client: AsyncClient, path: str, attr: dict[str, Any], layout: Layout,
-                 records: list[StripeRecord], readable: bool, writable: bool, append: bool) -> None:
+                 records: list[StripeRecord], readable: bool, writable: bool, append: bool,
+                 min_version: int = 0) -> None:
         self._client = client
         self.path = path
         self.ino = int(attr["ino"])
@@ -74,6 +76,7 @@ class AsyncFile:
         self.append = append
         self.closed = False
         self._records = {r.index: r for r in records}
+        self._min_version = min_version
         self._dirty: dict[int, _DirtyStripe] = {}
         self._in_flight: dict[int, tuple[bytes, trio.Event]] = {}
         self._upload_slots = trio.Semaphore(client.config.max_dirty_stripes)
@@ -208,11 +211,22 @@ class AsyncFile:
 
     async def _upload(self, index: int, data: bytes, done: trio.Event) -> None:
         try:
-            record = await self._client.stripes.write_stripe(self.ino, index, self.layout, data)
             stripe_end = index * self.layout.stripe_size + len(data)
-            reply = await self._client.meta.call(
-                Op.COMMIT, ino=self.ino, stripes=[record.to_wire()], size=min(self.size, stripe_end)
-            )
+            for attempt in range(3):
+                current = self._records.get(index)
+                floor = max(self._min_version, current.version + 1 if current else 0)
+                record = await self._client.stripes.write_stripe(self.ino, index, self.layout, data, floor)
+                try:
+                    reply = await self._client.meta.call(
+                        Op.COMMIT, ino=self.ino, stripes=[record.to_wire()], size=min(self.size, stripe_end)
+                    )
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.ESTALE or attempt == 2:
+                        raise
+                    # Our version was retired meanwhile (truncate, another writer): pick a newer one.
+                    await self.reload()
+            self._min_version = max(self._min_version, int(reply.get("min_version", 0)))
             self._records[index] = record
             self.attr = reply.get("attr", self.attr)
             self._committed_size = max(self._committed_size, min(self.size, stripe_end))
@@ -266,9 +280,10 @@ class AsyncFile:
 
     async def reload(self) -> None:
         """Fetch the committed stripe records again (close-to-open: done at open)."""
-        reply = await self._client.meta.call(Op.OPEN, ino=self.ino)
-        self._records = {r.index: r for r in (StripeRecord.from_wire(s) for s in reply.get("stripes", []))}
-        self.attr = reply["attr"]
+        attr, _layout, records, min_version = await self._client.fetch_open_state(self.ino)
+        self._records = {r.index: r for r in records}
+        self._min_version = max(self._min_version, min_version)
+        self.attr = attr
         if not self._dirty and not self._in_flight:
             self.size = self._committed_size = int(self.attr["size"])
 

@@ -34,6 +34,8 @@ from deepfs.placement import MISSING, place_stripe
 
 log = logging.getLogger(__name__)
 
+VERSION_JITTER = 1 << 20
+
 
 @dataclass
 class StripeRecord:
@@ -86,10 +88,16 @@ class StripeIO:
         self.stats = IOStats()
 
     # ------------------------------------------------------------------ write
-    async def write_stripe(self, ino: int, index: int, layout: Layout, data: bytes | bytearray | memoryview) -> StripeRecord:
-        """Encode ``data`` as a new version of stripe ``index`` and store it; not yet committed."""
+    async def write_stripe(self, ino: int, index: int, layout: Layout, data: bytes | bytearray | memoryview,
+                           min_version: int) -> StripeRecord:
+        """Encode ``data`` as a new version of stripe ``index`` and store it; not yet committed.
+
+        The version is at least ``min_version`` (greater than the stripe's
+        current one, never a retired one) plus random low bits, so two
+        clients rewriting the same stripe never write the same fragment keys.
+        """
         fragments = codec.encode_stripe(layout, data)
-        version = secrets.randbits(63)
+        version = min_version + secrets.randbelow(VERSION_JITTER)
         placement = place_stripe(ino, index, layout.width, list(self.cluster.nodes.values()), self.cluster.suspects())
         live = sum(1 for p in placement if p != MISSING)
         min_acks = max(layout.k, min(layout.k + 1, live))

@@ -228,7 +228,7 @@ class File(io.RawIOBase):
         return size
 
     def flush(self) -> None:
-        if not self.closed and self._handle.writable:
+        if not self.closed and self._handle.writable and not self._handle.closed:
             self._client._call(self._handle.flush)
 
     def fsync(self) -> None:
