@@ -17,12 +17,12 @@ from deepfs.layout import Layout
 from metadata.inodes import free_inode, now_ns, require_inode, set_size
 from metadata.records import NAME_MAX, Inode
 from metadata.store import MetaStore, Txn
-from metadata.stripes import check_record, check_version, retire_fragments, store_stripe, truncate_stripes
+from metadata.stripes import check_not_doomed, check_record, retire_fragments, store_stripe, truncate_stripes
 
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
 XATTR_SIZE_MAX = 64 << 10  # Linux's XATTR_SIZE_MAX
-STRIPES_PER_REPLY = 2048  # ~0.8 MB of records at 32 fragments: below a frame's body limit
+STRIPE_REPLY_BYTES = 768 << 10  # records per OPEN/GET_STRIPES reply: well below a frame's 1 MiB body limit
 
 
 def checked_layout(raw: dict[str, Any]) -> dict[str, Any]:
@@ -56,28 +56,23 @@ class FileOps:
     # data -------------------------------------------------------------------
 
     def open(self, ino: int) -> dict[str, Any]:
-        """attr, layout, stripe records (the first STRIPES_PER_REPLY of them), min_version.
+        """attr, layout and stripe records (as many as fit one reply).
 
-        ``stripes_complete`` is False when the file has more; the caller
-        fetches the rest with GET_STRIPES from the last index + 1.
+        ``stripes_complete`` is False when the file has more (past ~8,000
+        records at k+m = 6, i.e. ~32 GiB in 4 MiB stripes); the caller fetches
+        the rest with GET_STRIPES from the last index + 1.
         """
         with self.store.read() as txn:
             inode = _require_file(txn, ino)
-            stripes = txn.stripes(ino, 0, STRIPES_PER_REPLY + 1)
-            complete = len(stripes) <= STRIPES_PER_REPLY
-            return {
-                "attr": inode.attr(),
-                "layout": inode.layout,
-                "stripes": stripes[:STRIPES_PER_REPLY],
-                "stripes_complete": complete,
-                "min_version": inode.retired_version + 1,
-            }
+            stripes = txn.stripes(ino, 0, max_bytes=STRIPE_REPLY_BYTES)
+            complete = not stripes or not txn.stripes(ino, stripes[-1]["index"] + 1, count=1)
+            return {"attr": inode.attr(), "layout": inode.layout, "stripes": stripes, "stripes_complete": complete}
 
     def get_stripes(self, ino: int, first: int, count: int) -> list[dict[str, Any]]:
-        count = STRIPES_PER_REPLY if count <= 0 else min(count, STRIPES_PER_REPLY)
+        """Up to ``count`` records from index ``first`` (0: as many as fit one reply)."""
         with self.store.read() as txn:
             _require_file(txn, ino)
-            return txn.stripes(ino, first, count)
+            return txn.stripes(ino, first, count or None, max_bytes=STRIPE_REPLY_BYTES)
 
     def commit(
         self,
@@ -86,8 +81,8 @@ class FileOps:
         size: int,
         mtime_ns: int | None = None,
         truncate: bool = False,
-    ) -> dict[str, Any]:
-        """Store new stripe versions and the new size in one transaction: {attr, min_version}.
+    ) -> dict[str, int]:
+        """Store new stripe versions and the new size in one transaction; the new attr.
 
         The size becomes max(current, ``size``), so commits of different
         stripes may arrive in any order; ``truncate`` sets it exactly and
@@ -102,7 +97,7 @@ class FileOps:
             inode = txn.get_inode(ino)
             if inode is not None:
                 self._commit_into(txn, inode, stripes, size, mtime_ns, truncate)
-                return {"attr": inode.attr(), "min_version": inode.retired_version + 1}
+                return inode.attr()
             for record in stripes:
                 retire_fragments(txn, ino, record)
         raise os_error(errno.ENOENT, f"inode {ino} no longer exists; its new fragments go to GC")
@@ -121,7 +116,7 @@ class FileOps:
             check_record(record, layout)
             if record["index"] * layout["stripe_size"] + record["length"] > new_size:
                 raise os_error(errno.EINVAL, f"stripe {record['index']} ends past the file size {new_size}")
-            check_version(txn, inode, record)
+            check_not_doomed(txn, inode.ino, record)
         if new_size < inode.size:
             truncate_stripes(txn, inode, new_size)
         for record in stripes:

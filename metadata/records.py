@@ -30,8 +30,6 @@ class Inode:
     ``dir_layout`` is a directory's default for new files beneath it.
     ``parent`` and ``next_cookie`` are directory bookkeeping: the target of
     '..' (and of the rename loop check), and the next readdir cookie.
-    ``retired_version`` is the highest stripe version of this file whose
-    fragments went to GC: new versions must be above it (``stripes.py``).
     """
 
     ino: int
@@ -50,7 +48,6 @@ class Inode:
     target: bytes | None = None
     parent: int = 0
     next_cookie: int = 1
-    retired_version: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -100,7 +97,6 @@ class Inode:
             self.target,
             self.parent,
             self.next_cookie,
-            self.retired_version,
         ]
 
     @classmethod

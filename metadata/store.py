@@ -26,7 +26,6 @@ Being in the single trio thread, they are also serialized for free.
 from __future__ import annotations
 
 import errno
-import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -41,8 +40,6 @@ from deepfs.errors import os_error
 from metadata import keys
 from metadata.keys import FragmentKey
 from metadata.records import Inode
-
-log = logging.getLogger(__name__)
 
 DATABASES = ("inodes", "dentries", "dircookies", "stripes", "xattrs", "orphans", "gc", "nodes", "meta")
 
@@ -150,12 +147,21 @@ class Txn:
     def delete_stripe(self, ino: int, index: int) -> None:
         self._txn.delete(keys.stripe_key(ino, index), db=self._db["stripes"])
 
-    def stripes(self, ino: int, first: int = 0, count: int | None = None) -> list[dict[str, Any]]:
-        """Stripe records of ``ino`` with index >= ``first``, in index order."""
+    def stripes(
+        self, ino: int, first: int = 0, count: int | None = None, max_bytes: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Stripe records of ``ino`` with index >= ``first``, in index order.
+
+        Stops after ``count`` records, or before the stored records would
+        exceed ``max_bytes`` (their msgpack size, which is their size on the
+        wire too); at least one record is returned if there is one.
+        """
         out: list[dict[str, Any]] = []
+        total = 0
         prefix = keys.dir_prefix(ino)
         for _key, raw in self._scan("stripes", keys.stripe_key(ino, first), prefix):
-            if count is not None and len(out) >= count:
+            total += len(raw)
+            if (count is not None and len(out) >= count) or (max_bytes is not None and out and total > max_bytes):
                 break
             out.append(keys.unpack(raw))
         return out
@@ -190,6 +196,9 @@ class Txn:
 
     def queue_gc(self, node_id: int, fragment: FragmentKey) -> None:
         self._txn.put(keys.gc_key(node_id, fragment), b"", db=self._db["gc"])
+
+    def gc_queued(self, node_id: int, fragment: FragmentKey) -> bool:
+        return self._txn.get(keys.gc_key(node_id, fragment), db=self._db["gc"]) is not None
 
     def gc_batch(self, node_id: int, limit: int) -> list[FragmentKey]:
         prefix = keys.gc_prefix(node_id)

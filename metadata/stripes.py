@@ -33,20 +33,14 @@ def check_record(record: dict[str, Any], layout: dict[str, Any]) -> None:
         raise os_error(errno.EINVAL, f"stripe {record['index']}: crcs must be 32-bit values")
 
 
-def retire_fragments(txn: Txn, ino: int, old: dict[str, Any], keep: dict[str, Any] | None = None) -> bool:
-    """Queue the fragments of ``old`` for GC, except those ``keep`` still points at.
-
-    Returns whether anything was queued.
-    """
-    queued = False
+def retire_fragments(txn: Txn, ino: int, old: dict[str, Any], keep: dict[str, Any] | None = None) -> None:
+    """Queue the fragments of ``old`` for GC, except those ``keep`` still points at."""
     for index, node_id in enumerate(old["placement"]):
         if node_id == MISSING_NODE:
             continue
         if keep is not None and keep["version"] == old["version"] and _node_at(keep, index) == node_id:
             continue
         txn.queue_gc(node_id, FragmentKey(ino, old["index"], old["version"], index))
-        queued = True
-    return queued
 
 
 def _node_at(record: dict[str, Any], index: int) -> int:
@@ -54,28 +48,20 @@ def _node_at(record: dict[str, Any], index: int) -> int:
     return placement[index] if index < len(placement) else MISSING_NODE
 
 
-def _retire(txn: Txn, inode: Inode, old: dict[str, Any], keep: dict[str, Any] | None = None) -> None:
-    if retire_fragments(txn, inode.ino, old, keep):
-        inode.retired_version = max(inode.retired_version, old["version"])
+def check_not_doomed(txn: Txn, ino: int, record: dict[str, Any]) -> None:
+    """Refuse (ESTALE) a record whose fragment keys are queued for deletion.
 
-
-def check_version(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
-    """Refuse (ESTALE) a version whose fragment keys may already be queued for deletion.
-
-    Fragment keys are (ino, stripe, version, index), so a writer that reused
-    a retired version would have its new fragments deleted by the GC. A
-    version at or below the file's highest retired version is accepted only
-    when it is the stripe's current one (a placement update after repair).
+    Fragment keys are (ino, stripe, version, index): a writer that reused a
+    retired version would see the GC delete its new fragments. Clients pick
+    random 63-bit versions, so this only catches a buggy or unlucky writer
+    while the old fragments still wait in the queue.
     """
-    if record["version"] > inode.retired_version:
-        return
-    current = txn.get_stripe(inode.ino, record["index"])
-    if current is None or current["version"] != record["version"]:
-        raise os_error(
-            errno.ESTALE,
-            f"stripe {record['index']}: version {record['version']} may be garbage-collected; "
-            f"use a version >= {inode.retired_version + 1}",
-        )
+    for index, node_id in enumerate(record["placement"]):
+        if node_id != MISSING_NODE and txn.gc_queued(node_id, FragmentKey(ino, record["index"], record["version"], index)):
+            raise os_error(
+                errno.ESTALE,
+                f"stripe {record['index']}: version {record['version']} is being garbage-collected; write a new version",
+            )
 
 
 def store_stripe(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
@@ -83,7 +69,7 @@ def store_stripe(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
     old = txn.get_stripe(inode.ino, record["index"])
     delta = int(is_degraded(record))
     if old is not None:
-        _retire(txn, inode, old, keep=record)
+        retire_fragments(txn, inode.ino, old, keep=record)
         delta -= int(is_degraded(old))
     if delta:
         txn.add_counter(keys.META_DEGRADED_STRIPES, delta)
@@ -94,7 +80,7 @@ def drop_stripes_from(txn: Txn, inode: Inode, first: int) -> None:
     """Delete the stripe records of ``inode`` from index ``first`` on; retire their fragments."""
     degraded = 0
     for record in txn.stripes(inode.ino, first):
-        _retire(txn, inode, record)
+        retire_fragments(txn, inode.ino, record)
         degraded += int(is_degraded(record))
         txn.delete_stripe(inode.ino, record["index"])
     if degraded:

@@ -470,11 +470,10 @@ def test_truncate_drops_stripes_and_shortens_the_last(ns: Namespace, store: Meta
 
 def test_commit_versions_retire_old_fragments(ns: Namespace, store: MetaStore) -> None:
     f = mkfile(ns, ROOT, b"f")
-    reply = ns.commit(f, [record(0, 1), record(1, 1, 10)], STRIPE + 10, mtime_ns=123)
-    assert reply["attr"]["size"] == STRIPE + 10 and reply["attr"]["mtime_ns"] == 123
-    assert reply["min_version"] == 1
-    reply = ns.commit(f, [record(0, 2)], STRIPE)  # the size never shrinks without truncate
-    assert reply["attr"]["size"] == STRIPE + 10 and reply["min_version"] == 2
+    attr = ns.commit(f, [record(0, 1), record(1, 1, 10)], STRIPE + 10, mtime_ns=123)
+    assert attr["size"] == STRIPE + 10 and attr["mtime_ns"] == 123
+    attr = ns.commit(f, [record(0, 2)], STRIPE)  # the size never shrinks without truncate
+    assert attr["size"] == STRIPE + 10
     assert gc_queue(store) == {(n, FragmentKey(f, 0, 1, n - 1)) for n in range(1, 7)}
     stripes = ns.open(f)["stripes"]
     assert [(s["index"], s["version"]) for s in stripes] == [(0, 2), (1, 1)]
@@ -490,20 +489,24 @@ def test_commit_after_repair_keeps_the_fragments_still_in_use(ns: Namespace, sto
     assert ns.counts()["degraded_stripes"] == 0
 
 
-def test_commit_refuses_reused_versions(ns: Namespace) -> None:
+def test_commit_refuses_versions_whose_fragments_wait_for_gc(ns: Namespace, store: MetaStore) -> None:
     f = mkfile(ns, ROOT, b"f")
     ns.commit(f, [record(0, 1), record(1, 1)], 2 * STRIPE)
-    ns.commit(f, [record(0, 5)], 2 * STRIPE)  # retires version 1
-    fails(errno.ESTALE, ns.commit, f, [record(2, 1)], 3 * STRIPE)
+    ns.commit(f, [record(0, 5)], 2 * STRIPE)  # retires version 1 of stripe 0
+    fails(errno.ESTALE, ns.commit, f, [record(0, 1)], 2 * STRIPE)
     ns.commit(f, [record(1, 1, 100)], 2 * STRIPE)  # the current version of a stripe is fine
-    ns.commit(f, [record(2, 6)], 3 * STRIPE)
+    ns.commit(f, [record(2, 1)], 3 * STRIPE)  # so is the same number on another stripe
+    with store.write() as txn:  # the GC deleted the old fragments: the key is free again
+        txn.gc_remove(1, [FragmentKey(f, 0, 1, 0)])
+        txn.gc_remove(2, [FragmentKey(f, 0, 1, 1)])
+    fails(errno.ESTALE, ns.commit, f, [record(0, 1)], 3 * STRIPE)  # indexes 2..5 still queued
+    ns.commit(f, [record(0, 1, STRIPE, [1, 2, -1, -1, -1, -1])], 3 * STRIPE)
 
 
 def test_commit_truncate_and_bad_records(ns: Namespace, store: MetaStore) -> None:
     f = mkfile(ns, ROOT, b"f")
     ns.commit(f, [record(i, 1) for i in range(4)], 4 * STRIPE)
-    reply = ns.commit(f, [record(0, 2, 50)], 50, truncate=True)
-    assert reply["attr"]["size"] == 50
+    assert ns.commit(f, [record(0, 2, 50)], 50, truncate=True)["size"] == 50
     assert [(s["index"], s["version"]) for s in ns.open(f)["stripes"]] == [(0, 2)]
     assert len(gc_queue(store)) == 4 * WIDTH
     fails(errno.EINVAL, ns.commit, f, [record(3, 9)], 2 * STRIPE)  # ends past the size
@@ -522,13 +525,23 @@ def test_commit_to_a_deleted_file_sends_its_fragments_to_gc(ns: Namespace, store
     assert gc_queue(store) == {(n, FragmentKey(f, 0, 1, n - 1)) for n in range(1, 7)}
 
 
-def test_get_stripes_pages(ns: Namespace) -> None:
+def test_get_stripes_pages(ns: Namespace, monkeypatch: pytest.MonkeyPatch) -> None:
     f = mkfile(ns, ROOT, b"f")
     ns.commit(f, [record(i, 1) for i in range(10)], 10 * STRIPE)
     assert [s["index"] for s in ns.get_stripes(f, 3, 4)] == [3, 4, 5, 6]
     assert [s["index"] for s in ns.get_stripes(f, 8, 0)] == [8, 9]
     opened = ns.open(f)
     assert opened["stripes_complete"] and len(opened["stripes"]) == 10
+    monkeypatch.setattr("metadata.files.STRIPE_REPLY_BYTES", 200)  # replies hold only a few records
+    opened = ns.open(f)
+    assert not opened["stripes_complete"] and 1 <= len(opened["stripes"]) < 10
+    got = opened["stripes"]
+    while True:
+        page = ns.get_stripes(f, got[-1]["index"] + 1, 0)
+        if not page:
+            break
+        got.extend(page)
+    assert [s["index"] for s in got] == list(range(10))
 
 
 # xattrs ------------------------------------------------------------------------
