@@ -17,7 +17,7 @@ from deepfs.layout import Layout
 from metadata.inodes import free_inode, now_ns, require_inode, set_size
 from metadata.records import NAME_MAX, Inode
 from metadata.store import MetaStore, Txn
-from metadata.stripes import check_not_doomed, check_record, retire_fragments, store_stripe, truncate_stripes
+from metadata.stripes import check_record, check_version, retire_fragments, store_stripe, truncate_stripes
 
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -56,7 +56,7 @@ class FileOps:
     # data -------------------------------------------------------------------
 
     def open(self, ino: int) -> dict[str, Any]:
-        """attr, layout and stripe records (as many as fit one reply).
+        """attr, layout, min_version and stripe records (as many as fit one reply).
 
         ``stripes_complete`` is False when the file has more (past ~8,000
         records at k+m = 6, i.e. ~32 GiB in 4 MiB stripes); the caller fetches
@@ -66,7 +66,13 @@ class FileOps:
             inode = _require_file(txn, ino)
             stripes = txn.stripes(ino, 0, max_bytes=STRIPE_REPLY_BYTES)
             complete = not stripes or not txn.stripes(ino, stripes[-1]["index"] + 1, count=1)
-            return {"attr": inode.attr(), "layout": inode.layout, "stripes": stripes, "stripes_complete": complete}
+            return {
+                "attr": inode.attr(),
+                "layout": inode.layout,
+                "stripes": stripes,
+                "stripes_complete": complete,
+                "min_version": inode.min_version,
+            }
 
     def get_stripes(self, ino: int, first: int, count: int) -> list[dict[str, Any]]:
         """Up to ``count`` records from index ``first`` (0: as many as fit one reply)."""
@@ -81,8 +87,8 @@ class FileOps:
         size: int,
         mtime_ns: int | None = None,
         truncate: bool = False,
-    ) -> dict[str, int]:
-        """Store new stripe versions and the new size in one transaction; the new attr.
+    ) -> dict[str, Any]:
+        """Store new stripe versions and the new size in one transaction: {attr, min_version}.
 
         The size becomes max(current, ``size``), so commits of different
         stripes may arrive in any order; ``truncate`` sets it exactly and
@@ -97,7 +103,7 @@ class FileOps:
             inode = txn.get_inode(ino)
             if inode is not None:
                 self._commit_into(txn, inode, stripes, size, mtime_ns, truncate)
-                return inode.attr()
+                return {"attr": inode.attr(), "min_version": inode.min_version}
             for record in stripes:
                 retire_fragments(txn, ino, record)
         raise os_error(errno.ENOENT, f"inode {ino} no longer exists; its new fragments go to GC")
@@ -116,7 +122,7 @@ class FileOps:
             check_record(record, layout)
             if record["index"] * layout["stripe_size"] + record["length"] > new_size:
                 raise os_error(errno.EINVAL, f"stripe {record['index']} ends past the file size {new_size}")
-            check_not_doomed(txn, inode.ino, record)
+            check_version(txn, inode, record)
         if new_size < inode.size:
             truncate_stripes(txn, inode, new_size)
         for record in stripes:

@@ -198,14 +198,13 @@ class MetaOps:
         return {"stripes": self.ns.get_stripes(v.u64(b, "ino"), v.u64(b, "first", 0), v.u32(b, "count", 0))}
 
     def commit(self, b: dict[str, Any]) -> Reply:
-        attr = self.ns.commit(
+        return self.ns.commit(
             v.u64(b, "ino"),
             v.stripe_records(b),
             v.offset(b, "size"),
             v.time_ns(b, "mtime_ns"),
             v.flag(b, "truncate"),
         )
-        return {"attr": attr}
 
     def release(self, b: dict[str, Any]) -> Reply:
         self.ns.release(v.u64(b, "ino"))

@@ -30,6 +30,8 @@ class Inode:
     ``dir_layout`` is a directory's default for new files beneath it.
     ``parent`` and ``next_cookie`` are directory bookkeeping: the target of
     '..' (and of the rename loop check), and the next readdir cookie.
+    ``min_version`` is the lowest version a stripe of this file without a
+    record may be committed with (``stripes.check_version``).
     """
 
     ino: int
@@ -48,6 +50,7 @@ class Inode:
     target: bytes | None = None
     parent: int = 0
     next_cookie: int = 1
+    min_version: int = 0
 
     @property
     def is_dir(self) -> bool:
@@ -97,6 +100,7 @@ class Inode:
             self.target,
             self.parent,
             self.next_cookie,
+            self.min_version,
         ]
 
     @classmethod

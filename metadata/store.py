@@ -197,9 +197,6 @@ class Txn:
     def queue_gc(self, node_id: int, fragment: FragmentKey) -> None:
         self._txn.put(keys.gc_key(node_id, fragment), b"", db=self._db["gc"])
 
-    def gc_queued(self, node_id: int, fragment: FragmentKey) -> bool:
-        return self._txn.get(keys.gc_key(node_id, fragment), db=self._db["gc"]) is not None
-
     def gc_batch(self, node_id: int, limit: int) -> list[FragmentKey]:
         prefix = keys.gc_prefix(node_id)
         out: list[FragmentKey] = []

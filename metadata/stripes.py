@@ -48,20 +48,29 @@ def _node_at(record: dict[str, Any], index: int) -> int:
     return placement[index] if index < len(placement) else MISSING_NODE
 
 
-def check_not_doomed(txn: Txn, ino: int, record: dict[str, Any]) -> None:
-    """Refuse (ESTALE) a record whose fragment keys are queued for deletion.
+def check_version(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
+    """Refuse (ESTALE) a version that could name fragments the GC deletes.
 
-    Fragment keys are (ino, stripe, version, index): a writer that reused a
-    retired version would see the GC delete its new fragments. Clients pick
-    random 63-bit versions, so this only catches a buggy or unlucky writer
-    while the old fragments still wait in the queue.
+    Fragment keys are (ino, stripe, version, index), so a stripe's versions
+    must never repeat: a writer reusing a retired one would see the GC
+    delete its new fragments. Versions of a stripe only grow: a new record
+    must be above the current one, or equal to it with the same CRCs (a
+    placement update after repair), and a stripe without a record must start
+    at the file's ``min_version``, which truncation raises past every
+    version it drops. The rule is per stripe, so writers of different
+    stripes never get in each other's way.
     """
-    for index, node_id in enumerate(record["placement"]):
-        if node_id != MISSING_NODE and txn.gc_queued(node_id, FragmentKey(ino, record["index"], record["version"], index)):
-            raise os_error(
-                errno.ESTALE,
-                f"stripe {record['index']}: version {record['version']} is being garbage-collected; write a new version",
-            )
+    current = txn.get_stripe(inode.ino, record["index"])
+    if current is not None and current["version"] == record["version"]:
+        if current["crcs"] != record["crcs"]:  # same key, other bytes: two writers collided
+            raise os_error(errno.ESTALE, f"stripe {record['index']}: version {record['version']} holds other data")
+        return
+    floor = inode.min_version if current is None else current["version"] + 1
+    if record["version"] < floor:
+        raise os_error(
+            errno.ESTALE,
+            f"stripe {record['index']}: version {record['version']} is below {floor}; write a newer version",
+        )
 
 
 def store_stripe(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
@@ -77,10 +86,14 @@ def store_stripe(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
 
 
 def drop_stripes_from(txn: Txn, inode: Inode, first: int) -> None:
-    """Delete the stripe records of ``inode`` from index ``first`` on; retire their fragments."""
+    """Delete the stripe records of ``inode`` from index ``first`` on; retire their fragments.
+
+    Raises ``inode.min_version`` past the dropped versions (see ``check_version``).
+    """
     degraded = 0
     for record in txn.stripes(inode.ino, first):
         retire_fragments(txn, inode.ino, record)
+        inode.min_version = max(inode.min_version, record["version"] + 1)
         degraded += int(is_degraded(record))
         txn.delete_stripe(inode.ino, record["index"])
     if degraded:

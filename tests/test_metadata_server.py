@@ -183,6 +183,7 @@ def test_namespace_ops_over_the_wire(meta: MetaProcess) -> None:
         assert committed["attr"]["size"] == 100 and committed["attr"]["mtime_ns"] == 7
         opened = await call(c, Op.OPEN, {"ino": f["ino"]})
         assert opened["stripes"] == [record(0, 1, 100, nodes)] and opened["stripes_complete"]
+        assert opened["min_version"] == 0 and committed["min_version"] == 0
         got = await call(c, Op.GET_STRIPES, {"ino": f["ino"], "first": 0, "count": 10})
         assert got["stripes"] == opened["stripes"]
         attr = (await call(c, Op.SETATTR, {"ino": f["ino"], "size": 10, "mode": 0o600, "ctx": CTX}))["attr"]

@@ -470,9 +470,9 @@ def test_truncate_drops_stripes_and_shortens_the_last(ns: Namespace, store: Meta
 
 def test_commit_versions_retire_old_fragments(ns: Namespace, store: MetaStore) -> None:
     f = mkfile(ns, ROOT, b"f")
-    attr = ns.commit(f, [record(0, 1), record(1, 1, 10)], STRIPE + 10, mtime_ns=123)
+    attr = ns.commit(f, [record(0, 1), record(1, 1, 10)], STRIPE + 10, mtime_ns=123)["attr"]
     assert attr["size"] == STRIPE + 10 and attr["mtime_ns"] == 123
-    attr = ns.commit(f, [record(0, 2)], STRIPE)  # the size never shrinks without truncate
+    attr = ns.commit(f, [record(0, 2)], STRIPE)["attr"]  # the size never shrinks without truncate
     assert attr["size"] == STRIPE + 10
     assert gc_queue(store) == {(n, FragmentKey(f, 0, 1, n - 1)) for n in range(1, 7)}
     stripes = ns.open(f)["stripes"]
@@ -489,24 +489,28 @@ def test_commit_after_repair_keeps_the_fragments_still_in_use(ns: Namespace, sto
     assert ns.counts()["degraded_stripes"] == 0
 
 
-def test_commit_refuses_versions_whose_fragments_wait_for_gc(ns: Namespace, store: MetaStore) -> None:
+def test_stripe_versions_only_grow(ns: Namespace) -> None:
     f = mkfile(ns, ROOT, b"f")
-    ns.commit(f, [record(0, 1), record(1, 1)], 2 * STRIPE)
-    ns.commit(f, [record(0, 5)], 2 * STRIPE)  # retires version 1 of stripe 0
-    fails(errno.ESTALE, ns.commit, f, [record(0, 1)], 2 * STRIPE)
-    ns.commit(f, [record(1, 1, 100)], 2 * STRIPE)  # the current version of a stripe is fine
-    ns.commit(f, [record(2, 1)], 3 * STRIPE)  # so is the same number on another stripe
-    with store.write() as txn:  # the GC deleted the old fragments: the key is free again
-        txn.gc_remove(1, [FragmentKey(f, 0, 1, 0)])
-        txn.gc_remove(2, [FragmentKey(f, 0, 1, 1)])
-    fails(errno.ESTALE, ns.commit, f, [record(0, 1)], 3 * STRIPE)  # indexes 2..5 still queued
-    ns.commit(f, [record(0, 1, STRIPE, [1, 2, -1, -1, -1, -1])], 3 * STRIPE)
+    ns.commit(f, [record(0, 10), record(1, 3)], 2 * STRIPE)
+    ns.commit(f, [record(0, 20)], 2 * STRIPE)
+    fails(errno.ESTALE, ns.commit, f, [record(0, 10)], 2 * STRIPE)  # retired: its fragments may be deleted
+    fails(errno.ESTALE, ns.commit, f, [record(0, 19)], 2 * STRIPE)
+    ns.commit(f, [record(0, 20, STRIPE, [1, 2, 3, 4, 5, 9])], 2 * STRIPE)  # same version, same data: repair
+    fails(errno.ESTALE, ns.commit, f, [{**record(0, 20), "crcs": [9] * 6}], 2 * STRIPE)  # same key, other data
+    ns.commit(f, [record(1, 4), record(2, 0)], 3 * STRIPE)  # per stripe: stripe 2 may start low
+    opened = ns.open(f)
+    assert opened["min_version"] == 0
+    reply = ns.commit(f, [], STRIPE, truncate=True)  # drops stripes 1 (v4) and 2 (v0)
+    assert reply["min_version"] == 5 and ns.open(f)["min_version"] == 5
+    fails(errno.ESTALE, ns.commit, f, [record(1, 4)], 2 * STRIPE)
+    ns.commit(f, [record(1, 5)], 2 * STRIPE)
+    ns.commit(f, [record(0, 21)], 2 * STRIPE)  # a stripe with a record only needs to grow
 
 
 def test_commit_truncate_and_bad_records(ns: Namespace, store: MetaStore) -> None:
     f = mkfile(ns, ROOT, b"f")
     ns.commit(f, [record(i, 1) for i in range(4)], 4 * STRIPE)
-    assert ns.commit(f, [record(0, 2, 50)], 50, truncate=True)["size"] == 50
+    assert ns.commit(f, [record(0, 2, 50)], 50, truncate=True)["attr"]["size"] == 50
     assert [(s["index"], s["version"]) for s in ns.open(f)["stripes"]] == [(0, 2)]
     assert len(gc_queue(store)) == 4 * WIDTH
     fails(errno.EINVAL, ns.commit, f, [record(3, 9)], 2 * STRIPE)  # ends past the size
