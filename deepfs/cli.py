@@ -110,6 +110,30 @@ def run(nodes: int, k: int, m: int, data_dir: str, mountpoint: str, no_mount: bo
         _fail(str(exc))
 
 
+# ---------------------------------------------------------------- mount
+@main.command(add_help_option=False, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.pass_context
+def mount(ctx: click.Context) -> None:
+    """Mount a cluster: deepfs mount META_ADDR MOUNTPOINT [options] (--help lists them)."""
+    from fuse_client.main import main as mount_main
+
+    sys.exit(mount_main(ctx.args, prog="deepfs mount"))
+
+
+@main.command()
+@click.argument("mountpoint", type=click.Path(file_okay=False))
+@click.option("--lazy", is_flag=True, help="detach now even if busy; the mount goes when its last user leaves")
+def umount(mountpoint: str, lazy: bool) -> None:
+    """Unmount MOUNTPOINT, including a stale mount left by a killed daemon."""
+    from fuse_client.mount_process import UnmountError, unmount
+
+    try:
+        unmount(mountpoint, lazy=lazy)
+    except UnmountError as exc:
+        _fail(str(exc))
+    click.echo(f"unmounted {mountpoint}")
+
+
 # ------------------------------------------------------------- servers
 @main.group()
 def meta() -> None:

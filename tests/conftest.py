@@ -1,15 +1,19 @@
-"""Shared fixtures: real local clusters (separate server processes on loopback)."""
+"""Shared fixtures: real local clusters (separate server processes on loopback) and FUSE mounts of them."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
 import deepfs
 from deepfs.local_cluster import LocalCluster
+from fuse_client.mount_process import MountProcess
 
 # Short grace period so killed nodes are marked down within a test's patience.
 FAST_META_ARGS = ["--grace-period", "2"]
@@ -49,4 +53,69 @@ def fresh_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
 def unique_dir(client: deepfs.Client, name: str) -> str:
     path = f"/{name}-{os.getpid()}-{os.urandom(3).hex()}"
     client.mkdir(path)
+    return path
+
+
+# ------------------------------------------------------------------ FUSE mounts
+# Mount points live under a world-traversable directory (pytest's tmp dirs are
+# 0700), so tests can act as non-root users on them.
+
+@dataclass
+class Mounted:
+    """A live FUSE mount of a cluster: ``path`` is the mount point."""
+
+    path: Path
+    process: MountProcess
+    cluster: LocalCluster
+
+    def subdir(self, name: str) -> Path:
+        """A fresh directory of the mount for one test."""
+        path = self.path / f"{name}-{os.urandom(3).hex()}"
+        path.mkdir()
+        return path
+
+
+def mount_base() -> Path:
+    base = Path(tempfile.gettempdir()) / "deepfs-fuse-tests"
+    base.mkdir(mode=0o755, exist_ok=True)
+    base.chmod(0o755)
+    return base
+
+
+def mount_cluster(cluster: LocalCluster, name: str = "mnt", extra_args: list[str] | None = None) -> Mounted:
+    """Mount ``cluster`` (other users allowed in); the caller must ``process.stop()``."""
+    mountpoint = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=mount_base()))
+    mountpoint.chmod(0o755)
+    process = MountProcess(cluster.meta_address, mountpoint, ["--allow-other", *(extra_args or [])],
+                           log_path=cluster.data_dir / "logs" / f"{mountpoint.name}.log")
+    process.start()
+    return Mounted(mountpoint, process, cluster)
+
+
+@contextmanager
+def mounted(cluster: LocalCluster, name: str = "mnt", extra_args: list[str] | None = None) -> Iterator[Mounted]:
+    """A mount that is unmounted, its daemon stopped and its mount point removed, whatever happens."""
+    mount = mount_cluster(cluster, name, extra_args)
+    try:
+        yield mount
+    finally:
+        mount.process.stop()
+        try:
+            mount.path.rmdir()
+        except OSError:
+            pass
+
+
+@pytest.fixture(scope="module")
+def fuse_mount(cluster: LocalCluster) -> Iterator[Mounted]:
+    """The module's cluster, mounted once for all its tests."""
+    with mounted(cluster) as mount:
+        yield mount
+
+
+@pytest.fixture
+def mnt_dir(fuse_mount: Mounted, request: pytest.FixtureRequest) -> Path:
+    """A fresh, world-writable directory on the mount for one test."""
+    path = fuse_mount.subdir(request.node.name[:40].replace("[", "-").replace("]", ""))
+    path.chmod(0o777)
     return path

@@ -1,0 +1,98 @@
+"""Attributes: the daemon's short-lived cache and the kernel's view of them.
+
+Two caches sit between a ``stat`` and the metadata server:
+
+- the kernel's, per inode and per name, for ``attr_timeout`` /
+  ``entry_timeout`` seconds (set in every reply, see ``to_entry``);
+- this one, in the daemon, for the same ``attr_timeout``: it answers the
+  kernel's ``getattr`` after the kernel dropped its copy (every write does
+  that) and carries the attributes ``readdir`` fetched in bulk.
+
+A namespace change made through this mount clears the daemon cache whole:
+an unlink changes the parent's times and the child's link count, a rename
+the moved inode's ctime, and the reply does not say which inodes those are.
+Changes made by other mounts become visible once both caches expired, so
+after at most twice ``attr_timeout``.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pyfuse3
+
+# What stat reports as st_blksize: the preferred I/O size. cp, Python's and
+# glibc's buffered I/O size their buffers by it, and 1 MiB is the largest
+# request the kernel sends us (max_write), so one buffer is one request.
+PREFERRED_IO_SIZE = 1 << 20
+
+Attr = dict[str, Any]
+
+
+class AttrCache:
+    """ino → attr map, each entry valid for ``ttl_s`` seconds."""
+
+    def __init__(self, ttl_s: float, max_entries: int = 100_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_entries = max_entries
+        self._entries: dict[int, tuple[float, Attr]] = {}
+
+    def get(self, ino: int) -> Attr | None:
+        found = self._entries.get(ino)
+        if found is None:
+            return None
+        expires, attr = found
+        if expires < time.monotonic():
+            del self._entries[ino]
+            return None
+        return attr
+
+    def put(self, attr: Attr) -> Attr:
+        if self.ttl_s > 0:
+            if len(self._entries) >= self.max_entries:
+                self._entries.clear()
+            self._entries[int(attr["ino"])] = (time.monotonic() + self.ttl_s, attr)
+        return attr
+
+    def drop(self, ino: int) -> None:
+        self._entries.pop(ino, None)
+
+    def clear(self) -> None:
+        self._entries = {}
+
+
+def to_entry(attr: Attr, attr_timeout_s: float, entry_timeout_s: float) -> pyfuse3.EntryAttributes:
+    """The kernel's ``struct fuse_entry_param`` for a metadata attr map."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = int(attr["ino"])
+    entry.generation = int(attr.get("generation", 0))
+    entry.st_mode = int(attr["mode"])
+    entry.st_nlink = int(attr["nlink"])
+    entry.st_uid = int(attr["uid"])
+    entry.st_gid = int(attr["gid"])
+    entry.st_rdev = int(attr.get("rdev", 0))
+    entry.st_size = int(attr["size"])
+    entry.st_blksize = PREFERRED_IO_SIZE
+    entry.st_blocks = int(attr.get("blocks", -(-int(attr["size"]) // 512)))
+    entry.st_atime_ns = int(attr["atime_ns"])
+    entry.st_mtime_ns = int(attr["mtime_ns"])
+    entry.st_ctime_ns = int(attr["ctime_ns"])
+    entry.attr_timeout = attr_timeout_s
+    entry.entry_timeout = entry_timeout_s
+    return entry
+
+
+def negative_entry(timeout_s: float) -> pyfuse3.EntryAttributes:
+    """A lookup answer the kernel caches as "no such name" for ``timeout_s``."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = 0
+    entry.entry_timeout = timeout_s
+    entry.attr_timeout = 0
+    return entry
+
+
+def cache_stamp(attr: Attr) -> tuple[int, int, int]:
+    """What must be unchanged for the kernel's cached pages of a file to stay
+    valid: any write moves mtime, any setattr moves ctime, truncate the size."""
+    return int(attr["mtime_ns"]), int(attr["ctime_ns"]), int(attr["size"])

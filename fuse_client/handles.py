@@ -1,0 +1,261 @@
+"""Open files of the mount: one AsyncFile per inode, shared by its handles.
+
+Mental model: the kernel hands us *handles* (one per open file description);
+we keep one ``OpenInode`` per inode that has at least one handle. All handles
+of an inode share its ``AsyncFile``, so two descriptors of one process see
+each other's writes before any flush, and the inode's size and mtime as
+``stat`` reports them include writes not yet stored.
+
+Lifecycle:
+- ``open``: the first handle opens the inode (``OPEN`` fetches layout and
+  stripe records: close-to-open consistency). A later open while others are
+  still open reloads the records if nothing is buffered, so it sees what
+  other mounts committed in between.
+- ``flush`` (every close(2)) stores and commits the buffered writes; errors
+  of background uploads come out here, as the errno of close(2).
+- ``release`` of the last handle closes the AsyncFile and, if the file was
+  unlinked while open (``UNLINK`` with ``keep_open``), tells the metadata
+  server to drop the orphan (``RELEASE``).
+
+Kernel page cache: when the last handle closes we remember the inode's
+(mtime, ctime, size); the next open keeps the kernel's cached pages only if
+the server still reports exactly that (``keep_cache``).
+"""
+
+from __future__ import annotations
+
+import errno
+import itertools
+import logging
+import os
+import time
+from collections import OrderedDict
+from dataclasses import dataclass, field
+
+import trio
+
+from deepfs.client import AsyncClient, AsyncFile
+from deepfs.frames import Op
+from fuse_client.attr_cache import Attr, cache_stamp
+from fuse_client.readahead import SEQUENTIAL_SLACK_BYTES, StripePrefetcher
+
+log = logging.getLogger(__name__)
+
+MAX_CACHE_STAMPS = 50_000
+
+
+@dataclass
+class OpenInode:
+    ino: int
+    file: AsyncFile
+    prefetch: StripePrefetcher
+    handles: set[int] = field(default_factory=set)
+    # Serializes writes, flushes and truncates of this inode; reads run freely.
+    lock: trio.Lock = field(default_factory=trio.Lock)
+    dirty: bool = False  # written through this mount since the last flush
+    unlinked: bool = False  # its last name went while open: RELEASE the orphan at the end
+    local_mtime_ns: int = 0  # time of the last buffered write (what stat shows until the flush)
+
+    def merged_attr(self, attr: Attr) -> Attr:
+        """``attr`` with this mount's buffered writes applied (size, mtime)."""
+        merged = dict(attr)
+        merged["size"] = self.file.size
+        merged["blocks"] = -(-self.file.size // 512)
+        if self.local_mtime_ns > int(merged["mtime_ns"]):
+            merged["mtime_ns"] = merged["ctime_ns"] = self.local_mtime_ns
+        return merged
+
+
+@dataclass
+class FileHandle:
+    fh: int
+    inode: OpenInode
+    append: bool
+    next_offset: int = 0  # where the last read ended: the sequential-reader test
+
+    def is_sequential(self, offset: int) -> bool:
+        return abs(offset - self.next_offset) <= SEQUENTIAL_SLACK_BYTES
+
+
+class OpenFiles:
+    def __init__(self, client: AsyncClient, readahead_stripes: int) -> None:
+        self._client = client
+        self._readahead_stripes = readahead_stripes
+        self._by_ino: dict[int, OpenInode] = {}
+        self._handles: dict[int, FileHandle] = {}
+        self._transitions: dict[int, trio.Lock] = {}  # per-inode: open and last release never interleave
+        self._stamps: OrderedDict[int, tuple[int, int, int]] = OrderedDict()
+        self._next_fh = itertools.count(1)
+
+    # ------------------------------------------------------------- lookups
+    def handle(self, fh: int) -> FileHandle:
+        try:
+            return self._handles[fh]
+        except KeyError:
+            raise OSError(errno.EBADF, f"no open file handle {fh}") from None
+
+    def inode(self, ino: int) -> OpenInode | None:
+        return self._by_ino.get(ino)
+
+    def is_open(self, ino: int) -> bool:
+        return ino in self._by_ino
+
+    def __len__(self) -> int:
+        return len(self._by_ino)
+
+    def forget_stamp(self, ino: int) -> None:
+        self._stamps.pop(ino, None)
+
+    # --------------------------------------------------------- open/close
+    async def open(self, ino: int, flags: int) -> tuple[FileHandle, bool]:
+        """A new handle of ``ino``, and whether the kernel may keep its cached pages."""
+        async with self._transition_lock(ino):
+            inode = self._by_ino.get(ino)
+            if inode is None:
+                file = await self._client.open_inode(ino, readable=True, writable=True, append=False)
+                prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.nursery)
+                inode = self._by_ino[ino] = OpenInode(ino, file, prefetch)
+                keep_cache = self._stamps.get(ino) == cache_stamp(file.attr)
+            else:
+                keep_cache = await self._refresh(inode)
+            if flags & os.O_TRUNC and inode.file.size:
+                await self.truncate(inode, 0)
+                keep_cache = False
+            return self._new_handle(inode, flags), keep_cache
+
+    def adopt(self, file: AsyncFile, flags: int) -> FileHandle:
+        """A handle of a file this mount just created (nobody else can hold it open yet)."""
+        prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.nursery)
+        inode = self._by_ino[file.ino] = OpenInode(file.ino, file, prefetch)
+        return self._new_handle(inode, flags)
+
+    def _new_handle(self, inode: OpenInode, flags: int) -> FileHandle:
+        fh = next(self._next_fh)
+        handle = self._handles[fh] = FileHandle(fh, inode, append=bool(flags & os.O_APPEND))
+        inode.handles.add(fh)
+        return handle
+
+    async def _refresh(self, inode: OpenInode) -> bool:
+        """Close-to-open for a file this mount already holds open: reload its
+        stripe records unless writes are buffered; True if nothing changed."""
+        if inode.dirty:
+            return True
+        before = cache_stamp(inode.file.attr)
+        async with inode.lock:
+            await inode.file.reload()
+        if cache_stamp(inode.file.attr) == before:
+            return True
+        inode.prefetch.invalidate()
+        return False
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh, None)
+        if handle is None:
+            return
+        inode = handle.inode
+        async with self._transition_lock(inode.ino):
+            inode.handles.discard(fh)
+            if inode.handles:
+                return
+            try:
+                async with inode.lock:
+                    await inode.file.close()
+            finally:
+                del self._by_ino[inode.ino]
+                inode.prefetch.invalidate()
+                self._remember_stamp(inode)
+                if inode.unlinked:
+                    await self._release_orphan(inode.ino)
+
+    async def _release_orphan(self, ino: int) -> None:
+        try:
+            await self._client.meta.call(Op.RELEASE, ino=ino)
+        except OSError as exc:
+            log.warning("could not release unlinked inode %s: %s", ino, exc)
+
+    def _remember_stamp(self, inode: OpenInode) -> None:
+        self._stamps[inode.ino] = cache_stamp(inode.file.attr)
+        self._stamps.move_to_end(inode.ino)
+        while len(self._stamps) > MAX_CACHE_STAMPS:
+            self._stamps.popitem(last=False)
+
+    # -------------------------------------------------------------- writes
+    async def write(self, handle: FileHandle, offset: int, data: bytes) -> int:
+        inode = handle.inode
+        async with inode.lock:
+            if handle.append:
+                offset = inode.file.size  # O_APPEND: the end as this mount knows it
+            inode.dirty = True
+            inode.prefetch.invalidate()
+            written = await inode.file.pwrite(data, offset)
+            inode.local_mtime_ns = time.time_ns()
+            return written
+
+    async def flush(self, inode: OpenInode) -> None:
+        async with inode.lock:
+            await self._flush_locked(inode)
+
+    async def _flush_locked(self, inode: OpenInode) -> None:
+        await inode.file.flush()
+        inode.dirty = False
+        inode.local_mtime_ns = 0
+
+    async def fsync(self, inode: OpenInode) -> None:
+        async with inode.lock:
+            await inode.file.fsync()
+            inode.dirty = False
+            inode.local_mtime_ns = 0
+
+    async def truncate(self, inode: OpenInode, size: int) -> Attr:
+        async with inode.lock:
+            inode.prefetch.invalidate()
+            await inode.file.truncate(size)
+            inode.dirty = False
+            inode.local_mtime_ns = 0
+            return inode.file.attr
+
+    async def flush_ino(self, ino: int) -> None:
+        """Store buffered writes of ``ino`` first (before a setattr that sets
+        its mtime must not be overtaken by the later commit of older data)."""
+        inode = self._by_ino.get(ino)
+        if inode is not None and inode.dirty:
+            await self.flush(inode)
+
+    async def close_all(self) -> None:
+        """At unmount: store what is buffered and drop orphans; never raises."""
+        for inode in list(self._by_ino.values()):
+            try:
+                async with inode.lock:
+                    await inode.file.close()
+            except Exception as exc:  # noqa: BLE001 - logged; the rest still get closed
+                log.error("storing inode %s at unmount failed: %s", inode.ino, exc)
+            if inode.unlinked:
+                await self._release_orphan(inode.ino)
+        self._by_ino.clear()
+        self._handles.clear()
+
+    # -------------------------------------------------------------- helpers
+    def _transition_lock(self, ino: int) -> _KeyedLockContext:
+        return _KeyedLockContext(self._transitions, ino)
+
+
+class _KeyedLockContext:
+    """``async with`` one lock per key; the lock is dropped when nobody holds or waits for it."""
+
+    def __init__(self, locks: dict[int, trio.Lock], key: int) -> None:
+        self._locks = locks
+        self._key = key
+        self._lock: trio.Lock | None = None
+
+    async def __aenter__(self) -> None:
+        lock = self._locks.get(self._key)
+        if lock is None:
+            lock = self._locks[self._key] = trio.Lock()
+        self._lock = lock
+        await lock.acquire()
+
+    async def __aexit__(self, *exc: object) -> None:
+        assert self._lock is not None
+        self._lock.release()
+        if not self._lock.locked() and self._lock.statistics().tasks_waiting == 0:
+            self._locks.pop(self._key, None)

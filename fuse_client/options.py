@@ -1,0 +1,117 @@
+"""Mount options: one typed dataclass, parsed from the command line.
+
+``deepfs mount`` and ``python -m fuse_client`` share this parser, so the
+options, their defaults and their help text live in one place. What each
+caching option changes is written up in ``docs/FUSE.md``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deepfs.config import ClientConfig
+
+DEFAULT_ATTR_TIMEOUT_S = 1.0
+DEFAULT_ENTRY_TIMEOUT_S = 1.0
+
+
+@dataclass
+class MountOptions:
+    meta_address: str
+    mountpoint: Path
+    foreground: bool = False
+    attr_timeout_s: float = DEFAULT_ATTR_TIMEOUT_S  # kernel and daemon attribute cache
+    entry_timeout_s: float = DEFAULT_ENTRY_TIMEOUT_S  # kernel name → inode cache
+    negative_timeout_s: float = 0.0  # kernel cache of "no such name"; 0 = never cached
+    allow_other: bool = False  # let users other than the mounting one in (needs root or user_allow_other)
+    readahead_stripes: int = 2  # whole stripes fetched ahead of a sequential reader; 0 = off
+    kernel_readahead_kb: int = 1024  # the kernel's own read-ahead window for this mount (root only)
+    max_tasks: int = 64  # FUSE requests served concurrently
+    log_file: Path | None = None  # background mode: where the daemon logs
+    debug: bool = False
+    extra_fuse_options: list[str] = field(default_factory=list)
+
+    def client_config(self) -> ClientConfig:
+        return ClientConfig(meta_address=self.meta_address, readahead_stripes=self.readahead_stripes)
+
+    def fuse_options(self) -> set[str]:
+        """libfuse mount options: the kernel checks permissions against our attributes."""
+        opts = {"default_permissions", "fsname=deepfs", "subtype=deepfs", "noatime"}
+        if self.allow_other:
+            opts.add("allow_other")
+        opts.update(self.extra_fuse_options)
+        return opts
+
+    def to_args(self) -> list[str]:
+        """The options as command-line arguments (to start a foreground daemon)."""
+        args = [
+            self.meta_address, str(self.mountpoint), "--foreground",
+            "--attr-timeout", str(self.attr_timeout_s), "--entry-timeout", str(self.entry_timeout_s),
+            "--negative-timeout", str(self.negative_timeout_s),
+            "--readahead-stripes", str(self.readahead_stripes),
+            "--kernel-readahead-kb", str(self.kernel_readahead_kb),
+            "--max-tasks", str(self.max_tasks),
+        ]
+        if self.allow_other:
+            args.append("--allow-other")
+        if self.debug:
+            args.append("--debug")
+        for opt in self.extra_fuse_options:
+            args += ["-o", opt]
+        return args
+
+
+def _non_negative(text: str) -> float:
+    value = float(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+class _OneLineErrors(argparse.ArgumentParser):
+    """Usage mistakes are one line on stderr, like every other deepfs error."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def build_parser(prog: str = "deepfs mount") -> argparse.ArgumentParser:
+    parser = _OneLineErrors(
+        prog=prog,
+        description="Mount a DeepFS cluster as a POSIX file system (FUSE). "
+        "Caching rules and consistency between mounts: docs/FUSE.md.",
+    )
+    parser.add_argument("meta_address", metavar="META_ADDR", help="metadata server, host:port")
+    parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing empty directory")
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
+    mode.add_argument("--background", dest="foreground", action="store_false",
+                      help="return once mounted; the daemon keeps running (default)")
+    parser.add_argument("--attr-timeout", dest="attr_timeout_s", type=_non_negative, default=DEFAULT_ATTR_TIMEOUT_S,
+                        metavar="S", help="seconds attributes are cached (default %(default)s)")
+    parser.add_argument("--entry-timeout", dest="entry_timeout_s", type=_non_negative,
+                        default=DEFAULT_ENTRY_TIMEOUT_S, metavar="S",
+                        help="seconds name lookups are cached (default %(default)s)")
+    parser.add_argument("--negative-timeout", dest="negative_timeout_s", type=_non_negative, default=0.0,
+                        metavar="S", help="seconds a missing name is cached (default 0: not cached)")
+    parser.add_argument("--allow-other", action="store_true", help="let other users use the mount")
+    parser.add_argument("--readahead-stripes", type=int, default=2, metavar="N",
+                        help="whole stripes prefetched for sequential readers (default %(default)s, 0 = off)")
+    parser.add_argument("--kernel-readahead-kb", type=int, default=1024, metavar="KB",
+                        help="kernel read-ahead window of the mount (default %(default)s; root only)")
+    parser.add_argument("--max-tasks", type=int, default=64, metavar="N",
+                        help="FUSE requests served concurrently (default %(default)s)")
+    parser.add_argument("--log-file", type=Path, default=None, help="daemon log in background mode")
+    parser.add_argument("-o", dest="extra_fuse_options", action="append", default=[], metavar="OPT",
+                        help="extra libfuse mount option (repeatable)")
+    parser.add_argument("-d", "--debug", action="store_true", help="log every FUSE request")
+    return parser
+
+
+def parse_args(argv: list[str], prog: str = "deepfs mount") -> MountOptions:
+    ns = build_parser(prog).parse_args(argv)
+    if ns.readahead_stripes < 0 or ns.max_tasks < 1 or ns.kernel_readahead_kb < 0:
+        build_parser(prog).error("--readahead-stripes and --kernel-readahead-kb must be >= 0, --max-tasks >= 1")
+    return MountOptions(**vars(ns))

@@ -1,0 +1,108 @@
+"""Whole-stripe read-ahead for sequential readers of one open file.
+
+The kernel reads a file in requests of at most 1 MiB and waits for each
+before it sends much more; a stripe is 4 MiB spread over k nodes. So a
+sequential reader that only got what it asked for would pay one network
+round trip per request and use a fraction of the nodes. Instead, once a
+handle reads sequentially, this fetches the whole stripe under the read and
+the next ``stripes_ahead`` stripes, in parallel and in the background, and
+serves the kernel's requests from those buffers.
+
+Rules: only stripes below the file's size are fetched; a write through the
+mount, a truncate or a reload drops every buffer (``invalidate``), and a
+fetch that started before the invalidation is thrown away when it lands. A
+failed fetch is forgotten and the read goes straight to the file, so errors
+are reported by the read that needs the bytes, never by a prefetch.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import trio
+
+from deepfs.client import AsyncFile
+
+log = logging.getLogger(__name__)
+
+# A read within this distance of where the handle's last read ended counts as
+# sequential: the kernel sends read-ahead requests in parallel, so they can
+# arrive slightly out of order.
+SEQUENTIAL_SLACK_BYTES = 4 << 20
+
+
+@dataclass
+class _Stripe:
+    generation: int
+    done: trio.Event = field(default_factory=trio.Event)
+    data: bytearray | None = None  # None until fetched, or when the fetch failed
+
+
+class StripePrefetcher:
+    def __init__(self, file: AsyncFile, stripes_ahead: int, nursery: trio.Nursery) -> None:
+        self._file = file
+        self._ahead = stripes_ahead
+        self._nursery = nursery
+        self._stripes: dict[int, _Stripe] = {}
+        self._generation = 0
+        self.enabled = stripes_ahead > 0
+        self.hits = 0
+
+    def invalidate(self) -> None:
+        self._generation += 1
+        self._stripes = {}
+
+    async def read(self, offset: int, size: int) -> bytes | None:
+        """The bytes [offset, offset+size) from prefetched stripes (fetching the
+        ones under the read first), or None if they could not be had."""
+        if not self.enabled or size <= 0:
+            return None
+        stripe_size = self._file.layout.stripe_size
+        first, last = offset // stripe_size, (offset + size - 1) // stripe_size
+        self._schedule(first, last + self._ahead)
+        pieces = []
+        for index in range(first, last + 1):
+            stripe = self._stripes.get(index)
+            if stripe is None:
+                return None
+            await stripe.done.wait()
+            if stripe.data is None or stripe.generation != self._generation:
+                return None
+            pieces.append((index, stripe.data))
+        self._forget_before(first)
+        out = bytearray(size)
+        for index, data in pieces:
+            start = max(offset, index * stripe_size)
+            end = min(offset + size, index * stripe_size + len(data))
+            if end > start:
+                out[start - offset : end - offset] = data[start - index * stripe_size : end - index * stripe_size]
+        self.hits += 1
+        return bytes(out)
+
+    def _schedule(self, first: int, last: int) -> None:
+        stripe_size = self._file.layout.stripe_size
+        last = min(last, (self._file.size - 1) // stripe_size)
+        for index in range(first, last + 1):
+            if index not in self._stripes:
+                stripe = self._stripes[index] = _Stripe(self._generation)
+                self._nursery.start_soon(self._fetch, index, stripe)
+
+    def _forget_before(self, index: int) -> None:
+        for old in [i for i in self._stripes if i < index - 1]:
+            del self._stripes[old]
+
+    async def _fetch(self, index: int, stripe: _Stripe) -> None:
+        stripe_size = self._file.layout.stripe_size
+        try:
+            length = max(0, min(stripe_size, self._file.size - index * stripe_size))
+            buf = bytearray(length)
+            got = await self._file.pread_into(memoryview(buf), index * stripe_size)
+            if stripe.generation == self._generation:
+                stripe.data = buf[:got] if got < length else buf
+        except Exception as exc:  # noqa: BLE001 - the reader falls back to a direct read and sees the error there
+            log.debug("read-ahead of stripe %s of inode %s failed: %s", index, self._file.ino, exc)
+            if self._stripes.get(index) is stripe:
+                del self._stripes[index]
+        finally:
+            stripe.done.set()
