@@ -99,30 +99,38 @@ class StripeIO:
         fragments = codec.encode_stripe(layout, data)
         version = min_version + secrets.randbelow(VERSION_JITTER)
         placement = place_stripe(ino, index, layout.width, list(self.cluster.nodes.values()), self.cluster.suspects())
-        live = sum(1 for p in placement if p != MISSING)
-        min_acks = max(layout.k, min(layout.k + 1, live))
-        if live < layout.k:
+        if sum(1 for p in placement if p != MISSING) < layout.k:
             raise UnavailableError(
-                f"only {live} storage node(s) are up; layout {layout.k}+{layout.m} needs at least {layout.k}"
+                f"only {len(self.cluster.live_nodes())} storage node(s) are up; "
+                f"layout {layout.k}+{layout.m} needs at least {layout.k}"
             )
         crcs = [codec.whole_crc(f) for f in fragments]
-        stored = list(placement)
+        stored = [MISSING] * layout.width
 
-        async def put(slot: int) -> None:
-            node_id = placement[slot]
+        async def put(slot: int, node_id: int) -> None:
             body = {"key": [ino, index, version, slot], "block_size": codec.BLOCK_SIZE, "crcs": codec.block_crcs(fragments[slot])}
             try:
                 reply, _ = await self.cluster.call_node(node_id, Op.PUT_FRAGMENT, body, (fragments[slot],))
                 if int(reply.get("crc", -1)) != crcs[slot]:
                     raise ChecksumError(f"node {node_id} stored fragment {slot} with a different crc")
+                stored[slot] = node_id
             except (OSError, trio.TooSlowError) as exc:
                 log.warning("fragment %s of stripe %s/%s not stored on node %s: %s", slot, ino, index, node_id, exc)
-                stored[slot] = MISSING
 
         async with trio.open_nursery() as nursery:
             for slot, node_id in enumerate(placement):
                 if node_id != MISSING:
-                    nursery.start_soon(put, slot)
+                    nursery.start_soon(put, slot, node_id)
+        # Second chance: fragments whose node failed go to live nodes this stripe does not use yet.
+        spare = [n.node_id for n in self.cluster.live_nodes()
+                 if n.node_id not in placement and n.node_id not in self.cluster.suspects()]
+        retry = [(slot, spare.pop(0)) for slot in range(layout.width) if stored[slot] == MISSING and spare]
+        if retry:
+            async with trio.open_nursery() as nursery:
+                for slot, node_id in retry:
+                    nursery.start_soon(put, slot, node_id)
+        reachable = sum(1 for n in self.cluster.live_nodes() if n.node_id not in self.cluster.suspects())
+        min_acks = max(layout.k, min(layout.k + 1, reachable))
         acks = sum(1 for p in stored if p != MISSING)
         if acks < min_acks:
             await self._discard(ino, index, version, stored)
