@@ -1,0 +1,499 @@
+"""Fragments on local disk: one file per fragment, verified block by block.
+
+Pure synchronous code (no trio) so it is unit-tested on its own; the data
+server calls it from worker threads, so every method is thread-safe.
+
+Rules of this module:
+
+- A fragment is named by a ``FragmentKey`` of four validated integers, and its
+  path is built only from those integers:
+  ``<data_dir>/fragments/<ino % 256 as 2 hex>/<ino>/<stripe>.<version>.<index>``.
+  No byte a peer sends ever becomes part of a path.
+- File format (little-endian)::
+
+      header      32 bytes: magic "DFSF", format u16, flags u16, data_len u64,
+                  block_size u32, n_blocks u32, data_offset u32,
+                  crc32c of the 28 bytes before it
+      crc table   n_blocks × u32, CRC32C of each block of the data
+      padding     zeros up to data_offset (a multiple of 4 KiB, so data
+                  blocks are page-aligned in the page cache)
+      data        data_len bytes
+
+- Writes are all-or-nothing: temp file in the same directory, fsync, rename,
+  fsync the directory. Temp files a crash leaves behind are removed when the
+  store opens.
+- Reads verify every block they return. A fragment that fails is moved to
+  ``<data_dir>/quarantine/`` (never deleted: repair and forensics want it) and
+  is never served again.
+- Space: a write is refused with ENOSPC when it would leave less than
+  ``reserve_bytes`` free on the file system, or push the bytes stored past
+  ``capacity_bytes`` (when that is set).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import secrets
+import struct
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import NamedTuple
+
+import crc32c
+
+from deepfs.config import NodeConfig
+from deepfs.errors import ChecksumError, os_error
+
+log = logging.getLogger(__name__)
+
+MAGIC = b"DFSF"
+FORMAT_VERSION = 1
+_HEADER = struct.Struct("<4sHHQIIII")
+HEADER_SIZE = _HEADER.size
+_HEADER_CRC_COVERED = HEADER_SIZE - 4
+DATA_ALIGNMENT = 4096
+
+MAX_INDEX = 32
+_U64_LIMIT = 1 << 64
+MIN_BLOCK_SIZE = 512
+MAX_BLOCK_SIZE = 16 << 20
+
+FRAGMENTS_DIR = "fragments"
+QUARANTINE_DIR = "quarantine"
+_TMP_SUFFIX = ".tmp"
+
+
+class FragmentKey(NamedTuple):
+    """(inode, stripe, version, index): the name of one fragment everywhere."""
+
+    ino: int
+    stripe: int
+    version: int
+    index: int
+
+    @classmethod
+    def of(cls, values: object) -> FragmentKey:
+        """Validate four integers; ValueError for anything else (strings, bools, negatives, paths)."""
+        if not isinstance(values, (list, tuple)) or len(values) != 4:
+            raise ValueError(f"a fragment key is 4 integers, got {values!r:.80}")
+        for value in values:
+            if type(value) is not int or not 0 <= value < _U64_LIMIT:
+                raise ValueError(f"fragment key parts must be integers in [0, 2**64), got {value!r:.40}")
+        if values[3] >= MAX_INDEX:
+            raise ValueError(f"fragment index must be below {MAX_INDEX}, got {values[3]}")
+        return cls(*values)
+
+    def file_name(self) -> str:
+        return f"{self.stripe}.{self.version}.{self.index}"
+
+    def __str__(self) -> str:
+        return f"{self.ino}/{self.stripe}.{self.version}.{self.index}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Header:
+    data_len: int
+    block_size: int
+    n_blocks: int
+    data_offset: int
+
+    @property
+    def file_size(self) -> int:
+        return self.data_offset + self.data_len
+
+
+class RangeRead(NamedTuple):
+    """Bytes of one range read, and the whole fragment's size (the protocol reports both)."""
+
+    data: bytearray
+    size: int
+
+
+class _Corrupt(Exception):
+    """Internal: the file on disk is not what we wrote; the caller quarantines it."""
+
+
+def blocks_of(data_len: int, block_size: int) -> int:
+    return -(-data_len // block_size)
+
+
+def _layout(data_len: int, block_size: int) -> _Header:
+    n_blocks = blocks_of(data_len, block_size)
+    data_offset = -(-(HEADER_SIZE + 4 * n_blocks) // DATA_ALIGNMENT) * DATA_ALIGNMENT
+    return _Header(data_len, block_size, n_blocks, data_offset)
+
+
+def _pack_prefix(header: _Header, crcs: list[int]) -> bytearray:
+    """Header, CRC table and padding: everything before the data."""
+    out = bytearray(header.data_offset)
+    head = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, header.data_len, header.block_size, header.n_blocks,
+                        header.data_offset, 0)
+    out[:_HEADER_CRC_COVERED] = head[:_HEADER_CRC_COVERED]
+    struct.pack_into("<I", out, _HEADER_CRC_COVERED, crc32c.crc32c(head[:_HEADER_CRC_COVERED]))
+    struct.pack_into(f"<{len(crcs)}I", out, HEADER_SIZE, *crcs)
+    return out
+
+
+def _unpack_header(raw: bytes) -> _Header:
+    if len(raw) != HEADER_SIZE:
+        raise _Corrupt(f"header is {len(raw)} bytes, want {HEADER_SIZE}")
+    magic, version, _flags, data_len, block_size, n_blocks, data_offset, crc = _HEADER.unpack(raw)
+    if crc32c.crc32c(raw[:_HEADER_CRC_COVERED]) != crc:
+        raise _Corrupt("header checksum mismatch")
+    if magic != MAGIC or version != FORMAT_VERSION:
+        raise _Corrupt(f"unknown magic {magic!r} or format {version}")
+    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+        raise _Corrupt(f"block size {block_size} out of range")
+    expected = _layout(data_len, block_size)
+    if (n_blocks, data_offset) != (expected.n_blocks, expected.data_offset):
+        raise _Corrupt("header fields disagree with each other")
+    return expected
+
+
+def _pread_exactly(fd: int, size: int, offset: int) -> bytes:
+    raw = os.pread(fd, size, offset)
+    if len(raw) != size:
+        raise _Corrupt(f"file ends early: {len(raw)} of {size} bytes at offset {offset}")
+    return raw
+
+
+def _write_all(fd: int, pieces: list[memoryview]) -> None:
+    """writev until every byte is written (writev may stop short)."""
+    pending = [p for p in pieces if len(p)]
+    while pending:
+        written = os.writev(fd, pending)
+        while written:
+            if written >= len(pending[0]):
+                written -= len(pending[0])
+                pending.pop(0)
+            else:
+                pending[0] = pending[0][written:]
+                written = 0
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class FragmentStore:
+    """Fragment files under one data directory, with space and health counters.
+
+    Open with ``FragmentStore(data_dir, ...)`` or ``FragmentStore.from_config``;
+    opening scans the directory once (removing crash leftovers) so the counters
+    in ``stats()`` are exact from the start and cost nothing afterwards.
+    """
+
+    def __init__(
+        self,
+        data_dir: str | os.PathLike[str],
+        *,
+        fsync: bool = True,
+        reserve_bytes: int = 0,
+        capacity_bytes: int = 0,
+        block_size: int = 64 << 10,
+    ) -> None:
+        self.root = Path(data_dir)
+        self.fragments_dir = self.root / FRAGMENTS_DIR
+        self.quarantine_dir = self.root / QUARANTINE_DIR
+        self.fsync = fsync
+        self.reserve_bytes = reserve_bytes
+        self.capacity_bytes = capacity_bytes
+        self.default_block_size = block_size
+        # Guards the counters and every rename into or out of a fragment path.
+        self._lock = threading.Lock()
+        self._used_bytes = 0
+        self._fragments = 0
+        self._quarantined = 0
+        self._in_flight_bytes = 0  # admitted writes not yet renamed into place
+        for folder in (self.root, self.fragments_dir, self.quarantine_dir):
+            folder.mkdir(parents=True, exist_ok=True)
+        self._scan()
+
+    @classmethod
+    def from_config(cls, config: NodeConfig) -> FragmentStore:
+        return cls(config.data_dir, fsync=config.fsync, reserve_bytes=config.reserve_bytes,
+                   capacity_bytes=config.capacity_bytes, block_size=config.block_size)
+
+    # ------------------------------------------------------------- layout
+    def path_of(self, key: FragmentKey) -> Path:
+        return self._inode_dir(key) / key.file_name()
+
+    def _inode_dir(self, key: FragmentKey) -> Path:
+        return self.fragments_dir / f"{key.ino % 256:02x}" / str(key.ino)
+
+    def _scan(self) -> None:
+        """Count what is stored and remove temp files a crash left behind."""
+        removed = 0
+        for inode_dir in self._inode_dirs():
+            with os.scandir(inode_dir) as entries:
+                for entry in entries:
+                    if entry.name.endswith(_TMP_SUFFIX):
+                        os.unlink(entry.path)
+                        removed += 1
+                    elif entry.is_file(follow_symlinks=False):
+                        self._fragments += 1
+                        self._used_bytes += entry.stat(follow_symlinks=False).st_size
+        with os.scandir(self.quarantine_dir) as entries:
+            self._quarantined = sum(1 for e in entries if e.is_file(follow_symlinks=False))
+        if removed:
+            log.info("removed %d temp file(s) left by an interrupted write", removed)
+
+    def _inode_dirs(self) -> Iterator[str]:
+        with os.scandir(self.fragments_dir) as prefixes:
+            prefix_paths = [p.path for p in prefixes if p.is_dir(follow_symlinks=False)]
+        for prefix in prefix_paths:
+            with os.scandir(prefix) as inodes:
+                yield from [i.path for i in inodes if i.is_dir(follow_symlinks=False)]
+
+    # --------------------------------------------------------------- write
+    def put(self, key: FragmentKey, data: bytes | bytearray | memoryview, crcs: list[int],
+            block_size: int | None = None) -> int:
+        """Store ``data`` under ``key`` after checking it against ``crcs``; return its whole CRC32C.
+
+        Nothing is stored unless every block matches (ChecksumError). The
+        fragment is durable (with ``fsync``) when this returns. Storing a key
+        again replaces it atomically.
+        """
+        block_size = self.default_block_size if block_size is None else block_size
+        if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+            raise ValueError(f"block size must be in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], got {block_size}")
+        view = memoryview(data).cast("B")
+        header = _layout(len(view), block_size)
+        crcs = self._check_crcs(key, view, crcs, block_size, header.n_blocks)
+        whole_crc = crc32c.crc32c(view)
+        prefix = _pack_prefix(header, crcs)
+        with self._admit(header.file_size):
+            self._write_file(key, header, memoryview(prefix), view)
+        return whole_crc
+
+    @staticmethod
+    def _check_crcs(key: FragmentKey, view: memoryview, crcs: list[int], block_size: int, n_blocks: int) -> list[int]:
+        # An empty fragment has no blocks, but writers commonly send the CRC of b"" for it.
+        if n_blocks == 0 and list(crcs) == [0]:
+            return []
+        if len(crcs) != n_blocks:
+            raise ValueError(f"{len(view)} bytes in blocks of {block_size} need {n_blocks} CRCs, got {len(crcs)}")
+        for i, want in enumerate(crcs):
+            got = crc32c.crc32c(view[i * block_size : (i + 1) * block_size])
+            if got != want:
+                raise ChecksumError(f"fragment {key}: block {i} has crc32c 0x{got:08x}, sender said 0x{want:08x}")
+        return list(crcs)
+
+    @contextlib.contextmanager
+    def _admit(self, size: int) -> Iterator[None]:
+        """Hold ``size`` bytes of space for one write, or refuse it with ENOSPC.
+
+        Concurrent writes each see the others' admitted bytes, so together
+        they cannot overrun the reserve; once renamed, the bytes count as used.
+        """
+        with self._lock:
+            free = self._free_bytes_locked()
+            if size > free:
+                raise os_error(errno.ENOSPC, f"no space: {size} bytes asked, {free} free above the reserve")
+            self._in_flight_bytes += size
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._in_flight_bytes -= size
+
+    def _write_file(self, key: FragmentKey, header: _Header, prefix: memoryview, data: memoryview) -> None:
+        folder = self._inode_dir(key)
+        final = folder / key.file_name()
+        tmp, fd = self._create_temp(folder, key)
+        try:
+            try:
+                _write_all(fd, [prefix, data])
+                if self.fsync:
+                    os.fsync(fd)
+            finally:
+                os.close(fd)
+            with self._lock:
+                try:
+                    replaced = os.stat(final).st_size
+                except FileNotFoundError:
+                    replaced = None
+                os.rename(tmp, final)
+                self._used_bytes += header.file_size - (replaced or 0)
+                self._fragments += replaced is None
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            _fsync_dir(folder)
+
+    def _create_temp(self, folder: Path, key: FragmentKey) -> tuple[Path, int]:
+        # A concurrent delete may remove an empty inode directory between our
+        # mkdir and open; try again then.
+        for _ in range(3):
+            self._make_inode_dir(folder)
+            tmp = folder / f".{key.file_name()}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
+            try:
+                return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
+            except FileNotFoundError:
+                continue
+        raise os_error(errno.EIO, f"cannot create a temp file in {folder}")
+
+    def _make_inode_dir(self, folder: Path) -> None:
+        if folder.is_dir():
+            return
+        prefix_existed = folder.parent.is_dir()
+        folder.mkdir(parents=True, exist_ok=True)
+        if self.fsync:  # the new directory entries must survive a crash too
+            _fsync_dir(folder.parent)
+            if not prefix_existed:
+                _fsync_dir(self.fragments_dir)
+
+    # ---------------------------------------------------------------- read
+    def read(self, key: FragmentKey, offset: int = 0, length: int = _U64_LIMIT) -> bytearray:
+        """Bytes [offset, min(offset+length, size)) of a fragment, every covered block verified."""
+        return self.read_range(key, offset, length).data
+
+    def read_range(self, key: FragmentKey, offset: int, length: int) -> RangeRead:
+        """Like ``read`` and also the fragment's total size.
+
+        Reads only the covered blocks and their CRC entries. A block that
+        fails its CRC quarantines the fragment and raises ChecksumError;
+        a missing fragment raises FileNotFoundError.
+        """
+        if not (0 <= offset < _U64_LIMIT and 0 <= length <= _U64_LIMIT):
+            raise ValueError(f"bad range offset={offset} length={length}")
+        fd = self._open(key)
+        try:
+            try:
+                header = _unpack_header(_pread_exactly(fd, HEADER_SIZE, 0))
+                return RangeRead(self._read_blocks(fd, header, offset, length), header.data_len)
+            except _Corrupt as exc:
+                raise self._quarantine(key, fd, str(exc)) from None
+        finally:
+            os.close(fd)
+
+    def _read_blocks(self, fd: int, header: _Header, offset: int, length: int) -> bytearray:
+        end = min(offset + length, header.data_len)
+        if offset >= end:
+            return bytearray()
+        bs = header.block_size
+        first, last = offset // bs, (end - 1) // bs
+        count = last - first + 1
+        crcs = struct.unpack(f"<{count}I", _pread_exactly(fd, 4 * count, HEADER_SIZE + 4 * first))
+        start = first * bs
+        buf = bytearray(min((last + 1) * bs, header.data_len) - start)
+        got = os.preadv(fd, [buf], header.data_offset + start)
+        if got != len(buf):
+            raise _Corrupt(f"file ends early: {got} of {len(buf)} data bytes")
+        view = memoryview(buf)
+        for i, want in enumerate(crcs):
+            if crc32c.crc32c(view[i * bs : (i + 1) * bs]) != want:
+                raise _Corrupt(f"block {first + i} failed its crc32c")
+        view.release()
+        # Trimming a bytearray in place moves no bytes at the front (CPython
+        # keeps a start offset), so the caller gets exactly its range, uncopied.
+        del buf[end - start :]
+        del buf[: offset - start]
+        return buf
+
+    def stat(self, key: FragmentKey) -> dict[str, object]:
+        """Size, block size and the CRC table of a stored fragment (checks the header and file length)."""
+        fd = self._open(key)
+        try:
+            try:
+                header = _unpack_header(_pread_exactly(fd, HEADER_SIZE, 0))
+                if os.fstat(fd).st_size != header.file_size:
+                    raise _Corrupt(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
+                table = _pread_exactly(fd, 4 * header.n_blocks, HEADER_SIZE)
+                crcs = list(struct.unpack(f"<{header.n_blocks}I", table))
+            except _Corrupt as exc:
+                raise self._quarantine(key, fd, str(exc)) from None
+        finally:
+            os.close(fd)
+        return {"size": header.data_len, "block_size": header.block_size, "crcs": crcs}
+
+    def _open(self, key: FragmentKey) -> int:
+        try:
+            return os.open(self.path_of(key), os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise os_error(errno.ENOENT, f"no fragment {key}") from None
+
+    def _quarantine(self, key: FragmentKey, fd: int, reason: str) -> ChecksumError:
+        """Move a bad fragment aside (if it is still the file we read) and build the error to raise."""
+        path = self.path_of(key)
+        target = self.quarantine_dir / f"{key.ino}.{key.stripe}.{key.version}.{key.index}.{time.time_ns()}"
+        opened = os.fstat(fd)
+        with self._lock:
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                current = None  # another reader quarantined it first
+            # A concurrent put may have replaced the bad file with a good one: leave that alone.
+            if current is not None and (current.st_ino, current.st_dev) == (opened.st_ino, opened.st_dev):
+                os.rename(path, target)
+                self._used_bytes -= current.st_size
+                self._fragments -= 1
+                self._quarantined += 1
+                log.error("fragment %s failed verification (%s); quarantined as %s", key, reason, target.name)
+        if current is not None and self.fsync:
+            _fsync_dir(self.quarantine_dir)
+        return ChecksumError(f"fragment {key} is corrupt ({reason}); quarantined")
+
+    # -------------------------------------------------------------- delete
+    def delete(self, keys: list[FragmentKey]) -> int:
+        """Remove fragments; missing ones are fine. Returns how many were removed."""
+        deleted = 0
+        folders: set[Path] = set()
+        for key in keys:
+            path = self.path_of(key)
+            with self._lock:
+                try:
+                    size = os.stat(path).st_size
+                    os.unlink(path)
+                except FileNotFoundError:
+                    continue
+                self._used_bytes -= size
+                self._fragments -= 1
+            deleted += 1
+            folders.add(path.parent)
+        for folder in folders:
+            try:
+                folder.rmdir()  # only succeeds once the inode has no fragments left here
+            except OSError:
+                if self.fsync:
+                    _fsync_dir(folder)
+            else:
+                if self.fsync:
+                    _fsync_dir(folder.parent)
+        return deleted
+
+    # --------------------------------------------------------------- stats
+    def stats(self) -> dict[str, int]:
+        """capacity, free (what this node still accepts: above the reserve and within capacity),
+        used, fragment and quarantine counts."""
+        with self._lock:
+            total, _ = self._fs_space()
+            return {
+                "capacity_bytes": self.capacity_bytes or total,
+                "free_bytes": self._free_bytes_locked(),
+                "used_bytes": self._used_bytes,
+                "fragments": self._fragments,
+                "quarantined": self._quarantined,
+            }
+
+    def _fs_space(self) -> tuple[int, int]:
+        st = os.statvfs(self.root)
+        return st.f_blocks * st.f_frsize, st.f_bavail * st.f_frsize
+
+    def _free_bytes_locked(self) -> int:
+        _, available = self._fs_space()
+        free = available - self.reserve_bytes - self._in_flight_bytes
+        if self.capacity_bytes > 0:
+            free = min(free, self.capacity_bytes - self._used_bytes - self._in_flight_bytes)
+        return max(0, free)
