@@ -48,6 +48,7 @@ class NodeConfig:
     capacity_bytes: int = 0  # 0: the file system's size
     block_size: int = 64 << 10  # CRC32C granularity of stored fragments
     max_payload_bytes: int = 64 << 20
+    io_threads: int = 8  # worker threads for disk I/O; the event loop never blocks on the disk
 
 
 @dataclass

@@ -1,0 +1,166 @@
+"""The storage node's side of the framed protocol: a thin shell over ``FragmentStore``.
+
+Ops and bodies are exactly those of docs/PROTOCOL.md, "Storage node ops".
+Every body is validated before use: a wrong shape or type, an unknown op or a
+key that is not four valid integers is garbage from the peer
+(``ProtocolError``: that one connection closes, everybody else is served).
+Well-formed requests that cannot be served answer an errno (ENOENT, EBADMSG,
+ENOSPC, EINVAL).
+
+Disk work runs in worker threads, bounded by one ``CapacityLimiter`` for the
+whole node, so the event loop keeps reading requests while disks are busy.
+PUT payloads are received into pooled buffers (see ``payload_pool``).
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any, TypeVar
+
+import trio
+
+from deepfs.config import NodeConfig
+from deepfs.errors import os_error
+from deepfs.frames import FrameHeader, Op, ProtocolError
+from deepfs.rpc import Buffer, FrameServer, ServerLimits
+from storage_node.fragment_store import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, FragmentKey, FragmentStore
+from storage_node.identity import NodeIdentity
+from storage_node.payload_pool import PayloadPool
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Reply = tuple[Any, Sequence[Buffer]]
+
+_U32_LIMIT = 1 << 32
+_U64_LIMIT = 1 << 64
+
+
+# ------------------------------------------------------------ validation
+def _fields(body: Any, op: Op) -> dict:
+    if body is None:  # an empty body travels as zero bytes
+        return {}
+    if not isinstance(body, dict):
+        raise ProtocolError(f"{op.name}: body must be a map, got {type(body).__name__}")
+    return body
+
+
+def _uint(body: dict, name: str, op: Op, limit: int = _U64_LIMIT, default: int | None = None) -> int:
+    value = body.get(name, default)
+    if type(value) is not int or not 0 <= value < limit:
+        raise ProtocolError(f"{op.name}: {name!r} must be an integer in [0, {limit}), got {value!r:.40}")
+    return value
+
+
+def _key(value: Any, op: Op) -> FragmentKey:
+    try:
+        return FragmentKey.of(value)
+    except ValueError as exc:
+        raise ProtocolError(f"{op.name}: {exc}") from None
+
+
+def _crcs(body: dict, op: Op) -> list[int]:
+    value = body.get("crcs")
+    if not isinstance(value, list) or not all(type(c) is int and 0 <= c < _U32_LIMIT for c in value):
+        raise ProtocolError(f"{op.name}: 'crcs' must be a list of u32")
+    return value
+
+
+class DataServer:
+    """Framed-protocol handler of one storage node.
+
+    ``frame_server`` is the ``FrameServer`` to run; ``handle`` is its handler
+    and ``payload_buffer`` its receive-buffer callback.
+    """
+
+    def __init__(self, store: FragmentStore, config: NodeConfig, identity: NodeIdentity) -> None:
+        self.store = store
+        self.config = config
+        self.identity = identity
+        self.pool = PayloadPool()
+        self.disk = trio.CapacityLimiter(config.io_threads)
+        self.frame_server = FrameServer(
+            self.handle,
+            ServerLimits(max_payload=config.max_payload_bytes),
+            name="storage-node",
+            payload_buffer=self.payload_buffer,
+        )
+        self._ops: dict[int, Callable[[dict, memoryview], Any]] = {
+            Op.PING: self._ping,
+            Op.PUT_FRAGMENT: self._put,
+            Op.GET_FRAGMENT: self._get,
+            Op.DELETE_FRAGMENT: self._delete,
+            Op.STAT_FRAGMENT: self._stat,
+            Op.NODE_STATS: self._node_stats,
+        }
+
+    async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+        """Listen and serve forever; ``task_status.started`` gets the real port."""
+        await self.frame_server.serve(host, port, task_status=task_status)
+
+    def payload_buffer(self, header: FrameHeader, _body: Any) -> memoryview | None:
+        # Only PUT carries a payload; any other op with one is refused by handle().
+        if header.op != Op.PUT_FRAGMENT:
+            return None
+        return self.pool.take(header.payload_len)
+
+    async def handle(self, op: int, body: Any, payload: memoryview) -> Reply:
+        try:
+            serve = self._ops.get(op)
+            if serve is None:
+                raise ProtocolError(f"op {op} is not served by a storage node")
+            if len(payload) and op != Op.PUT_FRAGMENT:
+                raise ProtocolError(f"{Op(op).name} carries no payload, got {len(payload)} bytes")
+            return await serve(_fields(body, Op(op)), payload)
+        finally:
+            # The handler is the payload's last user: put() has returned (its
+            # worker thread is never abandoned), so the buffer can be reused.
+            if len(payload):
+                self.pool.give(payload)
+
+    async def _on_disk(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking store work in a worker thread, at most ``io_threads`` at once."""
+        try:
+            return await trio.to_thread.run_sync(functools.partial(fn, *args), limiter=self.disk)
+        except ValueError as exc:  # the store refuses values the wire format allows
+            raise os_error(errno.EINVAL, str(exc)) from None
+
+    # ------------------------------------------------------------------ ops
+    async def _ping(self, _body: dict, _payload: memoryview) -> Reply:
+        return {"node_id": self.identity.node_id}, ()
+
+    async def _put(self, body: dict, payload: memoryview) -> Reply:
+        key = _key(body.get("key"), Op.PUT_FRAGMENT)
+        block_size = _uint(body, "block_size", Op.PUT_FRAGMENT, _U32_LIMIT, self.config.block_size)
+        if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+            raise os_error(errno.EINVAL, f"block size must be in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
+        crcs = _crcs(body, Op.PUT_FRAGMENT)
+        crc = await self._on_disk(self.store.put, key, payload, crcs, block_size)
+        return {"size": len(payload), "crc": crc}, ()
+
+    async def _get(self, body: dict, _payload: memoryview) -> Reply:
+        key = _key(body.get("key"), Op.GET_FRAGMENT)
+        offset = _uint(body, "offset", Op.GET_FRAGMENT, default=0)
+        length = _uint(body, "length", Op.GET_FRAGMENT)
+        # Never answer with more than a frame may carry.
+        length = min(length, self.config.max_payload_bytes)
+        got = await self._on_disk(self.store.read_range, key, offset, length)
+        return {"size": got.size}, (got.data,)
+
+    async def _delete(self, body: dict, _payload: memoryview) -> Reply:
+        raw_keys = body.get("keys")
+        if not isinstance(raw_keys, list):
+            raise ProtocolError("DELETE_FRAGMENT: 'keys' must be a list of keys")
+        keys = [_key(k, Op.DELETE_FRAGMENT) for k in raw_keys]
+        return {"deleted": await self._on_disk(self.store.delete, keys)}, ()
+
+    async def _stat(self, body: dict, _payload: memoryview) -> Reply:
+        key = _key(body.get("key"), Op.STAT_FRAGMENT)
+        return await self._on_disk(self.store.stat, key), ()
+
+    async def _node_stats(self, _body: dict, _payload: memoryview) -> Reply:
+        stats = await self._on_disk(self.store.stats)
+        return {"node_id": self.identity.node_id, **stats}, ()
