@@ -1,0 +1,138 @@
+"""Registration and heartbeats to the metadata server (gRPC control plane).
+
+The node registers with its persisted uuid, then heartbeats its capacity and
+health every ``heartbeat_interval_s`` the metadata server asked for. The
+data path never waits on this: if the metadata server is unreachable the node
+keeps serving fragments and retries with capped, jittered backoff. Logs are
+written once per change of state (registered, unreachable, re-registering),
+not per attempt, so a metadata outage does not flood every node's log.
+
+gRPC's synchronous stub runs in a worker thread with a deadline per call:
+grpc's own event loop does not mix with trio's.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+import trio
+
+from deepfs.config import NodeConfig
+from deepfs.proto import control_pb2, control_pb2_grpc
+from storage_node.fragment_store import FragmentStore
+from storage_node.identity import NodeIdentity
+
+log = logging.getLogger(__name__)
+
+RPC_TIMEOUT_S = 3.0
+BACKOFF_FIRST_S = 0.2
+BACKOFF_MAX_S = 5.0
+DEFAULT_HEARTBEAT_S = 1.0
+
+
+class Membership:
+    """Keeps this node registered and heartbeating; ``run()`` until cancelled."""
+
+    def __init__(
+        self,
+        config: NodeConfig,
+        identity: NodeIdentity,
+        store: FragmentStore,
+        address: str,
+        *,
+        rpc_timeout_s: float = RPC_TIMEOUT_S,
+    ) -> None:
+        self.config = config
+        self.identity = identity
+        self.store = store
+        self.address = address
+        self.failure_domain = config.failure_domain or address
+        self.rpc_timeout_s = rpc_timeout_s
+        self.epoch = 0
+        self.heartbeat_interval_s = DEFAULT_HEARTBEAT_S
+        self.state = "starting"
+        # grpc's own reconnect backoff grows to 120 s by default: a metadata
+        # server back after a short outage would wait that long for its nodes.
+        # (A channel connects lazily, so creating it here does no I/O.)
+        self._channel = grpc.insecure_channel(config.meta_grpc, options=[
+            ("grpc.initial_reconnect_backoff_ms", int(BACKOFF_FIRST_S * 1000)),
+            ("grpc.min_reconnect_backoff_ms", int(BACKOFF_FIRST_S * 1000)),
+            ("grpc.max_reconnect_backoff_ms", int(BACKOFF_MAX_S * 1000)),
+        ])
+        self._stub = control_pb2_grpc.ClusterStub(self._channel)
+
+    async def run(self) -> None:
+        try:
+            await self._loop()
+        finally:
+            self._channel.close()
+
+    async def _loop(self) -> None:
+        backoff_s = BACKOFF_FIRST_S
+        registered = False
+        while True:
+            try:
+                if not registered:
+                    await self._register()
+                    registered = True
+                else:
+                    await self._heartbeat()
+                backoff_s = BACKOFF_FIRST_S
+                await trio.sleep(self.heartbeat_interval_s)
+            except grpc.RpcError as exc:
+                code = exc.code() if isinstance(exc, grpc.Call) else None
+                if registered and code == grpc.StatusCode.NOT_FOUND:
+                    # The metadata server forgot us (e.g. a fresh metadata
+                    # store): register again with the same uuid, right away.
+                    self._enter("re-registering", "metadata server no longer knows node %s; registering again",
+                                self.identity.node_id)
+                    registered = False
+                    continue
+                self._enter("unreachable", "metadata server %s unreachable (%s); serving data and retrying",
+                            self.config.meta_grpc, code.name if code else exc)
+                await trio.sleep(backoff_s * random.uniform(0.5, 1.0))
+                backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+
+    async def _register(self) -> None:
+        stats = await trio.to_thread.run_sync(self.store.stats)
+        request = control_pb2.RegisterRequest(
+            uuid=self.identity.uuid,
+            address=self.address,
+            failure_domain=self.failure_domain,
+            capacity_bytes=stats["capacity_bytes"],
+            free_bytes=stats["free_bytes"],
+            used_bytes=stats["used_bytes"],
+        )
+        reply = await self._call(self._stub.Register, request)
+        self.identity.node_id = reply.node_id
+        self.epoch = reply.epoch
+        if reply.heartbeat_interval_s > 0:
+            self.heartbeat_interval_s = reply.heartbeat_interval_s
+        self._enter("registered", "registered with %s as node %d (epoch %d, heartbeat every %.1fs)",
+                    self.config.meta_grpc, reply.node_id, reply.epoch, self.heartbeat_interval_s)
+
+    async def _heartbeat(self) -> None:
+        stats = await trio.to_thread.run_sync(self.store.stats)
+        request = control_pb2.HeartbeatRequest(node_id=self.identity.node_id, **stats)
+        reply = await self._call(self._stub.Heartbeat, request)
+        self.epoch = reply.epoch
+        self._enter("registered", "metadata server %s reachable again", self.config.meta_grpc)
+
+    async def _call(self, method: Callable[..., Any], request: Any) -> Any:
+        # abandon_on_cancel: shutdown must not wait for a call to time out; the
+        # channel is closed right after, which ends the call in its thread.
+        return await trio.to_thread.run_sync(
+            lambda: method(request, timeout=self.rpc_timeout_s), abandon_on_cancel=True
+        )
+
+    def _enter(self, state: str, message: str, *args: object) -> None:
+        """Log ``message`` only when the state actually changes."""
+        if state == self.state:
+            return
+        self.state = state
+        level = logging.WARNING if state in ("unreachable", "re-registering") else logging.INFO
+        log.log(level, message, *args)

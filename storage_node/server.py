@@ -1,0 +1,163 @@
+"""The storage node process: data server + membership, and its command line.
+
+``serve_node`` is the whole node as one trio task (tests and tools can run it
+in-process); ``main`` is ``deepfs node serve`` / ``python -m storage_node``.
+Once the data server listens, ``main`` prints one line to stdout::
+
+    deepfs-node listening on HOST:PORT node_uuid=UUID
+
+which launchers wait for (port 0 picks a free port; the line has the real one).
+SIGTERM and SIGINT stop the node cleanly (exit status 0): in-flight disk
+writes finish, nothing is left half-renamed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import logging
+import os
+import signal
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import trio
+
+from deepfs.concurrency import sole_exception
+from deepfs.config import NodeConfig
+from deepfs.malloc_tuning import tune_malloc
+from storage_node.data_server import DataServer
+from storage_node.fragment_store import FragmentStore
+from storage_node.identity import NodeIdentity, load_or_create_uuid
+from storage_node.membership import Membership
+
+log = logging.getLogger("storage_node")
+
+READY_PREFIX = "deepfs-node listening on"
+LOCK_FILE = "node.lock"
+_EXPECTED_FAILURES = (OSError, RuntimeError, ValueError)
+
+
+@dataclass(frozen=True)
+class RunningNode:
+    """What ``serve_node`` reports once it listens."""
+
+    host: str
+    port: int
+    node_uuid: str
+    identity: NodeIdentity
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+def lock_data_dir(data_dir: Path) -> int:
+    """Hold an exclusive lock on the data directory for the life of the process.
+
+    Two nodes on one directory would corrupt each other's counters and
+    fragments; the kernel drops the lock when the process dies, even by kill -9.
+    """
+    data_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(data_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise RuntimeError(f"{data_dir} is in use by another storage node") from None
+    return fd
+
+
+async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run one storage node until cancelled; ``task_status.started`` gets a ``RunningNode``."""
+    data_dir = Path(config.data_dir)
+    lock_fd = await trio.to_thread.run_sync(lock_data_dir, data_dir)
+    try:
+        # Opening scans the fragments once; that is disk work, so not on the loop.
+        store = await trio.to_thread.run_sync(FragmentStore.from_config, config)
+        identity = NodeIdentity(await trio.to_thread.run_sync(load_or_create_uuid, data_dir))
+        data_server = DataServer(store, config, identity)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(data_server.serve, config.host, config.port)
+            running = RunningNode(config.host, port, identity.uuid, identity)
+            stats = store.stats()
+            log.info("serving %s from %s (%d fragments, %d bytes used, %d quarantined)",
+                     running.address, data_dir, stats["fragments"], stats["used_bytes"], stats["quarantined"])
+            nursery.start_soon(Membership(config, identity, store, running.address).run)
+            task_status.started(running)
+    finally:
+        os.close(lock_fd)
+
+
+def _size(text: str) -> int:
+    """Bytes, with an optional K/M/G/T suffix (powers of 1024)."""
+    units = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    text = text.strip().upper().removesuffix("B").removesuffix("I")
+    try:
+        if text and text[-1] in units:
+            return int(float(text[:-1]) * units[text[-1]])
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a size: {text!r}") from None
+
+
+def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
+    d = NodeConfig()
+    p = argparse.ArgumentParser(prog="deepfs node serve", description="Run a DeepFS storage node.")
+    p.add_argument("--data-dir", default=d.data_dir, help=f"fragments, uuid and quarantine (default {d.data_dir})")
+    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
+    p.add_argument("--port", type=int, default=d.port, help=f"data port, 0 picks a free one (default {d.port})")
+    p.add_argument("--meta-grpc", default=d.meta_grpc, help=f"metadata server control plane (default {d.meta_grpc})")
+    p.add_argument("--failure-domain", default=d.failure_domain, help="rack or host name (default: HOST:PORT)")
+    p.add_argument("--no-fsync", action="store_true", help="do not fsync fragments (tests, benchmarks)")
+    p.add_argument("--reserve-bytes", type=_size, default=d.reserve_bytes,
+                   help="refuse writes below this much free space, e.g. 256M (default 256M)")
+    p.add_argument("--capacity-bytes", type=_size, default=d.capacity_bytes,
+                   help="store at most this much, e.g. 10G (default 0: the whole file system)")
+    p.add_argument("--io-threads", type=int, default=d.io_threads, help=f"disk worker threads (default {d.io_threads})")
+    p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    a = p.parse_args(argv)
+    if not 0 <= a.port < 65536:
+        p.error(f"--port must be in [0, 65535], got {a.port}")
+    if a.io_threads < 1:
+        p.error("--io-threads must be at least 1")
+    config = NodeConfig(
+        data_dir=a.data_dir, host=a.host, port=a.port, meta_grpc=a.meta_grpc, failure_domain=a.failure_domain,
+        fsync=not a.no_fsync, reserve_bytes=a.reserve_bytes, capacity_bytes=a.capacity_bytes,
+        io_threads=a.io_threads,
+    )
+    return config, a.log_level
+
+
+async def _run_until_signalled(config: NodeConfig) -> None:
+    with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        async with trio.open_nursery() as nursery:
+            running: RunningNode = await nursery.start(serve_node, config)
+            print(f"{READY_PREFIX} {running.address} node_uuid={running.node_uuid}", flush=True)
+            async for signum in signals:
+                log.info("received %s; shutting down", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    config, log_level = parse_args(argv)
+    logging.basicConfig(level=log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    tune_malloc()
+    try:
+        trio.run(_run_until_signalled, config)
+    except BaseExceptionGroup as group:
+        # trio's nurseries wrap failures; a single expected one (port in use,
+        # data directory locked or unreadable) is reported as one line.
+        exc = sole_exception(group)
+        if not isinstance(exc, _EXPECTED_FAILURES):
+            raise
+        log.error("storage node stopped: %s", exc)
+        return 1
+    except _EXPECTED_FAILURES as exc:
+        log.error("storage node stopped: %s", exc)
+        return 1
+    return 0

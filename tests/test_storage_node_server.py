@@ -1,0 +1,436 @@
+"""A real storage node process over real sockets: the ops of docs/PROTOCOL.md,
+pipelining, corruption on disk, and peers that send garbage.
+
+No metadata server runs: the node gets an unreachable ``--meta-grpc`` and must
+serve data anyway. The membership test plays the metadata server's side of
+Register/Heartbeat with a small gRPC service of its own.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import signal
+import socket
+import struct
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import crc32c
+import grpc
+import pytest
+import trio
+
+from deepfs import frames
+from deepfs.frames import Op
+from deepfs.proto import control_pb2, control_pb2_grpc
+from deepfs.rpc import FrameClient, FrameServer
+from storage_node.payload_pool import PayloadPool
+from tests.helpers_processes import ServerProcess
+
+pytestmark = pytest.mark.timeout(60)
+
+T = TypeVar("T")
+BS = 64 << 10
+READY = re.compile(r"^deepfs-node listening on 127\.0\.0\.1:(\d+) node_uuid=([0-9a-f-]{36})$")
+
+
+def start_node(data_dir: Path, *extra: str, meta_grpc: str = "127.0.0.1:1") -> ServerProcess:
+    args = ["-m", "storage_node", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", "0",
+            "--meta-grpc", meta_grpc, "--no-fsync", "--reserve-bytes", "0", *extra]
+    data_dir.parent.mkdir(parents=True, exist_ok=True)
+    return ServerProcess(args, "deepfs-node listening", data_dir.parent / f"{data_dir.name}.log").start()
+
+
+def port_of(node: ServerProcess) -> int:
+    match = READY.match(node.ready_line)
+    assert match, node.ready_line
+    return int(match.group(1))
+
+
+@pytest.fixture(scope="module")
+def node_data_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("node") / "data"
+
+
+@pytest.fixture(scope="module")
+def node(node_data_dir: Path) -> Iterator[ServerProcess]:
+    """One node shared by the tests that leave it as they found it."""
+    proc = start_node(node_data_dir)
+    try:
+        yield proc
+    finally:
+        proc.stop()
+
+
+def with_client(port: int, fn: Callable[[FrameClient], Awaitable[T]], timeout_s: float = 20.0) -> T:
+    async def main() -> T:
+        with trio.fail_after(timeout_s):
+            async with trio.open_nursery() as nursery:
+                client = await FrameClient.connect(nursery, "127.0.0.1", port)
+                try:
+                    return await fn(client)
+                finally:
+                    await client.aclose()
+
+    return trio.run(main)
+
+
+def block_crcs(data: bytes | bytearray) -> list[int]:
+    view = memoryview(data)
+    return [crc32c.crc32c(view[i : i + BS]) for i in range(0, len(view), BS)]
+
+
+async def put(client: FrameClient, key: list[int], data: bytes | bytearray) -> dict:
+    body = {"key": key, "block_size": BS, "crcs": block_crcs(data)}
+    reply, _ = await client.call(Op.PUT_FRAGMENT, body, (data,), timeout_s=10)
+    return reply
+
+
+async def get(client: FrameClient, key: list[int], offset: int = 0, length: int = 1 << 40) -> tuple[dict, bytes]:
+    reply, payload = await client.call(Op.GET_FRAGMENT, {"key": key, "offset": offset, "length": length}, timeout_s=10)
+    return reply, bytes(payload)
+
+
+def assert_serving(node: ServerProcess) -> None:
+    """The process is alive and answers PING on a new connection."""
+    assert node.alive(), node.log_tail()
+    reply = with_client(port_of(node), lambda c: c.call(Op.PING, {}, timeout_s=5))
+    assert reply[0] == {"node_id": 0}  # not registered: no metadata server
+
+
+# --------------------------------------------------------------- the ops
+def test_ready_line_and_ping(node: ServerProcess) -> None:
+    assert READY.match(node.ready_line), node.ready_line
+    assert_serving(node)
+
+
+def test_put_get_range_stat_delete_stats(node: ServerProcess) -> None:
+    data = os.urandom(3 * BS + 1000)
+    key = [11, 2, 77, 3]
+
+    async def scenario(c: FrameClient) -> None:
+        before, _ = await c.call(Op.NODE_STATS, {})
+        assert await put(c, key, data) == {"size": len(data), "crc": crc32c.crc32c(data)}
+        assert await get(c, key) == ({"size": len(data)}, data)
+        for offset, length in [(0, 1), (BS - 3, 7), (2 * BS + 5, BS + 10), (len(data) - 2, 100), (len(data), 5)]:
+            assert await get(c, key, offset, length) == ({"size": len(data)}, data[offset : offset + length])
+        into = bytearray(BS)
+        _, payload = await c.call(Op.GET_FRAGMENT, {"key": key, "offset": 10, "length": BS}, into=memoryview(into))
+        assert payload.obj is into and into == data[10 : 10 + BS]
+        stat, _ = await c.call(Op.STAT_FRAGMENT, {"key": key})
+        assert stat == {"size": len(data), "block_size": BS, "crcs": block_crcs(data)}
+        after, _ = await c.call(Op.NODE_STATS, {})
+        assert after["fragments"] == before["fragments"] + 1
+        assert after["used_bytes"] > before["used_bytes"] + len(data) - 1
+        assert set(after) == {"node_id", "capacity_bytes", "free_bytes", "used_bytes", "fragments", "quarantined"}
+        assert (await c.call(Op.DELETE_FRAGMENT, {"keys": [key, [1, 1, 1, 1]]}))[0] == {"deleted": 1}
+        for op, body in [(Op.GET_FRAGMENT, {"key": key, "offset": 0, "length": 1}), (Op.STAT_FRAGMENT, {"key": key})]:
+            with pytest.raises(FileNotFoundError):
+                await c.call(op, body)
+        assert (await c.call(Op.NODE_STATS, {}))[0]["fragments"] == before["fragments"]
+
+    with_client(port_of(node), scenario)
+
+
+def test_bad_crc_answers_ebadmsg_and_stores_nothing(node: ServerProcess) -> None:
+    data = os.urandom(2 * BS)
+    key = [12, 0, 1, 0]
+
+    async def scenario(c: FrameClient) -> None:
+        crcs = block_crcs(data)
+        crcs[1] ^= 0xFFFF
+        with pytest.raises(OSError) as info:
+            await c.call(Op.PUT_FRAGMENT, {"key": key, "block_size": BS, "crcs": crcs}, (data,))
+        assert info.value.errno == errno.EBADMSG
+        with pytest.raises(FileNotFoundError):
+            await get(c, key)
+        with pytest.raises(OSError) as info:  # well-formed but inconsistent: an errno, the connection stays
+            await c.call(Op.PUT_FRAGMENT, {"key": key, "block_size": BS, "crcs": crcs[:1]}, (data,))
+        assert info.value.errno == errno.EINVAL
+        assert (await c.call(Op.PING, {}))[0] == {"node_id": 0}
+
+    with_client(port_of(node), scenario)
+
+
+def test_many_concurrent_requests_on_one_connection(node: ServerProcess) -> None:
+    sizes = [0, 1, 4000, BS, BS + 1, 300_000, 1 << 20]
+    blobs = {i: os.urandom(sizes[i % len(sizes)]) for i in range(60)}
+
+    async def scenario(c: FrameClient) -> None:
+        async def round_trip(i: int) -> None:
+            key = [20, i, 5, i % 32]
+            assert (await put(c, key, blobs[i]))["size"] == len(blobs[i])
+            reply, got = await get(c, key, 1, 1 << 30)
+            assert reply["size"] == len(blobs[i]) and got == blobs[i][1:]
+
+        async with trio.open_nursery() as nursery:
+            for i in blobs:
+                nursery.start_soon(round_trip, i)
+        reply, _ = await c.call(Op.DELETE_FRAGMENT, {"keys": [[20, i, 5, i % 32] for i in blobs]})
+        assert reply == {"deleted": len(blobs)}
+
+    with_client(port_of(node), scenario)
+
+
+def test_corruption_on_disk_is_quarantined(node: ServerProcess, node_data_dir: Path) -> None:
+    data = os.urandom(2 * BS)
+    key = [13, 4, 9, 1]
+    data_dir = node_data_dir
+
+    async def scenario(c: FrameClient) -> None:
+        await put(c, key, data)
+        path = data_dir / "fragments" / f"{13:02x}" / "13" / "4.9.1"
+        raw = bytearray(path.read_bytes())
+        raw[-10] ^= 0x40  # a byte of the last block
+        path.write_bytes(raw)
+        before = (await c.call(Op.NODE_STATS, {}))[0]["quarantined"]
+        assert (await get(c, key, 0, BS))[1] == data[:BS]  # the intact block is still served
+        with pytest.raises(OSError) as info:
+            await get(c, key, BS, 10)
+        assert info.value.errno == errno.EBADMSG
+        with pytest.raises(FileNotFoundError):  # never served again
+            await get(c, key, 0, 10)
+        assert (await c.call(Op.NODE_STATS, {}))[0]["quarantined"] == before + 1
+        assert any(p.name.startswith("13.4.9.1.") for p in (data_dir / "quarantine").iterdir())
+
+    with_client(port_of(node), scenario)
+
+
+# ---------------------------------------------------- peers sending garbage
+def frame(op: int, body: Any, payload: bytes = b"", payload_len: int | None = None) -> bytes:
+    return frames.encode_frame(op, 1, body, len(payload) if payload_len is None else payload_len) + payload
+
+
+def wrong_magic() -> bytes:
+    raw = bytearray(frame(Op.PING, {}))
+    struct.pack_into("!I", raw, 0, 0xDEADBEEF)
+    return bytes(raw)
+
+
+def bad_frame_crc() -> bytes:
+    raw = bytearray(frame(Op.STAT_FRAGMENT, {"key": [1, 2, 3, 4]}))
+    raw[-1] ^= 0xFF
+    return bytes(raw)
+
+
+BAD_INPUTS: dict[str, bytes] = {
+    "garbage": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)),
+    "wrong-magic": wrong_magic(),
+    "2GiB-payload": frame(Op.PUT_FRAGMENT, {"key": [1, 0, 0, 0], "crcs": []}, payload_len=2 << 30),
+    "bad-frame-crc": bad_frame_crc(),
+    "path-trick-key": frame(Op.GET_FRAGMENT, {"key": ["../../etc/passwd", 0, 0, 0], "offset": 0, "length": 10}),
+    "path-trick-put": frame(Op.PUT_FRAGMENT, {"key": ["..", "..", "etc", "passwd"], "crcs": [crc32c.crc32c(b"x")]}, b"x"),
+    "negative-key": frame(Op.DELETE_FRAGMENT, {"keys": [[-1, 0, 0, 0]]}),
+    "index-too-big": frame(Op.STAT_FRAGMENT, {"key": [1, 0, 0, 32]}),
+    "unknown-op": frame(200, {}),
+    "metadata-op": frame(Op.LOOKUP, {"parent": 1, "name": b"x"}),
+    "body-not-a-map": frame(Op.GET_FRAGMENT, [1, 2, 3]),
+    "crcs-not-ints": frame(Op.PUT_FRAGMENT, {"key": [1, 0, 0, 0], "crcs": "abc"}, b"x"),
+    "negative-offset": frame(Op.GET_FRAGMENT, {"key": [1, 0, 0, 0], "offset": -5, "length": 1}),
+    "payload-on-ping": frame(Op.PING, {}, b"surprise"),
+    "response-frame": frames.encode_frame(Op.PING, 1, {}, 0, frames.FLAG_RESPONSE),
+}
+
+
+def closed_by_server(sock: socket.socket) -> bool:
+    """True once the server closed its end; the data it sent (if any) is drained."""
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return False
+    return True
+
+
+@pytest.mark.parametrize("name", list(BAD_INPUTS))
+def test_malformed_input_closes_only_that_connection(node: ServerProcess, name: str) -> None:
+    port = port_of(node)
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as bystander, \
+            socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(BAD_INPUTS[name])
+        assert closed_by_server(sock), f"{name}: the connection stayed open"
+        bystander.sendall(frame(Op.PING, {}))  # an older connection is unaffected
+        head = bystander.recv(frames.HEADER_SIZE, socket.MSG_WAITALL)
+        assert frames.parse_header(head).is_response
+    assert_serving(node)
+
+
+def test_truncated_frame(node: ServerProcess) -> None:
+    raw = frame(Op.PUT_FRAGMENT, {"key": [1, 0, 0, 0], "block_size": BS, "crcs": [0]}, b"x" * 1000)
+    for cut in (5, frames.HEADER_SIZE, frames.HEADER_SIZE + 3, len(raw) - 10):
+        with socket.create_connection(("127.0.0.1", port_of(node)), timeout=5) as sock:
+            sock.sendall(raw[:cut])
+            sock.shutdown(socket.SHUT_WR)
+            assert closed_by_server(sock)
+    assert_serving(node)
+
+
+# ------------------------------------------------------------ the process
+def test_restart_keeps_uuid_and_fragments_and_sigterm_exits_0(tmp_path: Path) -> None:
+    data_dir = tmp_path / "n"
+    data = os.urandom(BS + 7)
+    first = start_node(data_dir)
+    try:
+        with_client(port_of(first), lambda c: put(c, [5, 5, 5, 5], data))
+        uuid = READY.match(first.ready_line).group(2)  # type: ignore[union-attr]
+        assert (data_dir / "node.uuid").read_text().strip() == uuid
+        # A second node on the same data directory refuses to start.
+        with pytest.raises(RuntimeError, match="exited"):
+            start_node(data_dir)
+    finally:
+        assert first.stop(signal.SIGTERM) == 0, first.log_tail()
+    second = start_node(data_dir)
+    try:
+        assert READY.match(second.ready_line).group(2) == uuid  # type: ignore[union-attr]
+        assert with_client(port_of(second), lambda c: get(c, [5, 5, 5, 5])) == ({"size": len(data)}, data)
+    finally:
+        assert second.stop(signal.SIGINT) == 0, second.log_tail()
+
+
+def test_enospc_over_the_wire(tmp_path: Path) -> None:
+    with start_node(tmp_path / "small", "--capacity-bytes", "128K") as small:
+        async def scenario(c: FrameClient) -> None:
+            await put(c, [1, 0, 0, 0], os.urandom(BS))
+            with pytest.raises(OSError) as info:
+                await put(c, [1, 1, 0, 0], os.urandom(BS))
+            assert info.value.errno == errno.ENOSPC
+            stats, _ = await c.call(Op.NODE_STATS, {})
+            assert stats["capacity_bytes"] == 128 << 10 and stats["fragments"] == 1
+
+        with_client(port_of(small), scenario)
+
+
+# ------------------------------------------------------------- membership
+class StandInCluster(control_pb2_grpc.ClusterServicer):
+    """The metadata server's side of Register/Heartbeat, recording what nodes send.
+
+    ``forget()`` makes it answer the next heartbeat NOT_FOUND, as a metadata
+    server that lost its node table does.
+    """
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.registrations: list[control_pb2.RegisterRequest] = []
+        self.heartbeats: list[control_pb2.HeartbeatRequest] = []
+        self.next_id = 41
+        self.known: set[int] = set()
+
+    def Register(self, request, context):  # noqa: N802 - gRPC method name
+        with self.lock:
+            self.registrations.append(request)
+            self.next_id += 1
+            self.known.add(self.next_id)
+            return control_pb2.RegisterReply(node_id=self.next_id, epoch=7, heartbeat_interval_s=0.1)
+
+    def Heartbeat(self, request, context):  # noqa: N802
+        with self.lock:
+            if request.node_id not in self.known:
+                context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: register again")
+            self.heartbeats.append(request)
+            return control_pb2.HeartbeatReply(epoch=7)
+
+    def forget(self) -> None:
+        with self.lock:
+            self.known.clear()
+
+
+def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while not predicate():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.05)
+
+
+def test_membership_waits_for_metadata_registers_heartbeats_and_reregisters(tmp_path: Path) -> None:
+    with socket.socket() as probe:  # a port nobody listens on yet
+        probe.bind(("127.0.0.1", 0))
+        meta_port = probe.getsockname()[1]
+    service = StandInCluster()
+    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    control_pb2_grpc.add_ClusterServicer_to_server(service, grpc_server)
+    node = start_node(tmp_path / "m", meta_grpc=f"127.0.0.1:{meta_port}")
+    try:
+        port = port_of(node)
+        assert_serving(node)  # data is served while the metadata server is away
+        time.sleep(0.5)  # a few failed attempts
+        assert grpc_server.add_insecure_port(f"127.0.0.1:{meta_port}") == meta_port
+        grpc_server.start()
+        wait_for(lambda: len(service.heartbeats) >= 2)
+        first = service.registrations[0]
+        assert first.uuid == READY.match(node.ready_line).group(2)  # type: ignore[union-attr]
+        assert first.address == f"127.0.0.1:{port}" and first.failure_domain == f"127.0.0.1:{port}"
+        assert first.capacity_bytes > 0
+        assert service.heartbeats[-1].node_id == 42
+        assert with_client(port, lambda c: c.call(Op.PING, {}))[0] == {"node_id": 42}
+        service.forget()
+        wait_for(lambda: len(service.registrations) >= 2)
+        assert service.registrations[1].uuid == first.uuid
+        wait_for(lambda: service.heartbeats[-1].node_id == 43)
+        assert with_client(port, lambda c: c.call(Op.NODE_STATS, {}))[0]["node_id"] == 43
+    finally:
+        assert node.stop() == 0
+        grpc_server.stop(0)
+    log = node.log_path.read_text()
+    assert log.count("unreachable") == 1, log  # once per state change, not per attempt
+
+
+# ----------------------------------------------- deepfs.rpc regression
+def test_frame_server_survives_socket_error_mid_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A peer lost mid-frame (recv fails with ETIMEDOUT, EHOSTUNREACH, …) must
+    close only its connection: an OSError escaping serve_connection would end
+    trio.serve_listeners, i.e. every connection of the node."""
+
+    def timed_out(*args: Any, **kwargs: Any) -> int:
+        raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")
+
+    async def handler(op: int, body: Any, payload: memoryview) -> tuple[Any, tuple[()]]:
+        return {}, ()
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        peer = socket.create_connection(listener.getsockname())
+        ours, _ = listener.accept()
+
+    async def main() -> None:
+        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
+        peer.sendall(frame(Op.PING, {}))  # its body is read with recv_into
+        # Only this process's recv_into calls, which only the server makes here.
+        monkeypatch.setattr(socket.socket, "recv_into", timed_out)
+        with trio.fail_after(5):
+            await FrameServer(handler).serve_connection(stream)
+
+    try:
+        trio.run(main)
+    finally:
+        monkeypatch.undo()
+        peer.close()
+
+
+# ------------------------------------------------------ receive buffers
+def test_payload_pool_reuses_and_never_hands_out_a_buffer_twice() -> None:
+    pool = PayloadPool(idle_budget_bytes=4 << 20)
+    assert pool.take(1000) is None  # small payloads: fresh allocation is cheap
+    a = pool.take(1_000_000)
+    assert a is not None and len(a) == 1_000_000
+    b = pool.take(1_000_000)
+    assert b is not None and b.obj is not a.obj  # a is still in use
+    pool.give(a)
+    pool.give(a)  # a second give must not shelve it twice
+    c, d = pool.take(999_999), pool.take(999_999)
+    assert c is not None and d is not None
+    assert c.obj is a.obj and d.obj is not a.obj
+    for view in (b, c, d):
+        pool.give(view)
+    assert pool.idle_bytes <= 4 << 20
+    big = pool.take(3 << 20)
+    assert big is not None
+    pool.give(big)  # newer size wins the idle budget over older ones
+    assert pool.idle_bytes <= 4 << 20
+    assert pool.take(3 << 20).obj is big.obj  # type: ignore[union-attr]
