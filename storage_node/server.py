@@ -20,13 +20,14 @@ import os
 import signal
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import trio
 
 from deepfs.concurrency import sole_exception
-from deepfs.config import NodeConfig
+from deepfs.config import NodeConfig, load_cluster_config
+from deepfs.errors import ConfigError
 from deepfs.malloc_tuning import tune_malloc
 from storage_node.data_server import DataServer
 from storage_node.fragment_store import FragmentStore
@@ -104,30 +105,42 @@ def _size(text: str) -> int:
 
 
 def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
-    d = NodeConfig()
+    """Flags override the TOML file's ``[[nodes]]`` entry, which overrides the defaults."""
     p = argparse.ArgumentParser(prog="deepfs node serve", description="Run a DeepFS storage node.")
-    p.add_argument("--data-dir", default=d.data_dir, help=f"fragments, uuid and quarantine (default {d.data_dir})")
-    p.add_argument("--host", default=d.host, help=f"address to listen on (default {d.host})")
-    p.add_argument("--port", type=int, default=d.port, help=f"data port, 0 picks a free one (default {d.port})")
-    p.add_argument("--meta-grpc", default=d.meta_grpc, help=f"metadata server control plane (default {d.meta_grpc})")
-    p.add_argument("--failure-domain", default=d.failure_domain, help="rack or host name (default: HOST:PORT)")
+    p.add_argument("--config", help="cluster TOML file; entry --node-index of its [[nodes]] is the base configuration")
+    p.add_argument("--node-index", type=int, default=0, help="which [[nodes]] entry of --config this node is (default 0)")
+    p.add_argument("--data-dir", help="fragments, uuid and quarantine (default ./deepfs-data/node0)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, help="data port, 0 picks a free one (default 7710)")
+    p.add_argument("--meta-grpc", help="metadata server control plane (default 127.0.0.1:7701)")
+    p.add_argument("--failure-domain", help="rack or host name (default: HOST:PORT)")
     p.add_argument("--no-fsync", action="store_true", help="do not fsync fragments (tests, benchmarks)")
-    p.add_argument("--reserve-bytes", type=_size, default=d.reserve_bytes,
-                   help="refuse writes below this much free space, e.g. 256M (default 256M)")
-    p.add_argument("--capacity-bytes", type=_size, default=d.capacity_bytes,
-                   help="store at most this much, e.g. 10G (default 0: the whole file system)")
-    p.add_argument("--io-threads", type=int, default=d.io_threads, help=f"disk worker threads (default {d.io_threads})")
+    p.add_argument("--reserve-bytes", type=_size, help="refuse writes below this much free space, e.g. 256M (default 256M)")
+    p.add_argument("--capacity-bytes", type=_size, help="store at most this much, e.g. 10G (default 0: the whole file system)")
+    p.add_argument("--io-threads", type=int, help="disk worker threads (default 8)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     a = p.parse_args(argv)
-    if not 0 <= a.port < 65536:
-        p.error(f"--port must be in [0, 65535], got {a.port}")
-    if a.io_threads < 1:
+    base = NodeConfig()
+    if a.config:
+        try:
+            nodes = load_cluster_config(a.config).nodes
+        except ConfigError as exc:
+            p.error(str(exc))
+        if not 0 <= a.node_index < len(nodes):
+            p.error(f"--node-index {a.node_index} is not one of the {len(nodes)} [[nodes]] entries of {a.config}")
+        base = nodes[a.node_index]
+    overrides = {
+        field: getattr(a, field)
+        for field in ("data_dir", "host", "port", "meta_grpc", "failure_domain", "reserve_bytes", "capacity_bytes", "io_threads")
+        if getattr(a, field) is not None
+    }
+    if a.no_fsync:
+        overrides["fsync"] = False
+    config = replace(base, **overrides)
+    if not 0 <= config.port < 65536:
+        p.error(f"--port must be in [0, 65535], got {config.port}")
+    if config.io_threads < 1:
         p.error("--io-threads must be at least 1")
-    config = NodeConfig(
-        data_dir=a.data_dir, host=a.host, port=a.port, meta_grpc=a.meta_grpc, failure_domain=a.failure_domain,
-        fsync=not a.no_fsync, reserve_bytes=a.reserve_bytes, capacity_bytes=a.capacity_bytes,
-        io_threads=a.io_threads,
-    )
     return config, a.log_level
 
 

@@ -434,3 +434,18 @@ def test_payload_pool_reuses_and_never_hands_out_a_buffer_twice() -> None:
     pool.give(big)  # newer size wins the idle budget over older ones
     assert pool.idle_bytes <= 4 << 20
     assert pool.take(3 << 20).obj is big.obj  # type: ignore[union-attr]
+
+
+def test_node_takes_its_settings_from_the_cluster_toml(tmp_path) -> None:
+    """One TOML file describes a real cluster; flags override its entries."""
+    from storage_node.server import parse_args
+
+    toml = tmp_path / "cluster.toml"
+    toml.write_text(
+        '[[nodes]]\ndata_dir = "/srv/a"\nport = 7001\nfailure_domain = "rack1"\n'
+        '[[nodes]]\ndata_dir = "/srv/b"\nport = 7002\nfailure_domain = "rack2"\nfsync = false\n'
+    )
+    config, _ = parse_args(["--config", str(toml), "--node-index", "1", "--port", "7100"])
+    assert (config.data_dir, config.port, config.failure_domain, config.fsync) == ("/srv/b", 7100, "rack2", False)
+    with pytest.raises(SystemExit):
+        parse_args(["--config", str(toml), "--node-index", "5"])
