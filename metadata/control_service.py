@@ -70,7 +70,9 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
         except trio.RunFinishedError:
             _abort(context, grpc.StatusCode.UNAVAILABLE, "the metadata server is shutting down")
 
-    def Register(self, request: control_pb2.RegisterRequest, context: grpc.ServicerContext) -> control_pb2.RegisterReply:
+    def Register(
+        self, request: control_pb2.RegisterRequest, context: grpc.ServicerContext
+    ) -> control_pb2.RegisterReply:
         if not request.uuid or len(request.uuid) > 128:
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, "uuid must be 1 to 128 characters")
         try:

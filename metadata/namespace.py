@@ -157,7 +157,7 @@ class Namespace(FileOps):
         check_name(name)
         chosen = checked_layout(layout) if layout is not None else None
         with self.store.write() as txn:
-            directory = require_dir(txn, parent)
+            require_dir(txn, parent)
             found = txn.get_dentry(parent, name)
             if found is not None:
                 if exclusive:

@@ -60,7 +60,9 @@ class MetaAddresses:
         return f"{self.host}:{self.grpc_port}"
 
 
-async def serve_meta(config: MetaConfig, *, task_status: trio.TaskStatus[MetaAddresses] = trio.TASK_STATUS_IGNORED) -> None:
+async def serve_meta(
+    config: MetaConfig, *, task_status: trio.TaskStatus[MetaAddresses] = trio.TASK_STATUS_IGNORED
+) -> None:
     """Run a metadata server until cancelled; reports ``MetaAddresses`` once listening."""
     store = MetaStore.open(
         config.data_dir, map_size_bytes=config.map_size_bytes, sync_interval_s=config.sync_interval_s
@@ -151,7 +153,8 @@ _FLAG_TO_FIELD = {
 def config_from_args(args: argparse.Namespace) -> MetaConfig:
     """The TOML file's [meta] (or the defaults), overridden by the flags given."""
     config = load_cluster_config(args.config).meta if args.config else MetaConfig()
-    overrides = {field: getattr(args, flag) for flag, field in _FLAG_TO_FIELD.items() if getattr(args, flag) is not None}
+    given = {flag: getattr(args, flag) for flag in _FLAG_TO_FIELD}
+    overrides = {_FLAG_TO_FIELD[flag]: value for flag, value in given.items() if value is not None}
     config = replace(config, **overrides)
     Layout(config.default_k, config.default_m, config.default_stripe_size, config.default_codec)
     if config.sync_interval_s < 0 or config.node_grace_period_s <= 0 or config.gc_interval_s <= 0:

@@ -292,11 +292,15 @@ def test_register_heartbeat_map_and_down_detection(meta: MetaProcess) -> None:
     channel, stub = grpc_stub(meta)
     with channel:
         first = stub.Register(
-            control_pb2.RegisterRequest(uuid="u-1", address="127.0.0.1:9001", capacity_bytes=600 << 20, free_bytes=300 << 20)
+            control_pb2.RegisterRequest(
+                uuid="u-1", address="127.0.0.1:9001", capacity_bytes=600 << 20, free_bytes=300 << 20
+            )
         )
         second = stub.Register(control_pb2.RegisterRequest(uuid="u-2", address="127.0.0.1:9002", failure_domain="r2"))
         assert first.node_id == 1 and second.node_id == 2 and first.heartbeat_interval_s > 0
-        again = stub.Register(control_pb2.RegisterRequest(uuid="u-1", address="127.0.0.1:9011", capacity_bytes=600 << 20))
+        again = stub.Register(
+            control_pb2.RegisterRequest(uuid="u-1", address="127.0.0.1:9011", capacity_bytes=600 << 20)
+        )
         assert again.node_id == 1 and again.epoch > second.epoch  # moved: a new epoch
         with pytest.raises(grpc.RpcError) as info:
             stub.Heartbeat(control_pb2.HeartbeatRequest(node_id=77))
@@ -433,7 +437,7 @@ def test_acknowledged_operations_survive_kill_9(tmp_path: Path, servers: list[Me
                 nursery.start_soon(writer, c, worker)
 
     with_client(first, load)
-    assert first.stop(signal.SIGKILL) == -signal.SIGKILL  # no sync interval elapsed guarantee: page cache only
+    assert first.stop(signal.SIGKILL) == -signal.SIGKILL  # acknowledged = committed to the page cache
     second = start_meta(tmp_path / "meta")
     servers.append(second)
 
@@ -450,7 +454,9 @@ def test_acknowledged_operations_survive_kill_9(tmp_path: Path, servers: list[Me
         for name, ino in acked_dirs.items():
             entries = (await call(c, Op.READDIR, {"ino": ino, "offset": 0, "limit": 0}))["entries"]
             assert len(entries) == 25
-        made = await call(c, Op.CREATE, {"parent": ROOT, "name": b"after", "mode": 0o644, "exclusive": True, "ctx": CTX})
+        made = await call(
+            c, Op.CREATE, {"parent": ROOT, "name": b"after", "mode": 0o644, "exclusive": True, "ctx": CTX}
+        )
         assert made["attr"]["ino"] > max(ino for ino, _ in acked_files.values())
 
     with_client(second, check)
