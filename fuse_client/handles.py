@@ -37,7 +37,7 @@ import trio
 from deepfs.client import AsyncClient, AsyncFile
 from deepfs.frames import Op
 from fuse_client.attr_cache import Attr, cache_stamp
-from fuse_client.readahead import SEQUENTIAL_SLACK_BYTES, StripePrefetcher
+from fuse_client.readahead import StripePrefetcher, is_sequential
 
 log = logging.getLogger(__name__)
 
@@ -71,10 +71,11 @@ class FileHandle:
     fh: int
     inode: OpenInode
     append: bool
+    uid: int  # who opened it: writes through it are theirs (FUSE tells no writer)
     next_offset: int = 0  # where the last read ended: the sequential-reader test
 
     def is_sequential(self, offset: int) -> bool:
-        return abs(offset - self.next_offset) <= SEQUENTIAL_SLACK_BYTES
+        return is_sequential(offset, self.next_offset)
 
 
 class OpenFiles:
@@ -107,7 +108,7 @@ class OpenFiles:
         self._stamps.pop(ino, None)
 
     # --------------------------------------------------------- open/close
-    async def open(self, ino: int, flags: int) -> tuple[FileHandle, bool]:
+    async def open(self, ino: int, flags: int, uid: int) -> tuple[FileHandle, bool]:
         """A new handle of ``ino``, and whether the kernel may keep its cached pages."""
         async with self._transition_lock(ino):
             inode = self._by_ino.get(ino)
@@ -121,17 +122,17 @@ class OpenFiles:
             if flags & os.O_TRUNC and inode.file.size:
                 await self.truncate(inode, 0)
                 keep_cache = False
-            return self._new_handle(inode, flags), keep_cache
+            return self._new_handle(inode, flags, uid), keep_cache
 
-    def adopt(self, file: AsyncFile, flags: int) -> FileHandle:
+    def adopt(self, file: AsyncFile, flags: int, uid: int) -> FileHandle:
         """A handle of a file this mount just created (nobody else can hold it open yet)."""
         prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.nursery)
         inode = self._by_ino[file.ino] = OpenInode(file.ino, file, prefetch)
-        return self._new_handle(inode, flags)
+        return self._new_handle(inode, flags, uid)
 
-    def _new_handle(self, inode: OpenInode, flags: int) -> FileHandle:
+    def _new_handle(self, inode: OpenInode, flags: int, uid: int) -> FileHandle:
         fh = next(self._next_fh)
-        handle = self._handles[fh] = FileHandle(fh, inode, append=bool(flags & os.O_APPEND))
+        handle = self._handles[fh] = FileHandle(fh, inode, append=bool(flags & os.O_APPEND), uid=uid)
         inode.handles.add(fh)
         return handle
 

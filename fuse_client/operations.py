@@ -14,9 +14,12 @@ call on an open ``AsyncFile`` (``handles.py``). What this layer adds:
 
 Permission checks are the kernel's (``default_permissions``) against the
 attributes we return: mode bits, owner and group, sticky directories, who
-may chown/chmod/utime, and clearing set-id bits on chown and on writes by
-others (the kernel sends those as a mode change). ``access`` is answered
-too, for mounts without ``default_permissions``.
+may chown/chmod/utime. One rule is left to us: libfuse asks for
+``FUSE_CAP_HANDLE_KILLPRIV`` by default (pyfuse3 cannot opt out), so the
+kernel does not clear set-user-ID/set-group-ID bits itself on a write,
+truncate or chown; ``_drop_set_id_bits`` does, for callers other than root
+(Linux spares only CAP_FSETID holders). ``access`` is answered too, for
+mounts without ``default_permissions``.
 """
 
 from __future__ import annotations
@@ -87,9 +90,18 @@ def check_name(name: bytes) -> None:
         raise OSError(errno.ENAMETOOLONG, f"names are at most {NAME_MAX} bytes")
 
 
-def mode_after_chown(mode: int) -> int:
-    """Linux rule for chown of a non-directory: set-user-ID goes, and
-    set-group-ID goes when it means "set group" (group-executable)."""
+def refuse_acl(name: bytes) -> None:
+    """POSIX ACLs are not supported. Storing their xattrs as opaque values
+    would be worse than refusing them: cp -a and tar set a mode through
+    system.posix_acl_access and skip chmod when that succeeds."""
+    if name.startswith(b"system.posix_acl_"):
+        raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
+
+
+def without_set_id_bits(mode: int) -> int:
+    """What Linux leaves of a file's mode after a chown, or a write or
+    truncate by an unprivileged process: set-user-ID goes, and set-group-ID
+    goes when it means "set group on exec" (group-executable)."""
     mode &= ~stat.S_ISUID
     if mode & stat.S_IXGRP:
         mode &= ~stat.S_ISGID
@@ -226,10 +238,11 @@ class DeepFSOperations(pyfuse3.Operations):
             body["atime_ns"] = attr.st_atime_ns
         if fields.update_mtime:
             body["mtime_ns"] = attr.st_mtime_ns
-        if (fields.update_uid or fields.update_gid) and not fields.update_mode:
+        chown = fields.update_uid or fields.update_gid
+        if (chown or (fields.update_size and ctx.uid != 0)) and not fields.update_mode:
             current = await self._attr(inode)
             if not stat.S_ISDIR(int(current["mode"])):
-                kept = mode_after_chown(int(current["mode"]))
+                kept = without_set_id_bits(int(current["mode"]))
                 if kept != int(current["mode"]):
                     body["mode"] = kept & 0o7777
         # Buffered data is committed first, or its commit would overwrite the
@@ -343,9 +356,11 @@ class DeepFSOperations(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         try:
-            handle, keep_cache = await self.files.open(inode, flags)
+            handle, keep_cache = await self.files.open(inode, flags, ctx.uid)
         except FileNotFoundError:
             raise OSError(errno.ESTALE, "the inode was removed") from None
+        if flags & os.O_TRUNC and ctx.uid != 0:
+            await self._drop_set_id_bits(inode)
         if not keep_cache:
             self._kernel_forget_attrs(inode)
         self.attrs.put(handle.inode.file.attr)
@@ -375,9 +390,9 @@ class DeepFSOperations(pyfuse3.Operations):
         if reply.get("created", True):
             file = AsyncFile(self.client, f"<inode {attr['ino']}>", attr, Layout.from_dict(reply["layout"]), [],
                              readable=True, writable=True, append=False)
-            handle = self.files.adopt(file, flags)
+            handle = self.files.adopt(file, flags, ctx.uid)
         else:  # raced with another mount's create: open what is there
-            handle, _ = await self.files.open(int(attr["ino"]), flags)
+            handle, _ = await self.files.open(int(attr["ino"]), flags, ctx.uid)
         entry = self._entry(self._learned(handle.inode.file.attr, parent_inode))
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False, direct_io=handle.append), entry
 
@@ -406,21 +421,43 @@ class DeepFSOperations(pyfuse3.Operations):
         handle = self.files.handle(fh)
         self.stats.writes += 1
         self.stats.largest_write = max(self.stats.largest_write, len(buf))
-        written = await self.files.write(handle, off, buf)
-        self.attrs.drop(handle.inode.ino)
-        return written
+        if handle.uid != 0:
+            await self._drop_set_id_bits(handle.inode.ino)
+        return await self.files.write(handle, off, buf)
+
+    async def _drop_set_id_bits(self, ino: int) -> None:
+        """A write or truncate by an unprivileged caller clears set-id bits
+        (see the module docstring: the kernel leaves this to us)."""
+        mode = int((await self._attr(ino))["mode"])
+        kept = without_set_id_bits(mode)
+        if kept == mode or stat.S_ISDIR(mode):
+            return
+        attr = (await self._call_ino(Op.SETATTR, ino=ino, mode=kept & 0o7777, ctx=self.client.ctx))["attr"]
+        opened = self.files.inode(ino)
+        if opened is not None:
+            opened.file.attr = dict(opened.file.attr, mode=attr["mode"], ctime_ns=attr["ctime_ns"])
+        self.attrs.put(attr)
+        self._kernel_forget_attrs(ino)
 
     @fuse_errors
     async def flush(self, fh: int) -> None:
-        await self.files.flush(self.files.handle(fh).inode)
+        opened = self.files.handle(fh).inode
+        await self.files.flush(opened)
+        self.attrs.drop(opened.ino)  # the commits moved size and times on the server
 
     @fuse_errors
     async def fsync(self, fh: int, datasync: bool) -> None:
-        await self.files.fsync(self.files.handle(fh).inode)
+        opened = self.files.handle(fh).inode
+        await self.files.fsync(opened)
+        self.attrs.drop(opened.ino)
 
     @fuse_errors
     async def release(self, fh: int) -> None:
-        await self.files.release(fh)
+        ino = self.files.handle(fh).inode.ino
+        try:
+            await self.files.release(fh)
+        finally:
+            self.attrs.drop(ino)
 
     # ------------------------------------------------------------ directories
     @fuse_errors
@@ -522,11 +559,13 @@ class DeepFSOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ xattrs
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        refuse_acl(name)
         await self._call_ino(Op.SETXATTR, ino=inode, name=name, value=value, flags=0)
         self.attrs.drop(inode)
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        refuse_acl(name)
         return bytes((await self._call_ino(Op.GETXATTR, ino=inode, name=name))["value"])
 
     @fuse_errors
@@ -535,6 +574,7 @@ class DeepFSOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        refuse_acl(name)
         await self._call_ino(Op.REMOVEXATTR, ino=inode, name=name)
         self.attrs.drop(inode)
 

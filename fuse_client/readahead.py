@@ -26,10 +26,16 @@ from deepfs.client import AsyncFile
 
 log = logging.getLogger(__name__)
 
-# A read within this distance of where the handle's last read ended counts as
-# sequential: the kernel sends read-ahead requests in parallel, so they can
-# arrive slightly out of order.
-SEQUENTIAL_SLACK_BYTES = 4 << 20
+# A read that starts this close after (or slightly before) where the
+# handle's last read ended counts as sequential: the kernel sends its
+# read-ahead requests (up to its 1 MiB window) in parallel, so they can
+# arrive out of order. A random reader jumps further and gets no read-ahead.
+SEQUENTIAL_AHEAD_BYTES = 1 << 20
+SEQUENTIAL_BEHIND_BYTES = 256 << 10
+
+
+def is_sequential(offset: int, previous_end: int) -> bool:
+    return previous_end - SEQUENTIAL_BEHIND_BYTES <= offset <= previous_end + SEQUENTIAL_AHEAD_BYTES
 
 
 @dataclass
