@@ -1,0 +1,58 @@
+"""What ``save``/``load`` were pointed at: a DeepFS file, or something for plain torch.
+
+A ``deepfs://HOST:PORT/path`` URL names a file on that cluster (through the
+process's shared client); a plain path names a file on the ``client`` the
+caller passed. File-like objects go to ``torch.save``/``torch.load``
+unchanged, so the adapter is a drop-in replacement. A plain path without a
+client is refused rather than written locally: a mistyped URL must not
+silently become a local file.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+from dataclasses import dataclass
+from typing import Any
+
+from deepfs.client import Client
+from deepfs.url import is_url, join_path, parse_url, shared_client
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    client: Client
+    path: str
+    url: str  # for messages
+
+    def temporary_sibling(self) -> str:
+        """``<dir>/.<name>.tmp-<random>``: where a save writes before its atomic rename."""
+        parent, _, name = self.path.rpartition("/")
+        return join_path(parent or "/", f".{name}.tmp-{secrets.token_hex(6)}")
+
+
+def resolve(f: Any, client: Client | None) -> Target | None:
+    """The DeepFS file ``f`` names, or None when ``f`` is a file-like object for plain torch."""
+    if isinstance(f, os.PathLike):
+        f = os.fspath(f)
+    if isinstance(f, bytes):
+        f = os.fsdecode(f)
+    if not isinstance(f, str):
+        if client is not None:
+            raise TypeError(f"with client=..., the path must be a string, not {type(f).__name__}")
+        return None
+    if is_url(f):
+        url = parse_url(f)
+        if client is not None and client.meta_address != url.address:
+            raise ValueError(f"{f} names cluster {url.address}, but the client given is connected to {client.meta_address}")
+        chosen = client or shared_client(url.address)
+        return Target(chosen, url.path, str(url))
+    if client is None:
+        raise ValueError(
+            f"{f!r} is not a deepfs:// URL; pass deepfs://HOST:PORT/path, or a path with client=deepfs.Client(...) "
+            "(use torch.save/torch.load for local files)"
+        )
+    if not f.startswith("/"):
+        raise ValueError(f"DeepFS paths are absolute; got {f!r}")
+    path = join_path(f)
+    return Target(client, path, f"deepfs://{client.meta_address}{path}")
