@@ -134,6 +134,12 @@ class AsyncFile:
         await self._client.stripes.read_into(self.ino, self.layout, record, inner, dest)
 
     # ---------------------------------------------------------------- writes
+    @property
+    def buffered_stripes(self) -> int:
+        """Partially written stripes held in memory until flush (full ones are
+        stored right away): a caller bounds a random writer's memory with it."""
+        return len(self._dirty)
+
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         self._check_open()
         self._raise_background_error()
