@@ -1,0 +1,379 @@
+"""deepfs.torch.save/load against real clusters: round trips of everything people
+save, interoperability with plain torch, safety, errors, crashes and failures."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import deepfs  # noqa: E402
+import deepfs.torch as dtorch  # noqa: E402
+from deepfs import Layout  # noqa: E402
+from deepfs.local_cluster import LocalCluster  # noqa: E402
+from tests.conftest import unique_dir  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ------------------------------------------------------------------ helpers
+def assert_same(expected: object, got: object, where: str = "") -> None:
+    """Equal structure, and every tensor equal byte for byte with the same dtype, shape and strides."""
+    if isinstance(expected, torch.Tensor):
+        assert isinstance(got, torch.Tensor), where
+        assert (got.dtype, got.shape, got.stride(), got.storage_offset()) == (
+            expected.dtype, expected.shape, expected.stride(), expected.storage_offset()), where
+        assert torch.equal(storage_bytes(got), storage_bytes(expected)), where
+    elif isinstance(expected, dict):
+        assert isinstance(got, dict) and list(got) == list(expected), where
+        for key in expected:
+            assert_same(expected[key], got[key], f"{where}/{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert type(got) is type(expected) and len(got) == len(expected), where
+        for i, (a, b) in enumerate(zip(expected, got, strict=True)):
+            assert_same(a, b, f"{where}[{i}]")
+    else:
+        assert got == expected, where
+
+
+def storage_bytes(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole storage under ``tensor`` as uint8 (so views, padding and bit patterns all count)."""
+    return torch.empty(0, dtype=torch.uint8).set_(tensor.untyped_storage())
+
+
+def all_dtypes() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    floats = torch.randn(37, 11, generator=g)
+    return {
+        "float32": floats,
+        "float64": floats.double(),
+        "float16": floats.half(),
+        "bfloat16": floats.bfloat16(),
+        "complex64": torch.randn(13, dtype=torch.complex64, generator=g),
+        "int8": torch.randint(-128, 128, (101,), dtype=torch.int8, generator=g),
+        "int16": torch.randint(-(2**15), 2**15, (55,), dtype=torch.int16, generator=g),
+        "int32": torch.randint(-(2**31), 2**31 - 1, (77,), dtype=torch.int32, generator=g),
+        "int64": torch.randint(-(2**62), 2**62, (33,), dtype=torch.int64, generator=g),
+        "uint8": torch.randint(0, 256, (99,), dtype=torch.uint8, generator=g),
+        "bool": torch.rand(45, generator=g) > 0.5,
+    }
+
+
+def shared_views() -> dict[str, object]:
+    base = torch.arange(4096, dtype=torch.float32).reshape(64, 64)
+    return {
+        "base": base,
+        "transposed": base.t(),  # non-contiguous
+        "rows": base[10:20],
+        "strided": base[::3, 1::2],
+        "flat": base.view(-1)[100:200],
+        "same_again": base,
+    }
+
+
+OBJECTS: dict[str, object] = {
+    "dtypes": all_dtypes(),
+    "views": shared_views(),
+    "empty_and_0d": {"empty": torch.empty(0), "empty2d": torch.zeros(0, 7, dtype=torch.int64),
+                     "scalar": torch.tensor(2.5), "int_scalar": torch.tensor(7, dtype=torch.int32)},
+    "python": {"int": 3, "float": 0.25, "str": "hello", "none": None, "bool": True, "bytes": b"\x00\x01",
+               "tuple": (1, "a"), "list": [1, 2.0, "x"], "nested": {"a": [{"b": (1, 2)}]}},
+    "bare_tensor": torch.linspace(0, 1, 1000),
+    "list_of_tensors": [torch.ones(3), torch.zeros(2, 2), torch.full((5,), 7, dtype=torch.int16)],
+    "big_and_small": {"big": torch.randn(700_000), "small": torch.randn(10), "mid": torch.randn(50_000)},
+}
+
+
+def load_both_ways(client: deepfs.Client, path: str, **kwargs: object) -> object:
+    """Load through a path on the client and through the deepfs:// URL; both must agree."""
+    by_path = dtorch.load(path, client=client, **kwargs)
+    by_url = dtorch.load(f"deepfs://{client.meta_address}{path}", **kwargs)
+    assert_same(by_path, by_url)
+    return by_path
+
+
+# ------------------------------------------------------------ round trips
+@pytest.mark.parametrize("kind", sorted(OBJECTS))
+def test_round_trip(client: deepfs.Client, kind: str) -> None:
+    base = unique_dir(client, f"rt-{kind}")
+    obj = OBJECTS[kind]
+    dtorch.save(obj, f"{base}/ck.pt", client=client)
+    got = load_both_ways(client, f"{base}/ck.pt")
+    assert_same(obj, got)
+    assert client.listdir(base) == ["ck.pt"]  # no temporary left behind
+
+
+def test_storage_sharing_survives(client: deepfs.Client) -> None:
+    base = unique_dir(client, "sharing")
+    obj = shared_views()
+    dtorch.save(obj, f"{base}/ck.pt", client=client)
+    got = dtorch.load(f"{base}/ck.pt", client=client)
+    ptr = got["base"].untyped_storage().data_ptr()
+    assert all(got[k].untyped_storage().data_ptr() == ptr for k in obj)
+    got["base"][0, 0] = -1.0
+    assert got["transposed"][0, 0] == -1.0 and got["same_again"] is got["base"]
+
+
+class SmallNet(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.Sequential(
+            torch.nn.Linear(64, 256), torch.nn.LayerNorm(256), torch.nn.GELU(),
+            torch.nn.Linear(256, 256), torch.nn.LayerNorm(256), torch.nn.GELU(),
+            torch.nn.Linear(256, 10),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layers(x)
+
+
+def trained(seed: int) -> tuple[SmallNet, torch.optim.Adam]:
+    torch.manual_seed(seed)
+    model = SmallNet()
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    for _ in range(3):
+        loss = model(torch.randn(16, 64)).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return model, optimizer
+
+
+def test_model_and_adam_state(client: deepfs.Client) -> None:
+    base = unique_dir(client, "model")
+    model, optimizer = trained(0)
+    checkpoint = {"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": 3, "note": "adam"}
+    dtorch.save(checkpoint, f"{base}/model.pt", client=client)
+    got = dtorch.load(f"{base}/model.pt", client=client)
+    assert_same(checkpoint, got)
+    fresh, fresh_opt = trained(1)
+    fresh.load_state_dict(got["model"])
+    fresh_opt.load_state_dict(got["optimizer"])
+    x = torch.randn(4, 64)
+    assert torch.equal(fresh(x), model(x))
+    for (k, a), b in zip(model.state_dict().items(), fresh.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+
+
+def test_legacy_format_round_trip(client: deepfs.Client) -> None:
+    base = unique_dir(client, "legacy")
+    obj = all_dtypes()
+    dtorch.save(obj, f"{base}/old.pt", client=client, _use_new_zipfile_serialization=False)
+    assert_same(obj, dtorch.load(f"{base}/old.pt", client=client))
+
+
+# ------------------------------------------------------ plain torch interop
+def test_plain_torch_reads_adapter_bytes(client: deepfs.Client) -> None:
+    base = unique_dir(client, "interop")
+    obj = {**all_dtypes(), **shared_views()}
+    dtorch.save(obj, f"{base}/ck.pt", client=client)
+    raw = client.read_file(f"{base}/ck.pt")
+    assert_same(obj, torch.load(io.BytesIO(raw)))
+
+
+def test_adapter_reads_plain_torch_save(client: deepfs.Client) -> None:
+    base = unique_dir(client, "interop2")
+    obj = {**all_dtypes(), **shared_views(), "big": torch.randn(600_000)}
+    buf = io.BytesIO()
+    torch.save(obj, buf)  # 64-byte alignment, PyTorch's own writer
+    client.write_file(f"{base}/plain.pt", buf.getvalue())
+    assert_same(obj, dtorch.load(f"{base}/plain.pt", client=client, verify_crc=True))
+
+
+def test_file_objects_go_to_plain_torch(tmp_path: Path) -> None:
+    obj = all_dtypes()
+    buf = io.BytesIO()
+    dtorch.save(obj, buf)
+    buf.seek(0)
+    assert_same(obj, dtorch.load(buf))
+
+
+# ------------------------------------------------------------------- safety
+MARKS: list[str] = []
+
+
+def _mark(text: str) -> str:
+    MARKS.append(text)
+    return text
+
+
+class Evil:
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (_mark, ("code ran",))
+
+
+def test_weights_only_refuses_code(client: deepfs.Client) -> None:
+    base = unique_dir(client, "evil")
+    dtorch.save({"weights": torch.ones(3), "payload": Evil()}, f"{base}/evil.pt", client=client)
+    MARKS.clear()
+    with pytest.raises(pickle.UnpicklingError, match="Weights only load"):
+        dtorch.load(f"{base}/evil.pt", client=client)
+    assert MARKS == []
+    got = dtorch.load(f"{base}/evil.pt", client=client, weights_only=False)  # the caller asked for it
+    assert MARKS == ["code ran"] and got["payload"] == "code ran"
+    with pytest.raises(RuntimeError, match="pickle_module"):
+        dtorch.load(f"{base}/evil.pt", client=client, pickle_module=pickle)
+
+
+# ------------------------------------------------------------------- errors
+def test_errors_are_clear(client: deepfs.Client) -> None:
+    base = unique_dir(client, "errors")
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        dtorch.load(f"{base}/missing.pt", client=client)
+    good = io.BytesIO()
+    dtorch.save(all_dtypes(), good)
+    client.write_file(f"{base}/truncated.pt", good.getvalue()[: len(good.getvalue()) // 2])
+    with pytest.raises(dtorch.CheckpointError, match="truncated.pt") as info:
+        dtorch.load(f"{base}/truncated.pt", client=client)
+    assert isinstance(info.value, RuntimeError)
+    client.write_file(f"{base}/garbage.pt", os.urandom(100_000))
+    with pytest.raises(dtorch.CheckpointError, match="garbage.pt"):
+        dtorch.load(f"{base}/garbage.pt", client=client)
+    client.write_file(f"{base}/empty.pt", b"")
+    with pytest.raises(dtorch.CheckpointError, match="empty"):
+        dtorch.load(f"{base}/empty.pt", client=client)
+    with pytest.raises(IsADirectoryError):
+        dtorch.load(base, client=client)
+    with pytest.raises(ValueError, match="mmap"):
+        dtorch.load(f"{base}/truncated.pt", client=client, mmap=True)
+    with pytest.raises(ValueError, match="deepfs://"):
+        dtorch.save({}, "/local/path.pt")
+    with pytest.raises(FileNotFoundError):
+        dtorch.save({}, f"{base}/no/such/dir/ck.pt", client=client)
+
+
+def test_a_flipped_storage_byte_fails_the_crc_check(client: deepfs.Client) -> None:
+    base = unique_dir(client, "crc")
+    good = io.BytesIO()
+    dtorch.save({"x": torch.arange(1 << 18, dtype=torch.int32)}, good)
+    raw = bytearray(good.getvalue())
+    raw[raw.index(b"data/0") + 4096 + 100] ^= 0x01  # inside the storage's bytes
+    client.write_file(f"{base}/flipped.pt", bytes(raw))
+    with pytest.raises(dtorch.CheckpointError, match="CRC"):
+        dtorch.load(f"{base}/flipped.pt", client=client, verify_crc=True)
+
+
+def test_progress_bar(client: deepfs.Client, capsys: pytest.CaptureFixture[str]) -> None:
+    base = unique_dir(client, "progress")
+    dtorch.save(all_dtypes(), f"{base}/ck.pt", client=client, progress=True)
+    dtorch.load(f"{base}/ck.pt", client=client, progress=True)
+    err = capsys.readouterr().err
+    assert "saving" in err and "loading" in err
+
+
+# ----------------------------------------------------------- crash safety
+SAVER = textwrap.dedent("""
+    import sys, torch, deepfs, deepfs.torch
+    address, path = sys.argv[1], sys.argv[2]
+    state = {f"layer{i}": torch.full((1 << 20,), float(i)) for i in range(48)}  # 192 MiB
+    with deepfs.Client(address) as client:
+        print("saving", flush=True)
+        deepfs.torch.save(state, path, client=client)
+        print("saved", flush=True)
+""")
+
+
+def test_kill_9_mid_save_keeps_the_previous_checkpoint(fresh_cluster: LocalCluster, tmp_path: Path) -> None:
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        client.mkdir("/ckpt")
+        previous = {"step": 100, "w": torch.randn(300_000)}
+        dtorch.save(previous, "/ckpt/latest.pt", client=client)
+        script = tmp_path / "saver.py"
+        script.write_text(SAVER)
+        saver = subprocess.Popen([sys.executable, str(script), fresh_cluster.meta_address, "/ckpt/latest.pt"],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(REPO), text=True)
+        try:
+            deadline = time.monotonic() + 60
+            temporary = None
+            while time.monotonic() < deadline and saver.poll() is None:
+                temps = [n for n in client.listdir("/ckpt") if n.startswith(".latest.pt.tmp-")]
+                if temps and client.stat(f"/ckpt/{temps[0]}").st_size > (8 << 20):
+                    temporary = temps[0]
+                    break
+                time.sleep(0.02)
+            assert temporary is not None, f"the save never got going: {saver.stdout.read() if saver.poll() is not None else ''}"
+            saver.send_signal(signal.SIGKILL)
+            saver.wait(10)
+        finally:
+            if saver.poll() is None:
+                saver.kill()
+                saver.wait(10)
+            assert saver.stdout is not None
+            saver.stdout.close()
+        assert_same(previous, dtorch.load("/ckpt/latest.pt", client=client))
+        names = client.listdir("/ckpt")
+        assert "latest.pt" in names and all(n == "latest.pt" or n.startswith(".latest.pt.tmp-") for n in names)
+
+
+# ------------------------------------------------------- node failures
+LAYOUT = Layout(4, 2, 256 << 10)
+
+
+def checkpoint_of_a_few_mib() -> dict[str, object]:
+    model, optimizer = trained(2)
+    return {"model": model.state_dict(), "optimizer": optimizer.state_dict(),
+            "extra": torch.randn(1 << 20), "views": shared_views()}
+
+
+def test_save_with_m_nodes_down(fresh_cluster: LocalCluster) -> None:
+    fresh_cluster.kill_node(1)
+    fresh_cluster.kill_node(4)
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        obj = checkpoint_of_a_few_mib()
+        dtorch.save(obj, "/ck.pt", client=client, layout=LAYOUT)
+        assert_same(obj, dtorch.load("/ck.pt", client=client))
+        for i in (1, 4):
+            fresh_cluster.start_node(i)
+        assert_same(obj, dtorch.load("/ck.pt", client=client))
+
+
+def test_load_with_m_nodes_down(fresh_cluster: LocalCluster) -> None:
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        obj = checkpoint_of_a_few_mib()
+        dtorch.save(obj, "/ck.pt", client=client, layout=LAYOUT)
+        fresh_cluster.kill_node(0)
+        fresh_cluster.kill_node(3)
+        assert_same(obj, dtorch.load("/ck.pt", client=client))
+        assert client.stats.degraded_reads > 0
+
+
+def test_corruption_beyond_repair_is_an_error(fresh_cluster: LocalCluster) -> None:
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        obj = {"w": torch.randn(1 << 20), "b": torch.randn(1000)}
+        dtorch.save(obj, "/ck.pt", client=client, layout=LAYOUT)
+        ino = client.stat("/ck.pt").st_ino
+        stripe = 2  # inside the big storage
+        victims = sorted(fresh_cluster.data_dir.glob(f"node*/fragments/*/{ino}/{stripe}.*.*"))
+        assert len(victims) == LAYOUT.width
+        for path in victims[: LAYOUT.m + 1]:  # more than m fragments of one stripe
+            raw = bytearray(path.read_bytes())
+            for pos in range(200, len(raw), 4096):
+                raw[pos] ^= 0xFF
+            path.write_bytes(raw)
+    with deepfs.Client(fresh_cluster.meta_address) as client:  # nothing cached
+        with pytest.raises(OSError) as info:
+            dtorch.load("/ck.pt", client=client)
+        assert info.value.errno == errno.EIO
+        assert "ck.pt" in str(info.value) and "unavailable" in str(info.value)
+
+
+@pytest.fixture
+def no_shared_clients() -> Iterator[None]:
+    from deepfs.url import close_shared_clients
+
+    yield
+    close_shared_clients()
