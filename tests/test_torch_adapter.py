@@ -23,9 +23,17 @@ import deepfs  # noqa: E402
 import deepfs.torch as dtorch  # noqa: E402
 from deepfs import Layout  # noqa: E402
 from deepfs.local_cluster import LocalCluster  # noqa: E402
+from deepfs.url import close_shared_clients  # noqa: E402
 from tests.conftest import unique_dir  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _close_shared_clients() -> Iterator[None]:
+    """URLs open shared clients; close them with this module's cluster."""
+    yield
+    close_shared_clients()
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -369,11 +377,3 @@ def test_corruption_beyond_repair_is_an_error(fresh_cluster: LocalCluster) -> No
             dtorch.load("/ck.pt", client=client)
         assert info.value.errno == errno.EIO
         assert "ck.pt" in str(info.value) and "unavailable" in str(info.value)
-
-
-@pytest.fixture
-def no_shared_clients() -> Iterator[None]:
-    from deepfs.url import close_shared_clients
-
-    yield
-    close_shared_clients()
