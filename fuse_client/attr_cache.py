@@ -17,6 +17,7 @@ after at most twice ``attr_timeout``.
 
 from __future__ import annotations
 
+import stat
 import time
 from typing import Any
 
@@ -80,6 +81,15 @@ def to_entry(attr: Attr, attr_timeout_s: float, entry_timeout_s: float) -> pyfus
     entry.st_ctime_ns = int(attr["ctime_ns"])
     entry.attr_timeout = attr_timeout_s
     entry.entry_timeout = entry_timeout_s
+    return entry
+
+
+def dot_entry(ino: int) -> pyfuse3.EntryAttributes:
+    """A '.' or '..' readdir entry: only the inode number and type are used."""
+    entry = pyfuse3.EntryAttributes()
+    entry.st_ino = ino
+    entry.st_mode = stat.S_IFDIR | 0o755
+    entry.attr_timeout = entry.entry_timeout = 0
     return entry
 
 

@@ -42,6 +42,10 @@ from fuse_client.readahead import StripePrefetcher, is_sequential
 log = logging.getLogger(__name__)
 
 MAX_CACHE_STAMPS = 50_000
+# Partially written stripes one open file may hold in memory before its
+# writes wait for a flush (a random writer touches a whole stripe buffer
+# per small write; sequential writers never get near this).
+MAX_BUFFERED_STRIPES = 32
 
 
 @dataclass
@@ -190,6 +194,8 @@ class OpenFiles:
             inode.prefetch.invalidate()
             written = await inode.file.pwrite(data, offset)
             inode.local_mtime_ns = time.time_ns()
+            if inode.file.buffered_stripes > MAX_BUFFERED_STRIPES:
+                await inode.file.flush()
             return written
 
     async def flush(self, inode: OpenInode) -> None:

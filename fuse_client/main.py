@@ -34,8 +34,8 @@ def main(argv: list[str] | None = None, prog: str = "deepfs mount") -> int:
             run_foreground(options)
         else:
             mounted = start_background(options)
-            print(f"mounted {options.meta_address} at {options.mountpoint} "
-                  f"(daemon pid {mounted.pid}, log {mounted.log_path}); unmount with: deepfs umount {options.mountpoint}")
+            print(f"mounted {options.meta_address} at {options.mountpoint} (daemon pid {mounted.pid}, "
+                  f"log {mounted.log_path}); unmount with: deepfs umount {options.mountpoint}")
     except (MountError, RuntimeError, TimeoutError, OSError) as exc:
         print(f"{prog}: {_one_line(exc)}", file=sys.stderr)
         return 1

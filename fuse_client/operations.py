@@ -40,7 +40,7 @@ from deepfs.client import AsyncClient, AsyncFile
 from deepfs.concurrency import sole_exception
 from deepfs.frames import Op
 from deepfs.layout import Layout
-from fuse_client.attr_cache import Attr, AttrCache, negative_entry, to_entry
+from fuse_client.attr_cache import Attr, AttrCache, dot_entry, negative_entry, to_entry
 from fuse_client.handles import OpenFiles
 from fuse_client.options import MountOptions
 
@@ -462,10 +462,7 @@ class DeepFSOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ directories
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        attr = await self._attr(inode)
-        if not stat.S_ISDIR(int(attr["mode"])):
-            raise OSError(errno.ENOTDIR, "not a directory")
-        fh = self._next_dir_fh
+        fh = self._next_dir_fh  # the kernel only opens directories as such: nothing to check
         self._next_dir_fh += 1
         self._dirs[fh] = DirHandle(inode)
         return fh
@@ -478,13 +475,13 @@ class DeepFSOperations(pyfuse3.Operations):
         handle = self._dirs.get(fh)
         if handle is None:
             raise OSError(errno.EBADF, "no such directory handle")
-        if start_id < 1:
-            if not pyfuse3.readdir_reply(token, b".", self._entry(await self._attr(handle.ino)), 1):
-                return
+        # The kernel takes only the inode number and type of '.' and '..' (it
+        # never instantiates them from readdirplus), so they cost no round trip.
+        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", dot_entry(handle.ino), 1):
+            return
         if start_id < 2:
             parent = self._dir_parent.get(handle.ino, handle.ino)
-            dotdot = dict(await self._attr(handle.ino), ino=parent)
-            if not pyfuse3.readdir_reply(token, b"..", to_entry(dotdot, 0, 0), 2):
+            if not pyfuse3.readdir_reply(token, b"..", dot_entry(parent), 2):
                 return
         cookie = max(start_id - 2, 0)
         while True:
@@ -518,7 +515,7 @@ class DeepFSOperations(pyfuse3.Operations):
             for _name, ino, _mode, _cookie in raw:
                 nursery.start_soon(fetch, int(ino))
         entries = [(bytes(name), attrs[int(ino)], int(cookie)) for name, ino, _mode, cookie in raw if int(ino) in attrs]
-        for name, attr, _cookie in entries:
+        for _name, attr, _cookie in entries:
             if stat.S_ISDIR(int(attr["mode"])):
                 self._dir_parent[int(attr["ino"])] = handle.ino
         handle.buffered, handle.buffered_after = entries, after

@@ -19,7 +19,7 @@ import pytest
 
 from deepfs.local_cluster import LocalCluster
 from fuse_client.mount_process import MountProcess, is_mounted
-from tests.conftest import Mounted, mount_base, mounted
+from tests.conftest import mount_base, mounted
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -113,6 +113,18 @@ def test_reads_byte_exact_with_m_nodes_down(fresh_cluster: LocalCluster) -> None
                 assert sha(writer.path / name) == digest
             for v in victims:
                 fresh_cluster.start_node(v)
+        # m + 1 nodes down: nothing can be stored, and the writer is told by
+        # write(2) or at the latest close(2), not left with a silently lost file.
+        for v in (0, 2, 4):
+            fresh_cluster.kill_node(v)
+        with pytest.raises(OSError) as info:  # noqa: PT012 - the error may come from write or close
+            with open(writer.path / "doomed", "wb") as f:
+                f.write(os.urandom(1_000_000))
+        assert info.value.errno == errno.EIO
+        for v in (0, 2, 4):
+            fresh_cluster.start_node(v)
+        (writer.path / "after").write_bytes(b"stored again")
+        assert (writer.path / "after").read_bytes() == b"stored again"
 
 
 def test_kill_9_of_the_mount_daemon_loses_no_closed_file(fresh_cluster: LocalCluster) -> None:
