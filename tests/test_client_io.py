@@ -159,3 +159,12 @@ def test_superseded_versions_are_garbage_collected(cluster: LocalCluster, client
     while fragment_files() and time.monotonic() < deadline:
         time.sleep(0.2)
     assert fragment_files() == []
+
+
+def test_layout_wider_than_the_cluster_is_refused(client: deepfs.Client) -> None:
+    import errno
+
+    base = unique_dir(client, "wide")
+    with pytest.raises(OSError) as info:
+        client.write_file(f"{base}/w", b"x" * 100, layout=Layout(4, 3, 256 << 10))
+    assert info.value.errno == errno.EINVAL and "needs 7 storage nodes" in str(info.value)

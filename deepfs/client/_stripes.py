@@ -96,6 +96,12 @@ class StripeIO:
         current one, never a retired one) plus random low bits, so two
         clients rewriting the same stripe never write the same fragment keys.
         """
+        if len(self.cluster.nodes) < layout.width:
+            raise OSError(
+                errno.EINVAL,
+                f"layout {layout.k}+{layout.m} needs {layout.width} storage nodes; "
+                f"the cluster has {len(self.cluster.nodes)}",
+            )
         fragments = codec.encode_stripe(layout, data)
         version = min_version + secrets.randbelow(VERSION_JITTER)
         placement = place_stripe(ino, index, layout.width, list(self.cluster.nodes.values()), self.cluster.suspects())
