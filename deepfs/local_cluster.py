@@ -79,11 +79,12 @@ class LocalCluster:
 
     def __init__(self, data_dir: str | Path, nodes: int = 6, k: int = 4, m: int = 2,
                  stripe_size: int = 4 << 20, fsync: bool = True, host: str = "127.0.0.1",
-                 extra_meta_args: list[str] | None = None) -> None:
+                 extra_meta_args: list[str] | None = None, extra_node_args: list[str] | None = None) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.host = host
         self.node_count = nodes
         self.extra_meta_args = extra_meta_args or []
+        self.extra_node_args = extra_node_args or []  # e.g. ["--capacity-bytes", "4M"]: a cluster that fills up
         self.procs: dict[str, subprocess.Popen] = {}
         self.state = ClusterState(str(self.data_dir), "", "", k, m, stripe_size, fsync, None, [None] * nodes)
 
@@ -137,6 +138,7 @@ class LocalCluster:
         ]
         if not self.state.fsync:
             args.append("--no-fsync")
+        args += self.extra_node_args
         info = self._spawn(f"node{index}", args, "deepfs-node listening", timeout_s)
         self.state.nodes[index] = info
         self.state.save()
