@@ -112,6 +112,7 @@ class StripeIO:
             )
         crcs = [codec.whole_crc(f) for f in fragments]
         stored = [MISSING] * layout.width
+        full_nodes: set[int] = set()
 
         async def put(slot: int, node_id: int) -> None:
             body = {"key": [ino, index, version, slot], "block_size": codec.BLOCK_SIZE, "crcs": codec.block_crcs(fragments[slot])}
@@ -121,6 +122,8 @@ class StripeIO:
                     raise ChecksumError(f"node {node_id} stored fragment {slot} with a different crc")
                 stored[slot] = node_id
             except (OSError, trio.TooSlowError) as exc:
+                if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+                    full_nodes.add(node_id)
                 log.warning("fragment %s of stripe %s/%s not stored on node %s: %s", slot, ino, index, node_id, exc)
 
         async with trio.open_nursery() as nursery:
@@ -140,9 +143,10 @@ class StripeIO:
         acks = sum(1 for p in stored if p != MISSING)
         if acks < min_acks:
             await self._discard(ino, index, version, stored)
-            raise UnavailableError(
-                f"stripe {index} of inode {ino}: only {acks} of {layout.width} fragments stored, need {min_acks}"
-            )
+            message = f"stripe {index} of inode {ino}: only {acks} of {layout.width} fragments stored, need {min_acks}"
+            if full_nodes:  # a full cluster is ENOSPC to the writer, not an I/O error
+                raise OSError(errno.ENOSPC, f"{message}; {len(full_nodes)} storage node(s) are out of space")
+            raise UnavailableError(message)
         self.stats.stripes_written += 1
         if acks < layout.width:
             self.stats.degraded_writes += 1
