@@ -23,8 +23,10 @@ import deepfs  # noqa: E402
 import deepfs.torch as dtorch  # noqa: E402
 from deepfs import Layout  # noqa: E402
 from deepfs.local_cluster import LocalCluster  # noqa: E402
+from deepfs.torch._load import _cuda_destination  # noqa: E402
+from deepfs.torch._read import ReadOptions, read_checkpoint  # noqa: E402
 from deepfs.url import close_shared_clients  # noqa: E402
-from tests.conftest import unique_dir  # noqa: E402
+from tests.conftest import FAST_META_ARGS, unique_dir  # noqa: E402
 from tests.torch_samples import all_dtypes, assert_same, shared_views, trained  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
@@ -103,6 +105,29 @@ def test_legacy_format_round_trip(client: deepfs.Client) -> None:
     obj = all_dtypes()
     dtorch.save(obj, f"{base}/old.pt", client=client, _use_new_zipfile_serialization=False)
     assert_same(obj, dtorch.load(f"{base}/old.pt", client=client))
+
+
+def test_map_location_like_torch_load(client: deepfs.Client) -> None:
+    base = unique_dir(client, "maploc")
+    obj = {**all_dtypes(), "big": torch.randn(600_000)}
+    dtorch.save(obj, f"{base}/ck.pt", client=client)
+    for where in ("cpu", torch.device("cpu"), {"cpu": "cpu"}, lambda storage, location: storage):
+        assert_same(obj, dtorch.load(f"{base}/ck.pt", client=client, map_location=where))
+    on_meta = dtorch.load(f"{base}/ck.pt", client=client, map_location="meta")
+    assert on_meta["big"].device.type == "meta" and on_meta["big"].shape == obj["big"].shape
+    assert_same(obj, dtorch.load(f"{base}/ck.pt", client=client, pin_memory=True))  # no CUDA here: plain memory
+
+
+def test_staged_reads_keep_every_byte(client: deepfs.Client) -> None:
+    """The GPU path's staging (slots, piece order, copies into device tensors) with plain CPU copies."""
+    base = unique_dir(client, "staged")
+    obj = {"big": torch.randn(3 << 20), "odd": torch.randn(1_234_567).to(torch.float64), "small": torch.ones(5)}
+    dtorch.save(obj, f"{base}/ck.pt", client=client)
+    options = ReadOptions(stage_to=torch.device("cpu"))
+    archive = client._call(read_checkpoint, client.aio, f"{base}/ck.pt", "test", options, lambda n: None, lambda n: None)
+    assert_same(obj, torch.serialization._load(archive, None, torch._weights_only_unpickler))
+    assert _cuda_destination("cuda:0") is None or torch.cuda.is_available()
+    assert _cuda_destination("cpu") is None and _cuda_destination(lambda s, loc: s) is None
 
 
 # ------------------------------------------------------ plain torch interop
@@ -278,6 +303,23 @@ def test_load_with_m_nodes_down(fresh_cluster: LocalCluster) -> None:
         fresh_cluster.kill_node(3)
         assert_same(obj, dtorch.load("/ck.pt", client=client))
         assert client.stats.degraded_reads > 0
+
+
+def test_full_cluster_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
+    cluster = LocalCluster(tmp_path / "cluster", nodes=6, k=4, m=2, stripe_size=256 << 10, fsync=False,
+                           extra_meta_args=FAST_META_ARGS, extra_node_args=["--capacity-bytes", "2M"]).start()
+    try:
+        with deepfs.Client(cluster.meta_address) as client:
+            previous = {"w": torch.randn(1000)}
+            dtorch.save(previous, "/ck.pt", client=client)
+            with pytest.raises(OSError) as info:
+                dtorch.save({"w": torch.randn(8 << 20)}, "/ck.pt", client=client)
+            assert info.value.errno == errno.ENOSPC
+            assert "cluster is full" in str(info.value) and "ck.pt" in str(info.value)
+            assert_same(previous, dtorch.load("/ck.pt", client=client))
+            assert client.listdir("/") == ["ck.pt"]  # the temporary file is gone
+    finally:
+        cluster.stop()
 
 
 def test_corruption_beyond_repair_is_an_error(fresh_cluster: LocalCluster) -> None:

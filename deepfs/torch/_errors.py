@@ -19,8 +19,11 @@ __all__ = ["CheckpointError", "explain"]
 _HINTS = {
     errno.ENOSPC: "the DeepFS cluster is full",
     errno.EDQUOT: "the DeepFS quota is exhausted",
-    errno.EIO: "the data is unavailable (too many storage nodes down, or fragments corrupt beyond repair)",
     errno.ECONNREFUSED: "the metadata server is unreachable",
+}
+_EIO_HINTS = {
+    "saving": "too few storage nodes stored the data (too many nodes down)",
+    "loading": "the data is unavailable (too many storage nodes down, or fragments corrupt beyond repair)",
 }
 
 
@@ -34,7 +37,7 @@ def explain(exc: BaseException, action: str, url: str) -> BaseException:
         return FileNotFoundError(errno.ENOENT, f"{action} {url}: no such file", url)
     if isinstance(exc, OSError) and exc.errno is not None:
         detail = exc.strerror or str(exc)
-        hint = _HINTS.get(exc.errno)
+        hint = _EIO_HINTS.get(action) if exc.errno == errno.EIO else _HINTS.get(exc.errno)
         message = f"{action} {url} failed: {hint}: {detail}" if hint else f"{action} {url} failed: {detail}"
         return OSError(exc.errno, message, url)
     return exc
