@@ -57,10 +57,13 @@ class LoadedArchive:
     storages: dict[str, torch.Tensor] = field(default_factory=dict)
     data_offsets: dict[str, int] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        self._by_name = {e.name: e for e in self.directory.entries}
+
     def _entry(self, name: str) -> Entry:
-        for entry in self.directory.entries:
-            if entry.name == name:
-                return entry
+        entry = self._by_name.get(name)
+        if entry is not None:
+            return entry
         raise CheckpointError(f"{self.url}: the archive has no record {name!r}: the checkpoint is incomplete or corrupt")
 
     def has_record(self, name: str) -> bool:
