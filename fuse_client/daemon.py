@@ -3,7 +3,8 @@
 Order of things: connect to the cluster (so a wrong address fails before
 anything is mounted), mount, serve until the kernel ends the session
 (``fusermount3 -u``) or a signal arrives (SIGINT, SIGTERM, SIGHUP), then
-store whatever open files still buffer and unmount.
+store whatever open files still buffer and unmount. SIGUSR1 logs what the
+kernel sent so far (request counts and largest sizes).
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ async def serve(options: MountOptions) -> None:
         try:
             log.info("%s: %s mounted at %s (pid %d)", READY_LINE, options.meta_address, options.mountpoint, os.getpid())
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(_terminate_on_signals)
+                nursery.start_soon(_handle_signals, ops)
                 nursery.start_soon(_tune_once_serving, options)
                 await pyfuse3.main(min_tasks=1, max_tasks=options.max_tasks)
                 nursery.cancel_scope.cancel()
@@ -47,9 +48,13 @@ async def serve(options: MountOptions) -> None:
             log.info("unmounted %s", options.mountpoint)
 
 
-async def _terminate_on_signals() -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP) as signals:
+async def _handle_signals(ops: DeepFSOperations) -> None:
+    """SIGINT, SIGTERM, SIGHUP: unmount. SIGUSR1: log the request statistics."""
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM, signal.SIGHUP, signal.SIGUSR1) as signals:
         async for signum in signals:
+            if signum == signal.SIGUSR1:
+                ops.log_stats()
+                continue
             log.info("%s: unmounting", signal.Signals(signum).name)
             pyfuse3.terminate()
             return

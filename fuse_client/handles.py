@@ -128,11 +128,15 @@ class OpenFiles:
                 keep_cache = False
             return self._new_handle(inode, flags, uid), keep_cache
 
-    def adopt(self, file: AsyncFile, flags: int, uid: int) -> FileHandle:
-        """A handle of a file this mount just created (nobody else can hold it open yet)."""
-        prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.nursery)
-        inode = self._by_ino[file.ino] = OpenInode(file.ino, file, prefetch)
-        return self._new_handle(inode, flags, uid)
+    async def adopt(self, file: AsyncFile, flags: int, uid: int) -> FileHandle:
+        """A handle of a file this mount just created, without another OPEN."""
+        async with self._transition_lock(file.ino):
+            inode = self._by_ino.get(file.ino)
+            if inode is None:
+                prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.nursery)
+                inode = self._by_ino[file.ino] = OpenInode(file.ino, file, prefetch)
+            # else: another process found the new name and opened it first; share that one
+            return self._new_handle(inode, flags, uid)
 
     def _new_handle(self, inode: OpenInode, flags: int, uid: int) -> FileHandle:
         fh = next(self._next_fh)
@@ -166,7 +170,8 @@ class OpenFiles:
                 async with inode.lock:
                     await inode.file.close()
             finally:
-                del self._by_ino[inode.ino]
+                if self._by_ino.get(inode.ino) is inode:
+                    del self._by_ino[inode.ino]
                 inode.prefetch.invalidate()
                 self._remember_stamp(inode)
                 if inode.unlinked:

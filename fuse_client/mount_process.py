@@ -25,6 +25,7 @@ from pathlib import Path
 from fuse_client.mounts import is_mounted, mounted_fs_type
 
 FUSERMOUNT = "fusermount3"
+STATS_MARKER = "FUSE stats:"  # the line the daemon logs on SIGUSR1
 
 
 class UnmountError(RuntimeError):
@@ -140,6 +141,20 @@ class MountProcess:
         except OSError:
             return ""
         return "\n".join(text.splitlines()[-lines:])
+
+    def request_stats(self, timeout_s: float = 10) -> dict[str, int]:
+        """What the kernel sent the daemon so far: reads, writes, largest of each."""
+        assert self.proc is not None and self.log_path is not None
+        before = self.log_path.read_text(errors="replace").count(STATS_MARKER)
+        self.proc.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            lines = [line for line in self.log_path.read_text(errors="replace").splitlines() if STATS_MARKER in line]
+            if len(lines) > before:
+                fields = lines[-1].split(STATS_MARKER, 1)[1].split()
+                return {key: int(value) for key, value in (f.split("=", 1) for f in fields)}
+            time.sleep(0.05)
+        raise TimeoutError(f"the mount daemon logged no statistics within {timeout_s:.0f}s")
 
     def kill(self) -> None:
         """SIGKILL the daemon (crash tests); the mount is left stale."""

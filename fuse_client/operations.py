@@ -47,6 +47,7 @@ from fuse_client.options import MountOptions
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
+MAX_REMEMBERED_PARENTS = 1_000_000
 READDIR_BATCH = 128  # entries fetched per READDIR; their attributes are fetched in parallel
 RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
 RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE  # RENAME_WHITEOUT is not supported
@@ -178,8 +179,15 @@ class DeepFSOperations(pyfuse3.Operations):
     def _learned(self, attr: Attr, parent: int | None = None) -> Attr:
         """Cache an attr a reply carried; note a directory's parent (for '..')."""
         if parent is not None and stat.S_ISDIR(int(attr["mode"])):
-            self._dir_parent[int(attr["ino"])] = parent
+            self._note_parent(int(attr["ino"]), parent)
         return self.attrs.put(attr)
+
+    def _note_parent(self, ino: int, parent: int) -> None:
+        """Remember a directory's parent for the inode number of its '..'
+        entry (informational: ls -ai); bounded, forgotten wholesale."""
+        if len(self._dir_parent) >= MAX_REMEMBERED_PARENTS:
+            self._dir_parent = {pyfuse3.ROOT_INODE: pyfuse3.ROOT_INODE}
+        self._dir_parent[ino] = parent
 
     async def _attr(self, ino: int) -> Attr:
         cached = self.attrs.get(ino)
@@ -390,7 +398,7 @@ class DeepFSOperations(pyfuse3.Operations):
         if reply.get("created", True):
             file = AsyncFile(self.client, f"<inode {attr['ino']}>", attr, Layout.from_dict(reply["layout"]), [],
                              readable=True, writable=True, append=False)
-            handle = self.files.adopt(file, flags, ctx.uid)
+            handle = await self.files.adopt(file, flags, ctx.uid)
         else:  # raced with another mount's create: open what is there
             handle, _ = await self.files.open(int(attr["ino"]), flags, ctx.uid)
         entry = self._entry(self._learned(handle.inode.file.attr, parent_inode))
@@ -517,7 +525,7 @@ class DeepFSOperations(pyfuse3.Operations):
         entries = [(bytes(name), attrs[int(ino)], int(cookie)) for name, ino, _mode, cookie in raw if int(ino) in attrs]
         for _name, attr, _cookie in entries:
             if stat.S_ISDIR(int(attr["mode"])):
-                self._dir_parent[int(attr["ino"])] = handle.ino
+                self._note_parent(int(attr["ino"]), handle.ino)
         handle.buffered, handle.buffered_after = entries, after
         if not entries and raw:  # every entry vanished: continue after them
             return await self._dir_entries(handle, int(raw[-1][3]))
@@ -578,11 +586,13 @@ class DeepFSOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ unmount
     async def shutdown(self) -> None:
         await self.files.close_all()
-        log.info(
-            "FUSE session ended: %d reads (largest %d bytes, %d from read-ahead), %d writes (largest %d bytes)",
-            self.stats.reads, self.stats.largest_read, self.stats.readahead_hits,
-            self.stats.writes, self.stats.largest_write,
-        )
+        self.log_stats()
+
+    def log_stats(self) -> None:
+        """One parseable line: what the kernel sent (tests read it after SIGUSR1)."""
+        log.info("FUSE stats: reads=%d largest_read=%d readahead_hits=%d writes=%d largest_write=%d",
+                 self.stats.reads, self.stats.largest_read, self.stats.readahead_hits,
+                 self.stats.writes, self.stats.largest_write)
 
 
 def _changed(old: Attr, new: Attr) -> bool:

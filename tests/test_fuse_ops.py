@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import subprocess
 import threading
 import time
 from pathlib import Path
@@ -496,7 +497,29 @@ def test_reading_does_not_update_atime(mnt_dir: Path) -> None:
 
 
 def test_large_requests_and_byte_exact_round_trip(mnt_dir: Path, fuse_mount: Mounted) -> None:
+    """The kernel sends 1 MiB writes (max_write) and, with the mount's read-ahead
+    window raised, 1 MiB reads; sequential reads come from whole-stripe read-ahead."""
     data = os.urandom(12 << 20)
     with open(mnt_dir / "big", "wb") as f:
         f.write(data)
-    assert (mnt_dir / "big").read_bytes() == data
+    subprocess.run(["sh", "-c", "echo 1 > /proc/sys/vm/drop_caches"], check=True)
+    before = fuse_mount.process.request_stats()
+    with open(mnt_dir / "big", "rb") as f:
+        assert f.read() == data
+    stats = fuse_mount.process.request_stats()
+    assert stats["largest_write"] == 1 << 20
+    assert stats["largest_read"] == 1 << 20
+    assert stats["readahead_hits"] - before["readahead_hits"] >= (stats["reads"] - before["reads"]) // 2
+
+
+def test_page_cache_kept_for_unchanged_files(mnt_dir: Path, fuse_mount: Mounted) -> None:
+    data = os.urandom(3 << 20)
+    (mnt_dir / "cached").write_bytes(data)
+    assert (mnt_dir / "cached").read_bytes() == data  # fills the page cache
+    before = fuse_mount.process.request_stats()["reads"]
+    for _ in range(3):
+        assert (mnt_dir / "cached").read_bytes() == data
+    assert fuse_mount.process.request_stats()["reads"] == before, "an unchanged file was read again"
+    with open(mnt_dir / "cached", "r+b") as f:
+        f.write(b"changed")
+    assert (mnt_dir / "cached").read_bytes() == b"changed" + data[7:]
