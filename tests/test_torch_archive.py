@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import os
+import subprocess
+import sys
 import zipfile
 import zlib
 from collections.abc import Iterator
@@ -235,3 +237,9 @@ def test_split_range_cuts_on_piece_boundaries() -> None:
     assert split_range(100, 300, 128) == [(100, 28), (128, 128), (256, 128), (384, 16)]
     assert split_range(0, 0, 128) == []
     assert split_range(256, 128, 128) == [(256, 128)]
+
+
+def test_import_deepfs_does_not_import_torch() -> None:
+    """torch is an optional extra: the core and the fsspec file system stay torch-free."""
+    code = "import sys, deepfs, deepfs.fsspec_fs, deepfs.url; assert 'torch' not in sys.modules, 'torch imported'"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).resolve().parent.parent), timeout=60)
