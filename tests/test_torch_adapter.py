@@ -206,6 +206,10 @@ def test_errors_are_clear(client: deepfs.Client) -> None:
         dtorch.load(f"{base}/truncated.pt", client=client, mmap=True)
     with pytest.raises(ValueError, match="deepfs://"):
         dtorch.save({}, "/local/path.pt")
+    with pytest.raises(ValueError, match="root"):
+        dtorch.save({}, f"deepfs://{client.meta_address}/")
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        dtorch.load("deepfs://no-port/x.pt")
     with pytest.raises(FileNotFoundError):
         dtorch.save({}, f"{base}/no/such/dir/ck.pt", client=client)
 

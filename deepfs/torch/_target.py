@@ -45,6 +45,8 @@ def resolve(f: Any, client: Client | None) -> Target | None:
         url = parse_url(f)
         if client is not None and client.meta_address != url.address:
             raise ValueError(f"{f} names cluster {url.address}, but the client given is connected to {client.meta_address}")
+        if url.path == "/":
+            raise ValueError(f"{f} names the root directory, not a checkpoint file")
         chosen = client or shared_client(url.address)
         return Target(chosen, url.path, str(url))
     if client is None:
@@ -55,4 +57,6 @@ def resolve(f: Any, client: Client | None) -> Target | None:
     if not f.startswith("/"):
         raise ValueError(f"DeepFS paths are absolute; got {f!r}")
     path = join_path(f)
+    if path == "/":
+        raise ValueError("the root directory is not a checkpoint file")
     return Target(client, path, f"deepfs://{client.meta_address}{path}")
