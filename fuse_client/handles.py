@@ -76,10 +76,13 @@ class FileHandle:
     inode: OpenInode
     append: bool
     uid: int  # who opened it: writes through it are theirs (FUSE tells no writer)
-    next_offset: int = 0  # where the last read ended: the sequential-reader test
+    next_offset: int | None = None  # where the last read ended: the sequential-reader test
 
     def is_sequential(self, offset: int) -> bool:
-        return is_sequential(offset, self.next_offset)
+        """A read that continues the previous one (the first read of a handle is
+        not: a program that reads a header and seeks away should not pull in
+        whole stripes)."""
+        return self.next_offset is not None and is_sequential(offset, self.next_offset)
 
 
 class OpenFiles:

@@ -106,10 +106,15 @@ class MountProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         args = [sys.executable, "-m", "fuse_client", self.meta_address, str(self.mountpoint), "--foreground",
                 *self.extra_args]
+        # The daemon runs from / so it keeps no directory busy; the project root
+        # goes on its path in case this checkout is not installed.
+        project_root = str(Path(__file__).resolve().parent.parent)
+        python_path = os.pathsep.join(filter(None, [project_root, os.environ.get("PYTHONPATH")]))
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": python_path}
         with open(self.log_path, "ab") as log_file:
             start_offset = log_file.tell()
             self.proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"}, start_new_session=True)
+                                         env=env, cwd="/", start_new_session=True)
         try:
             self._wait_ready(timeout_s, start_offset)
         except BaseException:

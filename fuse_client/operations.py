@@ -256,7 +256,7 @@ class DeepFSOperations(pyfuse3.Operations):
         # Buffered data is committed first, or its commit would overwrite the
         # mtime set here (cp -p and tar set times on the open descriptor).
         await self.files.flush_ino(inode)
-        self._namespace_changed()
+        self.attrs.drop(inode)  # a setattr changes this inode only
         result: Attr | None = None
         if fields.update_size:
             opened = self.files.inode(inode)
