@@ -30,6 +30,8 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 
 import trio
@@ -59,6 +61,7 @@ class OpenInode:
     dirty: bool = False  # written through this mount since the last flush
     unlinked: bool = False  # its last name went while open: RELEASE the orphan at the end
     local_mtime_ns: int = 0  # time of the last buffered write (what stat shows until the flush)
+    write_failed: bool = False  # some write of this open was not stored: its cached pages are suspect
 
     def merged_attr(self, attr: Attr) -> Attr:
         """``attr`` with this mount's buffered writes applied (size, mtime)."""
@@ -127,7 +130,13 @@ class OpenFiles:
             else:
                 keep_cache = await self._refresh(inode)
             if flags & os.O_TRUNC and inode.file.size:
-                await self.truncate(inode, 0)
+                try:
+                    await self.truncate(inode, 0)
+                except BaseException:
+                    if not inode.handles:  # opened just for this: do not keep it around
+                        del self._by_ino[ino]
+                        await inode.file.close()
+                    raise
                 keep_cache = False
             return self._new_handle(inode, flags, uid), keep_cache
 
@@ -169,14 +178,19 @@ class OpenFiles:
             inode.handles.discard(fh)
             if inode.handles:
                 return
+            stored = False
             try:
                 async with inode.lock:
                     await inode.file.close()
+                stored = not inode.write_failed
             finally:
                 if self._by_ino.get(inode.ino) is inode:
                     del self._by_ino[inode.ino]
                 inode.prefetch.invalidate()
-                self._remember_stamp(inode)
+                if stored:
+                    self._remember_stamp(inode)
+                else:  # the kernel may cache pages that never reached the cluster
+                    self.forget_stamp(inode.ino)
                 if inode.unlinked:
                     await self._release_orphan(inode.ino)
 
@@ -195,7 +209,7 @@ class OpenFiles:
     # -------------------------------------------------------------- writes
     async def write(self, handle: FileHandle, offset: int, data: bytes) -> int:
         inode = handle.inode
-        async with inode.lock:
+        async with inode.lock, _noting_failure(inode):
             if handle.append:
                 offset = inode.file.size  # O_APPEND: the end as this mount knows it
             inode.dirty = True
@@ -207,16 +221,13 @@ class OpenFiles:
             return written
 
     async def flush(self, inode: OpenInode) -> None:
-        async with inode.lock:
-            await self._flush_locked(inode)
-
-    async def _flush_locked(self, inode: OpenInode) -> None:
-        await inode.file.flush()
-        inode.dirty = False
-        inode.local_mtime_ns = 0
+        async with inode.lock, _noting_failure(inode):
+            await inode.file.flush()
+            inode.dirty = False
+            inode.local_mtime_ns = 0
 
     async def fsync(self, inode: OpenInode) -> None:
-        async with inode.lock:
+        async with inode.lock, _noting_failure(inode):
             await inode.file.fsync()
             inode.dirty = False
             inode.local_mtime_ns = 0
@@ -252,6 +263,15 @@ class OpenFiles:
     # -------------------------------------------------------------- helpers
     def _transition_lock(self, ino: int) -> _KeyedLockContext:
         return _KeyedLockContext(self._transitions, ino)
+
+
+@asynccontextmanager
+async def _noting_failure(inode: OpenInode) -> AsyncIterator[None]:
+    try:
+        yield
+    except Exception:
+        inode.write_failed = True
+        raise
 
 
 class _KeyedLockContext:

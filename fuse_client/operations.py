@@ -128,7 +128,6 @@ class DirHandle:
     ino: int
     buffered: list[tuple[bytes, Attr, int]] = field(default_factory=list)  # (name, attr, cookie)
     buffered_after: int = -1  # the cookie the buffered entries follow
-    exhausted: bool = False
 
 
 @dataclass
