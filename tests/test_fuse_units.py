@@ -1,0 +1,80 @@
+"""The FUSE client's pure pieces, without a mount."""
+
+from __future__ import annotations
+
+import stat
+import time
+from pathlib import Path
+
+import pytest
+
+from fuse_client.attr_cache import AttrCache, cache_stamp, to_entry
+from fuse_client.mounts import unescape_mount_path
+from fuse_client.operations import may_access, refuse_acl, without_set_id_bits
+from fuse_client.options import parse_args
+from fuse_client.readahead import is_sequential
+
+ATTR = {"ino": 7, "mode": stat.S_IFREG | 0o640, "uid": 10, "gid": 20, "nlink": 1, "size": 5,
+        "atime_ns": 1, "mtime_ns": 2_000_000_003, "ctime_ns": 4, "rdev": 0, "generation": 9, "blocks": 1}
+
+
+def test_set_id_bits_follow_linux() -> None:
+    assert without_set_id_bits(0o6755) == 0o755  # group-executable: both go
+    assert without_set_id_bits(0o6745) == 0o2745  # setgid without group x (mandatory-locking mark) stays
+    assert without_set_id_bits(0o644) == 0o644
+
+
+def test_access_check() -> None:
+    assert may_access(ATTR, 4 | 2, uid=10, gid=99)  # owner rw
+    assert not may_access(ATTR, 2, uid=11, gid=20)  # group r only
+    assert may_access(ATTR, 4, uid=11, gid=20)
+    assert not may_access(ATTR, 4, uid=11, gid=21)  # others nothing
+    assert may_access(ATTR, 4 | 2, uid=0, gid=0)  # root reads and writes anything
+    assert not may_access(ATTR, 1, uid=0, gid=0)  # but executes only what someone may execute
+
+
+def test_acl_xattrs_are_refused() -> None:
+    with pytest.raises(OSError):
+        refuse_acl(b"system.posix_acl_access")
+    refuse_acl(b"user.anything")
+
+
+def test_sequential_window() -> None:
+    assert is_sequential(1 << 20, 1 << 20)
+    assert is_sequential((1 << 20) + (512 << 10), 1 << 20)  # parallel read-ahead requests
+    assert not is_sequential(10 << 20, 1 << 20)
+    assert not is_sequential(0, 4 << 20)
+
+
+def test_attr_cache_expires_and_clears() -> None:
+    cache = AttrCache(ttl_s=0.05)
+    cache.put(ATTR)
+    assert cache.get(7) == ATTR
+    time.sleep(0.06)
+    assert cache.get(7) is None
+    cache.put(ATTR)
+    cache.clear()
+    assert cache.get(7) is None
+    assert AttrCache(ttl_s=0).put(ATTR) == ATTR  # a zero timeout caches nothing
+
+
+def test_entry_and_stamp() -> None:
+    entry = to_entry(ATTR, 1.5, 2.5)
+    assert (entry.st_ino, entry.generation, entry.st_size, entry.st_mtime_ns) == (7, 9, 5, 2_000_000_003)
+    assert (entry.attr_timeout, entry.entry_timeout) == (1.5, 2.5)
+    assert cache_stamp(ATTR) != cache_stamp(dict(ATTR, ctime_ns=5))
+
+
+def test_mount_paths_with_odd_characters() -> None:
+    assert unescape_mount_path("/mnt/with\\040space\\011tab\\134back") == "/mnt/with space\ttab\\back"
+
+
+def test_options_round_trip() -> None:
+    options = parse_args(["127.0.0.1:7700", "/mnt/x", "--attr-timeout", "0.5", "--allow-other", "-o", "ro"])
+    assert (options.meta_address, options.mountpoint, options.foreground) == ("127.0.0.1:7700", Path("/mnt/x"), False)
+    again = parse_args(options.to_args())
+    assert again.foreground and again.attr_timeout_s == 0.5 and again.allow_other
+    assert again.extra_fuse_options == ["ro"]
+    assert "default_permissions" in again.fuse_options() and "allow_other" in again.fuse_options()
+    with pytest.raises(SystemExit):
+        parse_args(["127.0.0.1:7700", "/mnt/x", "--attr-timeout", "-1"])
