@@ -12,9 +12,7 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
-if not torch.distributed.is_available():
-    pytest.skip("torch.distributed is not available", allow_module_level=True)
+import torch  # noqa: E402 - a test dependency: missing torch must fail, not skip
 
 import deepfs  # noqa: E402
 from tests.conftest import unique_dir  # noqa: E402

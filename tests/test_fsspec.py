@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-fsspec = pytest.importorskip("fsspec")
+import fsspec  # noqa: E402
 
 import deepfs  # noqa: E402
 from deepfs.fsspec_fs import DeepFSFileSystem  # noqa: E402

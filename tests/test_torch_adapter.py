@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - a test dependency: missing torch must fail, not skip
 
 import deepfs  # noqa: E402
 import deepfs.torch as dtorch  # noqa: E402

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-torch = pytest.importorskip("torch")
+import torch  # noqa: E402 - a test dependency: missing torch must fail, not skip
 
 from torch.utils.serialization import config as torch_config  # noqa: E402
 
