@@ -63,6 +63,46 @@ class AttrCache:
         self._entries = {}
 
 
+class XattrCache:
+    """(ino, name) → value, or None for "no such attribute", for ``ttl_s``.
+
+    The kernel asks for ``security.capability`` before every write(2) (to
+    know whether the write must drop file capabilities); without this cache
+    each write would wait for a metadata round trip. Entries of one inode
+    expire together; this mount's own set/remove drops them at once."""
+
+    def __init__(self, ttl_s: float, max_inodes: int = 100_000) -> None:
+        self.ttl_s = ttl_s
+        self.max_inodes = max_inodes
+        self._by_ino: dict[int, tuple[float, dict[bytes, bytes | None]]] = {}
+
+    def get(self, ino: int, name: bytes) -> tuple[bool, bytes | None]:
+        """(found, value): value None means the attribute is known to be absent."""
+        found = self._by_ino.get(ino)
+        if found is None:
+            return False, None
+        expires, values = found
+        if expires < time.monotonic():
+            del self._by_ino[ino]
+            return False, None
+        if name not in values:
+            return False, None
+        return True, values[name]
+
+    def put(self, ino: int, name: bytes, value: bytes | None) -> None:
+        if self.ttl_s <= 0:
+            return
+        found = self._by_ino.get(ino)
+        if found is None or found[0] < time.monotonic():
+            if len(self._by_ino) >= self.max_inodes:
+                self._by_ino = {}
+            found = self._by_ino[ino] = (time.monotonic() + self.ttl_s, {})
+        found[1][name] = value
+
+    def drop(self, ino: int) -> None:
+        self._by_ino.pop(ino, None)
+
+
 def to_entry(attr: Attr, attr_timeout_s: float, entry_timeout_s: float) -> pyfuse3.EntryAttributes:
     """The kernel's ``struct fuse_entry_param`` for a metadata attr map."""
     entry = pyfuse3.EntryAttributes()

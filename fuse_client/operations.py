@@ -40,7 +40,7 @@ from deepfs.client import AsyncClient, AsyncFile
 from deepfs.concurrency import sole_exception
 from deepfs.frames import Op
 from deepfs.layout import Layout
-from fuse_client.attr_cache import Attr, AttrCache, dot_entry, negative_entry, to_entry
+from fuse_client.attr_cache import Attr, AttrCache, XattrCache, dot_entry, negative_entry, to_entry
 from fuse_client.handles import OpenFiles
 from fuse_client.options import MountOptions
 
@@ -139,6 +139,7 @@ class MountStats:
     largest_read: int = 0
     largest_write: int = 0
     readahead_hits: int = 0
+    getxattrs: int = 0
 
 
 class DeepFSOperations(pyfuse3.Operations):
@@ -152,6 +153,7 @@ class DeepFSOperations(pyfuse3.Operations):
         self.options = options
         self.meta = client.meta
         self.attrs = AttrCache(options.attr_timeout_s)
+        self.xattrs = XattrCache(options.attr_timeout_s)
         self.files = OpenFiles(client, options.readahead_stripes)
         self.stats = MountStats()
         self._dirs: dict[int, DirHandle] = {}
@@ -564,13 +566,29 @@ class DeepFSOperations(pyfuse3.Operations):
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
         refuse_acl(name)
-        await self._call_ino(Op.SETXATTR, ino=inode, name=name, value=value, flags=0)
-        self.attrs.drop(inode)
+        self.xattrs.drop(inode)
+        try:
+            await self._call_ino(Op.SETXATTR, ino=inode, name=name, value=value, flags=0)
+        finally:
+            self.xattrs.drop(inode)
+            self.attrs.drop(inode)
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        self.stats.getxattrs += 1
         refuse_acl(name)
-        return bytes((await self._call_ino(Op.GETXATTR, ino=inode, name=name))["value"])
+        found, value = self.xattrs.get(inode, name)
+        if not found:
+            try:
+                value = bytes((await self._call_ino(Op.GETXATTR, ino=inode, name=name))["value"])
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+                value = None
+            self.xattrs.put(inode, name, value)
+        if value is None:
+            raise OSError(errno.ENODATA, "no such attribute")
+        return value
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
@@ -579,8 +597,12 @@ class DeepFSOperations(pyfuse3.Operations):
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         refuse_acl(name)
-        await self._call_ino(Op.REMOVEXATTR, ino=inode, name=name)
-        self.attrs.drop(inode)
+        self.xattrs.drop(inode)
+        try:
+            await self._call_ino(Op.REMOVEXATTR, ino=inode, name=name)
+        finally:
+            self.xattrs.drop(inode)
+            self.attrs.drop(inode)
 
     # ------------------------------------------------------------ unmount
     async def shutdown(self) -> None:
@@ -589,9 +611,9 @@ class DeepFSOperations(pyfuse3.Operations):
 
     def log_stats(self) -> None:
         """One parseable line: what the kernel sent (tests read it after SIGUSR1)."""
-        log.info("FUSE stats: reads=%d largest_read=%d readahead_hits=%d writes=%d largest_write=%d",
+        log.info("FUSE stats: reads=%d largest_read=%d readahead_hits=%d writes=%d largest_write=%d getxattrs=%d",
                  self.stats.reads, self.stats.largest_read, self.stats.readahead_hits,
-                 self.stats.writes, self.stats.largest_write)
+                 self.stats.writes, self.stats.largest_write, self.stats.getxattrs)
 
 
 def _changed(old: Attr, new: Attr) -> bool:

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from fuse_client.attr_cache import AttrCache, cache_stamp, to_entry
+from fuse_client.attr_cache import AttrCache, XattrCache, cache_stamp, to_entry
 from fuse_client.mounts import unescape_mount_path
 from fuse_client.operations import may_access, refuse_acl, without_set_id_bits
 from fuse_client.options import parse_args
@@ -78,3 +78,18 @@ def test_options_round_trip() -> None:
     assert "default_permissions" in again.fuse_options() and "allow_other" in again.fuse_options()
     with pytest.raises(SystemExit):
         parse_args(["127.0.0.1:7700", "/mnt/x", "--attr-timeout", "-1"])
+
+
+def test_xattr_cache_remembers_absence_and_forgets_per_inode() -> None:
+    cache = XattrCache(ttl_s=10)
+    assert cache.get(7, b"security.capability") == (False, None)
+    cache.put(7, b"security.capability", None)
+    cache.put(7, b"user.a", b"1")
+    assert cache.get(7, b"security.capability") == (True, None)
+    assert cache.get(7, b"user.a") == (True, b"1")
+    cache.drop(7)
+    assert cache.get(7, b"user.a") == (False, None)
+    short = XattrCache(ttl_s=0.01)
+    short.put(1, b"user.a", b"1")
+    time.sleep(0.02)
+    assert short.get(1, b"user.a") == (False, None)
