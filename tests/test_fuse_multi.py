@@ -76,6 +76,16 @@ def test_two_mounts_see_each_other(cluster: LocalCluster) -> None:
         with open(base_a / "final", "ab") as f:  # grows
             f.write(b"appended")
         assert (base_b / "final").read_bytes() == b"X" * 1000 + data[1000:] + b"appended"
+        # atomic replace (write a new file, rename it over the old name) while B
+        # still has the old name → inode mapping cached: B's next open must
+        # find the new file, not fail on the removed one
+        (base_a / "draft2").write_bytes(b"replacement")
+        os.rename(base_a / "draft2", base_a / "final")
+        assert (base_b / "final").read_bytes() == b"replacement"
+        (base_a / "draft3").write_bytes(b"third version")  # and stat sees through a stale mapping too
+        os.rename(base_a / "draft3", base_a / "final")
+        assert os.stat(base_b / "final").st_size == len(b"third version")
+        assert (base_b / "final").read_bytes() == b"third version"
         # removal
         os.unlink(base_a / "final")
         assert not (base_b / "final").exists()
