@@ -110,6 +110,7 @@ def test_reads_byte_exact_with_m_nodes_down(fresh_cluster: LocalCluster) -> None
             data = os.urandom(size)
             (writer.path / f"f{i}").write_bytes(data)
             files[f"f{i}"] = hashlib.sha256(data).hexdigest()
+        degraded_writes: dict[str, str] = {}
         for victims in ([0, 1], [3, 5]):
             for v in victims:
                 fresh_cluster.kill_node(v)
@@ -121,8 +122,15 @@ def test_reads_byte_exact_with_m_nodes_down(fresh_cluster: LocalCluster) -> None
             subprocess.run(["sh", "-c", "echo 3 > /proc/sys/vm/drop_caches"], check=False)
             for name, digest in files.items():
                 assert sha(writer.path / name) == digest
+            # Writes go on too (degraded: k fragments stored, the rest recorded for repair).
+            data = os.urandom(1_500_000)
+            (writer.path / f"written-with-{victims[0]}-{victims[1]}-down").write_bytes(data)
+            degraded_writes[f"written-with-{victims[0]}-{victims[1]}-down"] = hashlib.sha256(data).hexdigest()
             for v in victims:
                 fresh_cluster.start_node(v)
+        with mounted(fresh_cluster, "reader") as reader:
+            for name, digest in degraded_writes.items():
+                assert sha(reader.path / name) == digest
         # m + 1 nodes down: nothing can be stored, and the writer is told by
         # write(2) or at the latest close(2), not left with a silently lost file.
         for v in (0, 2, 4):
