@@ -1,0 +1,11 @@
+"""DeepFS benchmarks: fio job set, small files, checkpoints, degraded mode, beside local disk, bindfs and GlusterFS.
+
+``deepfs bench`` (``make bench``) runs them; ``deepfs bench --quick`` is the
+harness's own smoke test. Modules, one job each:
+- ``targets``: the systems compared, started/stopped as context managers;
+- ``fio_runner``: the job specs, running ``jobs/*.fio``, reading fio's JSON;
+- ``pyio``: the same jobs through ``deepfs.Client``;
+- ``smallfiles``, ``checkpoint``, ``degraded``: the other suites;
+- ``runner``: orchestration, repetitions, cleanup; ``report``: JSON, Markdown, PNGs;
+- ``stats``: samples, median and spread; ``system``: machine facts, page cache.
+"""
