@@ -56,8 +56,12 @@ def write(out_dir: Path, data: dict[str, Any]) -> dict[str, Path]:
 class _Index:
     def __init__(self, data: dict[str, Any]) -> None:
         self.by_key = {(r["suite"], r["job"], r["target"]): r for r in data.get("results", [])}
-        self.targets = [name for name, t in data.get("targets", {}).items()]
-        self.status = {name: t for name, t in data.get("targets", {}).items()}
+        self.status = dict(data.get("targets", {}))
+        self.targets = list(self.status)
+        for _, _, target in self.by_key:  # a target with figures always gets its column
+            if target not in self.status:
+                self.targets.append(target)
+                self.status[target] = {"status": "ok"}
 
     def get(self, suite: str, job: str, target: str) -> dict[str, Any] | None:
         return self.by_key.get((suite, job, target))

@@ -398,12 +398,14 @@ def _default_work_parent() -> str:
 
 @contextlib.contextmanager
 def _signals_raise() -> Iterator[None]:
-    """SIGTERM and SIGHUP end the run like Ctrl-C does (cleanup included)."""
+    """SIGINT, SIGTERM and SIGHUP end the run (cleanup included)."""
 
     def handler(signum: int, _frame: Any) -> None:
         raise _Interrupted(signal.Signals(signum).name)
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGTERM, signal.SIGHUP)}
+    # Ctrl-C stops the run even where SIGINT was inherited as ignored (background jobs of a script).
+    previous[signal.SIGINT] = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         yield
     finally:

@@ -10,8 +10,10 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -70,3 +72,41 @@ def test_quick_run_reports_every_target(tmp_path: Path) -> None:
     # Everything it started is gone: no mounts, no scratch directory left under the work dir.
     assert str(tmp_path) not in _mounts()
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
+
+
+def _processes_under(path: Path) -> list[str]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except OSError:
+                continue
+            if str(path) in cmdline:
+                found.append(f"{entry.name}: {cmdline}")
+    return found
+
+
+@pytest.mark.timeout(120)
+def test_sigterm_mid_run_stops_and_unmounts_everything(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    cmd = [str(Path(sys.executable).with_name("deepfs")), "bench", "--quick", "--targets", "deepfs,local,bindfs",
+           "--suites", "fio", "--out", str(out), "--work-dir", str(tmp_path)]
+    log = tmp_path / "bench.log"
+    with open(log, "wb") as f:
+        proc = subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 60
+        while "[fio]" not in log.read_text(errors="replace"):  # targets are up and mounted
+            assert proc.poll() is None and time.monotonic() < deadline, log.read_text(errors="replace")[-3000:]
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 130
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    data = json.loads((out / "results.json").read_text())
+    assert data["status"] == "interrupted"
+    assert str(tmp_path) not in _mounts()
+    assert _processes_under(tmp_path) == []
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.log", "out"]

@@ -1,0 +1,116 @@
+"""The benchmark's pure parts: target names, fio parameters and output, small-file trees, statistics, report."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from bench import report, smallfiles
+from bench.fio_runner import JOBS_BY_NAME, FioError, RunParams, job_env, parse_output
+from bench.stats import Result
+from bench.targets import parse_target_names
+
+
+def test_target_names_deepfs_means_both_surfaces() -> None:
+    assert parse_target_names("deepfs,local") == ["deepfs", "deepfs-client", "local"]
+    assert parse_target_names("local, gluster,local") == ["local", "gluster"]
+    assert parse_target_names("deepfs-client") == ["deepfs-client"]
+    with pytest.raises(ValueError, match="unknown target 'ceph'"):
+        parse_target_names("deepfs,ceph")
+
+
+def test_job_env_gives_four_jobs_disjoint_slices() -> None:
+    params = RunParams(size_bytes=1 << 30, runtime_s=5, ramp_s=1, direct=True)
+    env = job_env(JOBS_BY_NAME["seqread_1m_j4"], Path("/x/bench.dat"), params)
+    assert env["BENCH_SIZE"] == env["BENCH_OFFSET_INCREMENT"] == str(256 << 20)
+    assert env["BENCH_JOBS"] == "4" and env["BENCH_RUNTIME"] == "5000ms" and env["BENCH_DIRECT"] == "1"
+    rand = job_env(JOBS_BY_NAME["randread_4k_j1_qd32"], Path("/x/bench.dat"), params, "libaio")
+    assert rand["BENCH_SIZE"] == str(1 << 30) and rand["BENCH_OFFSET_INCREMENT"] == "0"
+    assert rand["BENCH_ENGINE"] == "libaio" and rand["BENCH_DEPTH"] == "32"
+    for job in JOBS_BY_NAME.values():  # every variable a job file uses is set
+        text = (Path(report.__file__).parent / "jobs" / job.jobfile).read_text()
+        used = {part.split("}")[0] for part in text.split("${")[1:]}
+        assert used <= set(job_env(job, Path("/f"), params)), (job.jobfile, used)
+
+
+def test_parse_fio_output_skips_warnings_and_reads_p99() -> None:
+    fio_json = {"jobs": [{"job_runtime": 5000, "read": {
+        "io_bytes": 10 << 20, "bw_bytes": 2 << 20, "iops": 512.0,
+        "clat_ns": {"mean": 1_500_000.0, "percentile": {"99.000000": 3_000_000}}},
+        "write": {"io_bytes": 0}}]}
+    sample = parse_output("fio: some warning\n" + json.dumps(fio_json), "read", "psync")
+    assert (sample.bw_mib_s, sample.iops, sample.p99_us, sample.mean_lat_us) == (2.0, 512.0, 3000.0, 1500.0)
+    assert sample.runtime_s == 5.0
+    with pytest.raises(FioError, match="no bytes"):
+        parse_output(json.dumps(fio_json), "write", "psync")
+    with pytest.raises(FioError, match="unreadable"):
+        parse_output("fio: file system full", "read", "psync")
+
+
+def test_small_file_tree_is_nested_and_sized() -> None:
+    tree = smallfiles.make_tree("top", 1000)
+    assert len(tree.files) == 1000 and len({p for p, _ in tree.files}) == 1000
+    assert all(smallfiles.MIN_SIZE <= size <= smallfiles.MAX_SIZE for _, size in tree.files)
+    parents = {p.rsplit("/", 1)[0] for p, _ in tree.files}
+    assert parents <= set(tree.dirs) and all(p.count("/") == 2 for p in parents)
+    assert tree.dirs.index("top") == 0 and len(parents) == 10
+    assert make_sizes(tree) == make_sizes(smallfiles.make_tree("top", 1000))  # same files for every target
+
+
+def make_sizes(tree: smallfiles.Tree) -> list[int]:
+    return [size for _, size in tree.files]
+
+
+def test_small_files_phases_on_a_directory(tmp_path: Path) -> None:
+    tree = smallfiles.make_tree("t", 30)
+    seen = []
+    rates = smallfiles.run(smallfiles.PosixOps(tmp_path), tree, threads=3, between_phases=seen.append)
+    assert seen == list(smallfiles.PHASES) and all(rates[p] > 0 for p in smallfiles.PHASES)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_metric_median_and_spread() -> None:
+    result = Result("fio", "seqread_1m_j1", "deepfs")
+    for value in (3.0, 1.0, 2.0, None):
+        result.metric("bw_mib_s", "MiB/s").add(value)
+    summary = result.to_json()["metrics"]["bw_mib_s"]
+    assert (summary["median"], summary["min"], summary["max"], summary["samples"]) == (2.0, 1.0, 3.0, [3.0, 1.0, 2.0])
+
+
+def _result(suite: str, job: str, target: str, metric: str, samples: list[float], higher: bool = True) -> dict:
+    r = Result(suite, job, target)
+    for s in samples:
+        r.metric(metric, "u", higher).add(s)
+    return r.to_json()
+
+
+def test_report_ratios_goals_and_skipped_targets(tmp_path: Path) -> None:
+    data = {
+        "status": "complete", "command": "deepfs bench", "config": {"reps": 3}, "machine": {}, "versions": {},
+        "targets": {
+            "deepfs": {"status": "ok", "description": "DeepFS FUSE"},
+            "local": {"status": "ok"},
+            "gluster": {"status": "ok"},
+            "bindfs": {"status": "skipped", "reason": "bindfs is not installed"},
+        },
+        "results": [
+            _result("fio", "seqread_1m_j1", "deepfs", "bw_mib_s", [600, 700, 650]),
+            _result("fio", "seqread_1m_j1", "gluster", "bw_mib_s", [300, 330, 325]),
+            _result("fio", "seqread_1m_j1", "local", "bw_mib_s", [1300, 1300, 1300]),
+            {**_result("fio", "randwrite_4k_j1", "gluster", "iops", []), "errors": ["rep 1: fio exited with 1"]},
+            _result("fio", "randwrite_4k_j1", "deepfs", "iops", [10, 20, 30]),
+            _result("checkpoint", "load", "deepfs-client", "seconds", [2.0], higher=False),
+            _result("checkpoint", "load", "local", "seconds", [1.0], higher=False),
+        ],
+    }
+    paths = report.write(tmp_path, data)
+    md = paths["markdown"].read_text()
+    assert "| bindfs | **skipped**: bindfs is not installed |" in md
+    assert "| seqread_1m_j1 | 650 (600–700) | 1,300 (1,300–1,300) · 2.00× | 325 (300–330) · 0.50× | skipped | — |" in md
+    assert "| sequential 1 MiB read, 1 job | deepfs 650 vs gluster 325 | 2.00× | ≥ 2.0× | yes |" in md
+    assert "adapter load vs torch.load | deepfs-client 2.00 vs local 1.00 | 0.50× | ≥ 0.8× | **no** |" in md
+    assert "failed [1]" in md and "- gluster / randwrite_4k_j1: rep 1: fio exited with 1" in md
+    assert json.loads(paths["json"].read_text())["targets"]["bindfs"]["reason"] == "bindfs is not installed"
+    assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
