@@ -11,6 +11,12 @@ async def run_all(tasks: Iterable[Callable[[], Awaitable[object]]]) -> None:
     """Run the tasks concurrently; if any fails, cancel the rest and raise the
     first failure itself (not wrapped in an ExceptionGroup), so callers can
     ``except OSError`` as with sequential code."""
+    tasks = list(tasks)
+    if len(tasks) == 1:
+        # The common case on the read path (one stripe part, one fragment): a
+        # nursery and a task cost more there than the 4 KiB read they carry.
+        await tasks[0]()
+        return
     failure: list[BaseException] = []
 
     async def guarded(task: Callable[[], Awaitable[object]], cancel: trio.CancelScope) -> None:
