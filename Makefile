@@ -35,8 +35,11 @@ run: venv
 test: venv
 	$(PY) -m pytest -q
 
+# The full benchmark (~20 min; installs GlusterFS from Debian's packages when missing).
+# Options go in BENCH_ARGS, e.g. make bench BENCH_ARGS="--targets deepfs,local --reps 5".
+BENCH_ARGS ?=
 bench: venv
-	$(VENV)/bin/deepfs bench
+	$(VENV)/bin/deepfs bench $(BENCH_ARGS)
 
 # Regenerate the committed gRPC stubs after editing deepfs/proto/control.proto.
 proto: venv

@@ -51,11 +51,11 @@ class BenchConfig:
     suites: list[str] = field(default_factory=lambda: list(SUITES))
     jobs: list[str] = field(default_factory=lambda: list(JOBS_BY_NAME))
     reps: int = 3
-    runtime_s: float = 5.0
+    runtime_s: float = 4.0
     ramp_s: float = 1.0
     file_size_bytes: int = 1 << 30
     direct: bool = True
-    smallfiles_count: int = 10_000
+    smallfiles_count: int = 3_000  # sized so a full run stays within ~20 min here
     smallfiles_threads: int = 4
     checkpoint_bytes: int = 1 << 30
     drop_caches: bool = True

@@ -174,11 +174,11 @@ def node_serve(ctx: click.Context) -> None:
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
               help="where results.json/.md and the charts go [default: bench/out/DATE; --quick: a temp dir]")
 @click.option("--reps", type=click.IntRange(1), default=None, help="repetitions of every measurement [3; quick 2]")
-@click.option("--runtime", type=click.FloatRange(0.1), default=None, help="seconds per fio job [5; quick 0.25]")
+@click.option("--runtime", type=click.FloatRange(0.1), default=None, help="seconds per fio job [4; quick 0.25]")
 @click.option("--ramp", type=click.FloatRange(0), default=None, help="unmeasured seconds before each job [1; quick 0]")
 @click.option("--size-mb", type=click.IntRange(4), default=None, help="fio test file, MiB [1024; quick 16]")
 @click.option("--smallfiles", "smallfiles_count", type=click.IntRange(1), default=None,
-              help="small files per run [10000; quick 200]")
+              help="small files per run [3000; quick 200]")
 @click.option("--smallfiles-threads", type=click.IntRange(1), default=None, help="threads for small files [4]")
 @click.option("--checkpoint-mb", type=click.IntRange(1), default=None, help="state dict size, MiB [1024; quick 16]")
 @click.option("--drop-caches/--no-drop-caches", default=None,
