@@ -43,7 +43,8 @@ class NodeConfig:
     port: int = 7710
     meta_grpc: str = "127.0.0.1:7701"
     failure_domain: str = ""  # empty: the node's own address
-    fsync: bool = True  # fsync each fragment and its directory before acknowledging
+    fsync: bool = True  # make fragments durable: at once for PUTs asking for it, else at SYNC / every flush_interval_s
+    flush_interval_s: float = 2.0  # unsynced fragments are made durable at least this often
     reserve_bytes: int = 256 << 20  # refuse writes (ENOSPC) below this much free space
     capacity_bytes: int = 0  # 0: the file system's size
     block_size: int = 64 << 10  # CRC32C granularity of stored fragments
@@ -61,6 +62,7 @@ class ClientConfig:
     map_refresh_s: float = 2.0
     max_dirty_stripes: int = 8  # per open file, before writes wait for uploads
     readahead_stripes: int = 2
+    durable_writes: bool = False  # True: every stripe is fsync'd on the nodes before it is committed (like O_SYNC)
 
 
 @dataclass

@@ -61,6 +61,7 @@ class Op(enum.IntEnum):
     DELETE_FRAGMENT = 12
     STAT_FRAGMENT = 13
     NODE_STATS = 14
+    SYNC = 15
     # metadata server
     LOOKUP = 30
     GETATTR = 31

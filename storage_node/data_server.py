@@ -97,11 +97,20 @@ class DataServer:
             Op.DELETE_FRAGMENT: self._delete,
             Op.STAT_FRAGMENT: self._stat,
             Op.NODE_STATS: self._node_stats,
+            Op.SYNC: self._sync,
         }
+        self.unsynced_puts = 0
+        self.syncs = 0
+        self._sync_requested = 0
+        self._sync_completed = 0
+        self._sync_running = False
+        self._sync_finished = trio.Event()
 
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         """Listen and serve forever; ``task_status.started`` gets the real port."""
-        await self.frame_server.serve(host, port, task_status=task_status)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.flush_periodically, self.config.flush_interval_s)
+            await self.frame_server.serve(host, port, task_status=task_status)
 
     def payload_buffer(self, header: FrameHeader, _body: Any) -> memoryview | None:
         # Only PUT carries a payload; any other op with one is refused by handle().
@@ -146,9 +155,49 @@ class DataServer:
         if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
             raise os_error(errno.EINVAL, f"block size must be in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
         crcs = _crcs(body, Op.PUT_FRAGMENT)
-        inline = len(payload) <= INLINE_BYTES and not self.store.fsync
-        crc = await self._on_disk(self.store.put, key, payload, crcs, block_size, inline=inline)
+        sync = body.get("sync", True)
+        if type(sync) is not bool:
+            raise ProtocolError("PUT_FRAGMENT: 'sync' must be a boolean")
+        durable = sync and self.store.fsync
+        inline = len(payload) <= INLINE_BYTES and not durable
+        crc = await self._on_disk(self.store.put, key, payload, crcs, block_size, sync, inline=inline)
+        if not durable:
+            self.unsynced_puts += 1
         return {"size": len(payload), "crc": crc}, ()
+
+    async def _sync(self, _body: dict, _payload: memoryview) -> Reply:
+        await self.sync_all()
+        return {}, ()
+
+    async def sync_all(self) -> None:
+        """Make every PUT acknowledged before this call durable.
+
+        Group commit: callers that arrive while a syncfs runs share the next
+        one, so a hundred concurrent SYNCs cost two syncfs calls, not a hundred."""
+        self._sync_requested += 1
+        ticket = self._sync_requested
+        while self._sync_completed < ticket:
+            if self._sync_running:
+                await self._sync_finished.wait()
+                continue
+            self._sync_running = True
+            covered, pending = self._sync_requested, self.unsynced_puts
+            try:
+                await trio.to_thread.run_sync(self.store.sync_all, limiter=self.disk)
+            finally:
+                self._sync_running = False
+                finished, self._sync_finished = self._sync_finished, trio.Event()
+                finished.set()
+            self._sync_completed = max(self._sync_completed, covered)
+            self.unsynced_puts -= pending
+            self.syncs += 1
+
+    async def flush_periodically(self, interval_s: float) -> None:
+        """Bound what an OS crash can lose of unsynced writes to ``interval_s``."""
+        while True:
+            await trio.sleep(interval_s)
+            if self.unsynced_puts:
+                await self.sync_all()
 
     async def _get(self, body: dict, _payload: memoryview) -> Reply:
         key = _key(body.get("key"), Op.GET_FRAGMENT)
@@ -172,4 +221,4 @@ class DataServer:
 
     async def _node_stats(self, _body: dict, _payload: memoryview) -> Reply:
         stats = await self._on_disk(self.store.stats)
-        return {"node_id": self.identity.node_id, **stats}, ()
+        return {"node_id": self.identity.node_id, **stats, "syncs": self.syncs, "unsynced_puts": self.unsynced_puts}, ()

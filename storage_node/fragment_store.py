@@ -33,6 +33,7 @@ Rules of this module:
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import errno
 import logging
 import os
@@ -177,6 +178,18 @@ def _write_all(fd: int, pieces: list[memoryview]) -> None:
                 written = 0
 
 
+def _syncfs(fd: int) -> None:
+    """syncfs(2) where libc has it (Linux), else a global sync."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    syncfs = getattr(libc, "syncfs", None)
+    if syncfs is None:
+        os.sync()
+        return
+    if syncfs(fd) != 0:
+        code = ctypes.get_errno()
+        raise OSError(code, f"syncfs failed: {os.strerror(code)}")
+
+
 def _fsync_dir(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
     try:
@@ -257,11 +270,13 @@ class FragmentStore:
 
     # --------------------------------------------------------------- write
     def put(self, key: FragmentKey, data: bytes | bytearray | memoryview, crcs: list[int],
-            block_size: int | None = None) -> int:
+            block_size: int | None = None, sync: bool = True) -> int:
         """Store ``data`` under ``key`` after checking it against ``crcs``; return its whole CRC32C.
 
         Nothing is stored unless every block matches (ChecksumError). The
-        fragment is durable (with ``fsync``) when this returns. Storing a key
+        fragment is durable (with ``fsync`` and ``sync``) when this returns;
+        with ``sync=False`` it is durable after the next ``sync_all``, like
+        an NFS unstable write before its COMMIT. Storing a key
         again replaces it atomically.
         """
         block_size = self.default_block_size if block_size is None else block_size
@@ -273,7 +288,7 @@ class FragmentStore:
         whole_crc = crc32c.crc32c(view)
         prefix = _pack_prefix(header, crcs)
         with self._admit(header.file_size):
-            self._write_file(key, header, memoryview(prefix), view)
+            self._write_file(key, header, memoryview(prefix), view, self.fsync and sync)
         return whole_crc
 
     @staticmethod
@@ -307,14 +322,15 @@ class FragmentStore:
             with self._lock:
                 self._in_flight_bytes -= size
 
-    def _write_file(self, key: FragmentKey, header: _Header, prefix: memoryview, data: memoryview) -> None:
+    def _write_file(self, key: FragmentKey, header: _Header, prefix: memoryview, data: memoryview,
+                    durable: bool) -> None:
         folder = self._inode_dir(key)
         final = folder / key.file_name()
-        tmp, fd = self._create_temp(folder, key)
+        tmp, fd = self._create_temp(folder, key, durable)
         try:
             try:
                 _write_all(fd, [prefix, data])
-                if self.fsync:
+                if durable:
                     os.fsync(fd)
             finally:
                 os.close(fd)
@@ -329,14 +345,25 @@ class FragmentStore:
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
-        if self.fsync:
+        if durable:
             _fsync_dir(folder)
 
-    def _create_temp(self, folder: Path, key: FragmentKey) -> tuple[Path, int]:
+    def sync_all(self) -> None:
+        """Make every fragment written so far durable: one syncfs of the data
+        directory's file system covers all of them and their directory entries."""
+        if not self.fsync:
+            return
+        fd = os.open(self.fragments_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:
+            _syncfs(fd)
+        finally:
+            os.close(fd)
+
+    def _create_temp(self, folder: Path, key: FragmentKey, durable: bool = True) -> tuple[Path, int]:
         # A concurrent delete may remove an empty inode directory between our
         # mkdir and open; try again then.
         for _ in range(3):
-            self._make_inode_dir(folder)
+            self._make_inode_dir(folder, durable)
             tmp = folder / f".{key.file_name()}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
             try:
                 return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
@@ -344,12 +371,12 @@ class FragmentStore:
                 continue
         raise os_error(errno.EIO, f"cannot create a temp file in {folder}")
 
-    def _make_inode_dir(self, folder: Path) -> None:
+    def _make_inode_dir(self, folder: Path, durable: bool = True) -> None:
         if folder.is_dir():
             return
         prefix_existed = folder.parent.is_dir()
         folder.mkdir(parents=True, exist_ok=True)
-        if self.fsync:  # the new directory entries must survive a crash too
+        if durable:  # the new directory entries must survive a crash too
             _fsync_dir(folder.parent)
             if not prefix_existed:
                 _fsync_dir(self.fragments_dir)

@@ -168,3 +168,28 @@ def test_layout_wider_than_the_cluster_is_refused(client: deepfs.Client) -> None
     with pytest.raises(OSError) as info:
         client.write_file(f"{base}/w", b"x" * 100, layout=Layout(4, 3, 256 << 10))
     assert info.value.errno == errno.EINVAL and "needs 7 storage nodes" in str(info.value)
+
+
+def test_fsync_makes_the_files_fragments_durable_on_their_nodes(cluster: LocalCluster) -> None:
+    """Writes are acknowledged unsynced (NFS-unstable style); fsync sends SYNC to
+    exactly the nodes holding the file's new fragments, which then report
+    nothing left to sync."""
+    import trio
+
+    from deepfs.frames import Op
+
+    async def scenario() -> None:
+        async with deepfs.AsyncClient.connect(cluster.meta_address) as fs:
+            f = await fs.open(f"/durable-{os.getpid()}", "wb", layout=Layout(4, 2, 256 << 10))
+            await f.pwrite(os.urandom(1 << 20), 0)
+            await f.flush()
+            holders = {n for r in f._records.values() for n in r.placement}
+            before = {n: (await fs.cluster.call_node(n, Op.NODE_STATS, {}))[0] for n in holders}
+            assert sum(s["unsynced_puts"] for s in before.values()) > 0
+            await f.fsync()
+            for n in holders:
+                after, _ = await fs.cluster.call_node(n, Op.NODE_STATS, {})
+                assert after["unsynced_puts"] == 0 and after["syncs"] > before[n]["syncs"], n
+            await f.close()
+
+    trio.run(scenario)

@@ -128,7 +128,8 @@ def test_put_get_range_stat_delete_stats(node: ServerProcess) -> None:
         after, _ = await c.call(Op.NODE_STATS, {})
         assert after["fragments"] == before["fragments"] + 1
         assert after["used_bytes"] > before["used_bytes"] + len(data) - 1
-        assert set(after) == {"node_id", "capacity_bytes", "free_bytes", "used_bytes", "fragments", "quarantined"}
+        assert set(after) == {"node_id", "capacity_bytes", "free_bytes", "used_bytes", "fragments", "quarantined",
+                          "syncs", "unsynced_puts"}
         assert (await c.call(Op.DELETE_FRAGMENT, {"keys": [key, [1, 1, 1, 1]]}))[0] == {"deleted": 1}
         for op, body in [(Op.GET_FRAGMENT, {"key": key, "offset": 0, "length": 1}), (Op.STAT_FRAGMENT, {"key": key})]:
             with pytest.raises(FileNotFoundError):
@@ -449,3 +450,28 @@ def test_node_takes_its_settings_from_the_cluster_toml(tmp_path) -> None:
     assert (config.data_dir, config.port, config.failure_domain, config.fsync) == ("/srv/b", 7100, "rack2", False)
     with pytest.raises(SystemExit):
         parse_args(["--config", str(toml), "--node-index", "5"])
+
+
+def test_unsynced_puts_become_durable_at_sync(node: ServerProcess) -> None:
+    """PUT with sync=false is acknowledged before fsync; SYNC covers every such PUT
+    (one syncfs shared by concurrent callers), and NODE_STATS shows the bookkeeping."""
+    data = os.urandom(10_000)
+
+    async def scenario(client: FrameClient) -> tuple[dict, dict]:
+        for i in range(5):
+            body = {"key": [77, i, 1, 0], "block_size": 65536, "crcs": block_crcs(data), "sync": False}
+            await client.call(Op.PUT_FRAGMENT, body, (data,))
+        before, _ = await client.call(Op.NODE_STATS, {})
+        async with trio.open_nursery() as nursery:
+            for _ in range(20):
+                nursery.start_soon(client.call, Op.SYNC, {})
+        after, _ = await client.call(Op.NODE_STATS, {})
+        _, got = await get(client, [77, 3, 1, 0])
+        assert got == data
+        return before, after
+
+    before, after = with_client(port_of(node), scenario)
+    assert before["unsynced_puts"] >= 5
+    assert after["unsynced_puts"] == 0
+    assert 1 <= after["syncs"] - before["syncs"] <= 20
+    assert_serving(node)

@@ -100,7 +100,7 @@ class AsyncClient:
         hello = await self.meta.call(Op.HELLO)
         self.default_layout = Layout.from_dict(hello["default_layout"]) if hello.get("default_layout") else None
         self.cluster = ClusterView(self.nursery, hello["grpc_address"], self.config)
-        self.stripes = StripeIO(self.cluster)
+        self.stripes = StripeIO(self.cluster, self.config.durable_writes)
         await self.cluster.refresh()
         self.nursery.start_soon(self.cluster.refresh_forever)
 

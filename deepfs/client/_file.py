@@ -77,6 +77,7 @@ class AsyncFile:
         self.closed = False
         self._records = {r.index: r for r in records}
         self._min_version = min_version
+        self._unsynced_nodes: set[int] = set()  # nodes holding fragments written since the last fsync
         self._dirty: dict[int, _DirtyStripe] = {}
         self._in_flight: dict[int, tuple[bytes, trio.Event]] = {}
         self._upload_slots = trio.Semaphore(client.config.max_dirty_stripes)
@@ -234,6 +235,7 @@ class AsyncFile:
                     await self.reload()
             self._min_version = max(self._min_version, int(reply.get("min_version", 0)))
             self._records[index] = record
+            self._unsynced_nodes.update(record.placement)
             self.attr = reply.get("attr", self.attr)
             self._committed_size = max(self._committed_size, min(self.size, stripe_end))
         except BaseException as exc:  # noqa: BLE001 - handed to the writer at its next call
@@ -270,8 +272,15 @@ class AsyncFile:
             self._committed_size = self.size
 
     async def fsync(self) -> None:
-        """flush, then wait for the metadata server's disk sync covering it."""
+        """flush, make the new fragments durable on their nodes, then wait for
+        the metadata server's disk sync covering the commits."""
         await self.flush()
+        nodes, self._unsynced_nodes = self._unsynced_nodes, set()
+        try:
+            await self._client.stripes.sync_nodes(nodes)
+        except BaseException:
+            self._unsynced_nodes |= nodes
+            raise
         await self._client.meta.call(Op.FSYNC)
 
     async def truncate(self, size: int) -> None:

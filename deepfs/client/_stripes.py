@@ -83,9 +83,22 @@ class IOStats:
 
 
 class StripeIO:
-    def __init__(self, cluster: ClusterView) -> None:
+    def __init__(self, cluster: ClusterView, durable_writes: bool = False) -> None:
         self.cluster = cluster
+        self.durable_writes = durable_writes
         self.stats = IOStats()
+
+    async def sync_nodes(self, node_ids: set[int]) -> None:
+        """Make every fragment these nodes acknowledged durable (NFS COMMIT-style).
+
+        Fragments are written without fsync (like NFS unstable writes); a
+        file's fsync sends SYNC to the nodes holding its new fragments. A node
+        that cannot be reached is skipped only if it was already known down:
+        otherwise the fsync fails with EIO, as a local disk would."""
+        async def sync(node_id: int) -> None:
+            await self.cluster.call_node(node_id, Op.SYNC, {})
+
+        await run_all(functools.partial(sync, n) for n in sorted(node_ids) if n != MISSING)
 
     # ------------------------------------------------------------------ write
     async def write_stripe(self, ino: int, index: int, layout: Layout, data: bytes | bytearray | memoryview,
@@ -115,7 +128,8 @@ class StripeIO:
         full_nodes: set[int] = set()
 
         async def put(slot: int, node_id: int) -> None:
-            body = {"key": [ino, index, version, slot], "block_size": codec.BLOCK_SIZE, "crcs": codec.block_crcs(fragments[slot])}
+            body = {"key": [ino, index, version, slot], "block_size": codec.BLOCK_SIZE,
+                    "crcs": codec.block_crcs(fragments[slot]), "sync": self.durable_writes}
             try:
                 reply, _ = await self.cluster.call_node(node_id, Op.PUT_FRAGMENT, body, (fragments[slot],))
                 if int(reply.get("crc", -1)) != crcs[slot]:
