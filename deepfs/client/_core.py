@@ -243,6 +243,10 @@ class AsyncClient:
             except OSError as exc:
                 raise os_error(exc.errno or errno.EIO, exc.strerror or "", path) from None
             attr = reply["attr"]
+            if reply.get("created") and "layout" in reply:
+                # A new file has no stripes and the lowest version floor: skip OPEN's round trip.
+                return AsyncFile(self, path, attr, Layout.from_dict(reply["layout"]), [], readable, writable,
+                                 append, 0)
         else:
             attr = await self.resolve(path)
         if stat_module.S_ISDIR(attr["mode"]):
