@@ -1,8 +1,8 @@
-"""``python -m bench`` is ``deepfs bench``: one parser, in deepfs/cli.py."""
+"""``python -m bench`` is ``deepfs bench``: one command, defined in deepfs/cli.py."""
 
 import sys
 
-from deepfs.cli import main
+from deepfs.cli import bench
 
 if __name__ == "__main__":
-    sys.exit(main(["bench", *sys.argv[1:]], prog_name="python -m bench"))
+    sys.exit(bench.main(sys.argv[1:], prog_name="python -m bench"))
