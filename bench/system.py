@@ -38,7 +38,19 @@ def versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             found[package] = "not installed"
     found["libfuse"] = _command_version(["fusermount3", "--version"]).split()[-1]
+    found["deepfs-git"] = git_revision()
     return found
+
+
+def git_revision() -> str:
+    """``git describe --always --dirty`` of the checkout the benchmark runs from."""
+    here = Path(__file__).resolve().parent.parent
+    try:
+        rev = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
+                             text=True, timeout=10, check=False).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        rev = ""
+    return rev or "unknown"
 
 
 def _command_version(cmd: list[str]) -> str:

@@ -33,6 +33,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
+from bench.system import git_revision
+
 TARGET_NAMES = ("deepfs", "deepfs-client", "local", "bindfs", "gluster")
 """``deepfs`` is the FUSE mount, ``deepfs-client`` the Python client/adapter of the same cluster."""
 
@@ -241,22 +243,12 @@ class _DeepFSCluster(FailureGroup):
 
 
 def _deepfs_versions() -> dict[str, str]:
-    versions = {"deepfs": _git_revision()}
+    versions = {"deepfs": git_revision()}
     with contextlib.suppress(ImportError):
         import pyfuse3
 
         versions["pyfuse3"] = getattr(pyfuse3, "__version__", "?")
     return versions
-
-
-def _git_revision() -> str:
-    here = Path(__file__).resolve().parent.parent
-    try:
-        rev = subprocess.run(["git", "-C", str(here), "describe", "--always", "--dirty"], capture_output=True,
-                             text=True, timeout=10, check=False).stdout.strip()
-    except (OSError, subprocess.TimeoutExpired):
-        rev = ""
-    return rev or "unknown"
 
 
 # ---------------------------------------------------------------- local disk
