@@ -18,6 +18,7 @@ are reported by the read that needs the bytes, never by a prefetch.
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import trio
@@ -32,6 +33,12 @@ log = logging.getLogger(__name__)
 # arrive out of order. A random reader jumps further and gets no read-ahead.
 SEQUENTIAL_AHEAD_BYTES = 1 << 20
 SEQUENTIAL_BEHIND_BYTES = 256 << 10
+
+# Several sequential readers of one file (fio numjobs=4 on quarters, data
+# loaders sharding a file) share the inode's buffers: keep the most recently
+# used stripes of this many streams instead of dropping everything behind the
+# latest read, which made the streams evict each other's read-ahead.
+STREAMS_KEPT = 8
 
 
 def is_sequential(offset: int, previous_end: int) -> bool:
@@ -50,14 +57,15 @@ class StripePrefetcher:
         self._file = file
         self._ahead = stripes_ahead
         self._nursery = nursery
-        self._stripes: dict[int, _Stripe] = {}
+        self._stripes: OrderedDict[int, _Stripe] = OrderedDict()
+        self._capacity = STREAMS_KEPT * (stripes_ahead + 2)
         self._generation = 0
         self.enabled = stripes_ahead > 0
         self.hits = 0
 
     def invalidate(self) -> None:
         self._generation += 1
-        self._stripes = {}
+        self._stripes = OrderedDict()
 
     async def read(self, offset: int, size: int) -> bytes | None:
         """The bytes [offset, offset+size) from prefetched stripes (fetching the
@@ -72,11 +80,12 @@ class StripePrefetcher:
             stripe = self._stripes.get(index)
             if stripe is None:
                 return None
+            self._stripes.move_to_end(index)
             await stripe.done.wait()
             if stripe.data is None or stripe.generation != self._generation:
                 return None
             pieces.append((index, stripe.data))
-        self._forget_before(first)
+        self._evict()
         out = bytearray(size)
         for index, data in pieces:
             start = max(offset, index * stripe_size)
@@ -94,9 +103,10 @@ class StripePrefetcher:
                 stripe = self._stripes[index] = _Stripe(self._generation)
                 self._nursery.start_soon(self._fetch, index, stripe)
 
-    def _forget_before(self, index: int) -> None:
-        for old in [i for i in self._stripes if i < index - 1]:
-            del self._stripes[old]
+    def _evict(self) -> None:
+        """Drop the least recently used stripes past the capacity."""
+        while len(self._stripes) > self._capacity:
+            self._stripes.popitem(last=False)
 
     async def _fetch(self, index: int, stripe: _Stripe) -> None:
         stripe_size = self._file.layout.stripe_size
