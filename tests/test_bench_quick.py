@@ -64,7 +64,7 @@ def test_quick_run_reports_every_target(tmp_path: Path) -> None:
     assert degraded.get("deepfs") and degraded.get("deepfs-client"), degraded
 
     markdown = (out / "results.md").read_text()
-    assert "| seqread_1m_j1 |" in markdown and "## Small files" in markdown and "## Checkpoint" in markdown
+    assert "| seqread_1m_j4 |" in markdown and "## Small files" in markdown and "## Checkpoint" in markdown
     for name in ("throughput", "iops", "p99"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
