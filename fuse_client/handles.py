@@ -44,10 +44,12 @@ from fuse_client.readahead import StripePrefetcher, is_sequential
 log = logging.getLogger(__name__)
 
 MAX_CACHE_STAMPS = 50_000
-# Partially written stripes one open file may hold in memory before its
-# writes wait for a flush (a random writer touches a whole stripe buffer
-# per small write; sequential writers never get near this).
-MAX_BUFFERED_STRIPES = 32
+# Memory the partially written stripes of one open file may hold before its
+# writes wait for a flush. Small scattered writes are kept as pieces (see
+# deepfs.client._file.SPARSE_LIMIT), so a 4 KiB random writer buffers about
+# 32K writes here, and each flush rewrites a stripe once for all of its pieces
+# instead of once per 32 writes; sequential writers never get near this.
+MAX_BUFFERED_BYTES = 128 << 20
 
 
 @dataclass
@@ -216,7 +218,7 @@ class OpenFiles:
             inode.prefetch.invalidate()
             written = await inode.file.pwrite(data, offset)
             inode.local_mtime_ns = time.time_ns()
-            if inode.file.buffered_stripes > MAX_BUFFERED_STRIPES:
+            if inode.file.buffered_bytes > MAX_BUFFERED_BYTES:
                 await inode.file.flush()
             return written
 

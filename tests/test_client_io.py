@@ -193,3 +193,29 @@ def test_fsync_makes_the_files_fragments_durable_on_their_nodes(cluster: LocalCl
             await f.close()
 
     trio.run(scenario)
+
+
+def test_scattered_small_writes_are_buffered_as_pieces(client: deepfs.Client) -> None:
+    """4 KiB writes over many 4 MiB stripes cost their own size in memory, read back
+    correctly before and after close, and overlapping pieces apply in order."""
+    base = unique_dir(client, "sparse")
+    layout = Layout(4, 2, 4 << 20)
+    size = 24 << 20
+    model = bytearray(os.urandom(size))
+    client.write_file(f"{base}/r", model, layout=layout)
+    rng = random.Random(11)
+
+    async def scenario() -> None:
+        f = await client.aio.open(f"{base}/r", "r+b")
+        for _ in range(200):
+            offset = rng.randrange(0, size - 4096) & ~511
+            chunk = os.urandom(4096)
+            await f.pwrite(chunk, offset)
+            model[offset : offset + 4096] = chunk
+        assert f.buffered_bytes <= 200 * 4096  # pieces, not 6 stripe buffers of 4 MiB
+        probe = rng.randrange(0, size - 65536)
+        assert await f.pread(65536, probe) == bytes(model[probe : probe + 65536])
+        await f.close()
+
+    client._call(scenario)
+    assert client.read_file(f"{base}/r") == bytes(model)

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from deepfs.buffers import BufferPool
 from deepfs.client._stripes import StripeRecord
 from deepfs.concurrency import run_all
 from deepfs.frames import Op
@@ -36,10 +37,40 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+SPARSE_LIMIT = 256 << 10
+"""A dirty stripe keeps up to this many written bytes as pieces before it takes
+a whole stripe buffer: a random writer's 4 KiB writes scattered over hundreds
+of stripes cost their own size in memory, not 4 MiB each."""
+
+
 @dataclass
 class _DirtyStripe:
-    buf: bytearray
+    buf: bytearray | None = None  # the whole stripe, once materialized
+    pieces: list[tuple[int, bytes]] = field(default_factory=list)  # (offset, bytes) in write order
+    sparse_bytes: int = 0
     written: list[tuple[int, int]] = field(default_factory=list)  # merged [start, end) ranges
+
+    def write(self, inner: int, data: memoryview, pool: BufferPool) -> None:
+        if self.buf is None and self.sparse_bytes + len(data) <= SPARSE_LIMIT:
+            self.pieces.append((inner, bytes(data)))
+            self.sparse_bytes += len(data)
+        else:
+            self.materialize(pool)[inner : inner + len(data)] = data
+        self.add(inner, inner + len(data))
+
+    def materialize(self, pool: BufferPool) -> bytearray:
+        """The whole-stripe buffer, with the pieces written so far applied in order."""
+        if self.buf is None:
+            self.buf = pool.take()
+            for start, piece in self.pieces:
+                self.buf[start : start + len(piece)] = piece
+            self.pieces.clear()
+            self.sparse_bytes = 0
+        return self.buf
+
+    @property
+    def memory(self) -> int:
+        return len(self.buf) if self.buf is not None else self.sparse_bytes
 
     def add(self, start: int, end: int) -> None:
         spans = sorted([*self.written, (start, end)])
@@ -136,10 +167,10 @@ class AsyncFile:
 
     # ---------------------------------------------------------------- writes
     @property
-    def buffered_stripes(self) -> int:
-        """Partially written stripes held in memory until flush (full ones are
-        stored right away): a caller bounds a random writer's memory with it."""
-        return len(self._dirty)
+    def buffered_bytes(self) -> int:
+        """Memory held by partially written stripes until flush (full ones are
+        stored right away): a caller bounds a random writer with it."""
+        return sum(d.memory for d in self._dirty.values())
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
         self._check_open()
@@ -155,8 +186,7 @@ class AsyncFile:
             index, inner = divmod(offset + pos, stripe_size)
             take = min(stripe_size - inner, len(view) - pos)
             dirty = await self._dirty_stripe(index)
-            dirty.buf[inner : inner + take] = view[pos : pos + take]
-            dirty.add(inner, inner + take)
+            dirty.write(inner, view[pos : pos + take], self._pool)
             pos += take
             self.size = max(self.size, offset + pos)
             if dirty.covers(0, stripe_size):
@@ -171,13 +201,14 @@ class AsyncFile:
                 await flight[1].wait()  # one version of a stripe at a time, in order
             dirty = self._dirty.get(index)
             if dirty is None:
-                dirty = self._dirty[index] = _DirtyStripe(self._pool.take())
+                dirty = self._dirty[index] = _DirtyStripe()
         return dirty
 
     async def _fill_gaps(self, index: int, dirty: _DirtyStripe) -> None:
         """Merge the stripe's stored bytes under the parts this writer has not written."""
         stripe_size = self.layout.stripe_size
         length = min(stripe_size, max(self.size - index * stripe_size, 0))
+        dirty.materialize(self._pool)
         if dirty.covers(0, length):
             return
         base = bytearray(stripe_size)
@@ -311,7 +342,8 @@ class AsyncFile:
         finally:
             self.closed = True
             for dirty in self._dirty.values():
-                self._pool.give(dirty.buf)
+                if dirty.buf is not None:
+                    self._pool.give(dirty.buf)
             self._dirty.clear()
 
     def _check_open(self) -> None:
