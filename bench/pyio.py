@@ -153,7 +153,7 @@ def _run_async(client: Any, path: str, job: JobSpec, params: RunParams) -> Sampl
         finally:
             await handle.close()
 
-    window = client._call(main)  # the client's loop; deepfs.Client has no public "run this coroutine"
+    window = client.run_async(main)  # the client's loop; deepfs.Client has no public "run this coroutine"
     return _sample(tally, window, ASYNC_ENGINE)
 
 

@@ -137,16 +137,16 @@ class DeepFSFileSystem(AbstractFileSystem):
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
         path = self._strip_protocol(path)
-        handle = self.client._call(self.client.aio.open, path, "rb")
+        handle = self.client.run_async(self.client.aio.open, path, "rb")
         try:
             size = handle.size
             begin = 0 if start is None else (start if start >= 0 else max(0, size + start))
             stop = size if end is None else (min(end, size) if end >= 0 else max(0, size + end))
             if stop <= begin:
                 return b""
-            return self.client._call(handle.pread, stop - begin, begin)
+            return self.client.run_async(handle.pread, stop - begin, begin)
         finally:
-            self.client._call(handle.close)
+            self.client.run_async(handle.close)
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
         with self.open(path, "xb" if mode == "create" else "wb") as f:
@@ -180,23 +180,23 @@ class DeepFSFile(AbstractBufferedFile):
             raise NotImplementedError("DeepFS files commit at close; transactions are not supported")
         client = fs.client
         # Opened now, not at the first flush: "xb" refuses an existing file, "rb" a missing one, at open.
-        self.handle: AsyncFile = client._call(client.aio.open, path, mode)
+        self.handle: AsyncFile = client.run_async(client.aio.open, path, mode)
         self._append_base = self.handle.size if mode == "ab" else 0
         size = self.handle.size if mode == "rb" else None
         super().__init__(fs, path, mode, block_size, autocommit, cache_type, cache_options, size=size, **kwargs)
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        return self.fs.client._call(self.handle.pread, end - start, start)
+        return self.fs.client.run_async(self.handle.pread, end - start, start)
 
     def _upload_chunk(self, final: bool = False) -> bool:
         data = self.buffer.getbuffer()
         try:
             if len(data):
-                self.fs.client._call(self.handle.pwrite, data, self._append_base + self.offset)
+                self.fs.client.run_async(self.handle.pwrite, data, self._append_base + self.offset)
         finally:
             del data  # the BytesIO cannot be replaced while a view of it lives
         if final:
-            self.fs.client._call(self.handle.close)
+            self.fs.client.run_async(self.handle.close)
         return True
 
     def close(self) -> None:
@@ -206,9 +206,9 @@ class DeepFSFile(AbstractBufferedFile):
             super().close()  # writers: the last block, then the final _upload_chunk commits
         except BaseException:
             with contextlib.suppress(Exception):
-                self.fs.client._call(self.handle.close)
+                self.fs.client.run_async(self.handle.close)
             raise
-        self.fs.client._call(self.handle.close)  # readers; a no-op for a committed writer
+        self.fs.client.run_async(self.handle.close)  # readers; a no-op for a committed writer
 
 
 fsspec.register_implementation(DeepFSFileSystem.protocol, DeepFSFileSystem, clobber=True)

@@ -217,5 +217,5 @@ def test_scattered_small_writes_are_buffered_as_pieces(client: deepfs.Client) ->
         assert await f.pread(65536, probe) == bytes(model[probe : probe + 65536])
         await f.close()
 
-    client._call(scenario)
+    client.run_async(scenario)
     assert client.read_file(f"{base}/r") == bytes(model)

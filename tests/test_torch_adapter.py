@@ -124,7 +124,7 @@ def test_staged_reads_keep_every_byte(client: deepfs.Client) -> None:
     obj = {"big": torch.randn(3 << 20), "odd": torch.randn(1_234_567).to(torch.float64), "small": torch.ones(5)}
     dtorch.save(obj, f"{base}/ck.pt", client=client)
     options = ReadOptions(stage_to=torch.device("cpu"))
-    archive = client._call(read_checkpoint, client.aio, f"{base}/ck.pt", "test", options, lambda n: None, lambda n: None)
+    archive = client.run_async(read_checkpoint, client.aio, f"{base}/ck.pt", "test", options, lambda n: None, lambda n: None)
     assert_same(obj, torch.serialization._load(archive, None, torch._weights_only_unpickler))
     assert _cuda_destination("cuda:0") is None or torch.cuda.is_available()
     assert _cuda_destination("cpu") is None and _cuda_destination(lambda s, loc: s) is None

@@ -67,7 +67,9 @@ class Client:
         finally:
             self._ready.set()
 
-    def _call(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+    def run_async(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
+        """Run ``await fn(*args, **kwargs)`` on the client's trio loop and return
+        its result: the way to use ``Client.aio`` (the AsyncClient) from threads."""
         if self._token is None or not self._thread.is_alive():
             raise RuntimeError("the DeepFS client is closed")
 
@@ -105,59 +107,59 @@ class Client:
 
     # Namespace
     def stat(self, path: str) -> os.stat_result:
-        return self._call(self.aio.stat, path)
+        return self.run_async(self.aio.stat, path)
 
     def exists(self, path: str) -> bool:
-        return self._call(self.aio.exists, path)
+        return self.run_async(self.aio.exists, path)
 
     def listdir(self, path: str = "/") -> list[str]:
-        return self._call(self.aio.listdir, path)
+        return self.run_async(self.aio.listdir, path)
 
     def mkdir(self, path: str, mode: int = 0o755) -> None:
-        self._call(self.aio.mkdir, path, mode)
+        self.run_async(self.aio.mkdir, path, mode)
 
     def makedirs(self, path: str, mode: int = 0o755, exist_ok: bool = True) -> None:
-        self._call(self.aio.makedirs, path, mode, exist_ok)
+        self.run_async(self.aio.makedirs, path, mode, exist_ok)
 
     def unlink(self, path: str) -> None:
-        self._call(self.aio.unlink, path)
+        self.run_async(self.aio.unlink, path)
 
     def rmdir(self, path: str) -> None:
-        self._call(self.aio.rmdir, path)
+        self.run_async(self.aio.rmdir, path)
 
     def rename(self, src: str, dst: str, flags: int = 0) -> None:
-        self._call(self.aio.rename, src, dst, flags)
+        self.run_async(self.aio.rename, src, dst, flags)
 
     def symlink(self, target: str, path: str) -> None:
-        self._call(self.aio.symlink, target, path)
+        self.run_async(self.aio.symlink, target, path)
 
     def readlink(self, path: str) -> str:
-        return self._call(self.aio.readlink, path)
+        return self.run_async(self.aio.readlink, path)
 
     def link(self, src: str, dst: str) -> None:
-        self._call(self.aio.link, src, dst)
+        self.run_async(self.aio.link, src, dst)
 
     def chmod(self, path: str, mode: int) -> None:
-        self._call(self.aio.chmod, path, mode)
+        self.run_async(self.aio.chmod, path, mode)
 
     def truncate(self, path: str, size: int) -> None:
-        self._call(self.aio.truncate, path, size)
+        self.run_async(self.aio.truncate, path, size)
 
     def set_layout(self, path: str, layout: Layout) -> None:
-        self._call(self.aio.set_layout, path, layout)
+        self.run_async(self.aio.set_layout, path, layout)
 
     def statfs(self) -> dict[str, int]:
-        return self._call(self.aio.statfs)
+        return self.run_async(self.aio.statfs)
 
     # Data
     def open(self, path: str, mode: str = "rb", layout: Layout | None = None) -> File:
-        return File(self, self._call(self.aio.open, path, mode, layout))
+        return File(self, self.run_async(self.aio.open, path, mode, layout))
 
     def read_file(self, path: str) -> bytes:
-        return self._call(self.aio.read_file, path)
+        return self.run_async(self.aio.read_file, path)
 
     def write_file(self, path: str, data: bytes | bytearray | memoryview, layout: Layout | None = None) -> None:
-        self._call(self.aio.write_file, path, data, layout)
+        self.run_async(self.aio.write_file, path, data, layout)
 
 
 class File(io.RawIOBase):
@@ -195,7 +197,7 @@ class File(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        n = self._client._call(self._handle.pread_into, view, self._pos)
+        n = self._client.run_async(self._handle.pread_into, view, self._pos)
         self._pos += n
         return n
 
@@ -210,34 +212,34 @@ class File(io.RawIOBase):
         return self.read(-1)
 
     def pread(self, size: int, offset: int) -> bytes:
-        return self._client._call(self._handle.pread, size, offset)
+        return self._client.run_async(self._handle.pread, size, offset)
 
     def write(self, data: Any) -> int:
         if self._handle.append:
             self._pos = self._handle.size
-        n = self._client._call(self._handle.pwrite, data, self._pos)
+        n = self._client.run_async(self._handle.pwrite, data, self._pos)
         self._pos += n
         return n
 
     def pwrite(self, data: Any, offset: int) -> int:
-        return self._client._call(self._handle.pwrite, data, offset)
+        return self._client.run_async(self._handle.pwrite, data, offset)
 
     def truncate(self, size: int | None = None) -> int:
         size = self._pos if size is None else size
-        self._client._call(self._handle.truncate, size)
+        self._client.run_async(self._handle.truncate, size)
         return size
 
     def flush(self) -> None:
         if not self.closed and self._handle.writable and not self._handle.closed:
-            self._client._call(self._handle.flush)
+            self._client.run_async(self._handle.flush)
 
     def fsync(self) -> None:
-        self._client._call(self._handle.fsync)
+        self._client.run_async(self._handle.fsync)
 
     def close(self) -> None:
         if not self.closed:
             try:
-                self._client._call(self._handle.close)
+                self._client.run_async(self._handle.close)
             finally:
                 super().close()
 

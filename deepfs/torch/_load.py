@@ -75,7 +75,7 @@ def load(
     options = ReadOptions(verify_crc=verify_crc, pin_memory=pin_memory, stage_to=stage_to)
     try:
         with TransferBar(f"loading {target.url}", progress) as bar:
-            archive = target.client._call(
+            archive = target.client.run_async(
                 read_checkpoint, target.client.aio, target.path, target.url, options, bar.set_total, bar.advance
             )
     except BaseException as exc:

@@ -136,7 +136,7 @@ class StripeSink:
     def flush(self) -> None:
         batch, self._pending, self._pending_bytes = self._pending, [], 0
         if batch:
-            self._client._call(_pwrite_all, self._handle, batch)
+            self._client.run_async(_pwrite_all, self._handle, batch)
 
 
 async def _pwrite_all(handle: AsyncFile, batch: list[tuple[int, memoryview]]) -> None:
@@ -185,7 +185,7 @@ def save(
     temporary = target.temporary_sibling()
     aio = target.client.aio
     try:
-        handle = target.client._call(aio.open, temporary, "xb", layout)
+        handle = target.client.run_async(aio.open, temporary, "xb", layout)
     except BaseException as exc:
         raise explain(exc, "saving", target.url) from exc
     try:
@@ -199,7 +199,7 @@ def save(
                 sink.write(0, legacy.getbuffer())
                 bar.advance(legacy.tell())
             sink.flush()
-            target.client._call(_publish, aio, handle, temporary, target.path)
+            target.client.run_async(_publish, aio, handle, temporary, target.path)
     except BaseException as exc:
         _abandon(target, handle, temporary)
         raise explain(exc, "saving", target.url) from exc
@@ -228,6 +228,6 @@ def _abandon(target: Target, handle: AsyncFile, temporary: str) -> None:
                 pass
 
     try:
-        target.client._call(abandon)
+        target.client.run_async(abandon)
     except Exception:  # noqa: BLE001 - the client itself may be gone
         pass

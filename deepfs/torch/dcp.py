@@ -86,7 +86,7 @@ class DeepFSCheckpointFS(FileSystemBase):
             raise
         if self.fsync:
             # Committed stripes are on the nodes; this waits for the metadata sync that covers them.
-            self.client._call(self.client.aio.fsync_namespace)
+            self.client.run_async(self.client.aio.fsync_namespace)
 
     def concat_path(self, path: str | os.PathLike, suffix: str) -> str:
         return join_path(os.fspath(path), suffix)
