@@ -1,0 +1,98 @@
+"""CPU cost per operation, summed over every process of a local cluster.
+
+Wall-clock figures on a shared 2-core machine swing with whatever else runs;
+CPU time spent per operation (client + metadata server + storage nodes, read
+from /proc/PID/stat) barely does, so this is the figure to compare before
+and after a change to the data path. Run:
+
+    python -m bench.cpu_cost [--ops 300] [--stripes 40]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from collections.abc import Awaitable, Callable
+
+import trio
+
+import deepfs
+from deepfs.frames import Op
+from deepfs.local_cluster import LocalCluster
+
+_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """user + system CPU seconds of the given processes so far."""
+    total = 0
+    for pid in pids:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / _TICKS
+
+
+async def measure(pids: dict[str, list[int]], count: int, work: Callable[[int], Awaitable[object]]) -> dict[str, float]:
+    """Milliseconds of CPU per operation, per process group, and wall ms per op."""
+    before = {name: cpu_seconds(p) for name, p in pids.items()}
+    start = time.perf_counter()
+    for i in range(count):
+        await work(i)
+    wall = time.perf_counter() - start
+    result = {f"{name}_cpu_ms": (cpu_seconds(p) - before[name]) * 1e3 / count for name, p in pids.items()}
+    result["wall_ms"] = wall * 1e3 / count
+    return result
+
+
+async def run(cluster: LocalCluster, ops: int, stripes: int) -> dict[str, dict[str, float]]:
+    pids = {
+        "client": [os.getpid()],
+        "meta": [cluster.state.meta.pid],
+        "nodes": [n.pid for n in cluster.state.nodes if n],
+    }
+    results: dict[str, dict[str, float]] = {}
+    small = os.urandom(16 << 10)
+    stripe = os.urandom(4 << 20)
+    async with deepfs.AsyncClient.connect(cluster.meta_address) as fs:
+        await fs.mkdir("/cpu")
+        results["node_ping"] = await measure(pids, ops, lambda i: fs.cluster.call_node(1, Op.PING, {}))
+        results["small_file_write_16k"] = await measure(pids, ops, lambda i: fs.write_file(f"/cpu/f{i}", small))
+        results["small_file_read_16k"] = await measure(pids, ops, lambda i: fs.read_file(f"/cpu/f{i}"))
+        big = await fs.open("/cpu/big", "wb")
+
+        async def write_stripe(i: int) -> None:
+            await big.pwrite(stripe, i * len(stripe))
+            await big.flush()
+
+        results["stripe_write_4m"] = await measure(pids, stripes, write_stripe)
+        await big.close()
+        big = await fs.open("/cpu/big", "rb")
+        buf = memoryview(bytearray(len(stripe)))
+        results["stripe_read_4m"] = await measure(pids, stripes, lambda i: big.pread_into(buf, i * len(stripe)))
+        await big.close()
+    return results
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.cpu_cost", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", type=int, default=300, help="small operations per measurement")
+    parser.add_argument("--stripes", type=int, default=40, help="4 MiB stripes per measurement")
+    parser.add_argument("--fsync", action="store_true", help="storage nodes with fsync on (default off: CPU, not disk)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="deepfs-cpu-") as tmp, \
+            LocalCluster(tmp, 6, 4, 2, 4 << 20, fsync=args.fsync).start() as cluster:
+        results = trio.run(run, cluster, args.ops, args.stripes)
+    print(f"{'operation':<22}{'client':>9}{'meta':>9}{'nodes':>9}{'total':>9}{'wall':>9}   (ms per op)")
+    for name, r in results.items():
+        total = r["client_cpu_ms"] + r["meta_cpu_ms"] + r["nodes_cpu_ms"]
+        print(f"{name:<22}{r['client_cpu_ms']:9.2f}{r['meta_cpu_ms']:9.2f}{r['nodes_cpu_ms']:9.2f}{total:9.2f}{r['wall_ms']:9.2f}")
+    print(json.dumps(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,22 @@
+"""bench.cpu_cost keeps working (a tiny run of every measurement)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.timeout(120)
+def test_cpu_cost_reports_every_operation() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "bench.cpu_cost", "--ops", "5", "--stripes", "2"],
+        capture_output=True, text=True, timeout=110, cwd=Path(__file__).parent.parent, check=True,
+    ).stdout
+    results = json.loads(out.strip().splitlines()[-1])
+    assert set(results) == {"node_ping", "small_file_write_16k", "small_file_read_16k", "stripe_write_4m", "stripe_read_4m"}
+    for figures in results.values():
+        assert figures["wall_ms"] > 0 and all(v >= 0 for v in figures.values())
