@@ -56,6 +56,14 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+def syscall_errno(exc: OSError) -> int:
+    """The errno a program sees: trouble between our own processes (a reset
+    or refused connection to a node) is an I/O error to it, not a socket error."""
+    if isinstance(exc, ConnectionError) or not exc.errno:
+        return errno.EIO
+    return exc.errno
+
+
 def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Turn whatever a handler raises into the errno the syscall returns."""
 
@@ -66,11 +74,11 @@ def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
         except pyfuse3.FUSEError:
             raise
         except OSError as exc:
-            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from None
+            raise pyfuse3.FUSEError(syscall_errno(exc)) from None
         except BaseExceptionGroup as group:
             sole = sole_exception(group)
             if isinstance(sole, OSError):
-                raise pyfuse3.FUSEError(sole.errno or errno.EIO) from None
+                raise pyfuse3.FUSEError(syscall_errno(sole)) from None
             log.exception("%s failed", fn.__name__)
             raise pyfuse3.FUSEError(errno.EIO) from None
         except trio.TooSlowError:

@@ -93,3 +93,15 @@ def test_xattr_cache_remembers_absence_and_forgets_per_inode() -> None:
     short.put(1, b"user.a", b"1")
     time.sleep(0.02)
     assert short.get(1, b"user.a") == (False, None)
+
+
+def test_socket_trouble_reaches_programs_as_eio() -> None:
+    import errno
+
+    from fuse_client.operations import syscall_errno
+
+    assert syscall_errno(ConnectionResetError(errno.ECONNRESET, "reset")) == errno.EIO
+    assert syscall_errno(ConnectionRefusedError(errno.ECONNREFUSED, "refused")) == errno.EIO
+    assert syscall_errno(OSError("no errno")) == errno.EIO
+    assert syscall_errno(FileNotFoundError(errno.ENOENT, "x")) == errno.ENOENT
+    assert syscall_errno(OSError(errno.ENOSPC, "full")) == errno.ENOSPC

@@ -93,10 +93,12 @@ class StripeIO:
 
         Fragments are written without fsync (like NFS unstable writes); a
         file's fsync sends SYNC to the nodes holding its new fragments. A node
-        that cannot be reached is skipped only if it was already known down:
-        otherwise the fsync fails with EIO, as a local disk would."""
+        that cannot be reached fails the fsync with EIO, as a local disk would."""
         async def sync(node_id: int) -> None:
-            await self.cluster.call_node(node_id, Op.SYNC, {})
+            try:
+                await self.cluster.call_node(node_id, Op.SYNC, {})
+            except (ConnectionError, trio.TooSlowError) as exc:
+                raise OSError(errno.EIO, f"storage node {node_id} could not make its fragments durable: {exc}") from exc
 
         await run_all(functools.partial(sync, n) for n in sorted(node_ids) if n != MISSING)
 
