@@ -9,9 +9,9 @@ Two save figures, because they promise different things:
 - ``save_s``: until ``torch.save`` returns. On the local disk the bytes may
   still be only in the page cache then.
 - ``save_durable_s``: until the bytes are durable (``torch.save`` + fsync of
-  the file). The adapter's save fsyncs and renames before it returns, and a
-  DeepFS mount stores and commits everything at close, so for those the two
-  are the same operation.
+  the file; on the DeepFS mount that fsync makes the nodes sync the file's
+  fragments). The adapter's save fsyncs and renames before it returns, so
+  for it the two are the same operation.
 The loaded state dict is checked against the saved one (shapes, dtypes and a
 few values) so a fast wrong answer cannot pass.
 """

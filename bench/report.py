@@ -122,7 +122,7 @@ def markdown(data: dict[str, Any], chart_names: list[str]) -> str:
     lines += _section(idx, "Small files (files/s per phase)", "smallfiles", PHASES, "files_s")
     lines += _section(idx, "Checkpoint (seconds, lower is better)", "checkpoint", CHECKPOINT_JOBS, "seconds",
                       intro="save: until the call returns; save_durable: until the bytes are on disk "
-                            "(torch.save + fsync; the adapter and the DeepFS mount are durable when save returns). "
+                            "(torch.save + fsync; the adapter is durable when its save returns). "
                             "deepfs-client is the adapter (deepfs.torch.save/load); the others run "
                             "torch.save/torch.load on their directory.")
     lines += _degraded_section(idx)
