@@ -23,8 +23,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-GiB = 1 << 30
-
 
 def adapter_status() -> str | None:
     """None when deepfs.torch imports; else why not (the skip reason)."""

@@ -85,14 +85,6 @@ class FioError(RuntimeError):
     pass
 
 
-def fio_version() -> str:
-    try:
-        return subprocess.run(["fio", "--version"], capture_output=True, text=True, timeout=10,
-                              check=False).stdout.strip()
-    except OSError:
-        return "not installed"
-
-
 def job_env(job: JobSpec, file: Path, params: RunParams, engine: str = "psync") -> dict[str, str]:
     """The BENCH_* variables the job file reads."""
     slice_bytes = params.slice_bytes(job)

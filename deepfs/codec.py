@@ -10,8 +10,6 @@ that), and fragments carry our own CRC32C because pyeclib checksums nothing.
 from __future__ import annotations
 
 import functools
-from collections.abc import Sequence
-
 import crc32c
 from pyeclib.ec_iface import ECDriver
 
@@ -71,6 +69,3 @@ def verify_fragment(data: bytes | bytearray | memoryview, expected_crc: int, wha
     if got != expected_crc:
         raise ChecksumError(f"{what}: crc32c 0x{got:08x}, expected 0x{expected_crc:08x}")
 
-
-def parity_indexes(layout: Layout) -> Sequence[int]:
-    return range(layout.k, layout.k + layout.m)

@@ -43,11 +43,6 @@ class Layout:
     def width(self) -> int:
         return self.k + self.m
 
-    @property
-    def fragment_capacity(self) -> int:
-        """Data bytes one fragment of a full stripe holds."""
-        return self.stripe_size // self.k
-
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -88,14 +83,6 @@ def padded_length(layout: Layout, length: int) -> int:
 def fragment_data_size(layout: Layout, length: int) -> int:
     """Data bytes in each fragment of a stripe holding ``length`` bytes."""
     return padded_length(layout, length) // layout.k
-
-
-def stripe_span(layout: Layout, offset: int, size: int) -> range:
-    """Indexes of the stripes that bytes [offset, offset+size) touch."""
-    if size <= 0:
-        return range(0)
-    s = layout.stripe_size
-    return range(offset // s, (offset + size - 1) // s + 1)
 
 
 @dataclass(frozen=True, slots=True)

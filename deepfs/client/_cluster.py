@@ -31,7 +31,6 @@ SUSPECT_FOR_S = 3.0
 class ClusterView:
     def __init__(self, nursery: trio.Nursery, grpc_address: str, config: ClientConfig) -> None:
         self._nursery = nursery
-        self._grpc_address = grpc_address
         self._config = config
         self._channel = grpc.insecure_channel(grpc_address)
         self._stub = control_pb2_grpc.ClusterStub(self._channel)
