@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import errno
 import functools
+from collections import OrderedDict
 import logging
 import secrets
 from dataclasses import dataclass, field
@@ -35,6 +36,8 @@ from deepfs.placement import MISSING, place_stripe
 log = logging.getLogger(__name__)
 
 VERSION_JITTER = 1 << 20
+REBUILT_STRIPES_KEPT = 8
+"""Stripes rebuilt by degraded reads that a client keeps (8 x 4 MiB by default)."""
 
 
 @dataclass
@@ -87,6 +90,8 @@ class StripeIO:
         self.cluster = cluster
         self.durable_writes = durable_writes
         self.stats = IOStats()
+        self._rebuilt: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
+        self._rebuilding: dict[tuple[int, int, int], trio.Event] = {}
 
     async def sync_nodes(self, node_ids: set[int]) -> None:
         """Make every fragment these nodes acknowledged durable (NFS COMMIT-style).
@@ -222,7 +227,36 @@ class StripeIO:
             dest[:] = payload
 
     async def read_degraded(self, ino: int, layout: Layout, record: StripeRecord) -> bytes:
-        """Whole stripe from any k verified fragments (decode)."""
+        """Whole stripe from any k verified fragments (decode).
+
+        A rebuilt stripe is kept for the next reads of it (a reader going
+        through a stripe in 1 MiB requests would otherwise rebuild it four
+        times), and concurrent reads of one stripe share one rebuild. Keys
+        carry the version, so a newer version is never served from here."""
+        key = (ino, record.index, record.version)
+        while True:
+            cached = self._rebuilt.get(key)
+            if cached is not None:
+                self._rebuilt.move_to_end(key)
+                return cached
+            running = self._rebuilding.get(key)
+            if running is None:
+                break
+            await running.wait()
+            if key not in self._rebuilt:  # that rebuild failed: try ourselves
+                break
+        done = self._rebuilding[key] = trio.Event()
+        try:
+            data = await self._rebuild(ino, layout, record)
+            self._rebuilt[key] = data
+            while len(self._rebuilt) > REBUILT_STRIPES_KEPT:
+                self._rebuilt.popitem(last=False)
+            return data
+        finally:
+            del self._rebuilding[key]
+            done.set()
+
+    async def _rebuild(self, ino: int, layout: Layout, record: StripeRecord) -> bytes:
         self.stats.degraded_reads += 1
         order = sorted(
             (slot for slot, node in enumerate(record.placement) if node != MISSING),
