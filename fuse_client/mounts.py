@@ -18,16 +18,22 @@ def unescape_mount_path(text: str) -> str:
     return text
 
 
-def mounted_fs_type(mountpoint: str | Path) -> str | None:
-    """File system type mounted at ``mountpoint`` (e.g. 'fuse.deepfs'), or None."""
+def _last_mount_field(table: str, path_column: int, value_column: int, mountpoint: str | Path) -> str | None:
+    """Column ``value_column`` of the last (topmost) row of a /proc mount table
+    whose ``path_column`` is ``mountpoint``."""
     target = os.path.abspath(mountpoint)
     found = None
-    with open("/proc/self/mounts") as f:
+    with open(table) as f:
         for line in f:
             parts = line.split()
-            if len(parts) > 2 and unescape_mount_path(parts[1]) == target:
-                found = parts[2]
+            if len(parts) > max(path_column, value_column) and unescape_mount_path(parts[path_column]) == target:
+                found = parts[value_column]
     return found
+
+
+def mounted_fs_type(mountpoint: str | Path) -> str | None:
+    """File system type mounted at ``mountpoint`` (e.g. 'fuse.deepfs'), or None."""
+    return _last_mount_field("/proc/self/mounts", 1, 2, mountpoint)
 
 
 def is_mounted(mountpoint: str | Path) -> bool:
@@ -36,11 +42,4 @@ def is_mounted(mountpoint: str | Path) -> bool:
 
 def mount_device(mountpoint: str | Path) -> str | None:
     """'major:minor' of the mount at ``mountpoint`` (the top one, if stacked)."""
-    target = os.path.abspath(mountpoint)
-    found = None
-    with open("/proc/self/mountinfo") as f:
-        for line in f:
-            parts = line.split()
-            if len(parts) > 4 and unescape_mount_path(parts[4]) == target:
-                found = parts[2]
-    return found
+    return _last_mount_field("/proc/self/mountinfo", 4, 2, mountpoint)
