@@ -1,71 +1,75 @@
 """Erasure codec: one stripe in, k+m fragments out, and back.
 
-A thin wrapper over pyeclib (ISA-L Reed–Solomon) that fixes the conventions
-the rest of DeepFS relies on: stripes are zero-padded to
-``layout.padded_length`` so every data fragment holds exactly
-``fragment_data_size`` stripe bytes after the codec header (range reads need
-that), and fragments carry our own CRC32C because pyeclib checksums nothing.
+Conventions the rest of DeepFS relies on: a stripe holding L bytes is
+zero-padded to ``padded_length`` and cut into k data fragments of
+``fragment_data_size`` bytes each — data fragment j *is* stripe bytes
+[j·F, (j+1)·F), with no header — so range reads need no decode and data
+fragments of a full stripe are sent straight from the caller's memory
+(views, no copy). Only the m parity fragments are computed (ISA-L, see
+``deepfs.isal``). Every fragment carries block CRC32Cs (``checksums``).
 """
 
 from __future__ import annotations
 
-import functools
-import crc32c
-from pyeclib.ec_iface import ECDriver
+from collections.abc import Callable
+from dataclasses import dataclass
 
-from deepfs.errors import ChecksumError
-from deepfs.layout import FRAGMENT_HEADER_SIZE, Layout, fragment_data_size, padded_length
+from deepfs import isal
+from deepfs.checksums import Buffer, block_crcs, fragment_digest
+from deepfs.layout import Layout, fragment_data_size
 
-BLOCK_SIZE = 64 << 10
-"""CRC32C granularity of fragments on the wire and on disk."""
-
-
-@functools.lru_cache(maxsize=32)
-def _driver(k: int, m: int, codec: str) -> ECDriver:
-    # ISA-L's encode works for m = 0 too, but pyeclib refuses it; replicas are k=1 with m copies.
-    return ECDriver(k=k, m=max(m, 1), ec_type=codec)
+_MATRIX = {"isa_l_rs_cauchy": "cauchy", "isa_l_rs_vand": "vandermonde"}
 
 
-def encode_stripe(layout: Layout, data: bytes | bytearray | memoryview) -> list[bytes]:
-    """Encode one stripe (≤ stripe_size bytes) into k+m fragments."""
-    length = len(data)
-    padded = padded_length(layout, length)
-    if length != padded:
-        data = bytes(data) + bytes(padded - length)
-    elif not isinstance(data, bytes):
-        data = bytes(data)  # pyeclib accepts only bytes (bytearray is refused)
-    fragments = _driver(layout.k, layout.m, layout.codec).encode(data)
-    return fragments[: layout.k + layout.m]
+@dataclass
+class EncodedStripe:
+    """The k+m fragments of one stripe and their checksums, ready to send."""
+
+    fragments: list[memoryview]
+    block_crcs: list[list[int]]
+    digests: list[int]
+
+    @property
+    def fragment_size(self) -> int:
+        return len(self.fragments[0])
 
 
-def decode_stripe(layout: Layout, length: int, fragments: dict[int, bytes | bytearray | memoryview]) -> bytes:
+def encode_stripe(layout: Layout, data: Buffer,
+                  allocate: Callable[[int], bytearray] = bytearray) -> EncodedStripe:
+    """Encode one stripe (≤ stripe_size bytes) into k+m fragments with their checksums.
+
+    Data fragments are views of ``data`` unless it needs padding (a short
+    stripe), so ``data`` must stay unchanged until the fragments are sent.
+    Parity buffers come from ``allocate(size)`` (a pool, say)."""
+    view = memoryview(data).cast("B")
+    size = fragment_data_size(layout, len(view))
+    padded = size * layout.k
+    if len(view) != padded:
+        copy = bytearray(padded)
+        copy[: len(view)] = view
+        view = memoryview(copy)
+    fragments = [view[i * size : (i + 1) * size] for i in range(layout.k)]
+    parity = [memoryview(allocate(size))[:size] for _ in range(layout.m)]
+    isal.encode(layout.k, layout.m, _MATRIX[layout.codec], fragments, parity)
+    fragments += parity
+    crcs = [block_crcs(f) for f in fragments]
+    return EncodedStripe(fragments, crcs, [fragment_digest(c) for c in crcs])
+
+
+def decode_stripe(layout: Layout, length: int, fragments: dict[int, Buffer]) -> bytes:
     """Rebuild a stripe's first ``length`` bytes from any k fragments (index → bytes)."""
     if len(fragments) < layout.k:
         raise ValueError(f"need {layout.k} fragments to decode, have {len(fragments)}")
-    # Only bytes: liberasurecode aborts the whole process on a bytearray fragment.
-    chosen = [f if isinstance(f, bytes) else bytes(f) for f in (fragments[i] for i in sorted(fragments))]
-    data = _driver(layout.k, layout.m, layout.codec).decode(chosen)
-    return data[:length]
-
-
-def fragment_size(layout: Layout, length: int) -> int:
-    """Size of every fragment (header + data) of a stripe holding ``length`` bytes."""
-    return FRAGMENT_HEADER_SIZE + fragment_data_size(layout, length)
-
-
-def block_crcs(data: bytes | bytearray | memoryview, block_size: int = BLOCK_SIZE) -> list[int]:
-    """CRC32C of each block of ``data`` (the last block may be short)."""
-    view = memoryview(data)
-    return [crc32c.crc32c(view[i : i + block_size]) for i in range(0, len(view), block_size)] or [crc32c.crc32c(b"")]
-
-
-def whole_crc(data: bytes | bytearray | memoryview) -> int:
-    return crc32c.crc32c(data)
-
-
-def verify_fragment(data: bytes | bytearray | memoryview, expected_crc: int, what: str) -> None:
-    """Raise ChecksumError if a whole fragment does not match the CRC the writer recorded."""
-    got = crc32c.crc32c(data)
-    if got != expected_crc:
-        raise ChecksumError(f"{what}: crc32c 0x{got:08x}, expected 0x{expected_crc:08x}")
-
+    sizes = {len(f) for f in fragments.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"fragments of one stripe must have one size, got {sorted(sizes)}")
+    size = sizes.pop()
+    data = {i: f for i, f in fragments.items() if i < layout.k}
+    missing = [i for i in range(layout.k) if i not in data]
+    if missing:
+        # Survivors: the data fragments we have, then parity, k in all.
+        sources = dict(sorted(fragments.items())[: layout.k])
+        rebuilt = {i: bytearray(size) for i in missing}
+        isal.reconstruct(layout.k, layout.m, _MATRIX[layout.codec], sources, rebuilt)
+        data.update(rebuilt)
+    return b"".join(memoryview(data[i]) for i in range(layout.k))[:length]

@@ -4,9 +4,10 @@ A file is cut into stripes of ``stripe_size`` bytes. Stripe i covers bytes
 [i·S, (i+1)·S). A stripe holding L bytes is padded to ``padded_length(L)``
 (a multiple of k × ALIGNMENT) and encoded into k data fragments of
 ``fragment_data_size(L)`` bytes each plus m parity fragments. The codec is
-systematic: data fragment j holds stripe bytes [j·F, (j+1)·F), after the
-codec's fixed fragment header. So a small read of a stripe is one range read
-of one data fragment, with no decode.
+systematic and fragments have no header: data fragment j holds exactly
+stripe bytes [j·F, (j+1)·F). So a small read of a stripe is one range read
+of one data fragment, with no decode, and fragments are 4 KiB multiples
+(storage nodes can write and read them with O_DIRECT).
 """
 
 from __future__ import annotations
@@ -19,10 +20,8 @@ from deepfs.errors import ConfigError
 ALIGNMENT = 4096
 """Every data fragment's size is a multiple of this (page-aligned range reads)."""
 
-FRAGMENT_HEADER_SIZE = 80
-"""liberasurecode's fixed per-fragment header that precedes the fragment data."""
-
-CODECS = ("isa_l_rs_cauchy", "isa_l_rs_vand", "liberasurecode_rs_vand")
+CODECS = ("isa_l_rs_cauchy", "isa_l_rs_vand")
+"""ISA-L Reed–Solomon with liberasurecode's Cauchy or Vandermonde generator matrix."""
 DEFAULT_CODEC = "isa_l_rs_cauchy"
 MAX_FRAGMENTS = 32
 

@@ -48,6 +48,7 @@ from typing import NamedTuple
 
 import crc32c
 
+from deepfs.checksums import fragment_digest
 from deepfs.config import NodeConfig
 from deepfs.errors import ChecksumError, os_error
 
@@ -271,7 +272,8 @@ class FragmentStore:
     # --------------------------------------------------------------- write
     def put(self, key: FragmentKey, data: bytes | bytearray | memoryview, crcs: list[int],
             block_size: int | None = None, sync: bool = True) -> int:
-        """Store ``data`` under ``key`` after checking it against ``crcs``; return its whole CRC32C.
+        """Store ``data`` under ``key`` after checking it against ``crcs``; return its digest
+        (``deepfs.checksums.fragment_digest``: the CRC32C of the block-CRC table).
 
         Nothing is stored unless every block matches (ChecksumError). The
         fragment is durable (with ``fsync`` and ``sync``) when this returns;
@@ -284,12 +286,13 @@ class FragmentStore:
             raise ValueError(f"block size must be in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], got {block_size}")
         view = memoryview(data).cast("B")
         header = _layout(len(view), block_size)
+        sent = list(crcs)
         crcs = self._check_crcs(key, view, crcs, block_size, header.n_blocks)
-        whole_crc = crc32c.crc32c(view)
+        digest = fragment_digest(sent)  # of the table as sent: what the writer records
         prefix = _pack_prefix(header, crcs)
         with self._admit(header.file_size):
             self._write_file(key, header, memoryview(prefix), view, self.fsync and sync)
-        return whole_crc
+        return digest
 
     @staticmethod
     def _check_crcs(key: FragmentKey, view: memoryview, crcs: list[int], block_size: int, n_blocks: int) -> list[int]:

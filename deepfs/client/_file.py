@@ -20,6 +20,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -110,7 +111,7 @@ class AsyncFile:
         self._min_version = min_version
         self._unsynced_nodes: set[int] = set()  # nodes holding fragments written since the last fsync
         self._dirty: dict[int, _DirtyStripe] = {}
-        self._in_flight: dict[int, tuple[bytes, trio.Event]] = {}
+        self._in_flight: dict[int, tuple[memoryview, trio.Event]] = {}
         self._upload_slots = trio.Semaphore(client.config.max_dirty_stripes)
         self._uploads_done = trio.Event()
         self._uploads_done.set()
@@ -172,7 +173,13 @@ class AsyncFile:
         stored right away): a caller bounds a random writer with it."""
         return sum(d.memory for d in self._dirty.values())
 
-    async def pwrite(self, data: bytes | bytearray | memoryview, offset: int) -> int:
+    async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *, zero_copy: bool = False) -> int:
+        """Write ``data`` at ``offset`` (buffered; stored by stripe, see the module docstring).
+
+        ``zero_copy=True`` lends ``data``'s memory to the file until the next
+        flush, fsync or close returns: whole stripes are then encoded and sent
+        straight from it, never copied. The caller must not change those bytes
+        before then (the torch adapter lends tensor memory this way)."""
         self._check_open()
         self._raise_background_error()
         if not self.writable:
@@ -185,6 +192,11 @@ class AsyncFile:
         while pos < len(view):
             index, inner = divmod(offset + pos, stripe_size)
             take = min(stripe_size - inner, len(view) - pos)
+            if zero_copy and take == stripe_size and index not in self._dirty and index not in self._in_flight:
+                pos += take
+                self.size = max(self.size, offset + pos)
+                await self._upload_lent(index, view[pos - take : pos])
+                continue
             dirty = await self._dirty_stripe(index)
             dirty.write(inner, view[pos : pos + take], self._pool)
             pos += take
@@ -239,15 +251,26 @@ class AsyncFile:
         del self._dirty[index]
         stripe_start = index * self.layout.stripe_size
         length = min(self.layout.stripe_size, self.size - stripe_start)
-        data = bytes(memoryview(dirty.buf)[:length])
-        self._pool.give(dirty.buf)
+        buf = dirty.buf
+        # The stripe buffer itself goes in flight (reads of the stripe are served
+        # from it) and back to the pool once stored: no copy.
+        self._begin_upload(index, memoryview(buf)[:length], lambda: self._pool.give(buf))
+
+    async def _upload_lent(self, index: int, data: memoryview) -> None:
+        """Store a whole stripe straight from the caller's memory (``pwrite(zero_copy=True)``)."""
+        await self._upload_slots.acquire()
+        self._client.stripes.stats.lent_stripes += 1
+        self._begin_upload(index, data, lambda: None)
+
+    def _begin_upload(self, index: int, data: memoryview, release: Callable[[], None]) -> None:
+        """Upload ``data`` in the background; the caller holds one upload slot, released when done."""
         done = trio.Event()
         self._in_flight[index] = (data, done)
         self._uploads_running += 1
         self._uploads_done = trio.Event()
-        self._client.nursery.start_soon(self._upload, index, data, done)
+        self._client.nursery.start_soon(self._upload, index, data, done, release)
 
-    async def _upload(self, index: int, data: bytes, done: trio.Event) -> None:
+    async def _upload(self, index: int, data: memoryview, done: trio.Event, release: Callable[[], None]) -> None:
         try:
             stripe_end = index * self.layout.stripe_size + len(data)
             for attempt in range(3):
@@ -277,6 +300,7 @@ class AsyncFile:
                 raise
         finally:
             self._in_flight.pop(index, None)
+            release()
             done.set()
             self._upload_slots.release()
             self._uploads_running -= 1

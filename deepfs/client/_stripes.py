@@ -17,20 +17,24 @@ from __future__ import annotations
 
 import errno
 import functools
-from collections import OrderedDict
 import logging
+import os
 import secrets
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 
 from deepfs import codec
+from deepfs.buffers import PoolSet
+from deepfs.checksums import verify_fragment
 from deepfs.client._cluster import ClusterView
+from deepfs.checksums import BLOCK_SIZE
 from deepfs.concurrency import run_all
 from deepfs.errors import ChecksumError, UnavailableError
 from deepfs.frames import Op
-from deepfs.layout import FRAGMENT_HEADER_SIZE, Layout, stripe_range_to_fragments
+from deepfs.layout import Layout, stripe_range_to_fragments
 from deepfs.placement import MISSING, place_stripe
 
 log = logging.getLogger(__name__)
@@ -38,18 +42,24 @@ log = logging.getLogger(__name__)
 VERSION_JITTER = 1 << 20
 REBUILT_STRIPES_KEPT = 8
 """Stripes rebuilt by degraded reads that a client keeps (8 x 4 MiB by default)."""
+ENCODE_IN_THREAD_BYTES = 256 << 10
+"""Stripes from this size are encoded in a worker thread (ISA-L and CRC32C drop
+the GIL), so the event loop keeps sending the fragments of other stripes."""
 
 
 @dataclass
 class StripeRecord:
-    """What the metadata server knows of one stripe version."""
+    """What the metadata server knows of one stripe version.
+
+    ``digests`` holds each fragment's checksum (``checksums.fragment_digest``);
+    on the wire the field is called ``crcs``."""
 
     index: int
     version: int
     length: int
     fragment_size: int
     placement: list[int]
-    crcs: list[int]
+    digests: list[int]
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> StripeRecord:
@@ -69,7 +79,7 @@ class StripeRecord:
             "length": self.length,
             "fragment_size": self.fragment_size,
             "placement": self.placement,
-            "crcs": self.crcs,
+            "crcs": self.digests,
         }
 
 
@@ -78,6 +88,7 @@ class IOStats:
     """Counters a user can inspect (``Client.stats``) and tests can assert on."""
 
     stripes_written: int = 0
+    lent_stripes: int = 0  # written straight from the caller's memory (pwrite(zero_copy=True))
     degraded_writes: int = 0
     range_reads: int = 0
     degraded_reads: int = 0
@@ -92,6 +103,8 @@ class StripeIO:
         self.stats = IOStats()
         self._rebuilt: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
         self._rebuilding: dict[tuple[int, int, int], trio.Event] = {}
+        self._parity_pools = PoolSet()
+        self._encoders = trio.CapacityLimiter(os.cpu_count() or 1)
 
     async def sync_nodes(self, node_ids: set[int]) -> None:
         """Make every fragment these nodes acknowledged durable (NFS COMMIT-style).
@@ -122,7 +135,6 @@ class StripeIO:
                 f"layout {layout.k}+{layout.m} needs {layout.width} storage nodes; "
                 f"the cluster has {len(self.cluster.nodes)}",
             )
-        fragments = codec.encode_stripe(layout, data)
         version = min_version + secrets.randbelow(VERSION_JITTER)
         placement = place_stripe(ino, index, layout.width, list(self.cluster.nodes.values()), self.cluster.suspects())
         if sum(1 for p in placement if p != MISSING) < layout.k:
@@ -130,17 +142,48 @@ class StripeIO:
                 f"only {len(self.cluster.live_nodes())} storage node(s) are up; "
                 f"layout {layout.k}+{layout.m} needs at least {layout.k}"
             )
-        crcs = [codec.whole_crc(f) for f in fragments]
+        encoded = await self._encode(layout, data)
+        try:
+            stored = await self._store(ino, index, version, layout, encoded, placement)
+        finally:
+            self._give_parity(layout, encoded)
+        self.stats.stripes_written += 1
+        if any(p == MISSING for p in stored):
+            self.stats.degraded_writes += 1
+        return StripeRecord(index, version, len(data), encoded.fragment_size, stored, encoded.digests)
+
+    async def _encode(self, layout: Layout, data: bytes | bytearray | memoryview) -> codec.EncodedStripe:
+        size = layout.stripe_size // layout.k
+        pool = self._parity_pools.pool(size)
+
+        def allocate(n: int) -> bytearray:
+            return pool.take() if n == size else bytearray(n)
+
+        encode = functools.partial(codec.encode_stripe, layout, data, allocate)
+        if len(data) < ENCODE_IN_THREAD_BYTES:
+            return encode()
+        return await trio.to_thread.run_sync(encode, limiter=self._encoders)
+
+    def _give_parity(self, layout: Layout, encoded: codec.EncodedStripe) -> None:
+        pool = self._parity_pools.pool(layout.stripe_size // layout.k)
+        for fragment in encoded.fragments[layout.k :]:
+            if isinstance(fragment.obj, bytearray):
+                pool.give(fragment.obj)
+
+    async def _store(self, ino: int, index: int, version: int, layout: Layout, encoded: codec.EncodedStripe,
+                     placement: list[int]) -> list[int]:
+        """Send the fragments to their nodes (failed ones again to spare nodes); returns where each was stored."""
+        fragments = encoded.fragments
         stored = [MISSING] * layout.width
         full_nodes: set[int] = set()
 
         async def put(slot: int, node_id: int) -> None:
-            body = {"key": [ino, index, version, slot], "block_size": codec.BLOCK_SIZE,
-                    "crcs": codec.block_crcs(fragments[slot]), "sync": self.durable_writes}
+            body = {"key": [ino, index, version, slot], "block_size": BLOCK_SIZE,
+                    "crcs": encoded.block_crcs[slot], "sync": self.durable_writes}
             try:
                 reply, _ = await self.cluster.call_node(node_id, Op.PUT_FRAGMENT, body, (fragments[slot],))
-                if int(reply.get("crc", -1)) != crcs[slot]:
-                    raise ChecksumError(f"node {node_id} stored fragment {slot} with a different crc")
+                if int(reply.get("crc", -1)) != encoded.digests[slot]:
+                    raise ChecksumError(f"node {node_id} stored fragment {slot} with a different digest")
                 stored[slot] = node_id
             except (OSError, trio.TooSlowError) as exc:
                 if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
@@ -168,10 +211,7 @@ class StripeIO:
             if full_nodes:  # a full cluster is ENOSPC to the writer, not an I/O error
                 raise OSError(errno.ENOSPC, f"{message}; {len(full_nodes)} storage node(s) are out of space")
             raise UnavailableError(message)
-        self.stats.stripes_written += 1
-        if acks < layout.width:
-            self.stats.degraded_writes += 1
-        return StripeRecord(index, version, len(data), len(fragments[0]), stored, crcs)
+        return stored
 
     async def _discard(self, ino: int, index: int, version: int, stored: list[int]) -> None:
         """Best effort: remove fragments of a stripe version that will never be committed."""
@@ -196,8 +236,7 @@ class StripeIO:
             out[have:] = bytes(want - have)
         if have <= 0:
             return
-        data_size = record.fragment_size - FRAGMENT_HEADER_SIZE
-        pieces = stripe_range_to_fragments(data_size, start, have)
+        pieces = stripe_range_to_fragments(record.fragment_size, start, have)
         if all(self.cluster.is_usable(record.placement[p.index]) for p in pieces):
             try:
                 await run_all(
@@ -214,7 +253,7 @@ class StripeIO:
 
     async def _read_piece(self, ino: int, record: StripeRecord, index: int, start: int, dest: memoryview) -> None:
         node_id = record.placement[index]
-        body = {"key": [ino, record.index, record.version, index], "offset": FRAGMENT_HEADER_SIZE + start, "length": len(dest)}
+        body = {"key": [ino, record.index, record.version, index], "offset": start, "length": len(dest)}
         try:
             _, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body, into=dest)
         except OSError as exc:
@@ -285,10 +324,8 @@ class StripeIO:
                 f"stripe {record.index} of inode {ino} is unreadable: {len(got)} of the {layout.k} fragments needed "
                 f"are available ({'; '.join(errors) or 'no live nodes'})"
             )
-        if sorted(got) == list(range(layout.k)):
-            data_size = record.fragment_size - FRAGMENT_HEADER_SIZE
-            joined = b"".join(memoryview(got[i])[FRAGMENT_HEADER_SIZE : FRAGMENT_HEADER_SIZE + data_size] for i in range(layout.k))
-            return joined[: record.length]
+        if sorted(got) == list(range(layout.k)):  # every data fragment: no decode
+            return codec.decode_stripe(layout, record.length, got)
         return await trio.to_thread.run_sync(codec.decode_stripe, layout, record.length, got)
 
     async def _fetch_whole(self, ino: int, record: StripeRecord, slot: int, errors: list[str]) -> bytes | None:
@@ -297,7 +334,7 @@ class StripeIO:
         try:
             _, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body)
             data = bytes(payload)
-            codec.verify_fragment(data, record.crcs[slot], f"fragment {slot} of stripe {ino}/{record.index} on node {node_id}")
+            verify_fragment(data, record.digests[slot], f"fragment {slot} of stripe {ino}/{record.index} on node {node_id}")
             return data
         except ChecksumError as exc:
             self._report_bad(ino, record, slot, node_id)

@@ -11,13 +11,13 @@ runs and pieces share one limit on reads in flight. The result,
 from __future__ import annotations
 
 import functools
-import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import torch
 import trio
 
+from deepfs import isal
 from deepfs.client import AsyncClient, AsyncFile
 from deepfs.concurrency import run_all
 from deepfs.torch._archive import (
@@ -291,5 +291,5 @@ async def _read_entries(handle: AsyncFile, archive: LoadedArchive, options: Read
 
 def _check_crc(entry: Entry, data: memoryview) -> None:
     # A CRC of 0 is what writers leave when told not to compute one (torch's set_crc32_options(False)).
-    if entry.crc != 0 and zlib.crc32(data) != entry.crc:
+    if entry.crc != 0 and isal.crc32(data) != entry.crc:
         raise CheckpointError(f"entry {entry.name!r} fails its CRC-32 check: the checkpoint is corrupt")
