@@ -320,8 +320,25 @@ class ServerLimits:
     max_in_flight: int = 64
 
 
+PayloadSent = Callable[[Sequence[Buffer]], None]
+"""``payload_sent(pieces)``: the server is done with a response's payload pieces."""
+
+
 class FrameServer:
-    """Serve a handler over the framed protocol; one task per request."""
+    """Serve a handler over the framed protocol; one task per request.
+
+    Buffers have a life cycle on both sides of a request:
+
+    - ``payload_buffer(header, body)`` may supply the memory a request's
+      payload is received into (see ``FrameReader.read_frame``);
+    - ``payload_sent(pieces)`` is called with the payload pieces of each
+      response that had any, once the server is done with them: after the
+      last byte went to the kernel, or after the send failed or was
+      cancelled (the peer vanished). A handler may thus answer from pooled
+      buffers and have them given back here, never while they are still
+      being sent. It is called exactly once per such response, on the event
+      loop; it must be quick and must not raise (an exception is logged).
+    """
 
     def __init__(
         self,
@@ -329,11 +346,13 @@ class FrameServer:
         limits: ServerLimits | None = None,
         name: str = "server",
         payload_buffer: Callable[[FrameHeader, Any], memoryview | None] | None = None,
+        payload_sent: PayloadSent | None = None,
     ) -> None:
         self.handler = handler
         self.limits = limits or ServerLimits()
         self.name = name
         self.payload_buffer = payload_buffer
+        self.payload_sent = payload_sent
         self.connections_rejected = 0
 
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
@@ -421,12 +440,24 @@ class FrameServer:
                 await send_frame(stream, send_lock, header.op, header.request_id, out_body, out_payload, flags)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
                 pass
+            finally:
+                # sendmsg copies into the socket buffer, so once send_frame has
+                # returned or raised nothing refers to the pieces any more.
+                if out_payload and self.payload_sent is not None:
+                    self._release(out_payload)
         except ProtocolError as exc:
             self.connections_rejected += 1
             log.warning("%s: closing connection from %s: %s", self.name, peer, exc)
             await stream.aclose()
         finally:
             in_flight.release()
+
+    def _release(self, pieces: Sequence[Buffer]) -> None:
+        assert self.payload_sent is not None
+        try:
+            self.payload_sent(pieces)
+        except Exception:  # a bug here must not take the connection (or the listener) down
+            log.exception("%s: payload_sent failed", self.name)
 
 
 def _peer_name(stream: trio.SocketStream) -> str:

@@ -9,7 +9,10 @@ ENOSPC, EINVAL).
 
 Disk work runs in worker threads, bounded by one ``CapacityLimiter`` for the
 whole node, so the event loop keeps reading requests while disks are busy.
-PUT payloads are received into pooled buffers (see ``payload_pool``).
+PUT payloads are received into pooled, page-aligned buffers (see
+``payload_pool``) so the store can write them with O_DIRECT; large GET
+answers are sent from the pooled buffers the store read them into, which
+``FrameServer`` hands back (``payload_sent``) once they are on the wire.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ from deepfs.config import NodeConfig
 from deepfs.errors import os_error
 from deepfs.frames import FrameHeader, Op, ProtocolError
 from deepfs.rpc import Buffer, FrameServer, ServerLimits
-from storage_node.fragment_store import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, FragmentKey, FragmentStore
+from storage_node.fragment_store import DIRECT_MIN_BYTES, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, FragmentKey, FragmentStore
 from storage_node.identity import NodeIdentity
 from storage_node.payload_pool import PayloadPool
 
@@ -37,8 +40,10 @@ Reply = tuple[Any, Sequence[Buffer]]
 
 _U32_LIMIT = 1 << 32
 INLINE_BYTES = 128 << 10
-"""Requests up to this size are served on the event loop (see ``DataServer._on_disk``)."""
+"""Requests up to this size are served on the event loop (see ``DataServer._on_disk``).
+Below ``DIRECT_MIN_BYTES``: inline work stays buffered, never waiting on the disk for O_DIRECT."""
 _U64_LIMIT = 1 << 64
+assert INLINE_BYTES < DIRECT_MIN_BYTES
 
 
 # ------------------------------------------------------------ validation
@@ -74,21 +79,23 @@ def _crcs(body: dict, op: Op) -> list[int]:
 class DataServer:
     """Framed-protocol handler of one storage node.
 
-    ``frame_server`` is the ``FrameServer`` to run; ``handle`` is its handler
-    and ``payload_buffer`` its receive-buffer callback.
+    ``frame_server`` is the ``FrameServer`` to run; ``handle`` is its handler,
+    ``payload_buffer`` its receive-buffer callback and ``payload_sent`` gives
+    response buffers back. One pool (the store's) serves both directions.
     """
 
     def __init__(self, store: FragmentStore, config: NodeConfig, identity: NodeIdentity) -> None:
         self.store = store
         self.config = config
         self.identity = identity
-        self.pool = PayloadPool()
+        self.pool: PayloadPool = store.buffers
         self.disk = trio.CapacityLimiter(config.io_threads)
         self.frame_server = FrameServer(
             self.handle,
             ServerLimits(max_payload=config.max_payload_bytes),
             name="storage-node",
             payload_buffer=self.payload_buffer,
+            payload_sent=self.payload_sent,
         )
         self._ops: dict[int, Callable[[dict, memoryview], Any]] = {
             Op.PING: self._ping,
@@ -117,6 +124,12 @@ class DataServer:
         if header.op != Op.PUT_FRAGMENT:
             return None
         return self.pool.take(header.payload_len)
+
+    def payload_sent(self, pieces: Sequence[Buffer]) -> None:
+        # Only GET answers with a payload: the data of one read_range, owned by that request.
+        for piece in pieces:
+            if isinstance(piece, memoryview):
+                self.store.release(piece)
 
     async def handle(self, op: int, body: Any, payload: memoryview) -> Reply:
         try:

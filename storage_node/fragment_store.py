@@ -28,6 +28,17 @@ Rules of this module:
 - Space: a write is refused with ENOSPC when it would leave less than
   ``reserve_bytes`` free on the file system, or push the bytes stored past
   ``capacity_bytes`` (when that is set).
+- Large fragments bypass the page cache (O_DIRECT): copying a checkpoint's
+  MiBs into freshly allocated page-cache pages cost more CPU than anything
+  else on a node, and nobody reads them back soon enough for the cache to
+  pay off. Direct I/O needs page-aligned memory, offsets and lengths, so it
+  is used for puts of at least ``DIRECT_MIN_BYTES`` whose length is a
+  multiple of 4 KiB and whose buffer is page-aligned (``PayloadPool``
+  buffers are), and for range reads of at least ``DIRECT_MIN_BYTES`` (into a
+  pooled buffer the caller gives back with ``release``). Everything else,
+  notably the small hot reads the page cache serves best, stays buffered.
+  The file format is the same either way. A file system that refuses
+  O_DIRECT (EINVAL) turns it off for the store; nothing fails because of it.
 """
 
 from __future__ import annotations
@@ -35,6 +46,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import logging
 import os
 import secrets
@@ -51,6 +63,7 @@ import crc32c
 from deepfs.checksums import fragment_digest
 from deepfs.config import NodeConfig
 from deepfs.errors import ChecksumError, os_error
+from storage_node.payload_pool import PayloadPool
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +78,13 @@ MAX_INDEX = 32
 _U64_LIMIT = 1 << 64
 MIN_BLOCK_SIZE = 512
 MAX_BLOCK_SIZE = 16 << 20
+
+DIRECT_MIN_BYTES = 256 << 10
+"""Puts and range reads from this size on go around the page cache (O_DIRECT)."""
+DIRECT_ALIGNMENT = 4096
+"""Memory, offsets and lengths of O_DIRECT I/O are multiples of this (a page;
+at least the logical block size of common disks)."""
+_O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: always buffered
 
 FRAGMENTS_DIR = "fragments"
 QUARANTINE_DIR = "quarantine"
@@ -111,9 +131,13 @@ class _Header:
 
 
 class RangeRead(NamedTuple):
-    """Bytes of one range read, and the whole fragment's size (the protocol reports both)."""
+    """Bytes of one range read, and the whole fragment's size (the protocol reports both).
 
-    data: bytearray
+    ``data`` is a memoryview over a pooled buffer after a direct read: hand it
+    to ``FragmentStore.release`` once it has been sent (or drop it: the
+    buffer is then garbage-collected, never reused)."""
+
+    data: bytearray | memoryview
     size: int
 
 
@@ -165,11 +189,15 @@ def _pread_exactly(fd: int, size: int, offset: int) -> bytes:
     return raw
 
 
-def _write_all(fd: int, pieces: list[memoryview]) -> None:
-    """writev until every byte is written (writev may stop short)."""
+def _pwrite_all(fd: int, pieces: list[memoryview]) -> None:
+    """pwritev from offset 0 until every byte is written (pwritev may stop short).
+
+    Explicit offsets let a refused direct write start over buffered on the same fd."""
     pending = [p for p in pieces if len(p)]
+    offset = 0
     while pending:
-        written = os.writev(fd, pending)
+        written = os.pwritev(fd, pending, offset)
+        offset += written
         while written:
             if written >= len(pending[0]):
                 written -= len(pending[0])
@@ -177,6 +205,22 @@ def _write_all(fd: int, pieces: list[memoryview]) -> None:
             else:
                 pending[0] = pending[0][written:]
                 written = 0
+
+
+def _verify_blocks(view: memoryview, crcs: tuple[int, ...], block_size: int, first: int) -> None:
+    for i, want in enumerate(crcs):
+        if crc32c.crc32c(view[i * block_size : (i + 1) * block_size]) != want:
+            raise _Corrupt(f"block {first + i} failed its crc32c")
+
+
+def _direct_io_fits(data: memoryview) -> bool:
+    """Can ``data`` be written with O_DIRECT as it lies (large, whole pages, page-aligned)?
+
+    ctypes finds the address only of writable buffers; read-only ones
+    (bytes) are never pooled, so they are written buffered."""
+    if len(data) < DIRECT_MIN_BYTES or len(data) % DIRECT_ALIGNMENT or data.readonly or not data.c_contiguous:
+        return False
+    return ctypes.addressof(ctypes.c_char.from_buffer(data)) % DIRECT_ALIGNMENT == 0
 
 
 def _syncfs(fd: int) -> None:
@@ -215,7 +259,12 @@ class FragmentStore:
         reserve_bytes: int = 0,
         capacity_bytes: int = 0,
         block_size: int = 64 << 10,
+        direct_io: bool = True,
+        buffers: PayloadPool | None = None,
     ) -> None:
+        """``direct_io=False`` keeps every read and write in the page cache;
+        ``buffers`` is the pool direct I/O takes its aligned buffers from
+        (the node shares one with its receive path)."""
         self.root = Path(data_dir)
         self.fragments_dir = self.root / FRAGMENTS_DIR
         self.quarantine_dir = self.root / QUARANTINE_DIR
@@ -229,6 +278,9 @@ class FragmentStore:
         self._fragments = 0
         self._quarantined = 0
         self._in_flight_bytes = 0  # admitted writes not yet renamed into place
+        self.buffers = buffers if buffers is not None else PayloadPool()
+        self._direct_io = direct_io and _O_DIRECT != 0
+        self._io_counts = dict.fromkeys(("direct_writes", "buffered_writes", "direct_reads", "buffered_reads"), 0)
         for folder in (self.root, self.fragments_dir, self.quarantine_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._scan()
@@ -236,7 +288,7 @@ class FragmentStore:
     @classmethod
     def from_config(cls, config: NodeConfig) -> FragmentStore:
         return cls(config.data_dir, fsync=config.fsync, reserve_bytes=config.reserve_bytes,
-                   capacity_bytes=config.capacity_bytes, block_size=config.block_size)
+                   capacity_bytes=config.capacity_bytes, block_size=config.block_size, direct_io=config.direct_io)
 
     # ------------------------------------------------------------- layout
     def path_of(self, key: FragmentKey) -> Path:
@@ -332,7 +384,7 @@ class FragmentStore:
         tmp, fd = self._create_temp(folder, key, durable)
         try:
             try:
-                _write_all(fd, [prefix, data])
+                direct = self._write_data(fd, prefix, data)
                 if durable:
                     os.fsync(fd)
             finally:
@@ -345,11 +397,62 @@ class FragmentStore:
                 os.rename(tmp, final)
                 self._used_bytes += header.file_size - (replaced or 0)
                 self._fragments += replaced is None
+                self._io_counts["direct_writes" if direct else "buffered_writes"] += 1
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
         if durable:
             _fsync_dir(folder)
+
+    def _write_data(self, fd: int, prefix: memoryview, data: memoryview) -> bool:
+        """Write prefix and data at offset 0 of a new file; True if it went around the page cache.
+
+        The prefix (a few KiB) is copied into an aligned buffer; the data is
+        written from where it lies, or buffered if it does not fit O_DIRECT:
+        copying a MiB to align it would cost what direct I/O saves."""
+        if not (self._direct_io and _direct_io_fits(data)):
+            _pwrite_all(fd, [prefix, data])
+            return False
+        aligned = self.buffers.take(len(prefix), min_bytes=0)
+        assert aligned is not None
+        try:
+            aligned[:] = prefix
+            if self._enable_direct(fd):
+                try:
+                    _pwrite_all(fd, [aligned, data])
+                    return True
+                except OSError as exc:
+                    if exc.errno != errno.EINVAL:
+                        raise
+                    self._refuse_direct(f"an O_DIRECT write failed ({exc})")
+                    fcntl.fcntl(fd, fcntl.F_SETFL, 0)
+        finally:
+            self.buffers.give(aligned)
+        _pwrite_all(fd, [prefix, data])  # the same bytes again from offset 0, through the page cache
+        return False
+
+    def _enable_direct(self, fd: int) -> bool:
+        """Switch ``fd`` to O_DIRECT; False once this store's file system has refused it.
+
+        Setting the flag on an open fd (fcntl) is refused exactly where
+        opening with it would be, and leaves no half-created file behind."""
+        if not self._direct_io:
+            return False
+        try:
+            fcntl.fcntl(fd, fcntl.F_SETFL, _O_DIRECT)
+        except OSError as exc:
+            if exc.errno != errno.EINVAL:
+                raise
+            self._refuse_direct(f"the file system refuses O_DIRECT ({exc})")
+            return False
+        return True
+
+    def _refuse_direct(self, reason: str) -> None:
+        """Use buffered I/O from now on (tmpfs before Linux 6.6, ramfs, some FUSE and network file systems)."""
+        with self._lock:
+            was_on, self._direct_io = self._direct_io, False
+        if was_on:
+            log.info("%s: %s; using buffered I/O for this store", self.root, reason)
 
     def sync_all(self) -> None:
         """Make every fragment written so far durable: one syncfs of the data
@@ -385,7 +488,7 @@ class FragmentStore:
                 _fsync_dir(self.fragments_dir)
 
     # ---------------------------------------------------------------- read
-    def read(self, key: FragmentKey, offset: int = 0, length: int = _U64_LIMIT) -> bytearray:
+    def read(self, key: FragmentKey, offset: int = 0, length: int = _U64_LIMIT) -> bytearray | memoryview:
         """Bytes [offset, min(offset+length, size)) of a fragment, every covered block verified."""
         return self.read_range(key, offset, length).data
 
@@ -394,13 +497,19 @@ class FragmentStore:
 
         Reads only the covered blocks and their CRC entries. A block that
         fails its CRC quarantines the fragment and raises ChecksumError;
-        a missing fragment raises FileNotFoundError.
+        a missing fragment raises FileNotFoundError. Ranges of at least
+        ``DIRECT_MIN_BYTES`` are read with O_DIRECT into a pooled buffer:
+        give ``data`` back with ``release`` once it has been sent.
         """
         if not (0 <= offset < _U64_LIMIT and 0 <= length <= _U64_LIMIT):
             raise ValueError(f"bad range offset={offset} length={length}")
         fd = self._open(key)
         try:
             try:
+                if length >= DIRECT_MIN_BYTES and offset <= length:
+                    whole = self._read_direct_with_prefix(fd, offset, length)
+                    if whole is not None:
+                        return whole
                 header = _unpack_header(_pread_exactly(fd, HEADER_SIZE, 0))
                 return RangeRead(self._read_blocks(fd, header, offset, length), header.data_len)
             except _Corrupt as exc:
@@ -408,7 +517,53 @@ class FragmentStore:
         finally:
             os.close(fd)
 
-    def _read_blocks(self, fd: int, header: _Header, offset: int, length: int) -> bytearray:
+    def _read_direct_with_prefix(self, fd: int, offset: int, length: int) -> RangeRead | None:
+        """A large range near the start of a fragment in one O_DIRECT read from offset 0:
+        header, CRC table and data together, so a cold read costs one disk round
+        trip instead of a header read, then the data. None (read the other way)
+        where direct I/O is off or the header's layout is not the one guessed."""
+        guessed_data_offset = DATA_ALIGNMENT  # every fragment up to ~63 MiB in 64 KiB blocks
+        file_size = os.fstat(fd).st_size
+        # Whole blocks are verified, so read to the end of the last one (in the usual block size).
+        block = self.default_block_size
+        want = min(guessed_data_offset + -(-(offset + length) // block) * block, file_size)
+        if want - guessed_data_offset - offset < DIRECT_MIN_BYTES:
+            return None  # a small read after all: the page cache serves those
+        read = self._pread_direct(fd, 0, want)
+        if read is None:
+            return None
+        buf, got = read
+        try:
+            if got < guessed_data_offset:
+                raise _Corrupt(f"file ends early: {got} bytes")
+            header = _unpack_header(bytes(buf[:HEADER_SIZE]))
+            if header.data_offset != guessed_data_offset:
+                return self._abandon_direct(fd, buf)
+            end = min(offset + length, header.data_len)
+            if offset >= end:
+                self.buffers.give(buf)
+                return RangeRead(bytearray(), header.data_len)
+            bs = header.block_size
+            first, last = offset // bs, (end - 1) // bs
+            block_end = header.data_offset + min((last + 1) * bs, header.data_len)
+            if got < block_end:
+                if file_size < block_end:
+                    raise _Corrupt(f"file ends early: {file_size} of {block_end} bytes")
+                return self._abandon_direct(fd, buf)  # blocks larger than guessed
+            crcs = struct.unpack_from(f"<{last - first + 1}I", buf, HEADER_SIZE + 4 * first)
+            _verify_blocks(buf[header.data_offset + first * bs : block_end], crcs, bs, first)
+        except _Corrupt:
+            self.buffers.give(buf)
+            raise
+        self._count("direct_reads")
+        return RangeRead(buf[header.data_offset + offset : header.data_offset + end], header.data_len)
+
+    def _abandon_direct(self, fd: int, buf: memoryview) -> None:
+        """Give the buffer back and clear O_DIRECT: the other way reads the header buffered."""
+        self.buffers.give(buf)
+        fcntl.fcntl(fd, fcntl.F_SETFL, 0)
+
+    def _read_blocks(self, fd: int, header: _Header, offset: int, length: int) -> bytearray | memoryview:
         end = min(offset + length, header.data_len)
         if offset >= end:
             return bytearray()
@@ -417,20 +572,69 @@ class FragmentStore:
         count = last - first + 1
         crcs = struct.unpack(f"<{count}I", _pread_exactly(fd, 4 * count, HEADER_SIZE + 4 * first))
         start = first * bs
-        buf = bytearray(min((last + 1) * bs, header.data_len) - start)
+        size = min((last + 1) * bs, header.data_len) - start
+        if end - offset >= DIRECT_MIN_BYTES:
+            read = self._pread_direct(fd, header.data_offset + start, size)
+            if read is not None:
+                blocks, got = read
+                try:
+                    if got < size:
+                        raise _Corrupt(f"file ends early: {got} of {size} data bytes")
+                    _verify_blocks(blocks, crcs, bs, first)
+                except _Corrupt:
+                    self.buffers.give(blocks)
+                    raise
+                self._count("direct_reads")
+                return blocks[offset - start : end - start]
+        buf = bytearray(size)
         got = os.preadv(fd, [buf], header.data_offset + start)
         if got != len(buf):
             raise _Corrupt(f"file ends early: {got} of {len(buf)} data bytes")
         view = memoryview(buf)
-        for i, want in enumerate(crcs):
-            if crc32c.crc32c(view[i * bs : (i + 1) * bs]) != want:
-                raise _Corrupt(f"block {first + i} failed its crc32c")
+        _verify_blocks(view, crcs, bs, first)
         view.release()
+        self._count("buffered_reads")
         # Trimming a bytearray in place moves no bytes at the front (CPython
         # keeps a start offset), so the caller gets exactly its range, uncopied.
         del buf[end - start :]
         del buf[: offset - start]
         return buf
+
+    def _pread_direct(self, fd: int, file_offset: int, size: int) -> tuple[memoryview, int] | None:
+        """Up to ``size`` bytes at ``file_offset``, read around the page cache into a pooled
+        buffer: (a view starting at ``file_offset``, bytes got), short at the end of the
+        file. None where direct I/O is off or refused (read buffered then).
+
+        O_DIRECT reads whole aligned pages, so the range is widened to them."""
+        if not self._enable_direct(fd):
+            return None
+        lo = file_offset - file_offset % DIRECT_ALIGNMENT
+        hi = -(-(file_offset + size) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
+        buf = self.buffers.take(hi - lo, min_bytes=0)
+        assert buf is not None
+        try:
+            got = os.preadv(fd, [buf], lo)
+        except OSError as exc:
+            self.buffers.give(buf)
+            if exc.errno != errno.EINVAL:
+                raise
+            self._refuse_direct(f"an O_DIRECT read failed ({exc})")
+            fcntl.fcntl(fd, fcntl.F_SETFL, 0)
+            return None
+        skip = file_offset - lo
+        return buf[skip : skip + size], max(0, got - skip)
+
+    def release(self, data: bytearray | memoryview) -> None:
+        """Give back the buffer under a ``RangeRead.data`` once nothing uses it any more.
+
+        Safe to call with any read's data (buffered ones are ignored), but at
+        most once per read: the buffer goes to the next direct read."""
+        if isinstance(data, memoryview):
+            self.buffers.give(data)
+
+    def _count(self, name: str) -> None:
+        with self._lock:
+            self._io_counts[name] += 1
 
     def stat(self, key: FragmentKey) -> dict[str, object]:
         """Size, block size and the CRC table of a stored fragment (checks the header and file length)."""
@@ -506,7 +710,8 @@ class FragmentStore:
     # --------------------------------------------------------------- stats
     def stats(self) -> dict[str, int]:
         """capacity, free (what this node still accepts: above the reserve and within capacity),
-        used, fragment and quarantine counts."""
+        used, fragment and quarantine counts; whether direct I/O is on (``direct_io``, 0 or 1)
+        and how many fragment writes and range reads went direct or through the page cache."""
         with self._lock:
             total, _ = self._fs_space()
             return {
@@ -515,6 +720,8 @@ class FragmentStore:
                 "used_bytes": self._used_bytes,
                 "fragments": self._fragments,
                 "quarantined": self._quarantined,
+                "direct_io": int(self._direct_io),
+                **self._io_counts,
             }
 
     def _fs_space(self) -> tuple[int, int]:

@@ -117,7 +117,15 @@ class Membership:
 
     async def _heartbeat(self) -> None:
         stats = await trio.to_thread.run_sync(self.store.stats)
-        request = control_pb2.HeartbeatRequest(node_id=self.identity.node_id, **stats)
+        # Named fields, not **stats: stats() also carries node-local counters the control plane does not know.
+        request = control_pb2.HeartbeatRequest(
+            node_id=self.identity.node_id,
+            capacity_bytes=stats["capacity_bytes"],
+            free_bytes=stats["free_bytes"],
+            used_bytes=stats["used_bytes"],
+            fragments=stats["fragments"],
+            quarantined=stats["quarantined"],
+        )
         reply = await self._call(self._stub.Heartbeat, request)
         self.epoch = reply.epoch
         self._enter("registered", "metadata server %s reachable again", self.config.meta_grpc)

@@ -1,9 +1,14 @@
-"""Reusable receive buffers for PUT_FRAGMENT payloads.
+"""Reusable, page-aligned buffers for fragment payloads and direct I/O.
 
 glibc hands allocations above its mmap threshold (128 KiB by default) back to
 the kernel on free, so a fresh 1–4 MiB bytearray per request page-faults on
-every use. Payloads are therefore received into buffers taken from here and
-given back once the request's handler is done with them.
+every use. PUT payloads are therefore received into buffers taken from here
+and given back once the request's handler is done with them; the fragment
+store takes its O_DIRECT buffers from the same pool.
+
+Every buffer is an anonymous private mapping (``mmap.mmap(-1, size)``), so it
+starts on a page boundary: O_DIRECT needs page-aligned memory, which a
+bytearray does not promise.
 
 Mental model: a few shelves of buffers, one shelf per size class (multiples
 of 64 KiB), with a cap on the bytes lying idle on all shelves together. A
@@ -15,26 +20,29 @@ buffer in use is never handed out twice. A buffer that is never given back
 
 from __future__ import annotations
 
+import mmap
 import threading
 
 SIZE_CLASS = 64 << 10
-"""Payloads below this are allocated fresh: small allocations come from the heap anyway."""
+"""Payloads below this are allocated fresh by default: small allocations come from the heap anyway."""
 
 
 class PayloadPool:
     def __init__(self, idle_budget_bytes: int = 64 << 20) -> None:
         self.idle_budget_bytes = idle_budget_bytes
-        self._shelves: dict[int, list[bytearray]] = {}
+        self._shelves: dict[int, list[mmap.mmap]] = {}
         self._idle_bytes = 0
         self._lock = threading.Lock()
 
     @staticmethod
     def size_class(size: int) -> int:
-        return -(-size // SIZE_CLASS) * SIZE_CLASS
+        return max(SIZE_CLASS, -(-size // SIZE_CLASS) * SIZE_CLASS)
 
-    def take(self, size: int) -> memoryview | None:
-        """A view of exactly ``size`` bytes over a pooled buffer, or None for small sizes."""
-        if size < SIZE_CLASS:
+    def take(self, size: int, *, min_bytes: int = SIZE_CLASS) -> memoryview | None:
+        """A view of exactly ``size`` bytes at the start of a pooled, page-aligned
+        buffer, or None below ``min_bytes`` (direct I/O passes 0: it needs
+        alignment even for a few KiB)."""
+        if size < min_bytes:
             return None
         cls = self.size_class(size)
         with self._lock:
@@ -45,13 +53,16 @@ class PayloadPool:
             else:
                 buf = None
         if buf is None:
-            buf = bytearray(cls)
+            buf = mmap.mmap(-1, cls, flags=mmap.MAP_PRIVATE)  # private: not shmem, not shared with children
         return memoryview(buf)[:size]
 
     def give(self, view: memoryview) -> None:
-        """Return the buffer under ``view``; the caller must not touch it afterwards."""
+        """Return the buffer under ``view``; the caller must not touch it afterwards.
+
+        Views of anything but a pooled buffer (a bytearray, bytes) are ignored,
+        so a caller may hand back whatever it got without checking."""
         buf = view.obj
-        if not isinstance(buf, bytearray) or len(buf) < SIZE_CLASS or len(buf) % SIZE_CLASS:
+        if not isinstance(buf, mmap.mmap) or len(buf) < SIZE_CLASS or len(buf) % SIZE_CLASS:
             return
         cls = len(buf)
         with self._lock:

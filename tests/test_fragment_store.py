@@ -3,14 +3,21 @@
 from __future__ import annotations
 
 import errno
+import fcntl
+import logging
 import os
+import subprocess
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import crc32c
 import pytest
 
 from deepfs.errors import ChecksumError
-from storage_node.fragment_store import FragmentKey, FragmentStore
+from deepfs.checksums import fragment_digest
+from storage_node.fragment_store import DIRECT_MIN_BYTES, FragmentKey, FragmentStore
+from storage_node.payload_pool import PayloadPool
 
 pytestmark = pytest.mark.timeout(30)
 
@@ -35,8 +42,8 @@ DATA = os.urandom(5 * BS + 123)
 
 
 def test_round_trip(store: FragmentStore) -> None:
-    crc = store.put(KEY, memoryview(DATA), block_crcs(DATA), BS)
-    assert crc == crc32c.crc32c(DATA)
+    digest = store.put(KEY, memoryview(DATA), block_crcs(DATA), BS)
+    assert digest == fragment_digest(block_crcs(DATA))
     assert store.read(KEY) == DATA
     assert store.stat(KEY) == {"size": len(DATA), "block_size": BS, "crcs": block_crcs(DATA)}
     assert store.path_of(KEY) == store.root / "fragments" / "07" / "7" / "3.123456789.2"
@@ -212,3 +219,205 @@ def test_fsync_path_works(tmp_path: Path) -> None:
     store.put(KEY, DATA, block_crcs(DATA, 64 << 10), 64 << 10)
     assert store.read(KEY, 70000, 10) == DATA[70000:70010]
     assert store.delete([KEY]) == 1
+
+
+# ------------------------------------------------------------ direct I/O
+MIB = 1 << 20
+BIG_BS = 64 << 10
+IO_COUNTERS = ("direct_io", "direct_writes", "buffered_writes", "direct_reads", "buffered_reads")
+
+
+def io_counts(store: FragmentStore) -> tuple[int, ...]:
+    stats = store.stats()
+    return tuple(stats[name] for name in IO_COUNTERS)
+
+
+def pooled_copy(data: bytes, skew: int = 0) -> memoryview:
+    """``data`` in a page-aligned buffer, as the node receives PUT payloads (``skew``: start that far past the page)."""
+    view = PayloadPool().take(len(data) + skew, min_bytes=0)
+    assert view is not None
+    view[skew:] = data
+    return view[skew:]
+
+
+def big_store(path: Path, **kwargs: object) -> FragmentStore:
+    return FragmentStore(path, fsync=False, block_size=BIG_BS, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def direct_dir(tmp_path: Path) -> Path:
+    """``tmp_path``, where O_DIRECT works (it does not on tmpfs before Linux 6.6, for one)."""
+    fd = os.open(tmp_path / "probe", os.O_WRONLY | os.O_CREAT, 0o644)
+    try:
+        fcntl.fcntl(fd, fcntl.F_SETFL, os.O_DIRECT)
+    except OSError as exc:
+        pytest.skip(f"the temp file system refuses O_DIRECT: {exc}")
+    finally:
+        os.close(fd)
+        os.unlink(tmp_path / "probe")
+    return tmp_path
+
+
+@pytest.mark.parametrize("block_size", [BIG_BS, 1000])  # 1000: blocks (and reads) start off page boundaries
+def test_large_aligned_fragment_goes_direct_and_reads_back_exactly(direct_dir: Path, block_size: int) -> None:
+    data = os.urandom(MIB)
+    crcs = block_crcs(data, block_size)
+    direct = big_store(direct_dir / "direct")
+    buffered = big_store(direct_dir / "buffered", direct_io=False)
+    direct.put(KEY, pooled_copy(data), crcs, block_size)
+    buffered.put(KEY, pooled_copy(data), crcs, block_size)
+    assert io_counts(direct) == (1, 1, 0, 0, 0)
+    assert io_counts(buffered) == (0, 0, 1, 0, 0)
+    assert direct.path_of(KEY).read_bytes() == buffered.path_of(KEY).read_bytes()  # one format
+
+    whole = direct.read_range(KEY, 0, 1 << 40)
+    assert (whole.size, bytes(whole.data)) == (MIB, data)
+    part = direct.read_range(KEY, 12345, DIRECT_MIN_BYTES + 777)
+    assert bytes(part.data) == data[12345 : 12345 + DIRECT_MIN_BYTES + 777]
+    small = direct.read_range(KEY, 4000, 1000)  # small reads stay in the page cache
+    assert isinstance(small.data, bytearray) and small.data == data[4000:5000]
+    assert io_counts(direct) == (1, 1, 0, 2, 1)
+
+    # Given back, a read buffer serves the next direct read.
+    obj = whole.data.obj
+    direct.release(whole.data)
+    direct.release(small.data)  # a buffered read's data: ignored
+    again = direct.read_range(KEY, 0, MIB)
+    assert again.data.obj is obj and bytes(again.data) == data  # type: ignore[union-attr]
+    assert bytes(buffered.read_range(KEY, 0, MIB).data) == data
+    assert io_counts(buffered) == (0, 0, 1, 0, 1)
+
+
+@pytest.mark.parametrize(
+    ("length", "place"),
+    [
+        pytest.param(MIB + 100, pooled_copy, id="length-not-whole-pages"),
+        pytest.param(MIB, lambda d: pooled_copy(d, skew=512), id="buffer-not-page-aligned"),
+        pytest.param(MIB, bytes, id="read-only-bytes"),
+        pytest.param(DIRECT_MIN_BYTES - 4096, pooled_copy, id="small"),
+    ],
+)
+def test_what_does_not_fit_o_direct_is_written_buffered(
+    tmp_path: Path, length: int, place: Callable[[bytes], bytes | memoryview]
+) -> None:
+    data = os.urandom(length)
+    store = big_store(tmp_path / "node")
+    store.put(KEY, place(data), block_crcs(data, BIG_BS), BIG_BS)
+    assert io_counts(store)[:3] == (1, 0, 1)
+    assert bytes(store.read(KEY)) == data
+
+
+def test_direct_read_of_a_file_not_ending_on_a_page(direct_dir: Path) -> None:
+    """O_DIRECT reads whole pages; the last one comes back short at the end of the file."""
+    data = os.urandom(MIB + 100)
+    store = big_store(direct_dir / "node")
+    store.put(KEY, data, block_crcs(data, BIG_BS), BIG_BS)
+    tail = store.read_range(KEY, len(data) - DIRECT_MIN_BYTES - 3, MIB)
+    assert bytes(tail.data) == data[-DIRECT_MIN_BYTES - 3 :]
+    assert io_counts(store) == (1, 0, 1, 1, 0)
+
+
+def test_corruption_is_caught_on_a_direct_read(direct_dir: Path) -> None:
+    data = os.urandom(MIB)
+    store = big_store(direct_dir / "node")
+    store.put(KEY, pooled_copy(data), block_crcs(data, BIG_BS), BIG_BS)
+    corrupt_data_byte(store, KEY, 700_000)  # a buffered write: O_DIRECT reads must see it all the same
+    with pytest.raises(ChecksumError):
+        store.read_range(KEY, 0, MIB)
+    assert not store.path_of(KEY).exists()
+    stats = store.stats()
+    assert (stats["quarantined"], stats["fragments"], stats["direct_reads"]) == (1, 0, 0)
+    assert store.buffers.idle_bytes >= MIB  # the read buffer went back to the pool
+
+
+def test_truncated_file_is_caught_on_a_direct_read(direct_dir: Path) -> None:
+    data = os.urandom(MIB)
+    store = big_store(direct_dir / "node")
+    store.put(KEY, pooled_copy(data), block_crcs(data, BIG_BS), BIG_BS)
+    os.truncate(store.path_of(KEY), store.path_of(KEY).stat().st_size - 5000)
+    with pytest.raises(ChecksumError, match="ends early"):
+        store.read_range(KEY, MIB - DIRECT_MIN_BYTES, DIRECT_MIN_BYTES)
+    assert store.stats()["quarantined"] == 1
+
+
+@pytest.fixture
+def ramfs_dir(tmp_path: Path) -> Iterator[Path]:
+    """A ramfs mount: a real file system that refuses O_DIRECT (EINVAL). tmpfs
+    accepts it since Linux 6.6, so it cannot serve here. Needs root."""
+    mount_point = tmp_path / "ramfs"
+    mount_point.mkdir()
+    try:
+        subprocess.run(["mount", "-t", "ramfs", "ramfs", str(mount_point)], check=True, capture_output=True, timeout=10)
+    except (OSError, subprocess.SubprocessError) as exc:
+        pytest.skip(f"cannot mount a ramfs here: {exc}")
+    try:
+        yield mount_point
+    finally:
+        subprocess.run(["umount", str(mount_point)], check=True, timeout=10)
+
+
+def test_file_system_refusing_o_direct_falls_back(ramfs_dir: Path, caplog: pytest.LogCaptureFixture) -> None:
+    data = os.urandom(MIB)
+    # ramfs has no size limit and reports no free space; a negative reserve lets the store admit writes.
+    store = big_store(ramfs_dir / "node", reserve_bytes=-(64 << 20))
+    with caplog.at_level(logging.INFO, logger="storage_node.fragment_store"):
+        for key in (KEY, KEY._replace(stripe=4)):
+            store.put(key, pooled_copy(data), block_crcs(data, BIG_BS), BIG_BS)
+            assert bytes(store.read(key, 0, MIB)) == data
+    assert io_counts(store) == (0, 0, 2, 0, 2)
+    assert sum("using buffered I/O" in r.getMessage() for r in caplog.records) == 1  # said once, remembered
+
+
+@pytest.mark.parametrize(("module", "syscall"), [(fcntl, "fcntl"), (os, "pwritev"), (os, "preadv")])
+def test_o_direct_refused_falls_back(
+    direct_dir: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, module: object, syscall: str
+) -> None:
+    """Without root (no ramfs), a system call refuses O_DIRECT with EINVAL as some
+    file systems do: setting the flag (ramfs, tmpfs before Linux 6.6), or the I/O
+    itself (FUSE, network file systems, disks with larger sectors). Only that
+    call is replaced, and only for O_DIRECT; the store's fallback runs for real."""
+    real, real_fcntl = getattr(module, syscall), fcntl.fcntl
+
+    def refusing(fd: int, *args: object) -> object:
+        setting_direct = syscall == "fcntl" and args[0] == fcntl.F_SETFL and args[1] & os.O_DIRECT  # type: ignore[operator]
+        doing_direct_io = syscall != "fcntl" and real_fcntl(fd, fcntl.F_GETFL) & os.O_DIRECT
+        if setting_direct or doing_direct_io:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, *args)
+
+    monkeypatch.setattr(module, syscall, refusing)
+    data = os.urandom(MIB)
+    store = big_store(direct_dir / "node")
+    with caplog.at_level(logging.INFO, logger="storage_node.fragment_store"):
+        for key in (KEY, KEY._replace(stripe=4)):
+            store.put(key, pooled_copy(data), block_crcs(data, BIG_BS), BIG_BS)
+            assert bytes(store.read(key, 0, MIB)) == data
+    monkeypatch.undo()
+    # fcntl or pwritev refused: the first put is (re)written through the page cache, all reads are buffered.
+    # preadv refused: the first put went direct before the first read found out.
+    assert io_counts(store) == ((0, 1, 1, 0, 2) if syscall == "preadv" else (0, 0, 2, 0, 2))
+    assert sum("using buffered I/O" in r.getMessage() for r in caplog.records) == 1
+    reference = big_store(direct_dir / "reference", direct_io=False)
+    reference.put(KEY, data, block_crcs(data, BIG_BS), BIG_BS)
+    assert store.path_of(KEY).read_bytes() == reference.path_of(KEY).read_bytes()
+
+
+def test_concurrent_direct_puts_and_reads(direct_dir: Path) -> None:
+    """Worker threads share the store and its buffer pool."""
+    store = big_store(direct_dir / "node")
+    blobs = [os.urandom(MIB) for _ in range(4)]
+
+    def round_trip(i: int) -> bool:
+        key = FragmentKey(9, i, 1, 0)
+        data = blobs[i % 4]
+        store.put(key, pooled_copy(data), block_crcs(data, BIG_BS), BIG_BS)
+        ok = True
+        for _ in range(3):
+            got = store.read_range(key, 0, MIB)
+            ok &= bytes(got.data) == data
+            store.release(got.data)
+        return ok
+
+    with ThreadPoolExecutor(8) as pool:
+        assert all(pool.map(round_trip, range(32)))
+    assert io_counts(store) == (1, 32, 0, 96, 0)

@@ -130,7 +130,8 @@ def test_put_get_range_stat_delete_stats(node: ServerProcess) -> None:
         assert after["fragments"] == before["fragments"] + 1
         assert after["used_bytes"] > before["used_bytes"] + len(data) - 1
         assert set(after) == {"node_id", "capacity_bytes", "free_bytes", "used_bytes", "fragments", "quarantined",
-                          "syncs", "unsynced_puts"}
+                              "direct_io", "direct_writes", "buffered_writes", "direct_reads", "buffered_reads",
+                              "syncs", "unsynced_puts"}
         assert (await c.call(Op.DELETE_FRAGMENT, {"keys": [key, [1, 1, 1, 1]]}))[0] == {"deleted": 1}
         for op, body in [(Op.GET_FRAGMENT, {"key": key, "offset": 0, "length": 1}), (Op.STAT_FRAGMENT, {"key": key})]:
             with pytest.raises(FileNotFoundError):
@@ -415,6 +416,122 @@ def test_frame_server_survives_socket_error_mid_frame(monkeypatch: pytest.Monkey
         peer.close()
 
 
+def serve_frames_while(server: FrameServer, client_side: Callable[[int], T]) -> T:
+    """Run ``server`` on 127.0.0.1 while ``client_side(port)`` runs in a thread with blocking sockets."""
+
+    async def main() -> T:
+        with trio.fail_after(20):
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(server.serve, "127.0.0.1", 0)
+                result = await trio.to_thread.run_sync(client_side, port)
+                nursery.cancel_scope.cancel()
+        return result
+
+    return trio.run(main)
+
+
+def recv_exactly(sock: socket.socket, size: int) -> bytes:
+    chunks = []
+    while size:
+        chunk = sock.recv(min(size, 1 << 20))
+        assert chunk, "connection closed early"
+        chunks.append(chunk)
+        size -= len(chunk)
+    return b"".join(chunks)
+
+
+def test_frame_server_gives_response_payloads_back_after_sending_them() -> None:
+    """payload_sent runs once the last byte is with the kernel, not before: a pooled
+    buffer given back earlier could be overwritten while it is still being sent."""
+    big = bytearray(os.urandom(16 << 20))  # far more than the socket buffers hold
+    given_back: list[Any] = []
+
+    async def handler(op: int, body: Any, payload: memoryview) -> tuple[Any, tuple[Any, ...]]:
+        return {"answer": 1}, (big, memoryview(b"tail"))
+
+    def client_side(port: int) -> None:
+        with socket.socket() as sock:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 64 << 10)  # before connect: a small window
+            sock.connect(("127.0.0.1", port))
+            sock.sendall(frame(Op.PING, {}))
+            time.sleep(0.3)
+            assert given_back == []  # the server is stuck sending: we have not read
+            header = frames.parse_header(recv_exactly(sock, frames.HEADER_SIZE))
+            recv_exactly(sock, header.body_len)
+            assert recv_exactly(sock, header.payload_len) == big + b"tail"
+            wait_for(lambda: len(given_back) == 1, timeout_s=5)
+
+    server = FrameServer(handler, payload_sent=given_back.append)
+    serve_frames_while(server, client_side)
+    assert len(given_back) == 1 and given_back[0][0] is big and bytes(given_back[0][1]) == b"tail"
+
+
+def test_frame_server_gives_payloads_back_when_the_peer_vanished() -> None:
+    """The peer resets the connection while the handler works; the answer cannot be sent,
+    and its buffers still come back (exactly once)."""
+    big = bytearray(4 << 20)
+    given_back: list[Any] = []
+    started = threading.Event()
+
+    async def handler(op: int, body: Any, payload: memoryview) -> tuple[Any, tuple[Any, ...]]:
+        started.set()
+        # Like a read in a worker thread, which trio cannot abandon: the reply comes regardless.
+        with trio.CancelScope(shield=True):
+            await trio.sleep(0.3)
+        return {}, (big,)
+
+    def client_side(port: int) -> None:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.sendall(frame(Op.PING, {}))
+            assert started.wait(5)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        wait_for(lambda: len(given_back) >= 1, timeout_s=5)
+        time.sleep(0.1)
+
+    server = FrameServer(handler, payload_sent=given_back.append)
+    serve_frames_while(server, client_side)
+    assert len(given_back) == 1 and given_back[0][0] is big
+
+
+def test_node_writes_and_reads_large_fragments_around_the_page_cache(node: ServerProcess) -> None:
+    """1 MiB PUTs land in page-aligned receive buffers and go to disk with O_DIRECT;
+    large GETs are read direct into pooled buffers and sent from them. Many
+    concurrent GETs of different fragments catch a buffer reused too early."""
+    blobs = [os.urandom(1 << 20) for _ in range(6)]
+    keys = [[88, i, 1, 0] for i in range(len(blobs))]
+
+    async def scenario(client: FrameClient) -> tuple[dict, dict, dict]:
+        before, _ = await client.call(Op.NODE_STATS, {})
+        for key, blob in zip(keys, blobs, strict=True):
+            await put(client, key, blob)
+        middle, _ = await client.call(Op.NODE_STATS, {})
+        wrong: list[int] = []
+
+        async def read_back(i: int) -> None:
+            reply, got = await get(client, keys[i % len(keys)], 0, 1 << 20)
+            if got != blobs[i % len(keys)]:
+                wrong.append(i)
+
+        async with trio.open_nursery() as nursery:
+            for i in range(48):
+                nursery.start_soon(read_back, i)
+        assert wrong == []
+        _, small = await get(client, keys[0], 100, 1000)
+        assert small == blobs[0][100:1100]
+        after, _ = await client.call(Op.NODE_STATS, {})
+        await client.call(Op.DELETE_FRAGMENT, {"keys": keys})
+        return before, middle, after
+
+    before, middle, after = with_client(port_of(node), scenario)
+    assert_serving(node)
+    if not after["direct_io"]:
+        pytest.skip("the temp file system refuses O_DIRECT (the data was served buffered)")
+    assert middle["direct_writes"] - before["direct_writes"] == len(blobs)
+    assert middle["buffered_writes"] == before["buffered_writes"]
+    assert after["direct_reads"] - middle["direct_reads"] == 48
+    assert after["buffered_reads"] - middle["buffered_reads"] == 1
+
+
 # ------------------------------------------------------ receive buffers
 def test_payload_pool_reuses_and_never_hands_out_a_buffer_twice() -> None:
     pool = PayloadPool(idle_budget_bytes=4 << 20)
@@ -436,6 +553,33 @@ def test_payload_pool_reuses_and_never_hands_out_a_buffer_twice() -> None:
     pool.give(big)  # newer size wins the idle budget over older ones
     assert pool.idle_bytes <= 4 << 20
     assert pool.take(3 << 20).obj is big.obj  # type: ignore[union-attr]
+    idle = pool.idle_bytes
+    pool.give(memoryview(bytearray(1 << 20)))  # not a pooled buffer: ignored
+    assert pool.idle_bytes == idle
+
+
+def test_payload_pool_buffers_are_page_aligned_and_receive_zero_copy() -> None:
+    """O_DIRECT needs page-aligned memory; FrameReader receives straight into it."""
+    import ctypes
+
+    pool = PayloadPool()
+    small = pool.take(5000, min_bytes=0)  # direct I/O asks for small aligned buffers too
+    assert small is not None and len(small) == 5000
+    for view in (small, pool.take(1 << 20), pool.take(3_000_001)):
+        assert view is not None
+        assert ctypes.addressof(ctypes.c_char.from_buffer(view)) % 4096 == 0
+    view = pool.take(300_000)
+    assert view is not None
+    a, b = socket.socketpair()
+    with a, b:
+        data = os.urandom(len(view))
+        sender = threading.Thread(target=a.sendall, args=(data,))
+        sender.start()
+        got = 0
+        while got < len(view):
+            got += b.recv_into(view[got:])
+        sender.join()
+    assert view == data
 
 
 def test_node_takes_its_settings_from_the_cluster_toml(tmp_path) -> None:
