@@ -22,6 +22,7 @@ import torch  # noqa: E402 - a test dependency: missing torch must fail, not ski
 import deepfs  # noqa: E402
 import deepfs.torch as dtorch  # noqa: E402
 from deepfs import Layout  # noqa: E402
+from deepfs.config import ClientConfig  # noqa: E402
 from deepfs.local_cluster import LocalCluster  # noqa: E402
 from deepfs.torch._load import _cuda_destination  # noqa: E402
 from deepfs.torch._read import ReadOptions, read_checkpoint  # noqa: E402
@@ -39,6 +40,25 @@ def _close_shared_clients() -> Iterator[None]:
     close_shared_clients()
 
 REPO = Path(__file__).resolve().parent.parent
+WIDENED_STRIPE = 1 << 20
+
+
+@pytest.fixture
+def client(cluster: LocalCluster) -> Iterator[deepfs.Client]:
+    """Checkpoints widen the cluster's 256 KiB stripes to 1 MiB (not the default 16 MiB),
+    so the test objects still cross many stripes."""
+    config = ClientConfig(meta_address=cluster.meta_address, checkpoint_stripe_bytes=WIDENED_STRIPE)
+    with deepfs.Client(cluster.meta_address, config) as c:
+        yield c
+
+
+def file_layout(client: deepfs.Client, path: str) -> Layout:
+    async def layout() -> Layout:
+        handle = await client.aio.open(path, "rb")
+        await handle.close()
+        return handle.layout
+
+    return client.run_async(layout)
 
 
 OBJECTS: dict[str, object] = {
@@ -71,6 +91,30 @@ def test_round_trip(client: deepfs.Client, kind: str) -> None:
     got = load_both_ways(client, f"{base}/ck.pt")
     assert_same(obj, got)
     assert client.listdir(base) == ["ck.pt"]  # no temporary left behind
+
+
+def test_checkpoints_get_wide_stripes_unless_a_layout_is_given(cluster: LocalCluster) -> None:
+    with deepfs.Client(cluster.meta_address) as default_client:
+        base = unique_dir(default_client, "stripes")
+        tensors = {"w": torch.randn(1000)}
+        dtorch.save(tensors, f"{base}/default.pt", client=default_client)
+        assert file_layout(default_client, f"{base}/default.pt") == Layout(4, 2, 16 << 20)
+        dtorch.save(tensors, f"{base}/explicit.pt", client=default_client, layout=Layout(2, 1, 128 << 10))
+        assert file_layout(default_client, f"{base}/explicit.pt") == Layout(2, 1, 128 << 10)
+        default_client.set_layout(base, Layout(4, 2, 32 << 20))  # already wider: kept
+        dtorch.save(tensors, f"{base}/wide.pt", client=default_client)
+        assert file_layout(default_client, f"{base}/wide.pt") == Layout(4, 2, 32 << 20)
+        assert sorted(default_client.listdir(base)) == ["default.pt", "explicit.pt", "wide.pt"]
+        assert_same(tensors, dtorch.load(f"{base}/default.pt", client=default_client))
+
+
+def test_whole_stripes_of_a_tensor_are_sent_from_its_memory(client: deepfs.Client) -> None:
+    base = unique_dir(client, "lent")
+    tensor = torch.randn(5 * WIDENED_STRIPE // 4)  # 5 stripes' worth of float32, 4 of them whole at least
+    before = client.stats.lent_stripes
+    dtorch.save({"t": tensor}, f"{base}/ck.pt", client=client)
+    assert client.stats.lent_stripes - before >= 4
+    assert torch.equal(dtorch.load(f"{base}/ck.pt", client=client)["t"], tensor)
 
 
 def test_storage_sharing_survives(client: deepfs.Client) -> None:
