@@ -241,6 +241,8 @@ def pooled_copy(data: bytes, skew: int = 0) -> memoryview:
 
 
 def big_store(path: Path, **kwargs: object) -> FragmentStore:
+    """A store reading large ranges with O_DIRECT as well (nodes do not by default)."""
+    kwargs.setdefault("direct_reads", True)
     return FragmentStore(path, fsync=False, block_size=BIG_BS, **kwargs)  # type: ignore[arg-type]
 
 
@@ -421,3 +423,19 @@ def test_concurrent_direct_puts_and_reads(direct_dir: Path) -> None:
     with ThreadPoolExecutor(8) as pool:
         assert all(pool.map(round_trip, range(32)))
     assert io_counts(store) == (1, 32, 0, 96, 0)
+
+
+def test_large_buffered_reads_land_in_reused_pool_buffers(direct_dir: Path) -> None:
+    """The default for reads: through the page cache, but large ranges into pooled buffers."""
+    store = big_store(direct_dir / "store", direct_reads=False)
+    data = os.urandom(MIB)
+    store.put(KEY, pooled_copy(data), block_crcs(data, BIG_BS), BIG_BS)
+    first = store.read_range(KEY, 0, MIB)
+    assert isinstance(first.data, memoryview) and bytes(first.data) == data
+    buffer = first.data.obj
+    store.release(first.data)
+    second = store.read_range(KEY, 0, MIB)
+    assert second.data.obj is buffer and bytes(second.data) == data  # type: ignore[union-attr]
+    part = store.read_range(KEY, 5000, DIRECT_MIN_BYTES)
+    assert bytes(part.data) == data[5000 : 5000 + DIRECT_MIN_BYTES]
+    assert io_counts(store)[3:] == (0, 3)  # no direct reads, three buffered

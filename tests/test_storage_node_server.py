@@ -493,9 +493,9 @@ def test_frame_server_gives_payloads_back_when_the_peer_vanished() -> None:
     assert len(given_back) == 1 and given_back[0][0] is big
 
 
-def test_node_writes_and_reads_large_fragments_around_the_page_cache(node: ServerProcess) -> None:
+def test_node_writes_large_fragments_around_the_page_cache(node: ServerProcess) -> None:
     """1 MiB PUTs land in page-aligned receive buffers and go to disk with O_DIRECT;
-    large GETs are read direct into pooled buffers and sent from them. Many
+    large GETs are read (buffered) into pooled buffers and sent from them. Many
     concurrent GETs of different fragments catch a buffer reused too early."""
     blobs = [os.urandom(1 << 20) for _ in range(6)]
     keys = [[88, i, 1, 0] for i in range(len(blobs))]
@@ -528,8 +528,10 @@ def test_node_writes_and_reads_large_fragments_around_the_page_cache(node: Serve
         pytest.skip("the temp file system refuses O_DIRECT (the data was served buffered)")
     assert middle["direct_writes"] - before["direct_writes"] == len(blobs)
     assert middle["buffered_writes"] == before["buffered_writes"]
-    assert after["direct_reads"] - middle["direct_reads"] == 48
-    assert after["buffered_reads"] - middle["buffered_reads"] == 1
+    # Reads stay buffered on nodes by default (NodeConfig.direct_reads), the large
+    # ones into pooled buffers that payload_sent gives back.
+    assert after["direct_reads"] == middle["direct_reads"]
+    assert after["buffered_reads"] - middle["buffered_reads"] == 49
 
 
 # ------------------------------------------------------ receive buffers

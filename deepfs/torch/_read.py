@@ -20,6 +20,7 @@ import trio
 from deepfs import isal
 from deepfs.client import AsyncClient, AsyncFile
 from deepfs.concurrency import run_all
+from deepfs.malloc_tuning import prefault
 from deepfs.torch._archive import (
     TAIL_BYTES,
     CheckpointError,
@@ -34,7 +35,7 @@ from deepfs.torch._archive import (
 )
 from deepfs.torch._plan import Run, is_storage, piece_size, plan_reads, split_range
 
-INFLIGHT_BYTES = 64 << 20
+INFLIGHT_BYTES = 128 << 20
 """About this many bytes of reads are in flight at once (and staged, on the GPU path)."""
 
 LEGACY_MAGIC = b"\x8a\x0a"  # pickled LONG1 of length 10 after the PROTO opcode: torch's pre-1.6 format
@@ -218,6 +219,7 @@ async def _read_entries(handle: AsyncFile, archive: LoadedArchive, options: Read
     set_total(plan.total_bytes)
     piece = piece_size(handle.layout.stripe_size)
     inflight = trio.CapacityLimiter(max(2, INFLIGHT_BYTES // piece))
+    prefaulter = trio.CapacityLimiter(1)
     stager = None
     if options.stage_to is not None and plan.direct:
         stager = Stager(options.stage_to, piece, int(inflight.total_tokens))
@@ -273,6 +275,8 @@ async def _read_entries(handle: AsyncFile, archive: LoadedArchive, options: Read
         else:
             dest = host_buffer(entry.size, options.pin_memory)
             view = byte_view(dest)
+            # Map the fresh pages in a worker, entry after entry, ahead of the receives.
+            await trio.to_thread.run_sync(prefault, dest.data_ptr(), entry.size, limiter=prefaulter)
             await run_all(
                 functools.partial(read_piece, offset, view[offset - data_offset : offset - data_offset + length])
                 for offset, length in pieces
