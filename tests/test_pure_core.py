@@ -193,3 +193,17 @@ def test_config_rejects_unknown_keys(tmp_path) -> None:
     bad.write_text("[meta]\nprot = 1\n")
     with pytest.raises(ConfigError, match="prot"):
         load_cluster_config(bad)
+
+
+def test_prefault_maps_pages_and_keeps_their_contents() -> None:
+    import ctypes
+    import platform
+
+    from deepfs.malloc_tuning import prefault
+
+    buf = bytearray(b"x" * (1 << 20))
+    address = ctypes.addressof(ctypes.c_char.from_buffer(buf))
+    major, minor = (int(p) for p in platform.release().split(".")[:2])
+    assert prefault(address + 100, len(buf) - 200) is ((major, minor) >= (5, 14))  # MADV_POPULATE_WRITE
+    assert buf == b"x" * (1 << 20)
+    assert prefault(address, 10)  # less than a page: nothing to do
