@@ -584,29 +584,18 @@ class FragmentStore:
         if self._direct_reads and end - offset >= DIRECT_MIN_BYTES:
             read = self._pread_direct(fd, header.data_offset + start, size)
             if read is not None:
-                blocks, got = read
-                try:
-                    if got < size:
-                        raise _Corrupt(f"file ends early: {got} of {size} data bytes")
-                    _verify_blocks(blocks, crcs, bs, first)
-                except _Corrupt:
-                    self.buffers.give(blocks)
-                    raise
-                self._count("direct_reads")
+                blocks = self._checked_pooled(*read, size, crcs, bs, first, "direct_reads")
                 return blocks[offset - start : end - start]
         if end - offset >= DIRECT_MIN_BYTES:  # into a reused buffer: no fresh pages to fault in
             pooled = self.buffers.take(size, min_bytes=0)
             assert pooled is not None
             try:
                 got = os.preadv(fd, [pooled], header.data_offset + start)
-                if got != size:
-                    raise _Corrupt(f"file ends early: {got} of {size} data bytes")
-                _verify_blocks(pooled, crcs, bs, first)
             except BaseException:
                 self.buffers.give(pooled)
                 raise
-            self._count("buffered_reads")
-            return pooled[offset - start : end - start]
+            blocks = self._checked_pooled(pooled, got, size, crcs, bs, first, "buffered_reads")
+            return blocks[offset - start : end - start]
         buf = bytearray(size)
         got = os.preadv(fd, [buf], header.data_offset + start)
         if got != len(buf):
@@ -619,6 +608,19 @@ class FragmentStore:
         # keeps a start offset), so the caller gets exactly its range, uncopied.
         del buf[end - start :]
         del buf[: offset - start]
+        return buf
+
+    def _checked_pooled(self, buf: memoryview, got: int, size: int, crcs: tuple[int, ...], block_size: int,
+                        first: int, counter: str) -> memoryview:
+        """A read into a pooled buffer, checked (length, every block's CRC); the buffer goes back if not."""
+        try:
+            if got < size:
+                raise _Corrupt(f"file ends early: {got} of {size} data bytes")
+            _verify_blocks(buf[:size], crcs, block_size, first)
+        except BaseException:
+            self.buffers.give(buf)
+            raise
+        self._count(counter)
         return buf
 
     def _pread_direct(self, fd: int, file_offset: int, size: int) -> tuple[memoryview, int] | None:
