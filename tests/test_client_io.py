@@ -241,3 +241,17 @@ def test_zero_copy_writes_send_whole_stripes_from_the_callers_memory(client: dee
     expected = bytes(offset) + bytes(data)
     data[:] = bytes(len(data))  # the lender may reuse its memory once fsync returned
     assert client.read_file(f"{base}/f") == expected
+
+
+def test_stripes_of_the_old_fragment_format_are_refused_not_misread(client: deepfs.Client) -> None:
+    """Fragments used to carry liberasurecode's 80-byte header (sizes of 4 KiB multiples + 80).
+    Read as headerless they would come back shifted yet pass every CRC: refused with EIO."""
+    from deepfs.client._stripes import StripeRecord
+
+    old = StripeRecord(0, 1, 4096, 4096 + 80, [1, 2, 3, 4, 5, 6], [0] * 6)
+    out = memoryview(bytearray(100))
+    for read in (lambda: client.aio.stripes.read_into(99, Layout(4, 2, STRIPE), old, 0, out),
+                 lambda: client.aio.stripes.read_degraded(99, Layout(4, 2, STRIPE), old)):
+        with pytest.raises(OSError, match="older DeepFS") as failure:
+            client.run_async(read)
+        assert failure.value.errno == 5

@@ -34,7 +34,7 @@ from deepfs.checksums import BLOCK_SIZE
 from deepfs.concurrency import run_all
 from deepfs.errors import ChecksumError, UnavailableError
 from deepfs.frames import Op
-from deepfs.layout import Layout, stripe_range_to_fragments
+from deepfs.layout import ALIGNMENT, Layout, stripe_range_to_fragments
 from deepfs.placement import MISSING, place_stripe
 
 log = logging.getLogger(__name__)
@@ -81,6 +81,16 @@ class StripeRecord:
             "placement": self.placement,
             "crcs": self.digests,
         }
+
+
+def _refuse_old_format(ino: int, record: StripeRecord) -> None:
+    """Stripes written before fragments lost liberasurecode's 80-byte header have
+    fragment sizes of 4 KiB multiples + 80: reading them as headerless would
+    return shifted bytes that pass every CRC, so they are refused instead."""
+    if record.fragment_size % ALIGNMENT:
+        raise OSError(errno.EIO, f"stripe {record.index} of inode {ino} was written by an older DeepFS "
+                                 f"(fragments with a codec header, {record.fragment_size} bytes), "
+                                 "which this version cannot read")
 
 
 @dataclass
@@ -230,6 +240,7 @@ class StripeIO:
     # ------------------------------------------------------------------- read
     async def read_into(self, ino: int, layout: Layout, record: StripeRecord, start: int, out: memoryview) -> None:
         """Fill ``out`` with stripe bytes [start, start+len(out)); bytes past the record's length are zeros."""
+        _refuse_old_format(ino, record)
         want = len(out)
         have = max(0, min(want, record.length - start))
         if have < want:
@@ -272,6 +283,7 @@ class StripeIO:
         through a stripe in 1 MiB requests would otherwise rebuild it four
         times), and concurrent reads of one stripe share one rebuild. Keys
         carry the version, so a newer version is never served from here."""
+        _refuse_old_format(ino, record)
         key = (ino, record.index, record.version)
         while True:
             cached = self._rebuilt.get(key)
