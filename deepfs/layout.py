@@ -69,8 +69,19 @@ def validate_layout(layout: Layout) -> None:
     unit = layout.k * ALIGNMENT
     if layout.stripe_size <= 0 or layout.stripe_size % unit:
         raise ConfigError(f"stripe_size must be a positive multiple of k x {ALIGNMENT} = {unit}, got {layout.stripe_size}")
-    if layout.stripe_size > 64 << 20:
+    if layout.stripe_size > MAX_STRIPE_SIZE:
         raise ConfigError("stripe_size must be at most 64 MiB")
+
+
+MAX_STRIPE_SIZE = 64 << 20
+
+
+def with_stripes_of_at_least(layout: Layout, least_bytes: int) -> Layout:
+    """``layout`` with its stripe size raised to ``least_bytes`` (rounded down to whole
+    units of k x 4 KiB, at most MAX_STRIPE_SIZE); never lowered."""
+    unit = layout.k * ALIGNMENT
+    stripe = max(layout.stripe_size, min(least_bytes, MAX_STRIPE_SIZE) // unit * unit)
+    return Layout(layout.k, layout.m, stripe, layout.codec)
 
 
 def padded_length(layout: Layout, length: int) -> int:

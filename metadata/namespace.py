@@ -20,7 +20,7 @@ from typing import Any
 
 from deepfs.config import MetaConfig
 from deepfs.errors import os_error
-from deepfs.layout import Layout
+from deepfs.layout import Layout, with_stripes_of_at_least
 from metadata import keys
 from metadata.files import FileOps, checked_layout
 from metadata.inodes import (
@@ -149,9 +149,14 @@ class Namespace(FileOps):
         return inode.attr()
 
     def create(
-        self, parent: int, name: bytes, mode: int, exclusive: bool, ctx: Ctx, layout: dict[str, Any] | None = None
+        self, parent: int, name: bytes, mode: int, exclusive: bool, ctx: Ctx, layout: dict[str, Any] | None = None,
+        min_stripe_size: int = 0,
     ) -> tuple[dict[str, int], dict[str, Any] | None, bool]:
-        """Create a regular file, or open the existing one: (attr, layout, created)."""
+        """Create a regular file, or open the existing one: (attr, layout, created).
+
+        Without ``layout`` a new file gets the directory's (or the cluster's)
+        layout, its stripes widened to ``min_stripe_size`` if that is larger
+        (the torch adapter asks for wide stripes for checkpoints)."""
         if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
             raise os_error(errno.EINVAL, "CREATE makes regular files only")
         check_name(name)
@@ -168,6 +173,8 @@ class Namespace(FileOps):
                 return existing.attr(), existing.layout, False
             directory = self._parent_for_new(txn, parent, name)
             file_layout = chosen or directory.dir_layout or self.default_layout
+            if chosen is None and min_stripe_size:
+                file_layout = with_stripes_of_at_least(Layout.from_dict(file_layout), min_stripe_size).to_dict()
             inode = new_inode(
                 txn, directory, stat.S_IFREG | (mode & 0o7777), ctx, self.generation, layout=file_layout
             )

@@ -119,6 +119,7 @@ class MetaOps:
             v.flag(b, "exclusive"),
             v.ctx(b),
             v.layout(b),
+            v.u64(b, "min_stripe_size", 0),
         )
         return {"attr": attr, "layout": layout, "created": created}
 

@@ -173,6 +173,18 @@ def test_layouts_inherit_from_directories(ns: Namespace) -> None:
     assert ns.create(d, b"default", 0o644, True, USER)[1]["k"] == 4
 
 
+def test_create_widens_the_inherited_stripes_on_request(ns: Namespace) -> None:
+    d = ns.mkdir(ROOT, b"wide", 0o755, USER)["ino"]
+    ns.set_layout(d, {"k": 3, "m": 2, "stripe_size": 3 * 4096, "codec": "isa_l_rs_vand"})
+    _, layout, _ = ns.create(d, b"ck", 0o644, True, USER, min_stripe_size=1 << 20)
+    # k, m and codec stay the directory's; whole units of k x 4 KiB up to 1 MiB
+    assert layout == {"k": 3, "m": 2, "stripe_size": (1 << 20) // 12288 * 12288, "codec": "isa_l_rs_vand"}
+    assert ns.create(d, b"narrow", 0o644, True, USER, min_stripe_size=4096)[1]["stripe_size"] == 3 * 4096  # never lowered
+    explicit = {"k": 2, "m": 1, "stripe_size": 8 << 10, "codec": "isa_l_rs_cauchy"}
+    assert ns.create(d, b"given", 0o644, True, USER, layout=explicit, min_stripe_size=1 << 20)[1] == explicit
+    assert ns.create(d, b"capped", 0o644, True, USER, min_stripe_size=1 << 40)[1]["stripe_size"] <= 64 << 20
+
+
 def test_set_layout_on_files(ns: Namespace) -> None:
     f = mkfile(ns, ROOT, b"f")
     small = {"k": 1, "m": 1, "stripe_size": 4096, "codec": "isa_l_rs_cauchy"}

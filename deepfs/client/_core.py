@@ -229,8 +229,12 @@ class AsyncClient:
         await self.meta.call(Op.FSYNC)
 
     # ---------------------------------------------------------------- files
-    async def open(self, path: str, mode: str = "rb", layout: Layout | None = None) -> AsyncFile:
-        """Open like ``open(path, mode)`` with binary modes r, w, a, x (and +)."""
+    async def open(self, path: str, mode: str = "rb", layout: Layout | None = None, *,
+                   min_stripe_size: int = 0) -> AsyncFile:
+        """Open like ``open(path, mode)`` with binary modes r, w, a, x (and +).
+
+        A file this creates gets ``layout``, else its directory's layout with
+        stripes of at least ``min_stripe_size`` bytes."""
         readable, writable, append, create, truncate, exclusive = _parse_mode(mode)
         if create:
             parent, name = await self._parent(path)
@@ -238,6 +242,8 @@ class AsyncClient:
                                     "exclusive": exclusive, "ctx": self.ctx}
             if layout is not None:
                 body["layout"] = layout.to_dict()
+            if min_stripe_size:
+                body["min_stripe_size"] = min_stripe_size
             try:
                 reply = await self.meta.call(Op.CREATE, body)
             except OSError as exc:
