@@ -18,6 +18,7 @@ import errno
 import itertools
 import logging
 import math
+import os
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,23 @@ from deepfs.frames import FLAG_ERROR, FLAG_RESPONSE, HEADER_SIZE, FrameHeader, P
 log = logging.getLogger(__name__)
 
 Buffer = bytes | bytearray | memoryview
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """A payload piece sent straight from a file (``sendfile``: page cache to
+    socket, never through user space). The sender owns ``fd`` only for the
+    send; whoever made the piece closes it (``FrameServer(payload_sent=...)``)."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+Piece = Buffer | FileRange
 
 
 READ_BUFFER_SIZE = 256 << 10
@@ -140,7 +158,7 @@ async def send_frame(
     op: int,
     request_id: int,
     body: Any,
-    payload: Sequence[Buffer] = (),
+    payload: Sequence[Piece] = (),
     flags: int = 0,
 ) -> None:
     """Send header, body and payload pieces as one frame (no joining of payloads)."""
@@ -148,11 +166,40 @@ async def send_frame(
     head = frames.encode_frame(op, request_id, body, payload_len, flags)
     async with lock:
         if isinstance(stream, trio.SocketStream):
-            await _send_vectored(stream, [head, *payload])
+            pending: list[Buffer] = [head]
+            for piece in payload:
+                if isinstance(piece, FileRange):
+                    await _send_vectored(stream, pending)
+                    pending = []
+                    await _send_file(stream, piece)
+                else:
+                    pending.append(piece)
+            await _send_vectored(stream, pending)
         else:
             await stream.send_all(head)
             for piece in payload:
+                if isinstance(piece, FileRange):
+                    data = os.pread(piece.fd, piece.length, piece.offset)
+                    if len(data) != piece.length:
+                        raise OSError(errno.EIO, "file ended before the range sent")
+                    piece = data
                 await stream.send_all(piece)
+
+
+async def _send_file(stream: trio.SocketStream, piece: FileRange) -> None:
+    """sendfile() the range; try before waiting, like ``_send_vectored``."""
+    sock = stream.socket
+    offset, left = piece.offset, piece.length
+    while left:
+        try:
+            sent = os.sendfile(sock.fileno(), piece.fd, offset, left)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        if sent == 0:  # the file is shorter than it said: the frame cannot be completed
+            raise OSError(errno.EIO, f"file ended {left} bytes before the range sent")
+        offset += sent
+        left -= sent
 
 
 async def _send_vectored(stream: trio.SocketStream, pieces: list[Buffer]) -> None:
@@ -306,7 +353,7 @@ def _remote_error(body: dict, address: str) -> OSError:
     return os_error(code, msg)
 
 
-Handler = Callable[[int, Any, memoryview], Awaitable[tuple[Any, Sequence[Buffer]]]]
+Handler = Callable[[int, Any, memoryview], Awaitable[tuple[Any, Sequence[Piece]]]]
 """``handler(op, body, payload) -> (response_body, response_payload_pieces)``.
 
 Raise OSError to answer with its errno; raise ProtocolError to close the
@@ -320,7 +367,7 @@ class ServerLimits:
     max_in_flight: int = 64
 
 
-PayloadSent = Callable[[Sequence[Buffer]], None]
+PayloadSent = Callable[[Sequence[Piece]], None]
 """``payload_sent(pieces)``: the server is done with a response's payload pieces."""
 
 
@@ -452,7 +499,7 @@ class FrameServer:
         finally:
             in_flight.release()
 
-    def _release(self, pieces: Sequence[Buffer]) -> None:
+    def _release(self, pieces: Sequence[Piece]) -> None:
         assert self.payload_sent is not None
         try:
             self.payload_sent(pieces)

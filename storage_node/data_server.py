@@ -11,8 +11,10 @@ Disk work runs in worker threads, bounded by one ``CapacityLimiter`` for the
 whole node, so the event loop keeps reading requests while disks are busy.
 PUT payloads are received into pooled, page-aligned buffers (see
 ``payload_pool``) so the store can write them with O_DIRECT; large GET
-answers are sent from the pooled buffers the store read them into, which
-``FrameServer`` hands back (``payload_sent``) once they are on the wire.
+answers are sent from the pooled buffers the store read them into, or —
+when the reader asks for the block CRCs to check them itself — straight from
+the file with sendfile; ``FrameServer`` hands buffers and files back
+(``payload_sent``) once they are on the wire.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from __future__ import annotations
 import errno
 import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -28,7 +31,7 @@ import trio
 from deepfs.config import NodeConfig
 from deepfs.errors import os_error
 from deepfs.frames import FrameHeader, Op, ProtocolError
-from deepfs.rpc import Buffer, FrameServer, ServerLimits
+from deepfs.rpc import FileRange, FrameServer, Piece, ServerLimits
 from storage_node.fragment_store import DIRECT_MIN_BYTES, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, FragmentKey, FragmentStore
 from storage_node.identity import NodeIdentity
 from storage_node.payload_pool import PayloadPool
@@ -36,7 +39,7 @@ from storage_node.payload_pool import PayloadPool
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-Reply = tuple[Any, Sequence[Buffer]]
+Reply = tuple[Any, Sequence[Piece]]
 
 _U32_LIMIT = 1 << 32
 INLINE_BYTES = 128 << 10
@@ -125,10 +128,13 @@ class DataServer:
             return None
         return self.pool.take(header.payload_len)
 
-    def payload_sent(self, pieces: Sequence[Buffer]) -> None:
-        # Only GET answers with a payload: the data of one read_range, owned by that request.
+    def payload_sent(self, pieces: Sequence[Piece]) -> None:
+        # Only GET answers with a payload: the data of one read_range, or an open file span,
+        # owned by that request.
         for piece in pieces:
-            if isinstance(piece, memoryview):
+            if isinstance(piece, FileRange):
+                os.close(piece.fd)
+            elif isinstance(piece, memoryview):
                 self.store.release(piece)
 
     async def handle(self, op: int, body: Any, payload: memoryview) -> Reply:
@@ -216,8 +222,17 @@ class DataServer:
         key = _key(body.get("key"), Op.GET_FRAGMENT)
         offset = _uint(body, "offset", Op.GET_FRAGMENT, default=0)
         length = _uint(body, "length", Op.GET_FRAGMENT)
+        with_crcs = body.get("with_crcs", False)
+        if type(with_crcs) is not bool:
+            raise ProtocolError("GET_FRAGMENT: 'with_crcs' must be a boolean")
         # Never answer with more than a frame may carry.
         length = min(length, self.config.max_payload_bytes)
+        if with_crcs and length >= DIRECT_MIN_BYTES:
+            # The reader checks the blocks: send them from the page cache unread (sendfile).
+            span = await self._on_disk(self.store.open_span, key, offset, length)
+            if span is not None:
+                reply = {"size": span.size, "block_size": span.block_size, "crcs": span.crcs}
+                return reply, (FileRange(span.fd, span.file_offset, span.length),)
         got = await self._on_disk(self.store.read_range, key, offset, length, inline=length <= INLINE_BYTES)
         return {"size": got.size}, (got.data,)
 

@@ -41,6 +41,9 @@ Rules of this module:
   ``release``. The file format is the same either way. A file system that
   refuses O_DIRECT (EINVAL) turns it off for the store; nothing fails
   because of it.
+- ``open_span`` is the one read that does not verify the data: it hands out
+  an open file range and its block CRCs for a reader that checks the bytes
+  itself (the node then sends them with sendfile, unread).
 """
 
 from __future__ import annotations
@@ -141,6 +144,19 @@ class RangeRead(NamedTuple):
 
     data: bytearray | memoryview
     size: int
+
+
+class FileSpan(NamedTuple):
+    """An open fragment file, where a block-aligned range of its data lies, and the
+    CRCs of those blocks: the bytes can be sent unread (sendfile) and checked by
+    the reader. The caller owns ``fd`` and closes it."""
+
+    fd: int
+    file_offset: int
+    length: int
+    size: int  # the whole fragment's data length
+    block_size: int
+    crcs: list[int]
 
 
 class _Corrupt(Exception):
@@ -287,7 +303,8 @@ class FragmentStore:
         self.buffers = buffers if buffers is not None else PayloadPool()
         self._direct_io = direct_io and _O_DIRECT != 0
         self._direct_reads = direct_reads
-        self._io_counts = dict.fromkeys(("direct_writes", "buffered_writes", "direct_reads", "buffered_reads"), 0)
+        self._io_counts = dict.fromkeys(
+            ("direct_writes", "buffered_writes", "direct_reads", "buffered_reads", "spans_sent_unread"), 0)
         for folder in (self.root, self.fragments_dir, self.quarantine_dir):
             folder.mkdir(parents=True, exist_ok=True)
         self._scan()
@@ -524,6 +541,35 @@ class FragmentStore:
                 raise self._quarantine(key, fd, str(exc)) from None
         finally:
             os.close(fd)
+
+    def open_span(self, key: FragmentKey, offset: int, length: int) -> FileSpan | None:
+        """The fragment's bytes [offset, min(offset+length, size)) as an open file span with
+        the CRCs of its blocks, for the reader to check; None unless the range starts and
+        ends on block boundaries (the fragment's end counts as one). Only the header and
+        CRC table are read and checked here (a bad header quarantines the fragment)."""
+        if not (0 <= offset < _U64_LIMIT and 0 <= length <= _U64_LIMIT):
+            raise ValueError(f"bad range offset={offset} length={length}")
+        fd = self._open(key)
+        try:
+            try:
+                header = _unpack_header(_pread_exactly(fd, HEADER_SIZE, 0))
+                if os.fstat(fd).st_size < header.file_size:
+                    raise _Corrupt(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
+                end = min(offset + length, header.data_len)
+                bs = header.block_size
+                if offset >= end or offset % bs or (end % bs and end != header.data_len):
+                    os.close(fd)
+                    return None
+                first, last = offset // bs, (end - 1) // bs
+                table = _pread_exactly(fd, 4 * (last - first + 1), HEADER_SIZE + 4 * first)
+            except _Corrupt as exc:
+                raise self._quarantine(key, fd, str(exc)) from None
+        except BaseException:
+            os.close(fd)
+            raise
+        self._count("spans_sent_unread")
+        crcs = list(struct.unpack(f"<{last - first + 1}I", table))
+        return FileSpan(fd, header.data_offset + offset, end - offset, header.data_len, bs, crcs)
 
     def _read_direct_with_prefix(self, fd: int, offset: int, length: int) -> RangeRead | None:
         """A large range near the start of a fragment in one O_DIRECT read from offset 0:

@@ -104,6 +104,26 @@ def test_flipped_bytes_are_detected_and_read_around(fresh_cluster: LocalCluster)
         assert client.read_file("/victim") == data
 
 
+def test_flipped_bytes_in_large_reads_are_caught_by_the_client(fresh_cluster: LocalCluster) -> None:
+    """1 MiB fragments: nodes send large ranges unread (sendfile) with their CRCs and the client
+    checks them; a mismatch reads the stripe degraded, and the node quarantines the bad copy."""
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        layout = Layout(4, 2, 4 << 20)
+        data = os.urandom(2 * layout.stripe_size)
+        client.write_file("/big-victim", data, layout=layout)
+        ino = client.stat("/big-victim").st_ino
+        damaged = _fragment_files(fresh_cluster, ino, 1)
+        assert len(damaged) == 2
+        for path in damaged:
+            raw = bytearray(path.read_bytes())
+            raw[len(raw) // 2] ^= 0x01
+            path.write_bytes(raw)
+        assert client.read_file("/big-victim") == data
+        assert {bad[3] for bad in client.stats.bad_fragments} == {1}
+        assert len(list(fresh_cluster.data_dir.glob("node*/quarantine/*"))) == 2
+        assert client.read_file("/big-victim") == data
+
+
 def test_malformed_frames_do_not_kill_a_node(fresh_cluster: LocalCluster) -> None:
     host, port = fresh_cluster.state.nodes[0].address.rsplit(":", 1)
     garbage = [

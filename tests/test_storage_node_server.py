@@ -131,7 +131,7 @@ def test_put_get_range_stat_delete_stats(node: ServerProcess) -> None:
         assert after["used_bytes"] > before["used_bytes"] + len(data) - 1
         assert set(after) == {"node_id", "capacity_bytes", "free_bytes", "used_bytes", "fragments", "quarantined",
                               "direct_io", "direct_writes", "buffered_writes", "direct_reads", "buffered_reads",
-                              "syncs", "unsynced_puts"}
+                              "spans_sent_unread", "syncs", "unsynced_puts"}
         assert (await c.call(Op.DELETE_FRAGMENT, {"keys": [key, [1, 1, 1, 1]]}))[0] == {"deleted": 1}
         for op, body in [(Op.GET_FRAGMENT, {"key": key, "offset": 0, "length": 1}), (Op.STAT_FRAGMENT, {"key": key})]:
             with pytest.raises(FileNotFoundError):
@@ -621,4 +621,49 @@ def test_unsynced_puts_become_durable_at_sync(node: ServerProcess) -> None:
     assert before["unsynced_puts"] >= 5
     assert after["unsynced_puts"] == 0
     assert 1 <= after["syncs"] - before["syncs"] <= 20
+    assert_serving(node)
+
+
+
+def test_large_gets_with_crcs_are_sent_unread_for_the_reader_to_check(node: ServerProcess, node_data_dir: Path) -> None:
+    """with_crcs on a block-aligned range of 256 KiB+: the node answers the blocks' CRCs and
+    sends the bytes from its page cache (sendfile) without reading them; unaligned or small
+    ranges are verified by the node as always. Corruption on disk then reaches the reader
+    with CRCs that do not match (the reader's check), and a plain GET still quarantines."""
+    data = os.urandom(1 << 20)
+    key = [91, 0, 1, 0]
+
+    async def scenario(client: FrameClient) -> None:
+        before, _ = await client.call(Op.NODE_STATS, {})
+        await put(client, key, data)
+        body = {"key": key, "offset": 0, "length": 1 << 30, "with_crcs": True}
+        reply, got = await client.call(Op.GET_FRAGMENT, body, timeout_s=10)
+        assert bytes(got) == data
+        assert reply == {"size": len(data), "block_size": BS, "crcs": block_crcs(data)}
+        reply, got = await client.call(Op.GET_FRAGMENT, {**body, "offset": BS, "length": 4 * BS}, timeout_s=10)
+        assert bytes(got) == data[BS : 5 * BS] and reply["crcs"] == block_crcs(data)[1:5]
+        for offset, length in [(100, 5 * BS), (0, 1000)]:  # unaligned, small: checked by the node
+            reply, got = await client.call(Op.GET_FRAGMENT, {**body, "offset": offset, "length": length}, timeout_s=10)
+            assert "crcs" not in reply and bytes(got) == data[offset : offset + length]
+        after, _ = await client.call(Op.NODE_STATS, {})
+        assert after["spans_sent_unread"] - before["spans_sent_unread"] == 2
+
+    assert node.proc is not None
+    open_fds = len(os.listdir(f"/proc/{node.proc.pid}/fd"))
+    with_client(port_of(node), scenario)
+    wait_for(lambda: len(os.listdir(f"/proc/{node.proc.pid}/fd")) <= open_fds, timeout_s=5)  # spans closed once sent
+    path = next(node_data_dir.glob("**/fragments/*/91/0.1.0"))
+    raw = bytearray(path.read_bytes())
+    raw[-5000] ^= 0xFF
+    path.write_bytes(raw)
+
+    async def after_corruption(client: FrameClient) -> None:
+        body = {"key": key, "offset": 0, "length": 1 << 20, "with_crcs": True}
+        reply, got = await client.call(Op.GET_FRAGMENT, body, timeout_s=10)
+        assert block_crcs(bytes(got)) != reply["crcs"]  # what the reader's check catches
+        with pytest.raises(OSError) as failure:
+            await client.call(Op.GET_FRAGMENT, {**body, "with_crcs": False}, timeout_s=10)
+        assert failure.value.errno == errno.EBADMSG
+
+    with_client(port_of(node), after_corruption)
     assert_serving(node)

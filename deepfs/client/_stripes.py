@@ -24,13 +24,13 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
+import crc32c
 import trio
 
 from deepfs import codec
 from deepfs.buffers import PoolSet
-from deepfs.checksums import verify_fragment
+from deepfs.checksums import BLOCK_SIZE, verify_fragment
 from deepfs.client._cluster import ClusterView
-from deepfs.checksums import BLOCK_SIZE
 from deepfs.concurrency import run_all
 from deepfs.errors import ChecksumError, UnavailableError
 from deepfs.frames import Op
@@ -42,6 +42,11 @@ log = logging.getLogger(__name__)
 VERSION_JITTER = 1 << 20
 REBUILT_STRIPES_KEPT = 8
 """Stripes rebuilt by degraded reads that a client keeps (8 x 4 MiB by default)."""
+CHECK_HERE_BYTES = 256 << 10
+"""Range reads from this size ask the node for the blocks' CRCs and check them here:
+the node then sends the bytes from its page cache unread (sendfile), which saves it
+two copies. A mismatch reads the stripe degraded, whose whole-fragment reads the node
+verifies itself (and quarantines a fragment that is bad on disk)."""
 ENCODE_IN_THREAD_BYTES = 256 << 10
 """Stripes from this size are encoded in a worker thread (ISA-L and CRC32C drop
 the GIL), so the event loop keeps sending the fragments of other stripes."""
@@ -81,6 +86,16 @@ class StripeRecord:
             "placement": self.placement,
             "crcs": self.digests,
         }
+
+
+def _check_blocks(data: memoryview, reply: dict, what: str) -> None:
+    block_size, crcs = reply.get("block_size"), reply.get("crcs")
+    if type(block_size) is not int or block_size <= 0 or not isinstance(crcs, list) or \
+            len(crcs) != -(-len(data) // block_size):
+        raise OSError(errno.EIO, f"{what}: malformed block CRCs in the reply")
+    for i, want in enumerate(crcs):
+        if crc32c.crc32c(data[i * block_size : (i + 1) * block_size]) != want:
+            raise ChecksumError(f"{what}: block {i} failed its crc32c on arrival")
 
 
 def _refuse_old_format(ino: int, record: StripeRecord) -> None:
@@ -265,8 +280,10 @@ class StripeIO:
     async def _read_piece(self, ino: int, record: StripeRecord, index: int, start: int, dest: memoryview) -> None:
         node_id = record.placement[index]
         body = {"key": [ino, record.index, record.version, index], "offset": start, "length": len(dest)}
+        if len(dest) >= CHECK_HERE_BYTES:
+            body["with_crcs"] = True
         try:
-            _, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body, into=dest)
+            reply, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body, into=dest)
         except OSError as exc:
             if exc.errno == errno.EBADMSG:
                 self._report_bad(ino, record, index, node_id)
@@ -275,6 +292,8 @@ class StripeIO:
             raise OSError(errno.EIO, f"node {node_id} returned {len(payload)} of {len(dest)} bytes")
         if payload.obj is not dest.obj:
             dest[:] = payload
+        if "crcs" in reply:  # the node sent the blocks unread: check them here
+            _check_blocks(dest, reply, f"fragment {index} of stripe {ino}/{record.index} from node {node_id}")
 
     async def read_degraded(self, ino: int, layout: Layout, record: StripeRecord) -> bytes:
         """Whole stripe from any k verified fragments (decode).
