@@ -19,6 +19,7 @@ import pytest
 
 import deepfs
 from deepfs import Layout, frames
+from deepfs.config import ClientConfig
 from deepfs.local_cluster import LocalCluster
 
 LAYOUTS = [Layout(4, 2, 256 << 10), Layout(1, 2, 64 << 10)]
@@ -122,6 +123,25 @@ def test_flipped_bytes_in_large_reads_are_caught_by_the_client(fresh_cluster: Lo
         assert {bad[3] for bad in client.stats.bad_fragments} == {1}
         assert len(list(fresh_cluster.data_dir.glob("node*/quarantine/*"))) == 2
         assert client.read_file("/big-victim") == data
+
+
+def test_a_write_rereads_a_stale_cluster_map_before_failing(fresh_cluster: LocalCluster) -> None:
+    """Two nodes come back while this client's map still says they are down, then two others
+    die: the write reads the map again and stores on the returned nodes instead of failing."""
+    ids = {n.failure_domain: n.node_id for n in fresh_cluster.cluster_map().nodes}
+    for index in (0, 1):
+        fresh_cluster.kill_node(index)
+    fresh_cluster.wait_nodes_down({ids["host0"], ids["host1"]}, timeout_s=30)
+    config = ClientConfig(meta_address=fresh_cluster.meta_address, map_refresh_s=3600)  # no refresh on its own
+    with deepfs.Client(fresh_cluster.meta_address, config) as client:
+        assert not client.aio.cluster.nodes[ids["host0"]].up
+        for index in (0, 1):
+            fresh_cluster.start_node(index)
+        for index in (3, 5):
+            fresh_cluster.kill_node(index)
+        data = os.urandom(3 << 20)
+        client.write_file("/after-a-stale-map", data, layout=Layout(4, 2, 1 << 20))
+        assert client.read_file("/after-a-stale-map") == data
 
 
 def test_malformed_frames_do_not_kill_a_node(fresh_cluster: LocalCluster) -> None:

@@ -219,16 +219,31 @@ class StripeIO:
             for slot, node_id in enumerate(placement):
                 if node_id != MISSING:
                     nursery.start_soon(put, slot, node_id)
-        # Second chance: fragments whose node failed go to live nodes this stripe does not use yet.
-        spare = [n.node_id for n in self.cluster.live_nodes()
-                 if n.node_id not in placement and n.node_id not in self.cluster.suspects()]
-        retry = [(slot, spare.pop(0)) for slot in range(layout.width) if stored[slot] == MISSING and spare]
-        if retry:
+        tried = {node for node in placement if node != MISSING}
+
+        async def second_chance() -> None:
+            """Fragments not stored yet go to live nodes this stripe has not tried."""
+            suspects = self.cluster.suspects()
+            spare = [n.node_id for n in self.cluster.live_nodes() if n.node_id not in tried | suspects]
+            retry = [(slot, spare.pop(0)) for slot in range(layout.width) if stored[slot] == MISSING and spare]
+            tried.update(node for _, node in retry)
             async with trio.open_nursery() as nursery:
                 for slot, node_id in retry:
                     nursery.start_soon(put, slot, node_id)
-        reachable = sum(1 for n in self.cluster.live_nodes() if n.node_id not in self.cluster.suspects())
-        min_acks = max(layout.k, min(layout.k + 1, reachable))
+
+        def needed() -> int:
+            reachable = sum(1 for n in self.cluster.live_nodes() if n.node_id not in self.cluster.suspects())
+            return max(layout.k, min(layout.k + 1, reachable))
+
+        await second_chance()
+        if sum(1 for p in stored if p != MISSING) < needed():
+            # The map may be stale (a node that was down is back): read it again, try once more.
+            try:
+                await self.cluster.refresh()
+            except Exception as exc:  # noqa: BLE001 - the write's own error is the one to report
+                log.info("cluster map refresh before giving up on stripe %s/%s failed: %s", ino, index, exc)
+            await second_chance()
+        min_acks = needed()
         acks = sum(1 for p in stored if p != MISSING)
         if acks < min_acks:
             await self._discard(ino, index, version, stored)
