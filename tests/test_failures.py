@@ -126,8 +126,9 @@ def test_flipped_bytes_in_large_reads_are_caught_by_the_client(fresh_cluster: Lo
 
 
 def test_a_write_rereads_a_stale_cluster_map_before_failing(fresh_cluster: LocalCluster) -> None:
-    """Two nodes come back while this client's map still says they are down, then two others
-    die: the write reads the map again and stores on the returned nodes instead of failing."""
+    """Two nodes come back while this client's map still says they are down (and it avoids
+    them), then two others die: the write reads the map again and stores on the returned
+    nodes instead of failing."""
     ids = {n.failure_domain: n.node_id for n in fresh_cluster.cluster_map().nodes}
     for index in (0, 1):
         fresh_cluster.kill_node(index)
@@ -137,6 +138,8 @@ def test_a_write_rereads_a_stale_cluster_map_before_failing(fresh_cluster: Local
         assert not client.aio.cluster.nodes[ids["host0"]].up
         for index in (0, 1):
             fresh_cluster.start_node(index)
+            # As if this client had just failed to reach it: avoided for a few seconds.
+            client.aio.cluster.mark_suspect(ids[f"host{index}"], "test")
         for index in (3, 5):
             fresh_cluster.kill_node(index)
         data = os.urandom(3 << 20)

@@ -221,10 +221,9 @@ class StripeIO:
                     nursery.start_soon(put, slot, node_id)
         tried = {node for node in placement if node != MISSING}
 
-        async def second_chance() -> None:
+        async def second_chance(avoid: frozenset[int]) -> None:
             """Fragments not stored yet go to live nodes this stripe has not tried."""
-            suspects = self.cluster.suspects()
-            spare = [n.node_id for n in self.cluster.live_nodes() if n.node_id not in tried | suspects]
+            spare = [n.node_id for n in self.cluster.live_nodes() if n.node_id not in tried | avoid]
             retry = [(slot, spare.pop(0)) for slot in range(layout.width) if stored[slot] == MISSING and spare]
             tried.update(node for _, node in retry)
             async with trio.open_nursery() as nursery:
@@ -235,14 +234,15 @@ class StripeIO:
             reachable = sum(1 for n in self.cluster.live_nodes() if n.node_id not in self.cluster.suspects())
             return max(layout.k, min(layout.k + 1, reachable))
 
-        await second_chance()
+        await second_chance(self.cluster.suspects())
         if sum(1 for p in stored if p != MISSING) < needed():
-            # The map may be stale (a node that was down is back): read it again, try once more.
+            # The map may be stale (a node that was down is back): read it again and try
+            # once more, nodes this client avoids included (the map is the fresher word).
             try:
                 await self.cluster.refresh()
             except Exception as exc:  # noqa: BLE001 - the write's own error is the one to report
                 log.info("cluster map refresh before giving up on stripe %s/%s failed: %s", ino, index, exc)
-            await second_chance()
+            await second_chance(frozenset())
         min_acks = needed()
         acks = sum(1 for p in stored if p != MISSING)
         if acks < min_acks:
