@@ -11,10 +11,26 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
+from collections.abc import Callable
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_MADV_POPULATE_WRITE = 23  # Linux 5.14+
+_PAGE = 4096
 _done = False
+
+
+@functools.lru_cache(maxsize=1)
+def _libc_function(name: str) -> Callable[..., int] | None:
+    """A function of the C library (loaded once), or None off glibc-like systems."""
+    path = ctypes.util.find_library("c")
+    if not path:
+        return None
+    try:
+        return getattr(ctypes.CDLL(path, use_errno=True), name)
+    except (OSError, AttributeError):
+        return None
 
 
 def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20) -> bool:
@@ -22,22 +38,12 @@ def tune_malloc(mmap_threshold: int = 32 << 20, trim_threshold: int = 256 << 20)
     global _done
     if _done:
         return True
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):
+    mallopt = _libc_function("mallopt")
+    if mallopt is None:
         return False
     ok = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, trim_threshold))
     _done = ok
     return ok
-
-
-_MADV_POPULATE_WRITE = 23  # Linux 5.14+
-_PAGE = 4096
-_madvise = None
 
 
 def prefault(address: int, length: int) -> bool:
@@ -46,19 +52,11 @@ def prefault(address: int, length: int) -> bool:
     later faults would land on whichever thread writes first: the event loop).
     Runs without the GIL (ctypes), so a worker thread can do it ahead of the
     writer. Best effort: False where the kernel or libc cannot."""
-    global _madvise
-    if _madvise is None:
-        name = ctypes.util.find_library("c")
-        try:
-            fn = ctypes.CDLL(name, use_errno=True).madvise if name else None
-        except (OSError, AttributeError):
-            fn = None
-        if fn is not None:
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            fn.restype = ctypes.c_int
-        _madvise = fn or False
-    if not _madvise:
+    madvise = _libc_function("madvise")
+    if madvise is None:
         return False
     start = -(-address // _PAGE) * _PAGE
     end = (address + length) // _PAGE * _PAGE
-    return end <= start or _madvise(start, end - start, _MADV_POPULATE_WRITE) == 0
+    if end <= start:
+        return True
+    return madvise(ctypes.c_void_p(start), ctypes.c_size_t(end - start), ctypes.c_int(_MADV_POPULATE_WRITE)) == 0
