@@ -24,12 +24,11 @@ from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
-import crc32c
 import trio
 
 from deepfs import codec
 from deepfs.buffers import PoolSet
-from deepfs.checksums import BLOCK_SIZE, verify_fragment
+from deepfs.checksums import BLOCK_SIZE, block_crcs, verify_fragment
 from deepfs.client._cluster import ClusterView
 from deepfs.concurrency import run_all
 from deepfs.errors import ChecksumError, UnavailableError
@@ -93,9 +92,8 @@ def _check_blocks(data: memoryview, reply: dict, what: str) -> None:
     if type(block_size) is not int or block_size <= 0 or not isinstance(crcs, list) or \
             len(crcs) != -(-len(data) // block_size):
         raise OSError(errno.EIO, f"{what}: malformed block CRCs in the reply")
-    for i, want in enumerate(crcs):
-        if crc32c.crc32c(data[i * block_size : (i + 1) * block_size]) != want:
-            raise ChecksumError(f"{what}: block {i} failed its crc32c on arrival")
+    if block_crcs(data, block_size) != crcs:
+        raise ChecksumError(f"{what}: blocks failed their crc32c on arrival")
 
 
 def _refuse_old_format(ino: int, record: StripeRecord) -> None:
