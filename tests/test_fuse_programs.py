@@ -159,6 +159,7 @@ def test_fio_random_writes_verify(mnt_dir: Path) -> None:
         "fio", "--name=randwrite-verify", f"--filename={mnt_dir / 'fio.dat'}", "--size=8M", "--bs=4k",
         "--rw=randwrite", "--ioengine=psync", "--verify=crc32c", "--do_verify=1", "--verify_fatal=1",
         "--end_fsync=1", "--randrepeat=0", "--output-format=terse", "--terse-version=3",
+        "--verify_state_save=0",  # else fio leaves a *-verify.state file in the working directory
     )
     fields = out.strip().splitlines()[-1].split(";")
     assert fields[4] == "0", f"fio reported error {fields[4]}"  # terse v3: field 5 is the error code

@@ -289,7 +289,7 @@ SAVER = textwrap.dedent("""
 """)
 
 
-def test_kill_9_mid_save_keeps_the_previous_checkpoint(fresh_cluster: LocalCluster, tmp_path: Path) -> None:
+def test_kill_9_mid_save_keeps_the_previous_checkpoint_and_a_later_save_tidies_up(fresh_cluster: LocalCluster, tmp_path: Path) -> None:
     with deepfs.Client(fresh_cluster.meta_address) as client:
         client.mkdir("/ckpt")
         previous = {"step": 100, "w": torch.randn(300_000)}
@@ -319,6 +319,19 @@ def test_kill_9_mid_save_keeps_the_previous_checkpoint(fresh_cluster: LocalClust
         assert_same(previous, dtorch.load("/ckpt/latest.pt", client=client))
         names = client.listdir("/ckpt")
         assert "latest.pt" in names and all(n == "latest.pt" or n.startswith(".latest.pt.tmp-") for n in names)
+        assert temporary in names
+        client.write_file("/ckpt/.latest.pt.tmp-notours", b"x")  # not a name a save makes: never swept
+
+        # The next save keeps a leftover written to recently: it may be another job's live save.
+        dtorch.save(previous, "/ckpt/latest.pt", client=client)
+        assert temporary in client.listdir("/ckpt")
+    # Once nothing has been written to it for stale_save_s, the next save removes it.
+    time.sleep(0.2)
+    config = ClientConfig(meta_address=fresh_cluster.meta_address, stale_save_s=0.1)
+    with deepfs.Client(fresh_cluster.meta_address, config=config) as tidy:
+        dtorch.save(previous, "/ckpt/latest.pt", client=tidy)
+        assert sorted(tidy.listdir("/ckpt")) == [".latest.pt.tmp-notours", "latest.pt"]
+        assert_same(previous, dtorch.load("/ckpt/latest.pt", client=tidy))
 
 
 # ------------------------------------------------------- node failures

@@ -26,6 +26,7 @@ import functools
 import io
 import pickle
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any, Protocol
 
@@ -39,7 +40,8 @@ from deepfs.layout import Layout
 from deepfs.torch._archive import DEFAULT_ALIGNMENT, ArchiveWriter
 from deepfs.torch._errors import explain
 from deepfs.torch._progress import TransferBar
-from deepfs.torch._target import Target, resolve
+from deepfs.torch._target import Target, is_temporary_name, resolve, temporary_prefix
+from deepfs.url import join_path
 
 CHUNK_BYTES = 8 << 20
 """Ranges are checksummed and handed to the I/O loop in pieces of about this size,
@@ -234,6 +236,33 @@ async def _publish(aio: AsyncClient, handle: AsyncFile, temporary: str, path: st
     await handle.close()
     await aio.rename(temporary, path)
     await aio.fsync_namespace()
+    # The checkpoint is saved: tidying up after earlier killed saves must not fail it.
+    with trio.move_on_after(10):
+        try:
+            await sweep_stale_temporaries(aio, path, aio.config.stale_save_s)
+        except OSError:
+            pass
+
+
+async def sweep_stale_temporaries(aio: AsyncClient, path: str, stale_after_s: float) -> list[str]:
+    """Remove the temporaries killed saves of ``path`` left behind, untouched for
+    ``stale_after_s`` seconds; returns the paths removed. Best effort: a name
+    another client removes or renames first is skipped."""
+    parent, _, name = path.rpartition("/")
+    parent = parent or "/"
+    prefix = temporary_prefix(name)
+    removed = []
+    for entry, _ino, _mode in await aio.scandir(parent):
+        if not is_temporary_name(entry, prefix):
+            continue
+        candidate = join_path(parent, entry)
+        try:
+            if time.time() - (await aio.stat(candidate)).st_mtime > stale_after_s:
+                await aio.unlink(candidate)
+                removed.append(candidate)
+        except FileNotFoundError:
+            continue
+    return removed
 
 
 def _abandon(target: Target, handle: AsyncFile, temporary: str) -> None:

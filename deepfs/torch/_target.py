@@ -28,7 +28,20 @@ class Target:
     def temporary_sibling(self) -> str:
         """``<dir>/.<name>.tmp-<random>``: where a save writes before its atomic rename."""
         parent, _, name = self.path.rpartition("/")
-        return join_path(parent or "/", f".{name}.tmp-{secrets.token_hex(6)}")
+        return join_path(parent or "/", temporary_prefix(name) + secrets.token_hex(TOKEN_BYTES))
+
+
+TOKEN_BYTES = 6
+
+
+def temporary_prefix(name: str) -> str:
+    return f".{name}.tmp-"
+
+
+def is_temporary_name(entry: str, prefix: str) -> bool:
+    """Whether ``entry`` is exactly a temporary ``temporary_sibling`` makes with ``prefix``."""
+    token = entry[len(prefix):]
+    return entry.startswith(prefix) and len(token) == 2 * TOKEN_BYTES and all(c in "0123456789abcdef" for c in token)
 
 
 def resolve(f: Any, client: Client | None) -> Target | None:
