@@ -129,8 +129,8 @@ class DataServer:
         return self.pool.take(header.payload_len)
 
     def payload_sent(self, pieces: Sequence[Piece]) -> None:
-        # Only GET answers with a payload: the data of one read_range, or an open file span,
-        # owned by that request.
+        # Only GET answers with a payload: the data of one read_range, or an open file span
+        # with the partial blocks at its ends, owned by that request.
         for piece in pieces:
             if isinstance(piece, FileRange):
                 os.close(piece.fd)
@@ -232,7 +232,10 @@ class DataServer:
             span = await self._on_disk(self.store.open_span, key, offset, length)
             if span is not None:
                 reply = {"size": span.size, "block_size": span.block_size, "crcs": span.crcs}
-                return reply, (FileRange(span.fd, span.file_offset, span.length),)
+                if span.head or span.tail:  # partial blocks at the ends were checked here
+                    reply["crc_offset"], reply["crc_length"] = len(span.head), span.length
+                pieces = (span.head, FileRange(span.fd, span.file_offset, span.length), span.tail)
+                return reply, tuple(piece for piece in pieces if len(piece))
         got = await self._on_disk(self.store.read_range, key, offset, length, inline=length <= INLINE_BYTES)
         return {"size": got.size}, (got.data,)
 

@@ -41,9 +41,10 @@ Rules of this module:
   ``release``. The file format is the same either way. A file system that
   refuses O_DIRECT (EINVAL) turns it off for the store; nothing fails
   because of it.
-- ``open_span`` is the one read that does not verify the data: it hands out
-  an open file range and its block CRCs for a reader that checks the bytes
-  itself (the node then sends them with sendfile, unread).
+- ``open_span`` is the one read that does not verify all the data: it hands
+  out an open file range of whole blocks and their CRCs for a reader that
+  checks the bytes itself (the node then sends them with sendfile, unread);
+  only the partial blocks at the range's ends are read and checked here.
 """
 
 from __future__ import annotations
@@ -147,9 +148,11 @@ class RangeRead(NamedTuple):
 
 
 class FileSpan(NamedTuple):
-    """An open fragment file, where a block-aligned range of its data lies, and the
-    CRCs of those blocks: the bytes can be sent unread (sendfile) and checked by
-    the reader. The caller owns ``fd`` and closes it."""
+    """A range of a fragment ready to send: ``head``, then ``length`` bytes of the open
+    file at ``file_offset`` (whole blocks, sent unread by sendfile, for the reader to
+    check against ``crcs``), then ``tail``. ``head`` and ``tail`` are the parts of a
+    range that starts or ends inside a block, read and checked here. The caller owns
+    ``fd`` and closes it."""
 
     fd: int
     file_offset: int
@@ -157,6 +160,8 @@ class FileSpan(NamedTuple):
     size: int  # the whole fragment's data length
     block_size: int
     crcs: list[int]
+    head: bytearray | memoryview = bytearray()
+    tail: bytearray | memoryview = bytearray()
 
 
 class _Corrupt(Exception):
@@ -543,10 +548,11 @@ class FragmentStore:
             os.close(fd)
 
     def open_span(self, key: FragmentKey, offset: int, length: int) -> FileSpan | None:
-        """The fragment's bytes [offset, min(offset+length, size)) as an open file span with
-        the CRCs of its blocks, for the reader to check; None unless the range starts and
-        ends on block boundaries (the fragment's end counts as one). Only the header and
-        CRC table are read and checked here (a bad header quarantines the fragment)."""
+        """The fragment's bytes [offset, min(offset+length, size)) as a ``FileSpan``: the
+        whole blocks inside the range stay unread (only the header and their CRC
+        entries are read; a bad header quarantines the fragment), the partial blocks
+        at either end are read and checked here. None when the range holds no whole
+        block (read it with ``read_range``)."""
         if not (0 <= offset < _U64_LIMIT and 0 <= length <= _U64_LIMIT):
             raise ValueError(f"bad range offset={offset} length={length}")
         fd = self._open(key)
@@ -557,11 +563,19 @@ class FragmentStore:
                     raise _Corrupt(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
                 end = min(offset + length, header.data_len)
                 bs = header.block_size
-                if offset >= end or offset % bs or (end % bs and end != header.data_len):
+                inner_start = -(-offset // bs) * bs
+                inner_end = end if end == header.data_len else end // bs * bs  # the fragment's end counts as a boundary
+                if inner_end <= inner_start:
                     os.close(fd)
                     return None
-                first, last = offset // bs, (end - 1) // bs
+                first, last = inner_start // bs, (inner_end - 1) // bs
                 table = _pread_exactly(fd, 4 * (last - first + 1), HEADER_SIZE + 4 * first)
+                head = self._read_blocks(fd, header, offset, inner_start - offset)
+                try:
+                    tail = self._read_blocks(fd, header, inner_end, end - inner_end)
+                except BaseException:
+                    self.release(head)
+                    raise
             except _Corrupt as exc:
                 raise self._quarantine(key, fd, str(exc)) from None
         except BaseException:
@@ -569,7 +583,8 @@ class FragmentStore:
             raise
         self._count("spans_sent_unread")
         crcs = list(struct.unpack(f"<{last - first + 1}I", table))
-        return FileSpan(fd, header.data_offset + offset, end - offset, header.data_len, bs, crcs)
+        return FileSpan(fd, header.data_offset + inner_start, inner_end - inner_start, header.data_len, bs, crcs,
+                        head, tail)
 
     def _read_direct_with_prefix(self, fd: int, offset: int, length: int) -> RangeRead | None:
         """A large range near the start of a fragment in one O_DIRECT read from offset 0:

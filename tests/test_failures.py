@@ -107,6 +107,46 @@ def test_flipped_bytes_are_detected_and_read_around(fresh_cluster: LocalCluster,
         assert client.read_file("/victim") == data
 
 
+def spans_sent_unread(client: deepfs.Client) -> int:
+    """How many ranges all nodes have sent unread for the reader to check (NODE_STATS)."""
+
+    async def total() -> int:
+        cluster = client.aio.cluster
+        counts = [(await cluster.call_node(n, frames.Op.NODE_STATS, {}))[0]["spans_sent_unread"] for n in cluster.nodes]
+        return sum(counts)
+
+    return client.run_async(total)
+
+
+def test_unaligned_reads_check_whole_blocks_on_arrival_and_partial_ones_on_the_node(
+        fresh_cluster: LocalCluster) -> None:
+    """A large read starting and ending inside blocks: the node sends the whole blocks unread
+    for the client to check and checks the partial ones itself. A flipped byte in either kind
+    is caught (stripe 0: a whole block, by the client; stripe 1: the first, partial block, by
+    the node), the stripe is read degraded, and the bad copy is quarantined."""
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        layout = Layout(4, 2, 4 << 20)
+        cell = layout.stripe_size // layout.k
+        data = os.urandom(2 * layout.stripe_size)
+        client.write_file("/victim", data, layout=layout)
+        ino = client.stat("/victim").st_ino
+        damaged = _fragment_files(fresh_cluster, ino, 1)
+        for path, data_offset in zip(damaged, [cell // 2, 3000], strict=True):
+            raw = bytearray(path.read_bytes())
+            raw[len(raw) - cell + data_offset] ^= 0x01
+            path.write_bytes(raw)
+        sent_unread = spans_sent_unread(client)
+        with client.open("/victim", "rb") as f:
+            for stripe in (0, 1):
+                start = stripe * layout.stripe_size + cell + 1000  # fragment 1, from inside its first block
+                assert f.pread(cell - 2000, start) == data[start : start + cell - 2000]
+        assert spans_sent_unread(client) > sent_unread  # stripe 0's whole blocks went unread (sendfile)
+        assert client.stats.checksum_errors >= 1  # the client's own check (stripe 0)
+        assert {bad[3] for bad in client.stats.bad_fragments} == {1}
+        assert len(list(fresh_cluster.data_dir.glob("node*/quarantine/*"))) == 2
+        assert client.read_file("/victim") == data
+
+
 def test_a_write_rereads_a_stale_cluster_map_before_failing(fresh_cluster: LocalCluster) -> None:
     """Two nodes come back while this client's map still says they are down (and it avoids
     them), then two others die: the write reads the map again and stores on the returned

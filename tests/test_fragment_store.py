@@ -78,6 +78,41 @@ def test_range_read_verifies_only_covered_blocks(store: FragmentStore) -> None:
         store.read(KEY, 4 * BS, 1)
 
 
+@pytest.mark.parametrize(
+    ("offset", "length", "inner"),
+    [(0, len(DATA), (0, len(DATA))), (BS, 2 * BS, (BS, 3 * BS)), (17, 3 * BS, (BS, 3 * BS)),
+     (BS + 1, 10**9, (2 * BS, len(DATA))), (3, len(DATA) - 130, (BS, 4 * BS)), (BS + 1, BS, None), (10, 20, None)],
+)
+def test_spans_send_whole_blocks_unread_and_check_the_partial_ones(
+        store: FragmentStore, offset: int, length: int, inner: tuple[int, int] | None) -> None:
+    """The whole blocks of a range stay in the file, with their CRCs; the partial blocks at
+    its ends come read and checked (the fragment's end counts as a block boundary)."""
+    store.put(KEY, DATA, block_crcs(DATA), BS)
+    span = store.open_span(KEY, offset, length)
+    if inner is None:
+        assert span is None
+        return
+    assert span is not None
+    try:
+        start, end = inner
+        data_start = store.path_of(KEY).stat().st_size - len(DATA)
+        assert (span.file_offset - data_start, span.length) == (start, end - start)
+        assert span.crcs == block_crcs(DATA)[start // BS : -(-end // BS)]
+        sent = bytes(span.head) + os.pread(span.fd, span.length, span.file_offset) + bytes(span.tail)
+        assert sent == DATA[offset : offset + length]
+    finally:
+        os.close(span.fd)
+
+
+@pytest.mark.parametrize("bad_block", [0, 4])
+def test_a_span_checks_its_partial_blocks(store: FragmentStore, bad_block: int) -> None:
+    store.put(KEY, DATA, block_crcs(DATA), BS)
+    corrupt_data_byte(store, KEY, bad_block * BS + 100)
+    with pytest.raises(ChecksumError):
+        store.open_span(KEY, 50, 4 * BS + 200)  # partial blocks 0 and 4
+    assert not store.path_of(KEY).exists()  # quarantined
+
+
 def corrupt_data_byte(store: FragmentStore, key: FragmentKey, data_offset: int) -> None:
     """Flip one byte of the fragment's data as a failing disk would."""
     path = store.path_of(key)

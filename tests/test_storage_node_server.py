@@ -626,10 +626,11 @@ def test_unsynced_puts_become_durable_at_sync(node: ServerProcess) -> None:
 
 
 def test_large_gets_with_crcs_are_sent_unread_for_the_reader_to_check(node: ServerProcess, node_data_dir: Path) -> None:
-    """with_crcs on a block-aligned range of 256 KiB+: the node answers the blocks' CRCs and
-    sends the bytes from its page cache (sendfile) without reading them; unaligned or small
-    ranges are verified by the node as always. Corruption on disk then reaches the reader
-    with CRCs that do not match (the reader's check), and a plain GET still quarantines."""
+    """with_crcs on a range of 256 KiB+: the node answers the CRCs of the whole blocks in it and
+    sends them from its page cache (sendfile) without reading them; partial blocks at the ends
+    and small ranges are verified by the node as always. Corruption on disk then reaches the
+    reader with CRCs that do not match (the reader's check); in a partial block the node
+    refuses it and quarantines the fragment."""
     data = os.urandom(1 << 20)
     key = [91, 0, 1, 0]
 
@@ -642,11 +643,16 @@ def test_large_gets_with_crcs_are_sent_unread_for_the_reader_to_check(node: Serv
         assert reply == {"size": len(data), "block_size": BS, "crcs": block_crcs(data)}
         reply, got = await client.call(Op.GET_FRAGMENT, {**body, "offset": BS, "length": 4 * BS}, timeout_s=10)
         assert bytes(got) == data[BS : 5 * BS] and reply["crcs"] == block_crcs(data)[1:5]
-        for offset, length in [(100, 5 * BS), (0, 1000)]:  # unaligned, small: checked by the node
+        # Unaligned: the partial blocks at both ends are checked here, the four whole ones by the reader.
+        reply, got = await client.call(Op.GET_FRAGMENT, {**body, "offset": 100, "length": 5 * BS}, timeout_s=10)
+        assert bytes(got) == data[100 : 100 + 5 * BS]
+        assert reply == {"size": len(data), "block_size": BS, "crcs": block_crcs(data)[1:5],
+                         "crc_offset": BS - 100, "crc_length": 4 * BS}
+        for offset, length in [(BS + 7, BS), (0, 1000)]:  # no whole block, small: checked by the node
             reply, got = await client.call(Op.GET_FRAGMENT, {**body, "offset": offset, "length": length}, timeout_s=10)
             assert "crcs" not in reply and bytes(got) == data[offset : offset + length]
         after, _ = await client.call(Op.NODE_STATS, {})
-        assert after["spans_sent_unread"] - before["spans_sent_unread"] == 2
+        assert after["spans_sent_unread"] - before["spans_sent_unread"] == 3
 
     assert node.proc is not None
     open_fds = len(os.listdir(f"/proc/{node.proc.pid}/fd"))
@@ -661,9 +667,10 @@ def test_large_gets_with_crcs_are_sent_unread_for_the_reader_to_check(node: Serv
         body = {"key": key, "offset": 0, "length": 1 << 20, "with_crcs": True}
         reply, got = await client.call(Op.GET_FRAGMENT, body, timeout_s=10)
         assert block_crcs(bytes(got)) != reply["crcs"]  # what the reader's check catches
-        with pytest.raises(OSError) as failure:
-            await client.call(Op.GET_FRAGMENT, {**body, "with_crcs": False}, timeout_s=10)
+        with pytest.raises(OSError) as failure:  # the bad block is a partial one here: the node's check
+            await client.call(Op.GET_FRAGMENT, {**body, "offset": 100, "length": len(data) - 200}, timeout_s=10)
         assert failure.value.errno == errno.EBADMSG
+        assert not list(node_data_dir.glob("**/fragments/*/91/0.1.0"))  # quarantined
 
     with_client(port_of(node), after_corruption)
     assert_serving(node)

@@ -88,11 +88,17 @@ class StripeRecord:
 
 
 def _check_blocks(data: memoryview, reply: dict, what: str) -> None:
+    """Check the whole blocks a node sent unread: ``data[crc_offset : crc_offset + crc_length]``
+    (all of it by default). The partial blocks around them the node checked itself."""
     block_size, crcs = reply.get("block_size"), reply.get("crcs")
+    start, length = reply.get("crc_offset", 0), reply.get("crc_length")
+    if length is None and type(start) is int:
+        length = len(data) - start
     if type(block_size) is not int or block_size <= 0 or not isinstance(crcs, list) or \
-            len(crcs) != -(-len(data) // block_size):
+            type(start) is not int or type(length) is not int or start < 0 or length < 0 or \
+            start + length > len(data) or len(crcs) != max(1, -(-length // block_size)):
         raise OSError(errno.EIO, f"{what}: malformed block CRCs in the reply")
-    if block_crcs(data, block_size) != crcs:
+    if block_crcs(data[start : start + length], block_size) != crcs:
         raise ChecksumError(f"{what}: blocks failed their crc32c on arrival")
 
 
