@@ -28,6 +28,7 @@ class MetaConfig:
     node_grace_period_s: float = 6.0  # heartbeats missed this long mark a node down
     heartbeat_interval_s: float = 1.0
     gc_interval_s: float = 1.0
+    gc_grace_s: float = 60.0  # replaced or overwritten data stays readable this long for readers that opened it
     default_k: int = 4
     default_m: int = 2
     default_stripe_size: int = 4 << 20

@@ -8,11 +8,19 @@ a batch from the queue only after the node acknowledged it. A node that is
 down, unknown or failing keeps its entries for a later round, so nothing is
 forgotten and deleting twice is harmless (a missing fragment counts as
 deleted).
+
+The fragments of a removed file (unlinked, or replaced by a rename) are
+deleted only ``grace_s`` after: a reader that opened it before (a job loading
+``latest.pt`` while the trainer renames a new one over it) holds its stripe
+records and still reads them. The metadata server does not track other
+clients' open files; the grace period is what such readers get. Superseded
+versions of a live file go at once (a reader re-reads the records).
 """
 
 from __future__ import annotations
 
 import logging
+import time
 
 import trio
 
@@ -26,15 +34,18 @@ log = logging.getLogger(__name__)
 
 BATCH_SIZE = 512  # keys per DELETE_FRAGMENT request: ~15 KB of body
 BATCHES_PER_ROUND = 64  # per node and round, so one big backlog cannot starve the rest
+SCAN_LIMIT = 16 * BATCH_SIZE  # queue entries looked at per batch
 
 
 class GarbageCollector:
     """Drains the GC queue to the storage nodes; one instance per server."""
 
-    def __init__(self, store: MetaStore, membership: Membership, interval_s: float, timeout_s: float = 10.0) -> None:
+    def __init__(self, store: MetaStore, membership: Membership, interval_s: float, grace_s: float = 0.0,
+                 timeout_s: float = 10.0) -> None:
         self.store = store
         self.membership = membership
         self.interval_s = interval_s
+        self.grace_s = grace_s
         self.timeout_s = timeout_s
         self.deleted = 0  # fragments acknowledged by nodes since start
         self._clients: dict[str, FrameClient] = {}
@@ -59,9 +70,11 @@ class GarbageCollector:
 
     async def _drain_node(self, nursery: trio.Nursery, node_id: int, address: str) -> int:
         deleted = 0
+        removed_before = time.time_ns() - int(self.grace_s * 1e9)
         for _ in range(BATCHES_PER_ROUND):
             with self.store.read() as txn:
-                batch = txn.gc_batch(node_id, BATCH_SIZE)
+                # Bounded scan: a long queue of young entries costs a round little; they age.
+                batch = txn.gc_batch(node_id, BATCH_SIZE, removed_before, scan_limit=SCAN_LIMIT)
             if not batch:
                 break
             if not await self._delete_on_node(nursery, node_id, address, batch):

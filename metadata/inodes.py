@@ -143,7 +143,7 @@ def set_size(txn: Txn, inode: Inode, size: int) -> None:
 def free_inode(txn: Txn, inode: Inode) -> None:
     """Delete an inode and everything hanging off it; its fragments go to GC."""
     if inode.is_reg:
-        drop_stripes_from(txn, inode, 0)
+        drop_stripes_from(txn, inode, 0, file_removed=True)
         set_size(txn, inode, 0)
     if inode.is_dir:
         txn.add_counter(keys.META_DIRECTORIES, -1)

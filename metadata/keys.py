@@ -15,7 +15,7 @@ Key layouts (database → key → value):
     xattrs      ino u64 + name                  → value (raw bytes)
     orphans     ino u64                         → b""
     gc          node u32 + ino u64 + stripe u64
-                + version u64 + index u8        → b""
+                + version u64 + index u8        → file removed at, ns u64 (b"": not waiting)
     nodes       node_id u32                     → msgpack node record
     meta        ascii name                      → msgpack value
 
@@ -135,6 +135,15 @@ def gc_key(node_id: int, fragment: FragmentKey) -> bytes:
 def decode_gc_key(key: bytes) -> tuple[int, FragmentKey]:
     node_id, ino, stripe, version, index = _GC.unpack(key)
     return node_id, FragmentKey(ino, stripe, version, index)
+
+
+def gc_value(removed_ns: int | None) -> bytes:
+    return b"" if removed_ns is None else _u64(removed_ns)
+
+
+def decode_gc_value(value: bytes) -> int | None:
+    """When the fragment's file was removed (ns since the epoch), or None: delete it soon."""
+    return int.from_bytes(value, "big") if len(value) == 8 else None
 
 
 # nodes ----------------------------------------------------------------------

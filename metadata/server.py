@@ -72,7 +72,7 @@ async def serve_meta(
         namespace.bootstrap()
         membership = Membership(store, config.node_grace_period_s)
         membership.load()
-        collector = GarbageCollector(store, membership, config.gc_interval_s)
+        collector = GarbageCollector(store, membership, config.gc_interval_s, config.gc_grace_s)
         async with trio.open_nursery() as nursery:
             await nursery.start(store.run_syncer)
             try:
@@ -132,6 +132,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sync-interval", type=float, help="group commit: longest wait for a disk sync, seconds")
     parser.add_argument("--grace-period", type=float, help="seconds without heartbeat before a node is down")
     parser.add_argument("--gc-interval", type=float, help="seconds between garbage-collection rounds")
+    parser.add_argument("--gc-grace", type=float,
+                        help="seconds replaced or overwritten data stays on the nodes for readers that opened it")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -147,6 +149,7 @@ _FLAG_TO_FIELD = {
     "sync_interval": "sync_interval_s",
     "grace_period": "node_grace_period_s",
     "gc_interval": "gc_interval_s",
+    "gc_grace": "gc_grace_s",
 }
 
 
@@ -157,8 +160,9 @@ def config_from_args(args: argparse.Namespace) -> MetaConfig:
     overrides = {_FLAG_TO_FIELD[flag]: value for flag, value in given.items() if value is not None}
     config = replace(config, **overrides)
     Layout(config.default_k, config.default_m, config.default_stripe_size, config.default_codec)
-    if config.sync_interval_s < 0 or config.node_grace_period_s <= 0 or config.gc_interval_s <= 0:
-        raise ConfigError("sync interval must be >= 0; grace period and gc interval must be > 0")
+    if config.sync_interval_s < 0 or config.node_grace_period_s <= 0 or config.gc_interval_s <= 0 or \
+            config.gc_grace_s < 0:
+        raise ConfigError("sync interval and gc grace must be >= 0; grace period and gc interval must be > 0")
     return config
 
 

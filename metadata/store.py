@@ -194,16 +194,22 @@ class Txn:
 
     # garbage-collection queue ---------------------------------------------
 
-    def queue_gc(self, node_id: int, fragment: FragmentKey) -> None:
-        self._txn.put(keys.gc_key(node_id, fragment), b"", db=self._db["gc"])
+    def queue_gc(self, node_id: int, fragment: FragmentKey, retired_ns: int | None = None) -> None:
+        """``retired_ns``: when its file was removed (GC gives it a grace period); None: delete soon."""
+        self._txn.put(keys.gc_key(node_id, fragment), keys.gc_value(retired_ns), db=self._db["gc"])
 
-    def gc_batch(self, node_id: int, limit: int) -> list[FragmentKey]:
+    def gc_batch(self, node_id: int, limit: int, removed_before_ns: int | None = None,
+                 scan_limit: int | None = None) -> list[FragmentKey]:
+        """Up to ``limit`` of the node's queued fragments, leaving those of files removed at or
+        after ``removed_before_ns``; looks at no more than ``scan_limit`` entries."""
         prefix = keys.gc_prefix(node_id)
         out: list[FragmentKey] = []
-        for key, _ in self._scan("gc", prefix, prefix):
-            if len(out) >= limit:
+        for scanned, (key, value) in enumerate(self._scan("gc", prefix, prefix)):
+            if len(out) >= limit or (scan_limit is not None and scanned >= scan_limit):
                 break
-            out.append(keys.decode_gc_key(key)[1])
+            removed = keys.decode_gc_value(value)
+            if removed_before_ns is None or removed is None or removed < removed_before_ns:
+                out.append(keys.decode_gc_key(key)[1])
         return out
 
     def gc_remove(self, node_id: int, fragments: list[FragmentKey]) -> None:

@@ -11,6 +11,7 @@ never neither (except when a node never got it: placement -1).
 from __future__ import annotations
 
 import errno
+import time
 from typing import Any
 
 from deepfs.errors import os_error
@@ -33,14 +34,21 @@ def check_record(record: dict[str, Any], layout: dict[str, Any]) -> None:
         raise os_error(errno.EINVAL, f"stripe {record['index']}: crcs must be 32-bit values")
 
 
-def retire_fragments(txn: Txn, ino: int, old: dict[str, Any], keep: dict[str, Any] | None = None) -> None:
-    """Queue the fragments of ``old`` for GC, except those ``keep`` still points at."""
+def retire_fragments(txn: Txn, ino: int, old: dict[str, Any], keep: dict[str, Any] | None = None,
+                     file_removed: bool = False) -> None:
+    """Queue the fragments of ``old`` for GC, except those ``keep`` still points at.
+
+    Those of a removed file (unlinked, or replaced by a rename) carry the time:
+    GC leaves them a grace period for readers that opened the file before, who
+    have nothing newer to read. Superseded versions of a live file go at once
+    (a reader that finds them gone re-reads the file's stripe records)."""
+    retired_ns = time.time_ns() if file_removed else None
     for index, node_id in enumerate(old["placement"]):
         if node_id == MISSING_NODE:
             continue
         if keep is not None and keep["version"] == old["version"] and _node_at(keep, index) == node_id:
             continue
-        txn.queue_gc(node_id, FragmentKey(ino, old["index"], old["version"], index))
+        txn.queue_gc(node_id, FragmentKey(ino, old["index"], old["version"], index), retired_ns)
 
 
 def _node_at(record: dict[str, Any], index: int) -> int:
@@ -85,14 +93,14 @@ def store_stripe(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
     txn.put_stripe(inode.ino, record)
 
 
-def drop_stripes_from(txn: Txn, inode: Inode, first: int) -> None:
+def drop_stripes_from(txn: Txn, inode: Inode, first: int, file_removed: bool = False) -> None:
     """Delete the stripe records of ``inode`` from index ``first`` on; retire their fragments.
 
     Raises ``inode.min_version`` past the dropped versions (see ``check_version``).
     """
     degraded = 0
     for record in txn.stripes(inode.ino, first):
-        retire_fragments(txn, inode.ino, record)
+        retire_fragments(txn, inode.ino, record, file_removed=file_removed)
         inode.min_version = max(inode.min_version, record["version"] + 1)
         degraded += int(is_degraded(record))
         txn.delete_stripe(inode.ino, record["index"])

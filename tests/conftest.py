@@ -15,13 +15,16 @@ import deepfs
 from deepfs.local_cluster import LocalCluster
 from fuse_client.mount_process import MountProcess
 
-# Short grace period so killed nodes are marked down within a test's patience.
-FAST_META_ARGS = ["--grace-period", "2"]
+# Short grace periods: killed nodes are marked down, and removed files' fragments
+# deleted, within a test's patience.
+FAST_META_ARGS = ["--grace-period", "2", "--gc-grace", "1"]
 
 
-def start_cluster(tmp: Path, nodes: int = 6, k: int = 4, m: int = 2, stripe_size: int = 256 << 10) -> LocalCluster:
+def start_cluster(tmp: Path, nodes: int = 6, k: int = 4, m: int = 2, stripe_size: int = 256 << 10,
+                  meta_args: tuple[str, ...] = ()) -> LocalCluster:
+    """``meta_args`` come after (and so override) ``FAST_META_ARGS``."""
     return LocalCluster(tmp, nodes=nodes, k=k, m=m, stripe_size=stripe_size, fsync=False,
-                        extra_meta_args=FAST_META_ARGS).start()
+                        extra_meta_args=[*FAST_META_ARGS, *meta_args]).start()
 
 
 @pytest.fixture(scope="module")

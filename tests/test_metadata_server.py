@@ -360,8 +360,13 @@ def test_node_ids_survive_a_restart(tmp_path: Path, servers: list[MetaProcess]) 
 # garbage collection ----------------------------------------------------------------
 
 
-def test_gc_deletes_superseded_fragments_on_live_nodes_only(meta: MetaProcess) -> None:
-    """A small real storage-node stand-in answers DELETE_FRAGMENT and records the keys."""
+def test_gc_deletes_superseded_fragments_on_live_nodes_only_after_the_grace(
+        tmp_path: Path, servers: list[MetaProcess]) -> None:
+    """A small real storage-node stand-in answers DELETE_FRAGMENT and records the keys.
+    Superseded versions go at once; a removed file's fragments wait out the grace period
+    (readers in other clients may still hold it)."""
+    meta = start_meta(tmp_path / "meta", "--grace-period", "0.6", "--gc-interval", "0.1", "--gc-grace", "1.5")
+    servers.append(meta)
     deleted: list[list[int]] = []
 
     async def fake_node(op: int, body: Any, payload: memoryview) -> tuple[dict[str, Any], tuple[()]]:
@@ -399,11 +404,20 @@ def test_gc_deletes_superseded_fragments_on_live_nodes_only(meta: MetaProcess) -
                 while len(deleted) < 4:
                     await trio.sleep(0.05)
             assert sorted(deleted) == [[ino, 0, 1, i] for i in (0, 3, 4, 5)]
-            with trio.fail_after(15):  # the dead node's entry waits until the node comes back
-                while (await status()).gc_pending != 1:
+            await call(c, Op.UNLINK, {"parent": ROOT, "name": b"f"})
+            removed = trio.current_time()
+            await trio.sleep(1.0)
+            assert len(deleted) == 4  # ten GC rounds later, still within the grace
+            with trio.fail_after(15):
+                while len(deleted) < 8:
+                    await trio.sleep(0.05)
+            assert trio.current_time() - removed >= 1.5
+            assert sorted(deleted[4:]) == [[ino, 0, 2, i] for i in (0, 3, 4, 5)]
+            with trio.fail_after(15):  # the dead node's entries wait until the node comes back
+                while (await status()).gc_pending != 2:
                     await trio.sleep(0.05)
             hello = await call(c, Op.HELLO, {})
-            assert hello["stats"]["gc_deleted"] == 4
+            assert hello["stats"]["gc_deleted"] == 8
             nursery.cancel_scope.cancel()
 
     with channel:
