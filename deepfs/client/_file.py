@@ -164,7 +164,30 @@ class AsyncFile:
         if record is None:
             dest[:] = bytes(len(dest))
             return
-        await self._client.stripes.read_into(self.ino, self.layout, record, inner, dest)
+        try:
+            await self._client.stripes.read_into(self.ino, self.layout, record, inner, dest)
+        except OSError as exc:
+            if exc.errno != errno.EIO:
+                raise
+            newer = await self._newer_record(index, record, exc)
+            if newer is None:
+                dest[:] = bytes(len(dest))
+                return
+            await self._client.stripes.read_into(self.ino, self.layout, newer, inner, dest)
+
+    async def _newer_record(self, index: int, record: StripeRecord, failure: OSError) -> StripeRecord | None:
+        """After ``record`` could not be read: the stripe's record now (None: a hole), if another
+        client has replaced it since this handle fetched it (GC then deletes the old version;
+        close-to-open lets a reader see either). Raises ``failure`` if nothing changed, ESTALE
+        if the file is gone (removed, and its data deleted after the metadata server's grace)."""
+        try:
+            await self.reload()
+        except FileNotFoundError:
+            raise OSError(errno.ESTALE, f"inode {self.ino} was removed and its data deleted while open here") from None
+        newer = self._records.get(index)
+        if newer is not None and newer.version == record.version:
+            raise failure
+        return newer
 
     # ---------------------------------------------------------------- writes
     @property

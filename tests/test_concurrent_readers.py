@@ -1,0 +1,91 @@
+"""A reader in one client while another client replaces, overwrites or removes the file.
+
+The metadata server does not know other clients' open files. What they get:
+a file replaced by a rename (or unlinked) keeps its data for ``gc_grace_s``,
+so a reader that opened it before reads the old bytes to the end; a stripe
+overwritten in place is read in its newer version once the old one is gone;
+a removed file whose data is gone is ESTALE, never wrong bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import deepfs
+from deepfs import Layout
+from deepfs.local_cluster import LocalCluster
+from tests.conftest import start_cluster
+
+pytestmark = pytest.mark.timeout(120)
+
+LAYOUT = Layout(4, 2, 1 << 20)
+GC_ROUNDS_S = 3.0  # the test clusters collect every second
+
+
+def fragment_files(cluster: LocalCluster, ino: int) -> list[Path]:
+    return list(cluster.data_dir.glob(f"node*/fragments/*/{ino}/*"))
+
+
+@pytest.fixture
+def patient_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
+    """Removed files' data stays a minute, as by default."""
+    cluster = start_cluster(tmp_path / "cluster", meta_args=("--gc-grace", "60"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_a_reader_of_a_replaced_file_reads_the_old_bytes_to_the_end(patient_cluster: LocalCluster) -> None:
+    address = patient_cluster.meta_address
+    with deepfs.Client(address) as reader, deepfs.Client(address) as writer:
+        old = os.urandom(8 << 20)
+        writer.write_file("/latest.pt", old, layout=LAYOUT)
+        ino = writer.stat("/latest.pt").st_ino
+        with reader.open("/latest.pt", "rb") as f:
+            head = f.pread(1 << 20, 0)
+            new = os.urandom(8 << 20)
+            writer.write_file("/next.pt", new, layout=LAYOUT)
+            writer.rename("/next.pt", "/latest.pt")  # the old inode's last link is gone
+            time.sleep(GC_ROUNDS_S)
+            assert fragment_files(patient_cluster, ino)  # still there: the grace
+            assert head + f.pread(7 << 20, 1 << 20) == old
+        assert reader.read_file("/latest.pt") == new
+
+
+def test_a_reader_of_an_overwritten_stripe_reads_the_newer_version(fresh_cluster: LocalCluster) -> None:
+    address = fresh_cluster.meta_address
+    with deepfs.Client(address) as reader, deepfs.Client(address) as writer:
+        writer.write_file("/f", os.urandom(4 << 20), layout=LAYOUT)
+        ino = writer.stat("/f").st_ino
+        with reader.open("/f", "rb") as f:
+            newer = os.urandom(1 << 20)
+            with writer.open("/f", "r+b") as w:
+                w.pwrite(newer, 2 << 20)  # stripe 2, a new version; the old one goes at once
+            deadline = time.monotonic() + 20
+            while len(fragment_files(fresh_cluster, ino)) > 4 * 6 and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert len(fragment_files(fresh_cluster, ino)) == 4 * 6
+            assert f.pread(1 << 20, 2 << 20) == newer  # not EIO
+
+
+def test_a_removed_file_whose_data_is_gone_is_estale(fresh_cluster: LocalCluster) -> None:
+    address = fresh_cluster.meta_address
+    with deepfs.Client(address) as reader, deepfs.Client(address) as writer:
+        writer.write_file("/f", os.urandom(2 << 20), layout=LAYOUT)
+        ino = writer.stat("/f").st_ino
+        with reader.open("/f", "rb") as f:
+            writer.unlink("/f")
+            deadline = time.monotonic() + 20  # this cluster's grace: 1 s
+            while fragment_files(fresh_cluster, ino) and time.monotonic() < deadline:
+                time.sleep(0.1)
+            assert not fragment_files(fresh_cluster, ino)
+            with pytest.raises(OSError) as failure:
+                f.pread(1 << 20, 0)
+            assert failure.value.errno == errno.ESTALE
