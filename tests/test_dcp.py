@@ -102,3 +102,62 @@ def test_two_ranks_save_and_load(client: deepfs.Client, tmp_path: Path) -> None:
     shards = sorted(n for n in names if n.endswith(".distcp"))
     assert [n.split("_")[2] for n in shards] == ["0", "1"]  # __0_0.distcp, __1_0.distcp: one per rank
     assert all(client.stat(f"{base}/step42/{n}").st_size > 100_000 for n in shards)
+
+
+# ------------------------------------------- one process: what the reader does itself
+def many_tensors() -> dict[str, object]:
+    g = torch.Generator().manual_seed(5)
+    state: dict[str, object] = {f"w{i}": torch.randn(1000 + 37 * i, generator=g) for i in range(40)}
+    state["big"] = torch.randn(600_000, generator=g)
+    state["bf16"] = torch.randn(3, 5000, generator=g).to(torch.bfloat16)
+    state["view"] = torch.arange(100_000)[::3]  # non-contiguous: DCP stores its values
+    state["meta"] = {"step": 7, "name": "run-1"}  # not a tensor: stored as bytes
+    return state
+
+
+def zeros_like(state: dict[str, object]) -> dict[str, object]:
+    """DCP loads in place: the same keys, tensors of the same shapes, placeholders for the rest."""
+    return {k: torch.zeros_like(v) if isinstance(v, torch.Tensor) else {"step": 0, "name": ""}
+            for k, v in state.items()}
+
+
+def test_load_reads_windows_of_items_in_parallel_into_the_planners_tensors(
+        client: deepfs.Client, monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from deepfs.torch import dcp as deepfs_dcp
+
+    base = unique_dir(client, "dcp-one")
+    saved = many_tensors()
+    dcp.save(saved, storage_writer=deepfs_dcp.DeepFSStorageWriter(f"{base}/ck", client=client))
+    shard = next(n for n in client.listdir(f"{base}/ck") if n.endswith(".distcp"))
+    with client.open(f"{base}/ck/{shard}", "rb") as f:  # shard files get the checkpoint's wide stripes
+        assert f._handle.layout.stripe_size >= client.aio.config.checkpoint_stripe_bytes  # noqa: SLF001
+    monkeypatch.setattr(deepfs_dcp, "READ_WINDOW_BYTES", 1 << 20)  # many windows, one item larger than one
+    loaded = zeros_like(saved)
+    dcp.load(loaded, storage_reader=deepfs_dcp.DeepFSStorageReader(f"{base}/ck", client=client))
+    for key, value in saved.items():
+        if isinstance(value, torch.Tensor):
+            assert torch.equal(loaded[key], value), key
+    assert loaded["meta"] == {"step": 7, "name": "run-1"}
+
+
+def test_load_errors_are_clear(client: deepfs.Client) -> None:
+    import torch.distributed.checkpoint as dcp
+
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    from deepfs.torch import CheckpointError
+    from deepfs.torch.dcp import DeepFSStorageReader, DeepFSStorageWriter
+
+    base = unique_dir(client, "dcp-bad")
+    saved = {"w": torch.randn(300_000), "b": torch.randn(10)}
+    dcp.save(saved, storage_writer=DeepFSStorageWriter(f"{base}/ck", client=client))
+    shard = next(f"{base}/ck/{n}" for n in client.listdir(f"{base}/ck") if n.endswith(".distcp"))
+    with client.open(shard, "r+b") as f:
+        f.truncate(client.stat(shard).st_size // 2)
+    with pytest.raises(CheckpointException) as failure:  # DCP wraps what a rank raised
+        dcp.load({"w": torch.zeros(300_000), "b": torch.zeros(10)},
+                 storage_reader=DeepFSStorageReader(f"{base}/ck", client=client))
+    error, _where = failure.value.failures[0]  # rank 0's exception and its stack
+    assert isinstance(error, CheckpointError) and "the checkpoint is truncated" in str(error)

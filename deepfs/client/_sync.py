@@ -7,6 +7,7 @@ from many threads are fine: they run concurrently inside the one loop.
 
 from __future__ import annotations
 
+import functools
 import io
 import os
 import threading
@@ -152,8 +153,10 @@ class Client:
         return self.run_async(self.aio.statfs)
 
     # Data
-    def open(self, path: str, mode: str = "rb", layout: Layout | None = None) -> File:
-        return File(self, self.run_async(self.aio.open, path, mode, layout))
+    def open(self, path: str, mode: str = "rb", layout: Layout | None = None, *, min_stripe_size: int = 0) -> File:
+        """Like ``AsyncClient.open``, as a raw binary file object."""
+        handle = self.run_async(functools.partial(self.aio.open, path, mode, layout, min_stripe_size=min_stripe_size))
+        return File(self, handle)
 
     def read_file(self, path: str) -> bytes:
         return self.run_async(self.aio.read_file, path)

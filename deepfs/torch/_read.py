@@ -293,6 +293,32 @@ async def _read_entries(handle: AsyncFile, archive: LoadedArchive, options: Read
         await stager.finish()
 
 
+def archive_in_memory(data: memoryview, url: str) -> LoadedArchive:
+    """A whole archive already in memory (an item of a DCP shard file): its storages
+    are tensors over ``data`` itself, so the pickle's tensors are built without a copy."""
+    size = len(data)
+    tail_offset = max(0, size - TAIL_BYTES)
+    found = locate_directory(data[tail_offset:], tail_offset, size)
+    if isinstance(found, int):
+        found = locate_directory(data[found:], found, size)
+        if isinstance(found, int):
+            raise CheckpointError(f"{url}: the zip64 end record cannot be found: the checkpoint is corrupt")
+    archive = LoadedArchive(url, parse_directory(data[found.offset : found.offset + found.size], found))
+    for entry in archive.directory.entries:
+        data_offset = local_data_offset(archive.directory, entry, data[entry.header_offset :])
+        check_readable(entry, data_offset, archive.directory.offset)
+        archive.data_offsets[entry.name] = data_offset
+        view = data[data_offset : data_offset + entry.size]
+        if is_storage(entry):
+            archive.storages[entry.name] = (
+                torch.frombuffer(view, dtype=torch.uint8) if entry.size else torch.empty(0, dtype=torch.uint8)
+            )
+        else:
+            _check_crc(entry, view)
+            archive.records[entry.name] = bytes(view)
+    return archive
+
+
 def _check_crc(entry: Entry, data: memoryview) -> None:
     # A CRC of 0 is what writers leave when told not to compute one (torch's set_crc32_options(False)).
     if entry.crc != 0 and isal.crc32(data) != entry.crc:
