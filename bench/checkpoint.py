@@ -12,6 +12,9 @@ Two save figures, because they promise different things:
   the file; on the DeepFS mount that fsync makes the nodes sync the file's
   fragments). The adapter's save fsyncs and renames before it returns, so
   for it the two are the same operation.
+Then the same state dict through ``torch.distributed.checkpoint`` (one
+process): PyTorch's ``FileSystemWriter``/``FileSystemReader`` on a directory
+target, ``DeepFSStorageWriter``/``DeepFSStorageReader`` on the client target.
 The loaded state dict is checked against the saved one (shapes, dtypes and a
 few values) so a fast wrong answer cannot pass.
 """
@@ -114,6 +117,57 @@ def save_load_adapter(state: dict[str, Any], client: Any, directory: str, name: 
     del loaded
     client.unlink(path)
     return {"save_s": saved - started, "save_durable_s": saved - started, "load_s": loaded_at - load_started}
+
+
+def dcp_save_load(state: dict[str, Any], writer: Any, reader: Any, before_load: Any = lambda: None) -> dict[str, float]:
+    """``torch.distributed.checkpoint`` save then load (one process, no process group) with
+    the given storage writer and reader: PyTorch's FileSystemWriter/Reader on a directory
+    (sync_files: every shard fsynced), DeepFSStorageWriter/Reader on the cluster."""
+    import warnings
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "assuming the intent is to save in a single process"
+        started = time.perf_counter()
+        dcp.save(state, storage_writer=writer)
+        saved = time.perf_counter()
+        before_load()
+        loaded = {key: torch.empty_like(tensor) for key, tensor in state.items()}
+        load_started = time.perf_counter()
+        dcp.load(loaded, storage_reader=reader)
+        loaded_at = time.perf_counter()
+    check_same(state, loaded)
+    return {"dcp_save_s": saved - started, "dcp_load_s": loaded_at - load_started}
+
+
+def dcp_posix(state: dict[str, Any], directory: Path, name: str, before_load: Any = lambda: None) -> dict[str, float]:
+    import shutil
+
+    from torch.distributed.checkpoint import FileSystemReader, FileSystemWriter
+
+    path = directory / name
+    shutil.rmtree(path, ignore_errors=True)
+    try:
+        return dcp_save_load(state, FileSystemWriter(path), FileSystemReader(path), before_load)
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def dcp_client(state: dict[str, Any], client: Any, directory: str, name: str,
+               before_load: Any = lambda: None) -> dict[str, float]:
+    from deepfs.torch.dcp import DeepFSStorageReader, DeepFSStorageWriter
+
+    path = f"{directory.rstrip('/')}/{name}"
+    try:
+        return dcp_save_load(state, DeepFSStorageWriter(path, client=client), DeepFSStorageReader(path, client=client),
+                             before_load)
+    finally:
+        if client.exists(path):
+            for entry in client.listdir(path):
+                client.unlink(f"{path}/{entry}")
+            client.rmdir(path)
 
 
 def check_same(saved: dict[str, Any], loaded: dict[str, Any]) -> None:

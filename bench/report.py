@@ -18,7 +18,7 @@ REFERENCE = "deepfs"
 SEQ_JOBS = ("seqwrite_1m_j1", "seqwrite_1m_j4", "seqread_1m_j1", "seqread_1m_j4")
 RAND_JOBS = ("randread_4k_j1_qd1", "randread_4k_j4_qd1", "randread_4k_j1_qd32", "randwrite_4k_j1")
 PHASES = ("create", "stat", "read", "delete")
-CHECKPOINT_JOBS = ("save", "save_durable", "load")
+CHECKPOINT_JOBS = ("save", "save_durable", "load", "dcp_save", "dcp_load")
 DEGRADED_JOBS = (("seqread_1m_j1", "bw_mib_s", "MiB/s"), ("randread_4k_j1_qd1", "iops", "IOPS"))
 
 # (suite, job, metric, target, baseline, wanted ratio of speeds, what): the goals for DeepFS.
@@ -124,7 +124,10 @@ def markdown(data: dict[str, Any], chart_names: list[str]) -> str:
                       intro="save: until the call returns; save_durable: until the bytes are on disk "
                             "(torch.save + fsync; the adapter is durable when its save returns). "
                             "deepfs-client is the adapter (deepfs.torch.save/load); the others run "
-                            "torch.save/torch.load on their directory.")
+                            "torch.save/torch.load on their directory. dcp_save/dcp_load: "
+                            "torch.distributed.checkpoint in one process, with DeepFSStorageWriter/Reader "
+                            "on deepfs-client and PyTorch's FileSystemWriter/Reader (shards fsynced) on "
+                            "the directories.")
     lines += _degraded_section(idx)
     lines += _engines_section(idx, data)
     if chart_names:

@@ -32,6 +32,7 @@ from typing import Any
 
 from bench import degraded, fio_runner, pyio, report, smallfiles
 from bench.fio_runner import JOBS_BY_NAME, JobSpec, MiB, RunParams, Sample
+from bench.report import CHECKPOINT_JOBS
 from bench.stats import Result
 from bench.system import PageCache, load_average, machine_info, versions
 from bench.targets import ClusterSettings, Target, open_targets, parse_target_names
@@ -313,7 +314,7 @@ class Runner:
         for rep in range(self.config.reps):
             for target in _rotated(targets, rep):
                 if target.surface == "client" and adapter_missing:
-                    for job in ("save", "save_durable", "load"):
+                    for job in CHECKPOINT_JOBS:
                         result = self._result("checkpoint", job, target)
                         if adapter_missing not in result.errors:
                             result.errors.append(f"skipped: {adapter_missing}")
@@ -322,25 +323,29 @@ class Runner:
                     if target.surface == "client":
                         times = checkpoint.save_load_adapter(state, target.client, str(target.root), f"ckpt-r{rep}.pt",
                                                              self.page_cache.drop)
-                        api = "deepfs.torch.save / deepfs.torch.load (adapter)"
+                        times |= checkpoint.dcp_client(state, target.client, str(target.root), f"dcp-r{rep}",
+                                                       self.page_cache.drop)
+                        api = "deepfs.torch.save / deepfs.torch.load (adapter); DeepFSStorageWriter/Reader (DCP)"
                     else:
                         times = checkpoint.save_load_posix(state, target.root, f"ckpt-r{rep}.pt", self.page_cache.drop)
-                        api = "torch.save (+ fsync for save_durable) / torch.load"
+                        times |= checkpoint.dcp_posix(state, target.root, f"dcp-r{rep}", self.page_cache.drop)
+                        api = "torch.save (+ fsync for save_durable) / torch.load; FileSystemWriter/Reader (DCP)"
                 except (KeyboardInterrupt, _Interrupted):
                     raise
                 except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
-                    for job in ("save", "save_durable", "load"):
+                    for job in CHECKPOINT_JOBS:
                         self._result("checkpoint", job, target).errors.append(f"rep {rep + 1}: {exc!r}")
                     self.log(f"[checkpoint] rep {rep + 1} {target.name}: FAILED: {exc!r}")
                     continue
-                for job in ("save", "save_durable", "load"):
+                for job in CHECKPOINT_JOBS:
                     result = self._result("checkpoint", job, target)
                     result.params = {**params, "api": api}
                     seconds = times[f"{job}_s"]
                     result.metric("seconds", "s", higher_is_better=False).add(seconds)
                     result.metric("gib_s", "GiB/s").add(nbytes / (1 << 30) / seconds)
                 self.log(f"[checkpoint] rep {rep + 1}/{self.config.reps} {target.name}: save {times['save_s']:.2f}s, "
-                         f"durable {times['save_durable_s']:.2f}s, load {times['load_s']:.2f}s")
+                         f"durable {times['save_durable_s']:.2f}s, load {times['load_s']:.2f}s, "
+                         f"DCP save {times['dcp_save_s']:.2f}s, DCP load {times['dcp_load_s']:.2f}s")
 
     # ----------------------------------------------------------- report
     def _out_dir(self) -> Path:

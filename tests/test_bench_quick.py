@@ -53,7 +53,8 @@ def test_quick_run_reports_every_target(tmp_path: Path) -> None:
               ("fio", "randread_4k_j1_qd1", "iops"), ("fio", "randread_4k_j1_qd32", "iops"),
               ("fio", "randwrite_4k_j1", "iops"), ("smallfiles", "create", "files_s"),
               ("smallfiles", "read", "files_s"), ("checkpoint", "save", "seconds"),
-              ("checkpoint", "load", "seconds")]
+              ("checkpoint", "load", "seconds"), ("checkpoint", "dcp_save", "seconds"),
+              ("checkpoint", "dcp_load", "seconds")]
     for suite, job, metric in checks:
         found = figures(suite, job, metric)
         for name in TARGETS:
