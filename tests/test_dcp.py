@@ -121,6 +121,10 @@ def zeros_like(state: dict[str, object]) -> dict[str, object]:
             for k, v in state.items()}
 
 
+SINGLE_PROCESS = pytest.mark.filterwarnings("ignore:torch.distributed is disabled:UserWarning")
+
+
+@SINGLE_PROCESS
 def test_load_reads_windows_of_items_in_parallel_into_the_planners_tensors(
         client: deepfs.Client, monkeypatch: pytest.MonkeyPatch) -> None:
     import torch.distributed.checkpoint as dcp
@@ -142,6 +146,7 @@ def test_load_reads_windows_of_items_in_parallel_into_the_planners_tensors(
     assert loaded["meta"] == {"step": 7, "name": "run-1"}
 
 
+@SINGLE_PROCESS
 def test_load_errors_are_clear(client: deepfs.Client) -> None:
     import torch.distributed.checkpoint as dcp
 
