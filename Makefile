@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 DATA_DIR ?= ./deepfs-data
 MOUNTPOINT ?= ./mnt
 
-.PHONY: run test deps venv proto bench clean
+.PHONY: run test test-cuda deps venv proto bench clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -34,6 +34,11 @@ run: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# The GPU paths of the torch adapter, on a machine with a CUDA device: fails, never
+# skips, when torch sees none (make test reports these tests as skipped there).
+test-cuda: venv
+	DEEPFS_REQUIRE_CUDA=1 $(PY) -m pytest -q tests/test_torch_cuda.py
 
 # The full benchmark (~20 min; installs GlusterFS from Debian's packages when missing).
 # Options go in BENCH_ARGS, e.g. make bench BENCH_ARGS="--targets deepfs,local --reps 5".

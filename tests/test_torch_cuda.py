@@ -2,11 +2,14 @@
 staging buffers with ``map_location='cuda'``, and ``pin_memory=True``.
 
 They need a CUDA device. Without one every test here is reported as skipped
-(never counted as passing): run ``pytest tests/test_torch_cuda.py`` on a GPU
-machine (a CUDA build of torch 2.13.0) to exercise them.
+(never counted as passing): run ``make test-cuda`` on a GPU machine (a CUDA
+build of torch 2.13.0, which PyPI's default wheel is), which fails instead of
+skipping when torch sees no device.
 """
 
 from __future__ import annotations
+
+import os
 
 import pytest
 import torch
@@ -16,6 +19,10 @@ import deepfs.torch as dtorch
 from deepfs.torch import _read
 from tests.conftest import unique_dir
 from tests.torch_samples import all_dtypes, assert_same, shared_views
+
+if os.environ.get("DEEPFS_REQUIRE_CUDA") == "1" and not torch.cuda.is_available():  # make test-cuda
+    raise RuntimeError(f"DEEPFS_REQUIRE_CUDA=1 but torch {torch.__version__} sees no CUDA device "
+                       f"(built for CUDA {torch.version.cuda})")
 
 pytestmark = [
     pytest.mark.timeout(300),
