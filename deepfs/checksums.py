@@ -13,6 +13,7 @@ second time.
 from __future__ import annotations
 
 import struct
+from collections.abc import Sequence
 
 import crc32c
 
@@ -28,6 +29,26 @@ def block_crcs(data: Buffer, block_size: int = BLOCK_SIZE) -> list[int]:
     """CRC32C of each block of ``data`` (the last block may be short; empty data has one CRC, of b"")."""
     view = memoryview(data).cast("B")
     return [crc32c.crc32c(view[i : i + block_size]) for i in range(0, len(view), block_size)] or [crc32c.crc32c(b"")]
+
+
+def block_crcs_of_parts(parts: Sequence[memoryview], block_size: int = BLOCK_SIZE) -> list[int]:
+    """``block_crcs`` of the concatenation of ``parts``, without concatenating them
+    (a block that spans parts continues its CRC from one part into the next)."""
+    crcs: list[int] = []
+    crc = filled = 0
+    for part in parts:
+        pos = 0
+        while pos < len(part):
+            take = min(block_size - filled, len(part) - pos)
+            crc = crc32c.crc32c(part[pos : pos + take], crc)
+            filled += take
+            pos += take
+            if filled == block_size:
+                crcs.append(crc)
+                crc = filled = 0
+    if filled or not crcs:
+        crcs.append(crc)
+    return crcs
 
 
 def fragment_digest(crcs: list[int]) -> int:

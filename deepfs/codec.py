@@ -7,31 +7,54 @@ zero-padded to ``padded_length`` and cut into k data fragments of
 fragments of a full stripe are sent straight from the caller's memory
 (views, no copy). Only the m parity fragments are computed (ISA-L, see
 ``deepfs.isal``). Every fragment carries block CRC32Cs (``checksums``).
+
+A full stripe may also arrive *gathered*: as pieces of several buffers (a
+checkpoint's stripe holding the end of one tensor and the start of the
+next). ``encode_gathered`` then leaves every byte where it lies: a data
+fragment is the tuple of its pieces (sent with one vectored send), parity is
+computed segment by segment (RS works column by column, so a segment where
+every data fragment lies in one piece encodes on its own), and block CRCs
+continue across pieces.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import bisect
+import itertools
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from deepfs import isal
-from deepfs.checksums import Buffer, block_crcs, fragment_digest
+from deepfs.checksums import Buffer, block_crcs, block_crcs_of_parts, fragment_digest
 from deepfs.layout import Layout, fragment_data_size
 
 _MATRIX = {"isa_l_rs_cauchy": "cauchy", "isa_l_rs_vand": "vandermonde"}
 
 
+Parts = tuple[memoryview, ...]
+
+
 @dataclass
 class EncodedStripe:
-    """The k+m fragments of one stripe and their checksums, ready to send."""
+    """The k+m fragments of one stripe and their checksums, ready to send. A data
+    fragment of a gathered stripe is the tuple of its pieces."""
 
-    fragments: list[memoryview]
+    fragments: list[memoryview | Parts]
     block_crcs: list[list[int]]
     digests: list[int]
 
     @property
     def fragment_size(self) -> int:
-        return len(self.fragments[0])
+        return _length(self.fragments[0])
+
+    def payload(self, slot: int) -> Parts:
+        """Fragment ``slot`` as buffers to send one after another."""
+        fragment = self.fragments[slot]
+        return fragment if isinstance(fragment, tuple) else (fragment,)
+
+
+def _length(fragment: memoryview | Parts) -> int:
+    return sum(len(p) for p in fragment) if isinstance(fragment, tuple) else len(fragment)
 
 
 def encode_stripe(layout: Layout, data: Buffer,
@@ -54,6 +77,42 @@ def encode_stripe(layout: Layout, data: Buffer,
     fragments += parity
     crcs = [block_crcs(f) for f in fragments]
     return EncodedStripe(fragments, crcs, [fragment_digest(c) for c in crcs])
+
+
+def encode_gathered(layout: Layout, pieces: Sequence[memoryview],
+                    allocate: Callable[[int], bytearray] = bytearray) -> EncodedStripe:
+    """``encode_stripe`` of the concatenation of ``pieces``, none of them copied (see the
+    module docstring). A stripe that needs padding is joined and encoded the usual way."""
+    total = sum(len(p) for p in pieces)
+    size = fragment_data_size(layout, total)
+    if size * layout.k != total:
+        return encode_stripe(layout, b"".join(pieces), allocate)
+    cells = [_cut(pieces, i * size, (i + 1) * size) for i in range(layout.k)]
+    starts = [list(itertools.accumulate((len(v) for v in cell[:-1]), initial=0)) for cell in cells]
+    bounds = sorted({size, *itertools.chain.from_iterable(starts)})
+    parity = [memoryview(allocate(size))[:size] for _ in range(layout.m)]
+    for a, b in itertools.pairwise(bounds):  # in each segment every data fragment lies in one piece
+        data = []
+        for cell, cell_starts in zip(cells, starts, strict=True):
+            i = bisect.bisect_right(cell_starts, a) - 1
+            data.append(cell[i][a - cell_starts[i] : b - cell_starts[i]])
+        isal.encode(layout.k, layout.m, _MATRIX[layout.codec], data, [p[a:b] for p in parity])
+    fragments: list[memoryview | Parts] = [cell[0] if len(cell) == 1 else tuple(cell) for cell in cells]
+    crcs = [block_crcs_of_parts(cell) for cell in cells] + [block_crcs(p) for p in parity]
+    fragments += parity
+    return EncodedStripe(fragments, crcs, [fragment_digest(c) for c in crcs])
+
+
+def _cut(pieces: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
+    """The views of ``pieces`` (concatenated) that hold bytes [start, end), empty ones left out."""
+    out = []
+    offset = 0
+    for piece in pieces:
+        lo, hi = max(start, offset), min(end, offset + len(piece))
+        if lo < hi:
+            out.append(piece[lo - offset : hi - offset])
+        offset += len(piece)
+    return out
 
 
 def decode_stripe(layout: Layout, length: int, fragments: dict[int, Buffer]) -> bytes:

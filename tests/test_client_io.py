@@ -243,6 +243,36 @@ def test_zero_copy_writes_send_whole_stripes_from_the_callers_memory(client: dee
     assert client.read_file(f"{base}/f") == expected
 
 
+def test_stripes_filled_by_several_lent_buffers_are_sent_from_them(client: deepfs.Client) -> None:
+    """A stripe holding the end of one lent buffer and the start of the next (a checkpoint's
+    neighbouring tensors) is stored from both, gathered, not copied together; a stripe
+    with a piece that was not lent is copied as before; reads while in flight see it all."""
+    base = unique_dir(client, "gathered")
+    layout = Layout(4, 2, STRIPE)
+    cuts = [0, STRIPE + 4096, STRIPE + 4096 + 100, 2 * STRIPE + 12_345, 4 * STRIPE]
+    buffers = [bytearray(os.urandom(b - a)) for a, b in zip(cuts, cuts[1:])]
+    tail = os.urandom(1000)  # stripe 4 gets a copied piece: not gathered
+    before = client.stats.lent_stripes
+
+    async def write() -> bytes:
+        f = await client.aio.open(f"{base}/f", "xb+", layout)
+        for start, buffer in zip(cuts, buffers):
+            await f.pwrite(memoryview(buffer), start, zero_copy=True)
+        await f.pwrite(tail, 4 * STRIPE)
+        seen = await f.pread(2 * STRIPE, STRIPE)  # stripes 1 and 2: dirty or in flight, gathered
+        await f.fsync()
+        await f.close()
+        return seen
+
+    seen = client.run_async(write)
+    expected = b"".join(bytes(b) for b in buffers) + tail
+    assert seen == expected[STRIPE : 3 * STRIPE]
+    assert client.stats.lent_stripes - before == 4  # stripes 0-3, each from one to three buffers
+    for buffer in buffers:
+        buffer[:] = bytes(len(buffer))
+    assert client.read_file(f"{base}/f") == expected
+
+
 def test_stripes_of_the_old_fragment_format_are_refused_not_misread(client: deepfs.Client) -> None:
     """Fragments used to carry liberasurecode's 80-byte header (sizes of 4 KiB multiples + 80).
     Read as headerless they would come back shifted yet pass every CRC: refused with EIO."""

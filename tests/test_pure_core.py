@@ -131,6 +131,36 @@ def test_full_stripe_data_fragments_are_views_of_the_callers_memory() -> None:
     assert all(f.obj is not data for f in encoded.fragments[4:])
 
 
+@settings(max_examples=60, deadline=None)
+@given(k=st.integers(1, 8), m=st.integers(1, 4), cuts=st.lists(st.integers(1, 8 * ALIGNMENT * 2 - 1), max_size=12),
+       short=st.booleans())
+def test_a_gathered_stripe_encodes_like_the_joined_one(k: int, m: int, cuts: list[int], short: bool) -> None:
+    """Pieces of separate buffers (cut anywhere, however small) give the same fragments,
+    block CRCs and digests as the stripe joined; full stripes leave every byte where it lies."""
+    layout = Layout(k, m, k * ALIGNMENT * 2)
+    length = layout.stripe_size - (777 if short else 0)
+    data = os.urandom(length)
+    bounds = sorted({0, length, *(c % length for c in cuts)})
+    buffers = [bytearray(data[a:b]) for a, b in zip(bounds, bounds[1:])]
+    gathered = codec.encode_gathered(layout, [memoryview(b) for b in buffers])
+    joined = codec.encode_stripe(layout, data)
+    assert [b"".join(gathered.payload(i)) for i in range(k + m)] == [bytes(f) for f in joined.fragments]
+    assert (gathered.block_crcs, gathered.digests) == (joined.block_crcs, joined.digests)
+    assert gathered.fragment_size == joined.fragment_size
+    if not short:
+        owners = {id(b) for b in buffers}
+        assert all(id(part.obj) in owners for i in range(k) for part in gathered.payload(i))
+
+
+def test_block_crcs_of_parts_continue_across_parts() -> None:
+    data = os.urandom(300_000)
+    for cuts in ([], [1], [65_536], [65_535, 65_537, 200_000], list(range(1000, 300_000, 7000))):
+        bounds = [0, *cuts, len(data)]
+        parts = [memoryview(data)[a:b] for a, b in zip(bounds, bounds[1:])]
+        assert checksums.block_crcs_of_parts(parts) == checksums.block_crcs(data)
+    assert checksums.block_crcs_of_parts([]) == checksums.block_crcs(b"")
+
+
 @pytest.mark.parametrize("codec_name", ["isa_l_rs_cauchy", "isa_l_rs_vand"])
 @pytest.mark.parametrize("k,m", [(4, 2), (6, 3), (10, 4), (1, 2)])
 def test_parity_is_identical_to_pyeclibs(codec_name: str, k: int, m: int) -> None:

@@ -22,12 +22,12 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import trio
 
 from deepfs.buffers import BufferPool
-from deepfs.client._stripes import StripeRecord
+from deepfs.client._stripes import GatheredStripe, StripeRecord
 from deepfs.concurrency import run_all
 from deepfs.frames import Op
 from deepfs.layout import Layout
@@ -47,8 +47,9 @@ of stripes cost their own size in memory, not 4 MiB each."""
 @dataclass
 class _DirtyStripe:
     buf: bytearray | None = None  # the whole stripe, once materialized
-    pieces: list[tuple[int, bytes]] = field(default_factory=list)  # (offset, bytes) in write order
-    sparse_bytes: int = 0
+    # (offset, bytes) in write order; a memoryview is memory the writer lent (pwrite zero_copy)
+    pieces: list[tuple[int, bytes | memoryview]] = field(default_factory=list)
+    sparse_bytes: int = 0  # of the pieces copied here
     written: list[tuple[int, int]] = field(default_factory=list)  # merged [start, end) ranges
 
     def write(self, inner: int, data: memoryview, pool: BufferPool) -> None:
@@ -58,6 +59,27 @@ class _DirtyStripe:
         else:
             self.materialize(pool)[inner : inner + len(data)] = data
         self.add(inner, inner + len(data))
+
+    def lend(self, inner: int, data: memoryview) -> None:
+        """Keep the writer's own memory as a piece (no copy) until the stripe is stored."""
+        if self.buf is None:
+            self.pieces.append((inner, data))
+        else:
+            self.buf[inner : inner + len(data)] = data
+        self.add(inner, inner + len(data))
+
+    def gathered(self, length: int) -> tuple[memoryview, ...] | None:
+        """The pieces in order, if all are lent and they tile [0, length) exactly: then
+        the stripe is stored from where they lie (``GatheredStripe``)."""
+        if self.buf is not None or not all(isinstance(piece, memoryview) for _, piece in self.pieces):
+            return None
+        ordered, pos = [], 0
+        for start, piece in sorted(self.pieces, key=lambda sp: sp[0]):
+            if start != pos:  # a gap or an overlap: materialize applies them in write order
+                return None
+            ordered.append(cast(memoryview, piece))
+            pos += len(piece)
+        return tuple(ordered) if pos == length else None
 
     def materialize(self, pool: BufferPool) -> bytearray:
         """The whole-stripe buffer, with the pieces written so far applied in order."""
@@ -111,7 +133,7 @@ class AsyncFile:
         self._min_version = min_version
         self._unsynced_nodes: set[int] = set()  # nodes holding fragments written since the last fsync
         self._dirty: dict[int, _DirtyStripe] = {}
-        self._in_flight: dict[int, tuple[memoryview, trio.Event]] = {}
+        self._in_flight: dict[int, tuple[memoryview | GatheredStripe, trio.Event]] = {}
         self._upload_slots = trio.Semaphore(client.config.max_dirty_stripes)
         self._uploads_done = trio.Event()
         self._uploads_done.set()
@@ -156,9 +178,13 @@ class AsyncFile:
         flight = self._in_flight.get(index)
         if flight is not None:
             data = flight[0]
-            piece = data[inner : inner + len(dest)]
-            dest[: len(piece)] = piece
-            dest[len(piece) :] = bytes(len(dest) - len(piece))
+            if isinstance(data, GatheredStripe):
+                got = data.copy_out(inner, dest)
+            else:
+                piece = data[inner : inner + len(dest)]
+                dest[: len(piece)] = piece
+                got = len(piece)
+            dest[got:] = bytes(len(dest) - got)
             return
         record = self._records.get(index)
         if record is None:
@@ -200,9 +226,11 @@ class AsyncFile:
         """Write ``data`` at ``offset`` (buffered; stored by stripe, see the module docstring).
 
         ``zero_copy=True`` lends ``data``'s memory to the file until the next
-        flush, fsync or close returns: whole stripes are then encoded and sent
-        straight from it, never copied. The caller must not change those bytes
-        before then (the torch adapter lends tensor memory this way)."""
+        flush, fsync or close returns: a stripe it covers whole, or that lent
+        writes fill between them (the end of one tensor, the start of the
+        next), is encoded and sent straight from that memory, never copied.
+        The caller must not change those bytes before then (the torch adapter
+        lends tensor memory this way)."""
         self._check_open()
         self._raise_background_error()
         if not self.writable:
@@ -221,7 +249,10 @@ class AsyncFile:
                 await self._upload_lent(index, view[pos - take : pos])
                 continue
             dirty = await self._dirty_stripe(index)
-            dirty.write(inner, view[pos : pos + take], self._pool)
+            if zero_copy:
+                dirty.lend(inner, view[pos : pos + take])
+            else:
+                dirty.write(inner, view[pos : pos + take], self._pool)
             pos += take
             self.size = max(self.size, offset + pos)
             if dirty.covers(0, stripe_size):
@@ -266,14 +297,21 @@ class AsyncFile:
         if dirty is None:
             self._upload_slots.release()
             return
+        stripe_start = index * self.layout.stripe_size
+        length = min(self.layout.stripe_size, self.size - stripe_start)
+        pieces = dirty.gathered(length)
+        if pieces is not None:  # lent memory all of it: stored as it lies, no copy
+            del self._dirty[index]
+            if length == self.layout.stripe_size:  # (a short last stripe is padded: joined)
+                self._client.stripes.stats.lent_stripes += 1
+            self._begin_upload(index, GatheredStripe(pieces), lambda: None)
+            return
         try:
             await self._fill_gaps(index, dirty)
         except BaseException:
             self._upload_slots.release()
             raise
         del self._dirty[index]
-        stripe_start = index * self.layout.stripe_size
-        length = min(self.layout.stripe_size, self.size - stripe_start)
         buf = dirty.buf
         # The stripe buffer itself goes in flight (reads of the stripe are served
         # from it) and back to the pool once stored: no copy.
@@ -285,7 +323,7 @@ class AsyncFile:
         self._client.stripes.stats.lent_stripes += 1
         self._begin_upload(index, data, lambda: None)
 
-    def _begin_upload(self, index: int, data: memoryview, release: Callable[[], None]) -> None:
+    def _begin_upload(self, index: int, data: memoryview | GatheredStripe, release: Callable[[], None]) -> None:
         """Upload ``data`` in the background; the caller holds one upload slot, released when done."""
         done = trio.Event()
         self._in_flight[index] = (data, done)
@@ -293,7 +331,8 @@ class AsyncFile:
         self._uploads_done = trio.Event()
         self._client.nursery.start_soon(self._upload, index, data, done, release)
 
-    async def _upload(self, index: int, data: memoryview, done: trio.Event, release: Callable[[], None]) -> None:
+    async def _upload(self, index: int, data: memoryview | GatheredStripe, done: trio.Event,
+                      release: Callable[[], None]) -> None:
         try:
             stripe_end = index * self.layout.stripe_size + len(data)
             for attempt in range(3):

@@ -51,6 +51,34 @@ ENCODE_IN_THREAD_BYTES = 256 << 10
 the GIL), so the event loop keeps sending the fragments of other stripes."""
 
 
+@dataclass(frozen=True)
+class GatheredStripe:
+    """A whole stripe as pieces of the caller's buffers, in order, stored as they lie
+    (``codec.encode_gathered``): a checkpoint stripe holding the end of one tensor and
+    the start of the next is sent without being copied together."""
+
+    pieces: tuple[memoryview, ...]
+
+    def __len__(self) -> int:
+        return sum(len(p) for p in self.pieces)
+
+    def copy_out(self, start: int, dest: memoryview) -> int:
+        """Copy bytes from ``start`` into ``dest``; returns how many there were."""
+        done = 0
+        offset = 0
+        for piece in self.pieces:
+            lo = max(start + done, offset)
+            if lo < offset + len(piece) and done < len(dest):
+                take = min(offset + len(piece) - lo, len(dest) - done)
+                dest[done : done + take] = piece[lo - offset : lo - offset + take]
+                done += take
+            offset += len(piece)
+        return done
+
+
+StripeData = bytes | bytearray | memoryview | GatheredStripe
+
+
 @dataclass
 class StripeRecord:
     """What the metadata server knows of one stripe version.
@@ -150,7 +178,7 @@ class StripeIO:
         await run_all(functools.partial(sync, n) for n in sorted(node_ids) if n != MISSING)
 
     # ------------------------------------------------------------------ write
-    async def write_stripe(self, ino: int, index: int, layout: Layout, data: bytes | bytearray | memoryview,
+    async def write_stripe(self, ino: int, index: int, layout: Layout, data: StripeData,
                            min_version: int) -> StripeRecord:
         """Encode ``data`` as a new version of stripe ``index`` and store it; not yet committed.
 
@@ -181,14 +209,17 @@ class StripeIO:
             self.stats.degraded_writes += 1
         return StripeRecord(index, version, len(data), encoded.fragment_size, stored, encoded.digests)
 
-    async def _encode(self, layout: Layout, data: bytes | bytearray | memoryview) -> codec.EncodedStripe:
+    async def _encode(self, layout: Layout, data: StripeData) -> codec.EncodedStripe:
         size = layout.stripe_size // layout.k
         pool = self._parity_pools.pool(size)
 
         def allocate(n: int) -> bytearray:
             return pool.take() if n == size else bytearray(n)
 
-        encode = functools.partial(codec.encode_stripe, layout, data, allocate)
+        if isinstance(data, GatheredStripe):
+            encode = functools.partial(codec.encode_gathered, layout, data.pieces, allocate)
+        else:
+            encode = functools.partial(codec.encode_stripe, layout, data, allocate)
         if len(data) < ENCODE_IN_THREAD_BYTES:
             return encode()
         return await trio.to_thread.run_sync(encode, limiter=self._encoders)
@@ -202,7 +233,6 @@ class StripeIO:
     async def _store(self, ino: int, index: int, version: int, layout: Layout, encoded: codec.EncodedStripe,
                      placement: list[int]) -> list[int]:
         """Send the fragments to their nodes (failed ones again to spare nodes); returns where each was stored."""
-        fragments = encoded.fragments
         stored = [MISSING] * layout.width
         full_nodes: set[int] = set()
 
@@ -210,7 +240,7 @@ class StripeIO:
             body = {"key": [ino, index, version, slot], "block_size": BLOCK_SIZE,
                     "crcs": encoded.block_crcs[slot], "sync": self.durable_writes}
             try:
-                reply, _ = await self.cluster.call_node(node_id, Op.PUT_FRAGMENT, body, (fragments[slot],))
+                reply, _ = await self.cluster.call_node(node_id, Op.PUT_FRAGMENT, body, encoded.payload(slot))
                 if int(reply.get("crc", -1)) != encoded.digests[slot]:
                     raise ChecksumError(f"node {node_id} stored fragment {slot} with a different digest")
                 stored[slot] = node_id

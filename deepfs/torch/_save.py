@@ -8,10 +8,11 @@ Pipeline (mental model: a producer thread and a consumer loop):
   GIL dropped) and hands byte ranges — views of the tensors' own memory, no
   copy, cut at stripe boundaries — to a sink;
 - ``StripeSink`` batches those ranges and passes them to the client's trio
-  thread, where ``AsyncFile.pwrite(zero_copy=True)`` encodes every whole
-  stripe straight from tensor memory and stores it in the background (only
-  the pieces of stripes shared by several entries are copied into stripe
-  buffers), so stripes travel while later tensors are still being serialized
+  thread, where ``AsyncFile.pwrite(zero_copy=True)`` encodes every stripe
+  straight from the memory it lies in and stores it in the background (a
+  stripe shared by several entries is gathered from their pieces, not copied
+  together; only the file's short last stripe is), so stripes travel while
+  later tensors are still being serialized
   (back-pressure: ``ClientConfig.max_dirty_stripes`` per file). The tensors
   are lent until the save's fsync returns.
 
