@@ -24,6 +24,7 @@ from typing import Any
 import deepfs
 from bench.checkpoint import check_same, make_state_dict
 from bench.system import PageCache
+from deepfs.config import ClientConfig
 from deepfs.local_cluster import LocalCluster
 
 _TICKS = os.sysconf("SC_CLK_TCK")
@@ -53,7 +54,7 @@ def measure(groups: dict[str, list[int]], work: Callable[[], Any]) -> tuple[Any,
     return result, figures
 
 
-def run(mib: int, reps: int, stripe_mib: int, work_dir: Path) -> list[dict[str, Any]]:
+def run(mib: int, reps: int, stripe_mib: int, work_dir: Path, checkpoint_stripe_mib: int | None = None) -> list[dict[str, Any]]:
     import torch
 
     import deepfs.torch as dtorch
@@ -62,7 +63,7 @@ def run(mib: int, reps: int, stripe_mib: int, work_dir: Path) -> list[dict[str, 
     page_cache = PageCache(enabled=True)
     rows: list[dict[str, Any]] = []
     with LocalCluster(work_dir / "cluster", 6, 4, 2, stripe_mib << 20, fsync=True).start() as cluster, \
-            deepfs.Client(cluster.meta_address) as client:
+            deepfs.Client(cluster.meta_address, _client_config(cluster.meta_address, checkpoint_stripe_mib)) as client:
         groups = {"client": [os.getpid()], "meta": [cluster.state.meta.pid],
                   "nodes": [n.pid for n in cluster.state.nodes if n]}
         local = work_dir / "local.pt"
@@ -84,6 +85,13 @@ def run(mib: int, reps: int, stripe_mib: int, work_dir: Path) -> list[dict[str, 
     return rows
 
 
+def _client_config(address: str, checkpoint_stripe_mib: int | None) -> ClientConfig:
+    config = ClientConfig(meta_address=address)
+    if checkpoint_stripe_mib is not None:
+        config.checkpoint_stripe_bytes = checkpoint_stripe_mib << 20
+    return config
+
+
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:
@@ -97,9 +105,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mib", type=int, default=1024, help="size of the state dict")
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--stripe-mib", type=int, default=4, help="the cluster's default stripe size")
+    parser.add_argument("--checkpoint-stripe-mib", type=int,
+                        help="ClientConfig.checkpoint_stripe_bytes in MiB (default: the client's default)")
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="deepfs-ckpt-cpu-", dir="/var/tmp") as tmp:
-        rows = run(args.mib, args.reps, args.stripe_mib, Path(tmp))
+        rows = run(args.mib, args.reps, args.stripe_mib, Path(tmp), args.checkpoint_stripe_mib)
     print(f"{'rep':>3} {'what':<24}{'wall':>7}{'client':>13}{'nodes':>13}{'meta':>7}   (s; user+sys)")
     for r in rows:
         print(f"{r['rep']:>3} {r['what']:<24}{r['wall_s']:7.2f}"

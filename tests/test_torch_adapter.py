@@ -98,12 +98,12 @@ def test_checkpoints_get_wide_stripes_unless_a_layout_is_given(cluster: LocalClu
         base = unique_dir(default_client, "stripes")
         tensors = {"w": torch.randn(1000)}
         dtorch.save(tensors, f"{base}/default.pt", client=default_client)
-        assert file_layout(default_client, f"{base}/default.pt") == Layout(4, 2, 16 << 20)
+        assert file_layout(default_client, f"{base}/default.pt") == Layout(4, 2, 32 << 20)
         dtorch.save(tensors, f"{base}/explicit.pt", client=default_client, layout=Layout(2, 1, 128 << 10))
         assert file_layout(default_client, f"{base}/explicit.pt") == Layout(2, 1, 128 << 10)
-        default_client.set_layout(base, Layout(4, 2, 32 << 20))  # already wider: kept
+        default_client.set_layout(base, Layout(4, 2, 64 << 20))  # already wider: kept
         dtorch.save(tensors, f"{base}/wide.pt", client=default_client)
-        assert file_layout(default_client, f"{base}/wide.pt") == Layout(4, 2, 32 << 20)
+        assert file_layout(default_client, f"{base}/wide.pt") == Layout(4, 2, 64 << 20)
         assert sorted(default_client.listdir(base)) == ["default.pt", "explicit.pt", "wide.pt"]
         assert_same(tensors, dtorch.load(f"{base}/default.pt", client=default_client))
 

@@ -40,7 +40,9 @@ log = logging.getLogger(__name__)
 
 VERSION_JITTER = 1 << 20
 REBUILT_STRIPES_KEPT = 8
-"""Stripes rebuilt by degraded reads that a client keeps (8 x 4 MiB by default)."""
+REBUILT_BYTES_KEPT = 32 << 20
+"""Stripes rebuilt by degraded reads that a client keeps: the last 8, and no more
+than 32 MiB of them unless that is fewer than two (checkpoint files have wide stripes)."""
 CHECK_HERE_BYTES = 256 << 10
 """Range reads from this size ask the node for the blocks' CRCs and check them here:
 the node then sends the bytes from its page cache unread (sendfile), which saves it
@@ -368,7 +370,8 @@ class StripeIO:
         try:
             data = await self._rebuild(ino, layout, record)
             self._rebuilt[key] = data
-            while len(self._rebuilt) > REBUILT_STRIPES_KEPT:
+            while len(self._rebuilt) > REBUILT_STRIPES_KEPT or (
+                    len(self._rebuilt) > 2 and sum(map(len, self._rebuilt.values())) > REBUILT_BYTES_KEPT):
                 self._rebuilt.popitem(last=False)
             return data
         finally:

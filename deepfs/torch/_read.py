@@ -35,8 +35,10 @@ from deepfs.torch._archive import (
 )
 from deepfs.torch._plan import Run, is_storage, piece_size, plan_reads, split_range
 
-INFLIGHT_BYTES = 128 << 20
-"""About this many bytes of reads are in flight at once (and staged, on the GPU path)."""
+INFLIGHT_BYTES = 256 << 20
+"""About this many bytes of reads are in flight at once (into the tensors' own memory)."""
+STAGING_BYTES = 128 << 20
+"""Page-locked staging buffers of the GPU path, in all (they bound its reads in flight)."""
 
 LEGACY_MAGIC = b"\x8a\x0a"  # pickled LONG1 of length 10 after the PROTO opcode: torch's pre-1.6 format
 
@@ -222,7 +224,7 @@ async def _read_entries(handle: AsyncFile, archive: LoadedArchive, options: Read
     prefaulter = trio.CapacityLimiter(1)
     stager = None
     if options.stage_to is not None and plan.direct:
-        stager = Stager(options.stage_to, piece, int(inflight.total_tokens))
+        stager = Stager(options.stage_to, piece, max(2, STAGING_BYTES // piece))
 
     async def read_piece(offset: int, dest: memoryview) -> None:
         async with inflight:

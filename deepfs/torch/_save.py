@@ -195,7 +195,7 @@ def save(
     It appears under its name only once completely written (temporary name,
     fsync, atomic rename). ``layout`` overrides the directory's default
     erasure layout for the new file; without it the file gets the
-    directory's k, m and codec with stripes of at least 16 MiB
+    directory's k, m and codec with stripes of at least 32 MiB
     (``ClientConfig.checkpoint_stripe_bytes``). ``progress`` shows a transfer bar
     (default: only when stderr is a terminal).
     """
