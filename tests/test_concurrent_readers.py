@@ -32,6 +32,14 @@ def fragment_files(cluster: LocalCluster, ino: int) -> list[Path]:
     return list(cluster.data_dir.glob(f"node*/fragments/*/{ino}/*"))
 
 
+def wait_for_fragment_count(cluster: LocalCluster, ino: int, count: int, timeout_s: float = 20) -> None:
+    """Until GC has brought the inode's fragment files down to ``count``."""
+    deadline = time.monotonic() + timeout_s
+    while len(fragment_files(cluster, ino)) > count and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert len(fragment_files(cluster, ino)) == count
+
+
 @pytest.fixture
 def patient_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """Removed files' data stays a minute, as by default."""
@@ -68,10 +76,7 @@ def test_a_reader_of_an_overwritten_stripe_reads_the_newer_version(fresh_cluster
             newer = os.urandom(1 << 20)
             with writer.open("/f", "r+b") as w:
                 w.pwrite(newer, 2 << 20)  # stripe 2, a new version; the old one goes at once
-            deadline = time.monotonic() + 20
-            while len(fragment_files(fresh_cluster, ino)) > 4 * 6 and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert len(fragment_files(fresh_cluster, ino)) == 4 * 6
+            wait_for_fragment_count(fresh_cluster, ino, 4 * 6)  # four stripes, the newest versions
             assert f.pread(1 << 20, 2 << 20) == newer  # not EIO
 
 
@@ -82,10 +87,7 @@ def test_a_removed_file_whose_data_is_gone_is_estale(fresh_cluster: LocalCluster
         ino = writer.stat("/f").st_ino
         with reader.open("/f", "rb") as f:
             writer.unlink("/f")
-            deadline = time.monotonic() + 20  # this cluster's grace: 1 s
-            while fragment_files(fresh_cluster, ino) and time.monotonic() < deadline:
-                time.sleep(0.1)
-            assert not fragment_files(fresh_cluster, ino)
+            wait_for_fragment_count(fresh_cluster, ino, 0)  # this cluster's grace: 1 s
             with pytest.raises(OSError) as failure:
                 f.pread(1 << 20, 0)
             assert failure.value.errno == errno.ESTALE
