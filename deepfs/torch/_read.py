@@ -69,6 +69,21 @@ class LoadedArchive:
             return entry
         raise CheckpointError(f"{self.url}: the archive has no record {name!r}: the checkpoint is incomplete or corrupt")
 
+    def take_entry(self, entry: Entry, buffer: memoryview, base: int) -> memoryview | None:
+        """``entry`` found in ``buffer`` (file bytes from offset ``base``): a record is
+        CRC-checked and kept; a storage's bytes are returned for the caller to place."""
+        data_offset = local_data_offset(self.directory, entry, buffer[entry.header_offset - base :])
+        check_readable(entry, data_offset, self.directory.offset)
+        if data_offset + entry.size > base + len(buffer):
+            raise CheckpointError(f"entry {entry.name!r} overruns the next entry: the file is corrupt")
+        self.data_offsets[entry.name] = data_offset
+        data = buffer[data_offset - base : data_offset - base + entry.size]
+        if is_storage(entry):
+            return data
+        _check_crc(entry, data)
+        self.records[entry.name] = bytes(data)
+        return None
+
     def has_record(self, name: str) -> bool:
         return name in self.records or name in self.storages
 
@@ -239,21 +254,13 @@ async def _read_entries(handle: AsyncFile, archive: LoadedArchive, options: Read
             for offset, length in split_range(run.start, len(buf), piece)
         )
         for entry in run.entries:
-            data_offset = local_data_offset(archive.directory, entry, view[entry.header_offset - run.start :])
-            check_readable(entry, data_offset, archive.directory.offset)
-            if data_offset + entry.size > run.end:
-                raise CheckpointError(f"entry {entry.name!r} overruns the next entry: the file is corrupt")
-            data = view[data_offset - run.start : data_offset - run.start + entry.size]
-            archive.data_offsets[entry.name] = data_offset
-            if is_storage(entry):
+            data = archive.take_entry(entry, view, run.start)
+            if data is not None:  # a small storage: its own buffer (the run's is shared)
                 if options.verify_crc:
                     _check_crc(entry, data)
                 tensor = host_buffer(entry.size, options.pin_memory)
                 byte_view(tensor)[:] = data
                 archive.storages[entry.name] = tensor
-            else:
-                _check_crc(entry, data)
-                archive.records[entry.name] = bytes(data)
 
     async def read_direct(entry: Entry) -> None:
         header = bytearray(local_header_span(archive.directory, entry))
@@ -307,17 +314,11 @@ def archive_in_memory(data: memoryview, url: str) -> LoadedArchive:
             raise CheckpointError(f"{url}: the zip64 end record cannot be found: the checkpoint is corrupt")
     archive = LoadedArchive(url, parse_directory(data[found.offset : found.offset + found.size], found))
     for entry in archive.directory.entries:
-        data_offset = local_data_offset(archive.directory, entry, data[entry.header_offset :])
-        check_readable(entry, data_offset, archive.directory.offset)
-        archive.data_offsets[entry.name] = data_offset
-        view = data[data_offset : data_offset + entry.size]
-        if is_storage(entry):
+        view = archive.take_entry(entry, data, 0)
+        if view is not None:
             archive.storages[entry.name] = (
                 torch.frombuffer(view, dtype=torch.uint8) if entry.size else torch.empty(0, dtype=torch.uint8)
             )
-        else:
-            _check_crc(entry, view)
-            archive.records[entry.name] = bytes(view)
     return archive
 
 
