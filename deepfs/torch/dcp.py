@@ -52,7 +52,7 @@ from deepfs.client import AsyncClient, Client
 from deepfs.concurrency import run_all
 from deepfs.torch._archive import CheckpointError
 from deepfs.torch._load import _unpickle
-from deepfs.torch._read import archive_in_memory
+from deepfs.torch._read import archive_in_memory, read_exact
 from deepfs.url import is_url, join_path, parse_url, shared_client
 
 __all__ = ["DeepFSCheckpointFS", "DeepFSStorageReader", "DeepFSStorageWriter"]
@@ -251,14 +251,13 @@ async def _read_ranges(aio: AsyncClient, path: str, ranges: list[tuple[int, int]
         limiter = trio.CapacityLimiter(READS_IN_FLIGHT)
 
         async def read(index: int) -> None:
-            offset, length = ranges[index]
             async with limiter:
-                got = await handle.pread_into(memoryview(blobs[index]), offset)
-            if got != length:
-                raise CheckpointError(f"{path} ends at byte {handle.size}, inside an item that needs bytes up to "
-                                      f"{offset + length}: the checkpoint is truncated")
+                await read_exact(handle, ranges[index][0], memoryview(blobs[index]))
 
-        await run_all(functools.partial(read, index) for index in range(len(ranges)))
+        try:
+            await run_all(functools.partial(read, index) for index in range(len(ranges)))
+        except CheckpointError as exc:
+            raise CheckpointError(f"{path}: {exc}") from None
         return blobs
     finally:
         await handle.close()
