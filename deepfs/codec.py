@@ -87,7 +87,7 @@ def encode_gathered(layout: Layout, pieces: Sequence[memoryview],
     size = fragment_data_size(layout, total)
     if size * layout.k != total:
         return encode_stripe(layout, b"".join(pieces), allocate)
-    cells = [_cut(pieces, i * size, (i + 1) * size) for i in range(layout.k)]
+    cells = [cut_pieces(pieces, i * size, (i + 1) * size) for i in range(layout.k)]
     starts = [list(itertools.accumulate((len(v) for v in cell[:-1]), initial=0)) for cell in cells]
     bounds = sorted({size, *itertools.chain.from_iterable(starts)})
     parity = [memoryview(allocate(size))[:size] for _ in range(layout.m)]
@@ -103,7 +103,7 @@ def encode_gathered(layout: Layout, pieces: Sequence[memoryview],
     return EncodedStripe(fragments, crcs, [fragment_digest(c) for c in crcs])
 
 
-def _cut(pieces: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
+def cut_pieces(pieces: Sequence[memoryview], start: int, end: int) -> list[memoryview]:
     """The views of ``pieces`` (concatenated) that hold bytes [start, end), empty ones left out."""
     out = []
     offset = 0

@@ -67,14 +67,9 @@ class GatheredStripe:
     def copy_out(self, start: int, dest: memoryview) -> int:
         """Copy bytes from ``start`` into ``dest``; returns how many there were."""
         done = 0
-        offset = 0
-        for piece in self.pieces:
-            lo = max(start + done, offset)
-            if lo < offset + len(piece) and done < len(dest):
-                take = min(offset + len(piece) - lo, len(dest) - done)
-                dest[done : done + take] = piece[lo - offset : lo - offset + take]
-                done += take
-            offset += len(piece)
+        for part in codec.cut_pieces(self.pieces, start, start + len(dest)):
+            dest[done : done + len(part)] = part
+            done += len(part)
         return done
 
 
