@@ -20,10 +20,11 @@ Layout of a frame::
     payload  (payload_len bytes, raw; integrity is checked by the fragment
               layer's per-block CRC32C, so it is never copied to be hashed here)
 
-Rules: a frame whose magic, version, lengths or CRC are wrong is garbage from
-the peer (``ProtocolError``) and the connection carrying it is closed. Errors
-of an operation travel in a response with FLAG_ERROR and a body
-``{"errno": int, "msg": str}``.
+Rules: a frame whose magic, version, flags, lengths or CRC are wrong, or
+whose body is not msgpack, is garbage from the peer (``ProtocolError``) and
+the connection carrying it is closed. Errors of an operation travel in a
+response with FLAG_ERROR and a body ``{"errno": int, "msg": str}``. What
+the bodies hold, and how a server answers a bad one, is ``deepfs.messages``.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def encode_frame(
     flags: int = 0,
 ) -> bytes:
     """Header + msgpack body; the caller sends ``payload_len`` payload bytes after it."""
-    body_bytes = msgpack.packb(body, use_bin_type=True)
+    body_bytes: bytes = msgpack.packb(body, use_bin_type=True)
     head = HEADER.pack(MAGIC, PROTOCOL_VERSION, op, flags, request_id, len(body_bytes), payload_len, 0)
     crc = crc32c.crc32c(body_bytes, crc32c.crc32c(head[:_CRC_COVERED]))
     return head[:_CRC_COVERED] + struct.pack("!I", crc) + body_bytes

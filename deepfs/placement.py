@@ -14,8 +14,7 @@ import struct
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-MISSING = -1
-"""Placement slot of a fragment that has no node (written degraded, awaiting repair)."""
+from deepfs.messages import MISSING_NODE
 
 
 @dataclass(frozen=True, slots=True)
@@ -41,7 +40,7 @@ def place_stripe(
     nodes: Sequence[NodeView],
     avoid: frozenset[int] = frozenset(),
 ) -> list[int]:
-    """Node ids for fragments 0..width-1; MISSING where too few live nodes exist.
+    """Node ids for fragments 0..width-1; ``MISSING_NODE`` where too few live nodes exist.
 
     ``avoid`` holds nodes that recently failed: they are used only when
     nothing else is left.
@@ -63,4 +62,4 @@ def place_stripe(
         if node not in chosen:
             chosen.append(node)
     placement = [n.node_id for n in chosen]
-    return placement + [MISSING] * (width - len(placement))
+    return placement + [MISSING_NODE] * (width - len(placement))

@@ -14,10 +14,17 @@ from typing import Any
 
 from deepfs.errors import ConfigError, os_error
 from deepfs.layout import Layout
+from deepfs.messages import NAME_MAX
 from metadata.inodes import free_inode, now_ns, require_inode, set_size
-from metadata.records import NAME_MAX, Inode
+from metadata.records import Inode
 from metadata.store import MetaStore, Txn
-from metadata.stripes import check_record, check_version, retire_fragments, store_stripe, truncate_stripes
+from metadata.stripes import (
+    check_record,
+    check_version,
+    retire_fragments,
+    store_stripe,
+    truncate_stripes,
+)
 
 XATTR_CREATE = 1
 XATTR_REPLACE = 2

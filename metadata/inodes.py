@@ -12,22 +12,14 @@ from __future__ import annotations
 import errno
 import stat
 import time
-from dataclasses import dataclass
 from typing import Any
 
 from deepfs.errors import os_error
+from deepfs.messages import NAME_MAX, Ctx
 from metadata import keys
-from metadata.records import NAME_MAX, Inode
-from metadata.stripes import drop_stripes_from
+from metadata.records import Inode
 from metadata.store import Txn
-
-
-@dataclass(frozen=True, slots=True)
-class Ctx:
-    """The caller of an operation, for ownership of what it creates."""
-
-    uid: int = 0
-    gid: int = 0
+from metadata.stripes import drop_stripes_from
 
 
 def now_ns() -> int:

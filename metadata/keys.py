@@ -15,7 +15,7 @@ Key layouts (database → key → value):
     xattrs      ino u64 + name                  → value (raw bytes)
     orphans     ino u64                         → b""
     gc          node u32 + ino u64 + stripe u64
-                + version u64 + index u8        → file removed at, ns u64 (b"": not waiting)
+                + version u64 + slot u8         → file removed at, ns u64 (b"": not waiting)
     nodes       node_id u32                     → msgpack node record
     meta        ascii name                      → msgpack value
 
@@ -26,13 +26,13 @@ payload is already bytes (names, xattr values) and wrapping would only cost.
 from __future__ import annotations
 
 import struct
-from typing import Any, NamedTuple
+from typing import Any
 
 import msgpack
 
-U64_MAX = (1 << 64) - 1
-U32_MAX = (1 << 32) - 1
-MAX_FRAGMENT_INDEX = 255  # one byte in the GC key; layouts stop at 32 fragments
+from deepfs.messages import U32_MAX, U64_MAX, FragmentKey
+
+MAX_GC_SLOT = 255  # one byte in the GC key; layouts stop at 32 fragments
 
 _U32 = struct.Struct(">I")
 _U64 = struct.Struct(">Q")
@@ -41,15 +41,6 @@ _GC = struct.Struct(">IQQQB")
 
 GC_KEY_SIZE = _GC.size
 PAIR_KEY_SIZE = _U64_PAIR.size
-
-
-class FragmentKey(NamedTuple):
-    """Where a fragment lives on a storage node: (inode, stripe, version, index)."""
-
-    ino: int
-    stripe: int
-    version: int
-    index: int
 
 
 def _u64(value: int) -> bytes:
@@ -126,15 +117,15 @@ def gc_prefix(node_id: int) -> bytes:
 
 
 def gc_key(node_id: int, fragment: FragmentKey) -> bytes:
-    ino, stripe, version, index = fragment
-    if not 0 <= index <= MAX_FRAGMENT_INDEX:
-        raise ValueError(f"fragment index {index} out of range")
-    return _u32(node_id) + _u64(ino) + _u64(stripe) + _u64(version) + bytes((index,))
+    ino, stripe, version, slot = fragment
+    if not 0 <= slot <= MAX_GC_SLOT:
+        raise ValueError(f"fragment slot {slot} out of range")
+    return _u32(node_id) + _u64(ino) + _u64(stripe) + _u64(version) + bytes((slot,))
 
 
 def decode_gc_key(key: bytes) -> tuple[int, FragmentKey]:
-    node_id, ino, stripe, version, index = _GC.unpack(key)
-    return node_id, FragmentKey(ino, stripe, version, index)
+    node_id, ino, stripe, version, slot = _GC.unpack(key)
+    return node_id, FragmentKey(ino, stripe, version, slot)
 
 
 def gc_value(removed_ns: int | None) -> bytes:

@@ -21,10 +21,17 @@ from typing import Any
 from deepfs.config import MetaConfig
 from deepfs.errors import os_error
 from deepfs.layout import Layout, with_stripes_of_at_least
+from deepfs.messages import (
+    PATH_MAX,
+    RENAME_EXCHANGE,
+    RENAME_FLAGS,
+    RENAME_NOREPLACE,
+    ROOT_INO,
+    Ctx,
+)
 from metadata import keys
 from metadata.files import FileOps, checked_layout
 from metadata.inodes import (
-    Ctx,
     add_entry,
     check_name,
     drop_link,
@@ -38,12 +45,10 @@ from metadata.inodes import (
     set_size,
     touch_dir,
 )
-from metadata.records import PATH_MAX, ROOT_INO, Inode
+from metadata.records import Inode
 from metadata.store import MetaStore, Txn
 from metadata.stripes import truncate_stripes
 
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 READDIR_MAX_ENTRIES = 1024  # 1024 names of 255 bytes stay far below a frame's body limit
 STATFS_BLOCK_SIZE = 4096
 STATFS_FREE_INODES = 1 << 32  # inode numbers are 64-bit; report a large, stable number
@@ -266,7 +271,7 @@ class Namespace(FileOps):
 
         ``keep_open`` orphans a replaced file whose last link goes, like UNLINK.
         """
-        if flags & ~(RENAME_NOREPLACE | RENAME_EXCHANGE) or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
+        if flags & ~RENAME_FLAGS or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise os_error(errno.EINVAL, f"invalid rename flags {flags}")
         check_name(name)
         check_name(new_name)

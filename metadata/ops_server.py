@@ -1,11 +1,13 @@
 """The framed-protocol shell of the metadata server (docs/PROTOCOL.md).
 
 ``MetaOps`` is the ``deepfs.rpc.FrameServer`` handler: it checks each body
-(``metadata/validate.py``), calls the namespace and wraps the answer. It
-holds no state of its own. Every operation except FSYNC is synchronous and
-runs without yielding, so each one is atomic with respect to the others
-without locks; FSYNC waits for the group commit that covers earlier commits.
-Unknown operations answer ENOSYS: a newer client may ask for more.
+with its op's validator (``deepfs.messages.metadata_requests``), calls the
+namespace and wraps the answer. It holds no state of its own. Every
+operation except FSYNC is synchronous and runs without yielding, so each one
+is atomic with respect to the others without locks; FSYNC waits for the
+group commit that covers earlier commits. Bad input gets the answer it gets
+on every server (``deepfs.messages.validate``): an op this server does not
+serve is ENOSYS (a newer client may ask for more), a bad body EINVAL.
 """
 
 from __future__ import annotations
@@ -16,11 +18,11 @@ from typing import Any
 
 from deepfs.errors import os_error
 from deepfs.frames import Op
+from deepfs.messages import ROOT_INO, validate
+from deepfs.messages import metadata_requests as m
 from deepfs.rpc import Buffer
-from metadata import validate as v
 from metadata.membership import Membership
 from metadata.namespace import Namespace
-from metadata.records import ROOT_INO
 from metadata.store import MetaStore
 
 Reply = dict[str, Any]
@@ -72,14 +74,14 @@ class MetaOps:
         }
 
     async def __call__(self, op: int, body: Any, payload: memoryview) -> tuple[Reply, Sequence[Buffer]]:
-        v.no_payload(payload)
-        fields = v.body_map(body)
-        if op == Op.FSYNC:
+        handler = self._sync_ops.get(op)
+        if handler is None and op != Op.FSYNC:
+            raise os_error(errno.ENOSYS, f"operation {op} is not served by the metadata server")
+        validate.no_payload(payload, "a metadata request")
+        fields = validate.body_map(body)
+        if handler is None:  # FSYNC
             await self.store.wait_synced()
             return {}, ()
-        handler = self._sync_ops.get(op)
-        if handler is None:
-            raise os_error(errno.ENOSYS, f"operation {op} is not served by the metadata server")
         return handler(fields), ()
 
     # session ----------------------------------------------------------------
@@ -96,80 +98,65 @@ class MetaOps:
     # names --------------------------------------------------------------------
 
     def lookup(self, b: dict[str, Any]) -> Reply:
-        return {"attr": self.ns.lookup(v.u64(b, "parent"), v.blob(b, "name"))}
+        r = m.entry(b)
+        return {"attr": self.ns.lookup(r.parent, r.name)}
 
     def getattr(self, b: dict[str, Any]) -> Reply:
-        return {"attr": self.ns.getattr(v.u64(b, "ino"))}
+        return {"attr": self.ns.getattr(m.ino(b).ino)}
 
     def resolve(self, b: dict[str, Any]) -> Reply:
-        return {"attr": self.ns.resolve(v.path(b))}
+        return {"attr": self.ns.resolve(m.resolve(b))}
 
     def readdir(self, b: dict[str, Any]) -> Reply:
-        entries = self.ns.readdir(v.u64(b, "ino"), v.u64(b, "offset", 0), v.u32(b, "limit", 0))
-        return {"entries": entries}
+        r = m.readdir(b)
+        return {"entries": self.ns.readdir(r.ino, r.offset, r.limit)}
 
     def readlink(self, b: dict[str, Any]) -> Reply:
-        return {"target": self.ns.readlink(v.u64(b, "ino"))}
+        return {"target": self.ns.readlink(m.ino(b).ino)}
 
     def create(self, b: dict[str, Any]) -> Reply:
-        attr, layout, created = self.ns.create(
-            v.u64(b, "parent"),
-            v.blob(b, "name"),
-            v.mode(b),
-            v.flag(b, "exclusive"),
-            v.ctx(b),
-            v.layout(b),
-            v.u64(b, "min_stripe_size", 0),
-        )
+        r = m.create(b)
+        attr, layout, created = self.ns.create(r.parent, r.name, r.mode, r.exclusive, r.ctx, r.layout,
+                                               r.min_stripe_size)
         return {"attr": attr, "layout": layout, "created": created}
 
     def mknod(self, b: dict[str, Any]) -> Reply:
-        attr = self.ns.mknod(v.u64(b, "parent"), v.blob(b, "name"), v.mode(b), v.u64(b, "rdev", 0), v.ctx(b))
-        return {"attr": attr}
+        r = m.mknod(b)
+        return {"attr": self.ns.mknod(r.parent, r.name, r.mode, r.rdev, r.ctx)}
 
     def mkdir(self, b: dict[str, Any]) -> Reply:
-        return {"attr": self.ns.mkdir(v.u64(b, "parent"), v.blob(b, "name"), v.mode(b), v.ctx(b))}
+        r = m.mkdir(b)
+        return {"attr": self.ns.mkdir(r.parent, r.name, r.mode, r.ctx)}
 
     def symlink(self, b: dict[str, Any]) -> Reply:
-        return {"attr": self.ns.symlink(v.u64(b, "parent"), v.blob(b, "name"), v.blob(b, "target"), v.ctx(b))}
+        r = m.symlink(b)
+        return {"attr": self.ns.symlink(r.parent, r.name, r.target, r.ctx)}
 
     def link(self, b: dict[str, Any]) -> Reply:
-        return {"attr": self.ns.link(v.u64(b, "ino"), v.u64(b, "new_parent"), v.blob(b, "new_name"))}
+        r = m.link(b)
+        return {"attr": self.ns.link(r.ino, r.new_parent, r.new_name)}
 
     def unlink(self, b: dict[str, Any]) -> Reply:
-        self.ns.unlink(v.u64(b, "parent"), v.blob(b, "name"), v.flag(b, "keep_open"))
+        r = m.unlink(b)
+        self.ns.unlink(r.parent, r.name, r.keep_open)
         return {}
 
     def rmdir(self, b: dict[str, Any]) -> Reply:
-        self.ns.rmdir(v.u64(b, "parent"), v.blob(b, "name"))
+        r = m.entry(b)
+        self.ns.rmdir(r.parent, r.name)
         return {}
 
     def rename(self, b: dict[str, Any]) -> Reply:
-        self.ns.rename(
-            v.u64(b, "parent"),
-            v.blob(b, "name"),
-            v.u64(b, "new_parent"),
-            v.blob(b, "new_name"),
-            v.u32(b, "flags", 0),
-            v.flag(b, "keep_open"),
-        )
+        r = m.rename(b)
+        self.ns.rename(r.parent, r.name, r.new_parent, r.new_name, r.flags, r.keep_open)
         return {}
 
     # attributes -------------------------------------------------------------
 
     def setattr(self, b: dict[str, Any]) -> Reply:
-        v.ctx(b, required=False)
-        attr = self.ns.setattr(
-            v.u64(b, "ino"),
-            mode=v.mode(b, default=None),
-            uid=v.u32(b, "uid", None),
-            gid=v.u32(b, "gid", None),
-            size=v.offset(b, "size", None),
-            atime_ns=v.time_ns(b, "atime_ns"),
-            mtime_ns=v.time_ns(b, "mtime_ns"),
-            atime_now=v.flag(b, "atime_now"),
-            mtime_now=v.flag(b, "mtime_now"),
-        )
+        r = m.setattr(b)
+        attr = self.ns.setattr(r.ino, mode=r.mode, uid=r.uid, gid=r.gid, size=r.size, atime_ns=r.atime_ns,
+                               mtime_ns=r.mtime_ns, atime_now=r.atime_now, mtime_now=r.mtime_now)
         return {"attr": attr}
 
     def statfs(self, b: dict[str, Any]) -> Reply:
@@ -177,40 +164,40 @@ class MetaOps:
         return self.ns.statfs(capacity, free)
 
     def getxattr(self, b: dict[str, Any]) -> Reply:
-        return {"value": self.ns.getxattr(v.u64(b, "ino"), v.blob(b, "name"))}
+        r = m.xattr(b)
+        return {"value": self.ns.getxattr(r.ino, r.name)}
 
     def setxattr(self, b: dict[str, Any]) -> Reply:
-        self.ns.setxattr(v.u64(b, "ino"), v.blob(b, "name"), v.blob(b, "value"), v.u32(b, "flags", 0))
+        r = m.setxattr(b)
+        self.ns.setxattr(r.ino, r.name, r.value, r.flags)
         return {}
 
     def listxattr(self, b: dict[str, Any]) -> Reply:
-        return {"names": self.ns.listxattr(v.u64(b, "ino"))}
+        return {"names": self.ns.listxattr(m.ino(b).ino)}
 
     def removexattr(self, b: dict[str, Any]) -> Reply:
-        self.ns.removexattr(v.u64(b, "ino"), v.blob(b, "name"))
+        r = m.xattr(b)
+        self.ns.removexattr(r.ino, r.name)
         return {}
 
     # file data --------------------------------------------------------------
 
     def open(self, b: dict[str, Any]) -> Reply:
-        return self.ns.open(v.u64(b, "ino"))
+        return self.ns.open(m.ino(b).ino)
 
     def get_stripes(self, b: dict[str, Any]) -> Reply:
-        return {"stripes": self.ns.get_stripes(v.u64(b, "ino"), v.u64(b, "first", 0), v.u32(b, "count", 0))}
+        r = m.get_stripes(b)
+        return {"stripes": self.ns.get_stripes(r.ino, r.first, r.most)}
 
     def commit(self, b: dict[str, Any]) -> Reply:
-        return self.ns.commit(
-            v.u64(b, "ino"),
-            v.stripe_records(b),
-            v.offset(b, "size"),
-            v.time_ns(b, "mtime_ns"),
-            v.flag(b, "truncate"),
-        )
+        r = m.commit(b)
+        return self.ns.commit(r.ino, r.stripes, r.size, r.mtime_ns, r.truncate)
 
     def release(self, b: dict[str, Any]) -> Reply:
-        self.ns.release(v.u64(b, "ino"))
+        self.ns.release(m.ino(b).ino)
         return {}
 
     def set_layout(self, b: dict[str, Any]) -> Reply:
-        self.ns.set_layout(v.u64(b, "ino"), v.layout(b, required=True))
+        r = m.set_layout(b)
+        self.ns.set_layout(r.ino, r.layout)
         return {}

@@ -3,8 +3,9 @@
 An ``Inode`` is the one mutable record every namespace operation reads and
 writes; it knows how to turn itself into a compact stored value and into the
 ``attr`` map of the wire protocol. Stripe records travel as plain dicts with
-exactly the wire fields (``STRIPE_FIELDS``): the server stores what a client
-committed and hands it back unchanged, so no translation layer can drift.
+exactly the wire fields (``deepfs.messages.STRIPE_FIELDS``): the server
+stores what a client committed and hands it back unchanged, so no
+translation layer can drift.
 """
 
 from __future__ import annotations
@@ -13,13 +14,7 @@ import stat
 from dataclasses import dataclass
 from typing import Any
 
-ROOT_INO = 1
-NAME_MAX = 255
-PATH_MAX = 4096
-BLOCK_UNIT = 512  # st_blocks counts 512-byte units whatever the block size
-
-STRIPE_FIELDS = ("index", "version", "length", "fragment_size", "placement", "crcs")
-MISSING_NODE = -1  # placement entry of a fragment that no node holds
+from deepfs.messages import MISSING_NODE, blocks_of_size
 
 
 @dataclass(slots=True)
@@ -65,7 +60,7 @@ class Inode:
         return stat.S_ISLNK(self.mode)
 
     def attr(self) -> dict[str, int]:
-        """The wire ``attr`` map."""
+        """The wire ``attr`` map (``deepfs.messages.ATTR_FIELDS``)."""
         return {
             "ino": self.ino,
             "mode": self.mode,
@@ -78,7 +73,7 @@ class Inode:
             "ctime_ns": self.ctime_ns,
             "rdev": self.rdev,
             "generation": self.generation,
-            "blocks": -(-self.size // BLOCK_UNIT),
+            "blocks": blocks_of_size(self.size),
         }
 
     def to_value(self) -> list[Any]:

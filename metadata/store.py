@@ -37,8 +37,8 @@ import lmdb
 import trio
 
 from deepfs.errors import os_error
+from deepfs.messages import FragmentKey
 from metadata import keys
-from metadata.keys import FragmentKey
 from metadata.records import Inode
 
 DATABASES = ("inodes", "dentries", "dircookies", "stripes", "xattrs", "orphans", "gc", "nodes", "meta")

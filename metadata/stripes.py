@@ -1,11 +1,11 @@
 """Stripe records and the garbage they leave behind, inside one transaction.
 
-Rule of the data path (DESIGN.md, "Write path"): an overwrite writes a new
+Rule of the data path: an overwrite writes a new
 version of a stripe to new fragments, and the commit that points the stripe
 at them retires the previous version. Retired fragments are queued per
 storage node in the GC queue of the same transaction, so a fragment is
 either referenced by a stripe record or queued for deletion, never both and
-never neither (except when a node never got it: placement -1).
+never neither (except when a node never got it: placement ``MISSING_NODE``).
 """
 
 from __future__ import annotations
@@ -15,9 +15,9 @@ import time
 from typing import Any
 
 from deepfs.errors import os_error
+from deepfs.messages import MISSING_NODE, U32_MAX, FragmentKey
 from metadata import keys
-from metadata.keys import FragmentKey
-from metadata.records import MISSING_NODE, Inode, is_degraded
+from metadata.records import Inode, is_degraded
 from metadata.store import Txn
 
 
@@ -28,9 +28,9 @@ def check_record(record: dict[str, Any], layout: dict[str, Any]) -> None:
         raise os_error(errno.EINVAL, f"stripe {record['index']}: placement and crcs need {width} entries")
     if record["length"] > layout["stripe_size"]:
         raise os_error(errno.EINVAL, f"stripe {record['index']}: length exceeds the stripe size")
-    if any(node < MISSING_NODE or node > keys.U32_MAX for node in record["placement"]):
+    if any(node < MISSING_NODE or node > U32_MAX for node in record["placement"]):
         raise os_error(errno.EINVAL, f"stripe {record['index']}: placement holds an invalid node id")
-    if any(not 0 <= crc <= keys.U32_MAX for crc in record["crcs"]):
+    if any(not 0 <= crc <= U32_MAX for crc in record["crcs"]):
         raise os_error(errno.EINVAL, f"stripe {record['index']}: crcs must be 32-bit values")
 
 
@@ -43,23 +43,23 @@ def retire_fragments(txn: Txn, ino: int, old: dict[str, Any], keep: dict[str, An
     have nothing newer to read. Superseded versions of a live file go at once
     (a reader that finds them gone re-reads the file's stripe records)."""
     retired_ns = time.time_ns() if file_removed else None
-    for index, node_id in enumerate(old["placement"]):
+    for slot, node_id in enumerate(old["placement"]):
         if node_id == MISSING_NODE:
             continue
-        if keep is not None and keep["version"] == old["version"] and _node_at(keep, index) == node_id:
+        if keep is not None and keep["version"] == old["version"] and _node_at(keep, slot) == node_id:
             continue
-        txn.queue_gc(node_id, FragmentKey(ino, old["index"], old["version"], index), retired_ns)
+        txn.queue_gc(node_id, FragmentKey(ino, old["index"], old["version"], slot), retired_ns)
 
 
-def _node_at(record: dict[str, Any], index: int) -> int:
+def _node_at(record: dict[str, Any], slot: int) -> int:
     placement = record["placement"]
-    return placement[index] if index < len(placement) else MISSING_NODE
+    return placement[slot] if slot < len(placement) else MISSING_NODE
 
 
 def check_version(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
     """Refuse (ESTALE) a version that could name fragments the GC deletes.
 
-    Fragment keys are (ino, stripe, version, index), so a stripe's versions
+    Fragment keys are (ino, stripe, version, slot), so a stripe's versions
     must never repeat: a writer reusing a retired one would see the GC
     delete its new fragments. Versions of a stripe only grow: a new record
     must be above the current one, or equal to it with the same CRCs (a

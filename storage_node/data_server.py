@@ -1,11 +1,11 @@
 """The storage node's side of the framed protocol: a thin shell over ``FragmentStore``.
 
-Ops and bodies are exactly those of docs/PROTOCOL.md, "Storage node ops".
-Every body is validated before use: a wrong shape or type, an unknown op or a
-key that is not four valid integers is garbage from the peer
-(``ProtocolError``: that one connection closes, everybody else is served).
-Well-formed requests that cannot be served answer an errno (ENOENT, EBADMSG,
-ENOSPC, EINVAL).
+Ops and bodies are exactly those of docs/PROTOCOL.md, "Storage node ops";
+each body is checked by its validator in ``deepfs.messages.storage_requests``
+before use. Bad input gets the answer it gets on every server
+(``deepfs.messages.validate``): an op a node does not serve is ENOSYS, a bad
+body EINVAL, and the connection keeps serving. Well-formed requests that
+cannot be served answer an errno (ENOENT, EBADMSG, ENOSPC, EINVAL).
 
 Disk work runs in worker threads, bounded by one ``CapacityLimiter`` for the
 whole node, so the event loop keeps reading requests while disks are busy.
@@ -30,9 +30,13 @@ import trio
 
 from deepfs.config import NodeConfig
 from deepfs.errors import os_error
-from deepfs.frames import FrameHeader, Op, ProtocolError
+from deepfs.frames import FrameHeader, Op
+from deepfs.messages import storage_requests as requests
+from deepfs.messages import validate
 from deepfs.rpc import FileRange, FrameServer, Piece, ServerLimits
-from storage_node.fragment_store import DIRECT_MIN_BYTES, MAX_BLOCK_SIZE, MIN_BLOCK_SIZE, FragmentKey, FragmentStore
+from storage_node.direct_io import DIRECT_MIN_BYTES
+from storage_node.fragment_format import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
+from storage_node.fragment_store import FragmentStore
 from storage_node.identity import NodeIdentity
 from storage_node.payload_pool import PayloadPool
 
@@ -41,42 +45,10 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Reply = tuple[Any, Sequence[Piece]]
 
-_U32_LIMIT = 1 << 32
 INLINE_BYTES = 128 << 10
 """Requests up to this size are served on the event loop (see ``DataServer._on_disk``).
 Below ``DIRECT_MIN_BYTES``: inline work stays buffered, never waiting on the disk for O_DIRECT."""
-_U64_LIMIT = 1 << 64
 assert INLINE_BYTES < DIRECT_MIN_BYTES
-
-
-# ------------------------------------------------------------ validation
-def _fields(body: Any, op: Op) -> dict:
-    if body is None:  # an empty body travels as zero bytes
-        return {}
-    if not isinstance(body, dict):
-        raise ProtocolError(f"{op.name}: body must be a map, got {type(body).__name__}")
-    return body
-
-
-def _uint(body: dict, name: str, op: Op, limit: int = _U64_LIMIT, default: int | None = None) -> int:
-    value = body.get(name, default)
-    if type(value) is not int or not 0 <= value < limit:
-        raise ProtocolError(f"{op.name}: {name!r} must be an integer in [0, {limit}), got {value!r:.40}")
-    return value
-
-
-def _key(value: Any, op: Op) -> FragmentKey:
-    try:
-        return FragmentKey.of(value)
-    except ValueError as exc:
-        raise ProtocolError(f"{op.name}: {exc}") from None
-
-
-def _crcs(body: dict, op: Op) -> list[int]:
-    value = body.get("crcs")
-    if not isinstance(value, list) or not all(type(c) is int and 0 <= c < _U32_LIMIT for c in value):
-        raise ProtocolError(f"{op.name}: 'crcs' must be a list of u32")
-    return value
 
 
 class DataServer:
@@ -123,7 +95,7 @@ class DataServer:
             await self.frame_server.serve(host, port, task_status=task_status)
 
     def payload_buffer(self, header: FrameHeader, _body: Any) -> memoryview | None:
-        # Only PUT carries a payload; any other op with one is refused by handle().
+        # Only PUT carries a payload; any other op with one is refused (EINVAL) by handle().
         if header.op != Op.PUT_FRAGMENT:
             return None
         return self.pool.take(header.payload_len)
@@ -141,10 +113,10 @@ class DataServer:
         try:
             serve = self._ops.get(op)
             if serve is None:
-                raise ProtocolError(f"op {op} is not served by a storage node")
-            if len(payload) and op != Op.PUT_FRAGMENT:
-                raise ProtocolError(f"{Op(op).name} carries no payload, got {len(payload)} bytes")
-            return await serve(_fields(body, Op(op)), payload)
+                raise os_error(errno.ENOSYS, f"operation {op} is not served by a storage node")
+            if op != Op.PUT_FRAGMENT:
+                validate.no_payload(payload, Op(op).name)
+            return await serve(validate.body_map(body), payload)
         finally:
             # The handler is the payload's last user: put() has returned (its
             # worker thread is never abandoned), so the buffer can be reused.
@@ -169,14 +141,11 @@ class DataServer:
         return {"node_id": self.identity.node_id}, ()
 
     async def _put(self, body: dict, payload: memoryview) -> Reply:
-        key = _key(body.get("key"), Op.PUT_FRAGMENT)
-        block_size = _uint(body, "block_size", Op.PUT_FRAGMENT, _U32_LIMIT, self.config.block_size)
+        key, block_size, crcs, sync = requests.put_fragment(body)
+        if block_size is None:
+            block_size = self.config.block_size
         if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
             raise os_error(errno.EINVAL, f"block size must be in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
-        crcs = _crcs(body, Op.PUT_FRAGMENT)
-        sync = body.get("sync", True)
-        if type(sync) is not bool:
-            raise ProtocolError("PUT_FRAGMENT: 'sync' must be a boolean")
         durable = sync and self.store.fsync
         inline = len(payload) <= INLINE_BYTES and not durable
         crc = await self._on_disk(self.store.put, key, payload, crcs, block_size, sync, inline=inline)
@@ -219,12 +188,7 @@ class DataServer:
                 await self.sync_all()
 
     async def _get(self, body: dict, _payload: memoryview) -> Reply:
-        key = _key(body.get("key"), Op.GET_FRAGMENT)
-        offset = _uint(body, "offset", Op.GET_FRAGMENT, default=0)
-        length = _uint(body, "length", Op.GET_FRAGMENT)
-        with_crcs = body.get("with_crcs", False)
-        if type(with_crcs) is not bool:
-            raise ProtocolError("GET_FRAGMENT: 'with_crcs' must be a boolean")
+        key, offset, length, with_crcs = requests.get_fragment(body)
         # Never answer with more than a frame may carry.
         length = min(length, self.config.max_payload_bytes)
         if with_crcs and length >= DIRECT_MIN_BYTES:
@@ -240,14 +204,11 @@ class DataServer:
         return {"size": got.size}, (got.data,)
 
     async def _delete(self, body: dict, _payload: memoryview) -> Reply:
-        raw_keys = body.get("keys")
-        if not isinstance(raw_keys, list):
-            raise ProtocolError("DELETE_FRAGMENT: 'keys' must be a list of keys")
-        keys = [_key(k, Op.DELETE_FRAGMENT) for k in raw_keys]
+        keys = requests.delete_fragment(body)
         return {"deleted": await self._on_disk(self.store.delete, keys)}, ()
 
     async def _stat(self, body: dict, _payload: memoryview) -> Reply:
-        key = _key(body.get("key"), Op.STAT_FRAGMENT)
+        key = requests.stat_fragment(body)
         return await self._on_disk(self.store.stat, key), ()
 
     async def _node_stats(self, _body: dict, _payload: memoryview) -> Reply:

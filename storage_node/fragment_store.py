@@ -1,23 +1,9 @@
 """Fragments on local disk: one file per fragment, verified block by block.
 
 Pure synchronous code (no trio) so it is unit-tested on its own; the data
-server calls it from worker threads, so every method is thread-safe.
-
-Rules of this module:
-
-- A fragment is named by a ``FragmentKey`` of four validated integers, and its
-  path is built only from those integers:
-  ``<data_dir>/fragments/<ino % 256 as 2 hex>/<ino>/<stripe>.<version>.<index>``.
-  No byte a peer sends ever becomes part of a path.
-- File format (little-endian)::
-
-      header      32 bytes: magic "DFSF", format u16, flags u16, data_len u64,
-                  block_size u32, n_blocks u32, data_offset u32,
-                  crc32c of the 28 bytes before it
-      crc table   n_blocks × u32, CRC32C of each block of the data
-      padding     zeros up to data_offset (a multiple of 4 KiB, so data
-                  blocks are page-aligned in the page cache)
-      data        data_len bytes
+server calls it from worker threads, so every method is thread-safe. The
+file format and names are ``fragment_format``; when I/O goes around the
+page cache is ``direct_io``. Rules of the store:
 
 - Writes are all-or-nothing: temp file in the same directory, fsync, rename,
   fsync the directory. Temp files a crash leaves behind are removed when the
@@ -28,19 +14,8 @@ Rules of this module:
 - Space: a write is refused with ENOSPC when it would leave less than
   ``reserve_bytes`` free on the file system, or push the bytes stored past
   ``capacity_bytes`` (when that is set).
-- Large fragments are written around the page cache (O_DIRECT): copying a
-  checkpoint's MiBs into freshly allocated page-cache pages cost more CPU
-  than anything else on a node. Direct I/O needs page-aligned memory,
-  offsets and lengths, so it is used for puts of at least
-  ``DIRECT_MIN_BYTES`` whose length is a multiple of 4 KiB and whose buffer
-  is page-aligned (``PayloadPool`` buffers are). Reads stay buffered by
-  default — kernel read-ahead made cold reads faster than O_DIRECT on the
-  machines measured, and hot ones come from memory — unless
-  ``direct_reads`` is set. Range reads of at least ``DIRECT_MIN_BYTES`` land
-  in a pooled buffer either way, which the caller gives back with
-  ``release``. The file format is the same either way. A file system that
-  refuses O_DIRECT (EINVAL) turns it off for the store; nothing fails
-  because of it.
+- Range reads of at least ``DIRECT_MIN_BYTES`` land in a pooled buffer
+  (direct or not), which the caller gives back with ``release``.
 - ``open_span`` is the one read that does not verify all the data: it hands
   out an open file range of whole blocks and their CRCs for a reader that
   checks the bytes itself (the node then sends them with sendfile, unread);
@@ -50,90 +25,34 @@ Rules of this module:
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import errno
-import fcntl
 import logging
 import os
 import secrets
-import struct
 import threading
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
-
-import crc32c
 
 from deepfs.checksums import fragment_digest
 from deepfs.config import NodeConfig
 from deepfs.errors import ChecksumError, os_error
+from deepfs.messages import U64_MAX, FragmentKey
+from storage_node import fragment_format as fmt
+from storage_node.direct_io import DIRECT_MIN_BYTES, DirectIO, fsync_dir, syncfs
+from storage_node.fragment_format import (
+    HEADER_SIZE,
+    MAX_BLOCK_SIZE,
+    MIN_BLOCK_SIZE,
+    CorruptFragment,
+    FileHeader,
+)
 from storage_node.payload_pool import PayloadPool
 
 log = logging.getLogger(__name__)
 
-MAGIC = b"DFSF"
-FORMAT_VERSION = 1
-_HEADER = struct.Struct("<4sHHQIIII")
-HEADER_SIZE = _HEADER.size
-_HEADER_CRC_COVERED = HEADER_SIZE - 4
-DATA_ALIGNMENT = 4096
-
-MAX_INDEX = 32
-_U64_LIMIT = 1 << 64
-MIN_BLOCK_SIZE = 512
-MAX_BLOCK_SIZE = 16 << 20
-
-DIRECT_MIN_BYTES = 256 << 10
-"""Puts and range reads from this size on go around the page cache (O_DIRECT)."""
-DIRECT_ALIGNMENT = 4096
-"""Memory, offsets and lengths of O_DIRECT I/O are multiples of this (a page;
-at least the logical block size of common disks)."""
-_O_DIRECT: int = getattr(os, "O_DIRECT", 0)  # 0 where the platform has none: always buffered
-
-FRAGMENTS_DIR = "fragments"
-QUARANTINE_DIR = "quarantine"
-_TMP_SUFFIX = ".tmp"
-
-
-class FragmentKey(NamedTuple):
-    """(inode, stripe, version, index): the name of one fragment everywhere."""
-
-    ino: int
-    stripe: int
-    version: int
-    index: int
-
-    @classmethod
-    def of(cls, values: object) -> FragmentKey:
-        """Validate four integers; ValueError for anything else (strings, bools, negatives, paths)."""
-        if not isinstance(values, (list, tuple)) or len(values) != 4:
-            raise ValueError(f"a fragment key is 4 integers, got {values!r:.80}")
-        for value in values:
-            if type(value) is not int or not 0 <= value < _U64_LIMIT:
-                raise ValueError(f"fragment key parts must be integers in [0, 2**64), got {value!r:.40}")
-        if values[3] >= MAX_INDEX:
-            raise ValueError(f"fragment index must be below {MAX_INDEX}, got {values[3]}")
-        return cls(*values)
-
-    def file_name(self) -> str:
-        return f"{self.stripe}.{self.version}.{self.index}"
-
-    def __str__(self) -> str:
-        return f"{self.ino}/{self.stripe}.{self.version}.{self.index}"
-
-
-@dataclass(frozen=True, slots=True)
-class _Header:
-    data_len: int
-    block_size: int
-    n_blocks: int
-    data_offset: int
-
-    @property
-    def file_size(self) -> int:
-        return self.data_offset + self.data_len
+_WHOLE_FRAGMENT = U64_MAX + 1  # a read length past the end of any fragment
 
 
 class RangeRead(NamedTuple):
@@ -164,106 +83,15 @@ class FileSpan(NamedTuple):
     tail: bytearray | memoryview = bytearray()
 
 
-class _Corrupt(Exception):
-    """Internal: the file on disk is not what we wrote; the caller quarantines it."""
-
-
-def blocks_of(data_len: int, block_size: int) -> int:
-    return -(-data_len // block_size)
-
-
-def _layout(data_len: int, block_size: int) -> _Header:
-    n_blocks = blocks_of(data_len, block_size)
-    data_offset = -(-(HEADER_SIZE + 4 * n_blocks) // DATA_ALIGNMENT) * DATA_ALIGNMENT
-    return _Header(data_len, block_size, n_blocks, data_offset)
-
-
-def _pack_prefix(header: _Header, crcs: list[int]) -> bytearray:
-    """Header, CRC table and padding: everything before the data."""
-    out = bytearray(header.data_offset)
-    head = _HEADER.pack(MAGIC, FORMAT_VERSION, 0, header.data_len, header.block_size, header.n_blocks,
-                        header.data_offset, 0)
-    out[:_HEADER_CRC_COVERED] = head[:_HEADER_CRC_COVERED]
-    struct.pack_into("<I", out, _HEADER_CRC_COVERED, crc32c.crc32c(head[:_HEADER_CRC_COVERED]))
-    struct.pack_into(f"<{len(crcs)}I", out, HEADER_SIZE, *crcs)
-    return out
-
-
-def _unpack_header(raw: bytes) -> _Header:
-    if len(raw) != HEADER_SIZE:
-        raise _Corrupt(f"header is {len(raw)} bytes, want {HEADER_SIZE}")
-    magic, version, _flags, data_len, block_size, n_blocks, data_offset, crc = _HEADER.unpack(raw)
-    if crc32c.crc32c(raw[:_HEADER_CRC_COVERED]) != crc:
-        raise _Corrupt("header checksum mismatch")
-    if magic != MAGIC or version != FORMAT_VERSION:
-        raise _Corrupt(f"unknown magic {magic!r} or format {version}")
-    if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
-        raise _Corrupt(f"block size {block_size} out of range")
-    expected = _layout(data_len, block_size)
-    if (n_blocks, data_offset) != (expected.n_blocks, expected.data_offset):
-        raise _Corrupt("header fields disagree with each other")
-    return expected
-
-
 def _pread_exactly(fd: int, size: int, offset: int) -> bytes:
     raw = os.pread(fd, size, offset)
     if len(raw) != size:
-        raise _Corrupt(f"file ends early: {len(raw)} of {size} bytes at offset {offset}")
+        raise CorruptFragment(f"file ends early: {len(raw)} of {size} bytes at offset {offset}")
     return raw
 
 
-def _pwrite_all(fd: int, pieces: list[memoryview]) -> None:
-    """pwritev from offset 0 until every byte is written (pwritev may stop short).
-
-    Explicit offsets let a refused direct write start over buffered on the same fd."""
-    pending = [p for p in pieces if len(p)]
-    offset = 0
-    while pending:
-        written = os.pwritev(fd, pending, offset)
-        offset += written
-        while written:
-            if written >= len(pending[0]):
-                written -= len(pending[0])
-                pending.pop(0)
-            else:
-                pending[0] = pending[0][written:]
-                written = 0
-
-
-def _verify_blocks(view: memoryview, crcs: tuple[int, ...], block_size: int, first: int) -> None:
-    for i, want in enumerate(crcs):
-        if crc32c.crc32c(view[i * block_size : (i + 1) * block_size]) != want:
-            raise _Corrupt(f"block {first + i} failed its crc32c")
-
-
-def _direct_io_fits(data: memoryview) -> bool:
-    """Can ``data`` be written with O_DIRECT as it lies (large, whole pages, page-aligned)?
-
-    ctypes finds the address only of writable buffers; read-only ones
-    (bytes) are never pooled, so they are written buffered."""
-    if len(data) < DIRECT_MIN_BYTES or len(data) % DIRECT_ALIGNMENT or data.readonly or not data.c_contiguous:
-        return False
-    return ctypes.addressof(ctypes.c_char.from_buffer(data)) % DIRECT_ALIGNMENT == 0
-
-
-def _syncfs(fd: int) -> None:
-    """syncfs(2) where libc has it (Linux), else a global sync."""
-    libc = ctypes.CDLL(None, use_errno=True)
-    syncfs = getattr(libc, "syncfs", None)
-    if syncfs is None:
-        os.sync()
-        return
-    if syncfs(fd) != 0:
-        code = ctypes.get_errno()
-        raise OSError(code, f"syncfs failed: {os.strerror(code)}")
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _read_header(fd: int) -> FileHeader:
+    return fmt.unpack_header(_pread_exactly(fd, HEADER_SIZE, 0))
 
 
 class FragmentStore:
@@ -293,8 +121,8 @@ class FragmentStore:
         ``buffers`` is the pool direct I/O takes its aligned buffers from
         (the node shares one with its receive path)."""
         self.root = Path(data_dir)
-        self.fragments_dir = self.root / FRAGMENTS_DIR
-        self.quarantine_dir = self.root / QUARANTINE_DIR
+        self.fragments_dir = self.root / fmt.FRAGMENTS_DIR
+        self.quarantine_dir = self.root / fmt.QUARANTINE_DIR
         self.fsync = fsync
         self.reserve_bytes = reserve_bytes
         self.capacity_bytes = capacity_bytes
@@ -306,8 +134,7 @@ class FragmentStore:
         self._quarantined = 0
         self._in_flight_bytes = 0  # admitted writes not yet renamed into place
         self.buffers = buffers if buffers is not None else PayloadPool()
-        self._direct_io = direct_io and _O_DIRECT != 0
-        self._direct_reads = direct_reads
+        self.direct = DirectIO(self.root, self.buffers, writes=direct_io, reads=direct_reads)
         self._io_counts = dict.fromkeys(
             ("direct_writes", "buffered_writes", "direct_reads", "buffered_reads", "spans_sent_unread"), 0)
         for folder in (self.root, self.fragments_dir, self.quarantine_dir):
@@ -322,10 +149,10 @@ class FragmentStore:
 
     # ------------------------------------------------------------- layout
     def path_of(self, key: FragmentKey) -> Path:
-        return self._inode_dir(key) / key.file_name()
+        return self._inode_dir(key) / fmt.file_name(key)
 
     def _inode_dir(self, key: FragmentKey) -> Path:
-        return self.fragments_dir / f"{key.ino % 256:02x}" / str(key.ino)
+        return self.fragments_dir / fmt.inode_dir(key)
 
     def _scan(self) -> None:
         """Count what is stored and remove temp files a crash left behind."""
@@ -333,7 +160,7 @@ class FragmentStore:
         for inode_dir in self._inode_dirs():
             with os.scandir(inode_dir) as entries:
                 for entry in entries:
-                    if entry.name.endswith(_TMP_SUFFIX):
+                    if fmt.is_temp_name(entry.name):
                         os.unlink(entry.path)
                         removed += 1
                     elif entry.is_file(follow_symlinks=False):
@@ -367,27 +194,12 @@ class FragmentStore:
         if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
             raise ValueError(f"block size must be in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}], got {block_size}")
         view = memoryview(data).cast("B")
-        header = _layout(len(view), block_size)
-        sent = list(crcs)
-        crcs = self._check_crcs(key, view, crcs, block_size, header.n_blocks)
-        digest = fragment_digest(sent)  # of the table as sent: what the writer records
-        prefix = _pack_prefix(header, crcs)
+        header = fmt.layout(len(view), block_size)
+        digest = fragment_digest(crcs)  # of the table as sent: what the writer records
+        prefix = fmt.pack_prefix(header, fmt.checked_crcs(key, view, crcs, block_size))
         with self._admit(header.file_size):
             self._write_file(key, header, memoryview(prefix), view, self.fsync and sync)
         return digest
-
-    @staticmethod
-    def _check_crcs(key: FragmentKey, view: memoryview, crcs: list[int], block_size: int, n_blocks: int) -> list[int]:
-        # An empty fragment has no blocks, but writers commonly send the CRC of b"" for it.
-        if n_blocks == 0 and list(crcs) == [0]:
-            return []
-        if len(crcs) != n_blocks:
-            raise ValueError(f"{len(view)} bytes in blocks of {block_size} need {n_blocks} CRCs, got {len(crcs)}")
-        for i, want in enumerate(crcs):
-            got = crc32c.crc32c(view[i * block_size : (i + 1) * block_size])
-            if got != want:
-                raise ChecksumError(f"fragment {key}: block {i} has crc32c 0x{got:08x}, sender said 0x{want:08x}")
-        return list(crcs)
 
     @contextlib.contextmanager
     def _admit(self, size: int) -> Iterator[None]:
@@ -407,14 +219,14 @@ class FragmentStore:
             with self._lock:
                 self._in_flight_bytes -= size
 
-    def _write_file(self, key: FragmentKey, header: _Header, prefix: memoryview, data: memoryview,
+    def _write_file(self, key: FragmentKey, header: FileHeader, prefix: memoryview, data: memoryview,
                     durable: bool) -> None:
         folder = self._inode_dir(key)
-        final = folder / key.file_name()
+        final = folder / fmt.file_name(key)
         tmp, fd = self._create_temp(folder, key, durable)
         try:
             try:
-                direct = self._write_data(fd, prefix, data)
+                direct = self.direct.write_new_file(fd, prefix, data)
                 if durable:
                     os.fsync(fd)
             finally:
@@ -432,57 +244,7 @@ class FragmentStore:
             tmp.unlink(missing_ok=True)
             raise
         if durable:
-            _fsync_dir(folder)
-
-    def _write_data(self, fd: int, prefix: memoryview, data: memoryview) -> bool:
-        """Write prefix and data at offset 0 of a new file; True if it went around the page cache.
-
-        The prefix (a few KiB) is copied into an aligned buffer; the data is
-        written from where it lies, or buffered if it does not fit O_DIRECT:
-        copying a MiB to align it would cost what direct I/O saves."""
-        if not (self._direct_io and _direct_io_fits(data)):
-            _pwrite_all(fd, [prefix, data])
-            return False
-        aligned = self.buffers.take(len(prefix), min_bytes=0)
-        assert aligned is not None
-        try:
-            aligned[:] = prefix
-            if self._enable_direct(fd):
-                try:
-                    _pwrite_all(fd, [aligned, data])
-                    return True
-                except OSError as exc:
-                    if exc.errno != errno.EINVAL:
-                        raise
-                    self._refuse_direct(f"an O_DIRECT write failed ({exc})")
-                    fcntl.fcntl(fd, fcntl.F_SETFL, 0)
-        finally:
-            self.buffers.give(aligned)
-        _pwrite_all(fd, [prefix, data])  # the same bytes again from offset 0, through the page cache
-        return False
-
-    def _enable_direct(self, fd: int) -> bool:
-        """Switch ``fd`` to O_DIRECT; False once this store's file system has refused it.
-
-        Setting the flag on an open fd (fcntl) is refused exactly where
-        opening with it would be, and leaves no half-created file behind."""
-        if not self._direct_io:
-            return False
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, _O_DIRECT)
-        except OSError as exc:
-            if exc.errno != errno.EINVAL:
-                raise
-            self._refuse_direct(f"the file system refuses O_DIRECT ({exc})")
-            return False
-        return True
-
-    def _refuse_direct(self, reason: str) -> None:
-        """Use buffered I/O from now on (tmpfs before Linux 6.6, ramfs, some FUSE and network file systems)."""
-        with self._lock:
-            was_on, self._direct_io = self._direct_io, False
-        if was_on:
-            log.info("%s: %s; using buffered I/O for this store", self.root, reason)
+            fsync_dir(folder)
 
     def sync_all(self) -> None:
         """Make every fragment written so far durable: one syncfs of the data
@@ -491,7 +253,7 @@ class FragmentStore:
             return
         fd = os.open(self.fragments_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
         try:
-            _syncfs(fd)
+            syncfs(fd)
         finally:
             os.close(fd)
 
@@ -500,7 +262,7 @@ class FragmentStore:
         # mkdir and open; try again then.
         for _ in range(3):
             self._make_inode_dir(folder, durable)
-            tmp = folder / f".{key.file_name()}.{secrets.token_hex(6)}{_TMP_SUFFIX}"
+            tmp = folder / fmt.temp_name(key, secrets.token_hex(6))
             try:
                 return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
             except FileNotFoundError:
@@ -513,12 +275,12 @@ class FragmentStore:
         prefix_existed = folder.parent.is_dir()
         folder.mkdir(parents=True, exist_ok=True)
         if durable:  # the new directory entries must survive a crash too
-            _fsync_dir(folder.parent)
+            fsync_dir(folder.parent)
             if not prefix_existed:
-                _fsync_dir(self.fragments_dir)
+                fsync_dir(self.fragments_dir)
 
     # ---------------------------------------------------------------- read
-    def read(self, key: FragmentKey, offset: int = 0, length: int = _U64_LIMIT) -> bytearray | memoryview:
+    def read(self, key: FragmentKey, offset: int = 0, length: int = _WHOLE_FRAGMENT) -> bytearray | memoryview:
         """Bytes [offset, min(offset+length, size)) of a fragment, every covered block verified."""
         return self.read_range(key, offset, length).data
 
@@ -531,18 +293,18 @@ class FragmentStore:
         ``DIRECT_MIN_BYTES`` are read with O_DIRECT into a pooled buffer:
         give ``data`` back with ``release`` once it has been sent.
         """
-        if not (0 <= offset < _U64_LIMIT and 0 <= length <= _U64_LIMIT):
+        if not (0 <= offset <= U64_MAX and 0 <= length <= _WHOLE_FRAGMENT):
             raise ValueError(f"bad range offset={offset} length={length}")
         fd = self._open(key)
         try:
             try:
-                if self._direct_reads and length >= DIRECT_MIN_BYTES and offset <= length:
+                if self.direct.reads and length >= DIRECT_MIN_BYTES and offset <= length:
                     whole = self._read_direct_with_prefix(fd, offset, length)
                     if whole is not None:
                         return whole
-                header = _unpack_header(_pread_exactly(fd, HEADER_SIZE, 0))
+                header = _read_header(fd)
                 return RangeRead(self._read_blocks(fd, header, offset, length), header.data_len)
-            except _Corrupt as exc:
+            except CorruptFragment as exc:
                 raise self._quarantine(key, fd, str(exc)) from None
         finally:
             os.close(fd)
@@ -553,14 +315,14 @@ class FragmentStore:
         entries are read; a bad header quarantines the fragment), the partial blocks
         at either end are read and checked here. None when the range holds no whole
         block (read it with ``read_range``)."""
-        if not (0 <= offset < _U64_LIMIT and 0 <= length <= _U64_LIMIT):
+        if not (0 <= offset <= U64_MAX and 0 <= length <= _WHOLE_FRAGMENT):
             raise ValueError(f"bad range offset={offset} length={length}")
         fd = self._open(key)
         try:
             try:
-                header = _unpack_header(_pread_exactly(fd, HEADER_SIZE, 0))
+                header = _read_header(fd)
                 if os.fstat(fd).st_size < header.file_size:
-                    raise _Corrupt(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
+                    raise CorruptFragment(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
                 end = min(offset + length, header.data_len)
                 bs = header.block_size
                 inner_start = -(-offset // bs) * bs
@@ -569,20 +331,20 @@ class FragmentStore:
                     os.close(fd)
                     return None
                 first, last = inner_start // bs, (inner_end - 1) // bs
-                table = _pread_exactly(fd, 4 * (last - first + 1), HEADER_SIZE + 4 * first)
+                table = _pread_exactly(fd, fmt.CRC_ENTRY_SIZE * (last - first + 1), fmt.crc_table_offset(first))
                 head = self._read_blocks(fd, header, offset, inner_start - offset)
                 try:
                     tail = self._read_blocks(fd, header, inner_end, end - inner_end)
                 except BaseException:
                     self.release(head)
                     raise
-            except _Corrupt as exc:
+            except CorruptFragment as exc:
                 raise self._quarantine(key, fd, str(exc)) from None
         except BaseException:
             os.close(fd)
             raise
         self._count("spans_sent_unread")
-        crcs = list(struct.unpack(f"<{last - first + 1}I", table))
+        crcs = list(fmt.unpack_crcs(table, last - first + 1))
         return FileSpan(fd, header.data_offset + inner_start, inner_end - inner_start, header.data_len, bs, crcs,
                         head, tail)
 
@@ -591,21 +353,21 @@ class FragmentStore:
         header, CRC table and data together, so a cold read costs one disk round
         trip instead of a header read, then the data. None (read the other way)
         where direct I/O is off or the header's layout is not the one guessed."""
-        guessed_data_offset = DATA_ALIGNMENT  # every fragment up to ~63 MiB in 64 KiB blocks
+        guessed_data_offset = fmt.DATA_ALIGNMENT  # every fragment up to ~63 MiB in 64 KiB blocks
         file_size = os.fstat(fd).st_size
         # Whole blocks are verified, so read to the end of the last one (in the usual block size).
         block = self.default_block_size
         want = min(guessed_data_offset + -(-(offset + length) // block) * block, file_size)
         if want - guessed_data_offset - offset < DIRECT_MIN_BYTES:
             return None  # a small read after all: the page cache serves those
-        read = self._pread_direct(fd, 0, want)
+        read = self.direct.pread(fd, 0, want)
         if read is None:
             return None
         buf, got = read
         try:
             if got < guessed_data_offset:
-                raise _Corrupt(f"file ends early: {got} bytes")
-            header = _unpack_header(bytes(buf[:HEADER_SIZE]))
+                raise CorruptFragment(f"file ends early: {got} bytes")
+            header = fmt.unpack_header(bytes(buf[:HEADER_SIZE]))
             if header.data_offset != guessed_data_offset:
                 return self._abandon_direct(fd, buf)
             end = min(offset + length, header.data_len)
@@ -617,11 +379,11 @@ class FragmentStore:
             block_end = header.data_offset + min((last + 1) * bs, header.data_len)
             if got < block_end:
                 if file_size < block_end:
-                    raise _Corrupt(f"file ends early: {file_size} of {block_end} bytes")
+                    raise CorruptFragment(f"file ends early: {file_size} of {block_end} bytes")
                 return self._abandon_direct(fd, buf)  # blocks larger than guessed
-            crcs = struct.unpack_from(f"<{last - first + 1}I", buf, HEADER_SIZE + 4 * first)
-            _verify_blocks(buf[header.data_offset + first * bs : block_end], crcs, bs, first)
-        except _Corrupt:
+            crcs = fmt.unpack_crcs(buf, last - first + 1, fmt.crc_table_offset(first))
+            fmt.verify_blocks(buf[header.data_offset + first * bs : block_end], crcs, bs, first)
+        except CorruptFragment:
             self.buffers.give(buf)
             raise
         self._count("direct_reads")
@@ -630,20 +392,20 @@ class FragmentStore:
     def _abandon_direct(self, fd: int, buf: memoryview) -> None:
         """Give the buffer back and clear O_DIRECT: the other way reads the header buffered."""
         self.buffers.give(buf)
-        fcntl.fcntl(fd, fcntl.F_SETFL, 0)
+        self.direct.disable(fd)
 
-    def _read_blocks(self, fd: int, header: _Header, offset: int, length: int) -> bytearray | memoryview:
+    def _read_blocks(self, fd: int, header: FileHeader, offset: int, length: int) -> bytearray | memoryview:
         end = min(offset + length, header.data_len)
         if offset >= end:
             return bytearray()
         bs = header.block_size
         first, last = offset // bs, (end - 1) // bs
         count = last - first + 1
-        crcs = struct.unpack(f"<{count}I", _pread_exactly(fd, 4 * count, HEADER_SIZE + 4 * first))
+        crcs = fmt.unpack_crcs(_pread_exactly(fd, fmt.CRC_ENTRY_SIZE * count, fmt.crc_table_offset(first)), count)
         start = first * bs
         size = min((last + 1) * bs, header.data_len) - start
-        if self._direct_reads and end - offset >= DIRECT_MIN_BYTES:
-            read = self._pread_direct(fd, header.data_offset + start, size)
+        if self.direct.reads and end - offset >= DIRECT_MIN_BYTES:
+            read = self.direct.pread(fd, header.data_offset + start, size)
             if read is not None:
                 blocks = self._checked_pooled(*read, size, crcs, bs, first, "direct_reads")
                 return blocks[offset - start : end - start]
@@ -660,9 +422,9 @@ class FragmentStore:
         buf = bytearray(size)
         got = os.preadv(fd, [buf], header.data_offset + start)
         if got != len(buf):
-            raise _Corrupt(f"file ends early: {got} of {len(buf)} data bytes")
+            raise CorruptFragment(f"file ends early: {got} of {len(buf)} data bytes")
         view = memoryview(buf)
-        _verify_blocks(view, crcs, bs, first)
+        fmt.verify_blocks(view, crcs, bs, first)
         view.release()
         self._count("buffered_reads")
         # Trimming a bytearray in place moves no bytes at the front (CPython
@@ -676,37 +438,13 @@ class FragmentStore:
         """A read into a pooled buffer, checked (length, every block's CRC); the buffer goes back if not."""
         try:
             if got < size:
-                raise _Corrupt(f"file ends early: {got} of {size} data bytes")
-            _verify_blocks(buf[:size], crcs, block_size, first)
+                raise CorruptFragment(f"file ends early: {got} of {size} data bytes")
+            fmt.verify_blocks(buf[:size], crcs, block_size, first)
         except BaseException:
             self.buffers.give(buf)
             raise
         self._count(counter)
         return buf
-
-    def _pread_direct(self, fd: int, file_offset: int, size: int) -> tuple[memoryview, int] | None:
-        """Up to ``size`` bytes at ``file_offset``, read around the page cache into a pooled
-        buffer: (a view starting at ``file_offset``, bytes got), short at the end of the
-        file. None where direct I/O is off or refused (read buffered then).
-
-        O_DIRECT reads whole aligned pages, so the range is widened to them."""
-        if not self._enable_direct(fd):
-            return None
-        lo = file_offset - file_offset % DIRECT_ALIGNMENT
-        hi = -(-(file_offset + size) // DIRECT_ALIGNMENT) * DIRECT_ALIGNMENT
-        buf = self.buffers.take(hi - lo, min_bytes=0)
-        assert buf is not None
-        try:
-            got = os.preadv(fd, [buf], lo)
-        except OSError as exc:
-            self.buffers.give(buf)
-            if exc.errno != errno.EINVAL:
-                raise
-            self._refuse_direct(f"an O_DIRECT read failed ({exc})")
-            fcntl.fcntl(fd, fcntl.F_SETFL, 0)
-            return None
-        skip = file_offset - lo
-        return buf[skip : skip + size], max(0, got - skip)
 
     def release(self, data: bytearray | memoryview) -> None:
         """Give back the buffer under a ``RangeRead.data`` once nothing uses it any more.
@@ -725,12 +463,12 @@ class FragmentStore:
         fd = self._open(key)
         try:
             try:
-                header = _unpack_header(_pread_exactly(fd, HEADER_SIZE, 0))
+                header = _read_header(fd)
                 if os.fstat(fd).st_size != header.file_size:
-                    raise _Corrupt(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
-                table = _pread_exactly(fd, 4 * header.n_blocks, HEADER_SIZE)
-                crcs = list(struct.unpack(f"<{header.n_blocks}I", table))
-            except _Corrupt as exc:
+                    raise CorruptFragment(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
+                table = _pread_exactly(fd, fmt.CRC_ENTRY_SIZE * header.n_blocks, fmt.crc_table_offset(0))
+                crcs = list(fmt.unpack_crcs(table, header.n_blocks))
+            except CorruptFragment as exc:
                 raise self._quarantine(key, fd, str(exc)) from None
         finally:
             os.close(fd)
@@ -745,7 +483,7 @@ class FragmentStore:
     def _quarantine(self, key: FragmentKey, fd: int, reason: str) -> ChecksumError:
         """Move a bad fragment aside (if it is still the file we read) and build the error to raise."""
         path = self.path_of(key)
-        target = self.quarantine_dir / f"{key.ino}.{key.stripe}.{key.version}.{key.index}.{time.time_ns()}"
+        target = self.quarantine_dir / fmt.quarantine_name(key, time.time_ns())
         opened = os.fstat(fd)
         with self._lock:
             try:
@@ -760,7 +498,7 @@ class FragmentStore:
                 self._quarantined += 1
                 log.error("fragment %s failed verification (%s); quarantined as %s", key, reason, target.name)
         if current is not None and self.fsync:
-            _fsync_dir(self.quarantine_dir)
+            fsync_dir(self.quarantine_dir)
         return ChecksumError(f"fragment {key} is corrupt ({reason}); quarantined")
 
     # -------------------------------------------------------------- delete
@@ -785,10 +523,10 @@ class FragmentStore:
                 folder.rmdir()  # only succeeds once the inode has no fragments left here
             except OSError:
                 if self.fsync:
-                    _fsync_dir(folder)
+                    fsync_dir(folder)
             else:
                 if self.fsync:
-                    _fsync_dir(folder.parent)
+                    fsync_dir(folder.parent)
         return deleted
 
     # --------------------------------------------------------------- stats
@@ -804,7 +542,7 @@ class FragmentStore:
                 "used_bytes": self._used_bytes,
                 "fragments": self._fragments,
                 "quarantined": self._quarantined,
-                "direct_io": int(self._direct_io),
+                "direct_io": int(self.direct.enabled),
                 **self._io_counts,
             }
 

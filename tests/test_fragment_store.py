@@ -14,12 +14,14 @@ from pathlib import Path
 import crc32c
 import pytest
 
-from deepfs.errors import ChecksumError
 from deepfs.checksums import fragment_digest
-from storage_node.fragment_store import DIRECT_MIN_BYTES, FragmentKey, FragmentStore
+from deepfs.errors import ChecksumError
+from deepfs.messages import FragmentKey
+from storage_node.direct_io import DIRECT_MIN_BYTES
+from storage_node.fragment_store import FragmentStore
 from storage_node.payload_pool import PayloadPool
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
 BS = 4096  # small blocks so a few KiB cross many block boundaries
 
@@ -397,7 +399,7 @@ def test_file_system_refusing_o_direct_falls_back(ramfs_dir: Path, caplog: pytes
     data = os.urandom(MIB)
     # ramfs has no size limit and reports no free space; a negative reserve lets the store admit writes.
     store = big_store(ramfs_dir / "node", reserve_bytes=-(64 << 20))
-    with caplog.at_level(logging.INFO, logger="storage_node.fragment_store"):
+    with caplog.at_level(logging.INFO, logger="storage_node.direct_io"):
         for key in (KEY, KEY._replace(stripe=4)):
             store.put(key, pooled_copy(data), block_crcs(data, BIG_BS), BIG_BS)
             assert bytes(store.read(key, 0, MIB)) == data
@@ -425,7 +427,7 @@ def test_o_direct_refused_falls_back(
     monkeypatch.setattr(module, syscall, refusing)
     data = os.urandom(MIB)
     store = big_store(direct_dir / "node")
-    with caplog.at_level(logging.INFO, logger="storage_node.fragment_store"):
+    with caplog.at_level(logging.INFO, logger="storage_node.direct_io"):
         for key in (KEY, KEY._replace(stripe=4)):
             store.put(key, pooled_copy(data), block_crcs(data, BIG_BS), BIG_BS)
             assert bytes(store.read(key, 0, MIB)) == data

@@ -6,11 +6,11 @@ import random
 
 import pytest
 
+from deepfs.messages import FragmentKey
 from metadata import keys
-from metadata.keys import FragmentKey
 from metadata.records import Inode
 
-pytestmark = pytest.mark.timeout(30)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
 
 def test_inode_keys_sort_numerically() -> None:
@@ -48,7 +48,7 @@ def test_cookie_and_stripe_keys_sort_by_second_number() -> None:
 
 
 def test_gc_keys_round_trip_and_group_by_node() -> None:
-    fragment = FragmentKey(ino=12, stripe=3, version=7, index=5)
+    fragment = FragmentKey(ino=12, stripe=3, version=7, slot=5)
     key = keys.gc_key(4, fragment)
     assert len(key) == keys.GC_KEY_SIZE
     assert keys.decode_gc_key(key) == (4, fragment)

@@ -12,12 +12,11 @@ import pytest
 import trio
 
 from deepfs.config import MetaConfig
-from metadata.inodes import Ctx
-from metadata.keys import FragmentKey
-from metadata.namespace import RENAME_EXCHANGE, RENAME_NOREPLACE, Namespace
+from deepfs.messages import RENAME_EXCHANGE, RENAME_NOREPLACE, Ctx, FragmentKey
+from metadata.namespace import Namespace
 from metadata.store import MetaStore
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 ROOT = 1
 USER = Ctx(uid=1000, gid=100)
@@ -179,7 +178,8 @@ def test_create_widens_the_inherited_stripes_on_request(ns: Namespace) -> None:
     _, layout, _ = ns.create(d, b"ck", 0o644, True, USER, min_stripe_size=1 << 20)
     # k, m and codec stay the directory's; whole units of k x 4 KiB up to 1 MiB
     assert layout == {"k": 3, "m": 2, "stripe_size": (1 << 20) // 12288 * 12288, "codec": "isa_l_rs_vand"}
-    assert ns.create(d, b"narrow", 0o644, True, USER, min_stripe_size=4096)[1]["stripe_size"] == 3 * 4096  # never lowered
+    narrow = ns.create(d, b"narrow", 0o644, True, USER, min_stripe_size=4096)[1]
+    assert narrow["stripe_size"] == 3 * 4096  # never lowered
     explicit = {"k": 2, "m": 1, "stripe_size": 8 << 10, "codec": "isa_l_rs_cauchy"}
     assert ns.create(d, b"given", 0o644, True, USER, layout=explicit, min_stripe_size=1 << 20)[1] == explicit
     assert ns.create(d, b"capped", 0o644, True, USER, min_stripe_size=1 << 40)[1]["stripe_size"] <= 64 << 20

@@ -12,15 +12,25 @@ from hypothesis import strategies as st
 
 from deepfs import checksums, codec, frames, isal
 from deepfs.errors import ChecksumError, ConfigError
-from deepfs.layout import ALIGNMENT, Layout, fragment_data_size, stripe_range_to_fragments
-from deepfs.placement import MISSING, NodeView, place_stripe
+from deepfs.layout import (
+    ALIGNMENT,
+    Layout,
+    fragment_data_size,
+    stripe_range_to_fragments,
+)
+from deepfs.messages import MISSING_NODE
+from deepfs.placement import NodeView, place_stripe
+
+pytestmark = pytest.mark.unit
 
 
 # ---------------------------------------------------------------- frames
 @given(
     op=st.integers(0, 255),
     rid=st.integers(0, 2**64 - 1),
-    body=st.dictionaries(st.text(max_size=8), st.one_of(st.integers(-(2**63), 2**63 - 1), st.binary(max_size=32), st.text(max_size=8))),
+    body=st.dictionaries(
+        st.text(max_size=8), st.one_of(st.integers(-(2**63), 2**63 - 1), st.binary(max_size=32), st.text(max_size=8))
+    ),
     payload_len=st.integers(0, 1 << 20),
 )
 def test_frame_round_trip(op: int, rid: int, body: dict, payload_len: int) -> None:
@@ -89,7 +99,7 @@ def test_placement_distinct_stable_and_spread() -> None:
 def test_placement_marks_missing_when_too_few_nodes() -> None:
     nodes = [NodeView(i, "a", f"d{i}", up=i < 4) for i in range(6)]
     placement = place_stripe(1, 0, 6, nodes)
-    assert placement.count(MISSING) == 2 and set(placement) - {MISSING} == {0, 1, 2, 3}
+    assert placement.count(MISSING_NODE) == 2 and set(placement) - {MISSING_NODE} == {0, 1, 2, 3}
 
 
 def test_placement_balances() -> None:
@@ -141,7 +151,7 @@ def test_a_gathered_stripe_encodes_like_the_joined_one(k: int, m: int, cuts: lis
     length = layout.stripe_size - (777 if short else 0)
     data = os.urandom(length)
     bounds = sorted({0, length, *(c % length for c in cuts)})
-    buffers = [bytearray(data[a:b]) for a, b in zip(bounds, bounds[1:])]
+    buffers = [bytearray(data[a:b]) for a, b in zip(bounds, bounds[1:], strict=False)]
     gathered = codec.encode_gathered(layout, [memoryview(b) for b in buffers])
     joined = codec.encode_stripe(layout, data)
     assert [b"".join(gathered.payload(i)) for i in range(k + m)] == [bytes(f) for f in joined.fragments]
@@ -156,7 +166,7 @@ def test_block_crcs_of_parts_continue_across_parts() -> None:
     data = os.urandom(300_000)
     for cuts in ([], [1], [65_536], [65_535, 65_537, 200_000], list(range(1000, 300_000, 7000))):
         bounds = [0, *cuts, len(data)]
-        parts = [memoryview(data)[a:b] for a, b in zip(bounds, bounds[1:])]
+        parts = [memoryview(data)[a:b] for a, b in zip(bounds, bounds[1:], strict=False)]
         assert checksums.block_crcs_of_parts(parts) == checksums.block_crcs(data)
     assert checksums.block_crcs_of_parts([]) == checksums.block_crcs(b"")
 

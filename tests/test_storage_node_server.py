@@ -31,10 +31,10 @@ from deepfs.checksums import fragment_digest
 from deepfs.frames import Op
 from deepfs.proto import control_pb2, control_pb2_grpc
 from deepfs.rpc import FrameClient, FrameServer
+from deepfs.testing import ServerProcess, ready_line, wait_for
 from storage_node.payload_pool import PayloadPool
-from tests.helpers_processes import ServerProcess
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(60)]
 
 T = TypeVar("T")
 BS = 64 << 10
@@ -45,7 +45,7 @@ def start_node(data_dir: Path, *extra: str, meta_grpc: str = "127.0.0.1:1") -> S
     args = ["-m", "storage_node", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", "0",
             "--meta-grpc", meta_grpc, "--no-fsync", "--reserve-bytes", "0", *extra]
     data_dir.parent.mkdir(parents=True, exist_ok=True)
-    return ServerProcess(args, "deepfs-node listening", data_dir.parent / f"{data_dir.name}.log").start()
+    return ServerProcess(args, ready_line("deepfs-node listening"), data_dir.parent / f"{data_dir.name}.log").start()
 
 
 def port_of(node: ServerProcess) -> int:
@@ -222,23 +222,40 @@ def bad_frame_crc() -> bytes:
     return bytes(raw)
 
 
-BAD_INPUTS: dict[str, bytes] = {
+def undecodable_body() -> bytes:
+    head = frames.HEADER.pack(frames.MAGIC, frames.PROTOCOL_VERSION, Op.PING, 0, 1, 1, 0, 0)[:24]
+    return head + struct.pack("!I", crc32c.crc32c(b"\xc1", crc32c.crc32c(head))) + b"\xc1"
+
+
+GARBAGE_FRAMES: dict[str, bytes] = {
     "garbage": b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" + bytes(range(256)),
     "wrong-magic": wrong_magic(),
     "2GiB-payload": frame(Op.PUT_FRAGMENT, {"key": [1, 0, 0, 0], "crcs": []}, payload_len=2 << 30),
     "bad-frame-crc": bad_frame_crc(),
-    "path-trick-key": frame(Op.GET_FRAGMENT, {"key": ["../../etc/passwd", 0, 0, 0], "offset": 0, "length": 10}),
-    "path-trick-put": frame(Op.PUT_FRAGMENT, {"key": ["..", "..", "etc", "passwd"], "crcs": [crc32c.crc32c(b"x")]}, b"x"),
-    "negative-key": frame(Op.DELETE_FRAGMENT, {"keys": [[-1, 0, 0, 0]]}),
-    "index-too-big": frame(Op.STAT_FRAGMENT, {"key": [1, 0, 0, 32]}),
-    "unknown-op": frame(200, {}),
-    "metadata-op": frame(Op.LOOKUP, {"parent": 1, "name": b"x"}),
-    "body-not-a-map": frame(Op.GET_FRAGMENT, [1, 2, 3]),
-    "crcs-not-ints": frame(Op.PUT_FRAGMENT, {"key": [1, 0, 0, 0], "crcs": "abc"}, b"x"),
-    "negative-offset": frame(Op.GET_FRAGMENT, {"key": [1, 0, 0, 0], "offset": -5, "length": 1}),
-    "payload-on-ping": frame(Op.PING, {}, b"surprise"),
+    "undecodable-body": undecodable_body(),
     "response-frame": frames.encode_frame(Op.PING, 1, {}, 0, frames.FLAG_RESPONSE),
 }
+"""Frames no valid peer sends: the connection carrying them is closed."""
+
+BAD_REQUESTS: dict[str, tuple[bytes, int]] = {
+    "unknown-op": (frame(200, {}), errno.ENOSYS),
+    "metadata-op": (frame(Op.LOOKUP, {"parent": 1, "name": b"x"}), errno.ENOSYS),
+    "path-trick-key": (frame(Op.GET_FRAGMENT, {"key": ["../../etc/passwd", 0, 0, 0], "offset": 0, "length": 10}),
+                       errno.EINVAL),
+    "path-trick-put": (frame(Op.PUT_FRAGMENT, {"key": ["..", "..", "etc", "passwd"], "crcs": [crc32c.crc32c(b"x")]},
+                             b"x"), errno.EINVAL),
+    "negative-key": (frame(Op.DELETE_FRAGMENT, {"keys": [[-1, 0, 0, 0]]}), errno.EINVAL),
+    "slot-too-big": (frame(Op.STAT_FRAGMENT, {"key": [1, 0, 0, 32]}), errno.EINVAL),
+    "body-not-a-map": (frame(Op.GET_FRAGMENT, [1, 2, 3]), errno.EINVAL),
+    "missing-length": (frame(Op.GET_FRAGMENT, {"key": [1, 0, 0, 0]}), errno.EINVAL),
+    "crcs-not-ints": (frame(Op.PUT_FRAGMENT, {"key": [1, 0, 0, 0], "crcs": "abc"}, b"x"), errno.EINVAL),
+    "negative-offset": (frame(Op.GET_FRAGMENT, {"key": [1, 0, 0, 0], "offset": -5, "length": 1}), errno.EINVAL),
+    "length-as-text": (frame(Op.GET_FRAGMENT, {"key": [1, 0, 0, 0], "length": "10"}), errno.EINVAL),
+    "sync-not-a-bool": (frame(Op.PUT_FRAGMENT, {"key": [1, 0, 0, 0], "crcs": [0], "sync": 1}, b"x"), errno.EINVAL),
+    "payload-on-ping": (frame(Op.PING, {}, b"surprise"), errno.EINVAL),
+}
+"""Well-formed frames with an op a node does not serve (ENOSYS) or a bad body (EINVAL):
+answered, and the connection keeps serving."""
 
 
 def closed_by_server(sock: socket.socket) -> bool:
@@ -253,17 +270,39 @@ def closed_by_server(sock: socket.socket) -> bool:
     return True
 
 
-@pytest.mark.parametrize("name", list(BAD_INPUTS))
-def test_malformed_input_closes_only_that_connection(node: ServerProcess, name: str) -> None:
+def exchange(sock: socket.socket, raw: bytes) -> tuple[frames.FrameHeader, Any]:
+    """Send one request frame on a blocking socket; its response's header and body."""
+    sock.sendall(raw)
+    head = sock.recv(frames.HEADER_SIZE, socket.MSG_WAITALL)
+    header = frames.parse_header(head)
+    body = frames.decode_body(head, header, sock.recv(header.body_len, socket.MSG_WAITALL))
+    sock.recv(header.payload_len, socket.MSG_WAITALL)
+    return header, body
+
+
+def assert_answers_ping(sock: socket.socket) -> None:
+    header, body = exchange(sock, frame(Op.PING, {}))
+    assert header.is_response and not header.is_error and "node_id" in body
+
+
+@pytest.mark.parametrize("name", list(GARBAGE_FRAMES))
+def test_malformed_frame_closes_only_that_connection(node: ServerProcess, name: str) -> None:
     port = port_of(node)
     with socket.create_connection(("127.0.0.1", port), timeout=5) as bystander, \
             socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
-        sock.sendall(BAD_INPUTS[name])
+        sock.sendall(GARBAGE_FRAMES[name])
         assert closed_by_server(sock), f"{name}: the connection stayed open"
-        bystander.sendall(frame(Op.PING, {}))  # an older connection is unaffected
-        head = bystander.recv(frames.HEADER_SIZE, socket.MSG_WAITALL)
-        assert frames.parse_header(head).is_response
+        assert_answers_ping(bystander)  # an older connection is unaffected
     assert_serving(node)
+
+
+@pytest.mark.parametrize("name", list(BAD_REQUESTS))
+def test_bad_request_is_answered_and_the_connection_keeps_serving(node: ServerProcess, name: str) -> None:
+    raw, code = BAD_REQUESTS[name]
+    with socket.create_connection(("127.0.0.1", port_of(node)), timeout=5) as sock:
+        header, body = exchange(sock, raw)
+        assert header.is_response and header.is_error and body["errno"] == code, (name, body)
+        assert_answers_ping(sock)
 
 
 def test_truncated_frame(node: ServerProcess) -> None:
@@ -326,14 +365,14 @@ class StandInCluster(control_pb2_grpc.ClusterServicer):
         self.next_id = 41
         self.known: set[int] = set()
 
-    def Register(self, request, context):  # noqa: N802 - gRPC method name
+    def Register(self, request, context):  # gRPC method name
         with self.lock:
             self.registrations.append(request)
             self.next_id += 1
             self.known.add(self.next_id)
             return control_pb2.RegisterReply(node_id=self.next_id, epoch=7, heartbeat_interval_s=0.1)
 
-    def Heartbeat(self, request, context):  # noqa: N802
+    def Heartbeat(self, request, context):
         with self.lock:
             if request.node_id not in self.known:
                 context.abort(grpc.StatusCode.NOT_FOUND, "unknown node: register again")
@@ -343,13 +382,6 @@ class StandInCluster(control_pb2_grpc.ClusterServicer):
     def forget(self) -> None:
         with self.lock:
             self.known.clear()
-
-
-def wait_for(predicate: Callable[[], bool], timeout_s: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout_s
-    while not predicate():
-        assert time.monotonic() < deadline, "condition not met in time"
-        time.sleep(0.05)
 
 
 def test_membership_waits_for_metadata_registers_heartbeats_and_reregisters(tmp_path: Path) -> None:
@@ -386,34 +418,51 @@ def test_membership_waits_for_metadata_registers_heartbeats_and_reregisters(tmp_
 
 
 # ----------------------------------------------- deepfs.rpc regression
-def test_frame_server_survives_socket_error_mid_frame(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_socket_error_mid_frame_closes_only_that_connection(monkeypatch: pytest.MonkeyPatch) -> None:
     """A peer lost mid-frame (recv fails with ETIMEDOUT, EHOSTUNREACH, …) must
     close only its connection: an OSError escaping serve_connection would end
-    trio.serve_listeners, i.e. every connection of the node."""
-
-    def timed_out(*args: Any, **kwargs: Any) -> int:
-        raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")
+    trio.serve_listeners, i.e. every connection of the node. Two connections
+    are served side by side; one loses its peer, the other keeps being answered."""
 
     async def handler(op: int, body: Any, payload: memoryview) -> tuple[Any, tuple[()]]:
-        return {}, ()
+        return {"pong": True}, ()
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        peer = socket.create_connection(listener.getsockname())
-        ours, _ = listener.accept()
+        lost_peer = socket.create_connection(listener.getsockname())
+        lost_ours, _ = listener.accept()
+        good_peer = socket.create_connection(listener.getsockname(), timeout=5)
+        good_ours, _ = listener.accept()
+    lost_fd = lost_ours.fileno()
+    real_recv_into = socket.socket.recv_into
+
+    def recv_into(sock: socket.socket, *args: Any, **kwargs: Any) -> int:
+        if sock.fileno() == lost_fd:  # only the lost peer's connection fails
+            raise TimeoutError(errno.ETIMEDOUT, "Connection timed out")
+        return real_recv_into(sock, *args, **kwargs)
+
+    def ping(sock: socket.socket) -> Any:
+        return exchange(sock, frame(Op.PING, {}))[1]
 
     async def main() -> None:
-        stream = trio.SocketStream(trio.socket.from_stdlib_socket(ours))
-        peer.sendall(frame(Op.PING, {}))  # its body is read with recv_into
-        # Only this process's recv_into calls, which only the server makes here.
-        monkeypatch.setattr(socket.socket, "recv_into", timed_out)
-        with trio.fail_after(5):
-            await FrameServer(handler).serve_connection(stream)
+        server = FrameServer(handler)
+        lost = trio.SocketStream(trio.socket.from_stdlib_socket(lost_ours))
+        good = trio.SocketStream(trio.socket.from_stdlib_socket(good_ours))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.serve_connection, good)
+                assert await trio.to_thread.run_sync(ping, good_peer) == {"pong": True}
+                lost_peer.sendall(frame(Op.PING, {}))
+                await server.serve_connection(lost)  # returns: the error stays inside
+                assert await trio.to_thread.run_sync(ping, good_peer) == {"pong": True}
+                good_peer.close()  # a clean EOF ends the other connection too
 
+    monkeypatch.setattr(socket.socket, "recv_into", recv_into)
     try:
         trio.run(main)
     finally:
         monkeypatch.undo()
-        peer.close()
+        lost_peer.close()
+        good_peer.close()
 
 
 def serve_frames_while(server: FrameServer, client_side: Callable[[int], T]) -> T:
@@ -670,7 +719,7 @@ def test_large_gets_with_crcs_are_sent_unread_for_the_reader_to_check(node: Serv
         with pytest.raises(OSError) as failure:  # the bad block is a partial one here: the node's check
             await client.call(Op.GET_FRAGMENT, {**body, "offset": 100, "length": len(data) - 200}, timeout_s=10)
         assert failure.value.errno == errno.EBADMSG
-        assert not list(node_data_dir.glob("**/fragments/*/91/0.1.0"))  # quarantined
+        assert not list(await trio.Path(node_data_dir).glob("**/fragments/*/91/0.1.0"))  # quarantined
 
     with_client(port_of(node), after_corruption)
     assert_serving(node)

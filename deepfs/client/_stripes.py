@@ -4,7 +4,7 @@ Write: one encode per stripe, all k+m fragments sent in parallel to the
 nodes placement picked, each with per-block CRC32C the node verifies. The
 write succeeds once ``min_acks`` fragments are stored — k+1 when enough
 nodes are live, never fewer than k — and records the missing ones (placement
-slot ``MISSING``) for repair.
+slot ``MISSING_NODE``) for repair.
 
 Read: bytes of a stripe map straight onto data fragments, read as ranges
 with no decode. If any piece fails (node down, slow past the deadline,
@@ -22,7 +22,6 @@ import os
 import secrets
 from collections import OrderedDict
 from dataclasses import dataclass, field
-from typing import Any
 
 import trio
 
@@ -34,7 +33,13 @@ from deepfs.concurrency import run_all
 from deepfs.errors import ChecksumError, UnavailableError
 from deepfs.frames import Op
 from deepfs.layout import ALIGNMENT, Layout, stripe_range_to_fragments
-from deepfs.placement import MISSING, place_stripe
+from deepfs.messages import MISSING_NODE, FragmentKey, StripeRecord
+from deepfs.messages.storage_requests import (
+    delete_fragment_body,
+    get_fragment_body,
+    put_fragment_body,
+)
+from deepfs.placement import place_stripe
 
 log = logging.getLogger(__name__)
 
@@ -74,42 +79,6 @@ class GatheredStripe:
 
 
 StripeData = bytes | bytearray | memoryview | GatheredStripe
-
-
-@dataclass
-class StripeRecord:
-    """What the metadata server knows of one stripe version.
-
-    ``digests`` holds each fragment's checksum (``checksums.fragment_digest``);
-    on the wire the field is called ``crcs``."""
-
-    index: int
-    version: int
-    length: int
-    fragment_size: int
-    placement: list[int]
-    digests: list[int]
-
-    @classmethod
-    def from_wire(cls, data: dict[str, Any]) -> StripeRecord:
-        return cls(
-            int(data["index"]),
-            int(data["version"]),
-            int(data["length"]),
-            int(data["fragment_size"]),
-            [int(p) for p in data["placement"]],
-            [int(c) for c in data["crcs"]],
-        )
-
-    def to_wire(self) -> dict[str, Any]:
-        return {
-            "index": self.index,
-            "version": self.version,
-            "length": self.length,
-            "fragment_size": self.fragment_size,
-            "placement": self.placement,
-            "crcs": self.digests,
-        }
 
 
 def _check_blocks(data: memoryview, reply: dict, what: str) -> None:
@@ -172,7 +141,7 @@ class StripeIO:
             except (ConnectionError, trio.TooSlowError) as exc:
                 raise OSError(errno.EIO, f"storage node {node_id} could not make its fragments durable: {exc}") from exc
 
-        await run_all(functools.partial(sync, n) for n in sorted(node_ids) if n != MISSING)
+        await run_all(functools.partial(sync, n) for n in sorted(node_ids) if n != MISSING_NODE)
 
     # ------------------------------------------------------------------ write
     async def write_stripe(self, ino: int, index: int, layout: Layout, data: StripeData,
@@ -191,7 +160,7 @@ class StripeIO:
             )
         version = min_version + secrets.randbelow(VERSION_JITTER)
         placement = place_stripe(ino, index, layout.width, list(self.cluster.nodes.values()), self.cluster.suspects())
-        if sum(1 for p in placement if p != MISSING) < layout.k:
+        if sum(1 for p in placement if p != MISSING_NODE) < layout.k:
             raise UnavailableError(
                 f"only {len(self.cluster.live_nodes())} storage node(s) are up; "
                 f"layout {layout.k}+{layout.m} needs at least {layout.k}"
@@ -202,7 +171,7 @@ class StripeIO:
         finally:
             self._give_parity(layout, encoded)
         self.stats.stripes_written += 1
-        if any(p == MISSING for p in stored):
+        if any(p == MISSING_NODE for p in stored):
             self.stats.degraded_writes += 1
         return StripeRecord(index, version, len(data), encoded.fragment_size, stored, encoded.digests)
 
@@ -230,12 +199,12 @@ class StripeIO:
     async def _store(self, ino: int, index: int, version: int, layout: Layout, encoded: codec.EncodedStripe,
                      placement: list[int]) -> list[int]:
         """Send the fragments to their nodes (failed ones again to spare nodes); returns where each was stored."""
-        stored = [MISSING] * layout.width
+        stored = [MISSING_NODE] * layout.width
         full_nodes: set[int] = set()
 
         async def put(slot: int, node_id: int) -> None:
-            body = {"key": [ino, index, version, slot], "block_size": BLOCK_SIZE,
-                    "crcs": encoded.block_crcs[slot], "sync": self.durable_writes}
+            body = put_fragment_body(FragmentKey(ino, index, version, slot), BLOCK_SIZE, encoded.block_crcs[slot],
+                                     self.durable_writes)
             try:
                 reply, _ = await self.cluster.call_node(node_id, Op.PUT_FRAGMENT, body, encoded.payload(slot))
                 if int(reply.get("crc", -1)) != encoded.digests[slot]:
@@ -248,14 +217,14 @@ class StripeIO:
 
         async with trio.open_nursery() as nursery:
             for slot, node_id in enumerate(placement):
-                if node_id != MISSING:
+                if node_id != MISSING_NODE:
                     nursery.start_soon(put, slot, node_id)
-        tried = {node for node in placement if node != MISSING}
+        tried = {node for node in placement if node != MISSING_NODE}
 
         async def second_chance(avoid: frozenset[int]) -> None:
             """Fragments not stored yet go to live nodes this stripe has not tried."""
             spare = [n.node_id for n in self.cluster.live_nodes() if n.node_id not in tried | avoid]
-            retry = [(slot, spare.pop(0)) for slot in range(layout.width) if stored[slot] == MISSING and spare]
+            retry = [(slot, spare.pop(0)) for slot in range(layout.width) if stored[slot] == MISSING_NODE and spare]
             tried.update(node for _, node in retry)
             async with trio.open_nursery() as nursery:
                 for slot, node_id in retry:
@@ -266,7 +235,7 @@ class StripeIO:
             return max(layout.k, min(layout.k + 1, reachable))
 
         await second_chance(self.cluster.suspects())
-        if sum(1 for p in stored if p != MISSING) < needed():
+        if sum(1 for p in stored if p != MISSING_NODE) < needed():
             # The map may be stale (a node that was down is back): read it again and try
             # once more, nodes this client avoids included (the map is the fresher word).
             try:
@@ -275,7 +244,7 @@ class StripeIO:
                 log.info("cluster map refresh before giving up on stripe %s/%s failed: %s", ino, index, exc)
             await second_chance(frozenset())
         min_acks = needed()
-        acks = sum(1 for p in stored if p != MISSING)
+        acks = sum(1 for p in stored if p != MISSING_NODE)
         if acks < min_acks:
             await self._discard(ino, index, version, stored)
             message = f"stripe {index} of inode {ino}: only {acks} of {layout.width} fragments stored, need {min_acks}"
@@ -288,8 +257,8 @@ class StripeIO:
         """Best effort: remove fragments of a stripe version that will never be committed."""
         async with trio.open_nursery() as nursery:
             for slot, node_id in enumerate(stored):
-                if node_id != MISSING:
-                    body = {"keys": [[ino, index, version, slot]]}
+                if node_id != MISSING_NODE:
+                    body = delete_fragment_body([FragmentKey(ino, index, version, slot)])
                     nursery.start_soon(self._quiet_call, node_id, Op.DELETE_FRAGMENT, body)
 
     async def _quiet_call(self, node_id: int, op: int, body: dict) -> None:
@@ -323,23 +292,22 @@ class StripeIO:
         stripe = await self.read_degraded(ino, layout, record)
         out[:have] = stripe[start : start + have]
 
-    async def _read_piece(self, ino: int, record: StripeRecord, index: int, start: int, dest: memoryview) -> None:
-        node_id = record.placement[index]
-        body = {"key": [ino, record.index, record.version, index], "offset": start, "length": len(dest)}
-        if len(dest) >= CHECK_HERE_BYTES:
-            body["with_crcs"] = True
+    async def _read_piece(self, ino: int, record: StripeRecord, slot: int, start: int, dest: memoryview) -> None:
+        node_id = record.placement[slot]
+        key = FragmentKey(ino, record.index, record.version, slot)
+        body = get_fragment_body(key, start, len(dest), with_crcs=len(dest) >= CHECK_HERE_BYTES)
         try:
             reply, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body, into=dest)
         except OSError as exc:
             if exc.errno == errno.EBADMSG:
-                self._report_bad(ino, record, index, node_id)
+                self._report_bad(ino, record, slot, node_id)
             raise
         if len(payload) != len(dest):
             raise OSError(errno.EIO, f"node {node_id} returned {len(payload)} of {len(dest)} bytes")
         if payload.obj is not dest.obj:
             dest[:] = payload
         if "crcs" in reply:  # the node sent the blocks unread: check them here
-            _check_blocks(dest, reply, f"fragment {index} of stripe {ino}/{record.index} from node {node_id}")
+            _check_blocks(dest, reply, f"fragment {slot} of stripe {ino}/{record.index} from node {node_id}")
 
     async def read_degraded(self, ino: int, layout: Layout, record: StripeRecord) -> bytes:
         """Whole stripe from any k verified fragments (decode).
@@ -376,7 +344,7 @@ class StripeIO:
     async def _rebuild(self, ino: int, layout: Layout, record: StripeRecord) -> bytes:
         self.stats.degraded_reads += 1
         order = sorted(
-            (slot for slot, node in enumerate(record.placement) if node != MISSING),
+            (slot for slot, node in enumerate(record.placement) if node != MISSING_NODE),
             key=lambda slot: (not self.cluster.is_usable(record.placement[slot]), slot),
         )
         got: dict[int, bytes] = {}
@@ -408,11 +376,12 @@ class StripeIO:
 
     async def _fetch_whole(self, ino: int, record: StripeRecord, slot: int, errors: list[str]) -> bytes | None:
         node_id = record.placement[slot]
-        body = {"key": [ino, record.index, record.version, slot], "offset": 0, "length": record.fragment_size}
+        body = get_fragment_body(FragmentKey(ino, record.index, record.version, slot), 0, record.fragment_size)
         try:
             _, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body)
             data = bytes(payload)
-            verify_fragment(data, record.digests[slot], f"fragment {slot} of stripe {ino}/{record.index} on node {node_id}")
+            verify_fragment(data, record.digests[slot],
+                            f"fragment {slot} of stripe {ino}/{record.index} on node {node_id}")
             return data
         except ChecksumError as exc:
             self._report_bad(ino, record, slot, node_id)
@@ -429,7 +398,8 @@ class StripeIO:
         self.stats.checksum_errors += 1
         self.stats.bad_fragments.append((ino, record.index, record.version, slot, node_id))
         log.error(
-            "bad fragment %s of stripe %s/%s (version %s) on node %s: checksum mismatch; served from the other fragments",
+            "bad fragment %s of stripe %s/%s (version %s) on node %s: checksum mismatch; "
+            "served from the other fragments",
             slot, ino, record.index, record.version, node_id,
         )
 

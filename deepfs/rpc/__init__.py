@@ -1,0 +1,43 @@
+"""trio shell around ``deepfs.frames``: a pipelined client and a frame server.
+
+Layers, from the bottom (each module's docstring has its rules):
+
+- ``_buffer``: ``FrameBuffer``, frames parsed out of received bytes, no I/O;
+- ``_pump``: the socket pump (``recv_into``, ``sendmsg``, ``sendfile``),
+  ``FrameReader`` and ``send_frame``, with plain ``trio.abc.Stream`` fallbacks;
+- ``_client``: ``FrameClient``, many requests pipelined on one connection;
+- ``_server``: ``FrameServer``, one task per request.
+
+Frames and their errors are ``deepfs.frames``; what goes in their bodies is
+``deepfs.messages``.
+"""
+
+from deepfs.rpc._address import parse_address
+from deepfs.rpc._buffer import READ_BUFFER_SIZE, FrameBuffer
+from deepfs.rpc._client import FrameClient
+from deepfs.rpc._pump import (
+    Buffer,
+    FileRange,
+    FrameReader,
+    PayloadBuffer,
+    Piece,
+    send_frame,
+)
+from deepfs.rpc._server import FrameServer, Handler, PayloadSent, ServerLimits
+
+__all__ = [
+    "READ_BUFFER_SIZE",
+    "Buffer",
+    "FileRange",
+    "FrameBuffer",
+    "FrameClient",
+    "FrameReader",
+    "FrameServer",
+    "Handler",
+    "PayloadBuffer",
+    "PayloadSent",
+    "Piece",
+    "ServerLimits",
+    "parse_address",
+    "send_frame",
+]

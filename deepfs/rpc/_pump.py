@@ -1,0 +1,176 @@
+"""The socket pump: moves frames between a ``FrameBuffer`` and a trio stream.
+
+Mental model: the only module that touches sockets. Receiving reads as many
+bytes as the kernel holds into the connection's ``FrameBuffer`` (one
+``recv_into`` for a burst of frames) and large payloads straight into their
+destination; sending writes header, body and payload pieces with one
+``sendmsg`` (no joining of payloads) and file ranges with ``sendfile``
+(page cache to socket, never through user space).
+
+Sockets are tried before waiting for readiness: waiting first costs an
+epoll round trip per call even when data is already queued. Any other
+``trio.abc.Stream`` (a memory stream in tests, TLS one day) works too,
+through its ``receive_some`` / ``send_all``, with a copy where the zero-copy
+paths would have none.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import trio
+
+from deepfs import frames
+from deepfs.frames import FrameHeader, ProtocolError
+from deepfs.rpc._buffer import READ_BUFFER_SIZE, FrameBuffer
+
+Buffer = bytes | bytearray | memoryview
+
+_NO_PAYLOAD = memoryview(b"")
+_MAX_IOV = 64  # pieces per sendmsg, well below any IOV_MAX
+
+
+@dataclass(frozen=True)
+class FileRange:
+    """A payload piece sent straight from a file (``sendfile``: page cache to
+    socket, never through user space). The sender owns ``fd`` only for the
+    send; whoever made the piece closes it (``FrameServer(payload_sent=...)``)."""
+
+    fd: int
+    offset: int
+    length: int
+
+    def __len__(self) -> int:
+        return self.length
+
+
+Piece = Buffer | FileRange
+
+PayloadBuffer = Callable[[FrameHeader, Any], memoryview | None]
+"""``payload_buffer(header, body)``: memory of exactly ``payload_len`` bytes to receive
+a frame's payload into, or None for a fresh bytearray."""
+
+
+class FrameReader:
+    """Reads frames off one stream with as few system calls as possible."""
+
+    def __init__(self, stream: trio.abc.ReceiveStream, max_body: int, max_payload: int,
+                 buffer_size: int = READ_BUFFER_SIZE) -> None:
+        self._stream = stream
+        self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._frames = FrameBuffer(max_body, max_payload, buffer_size)
+
+    async def _recv_into(self, view: memoryview) -> int:
+        if self._sock is None:
+            chunk = await self._stream.receive_some(len(view))
+            view[: len(chunk)] = chunk
+            return len(chunk)
+        raw = self._sock._sock  # noqa: SLF001 - zero-copy receive on trio's socket
+        while True:
+            try:
+                return raw.recv_into(view)
+            except BlockingIOError:
+                await trio.lowlevel.wait_readable(self._sock)
+
+    async def read_frame(
+            self, payload_buffer: PayloadBuffer | None = None) -> tuple[FrameHeader, Any, memoryview] | None:
+        """One frame (header, body, payload); None on a clean EOF between frames.
+
+        ``payload_buffer`` may supply the memory the payload is received into."""
+        await trio.lowlevel.checkpoint()  # a steady stream of frames must not starve other tasks
+        buf = self._frames
+        frame = buf.next_frame()
+        while frame is None:
+            got = await self._recv_into(buf.receive_space())
+            if got == 0:
+                buf.closed()
+                return None
+            buf.received(got)
+            frame = buf.next_frame()
+        header, body = frame
+        if not header.payload_len:
+            return header, body, _NO_PAYLOAD
+        payload = payload_buffer(header, body) if payload_buffer is not None else None
+        if payload is None or len(payload) != header.payload_len:
+            payload = memoryview(bytearray(header.payload_len))
+        got = buf.take_payload(payload)
+        while got < len(payload):
+            n = await self._recv_into(payload[got:])
+            if n == 0:
+                raise ProtocolError(f"connection closed after {got} of {len(payload)} payload bytes")
+            got += n
+        return header, body, payload
+
+
+async def send_frame(
+    stream: trio.abc.SendStream,
+    lock: trio.Lock,
+    op: int,
+    request_id: int,
+    body: Any,
+    payload: Sequence[Piece] = (),
+    flags: int = 0,
+) -> None:
+    """Send header, body and payload pieces as one frame (no joining of payloads)."""
+    payload_len = sum(len(p) for p in payload)
+    head = frames.encode_frame(op, request_id, body, payload_len, flags)
+    async with lock:
+        if isinstance(stream, trio.SocketStream):
+            pending: list[Buffer] = [head]
+            for piece in payload:
+                if isinstance(piece, FileRange):
+                    await _send_vectored(stream, pending)
+                    pending = []
+                    await _send_file(stream, piece)
+                else:
+                    pending.append(piece)
+            await _send_vectored(stream, pending)
+        else:
+            await stream.send_all(head)
+            for piece in payload:
+                if isinstance(piece, FileRange):
+                    data = os.pread(piece.fd, piece.length, piece.offset)
+                    if len(data) != piece.length:
+                        raise OSError(errno.EIO, "file ended before the range sent")
+                    piece = data
+                await stream.send_all(piece)
+
+
+async def _send_file(stream: trio.SocketStream, piece: FileRange) -> None:
+    """sendfile() the range; try before waiting, like ``_send_vectored``."""
+    sock = stream.socket
+    offset, left = piece.offset, piece.length
+    while left:
+        try:
+            sent = os.sendfile(sock.fileno(), piece.fd, offset, left)
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        if sent == 0:  # the file is shorter than it said: the frame cannot be completed
+            raise OSError(errno.EIO, f"file ended {left} bytes before the range sent")
+        offset += sent
+        left -= sent
+
+
+async def _send_vectored(stream: trio.SocketStream, pieces: list[Buffer]) -> None:
+    """sendmsg() the pieces without copying them together; try before waiting."""
+    sock = stream.socket
+    raw = sock._sock  # noqa: SLF001 - vectored send on trio's socket
+    views = [memoryview(p).cast("B") for p in pieces if len(p)]
+    while views:
+        try:
+            sent = raw.sendmsg(views[:_MAX_IOV])
+        except BlockingIOError:
+            await trio.lowlevel.wait_writable(sock)
+            continue
+        while sent:
+            if sent >= len(views[0]):
+                sent -= len(views[0])
+                views.pop(0)
+            else:
+                views[0] = views[0][sent:]
+                sent = 0
