@@ -67,7 +67,7 @@ def shared_client(address: str) -> Client:
     key = (os.getpid(), address)
     with _lock:
         client = _clients.get(key)
-        if client is None or not client._thread.is_alive():
+        if client is None or not client._thread.is_alive():  # noqa: SLF001 - a dead loop thread means a dead client
             client = _clients[key] = Client(address)
         return client
 

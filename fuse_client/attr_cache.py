@@ -19,16 +19,16 @@ from __future__ import annotations
 
 import stat
 import time
-from typing import Any
 
 import pyfuse3
+
+from deepfs.client import Attr
+from deepfs.messages import blocks_of_size
 
 # What stat reports as st_blksize: the preferred I/O size. cp, Python's and
 # glibc's buffered I/O size their buffers by it, and 1 MiB is the largest
 # request the kernel sends us (max_write), so one buffer is one request.
 PREFERRED_IO_SIZE = 1 << 20
-
-Attr = dict[str, Any]
 
 
 class AttrCache:
@@ -115,7 +115,7 @@ def to_entry(attr: Attr, attr_timeout_s: float, entry_timeout_s: float) -> pyfus
     entry.st_rdev = int(attr.get("rdev", 0))
     entry.st_size = int(attr["size"])
     entry.st_blksize = PREFERRED_IO_SIZE
-    entry.st_blocks = int(attr.get("blocks", -(-int(attr["size"]) // 512)))
+    entry.st_blocks = int(attr.get("blocks", blocks_of_size(int(attr["size"]))))
     entry.st_atime_ns = int(attr["atime_ns"])
     entry.st_mtime_ns = int(attr["mtime_ns"])
     entry.st_ctime_ns = int(attr["ctime_ns"])

@@ -37,7 +37,7 @@ from dataclasses import dataclass, field
 import trio
 
 from deepfs.client import AsyncClient, AsyncFile
-from deepfs.frames import Op
+from deepfs.messages import blocks_of_size
 from fuse_client.attr_cache import Attr, cache_stamp
 from fuse_client.readahead import StripePrefetcher, is_sequential
 
@@ -67,9 +67,9 @@ class OpenInode:
 
     def merged_attr(self, attr: Attr) -> Attr:
         """``attr`` with this mount's buffered writes applied (size, mtime)."""
-        merged = dict(attr)
+        merged = attr.copy()
         merged["size"] = self.file.size
-        merged["blocks"] = -(-self.file.size // 512)
+        merged["blocks"] = blocks_of_size(self.file.size)
         if self.local_mtime_ns > int(merged["mtime_ns"]):
             merged["mtime_ns"] = merged["ctime_ns"] = self.local_mtime_ns
         return merged
@@ -126,7 +126,7 @@ class OpenFiles:
             inode = self._by_ino.get(ino)
             if inode is None:
                 file = await self._client.open_inode(ino, readable=True, writable=True, append=False)
-                prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.nursery)
+                prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.start_background)
                 inode = self._by_ino[ino] = OpenInode(ino, file, prefetch)
                 keep_cache = self._stamps.get(ino) == cache_stamp(file.attr)
             else:
@@ -147,7 +147,7 @@ class OpenFiles:
         async with self._transition_lock(file.ino):
             inode = self._by_ino.get(file.ino)
             if inode is None:
-                prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.nursery)
+                prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.start_background)
                 inode = self._by_ino[file.ino] = OpenInode(file.ino, file, prefetch)
             # else: another process found the new name and opened it first; share that one
             return self._new_handle(inode, flags, uid)
@@ -198,7 +198,7 @@ class OpenFiles:
 
     async def _release_orphan(self, ino: int) -> None:
         try:
-            await self._client.meta.call(Op.RELEASE, ino=ino)
+            await self._client.meta.release(ino)
         except OSError as exc:
             log.warning("could not release unlinked inode %s: %s", ino, exc)
 

@@ -1,25 +1,19 @@
-"""pyfuse3 ``Operations`` over the DeepFS client library.
+"""pyfuse3 ``Operations`` over the DeepFS client library: the thin shell.
 
-A thin shell: every request becomes one metadata operation by inode (the
+Every request becomes one typed metadata call by inode (``client.meta``; the
 kernel's node ids *are* DeepFS inode numbers, the root is 1 in both) or a
-call on an open ``AsyncFile`` (``handles.py``). What this layer adds:
+call on an open ``AsyncFile`` (``handles.py``). The rest lives beside it:
 
-- the caller's uid/gid as ``ctx`` of every operation that creates an inode,
-  so ownership and setgid-directory inheritance are the caller's;
-- errno mapping (``fuse_errors``): ``OSError`` → its errno, anything
-  unexpected → ``EIO`` with a logged traceback. An inode that vanished
-  (another mount removed it) is ``ESTALE``, which makes the kernel look the
-  name up again instead of failing the syscall;
-- caching rules (``attr_cache.py``, ``docs/FUSE.md``).
+- POSIX rules the kernel leaves to us (name length, rename flags, ACL
+  xattrs, clearing set-id bits, ``access``) and which errno a syscall sees:
+  ``posix.py``, pure functions;
+- directory handles and readdir paging: ``dirs.py``;
+- caching rules: ``attr_cache.py`` and ``docs/FUSE.md``.
 
-Permission checks are the kernel's (``default_permissions``) against the
-attributes we return: mode bits, owner and group, sticky directories, who
-may chown/chmod/utime. One rule is left to us: libfuse asks for
-``FUSE_CAP_HANDLE_KILLPRIV`` by default (pyfuse3 cannot opt out), so the
-kernel does not clear set-user-ID/set-group-ID bits itself on a write,
-truncate or chown; ``_drop_set_id_bits`` does, for callers other than root
-(Linux spares only CAP_FSETID holders). ``access`` is answered too, for
-mounts without ``default_permissions``.
+What this shell adds: the caller's uid/gid as the owner of every inode a
+request creates (so ownership and setgid-directory inheritance are the
+caller's), and ``fuse_errors``: ``OSError`` → its errno, anything
+unexpected → ``EIO`` with a logged traceback.
 """
 
 from __future__ import annotations
@@ -30,38 +24,44 @@ import logging
 import os
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
-from typing import Any, ParamSpec, TypeVar
+from dataclasses import dataclass
+from typing import ParamSpec, TypeVar
 
 import pyfuse3
 import trio
 
-from deepfs.client import AsyncClient, AsyncFile
+from deepfs.client import AsyncClient, DirEntry
 from deepfs.concurrency import sole_exception
-from deepfs.frames import Op
-from deepfs.layout import Layout
-from fuse_client.attr_cache import Attr, AttrCache, XattrCache, dot_entry, negative_entry, to_entry
+from deepfs.messages import NAME_MAX, RENAME_EXCHANGE
+from fuse_client.attr_cache import (
+    Attr,
+    AttrCache,
+    XattrCache,
+    dot_entry,
+    negative_entry,
+    to_entry,
+)
+from fuse_client.dirs import Directories
 from fuse_client.handles import OpenFiles
 from fuse_client.options import MountOptions
+from fuse_client.posix import (
+    caller,
+    check_name,
+    check_regular_file,
+    check_rename_flags,
+    inode_held,
+    may_access,
+    permissions_without_set_id,
+    refuse_acl,
+    setattr_changes,
+    setattr_drops_set_id_bits,
+    syscall_errno,
+)
 
 log = logging.getLogger(__name__)
 
-NAME_MAX = 255
-MAX_REMEMBERED_PARENTS = 1_000_000
-READDIR_BATCH = 128  # entries fetched per READDIR; their attributes are fetched in parallel
-RENAME_NOREPLACE, RENAME_EXCHANGE = 1, 2
-RENAME_FLAGS = RENAME_NOREPLACE | RENAME_EXCHANGE  # RENAME_WHITEOUT is not supported
-
 P = ParamSpec("P")
 R = TypeVar("R")
-
-
-def syscall_errno(exc: OSError) -> int:
-    """The errno a program sees: trouble between our own processes (a reset
-    or refused connection to a node) is an I/O error to it, not a socket error."""
-    if isinstance(exc, ConnectionError) or not exc.errno:
-        return errno.EIO
-    return exc.errno
 
 
 def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
@@ -90,54 +90,6 @@ def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     return wrapper
 
 
-def caller(ctx: pyfuse3.RequestContext) -> dict[str, int]:
-    return {"uid": ctx.uid, "gid": ctx.gid}
-
-
-def check_name(name: bytes) -> None:
-    if len(name) > NAME_MAX:
-        raise OSError(errno.ENAMETOOLONG, f"names are at most {NAME_MAX} bytes")
-
-
-def refuse_acl(name: bytes) -> None:
-    """POSIX ACLs are not supported. Storing their xattrs as opaque values
-    would be worse than refusing them: cp -a and tar set a mode through
-    system.posix_acl_access and skip chmod when that succeeds."""
-    if name.startswith(b"system.posix_acl_"):
-        raise OSError(errno.EOPNOTSUPP, "POSIX ACLs are not supported")
-
-
-def without_set_id_bits(mode: int) -> int:
-    """What Linux leaves of a file's mode after a chown, or a write or
-    truncate by an unprivileged process: set-user-ID goes, and set-group-ID
-    goes when it means "set group on exec" (group-executable)."""
-    mode &= ~stat.S_ISUID
-    if mode & stat.S_IXGRP:
-        mode &= ~stat.S_ISGID
-    return mode
-
-
-def may_access(attr: Attr, want: int, uid: int, gid: int) -> bool:
-    """POSIX access(2) check against an attr map (primary group only)."""
-    mode = int(attr["mode"])
-    if uid == 0:
-        return not want & os.X_OK or bool(mode & 0o111) or stat.S_ISDIR(mode)
-    if uid == int(attr["uid"]):
-        granted = (mode >> 6) & 7
-    elif gid == int(attr["gid"]):
-        granted = (mode >> 3) & 7
-    else:
-        granted = mode & 7
-    return want & granted == want
-
-
-@dataclass
-class DirHandle:
-    ino: int
-    buffered: list[tuple[bytes, Attr, int]] = field(default_factory=list)  # (name, attr, cookie)
-    buffered_after: int = -1  # the cookie the buffered entries follow
-
-
 @dataclass
 class MountStats:
     """What the kernel actually sends (logged at unmount, shown by tests)."""
@@ -163,22 +115,10 @@ class DeepFSOperations(pyfuse3.Operations):
         self.attrs = AttrCache(options.attr_timeout_s)
         self.xattrs = XattrCache(options.attr_timeout_s)
         self.files = OpenFiles(client, options.readahead_stripes)
+        self.dirs = Directories(self._list_page, self._attr)
         self.stats = MountStats()
-        self._dirs: dict[int, DirHandle] = {}
-        self._next_dir_fh = 1
-        self._dir_parent: dict[int, int] = {pyfuse3.ROOT_INODE: pyfuse3.ROOT_INODE}
 
     # ------------------------------------------------------------ helpers
-    async def _call(self, op: Op, **body: Any) -> dict[str, Any]:
-        return await self.meta.call(op, body)
-
-    async def _call_ino(self, op: Op, **body: Any) -> dict[str, Any]:
-        """An operation on an inode the kernel holds: gone means stale."""
-        try:
-            return await self.meta.call(op, body)
-        except FileNotFoundError:
-            raise OSError(errno.ESTALE, "the inode was removed") from None
-
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
         opened = self.files.inode(int(attr["ino"]))
         if opened is not None:
@@ -188,21 +128,15 @@ class DeepFSOperations(pyfuse3.Operations):
     def _learned(self, attr: Attr, parent: int | None = None) -> Attr:
         """Cache an attr a reply carried; note a directory's parent (for '..')."""
         if parent is not None and stat.S_ISDIR(int(attr["mode"])):
-            self._note_parent(int(attr["ino"]), parent)
+            self.dirs.note_parent(int(attr["ino"]), parent)
         return self.attrs.put(attr)
-
-    def _note_parent(self, ino: int, parent: int) -> None:
-        """Remember a directory's parent for the inode number of its '..'
-        entry (informational: ls -ai); bounded, forgotten wholesale."""
-        if len(self._dir_parent) >= MAX_REMEMBERED_PARENTS:
-            self._dir_parent = {pyfuse3.ROOT_INODE: pyfuse3.ROOT_INODE}
-        self._dir_parent[ino] = parent
 
     async def _attr(self, ino: int) -> Attr:
         cached = self.attrs.get(ino)
         if cached is not None:
             return cached
-        attr = (await self._call_ino(Op.GETATTR, ino=ino))["attr"]
+        with inode_held():
+            attr = await self.meta.getattr(ino)
         opened = self.files.inode(ino)
         if opened is not None and not opened.dirty and _changed(opened.file.attr, attr):
             # Another mount committed to a file we hold open: pick its stripes up
@@ -213,6 +147,10 @@ class DeepFSOperations(pyfuse3.Operations):
                     opened.prefetch.invalidate()
             attr = opened.file.attr
         return self.attrs.put(attr)
+
+    async def _list_page(self, ino: int, after: int, limit: int) -> list[DirEntry]:
+        with inode_held():
+            return await self.meta.readdir(ino, after, limit)
 
     def _namespace_changed(self) -> None:
         self.attrs.clear()
@@ -225,7 +163,7 @@ class DeepFSOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         check_name(name)
         try:
-            attr = (await self._call(Op.LOOKUP, parent=parent_inode, name=name))["attr"]
+            attr = await self.meta.lookup(parent_inode, name)
         except FileNotFoundError:
             if self.options.negative_timeout_s > 0:
                 return negative_entry(self.options.negative_timeout_s)
@@ -244,24 +182,11 @@ class DeepFSOperations(pyfuse3.Operations):
     @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
-        body: dict[str, Any] = {}
-        if fields.update_mode:
-            body["mode"] = attr.st_mode & 0o7777
-        if fields.update_uid:
-            body["uid"] = attr.st_uid
-        if fields.update_gid:
-            body["gid"] = attr.st_gid
-        if fields.update_atime:
-            body["atime_ns"] = attr.st_atime_ns
-        if fields.update_mtime:
-            body["mtime_ns"] = attr.st_mtime_ns
-        chown = fields.update_uid or fields.update_gid
-        if (chown or (fields.update_size and ctx.uid != 0)) and not fields.update_mode:
-            current = await self._attr(inode)
-            if not stat.S_ISDIR(int(current["mode"])):
-                kept = without_set_id_bits(int(current["mode"]))
-                if kept != int(current["mode"]):
-                    body["mode"] = kept & 0o7777
+        changes = setattr_changes(fields, attr)
+        if setattr_drops_set_id_bits(fields, ctx.uid):
+            kept = permissions_without_set_id(int((await self._attr(inode))["mode"]))
+            if kept is not None:
+                changes["mode"] = kept
         # Buffered data is committed first, or its commit would overwrite the
         # mtime set here (cp -p and tar set times on the open descriptor).
         await self.files.flush_ino(inode)
@@ -272,10 +197,12 @@ class DeepFSOperations(pyfuse3.Operations):
             if opened is not None:
                 result = await self.files.truncate(opened, attr.st_size)
             else:
-                result = (await self._call_ino(Op.SETATTR, ino=inode, size=attr.st_size, ctx=caller(ctx)))["attr"]
+                with inode_held():
+                    result = await self.meta.setattr(inode, caller(ctx), size=attr.st_size)
                 self.files.forget_stamp(inode)
-        if body or result is None:
-            result = (await self._call_ino(Op.SETATTR, ino=inode, ctx=caller(ctx), **body))["attr"]
+        if changes or result is None:
+            with inode_held():
+                result = await self.meta.setattr(inode, caller(ctx), **changes)
             opened = self.files.inode(inode)
             if opened is not None and not opened.dirty:
                 opened.file.attr = result  # data unchanged: the kernel's pages stay valid
@@ -283,32 +210,31 @@ class DeepFSOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
-        target = (await self._call_ino(Op.READLINK, ino=inode))["target"]
-        return target if isinstance(target, bytes) else str(target).encode("utf-8", "surrogateescape")
+        with inode_held():
+            return await self.meta.readlink(inode)
 
     # ------------------------------------------------------------ names
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         check_name(name)
-        reply = await self._call(Op.MKNOD, parent=parent_inode, name=name, mode=mode, rdev=rdev, ctx=caller(ctx))
+        attr = await self.meta.mknod(parent_inode, name, mode, rdev, caller(ctx))
         self._namespace_changed()
-        return self._entry(self._learned(reply["attr"], parent_inode))
+        return self._entry(self._learned(attr, parent_inode))
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         check_name(name)
-        reply = await self._call(Op.MKDIR, parent=parent_inode, name=name, mode=stat.S_IFDIR | (mode & 0o7777),
-                                 ctx=caller(ctx))
+        attr = await self.meta.mkdir(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), caller(ctx))
         self._namespace_changed()
-        return self._entry(self._learned(reply["attr"], parent_inode))
+        return self._entry(self._learned(attr, parent_inode))
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         check_name(name)
         victim = await self._open_victim(parent_inode, name)
-        await self._call(Op.UNLINK, parent=parent_inode, name=name, keep_open=victim is not None)
+        await self.meta.unlink(parent_inode, name, keep_open=victim is not None)
         self._namespace_changed()
         if victim is not None:
             await self._orphaned(victim)
@@ -320,7 +246,7 @@ class DeepFSOperations(pyfuse3.Operations):
         if opened is not None:
             opened.unlinked = True
         else:  # closed meanwhile: its orphan has no user left
-            await self._call(Op.RELEASE, ino=ino)
+            await self.meta.release(ino)
 
     async def _open_victim(self, parent_inode: int, name: bytes) -> int | None:
         """The inode ``name`` names if this mount holds it open (it must then
@@ -328,7 +254,7 @@ class DeepFSOperations(pyfuse3.Operations):
         if not len(self.files):
             return None
         try:
-            ino = int((await self._call(Op.LOOKUP, parent=parent_inode, name=name))["attr"]["ino"])
+            ino = int((await self.meta.lookup(parent_inode, name))["ino"])
         except FileNotFoundError:
             return None
         return ino if self.files.is_open(ino) else None
@@ -336,27 +262,26 @@ class DeepFSOperations(pyfuse3.Operations):
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         check_name(name)
-        await self._call(Op.RMDIR, parent=parent_inode, name=name)
+        await self.meta.rmdir(parent_inode, name)
         self._namespace_changed()
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         check_name(name)
-        reply = await self._call(Op.SYMLINK, parent=parent_inode, name=name, target=target, ctx=caller(ctx))
+        attr = await self.meta.symlink(parent_inode, name, target, caller(ctx))
         self._namespace_changed()
-        return self._entry(self._learned(reply["attr"], parent_inode))
+        return self._entry(self._learned(attr, parent_inode))
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
         check_name(name_old)
         check_name(name_new)
-        if flags & ~RENAME_FLAGS:
-            raise OSError(errno.EINVAL, "unsupported rename flags")
+        check_rename_flags(flags)
         victim = None if flags & RENAME_EXCHANGE else await self._open_victim(parent_inode_new, name_new)
-        await self._call(Op.RENAME, parent=parent_inode_old, name=name_old, new_parent=parent_inode_new,
-                         new_name=name_new, flags=flags, keep_open=victim is not None)
+        await self.meta.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags=flags,
+                               keep_open=victim is not None)
         self._namespace_changed()
         if victim is not None:
             await self._orphaned(victim)
@@ -365,17 +290,16 @@ class DeepFSOperations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         check_name(new_name)
-        reply = await self._call_ino(Op.LINK, ino=inode, new_parent=new_parent_inode, new_name=new_name)
+        with inode_held():
+            attr = await self.meta.link(inode, new_parent_inode, new_name)
         self._namespace_changed()
-        return self._entry(self._learned(reply["attr"]))
+        return self._entry(self._learned(attr))
 
     # ------------------------------------------------------------ files
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
-        try:
+        with inode_held():
             handle, keep_cache = await self.files.open(inode, flags, ctx.uid)
-        except FileNotFoundError:
-            raise OSError(errno.ESTALE, "the inode was removed") from None
         if flags & os.O_TRUNC and ctx.uid != 0:
             await self._drop_set_id_bits(inode)
         if not keep_cache:
@@ -398,18 +322,14 @@ class DeepFSOperations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         check_name(name)
-        reply = await self._call(Op.CREATE, parent=parent_inode, name=name, mode=stat.S_IFREG | (mode & 0o7777),
-                                 exclusive=bool(flags & os.O_EXCL), ctx=caller(ctx))
+        created = await self.meta.create(parent_inode, name, stat.S_IFREG | (mode & 0o7777), caller(ctx),
+                                         exclusive=bool(flags & os.O_EXCL))
         self._namespace_changed()
-        attr = reply["attr"]
-        if not stat.S_ISREG(int(attr["mode"])):
-            raise OSError(errno.EISDIR if stat.S_ISDIR(int(attr["mode"])) else errno.EEXIST, "not a regular file")
-        if reply.get("created", True):
-            file = AsyncFile(self.client, f"<inode {attr['ino']}>", attr, Layout.from_dict(reply["layout"]), [],
-                             readable=True, writable=True, append=False)
-            handle = await self.files.adopt(file, flags, ctx.uid)
+        check_regular_file(int(created.attr["mode"]))
+        if created.created:
+            handle = await self.files.adopt(self.client.open_created(created), flags, ctx.uid)
         else:  # raced with another mount's create: open what is there
-            handle, _ = await self.files.open(int(attr["ino"]), flags, ctx.uid)
+            handle, _ = await self.files.open(int(created.attr["ino"]), flags, ctx.uid)
         entry = self._entry(self._learned(handle.inode.file.attr, parent_inode))
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False, direct_io=handle.append), entry
 
@@ -444,15 +364,17 @@ class DeepFSOperations(pyfuse3.Operations):
 
     async def _drop_set_id_bits(self, ino: int) -> None:
         """A write or truncate by an unprivileged caller clears set-id bits
-        (see the module docstring: the kernel leaves this to us)."""
-        mode = int((await self._attr(ino))["mode"])
-        kept = without_set_id_bits(mode)
-        if kept == mode or stat.S_ISDIR(mode):
+        (``posix.py``: the kernel leaves this to us)."""
+        kept = permissions_without_set_id(int((await self._attr(ino))["mode"]))
+        if kept is None:
             return
-        attr = (await self._call_ino(Op.SETATTR, ino=ino, mode=kept & 0o7777, ctx=self.client.ctx))["attr"]
+        with inode_held():
+            attr = await self.meta.setattr(ino, self.client.ctx, mode=kept)
         opened = self.files.inode(ino)
         if opened is not None:
-            opened.file.attr = dict(opened.file.attr, mode=attr["mode"], ctime_ns=attr["ctime_ns"])
+            updated = opened.file.attr.copy()
+            updated["mode"], updated["ctime_ns"] = attr["mode"], attr["ctime_ns"]
+            opened.file.attr = updated
         self.attrs.put(attr)
         self._kernel_forget_attrs(ino)
 
@@ -479,79 +401,28 @@ class DeepFSOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ directories
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
-        fh = self._next_dir_fh  # the kernel only opens directories as such: nothing to check
-        self._next_dir_fh += 1
-        self._dirs[fh] = DirHandle(inode)
-        return fh
+        return self.dirs.open(inode)
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        """Offsets: 1 after '.', 2 after '..', server cookie + 2 after an entry.
-        Server cookies stay valid while entries come and go, so a listing
-        interrupted by changes resumes without repeating or skipping names."""
-        handle = self._dirs.get(fh)
-        if handle is None:
-            raise OSError(errno.EBADF, "no such directory handle")
-        # The kernel takes only the inode number and type of '.' and '..' (it
-        # never instantiates them from readdirplus), so they cost no round trip.
-        if start_id < 1 and not pyfuse3.readdir_reply(token, b".", dot_entry(handle.ino), 1):
-            return
-        if start_id < 2:
-            parent = self._dir_parent.get(handle.ino, handle.ino)
-            if not pyfuse3.readdir_reply(token, b"..", dot_entry(parent), 2):
-                return
-        cookie = max(start_id - 2, 0)
-        while True:
-            batch = await self._dir_entries(handle, cookie)
-            if not batch:
-                return
-            for name, attr, entry_cookie in batch:
-                if not pyfuse3.readdir_reply(token, name, self._entry(attr), entry_cookie + 2):
-                    return
-                cookie = entry_cookie
+        def emit(name: bytes, ino: int, attr: Attr | None, next_offset: int) -> bool:
+            entry = dot_entry(ino) if attr is None else self._entry(attr)
+            return pyfuse3.readdir_reply(token, name, entry, next_offset)
 
-    async def _dir_entries(self, handle: DirHandle, after: int) -> list[tuple[bytes, Attr, int]]:
-        """Entries with cookie > ``after``, with attributes (readdirplus)."""
-        if handle.buffered_after != after:
-            handle.buffered = [e for e in handle.buffered if e[2] > after]
-            if handle.buffered and handle.buffered_after < after:
-                handle.buffered_after = after
-        if handle.buffered_after == after and handle.buffered:
-            return handle.buffered
-        reply = await self._call_ino(Op.READDIR, ino=handle.ino, offset=after, limit=READDIR_BATCH)
-        raw = reply.get("entries", [])
-        attrs: dict[int, Attr] = {}
-
-        async def fetch(ino: int) -> None:
-            try:
-                attrs[ino] = await self._attr(ino)
-            except OSError:
-                pass  # removed since the listing: leave it out
-
-        async with trio.open_nursery() as nursery:
-            for _name, ino, _mode, _cookie in raw:
-                nursery.start_soon(fetch, int(ino))
-        entries = [(bytes(name), attrs[int(ino)], int(cookie)) for name, ino, _mode, cookie in raw if int(ino) in attrs]
-        for _name, attr, _cookie in entries:
-            if stat.S_ISDIR(int(attr["mode"])):
-                self._note_parent(int(attr["ino"]), handle.ino)
-        handle.buffered, handle.buffered_after = entries, after
-        if not entries and raw:  # every entry vanished: continue after them
-            return await self._dir_entries(handle, int(raw[-1][3]))
-        return entries
+        await self.dirs.readdir(fh, start_id, emit)
 
     @fuse_errors
     async def releasedir(self, fh: int) -> None:
-        self._dirs.pop(fh, None)
+        self.dirs.close(fh)
 
     @fuse_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        await self._call(Op.FSYNC)
+        await self.meta.fsync()
 
     # ------------------------------------------------------------ file system
     @fuse_errors
     async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
-        reply = await self._call(Op.STATFS)
+        reply = await self.meta.statfs()
         out = pyfuse3.StatvfsData()
         out.f_bsize = int(reply["bsize"])
         out.f_frsize = int(reply.get("frsize", reply["bsize"]))
@@ -576,7 +447,8 @@ class DeepFSOperations(pyfuse3.Operations):
         refuse_acl(name)
         self.xattrs.drop(inode)
         try:
-            await self._call_ino(Op.SETXATTR, ino=inode, name=name, value=value, flags=0)
+            with inode_held():
+                await self.meta.setxattr(inode, name, value)
         finally:
             self.xattrs.drop(inode)
             self.attrs.drop(inode)
@@ -588,7 +460,8 @@ class DeepFSOperations(pyfuse3.Operations):
         found, value = self.xattrs.get(inode, name)
         if not found:
             try:
-                value = bytes((await self._call_ino(Op.GETXATTR, ino=inode, name=name))["value"])
+                with inode_held():
+                    value = await self.meta.getxattr(inode, name)
             except OSError as exc:
                 if exc.errno != errno.ENODATA:
                     raise
@@ -600,14 +473,16 @@ class DeepFSOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
-        return [bytes(n) for n in (await self._call_ino(Op.LISTXATTR, ino=inode))["names"]]
+        with inode_held():
+            return await self.meta.listxattr(inode)
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         refuse_acl(name)
         self.xattrs.drop(inode)
         try:
-            await self._call_ino(Op.REMOVEXATTR, ino=inode, name=name)
+            with inode_held():
+                await self.meta.removexattr(inode, name)
         finally:
             self.xattrs.drop(inode)
             self.attrs.drop(inode)

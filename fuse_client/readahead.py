@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import logging
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import trio
@@ -53,10 +54,11 @@ class _Stripe:
 
 
 class StripePrefetcher:
-    def __init__(self, file: AsyncFile, stripes_ahead: int, nursery: trio.Nursery) -> None:
+    def __init__(self, file: AsyncFile, stripes_ahead: int, start_soon: Callable[..., None]) -> None:
+        """``start_soon`` runs the background fetches (``AsyncClient.start_background``)."""
         self._file = file
         self._ahead = stripes_ahead
-        self._nursery = nursery
+        self._start_soon = start_soon
         self._stripes: OrderedDict[int, _Stripe] = OrderedDict()
         self._capacity = STREAMS_KEPT * (stripes_ahead + 2)
         self._generation = 0
@@ -101,7 +103,7 @@ class StripePrefetcher:
         for index in range(first, last + 1):
             if index not in self._stripes:
                 stripe = self._stripes[index] = _Stripe(self._generation)
-                self._nursery.start_soon(self._fetch, index, stripe)
+                self._start_soon(self._fetch, index, stripe)
 
     def _evict(self) -> None:
         """Drop the least recently used stripes past the capacity."""

@@ -11,7 +11,10 @@ import pytest
 import deepfs
 from deepfs import Layout
 from deepfs.local_cluster import LocalCluster
+from deepfs.testing import faults
 from tests.conftest import unique_dir
+
+pytestmark = pytest.mark.process
 
 STRIPE = 256 << 10
 LAYOUTS = {
@@ -148,7 +151,7 @@ def test_superseded_versions_are_garbage_collected(cluster: LocalCluster, client
         client.write_file(path, os.urandom(64 << 10), layout=layout)
 
     def fragment_files() -> list[str]:
-        return [str(p) for p in cluster.data_dir.glob(f"node*/fragments/*/{ino}/*")]
+        return [str(p) for p in faults.fragment_files(cluster, ino)]
 
     deadline = time.monotonic() + 20
     while len(fragment_files()) > 6 and time.monotonic() < deadline:
@@ -183,7 +186,7 @@ def test_fsync_makes_the_files_fragments_durable_on_their_nodes(cluster: LocalCl
             f = await fs.open(f"/durable-{os.getpid()}", "wb", layout=Layout(4, 2, 256 << 10))
             await f.pwrite(os.urandom(1 << 20), 0)
             await f.flush()
-            holders = {n for r in f._records.values() for n in r.placement}
+            holders = {n for r in f._records.values() for n in r.placement}  # noqa: SLF001
             before = {n: (await fs.cluster.call_node(n, Op.NODE_STATS, {}))[0] for n in holders}
             assert sum(s["unsynced_puts"] for s in before.values()) > 0
             await f.fsync()
@@ -250,13 +253,13 @@ def test_stripes_filled_by_several_lent_buffers_are_sent_from_them(client: deepf
     base = unique_dir(client, "gathered")
     layout = Layout(4, 2, STRIPE)
     cuts = [0, STRIPE + 4096, STRIPE + 4096 + 100, 2 * STRIPE + 12_345, 4 * STRIPE]
-    buffers = [bytearray(os.urandom(b - a)) for a, b in zip(cuts, cuts[1:])]
+    buffers = [bytearray(os.urandom(b - a)) for a, b in zip(cuts, cuts[1:], strict=False)]
     tail = os.urandom(1000)  # stripe 4 gets a copied piece: not gathered
     before = client.stats.lent_stripes
 
     async def write() -> bytes:
         f = await client.aio.open(f"{base}/f", "xb+", layout)
-        for start, buffer in zip(cuts, buffers):
+        for start, buffer in zip(cuts, buffers, strict=False):  # the last cut is the end, not a start
             await f.pwrite(memoryview(buffer), start, zero_copy=True)
         await f.pwrite(tail, 4 * STRIPE)
         seen = await f.pread(2 * STRIPE, STRIPE)  # stripes 1 and 2: dirty or in flight, gathered
@@ -276,7 +279,7 @@ def test_stripes_filled_by_several_lent_buffers_are_sent_from_them(client: deepf
 def test_stripes_of_the_old_fragment_format_are_refused_not_misread(client: deepfs.Client) -> None:
     """Fragments used to carry liberasurecode's 80-byte header (sizes of 4 KiB multiples + 80).
     Read as headerless they would come back shifted yet pass every CRC: refused with EIO."""
-    from deepfs.client._stripes import StripeRecord
+    from deepfs.messages import StripeRecord
 
     old = StripeRecord(0, 1, 4096, 4096 + 80, [1, 2, 3, 4, 5, 6], [0] * 6)
     out = memoryview(bytearray(100))

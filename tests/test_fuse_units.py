@@ -10,9 +10,11 @@ import pytest
 
 from fuse_client.attr_cache import AttrCache, XattrCache, cache_stamp, to_entry
 from fuse_client.mounts import unescape_mount_path
-from fuse_client.operations import may_access, refuse_acl, without_set_id_bits
 from fuse_client.options import parse_args
+from fuse_client.posix import may_access, refuse_acl, without_set_id_bits
 from fuse_client.readahead import is_sequential
+
+pytestmark = pytest.mark.unit
 
 ATTR = {"ino": 7, "mode": stat.S_IFREG | 0o640, "uid": 10, "gid": 20, "nlink": 1, "size": 5,
         "atime_ns": 1, "mtime_ns": 2_000_000_003, "ctime_ns": 4, "rdev": 0, "generation": 9, "blocks": 1}
@@ -98,7 +100,7 @@ def test_xattr_cache_remembers_absence_and_forgets_per_inode() -> None:
 def test_socket_trouble_reaches_programs_as_eio() -> None:
     import errno
 
-    from fuse_client.operations import syscall_errno
+    from fuse_client.posix import syscall_errno
 
     assert syscall_errno(ConnectionResetError(errno.ECONNRESET, "reset")) == errno.EIO
     assert syscall_errno(ConnectionRefusedError(errno.ECONNREFUSED, "refused")) == errno.EIO

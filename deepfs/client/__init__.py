@@ -1,8 +1,50 @@
-"""DeepFS client library: ``AsyncClient`` (trio) and the synchronous ``Client``."""
+"""DeepFS client library: ``AsyncClient`` (trio) and the synchronous ``Client``.
+
+Layers, from the top:
+
+- **Public**: ``Client`` / ``File`` (synchronous, any thread) and
+  ``AsyncClient`` / ``AsyncFile`` (trio) with path-based calls (``open``,
+  ``stat``, ``rename``, ...), ``IOStats``, ``stat_result``. Programs, the
+  fsspec and torch adapters use these.
+- **Internal, supported for the FUSE client** (``fuse_client/``), which
+  addresses everything by inode: ``AsyncClient.meta`` (a ``MetaClient``: one
+  typed async method per metadata operation, returning ``Attr``,
+  ``DirEntry``, ``Created``, ...), ``AsyncClient.open_inode``,
+  ``AsyncClient.open_created`` (a file ``meta.create`` just made, without
+  another round trip), ``AsyncClient.start_background`` (work that lives as
+  long as the client), ``AsyncClient.ctx`` (this process's ``Caller``) and
+  ``AsyncFile.reload`` / ``AsyncFile.attr``. They change with the FUSE client,
+  not with a deprecation period.
+- **Transport**: ``Transport`` is how the client opens every connection and
+  fetches the cluster map; ``TcpTransport`` is the network and the default.
+  ``AsyncClient.connect(..., transport=...)`` takes another, e.g. the
+  in-process cluster of ``deepfs.testing``.
+
+Everything else (``_stripes``, ``_cluster``, ``FileServices``) is private.
+"""
 
 from deepfs.client._core import AsyncClient, stat_result
 from deepfs.client._file import AsyncFile
-from deepfs.client._stripes import IOStats, StripeRecord
+from deepfs.client._meta import Attr, Caller, Created, DirEntry, MetaClient, StatFs
+from deepfs.client._stripes import IOStats
 from deepfs.client._sync import Client, File
+from deepfs.client._transport import TcpTransport, Transport
+from deepfs.messages import StripeRecord
 
-__all__ = ["AsyncClient", "AsyncFile", "Client", "File", "IOStats", "StripeRecord", "stat_result"]
+__all__ = [
+    "AsyncClient",
+    "AsyncFile",
+    "Attr",
+    "Caller",
+    "Client",
+    "Created",
+    "DirEntry",
+    "File",
+    "IOStats",
+    "MetaClient",
+    "StatFs",
+    "StripeRecord",
+    "TcpTransport",
+    "Transport",
+    "stat_result",
+]

@@ -19,6 +19,7 @@ import grpc
 import trio
 
 from deepfs import rpc
+from deepfs.client._transport import Transport
 from deepfs.config import ClientConfig
 from deepfs.placement import NodeView
 from deepfs.proto import control_pb2, control_pb2_grpc
@@ -29,11 +30,12 @@ SUSPECT_FOR_S = 3.0
 
 
 class ClusterView:
-    def __init__(self, nursery: trio.Nursery, grpc_address: str, config: ClientConfig) -> None:
+    def __init__(self, nursery: trio.Nursery, grpc_address: str, config: ClientConfig, transport: Transport) -> None:
         self._nursery = nursery
         self._config = config
-        self._channel = grpc.insecure_channel(grpc_address)
-        self._stub = control_pb2_grpc.ClusterStub(self._channel)
+        self._grpc_address = grpc_address
+        self._transport = transport
+        self._status_channel: grpc.Channel | None = None
         self.nodes: dict[int, NodeView] = {}
         self.epoch = -1
         self._connections: dict[int, rpc.FrameClient] = {}
@@ -42,17 +44,11 @@ class ClusterView:
         self._refresh_lock = trio.Lock()
 
     async def refresh(self) -> None:
-        """Fetch the cluster map now (one gRPC call in a worker thread)."""
+        """Fetch the cluster map now, through the transport (TCP: one gRPC call in a worker thread)."""
         async with self._refresh_lock:
-            timeout = self._config.connect_timeout_s
-            reply = await trio.to_thread.run_sync(
-                lambda: self._stub.GetClusterMap(control_pb2.ClusterMapRequest(), timeout=timeout)
-            )
-            self.epoch = reply.epoch
-            self.nodes = {
-                n.node_id: NodeView(n.node_id, n.address, n.failure_domain or n.address, n.state == "up", n.free_bytes)
-                for n in reply.nodes
-            }
+            epoch, nodes = await self._transport.fetch_cluster_map(self._grpc_address, self._config.connect_timeout_s)
+            self.epoch = epoch
+            self.nodes = {n.node_id: n for n in nodes}
             for node_id, conn in list(self._connections.items()):
                 node = self.nodes.get(node_id)
                 if node is None or conn.address != node.address:
@@ -66,9 +62,15 @@ class ClusterView:
                 await self.refresh()
             except grpc.RpcError as exc:
                 log.debug("cluster map refresh failed: %s", exc.code())
+            except OSError as exc:
+                log.debug("cluster map refresh failed: %s", exc)
 
     def status(self) -> Any:
-        return self._stub.Status(control_pb2.StatusRequest(), timeout=self._config.connect_timeout_s)
+        """The control plane's cluster status (blocking gRPC; always over TCP)."""
+        if self._status_channel is None:
+            self._status_channel = grpc.insecure_channel(self._grpc_address)
+        stub = control_pb2_grpc.ClusterStub(self._status_channel)
+        return stub.Status(control_pb2.StatusRequest(), timeout=self._config.connect_timeout_s)
 
     def live_nodes(self) -> list[NodeView]:
         return [n for n in self.nodes.values() if n.up]
@@ -98,10 +100,7 @@ class ClusterView:
             node = self.nodes.get(node_id)
             if node is None:
                 raise ConnectionRefusedError(f"storage node {node_id} is not in the cluster map")
-            host, port = rpc.parse_address(node.address)
-            conn = await rpc.FrameClient.connect(
-                self._nursery, host, port, timeout_s=self._config.connect_timeout_s
-            )
+            conn = await self._transport.dial(self._nursery, node.address, self._config.connect_timeout_s)
             self._connections[node_id] = conn
             return conn
 
@@ -127,4 +126,5 @@ class ClusterView:
         for conn in list(self._connections.values()):
             await conn.aclose()
         self._connections.clear()
-        self._channel.close()
+        if self._status_channel is not None:
+            self._status_channel.close()

@@ -3,6 +3,10 @@
 Paths are resolved by the metadata server in one round trip (``RESOLVE``),
 then every operation is addressed by inode. Everything here runs inside one
 trio loop; ``deepfs.Client`` is the synchronous facade over it.
+
+An ``AsyncClient`` owns the metadata connection (``meta``, a typed
+``MetaClient``), the cluster view, the stripe I/O and a nursery for
+background work; its files get the narrow ``FileServices`` of it.
 """
 
 from __future__ import annotations
@@ -10,26 +14,24 @@ from __future__ import annotations
 import errno
 import os
 import stat as stat_module
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
-from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, cast
 
 import trio
 
 from deepfs.buffers import PoolSet
 from deepfs.client._cluster import ClusterView
-from deepfs.client._file import AsyncFile
-from deepfs.client._meta import MetaClient, caller_context
-from deepfs.client._stripes import StripeIO, StripeRecord
+from deepfs.client._file import AsyncFile, FileServices, fetch_file_state
+from deepfs.client._meta import Attr, Created, MetaClient, caller_context
+from deepfs.client._stripes import StripeIO
+from deepfs.client._transport import TcpTransport, Transport
 from deepfs.concurrency import sole_exception
 from deepfs.config import ClientConfig
 from deepfs.errors import os_error
-from deepfs.frames import Op
 from deepfs.layout import Layout
 from deepfs.malloc_tuning import tune_malloc
-
-ROOT_INO = 1
-MAX_NAME = 255
+from deepfs.messages import NAME_MAX, blocks_of_size
 
 
 def split_path(path: str) -> tuple[str, bytes]:
@@ -41,12 +43,12 @@ def split_path(path: str) -> tuple[str, bytes]:
     if not name:
         raise os_error(errno.EINVAL, "the root has no parent", path)
     encoded = name.encode("utf-8", "surrogateescape")
-    if len(encoded) > MAX_NAME:
-        raise os_error(errno.ENAMETOOLONG, f"name is {len(encoded)} bytes, at most {MAX_NAME}", path)
+    if len(encoded) > NAME_MAX:
+        raise os_error(errno.ENAMETOOLONG, f"name is {len(encoded)} bytes, at most {NAME_MAX}", path)
     return parent or "/", encoded
 
 
-def stat_result(attr: dict[str, Any]) -> os.stat_result:
+def stat_result(attr: Mapping[str, Any]) -> os.stat_result:
     """An ``os.stat_result`` from a metadata attr map (times in ns as in os.stat)."""
     at, mt, ct = int(attr["atime_ns"]), int(attr["mtime_ns"]), int(attr["ctime_ns"])
     fields = (
@@ -55,33 +57,42 @@ def stat_result(attr: dict[str, Any]) -> os.stat_result:
     )
     extra = {"st_atime": at / 1e9, "st_mtime": mt / 1e9, "st_ctime": ct / 1e9,
              "st_atime_ns": at, "st_mtime_ns": mt, "st_ctime_ns": ct,
-             "st_blksize": 4096, "st_blocks": int(attr.get("blocks", (int(attr["size"]) + 511) // 512)),
+             "st_blksize": 4096, "st_blocks": int(attr.get("blocks", blocks_of_size(int(attr["size"])))),
              "st_rdev": attr.get("rdev", 0)}
     return os.stat_result(fields, extra)
 
 
 class AsyncClient:
-    """Connect with ``async with AsyncClient.connect("127.0.0.1:7700") as client``."""
+    """Connect with ``async with AsyncClient.connect("127.0.0.1:7700") as client``.
 
-    def __init__(self, nursery: trio.Nursery, meta: MetaClient, config: ClientConfig) -> None:
-        self.nursery = nursery
+    ``transport`` (default: TCP) opens every connection the client makes; a
+    test harness passes one that reaches in-process servers instead."""
+
+    def __init__(self, nursery: trio.Nursery, meta: MetaClient, config: ClientConfig, transport: Transport) -> None:
+        self._nursery = nursery
+        self._transport = transport
         self.meta = meta
         self.config = config
         self.pools = PoolSet()
         self.ctx = caller_context()
         self.cluster: ClusterView
         self.stripes: StripeIO
+        self._file_services: FileServices
         self.default_layout: Layout | None = None
 
     @classmethod
     @asynccontextmanager
-    async def connect(cls, meta_address: str, config: ClientConfig | None = None) -> AsyncIterator[AsyncClient]:
+    async def connect(cls, meta_address: str, config: ClientConfig | None = None, *,
+                      transport: Transport | None = None) -> AsyncIterator[AsyncClient]:
         tune_malloc()
         config = config or ClientConfig(meta_address=meta_address)
+        own_transport = None
+        if transport is None:
+            transport = own_transport = TcpTransport()
         try:
             async with trio.open_nursery() as nursery:
-                meta = MetaClient(nursery, meta_address, config.connect_timeout_s, config.io_timeout_s * 3)
-                client = cls(nursery, meta, config)
+                meta = MetaClient(nursery, meta_address, transport, config.connect_timeout_s, config.io_timeout_s * 3)
+                client = cls(nursery, meta, config, transport)
                 try:
                     await client._start()
                     yield client
@@ -95,28 +106,38 @@ class AsyncClient:
             if sole is None:
                 raise
             raise sole from None
+        finally:
+            if own_transport is not None:
+                own_transport.close()
 
     async def _start(self) -> None:
-        hello = await self.meta.call(Op.HELLO)
-        self.default_layout = Layout.from_dict(hello["default_layout"]) if hello.get("default_layout") else None
-        self.cluster = ClusterView(self.nursery, hello["grpc_address"], self.config)
+        hello = await self.meta.hello()
+        self.default_layout = hello.default_layout
+        self.cluster = ClusterView(self._nursery, hello.grpc_address, self.config, self._transport)
         self.stripes = StripeIO(self.cluster, self.config.durable_writes)
+        self._file_services = FileServices(self.meta, self.stripes, self.pools, self.config, self.ctx,
+                                           self._nursery.start_soon)
         await self.cluster.refresh()
-        self.nursery.start_soon(self.cluster.refresh_forever)
+        self._nursery.start_soon(self.cluster.refresh_forever)
 
     async def _stop(self) -> None:
         await self.meta.aclose()
         if hasattr(self, "cluster"):
             await self.cluster.aclose()
 
+    def start_background(self, task: Callable[..., Awaitable[Any]], *args: Any) -> None:
+        """Run ``task(*args)`` in the client's nursery: it ends when the client
+        closes, and an exception it lets out closes the client. (The FUSE
+        client's read-ahead fetches run here.)"""
+        self._nursery.start_soon(task, *args)
+
     # ------------------------------------------------------------ namespace
-    async def resolve(self, path: str) -> dict[str, Any]:
+    async def resolve(self, path: str) -> Attr:
         """attr of ``path``; FileNotFoundError/NotADirectoryError as the OS would."""
         try:
-            reply = await self.meta.call(Op.RESOLVE, path=path)
+            return await self.meta.resolve(path)
         except OSError as exc:
             raise os_error(exc.errno or errno.EIO, exc.strerror or "", path) from None
-        return reply["attr"]
 
     async def _parent(self, path: str) -> tuple[int, bytes]:
         parent, name = split_path(path)
@@ -125,10 +146,11 @@ class AsyncClient:
             raise os_error(errno.ENOTDIR, "", parent)
         return int(attr["ino"]), name
 
-    async def _named(self, op: Op, path: str, **fields: Any) -> dict[str, Any]:
+    async def _named(self, op: Callable[[int, bytes], Awaitable[Any]], path: str) -> None:
+        """``op(parent, name)`` on the parent directory of ``path``; errors name ``path``."""
         parent, name = await self._parent(path)
         try:
-            return await self.meta.call(op, parent=parent, name=name, **fields)
+            await op(parent, name)
         except OSError as exc:
             raise os_error(exc.errno or errno.EIO, exc.strerror or "", path) from None
 
@@ -143,7 +165,8 @@ class AsyncClient:
             return False
 
     async def mkdir(self, path: str, mode: int = 0o755) -> None:
-        await self._named(Op.MKDIR, path, mode=stat_module.S_IFDIR | (mode & 0o7777), ctx=self.ctx)
+        mode = stat_module.S_IFDIR | (mode & 0o7777)
+        await self._named(lambda parent, name: self.meta.mkdir(parent, name, mode, self.ctx), path)
 
     async def makedirs(self, path: str, mode: int = 0o755, exist_ok: bool = True) -> None:
         parts = [p for p in path.split("/") if p]
@@ -159,33 +182,33 @@ class AsyncClient:
                     raise os_error(errno.ENOTDIR, "", sub) from None
 
     async def unlink(self, path: str) -> None:
-        await self._named(Op.UNLINK, path, keep_open=False)
+        await self._named(self.meta.unlink, path)
 
     async def rmdir(self, path: str) -> None:
-        await self._named(Op.RMDIR, path)
+        await self._named(self.meta.rmdir, path)
 
     async def rename(self, src: str, dst: str, flags: int = 0) -> None:
         parent, name = await self._parent(src)
         new_parent, new_name = await self._parent(dst)
         try:
-            await self.meta.call(Op.RENAME, parent=parent, name=name, new_parent=new_parent, new_name=new_name, flags=flags)
+            await self.meta.rename(parent, name, new_parent, new_name, flags=flags)
         except OSError as exc:
             raise os_error(exc.errno or errno.EIO, exc.strerror or "", src) from None
 
     async def symlink(self, target: str, path: str) -> None:
-        await self._named(Op.SYMLINK, path, target=target.encode("utf-8", "surrogateescape"), ctx=self.ctx)
+        encoded = target.encode("utf-8", "surrogateescape")
+        await self._named(lambda parent, name: self.meta.symlink(parent, name, encoded, self.ctx), path)
 
     async def readlink(self, path: str) -> str:
         attr = await self.resolve(path)
-        reply = await self.meta.call(Op.READLINK, ino=attr["ino"])
-        target = reply["target"]
-        return target.decode("utf-8", "surrogateescape") if isinstance(target, bytes) else target
+        target = await self.meta.readlink(attr["ino"])
+        return target.decode("utf-8", "surrogateescape")
 
     async def link(self, src: str, dst: str) -> None:
         attr = await self.resolve(src)
         parent, name = await self._parent(dst)
         try:
-            await self.meta.call(Op.LINK, ino=attr["ino"], new_parent=parent, new_name=name)
+            await self.meta.link(attr["ino"], parent, name)
         except OSError as exc:
             raise os_error(exc.errno or errno.EIO, exc.strerror or "", dst) from None
 
@@ -199,8 +222,7 @@ class AsyncClient:
         entries: list[tuple[str, int, int]] = []
         offset = 0
         while True:
-            reply = await self.meta.call(Op.READDIR, ino=attr["ino"], offset=offset, limit=1024)
-            batch = reply.get("entries", [])
+            batch = await self.meta.readdir(attr["ino"], offset, 1024)
             for name, ino, mode, cookie in batch:
                 entries.append((name.decode("utf-8", "surrogateescape"), ino, mode))
                 offset = cookie
@@ -209,24 +231,24 @@ class AsyncClient:
 
     async def chmod(self, path: str, mode: int) -> None:
         attr = await self.resolve(path)
-        await self.meta.call(Op.SETATTR, ino=attr["ino"], mode=mode & 0o7777, ctx=self.ctx)
+        await self.meta.setattr(attr["ino"], self.ctx, mode=mode & 0o7777)
 
     async def truncate(self, path: str, size: int) -> None:
         attr = await self.resolve(path)
         if stat_module.S_ISDIR(attr["mode"]):
             raise os_error(errno.EISDIR, "", path)
-        await self.meta.call(Op.SETATTR, ino=attr["ino"], size=size, ctx=self.ctx)
+        await self.meta.setattr(attr["ino"], self.ctx, size=size)
 
     async def set_layout(self, path: str, layout: Layout) -> None:
         """Default layout of new files created under directory ``path``."""
         attr = await self.resolve(path)
-        await self.meta.call(Op.SET_LAYOUT, ino=attr["ino"], layout=layout.to_dict())
+        await self.meta.set_layout(attr["ino"], layout)
 
     async def statfs(self) -> dict[str, int]:
-        return await self.meta.call(Op.STATFS)
+        return cast(dict[str, int], await self.meta.statfs())
 
     async def fsync_namespace(self) -> None:
-        await self.meta.call(Op.FSYNC)
+        await self.meta.fsync()
 
     # ---------------------------------------------------------------- files
     async def open(self, path: str, mode: str = "rb", layout: Layout | None = None, *,
@@ -238,21 +260,14 @@ class AsyncClient:
         readable, writable, append, create, truncate, exclusive = _parse_mode(mode)
         if create:
             parent, name = await self._parent(path)
-            body: dict[str, Any] = {"parent": parent, "name": name, "mode": stat_module.S_IFREG | 0o644,
-                                    "exclusive": exclusive, "ctx": self.ctx}
-            if layout is not None:
-                body["layout"] = layout.to_dict()
-            if min_stripe_size:
-                body["min_stripe_size"] = min_stripe_size
             try:
-                reply = await self.meta.call(Op.CREATE, body)
+                created = await self.meta.create(parent, name, stat_module.S_IFREG | 0o644, self.ctx,
+                                                 exclusive=exclusive, layout=layout, min_stripe_size=min_stripe_size)
             except OSError as exc:
                 raise os_error(exc.errno or errno.EIO, exc.strerror or "", path) from None
-            attr = reply["attr"]
-            if reply.get("created") and "layout" in reply:
-                # A new file has no stripes and the lowest version floor: skip OPEN's round trip.
-                return AsyncFile(self, path, attr, Layout.from_dict(reply["layout"]), [], readable, writable,
-                                 append, 0)
+            attr = created.attr
+            if created.created and created.layout is not None:
+                return self.open_created(created, readable, writable, append, path)
         else:
             attr = await self.resolve(path)
         if stat_module.S_ISDIR(attr["mode"]):
@@ -260,7 +275,7 @@ class AsyncClient:
         if not stat_module.S_ISREG(attr["mode"]):
             raise os_error(errno.EINVAL, "not a regular file", path)
         if truncate and int(attr["size"]) != 0:
-            attr = (await self.meta.call(Op.SETATTR, ino=attr["ino"], size=0, ctx=self.ctx))["attr"]
+            attr = await self.meta.setattr(attr["ino"], self.ctx, size=0)
         return await self.open_inode(int(attr["ino"]), readable, writable, append, path)
 
     async def open_inode(self, ino: int, readable: bool = True, writable: bool = False,
@@ -269,21 +284,20 @@ class AsyncClient:
 
         Fetches the layout and every stripe record once: close-to-open
         consistency, like NFS."""
-        attr, layout, records, min_version = await self.fetch_open_state(ino)
-        return AsyncFile(self, path or f"<inode {ino}>", attr, layout, records, readable, writable, append,
-                         min_version)
+        attr, layout, records, _complete, min_version = await fetch_file_state(self.meta, ino)
+        return AsyncFile(self._file_services, path or f"<inode {ino}>", attr, layout, records, readable, writable,
+                         append, min_version)
 
-    async def fetch_open_state(self, ino: int) -> tuple[dict[str, Any], Layout, list[StripeRecord], int]:
-        """attr, layout, all stripe records (paged past OPEN's first batch) and min_version."""
-        reply = await self.meta.call(Op.OPEN, ino=ino)
-        records = [StripeRecord.from_wire(s) for s in reply.get("stripes", [])]
-        complete = reply.get("stripes_complete", True)
-        while not complete and records:
-            more = await self.meta.call(Op.GET_STRIPES, ino=ino, first=records[-1].index + 1, count=2048)
-            batch = [StripeRecord.from_wire(s) for s in more.get("stripes", [])]
-            records.extend(batch)
-            complete = not batch
-        return reply["attr"], Layout.from_dict(reply["layout"]), records, int(reply.get("min_version", 0))
+    def open_created(self, created: Created, readable: bool = True, writable: bool = True,
+                     append: bool = False, path: str = "") -> AsyncFile:
+        """Open the file a ``meta.create`` just made (``created.created`` and a
+        layout): it has no stripes and the lowest version floor, so this
+        skips OPEN's round trip."""
+        if not created.created or created.layout is None:
+            raise ValueError("open_created takes a file CREATE made, not one that was there")
+        ino = created.attr["ino"]
+        return AsyncFile(self._file_services, path or f"<inode {ino}>", created.attr, created.layout, [],
+                         readable, writable, append, 0)
 
     async def read_file(self, path: str) -> bytes:
         f = await self.open(path, "rb")

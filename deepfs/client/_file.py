@@ -13,6 +13,10 @@ had data is merged with it (read-modify-write) just before it is stored.
 Each stored stripe is a new version committed in one metadata transaction,
 so readers see the old stripe or the new one, never a mix.
 Errors of background uploads are raised by the next write, flush or close.
+
+A file needs little of its client: the metadata calls, stripe I/O, buffer
+pools, the configuration and a place to run uploads. ``FileServices`` is that
+set, built once per ``AsyncClient`` and shared by all its files.
 """
 
 from __future__ import annotations
@@ -22,18 +26,17 @@ import functools
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, cast
+from typing import cast
 
 import trio
 
-from deepfs.buffers import BufferPool
-from deepfs.client._stripes import GatheredStripe, StripeRecord
+from deepfs.buffers import BufferPool, PoolSet
+from deepfs.client._meta import Attr, Caller, MetaClient, OpenReply
+from deepfs.client._stripes import GatheredStripe, StripeIO
 from deepfs.concurrency import run_all
-from deepfs.frames import Op
+from deepfs.config import ClientConfig
 from deepfs.layout import Layout
-
-if TYPE_CHECKING:
-    from deepfs.client._core import AsyncClient
+from deepfs.messages import StripeRecord
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,29 @@ SPARSE_LIMIT = 256 << 10
 """A dirty stripe keeps up to this many written bytes as pieces before it takes
 a whole stripe buffer: a random writer's 4 KiB writes scattered over hundreds
 of stripes cost their own size in memory, not 4 MiB each."""
+
+
+@dataclass(frozen=True)
+class FileServices:
+    """What open files use of their ``AsyncClient``."""
+
+    meta: MetaClient
+    stripes: StripeIO
+    pools: PoolSet
+    config: ClientConfig
+    caller: Caller  # whose truncates these are
+    start_soon: Callable[..., None]  # runs a background upload in the client's nursery
+
+
+async def fetch_file_state(meta: MetaClient, ino: int) -> OpenReply:
+    """OPEN, with every stripe record (paged past OPEN's first batch)."""
+    state = await meta.open(ino)
+    records, complete = state.records, state.complete
+    while not complete and records:
+        batch = await meta.get_stripes(ino, first=records[-1].index + 1, count=2048)
+        records.extend(batch)
+        complete = not batch
+    return state._replace(complete=complete)
 
 
 @dataclass
@@ -116,10 +142,12 @@ class _DirtyStripe:
 class AsyncFile:
     """Use through ``AsyncClient.open``; every method runs in the client's trio loop."""
 
-    def __init__(self, client: AsyncClient, path: str, attr: dict[str, Any], layout: Layout,
+    def __init__(self, services: FileServices, path: str, attr: Attr, layout: Layout,
                  records: list[StripeRecord], readable: bool, writable: bool, append: bool,
                  min_version: int = 0) -> None:
-        self._client = client
+        self._services = services
+        self._meta = services.meta
+        self._stripes = services.stripes
         self.path = path
         self.ino = int(attr["ino"])
         self.attr = attr
@@ -134,19 +162,19 @@ class AsyncFile:
         self._unsynced_nodes: set[int] = set()  # nodes holding fragments written since the last fsync
         self._dirty: dict[int, _DirtyStripe] = {}
         self._in_flight: dict[int, tuple[memoryview | GatheredStripe, trio.Event]] = {}
-        self._upload_slots = trio.Semaphore(client.config.max_dirty_stripes)
+        self._upload_slots = trio.Semaphore(services.config.max_dirty_stripes)
         self._uploads_done = trio.Event()
         self._uploads_done.set()
         self._uploads_running = 0
         self._error: BaseException | None = None
         self._committed_size = self.size
-        self._pool = client.pools.pool(layout.stripe_size)
+        self._pool = services.pools.pool(layout.stripe_size)
 
     # ----------------------------------------------------------------- reads
     async def pread(self, size: int, offset: int) -> bytes:
         self._check_open()
         if not self.readable:
-            raise OSError(9, "file not open for reading")  # EBADF
+            raise OSError(errno.EBADF, "file not open for reading")
         size = max(0, min(size, self.size - offset))
         if size == 0:
             return b""
@@ -191,7 +219,7 @@ class AsyncFile:
             dest[:] = bytes(len(dest))
             return
         try:
-            await self._client.stripes.read_into(self.ino, self.layout, record, inner, dest)
+            await self._stripes.read_into(self.ino, self.layout, record, inner, dest)
         except OSError as exc:
             if exc.errno != errno.EIO:
                 raise
@@ -199,7 +227,7 @@ class AsyncFile:
             if newer is None:
                 dest[:] = bytes(len(dest))
                 return
-            await self._client.stripes.read_into(self.ino, self.layout, newer, inner, dest)
+            await self._stripes.read_into(self.ino, self.layout, newer, inner, dest)
 
     async def _newer_record(self, index: int, record: StripeRecord, failure: OSError) -> StripeRecord | None:
         """After ``record`` could not be read: the stripe's record now (None: a hole), if another
@@ -234,7 +262,7 @@ class AsyncFile:
         self._check_open()
         self._raise_background_error()
         if not self.writable:
-            raise OSError(9, "file not open for writing")  # EBADF
+            raise OSError(errno.EBADF, "file not open for writing")
         if self.append:
             offset = self.size
         view = memoryview(data).cast("B")
@@ -280,7 +308,8 @@ class AsyncFile:
         base = bytearray(stripe_size)
         record = self._records.get(index)
         if record is not None:
-            await self._client.stripes.read_into(self.ino, self.layout, record, 0, memoryview(base)[: min(length, record.length)])
+            await self._stripes.read_into(self.ino, self.layout, record, 0,
+                                          memoryview(base)[: min(length, record.length)])
         view = memoryview(dirty.buf)
         pos = 0
         for start, end in [*dirty.written, (length, length)]:
@@ -303,7 +332,7 @@ class AsyncFile:
         if pieces is not None:  # lent memory all of it: stored as it lies, no copy
             del self._dirty[index]
             if length == self.layout.stripe_size:  # (a short last stripe is padded: joined)
-                self._client.stripes.stats.lent_stripes += 1
+                self._stripes.stats.lent_stripes += 1
             self._begin_upload(index, GatheredStripe(pieces), lambda: None)
             return
         try:
@@ -320,7 +349,7 @@ class AsyncFile:
     async def _upload_lent(self, index: int, data: memoryview) -> None:
         """Store a whole stripe straight from the caller's memory (``pwrite(zero_copy=True)``)."""
         await self._upload_slots.acquire()
-        self._client.stripes.stats.lent_stripes += 1
+        self._stripes.stats.lent_stripes += 1
         self._begin_upload(index, data, lambda: None)
 
     def _begin_upload(self, index: int, data: memoryview | GatheredStripe, release: Callable[[], None]) -> None:
@@ -329,7 +358,7 @@ class AsyncFile:
         self._in_flight[index] = (data, done)
         self._uploads_running += 1
         self._uploads_done = trio.Event()
-        self._client.nursery.start_soon(self._upload, index, data, done, release)
+        self._services.start_soon(self._upload, index, data, done, release)
 
     async def _upload(self, index: int, data: memoryview | GatheredStripe, done: trio.Event,
                       release: Callable[[], None]) -> None:
@@ -338,23 +367,21 @@ class AsyncFile:
             for attempt in range(3):
                 current = self._records.get(index)
                 floor = max(self._min_version, current.version + 1 if current else 0)
-                record = await self._client.stripes.write_stripe(self.ino, index, self.layout, data, floor)
+                record = await self._stripes.write_stripe(self.ino, index, self.layout, data, floor)
                 try:
-                    reply = await self._client.meta.call(
-                        Op.COMMIT, ino=self.ino, stripes=[record.to_wire()], size=min(self.size, stripe_end)
-                    )
+                    reply = await self._meta.commit(self.ino, [record], min(self.size, stripe_end))
                     break
                 except OSError as exc:
                     if exc.errno != errno.ESTALE or attempt == 2:
                         raise
                     # Our version was retired meanwhile (truncate, another writer): pick a newer one.
                     await self.reload()
-            self._min_version = max(self._min_version, int(reply.get("min_version", 0)))
+            self._min_version = max(self._min_version, reply["min_version"])
             self._records[index] = record
             self._unsynced_nodes.update(record.placement)
-            self.attr = reply.get("attr", self.attr)
+            self.attr = reply["attr"]
             self._committed_size = max(self._committed_size, min(self.size, stripe_end))
-        except BaseException as exc:  # noqa: BLE001 - handed to the writer at its next call
+        except BaseException as exc:  # handed to the writer at its next call
             if self._error is None:
                 self._error = exc
             log.error("storing stripe %s of %s failed: %s", index, self.path, exc)
@@ -374,7 +401,7 @@ class AsyncFile:
             exc, self._error = self._error, None
             if isinstance(exc, OSError):
                 raise OSError(exc.errno, f"an earlier write to {self.path} failed: {exc.strerror or exc}") from exc
-            raise OSError(5, f"an earlier write to {self.path} failed: {exc}") from exc
+            raise OSError(errno.EIO, f"an earlier write to {self.path} failed: {exc}") from exc
 
     async def flush(self) -> None:
         """Store every dirty stripe and commit the size; returns when all are committed."""
@@ -384,8 +411,7 @@ class AsyncFile:
         await self._uploads_done.wait()
         self._raise_background_error()
         if self.size != self._committed_size and self.writable:
-            reply = await self._client.meta.call(Op.COMMIT, ino=self.ino, stripes=[], size=self.size)
-            self.attr = reply.get("attr", self.attr)
+            self.attr = (await self._meta.commit(self.ino, [], self.size))["attr"]
             self._committed_size = self.size
 
     async def fsync(self) -> None:
@@ -394,25 +420,24 @@ class AsyncFile:
         await self.flush()
         nodes, self._unsynced_nodes = self._unsynced_nodes, set()
         try:
-            await self._client.stripes.sync_nodes(nodes)
+            await self._stripes.sync_nodes(nodes)
         except BaseException:
             self._unsynced_nodes |= nodes
             raise
-        await self._client.meta.call(Op.FSYNC)
+        await self._meta.fsync()
 
     async def truncate(self, size: int) -> None:
         self._check_open()
         if not self.writable:
-            raise OSError(9, "file not open for writing")
+            raise OSError(errno.EBADF, "file not open for writing")
         await self.flush()
-        reply = await self._client.meta.call(Op.SETATTR, ino=self.ino, size=size, ctx=self._client.ctx)
-        self.attr = reply["attr"]
+        self.attr = await self._meta.setattr(self.ino, self._services.caller, size=size)
         self.size = self._committed_size = int(self.attr["size"])
         await self.reload()
 
     async def reload(self) -> None:
         """Fetch the committed stripe records again (close-to-open: done at open)."""
-        attr, _layout, records, min_version = await self._client.fetch_open_state(self.ino)
+        attr, _layout, records, _complete, min_version = await fetch_file_state(self._meta, self.ino)
         self._records = {r.index: r for r in records}
         self._min_version = max(self._min_version, min_version)
         self.attr = attr

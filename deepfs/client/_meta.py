@@ -1,48 +1,291 @@
-"""Connection to the metadata server: reconnects, and turns errors into OSError."""
+"""The metadata server as typed async calls: one method per operation.
+
+Mental model: a remote procedure library. Each method sends one framed
+request (docs/PROTOCOL.md; the server side is ``metadata/ops_server.py``)
+and returns its reply in Python types: an inode's attributes as ``Attr``,
+stripe records as ``StripeRecord``, layouts as ``Layout``. Replies that are
+already the right shape (attribute maps, ``statfs``) are handed back as
+received, not copied: GETATTR, LOOKUP, OPEN and COMMIT are on every file
+operation's path.
+
+The connection is opened lazily through the client's ``Transport``. A lost
+or refused connection is retried a few times (every operation is idempotent
+or checked by the server); after that the call fails with ``EIO``. An errno
+the server answers is raised as the matching ``OSError`` subclass
+(``FileNotFoundError`` for ENOENT, ...), never retried.
+"""
 
 from __future__ import annotations
 
 import errno
 import os
-from typing import Any
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, NamedTuple, TypedDict
 
 import trio
 
 from deepfs import rpc
+from deepfs.client._transport import Transport
 from deepfs.frames import Op
+from deepfs.layout import Layout
+from deepfs.messages import StripeRecord
 
 RETRIES = 3
 
 
+class Attr(TypedDict):
+    """An inode's attributes as the server sends them (times in ns since the epoch)."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    rdev: int
+    generation: int
+    blocks: int
+
+
+class Caller(TypedDict):
+    """Who asks: new inodes get this uid/gid (like NFS AUTH_SYS, the server trusts it)."""
+
+    uid: int
+    gid: int
+
+
+class StatFs(TypedDict):
+    """Usable space as statvfs(3) counts it (blocks of ``frsize`` bytes)."""
+
+    bsize: int
+    frsize: int
+    blocks: int
+    bfree: int
+    bavail: int
+    files: int
+    ffree: int
+    namemax: int
+
+
+class Committed(TypedDict):
+    """What a COMMIT leaves: the inode's attributes and the lowest version a new stripe may take."""
+
+    attr: Attr
+    min_version: int
+
+
+class DirEntry(NamedTuple):
+    """One READDIR entry; the next page starts after ``cookie``."""
+
+    name: bytes
+    ino: int
+    mode: int
+    cookie: int
+
+
+@dataclass(frozen=True)
+class ServerHello:
+    """What the metadata server says about the cluster when a client connects."""
+
+    grpc_address: str  # the control plane: cluster map and status
+    cluster_id: str
+    default_layout: Layout | None
+    stats: dict[str, int]
+
+
+@dataclass(frozen=True)
+class Created:
+    """A CREATE's answer. ``created`` is False when the name existed already
+    (another client won the race, and ``exclusive`` was not asked for)."""
+
+    attr: Attr
+    layout: Layout | None  # None for an existing non-file
+    created: bool
+
+
+class OpenReply(NamedTuple):
+    """An OPEN's answer: the file's state as of now. ``complete`` is False when
+    the stripe records did not fit one reply (fetch the rest with ``get_stripes``)."""
+
+    attr: Attr
+    layout: Layout
+    records: list[StripeRecord]
+    complete: bool
+    min_version: int
+
+
 class MetaClient:
-    def __init__(self, nursery: trio.Nursery, address: str, connect_timeout_s: float, timeout_s: float) -> None:
+    """One connection to the metadata server, with a method per operation."""
+
+    def __init__(self, nursery: trio.Nursery, address: str, transport: Transport,
+                 connect_timeout_s: float, timeout_s: float) -> None:
         self.address = address
-        self._host, self._port = rpc.parse_address(address)
         self._nursery = nursery
+        self._transport = transport
         self._connect_timeout_s = connect_timeout_s
         self._timeout_s = timeout_s
         self._conn: rpc.FrameClient | None = None
         self._lock = trio.Lock()
 
+    # -------------------------------------------------------------- session
+    async def hello(self) -> ServerHello:
+        reply = await self._call(Op.HELLO, {})
+        layout = reply.get("default_layout")
+        return ServerHello(
+            grpc_address=reply["grpc_address"],
+            cluster_id=reply.get("cluster_id", ""),
+            default_layout=Layout.from_dict(layout) if layout else None,
+            stats=reply.get("stats", {}),
+        )
+
+    async def statfs(self) -> StatFs:
+        return await self._call(Op.STATFS, {})  # type: ignore[return-value]
+
+    async def fsync(self) -> None:
+        """Wait until every commit made so far is on the metadata server's disk."""
+        await self._call(Op.FSYNC, {})
+
+    # ---------------------------------------------------------------- names
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        return (await self._call(Op.LOOKUP, {"parent": parent, "name": name}))["attr"]
+
+    async def resolve(self, path: str) -> Attr:
+        """The attributes of the inode ``path`` names (one round trip, however deep)."""
+        return (await self._call(Op.RESOLVE, {"path": path}))["attr"]
+
+    async def readdir(self, ino: int, offset: int = 0, limit: int = 0) -> list[DirEntry]:
+        """Entries with a cookie above ``offset`` (no '.' or '..'); ``limit`` 0: the server's maximum."""
+        reply = await self._call(Op.READDIR, {"ino": ino, "offset": offset, "limit": limit})
+        return [DirEntry(bytes(name), int(ino), int(mode), int(cookie))
+                for name, ino, mode, cookie in reply.get("entries", [])]
+
+    async def create(self, parent: int, name: bytes, mode: int, caller: Caller, *, exclusive: bool = False,
+                     layout: Layout | None = None, min_stripe_size: int = 0) -> Created:
+        """A regular file (or the one already there). It gets ``layout``, else
+        its directory's, with stripes of at least ``min_stripe_size`` bytes."""
+        body: dict[str, Any] = {"parent": parent, "name": name, "mode": mode, "exclusive": exclusive, "ctx": caller}
+        if layout is not None:
+            body["layout"] = layout.to_dict()
+        if min_stripe_size:
+            body["min_stripe_size"] = min_stripe_size
+        reply = await self._call(Op.CREATE, body)
+        file_layout = reply.get("layout")
+        return Created(reply["attr"], Layout.from_dict(file_layout) if file_layout else None,
+                       bool(reply.get("created", True)))
+
+    async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attr:
+        body = {"parent": parent, "name": name, "mode": mode, "rdev": rdev, "ctx": caller}
+        return (await self._call(Op.MKNOD, body))["attr"]
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, caller: Caller) -> Attr:
+        """``mode`` includes ``S_IFDIR``."""
+        return (await self._call(Op.MKDIR, {"parent": parent, "name": name, "mode": mode, "ctx": caller}))["attr"]
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, caller: Caller) -> Attr:
+        body = {"parent": parent, "name": name, "target": target, "ctx": caller}
+        return (await self._call(Op.SYMLINK, body))["attr"]
+
+    async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
+        return (await self._call(Op.LINK, {"ino": ino, "new_parent": new_parent, "new_name": new_name}))["attr"]
+
+    async def unlink(self, parent: int, name: bytes, *, keep_open: bool = False) -> None:
+        """``keep_open``: the inode is open here; it outlives its last name until ``release``."""
+        await self._call(Op.UNLINK, {"parent": parent, "name": name, "keep_open": keep_open})
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self._call(Op.RMDIR, {"parent": parent, "name": name})
+
+    async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *, flags: int = 0,
+                     keep_open: bool = False) -> None:
+        """``flags``: renameat2's RENAME_NOREPLACE (1) and RENAME_EXCHANGE (2);
+        ``keep_open`` as for ``unlink``, for the replaced inode."""
+        body = {"parent": parent, "name": name, "new_parent": new_parent, "new_name": new_name, "flags": flags,
+                "keep_open": keep_open}
+        await self._call(Op.RENAME, body)
+
+    async def readlink(self, ino: int) -> bytes:
+        target = (await self._call(Op.READLINK, {"ino": ino}))["target"]
+        return target if isinstance(target, bytes) else str(target).encode("utf-8", "surrogateescape")
+
+    # ----------------------------------------------------------- attributes
+    async def getattr(self, ino: int) -> Attr:
+        return (await self._call(Op.GETATTR, {"ino": ino}))["attr"]
+
+    async def setattr(self, ino: int, caller: Caller, *, mode: int | None = None, uid: int | None = None,
+                      gid: int | None = None, size: int | None = None, atime_ns: int | None = None,
+                      mtime_ns: int | None = None) -> Attr:
+        """Change the fields given (``mode``: permission bits only); with none, the attributes now."""
+        body: dict[str, Any] = {"ino": ino, "ctx": caller}
+        for key, value in (("mode", mode), ("uid", uid), ("gid", gid), ("size", size),
+                           ("atime_ns", atime_ns), ("mtime_ns", mtime_ns)):
+            if value is not None:
+                body[key] = value
+        return (await self._call(Op.SETATTR, body))["attr"]
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        """ENODATA (``OSError``) when the inode has no such attribute."""
+        return bytes((await self._call(Op.GETXATTR, {"ino": ino, "name": name}))["value"])
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        """``flags``: setxattr(2)'s XATTR_CREATE / XATTR_REPLACE."""
+        await self._call(Op.SETXATTR, {"ino": ino, "name": name, "value": value, "flags": flags})
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        return [bytes(n) for n in (await self._call(Op.LISTXATTR, {"ino": ino}))["names"]]
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        await self._call(Op.REMOVEXATTR, {"ino": ino, "name": name})
+
+    async def set_layout(self, ino: int, layout: Layout) -> None:
+        """The layout new files in directory ``ino`` get."""
+        await self._call(Op.SET_LAYOUT, {"ino": ino, "layout": layout.to_dict()})
+
+    # ------------------------------------------------------------ file data
+    async def open(self, ino: int) -> OpenReply:
+        reply = await self._call(Op.OPEN, {"ino": ino})
+        return OpenReply(
+            reply["attr"],
+            Layout.from_dict(reply["layout"]),
+            [StripeRecord.from_wire(s) for s in reply.get("stripes", [])],
+            reply.get("stripes_complete", True),
+            int(reply.get("min_version", 0)),
+        )
+
+    async def get_stripes(self, ino: int, first: int, count: int = 0) -> list[StripeRecord]:
+        """Up to ``count`` records from stripe ``first`` on (0: as many as fit one reply)."""
+        reply = await self._call(Op.GET_STRIPES, {"ino": ino, "first": first, "count": count})
+        return [StripeRecord.from_wire(s) for s in reply.get("stripes", [])]
+
+    async def commit(self, ino: int, records: Sequence[StripeRecord], size: int) -> Committed:
+        """Make new stripe versions and a size (at least ``size``) visible in one transaction."""
+        body = {"ino": ino, "stripes": [record.to_wire() for record in records], "size": size}
+        return await self._call(Op.COMMIT, body)  # type: ignore[return-value]
+
+    async def release(self, ino: int) -> None:
+        """The last local user of ``ino`` is gone: the server drops it if it has no name left."""
+        await self._call(Op.RELEASE, {"ino": ino})
+
+    # ----------------------------------------------------------- connection
     async def _connection(self) -> rpc.FrameClient:
         if self._conn is not None and not self._conn.closed:
             return self._conn
         async with self._lock:
             if self._conn is None or self._conn.closed:
                 try:
-                    self._conn = await rpc.FrameClient.connect(
-                        self._nursery, self._host, self._port, timeout_s=self._connect_timeout_s
-                    )
+                    self._conn = await self._transport.dial(self._nursery, self.address, self._connect_timeout_s)
                 except (OSError, trio.TooSlowError) as exc:
                     raise ConnectionRefusedError(
                         errno.ECONNREFUSED, f"metadata server {self.address} is unreachable: {exc}"
                     ) from exc
             return self._conn
 
-    async def call(self, op: Op, body: dict[str, Any] | None = None, **fields: Any) -> dict[str, Any]:
-        """One namespace operation. Connection loss is retried (operations are
-        idempotent or checked by the server); errno answers are raised."""
-        request = dict(body or {}, **fields)
+    async def _call(self, op: Op, request: dict[str, Any]) -> dict[str, Any]:
+        """One request. Connection loss is retried (operations are idempotent
+        or checked by the server); errno answers are raised."""
         last: BaseException | None = None
         for attempt in range(RETRIES):
             try:
@@ -59,6 +302,6 @@ class MetaClient:
             await self._conn.aclose()
 
 
-def caller_context() -> dict[str, int]:
-    """The uid/gid new inodes get (like NFS AUTH_SYS, the server trusts it)."""
+def caller_context() -> Caller:
+    """This process's uid/gid, the owner of the inodes it creates."""
     return {"uid": os.geteuid(), "gid": os.getegid()}

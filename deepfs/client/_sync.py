@@ -7,6 +7,7 @@ from many threads are fine: they run concurrently inside the one loop.
 
 from __future__ import annotations
 
+import errno
 import functools
 import io
 import os
@@ -194,7 +195,7 @@ class File(io.RawIOBase):
     def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
         base = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: self._handle.size}[whence]
         if base + offset < 0:
-            raise OSError(22, "negative seek position")
+            raise OSError(errno.EINVAL, "negative seek position")
         self._pos = base + offset
         return self._pos
 
