@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 DATA_DIR ?= ./deepfs-data
 MOUNTPOINT ?= ./mnt
 
-.PHONY: run test test-cuda deps venv proto bench clean
+.PHONY: run test test-unit test-process test-fuse test-cuda deps venv proto bench clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -34,6 +34,17 @@ run: venv
 
 test: venv
 	$(PY) -m pytest -q
+
+# One layer of the suite each (markers in pyproject.toml); together they are `make test`.
+# unit: in-process only, seconds. process: real servers on loopback. fuse: real mounts.
+test-unit: venv
+	$(PY) -m pytest -q -m unit
+
+test-process: venv
+	$(PY) -m pytest -q -m process
+
+test-fuse: venv
+	$(PY) -m pytest -q -m fuse
 
 # The GPU paths of the torch adapter, on a machine with a CUDA device: fails, never
 # skips, when torch sees none (make test reports these tests as skipped there).

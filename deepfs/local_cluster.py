@@ -12,10 +12,7 @@ persisted uuid.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import socket
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass, field
@@ -24,19 +21,11 @@ from pathlib import Path
 import grpc
 
 from deepfs.errors import ConfigError
+from deepfs.processes import ServerProcess, free_port, ready_line, stop_all
 from deepfs.proto import control_pb2, control_pb2_grpc
 
 STATE_FILE = "cluster.json"
 READY_TIMEOUT_S = 30.0
-
-# glibc would otherwise unmap every >128 KiB buffer on free (see deepfs.malloc_tuning).
-SERVER_ENV = {"MALLOC_MMAP_THRESHOLD_": str(32 << 20), "MALLOC_TRIM_THRESHOLD_": str(256 << 20)}
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        return s.getsockname()[1]
 
 
 @dataclass
@@ -85,7 +74,7 @@ class LocalCluster:
         self.node_count = nodes
         self.extra_meta_args = extra_meta_args or []
         self.extra_node_args = extra_node_args or []  # e.g. ["--capacity-bytes", "4M"]: a cluster that fills up
-        self.procs: dict[str, subprocess.Popen] = {}
+        self.procs: dict[str, ServerProcess] = {}  # what this object started; others are adopted by pid
         self.state = ClusterState(str(self.data_dir), "", "", k, m, stripe_size, fsync, None, [None] * nodes)
 
     @classmethod
@@ -128,7 +117,9 @@ class LocalCluster:
         self.state.meta.address = self.state.meta_address
         self.state.save()
 
-    def start_node(self, index: int, timeout_s: float = READY_TIMEOUT_S, wait_registered: bool = True) -> None:
+    def start_node(self, index: int, timeout_s: float = READY_TIMEOUT_S, wait_registered: bool = True,
+                   extra_args: list[str] | None = None) -> None:
+        """Start (or restart, on its old port) node ``index``; ``extra_args`` go after the cluster's own."""
         previous = self.state.nodes[index]
         port = previous.address.rsplit(":", 1)[1] if previous and previous.address else "0"
         args = [
@@ -138,40 +129,24 @@ class LocalCluster:
         ]
         if not self.state.fsync:
             args.append("--no-fsync")
-        args += self.extra_node_args
+        args += self.extra_node_args + (extra_args or [])
         info = self._spawn(f"node{index}", args, "deepfs-node listening", timeout_s)
         self.state.nodes[index] = info
         self.state.save()
         if wait_registered:
-            self.wait_nodes_up(sum(1 for n in self.state.nodes if n and _alive(n.pid)), timeout_s)
+            self.wait_nodes_up(sum(1 for n in self.state.nodes if n and self.process(n).alive()), timeout_s)
 
     def _spawn(self, name: str, args: list[str], ready: str, timeout_s: float) -> ProcessInfo:
         log_path = self.data_dir / "logs" / f"{name}.log"
-        log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child
-        start_offset = log_file.tell()
-        env = {**os.environ, **SERVER_ENV, "PYTHONUNBUFFERED": "1"}
-        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                env=env, start_new_session=True)
-        log_file.close()
-        self.procs[name] = proc
-        deadline = time.monotonic() + timeout_s
-        while time.monotonic() < deadline:
-            with open(log_path, "rb") as f:
-                f.seek(start_offset)
-                text = f.read().decode(errors="replace")
-            for line in text.splitlines():
-                if line.startswith(ready):
-                    address = line.split()[3] if len(line.split()) > 3 else ""
-                    return ProcessInfo(name, proc.pid, str(log_path), address)
-            if proc.poll() is not None:
-                raise RuntimeError(f"{name} exited with status {proc.returncode}; last log lines:\n{_tail(text)}")
-            time.sleep(0.05)
-        proc.kill()
-        raise TimeoutError(f"{name} did not become ready within {timeout_s:.0f}s; see {log_path}")
+        process = ServerProcess(args, ready_line(ready), log_path, name=name).start(timeout_s)
+        self.procs[name] = process
+        words = process.ready_line.split()  # "<server> listening on HOST:PORT ..."
+        return ProcessInfo(name, process.pid, str(log_path), words[3] if len(words) > 3 else "")
 
     def cluster_map(self, timeout_s: float = 2.0) -> control_pb2.ClusterMap:
         with grpc.insecure_channel(self.state.grpc_address) as channel:
-            return control_pb2_grpc.ClusterStub(channel).GetClusterMap(control_pb2.ClusterMapRequest(), timeout=timeout_s)
+            return control_pb2_grpc.ClusterStub(channel).GetClusterMap(control_pb2.ClusterMapRequest(),
+                                                                       timeout=timeout_s)
 
     def status(self, timeout_s: float = 2.0) -> control_pb2.StatusReply:
         with grpc.insecure_channel(self.state.grpc_address) as channel:
@@ -210,61 +185,24 @@ class LocalCluster:
     def node_data_dir(self, index: int) -> Path:
         return self.data_dir / f"node{index}"
 
+    def process(self, info: ProcessInfo) -> ServerProcess:
+        """The process behind ``info``: ours if this object started it, else adopted by pid."""
+        process = self.procs.get(info.name)
+        if process is None or process.pid != info.pid:
+            process = ServerProcess.adopt(info.pid, info.log, info.name)
+        return process
+
     def _signal(self, info: ProcessInfo | None, sig: int) -> None:
-        if info is None:
-            return
-        try:
-            os.kill(info.pid, sig)
-        except ProcessLookupError:
-            return
-        _wait_exit(info.pid, self.procs.get(info.name), 10.0)
+        if info is not None:
+            self.process(info).kill(sig, 10.0)
 
     def stop(self, timeout_s: float = 10.0) -> None:
         """SIGTERM everything (nodes first), then SIGKILL what is left."""
         infos = [n for n in self.state.nodes if n] + ([self.state.meta] if self.state.meta else [])
-        for info in infos:
-            try:
-                os.kill(info.pid, signal.SIGTERM)
-            except ProcessLookupError:
-                pass
-        for info in infos:
-            if not _wait_exit(info.pid, self.procs.get(info.name), timeout_s):
-                try:
-                    os.kill(info.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                _wait_exit(info.pid, self.procs.get(info.name), 5.0)
+        stop_all([self.process(info) for info in infos], signal.SIGTERM, timeout_s)
 
     def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie of ours is dead too
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
-def _wait_exit(pid: int, proc: subprocess.Popen | None, timeout_s: float) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc is not None:
-            if proc.poll() is not None:
-                return True
-        elif not _alive(pid):
-            return True
-        time.sleep(0.02)
-    return False
-
-
-def _tail(text: str, lines: int = 15) -> str:
-    return "\n".join(text.splitlines()[-lines:])

@@ -3,7 +3,7 @@
 Commits, truncates and unlinks queue retired fragments per storage node in
 the ``gc`` database, inside the transaction that retired them. This task
 drains that queue: every ``interval_s`` it sends each live node batches of
-``DELETE_FRAGMENT {"keys": [[ino, stripe, version, index], ...]}`` and removes
+``DELETE_FRAGMENT {"keys": [[ino, stripe, version, slot], ...]}`` and removes
 a batch from the queue only after the node acknowledged it. A node that is
 down, unknown or failing keeps its entries for a later round, so nothing is
 forgotten and deleting twice is harmless (a missing fragment counts as
@@ -21,12 +21,14 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 
 from deepfs.frames import Op
+from deepfs.messages import FragmentKey
+from deepfs.messages.storage_requests import delete_fragment_body
 from deepfs.rpc import FrameClient, parse_address
-from metadata.keys import FragmentKey
 from metadata.membership import Membership
 from metadata.store import MetaStore
 
@@ -41,12 +43,14 @@ class GarbageCollector:
     """Drains the GC queue to the storage nodes; one instance per server."""
 
     def __init__(self, store: MetaStore, membership: Membership, interval_s: float, grace_s: float = 0.0,
-                 timeout_s: float = 10.0) -> None:
+                 timeout_s: float = 10.0, clock: Callable[[], float] = time.time) -> None:
+        """``clock`` is wall-clock seconds, as removal times are stored (they outlive a restart)."""
         self.store = store
         self.membership = membership
         self.interval_s = interval_s
         self.grace_s = grace_s
         self.timeout_s = timeout_s
+        self._clock = clock
         self.deleted = 0  # fragments acknowledged by nodes since start
         self._clients: dict[str, FrameClient] = {}
 
@@ -70,7 +74,7 @@ class GarbageCollector:
 
     async def _drain_node(self, nursery: trio.Nursery, node_id: int, address: str) -> int:
         deleted = 0
-        removed_before = time.time_ns() - int(self.grace_s * 1e9)
+        removed_before = int(self._clock() * 1e9) - int(self.grace_s * 1e9)
         for _ in range(BATCHES_PER_ROUND):
             with self.store.read() as txn:
                 # Bounded scan: a long queue of young entries costs a round little; they age.
@@ -89,7 +93,7 @@ class GarbageCollector:
         self, nursery: trio.Nursery, node_id: int, address: str, batch: list[FragmentKey]
     ) -> bool:
         """True once node ``node_id`` acknowledged deleting ``batch``."""
-        body = {"keys": [list(key) for key in batch]}
+        body = delete_fragment_body(batch)
         try:
             client = await self._client(nursery, address)
             await client.call(Op.DELETE_FRAGMENT, body, timeout_s=self.timeout_s)

@@ -5,7 +5,10 @@
 - the framed namespace protocol (``MetaOps`` on a ``FrameServer``),
 - the gRPC ``Cluster`` service (its own thread pool),
 - the group-commit syncer of the store,
-- the membership down-detector and the garbage collector.
+- the membership down-detector and the garbage collector,
+
+all over the ``MetaState`` that ``open_meta_state`` opens (which an
+in-process cluster serves without any listener).
 
 ``main`` is what ``python -m metadata`` and ``deepfs meta serve`` run. Once
 both servers listen it prints exactly one line to stdout::
@@ -23,6 +26,8 @@ import argparse
 import logging
 import signal
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
 import trio
@@ -60,10 +65,31 @@ class MetaAddresses:
         return f"{self.host}:{self.grpc_port}"
 
 
-async def serve_meta(
-    config: MetaConfig, *, task_status: trio.TaskStatus[MetaAddresses] = trio.TASK_STATUS_IGNORED
-) -> None:
-    """Run a metadata server until cancelled; reports ``MetaAddresses`` once listening."""
+@dataclass(frozen=True, slots=True)
+class MetaState:
+    """Everything a metadata server serves from, over one open store.
+
+    The network shells (the framed ``MetaOps``, the gRPC ``ClusterService``)
+    and the background tasks (``store.run_syncer``, ``membership.run_expiry``,
+    ``collector.run``) all work on these; ``serve_meta`` adds listeners, and
+    ``deepfs.testing.memory_cluster`` serves them over memory streams instead.
+    """
+
+    store: MetaStore
+    namespace: Namespace
+    membership: Membership
+    collector: GarbageCollector
+
+    def frame_handler(self, grpc_address: str) -> MetaOps:
+        """The framed protocol's handler; HELLO tells clients ``grpc_address``."""
+        return MetaOps(self.namespace, self.store, self.membership, grpc_address,
+                       lambda: {"gc_deleted": self.collector.deleted})
+
+
+@contextmanager
+def open_meta_state(config: MetaConfig) -> Iterator[MetaState]:
+    """Open the store in ``config.data_dir`` (bootstrapping a new namespace) and load
+    the known nodes; the store gets its final sync and closes on exit."""
     store = MetaStore.open(
         config.data_dir, map_size_bytes=config.map_size_bytes, sync_interval_s=config.sync_interval_s
     )
@@ -73,16 +99,26 @@ async def serve_meta(
         membership = Membership(store, config.node_grace_period_s)
         membership.load()
         collector = GarbageCollector(store, membership, config.gc_interval_s, config.gc_grace_s)
+        yield MetaState(store, namespace, membership, collector)
+    finally:
+        store.close()
+
+
+async def serve_meta(
+    config: MetaConfig, *, task_status: trio.TaskStatus[MetaAddresses] = trio.TASK_STATUS_IGNORED
+) -> None:
+    """Run a metadata server until cancelled; reports ``MetaAddresses`` once listening."""
+    with open_meta_state(config) as state:
         async with trio.open_nursery() as nursery:
-            await nursery.start(store.run_syncer)
+            await nursery.start(state.store.run_syncer)
             try:
                 listeners = await trio.open_tcp_listeners(config.port, host=config.host)
             except OSError as exc:
                 raise OSError(exc.errno, f"cannot listen on {config.host}:{config.port}: {exc.strerror}") from exc
             port = listeners[0].socket.getsockname()[1]
             service = ClusterService(
-                membership,
-                namespace,
+                state.membership,
+                state.namespace,
                 f"{config.host}:{port}",
                 config.heartbeat_interval_s,
                 trio.lowlevel.current_trio_token(),
@@ -90,13 +126,10 @@ async def serve_meta(
             grpc_server, grpc_port = start_grpc_server(service, config.host, config.grpc_port)
             try:
                 addresses = MetaAddresses(config.host, port, grpc_port)
-                ops = MetaOps(
-                    namespace, store, membership, addresses.grpc_address, lambda: {"gc_deleted": collector.deleted}
-                )
-                frames = FrameServer(ops, name="meta")
+                frames = FrameServer(state.frame_handler(addresses.grpc_address), name="meta")
                 nursery.start_soon(trio.serve_listeners, frames.serve_connection, listeners)
-                await nursery.start(membership.run_expiry)
-                await nursery.start(collector.run)
+                await nursery.start(state.membership.run_expiry)
+                await nursery.start(state.collector.run)
                 task_status.started(addresses)
                 await trio.sleep_forever()
             finally:
@@ -104,8 +137,6 @@ async def serve_meta(
                 stopped = grpc_server.stop(grace=None)
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(stopped.wait, GRPC_STOP_WAIT_S)
-    finally:
-        store.close()
 
 
 async def _run_until_signal(config: MetaConfig) -> None:
@@ -180,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         trio.run(_run_until_signal, config)
-    except Exception as exc:  # noqa: BLE001 - an OSError may arrive wrapped in exception groups
+    except Exception as exc:  # an OSError may arrive wrapped in exception groups
         cause = _first_os_error(exc)
         if cause is None:
             raise

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -18,6 +19,20 @@ from fuse_client.mount_process import MountProcess
 # Short grace periods: killed nodes are marked down, and removed files' fragments
 # deleted, within a test's patience.
 FAST_META_ARGS = ["--grace-period", "2", "--gc-grace", "1"]
+
+LAYERS = ("unit", "process", "fuse")  # the markers registered in pyproject.toml
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Every test belongs to exactly one layer (usually its module's ``pytestmark``), so
+    ``-m unit`` / ``-m process`` / ``-m fuse`` together run the whole suite, each test once."""
+    wrong = []
+    for item in items:
+        layers = sorted({mark.name for mark in item.iter_markers() if mark.name in LAYERS})
+        if len(layers) != 1:
+            wrong.append(f"  {item.nodeid}: {layers or 'no layer'}")
+    if wrong:
+        raise pytest.UsageError(f"tests need exactly one of the markers {', '.join(LAYERS)}:\n" + "\n".join(wrong))
 
 
 def start_cluster(tmp: Path, nodes: int = 6, k: int = 4, m: int = 2, stripe_size: int = 256 << 10,
@@ -103,10 +118,8 @@ def mounted(cluster: LocalCluster, name: str = "mnt", extra_args: list[str] | No
         yield mount
     finally:
         mount.process.stop()
-        try:
+        with contextlib.suppress(OSError):  # still busy or not empty: leave it to the tmp cleaner
             mount.path.rmdir()
-        except OSError:
-            pass
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,7 @@ from deepfs import Layout
 from deepfs.local_cluster import LocalCluster
 from tests.conftest import FAST_META_ARGS
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(60)]
 
 
 @pytest.fixture

@@ -21,23 +21,19 @@ import pytest
 import deepfs
 from deepfs import Layout
 from deepfs.local_cluster import LocalCluster
+from deepfs.testing import fragment_files, wait_for
 from tests.conftest import start_cluster
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
 LAYOUT = Layout(4, 2, 1 << 20)
 GC_ROUNDS_S = 3.0  # the test clusters collect every second
 
 
-def fragment_files(cluster: LocalCluster, ino: int) -> list[Path]:
-    return list(cluster.data_dir.glob(f"node*/fragments/*/{ino}/*"))
-
-
 def wait_for_fragment_count(cluster: LocalCluster, ino: int, count: int, timeout_s: float = 20) -> None:
     """Until GC has brought the inode's fragment files down to ``count``."""
-    deadline = time.monotonic() + timeout_s
-    while len(fragment_files(cluster, ino)) > count and time.monotonic() < deadline:
-        time.sleep(0.1)
+    wait_for(lambda: len(fragment_files(cluster, ino)) <= count, timeout_s, interval_s=0.1,
+             what=f"GC to leave {count} fragment files of inode {ino}")
     assert len(fragment_files(cluster, ino)) == count
 
 

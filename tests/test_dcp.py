@@ -11,13 +11,12 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch  # a test dependency: missing torch must fail, not skip
 
-import torch  # noqa: E402 - a test dependency: missing torch must fail, not skip
+import deepfs
+from tests.conftest import unique_dir
 
-import deepfs  # noqa: E402
-from tests.conftest import unique_dir  # noqa: E402
-
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -78,7 +77,7 @@ def test_two_ranks_save_and_load(client: deepfs.Client, tmp_path: Path) -> None:
     logs = []
     try:
         for rank in range(2):
-            log = open(tmp_path / f"rank{rank}.log", "w+")  # noqa: SIM115 - closed below
+            log = open(tmp_path / f"rank{rank}.log", "w+")  # closed below
             logs.append(log)
             env = {**os.environ, **env_base, "RANK": str(rank), "LOCAL_RANK": str(rank)}
             ranks.append(subprocess.Popen([sys.executable, str(script), url], cwd=str(REPO), env=env,
@@ -149,7 +148,6 @@ def test_load_reads_windows_of_items_in_parallel_into_the_planners_tensors(
 @SINGLE_PROCESS
 def test_load_errors_are_clear(client: deepfs.Client) -> None:
     import torch.distributed.checkpoint as dcp
-
     from torch.distributed.checkpoint.api import CheckpointException
 
     from deepfs.torch import CheckpointError

@@ -21,6 +21,9 @@ import deepfs
 from deepfs import Layout, frames
 from deepfs.config import ClientConfig
 from deepfs.local_cluster import LocalCluster
+from deepfs.testing import flip_bytes, fragment_files, quarantined_files, wait_for
+
+pytestmark = pytest.mark.process
 
 LAYOUTS = [Layout(4, 2, 256 << 10), Layout(1, 2, 64 << 10)]
 
@@ -80,10 +83,6 @@ def test_writes_succeed_with_m_nodes_down(fresh_cluster: LocalCluster) -> None:
         assert info.value.errno == errno.EIO
 
 
-def _fragment_files(cluster: LocalCluster, ino: int, index: int) -> list[Path]:
-    return sorted(cluster.data_dir.glob(f"node*/fragments/*/{ino}/*.*.{index}"))
-
-
 @pytest.mark.parametrize("stripe_size", [256 << 10, 4 << 20], ids=["node-checks-64k", "client-checks-1m"])
 def test_flipped_bytes_are_detected_and_read_around(fresh_cluster: LocalCluster, stripe_size: int) -> None:
     """Reads of 64 KiB fragments are checked by the node; 1 MiB ranges are sent unread
@@ -94,16 +93,14 @@ def test_flipped_bytes_are_detected_and_read_around(fresh_cluster: LocalCluster,
         data = os.urandom(3 * layout.stripe_size)
         client.write_file("/victim", data, layout=layout)
         ino = client.stat("/victim").st_ino
-        damaged = _fragment_files(fresh_cluster, ino, 1)
+        damaged = fragment_files(fresh_cluster, ino, slot=1)
         assert len(damaged) == 3  # data fragment 1 of each stripe
         for path in damaged:
-            raw = bytearray(path.read_bytes())
-            raw[len(raw) // 2] ^= 0x01  # inside the data, past the 4 KiB header
-            path.write_bytes(raw)
+            flip_bytes(path)
         assert client.read_file("/victim") == data
         assert client.stats.checksum_errors >= 3
         assert {bad[3] for bad in client.stats.bad_fragments} == {1}
-        assert len(list(fresh_cluster.data_dir.glob("node*/quarantine/*"))) == 3
+        assert len(quarantined_files(fresh_cluster)) == 3
         assert client.read_file("/victim") == data
 
 
@@ -130,11 +127,9 @@ def test_unaligned_reads_check_whole_blocks_on_arrival_and_partial_ones_on_the_n
         data = os.urandom(2 * layout.stripe_size)
         client.write_file("/victim", data, layout=layout)
         ino = client.stat("/victim").st_ino
-        damaged = _fragment_files(fresh_cluster, ino, 1)
+        damaged = fragment_files(fresh_cluster, ino, slot=1)
         for path, data_offset in zip(damaged, [cell // 2, 3000], strict=True):
-            raw = bytearray(path.read_bytes())
-            raw[len(raw) - cell + data_offset] ^= 0x01
-            path.write_bytes(raw)
+            flip_bytes(path, -cell + data_offset)  # the data is the file's last ``cell`` bytes
         sent_unread = spans_sent_unread(client)
         with client.open("/victim", "rb") as f:
             for stripe in (0, 1):
@@ -143,7 +138,7 @@ def test_unaligned_reads_check_whole_blocks_on_arrival_and_partial_ones_on_the_n
         assert spans_sent_unread(client) > sent_unread  # stripe 0's whole blocks went unread (sendfile)
         assert client.stats.checksum_errors >= 1  # the client's own check (stripe 0)
         assert {bad[3] for bad in client.stats.bad_fragments} == {1}
-        assert len(list(fresh_cluster.data_dir.glob("node*/quarantine/*"))) == 2
+        assert len(quarantined_files(fresh_cluster)) == 2
         assert client.read_file("/victim") == data
 
 
@@ -224,9 +219,7 @@ def test_kill_meta_and_client_mid_write(fresh_cluster: LocalCluster, tmp_path: P
         writer = subprocess.Popen([sys.executable, str(script), fresh_cluster.meta_address], stdout=sink,
                                   stderr=subprocess.STDOUT, cwd=str(Path(__file__).parent.parent))
     try:
-        deadline = time.monotonic() + 60
-        while out.read_text().count("closed") < 8 and time.monotonic() < deadline:
-            time.sleep(0.1)
+        wait_for(lambda: out.read_text().count("closed") >= 8, 60, interval_s=0.1, what="the writer to close 8 files")
         fresh_cluster.kill_meta(signal.SIGKILL)
         writer.send_signal(signal.SIGKILL)
         writer.wait(10)

@@ -7,16 +7,15 @@ import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
+import fsspec
 import pytest
 
-import fsspec  # noqa: E402
+import deepfs
+from deepfs.fsspec_fs import DeepFSFileSystem
+from deepfs.url import close_shared_clients
+from tests.conftest import unique_dir
 
-import deepfs  # noqa: E402
-from deepfs.fsspec_fs import DeepFSFileSystem  # noqa: E402
-from deepfs.url import close_shared_clients  # noqa: E402
-from tests.conftest import unique_dir  # noqa: E402
-
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(60)]
 
 
 @pytest.fixture(autouse=True, scope="module")

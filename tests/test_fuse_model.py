@@ -19,7 +19,7 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, rule, run_stat
 
 from tests.conftest import Mounted
 
-pytestmark = pytest.mark.timeout(180)
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(180)]
 
 NAMES = ["a", "b", "c", "d/a", "d/b", "e/f/g"]
 names = st.sampled_from(NAMES)

@@ -18,10 +18,11 @@ from pathlib import Path
 import pytest
 
 from deepfs.local_cluster import LocalCluster
+from deepfs.testing import wait_for
 from fuse_client.mount_process import MountProcess, is_mounted
 from tests.conftest import mount_base, mounted
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
 
 
 def sha(path: Path) -> str:
@@ -29,7 +30,7 @@ def sha(path: Path) -> str:
 
 
 def deepfs_cli(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "deepfs.cli", *map(str, args)], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "deepfs_cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
 
 
@@ -44,14 +45,6 @@ def processes_mentioning(text: str) -> list[str]:
         if text in cmdline and int(pid) != os.getpid():
             found.append(cmdline)
     return found
-
-
-def wait_for(condition, timeout_s: float = 10.0, what: str = "condition") -> None:
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.05)
 
 
 def test_two_mounts_see_each_other(cluster: LocalCluster) -> None:
@@ -135,7 +128,7 @@ def test_reads_byte_exact_with_m_nodes_down(fresh_cluster: LocalCluster) -> None
         # write(2) or at the latest close(2), not left with a silently lost file.
         for v in (0, 2, 4):
             fresh_cluster.kill_node(v)
-        with pytest.raises(OSError) as info:  # noqa: PT012 - the error may come from write or close
+        with pytest.raises(OSError) as info:  # the error may come from write or close
             with open(writer.path / "doomed", "wb") as f:
                 f.write(os.urandom(1_000_000))
         assert info.value.errno == errno.EIO
@@ -160,7 +153,7 @@ def test_kill_9_of_the_mount_daemon_loses_no_closed_file(fresh_cluster: LocalClu
         (mountpoint / "dir").mkdir()
         os.rename(mountpoint / "closed0", mountpoint / "dir" / "closed0")
         closed["dir/closed0"] = closed.pop("closed0")
-        in_progress = open(mountpoint / "in-progress", "wb")  # noqa: SIM115 - dies with the daemon
+        in_progress = open(mountpoint / "in-progress", "wb")  # dies with the daemon
         in_progress.write(os.urandom(700_000))
         in_progress.flush()
         first.kill()
@@ -222,12 +215,12 @@ def test_cli_mount_background_and_umount(cluster: LocalCluster) -> None:
 def test_make_run_session_mounts_and_cleans_up_on_ctrl_c(tmp_path: Path) -> None:
     mountpoint = tmp_path / "mnt"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "deepfs.cli", "run", "--data-dir", str(tmp_path / "data"), "--mountpoint",
+        [sys.executable, "-m", "deepfs_cli", "run", "--data-dir", str(tmp_path / "data"), "--mountpoint",
          str(mountpoint), "--nodes", "3", "--k", "2", "--m", "1"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
     )
     try:
-        wait_for(lambda: is_mounted(mountpoint) or proc.poll() is not None, 60, "make run to mount")
+        wait_for(lambda: is_mounted(mountpoint) or proc.poll() is not None, 60, what="make run to mount")
         assert is_mounted(mountpoint), proc.stdout.read() if proc.stdout else ""
         (mountpoint / "hello").write_text("from make run")
         assert (mountpoint / "hello").read_text() == "from make run"

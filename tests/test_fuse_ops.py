@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 
 import deepfs
+from deepfs.testing import wait_for
 from tests.conftest import Mounted
 from tests.fuse_syscalls import RENAME_EXCHANGE, RENAME_NOREPLACE, UTIME_NOW, UTIME_OMIT, renameat2, utimensat
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(60)]
 
 
 def errno_of(fn, *args, **kwargs) -> int:
@@ -97,15 +98,28 @@ def test_two_descriptors_share_writes_and_append(mnt_dir: Path) -> None:
     assert os.stat(path).st_size == 5004
 
 
-def test_fsync_and_flush_errors_none(mnt_dir: Path) -> None:
+def test_fsync_and_fdatasync_put_the_bytes_in_the_cluster(mnt_dir: Path, fuse_mount: Mounted) -> None:
+    """Checked through another client while the file is still open: it sees only
+    what reached the cluster, never the mount's write-back buffers."""
+    data = os.urandom(300_000)
+    in_cluster = "/" + str((mnt_dir / "f").relative_to(fuse_mount.path))
     fd = os.open(mnt_dir / "f", os.O_CREAT | os.O_RDWR, 0o644)
-    os.write(fd, os.urandom(300_000))
-    os.fsync(fd)
-    os.fdatasync(fd)
-    os.close(fd)
+    try:
+        with deepfs.Client(fuse_mount.cluster.meta_address) as other:
+            os.write(fd, data)
+            os.fsync(fd)
+            assert other.read_file(in_cluster) == data
+            os.pwrite(fd, b"tail", len(data))
+            os.fdatasync(fd)
+            assert other.read_file(in_cluster) == data + b"tail"
+    finally:
+        os.close(fd)
     dfd = os.open(mnt_dir, os.O_RDONLY | os.O_DIRECTORY)
-    os.fsync(dfd)
-    os.close(dfd)
+    try:
+        os.fsync(dfd)  # a directory's fsync succeeds (its entries are committed already)
+    finally:
+        os.close(dfd)
+    assert (mnt_dir / "f").read_bytes() == data + b"tail"
 
 
 def test_sparse_file_reads_zeros(mnt_dir: Path) -> None:
@@ -185,10 +199,7 @@ def test_unlinked_but_open_file_stays_usable(mnt_dir: Path, fuse_mount: Mounted)
         os.close(other)
     assert os.listdir(mnt_dir) == []
     # The last close released the orphan (release runs after close(2) returns).
-    deadline = time.monotonic() + 10
-    while fuse_mount.cluster.status().files != files_before and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert fuse_mount.cluster.status().files == files_before
+    wait_for(lambda: fuse_mount.cluster.status().files == files_before, 10, what="the orphan's inode to go")
 
 
 def test_replaced_while_open_stays_readable(mnt_dir: Path) -> None:

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(60)]
 
 ALICE, BOB = 1000, 1001
 STAFF, OTHER_GROUP = 3000, 4000

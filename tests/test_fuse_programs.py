@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
 
 
 def run(*args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None,

@@ -16,21 +16,21 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch  # a test dependency: missing torch must fail, not skip
 
-import torch  # noqa: E402 - a test dependency: missing torch must fail, not skip
+import deepfs
+import deepfs.torch as dtorch
+from deepfs import Layout
+from deepfs.config import ClientConfig
+from deepfs.local_cluster import LocalCluster
+from deepfs.testing import flip_bytes, fragment_files, wait_for
+from deepfs.torch._load import _cuda_destination
+from deepfs.torch._read import ReadOptions, read_checkpoint
+from deepfs.url import close_shared_clients
+from tests.conftest import FAST_META_ARGS, unique_dir
+from tests.torch_samples import all_dtypes, assert_same, shared_views, trained
 
-import deepfs  # noqa: E402
-import deepfs.torch as dtorch  # noqa: E402
-from deepfs import Layout  # noqa: E402
-from deepfs.config import ClientConfig  # noqa: E402
-from deepfs.local_cluster import LocalCluster  # noqa: E402
-from deepfs.torch._load import _cuda_destination  # noqa: E402
-from deepfs.torch._read import ReadOptions, read_checkpoint  # noqa: E402
-from deepfs.url import close_shared_clients  # noqa: E402
-from tests.conftest import FAST_META_ARGS, unique_dir  # noqa: E402
-from tests.torch_samples import all_dtypes, assert_same, shared_views, trained  # noqa: E402
-
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -159,7 +159,7 @@ def test_map_location_like_torch_load(client: deepfs.Client) -> None:
         assert_same(obj, dtorch.load(f"{base}/ck.pt", client=client, map_location=where))
     on_meta = dtorch.load(f"{base}/ck.pt", client=client, map_location="meta")
     assert on_meta["big"].device.type == "meta" and on_meta["big"].shape == obj["big"].shape
-    assert_same(obj, dtorch.load(f"{base}/ck.pt", client=client, pin_memory=True))  # no CUDA here: plain memory
+    assert_same(obj, dtorch.load(f"{base}/ck.pt", client=client, pin_memory=True))  # page-locked only with CUDA
 
 
 def test_staged_reads_keep_every_byte(client: deepfs.Client) -> None:
@@ -168,10 +168,25 @@ def test_staged_reads_keep_every_byte(client: deepfs.Client) -> None:
     obj = {"big": torch.randn(3 << 20), "odd": torch.randn(1_234_567).to(torch.float64), "small": torch.ones(5)}
     dtorch.save(obj, f"{base}/ck.pt", client=client)
     options = ReadOptions(stage_to=torch.device("cpu"))
-    archive = client.run_async(read_checkpoint, client.aio, f"{base}/ck.pt", "test", options, lambda n: None, lambda n: None)
-    assert_same(obj, torch.serialization._load(archive, None, torch._weights_only_unpickler))
-    assert _cuda_destination("cuda:0") is None or torch.cuda.is_available()
-    assert _cuda_destination("cpu") is None and _cuda_destination(lambda s, loc: s) is None
+    archive = client.run_async(read_checkpoint, client.aio, f"{base}/ck.pt", "test", options,
+                               lambda n: None, lambda n: None)
+    assert_same(obj, torch.serialization._load(archive, None, torch._weights_only_unpickler))  # noqa: SLF001
+
+
+def test_staging_goes_to_the_one_cuda_device_named_and_only_where_cuda_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Both answers of ``_cuda_destination`` on every machine: CUDA's presence is faked
+    either way (an explicit device index needs no real device)."""
+    has_cuda = torch.cuda.is_available()
+    for where in ("cpu", torch.device("cpu"), {"cuda:0": "cpu"}, lambda storage, location: storage, "not a device"):
+        assert _cuda_destination(where) is None
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert _cuda_destination("cuda:0") is None  # no device: the plain path, even when asked for CUDA
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    assert _cuda_destination("cuda:1") == torch.device("cuda", 1)
+    assert _cuda_destination(b"cuda:0") == torch.device("cuda", 0)
+    assert _cuda_destination(torch.device("cuda", 2)) == torch.device("cuda", 2)
+    if has_cuda:  # a bare "cuda" means the current device, which only a real one has
+        assert _cuda_destination("cuda") == torch.device("cuda", torch.cuda.current_device())
 
 
 # ------------------------------------------------------ plain torch interop
@@ -289,7 +304,8 @@ SAVER = textwrap.dedent("""
 """)
 
 
-def test_kill_9_mid_save_keeps_the_previous_checkpoint_and_a_later_save_tidies_up(fresh_cluster: LocalCluster, tmp_path: Path) -> None:
+def test_kill_9_mid_save_keeps_the_previous_checkpoint_and_a_later_save_tidies_up(
+        fresh_cluster: LocalCluster, tmp_path: Path) -> None:
     with deepfs.Client(fresh_cluster.meta_address) as client:
         client.mkdir("/ckpt")
         previous = {"step": 100, "w": torch.randn(300_000)}
@@ -299,15 +315,12 @@ def test_kill_9_mid_save_keeps_the_previous_checkpoint_and_a_later_save_tidies_u
         saver = subprocess.Popen([sys.executable, str(script), fresh_cluster.meta_address, "/ckpt/latest.pt"],
                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=str(REPO), text=True)
         try:
-            deadline = time.monotonic() + 60
-            temporary = None
-            while time.monotonic() < deadline and saver.poll() is None:
+            def temporary_past_8_mib() -> str | None:
+                assert saver.poll() is None, f"the save ended before it got going: {saver.stdout.read()}"
                 temps = [n for n in client.listdir("/ckpt") if n.startswith(".latest.pt.tmp-")]
-                if temps and client.stat(f"/ckpt/{temps[0]}").st_size > (8 << 20):
-                    temporary = temps[0]
-                    break
-                time.sleep(0.02)
-            assert temporary is not None, f"the save never got going: {saver.stdout.read() if saver.poll() is not None else ''}"
+                return temps[0] if temps and client.stat(f"/ckpt/{temps[0]}").st_size > (8 << 20) else None
+
+            temporary = wait_for(temporary_past_8_mib, 60, interval_s=0.02, what="a temporary file past 8 MiB")
             saver.send_signal(signal.SIGKILL)
             saver.wait(10)
         finally:
@@ -389,13 +402,11 @@ def test_corruption_beyond_repair_is_an_error(fresh_cluster: LocalCluster) -> No
         dtorch.save(obj, "/ck.pt", client=client, layout=LAYOUT)
         ino = client.stat("/ck.pt").st_ino
         stripe = 2  # inside the big storage
-        victims = sorted(fresh_cluster.data_dir.glob(f"node*/fragments/*/{ino}/{stripe}.*.*"))
+        victims = fragment_files(fresh_cluster, ino, stripe=stripe)
         assert len(victims) == LAYOUT.width
         for path in victims[: LAYOUT.m + 1]:  # more than m fragments of one stripe
-            raw = bytearray(path.read_bytes())
-            for pos in range(200, len(raw), 4096):
-                raw[pos] ^= 0xFF
-            path.write_bytes(raw)
+            for pos in range(200, path.stat().st_size, 4096):  # a byte of every block
+                flip_bytes(path, pos)
     with deepfs.Client(fresh_cluster.meta_address) as client:  # nothing cached
         with pytest.raises(OSError) as info:
             dtorch.load("/ck.pt", client=client)

@@ -13,12 +13,10 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch  # a test dependency: missing torch must fail, not skip
+from torch.utils.serialization import config as torch_config
 
-import torch  # noqa: E402 - a test dependency: missing torch must fail, not skip
-
-from torch.utils.serialization import config as torch_config  # noqa: E402
-
-from deepfs.torch._archive import (  # noqa: E402
+from deepfs.torch._archive import (
     TAIL_BYTES,
     ArchiveWriter,
     CheckpointError,
@@ -27,10 +25,10 @@ from deepfs.torch._archive import (  # noqa: E402
     locate_directory,
     parse_directory,
 )
-from deepfs.torch._plan import is_storage, plan_reads, split_range  # noqa: E402
-from deepfs.torch._save import MemorySink, serialize_to  # noqa: E402
+from deepfs.torch._plan import is_storage, plan_reads, split_range
+from deepfs.torch._save import MemorySink, serialize_to
 
-pytestmark = pytest.mark.timeout(60)
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 
 def sample_state() -> dict[str, object]:
@@ -70,7 +68,8 @@ def torch_alignment_4k() -> Iterator[None]:
 def assert_same(a: object, b: object) -> None:
     if isinstance(a, torch.Tensor):
         assert isinstance(b, torch.Tensor) and a.dtype == b.dtype and a.shape == b.shape and a.stride() == b.stride()
-        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.bool else a, b.view(torch.uint8) if b.dtype == torch.bool else b)
+        assert torch.equal(a.view(torch.uint8) if a.dtype == torch.bool else a,
+                           b.view(torch.uint8) if b.dtype == torch.bool else b)
     elif isinstance(a, dict):
         assert a.keys() == b.keys()
         for k in a:
@@ -122,7 +121,8 @@ def test_storages_are_4k_aligned() -> None:
     data = ours(sample_state())
     archive = zipfile.ZipFile(io.BytesIO(data))
     for info in archive.infolist():
-        start = info.header_offset + 30 + len(info.filename) + int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+        extra_len = int.from_bytes(data[info.header_offset + 28 : info.header_offset + 30], "little")
+        start = info.header_offset + 30 + len(info.filename) + extra_len
         assert start % 4096 == 0, info.filename
     assert archive.read("archive/.storage_alignment") == b"4096"
 
@@ -152,7 +152,7 @@ def test_zip64_entries_in_a_sparse_file(tmp_path: Path) -> None:
             f.seek(offset)
             f.write(chunk)
     assert after.header_offset > 0xFFFFFFFF
-    reader = torch._C.PyTorchFileReader(str(path))
+    reader = torch._C.PyTorchFileReader(str(path))  # noqa: SLF001 - torch's own archive reader as the referee
     assert reader.get_record("data/1") == b"abc"
     assert reader.get_record_offset("data/0") == big.data_offset
     assert reader.get_record_offset("data/1") == after.data_offset
@@ -220,8 +220,8 @@ def test_read_plan_groups_small_entries_and_reads_large_ones_directly() -> None:
     def e(name: str, offset: int, size: int) -> Entry:
         return Entry(name, offset, size, size, 0, 0, 0x808)
 
-    entries = [e("data.pkl", 0, 500), e("data/0", 4096, 100), e("data/1", 8192, 3 << 20), e("data/2", 8192 + (3 << 20) + 4096, 10),
-               e("version", 8192 + (3 << 20) + 8192, 2)]
+    entries = [e("data.pkl", 0, 500), e("data/0", 4096, 100), e("data/1", 8192, 3 << 20),
+               e("data/2", 8192 + (3 << 20) + 4096, 10), e("version", 8192 + (3 << 20) + 8192, 2)]
     directory = Directory("archive", entries, 8192 + (3 << 20) + 12288)
     plan = plan_reads(directory, direct_min_bytes=1 << 20, run_max_bytes=1 << 20)
     assert [x.name for x in plan.direct] == ["data/1"]
@@ -242,4 +242,5 @@ def test_split_range_cuts_on_piece_boundaries() -> None:
 def test_import_deepfs_does_not_import_torch() -> None:
     """torch is an optional extra: the core and the fsspec file system stay torch-free."""
     code = "import sys, deepfs, deepfs.fsspec_fs, deepfs.url; assert 'torch' not in sys.modules, 'torch imported'"
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).resolve().parent.parent), timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(Path(__file__).resolve().parent.parent),
+                   timeout=60)

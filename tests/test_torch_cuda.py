@@ -25,6 +25,7 @@ if os.environ.get("DEEPFS_REQUIRE_CUDA") == "1" and not torch.cuda.is_available(
                        f"(built for CUDA {torch.version.cuda})")
 
 pytestmark = [
+    pytest.mark.process,
     pytest.mark.timeout(300),
     pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device (none on this machine)"),
 ]

@@ -6,16 +6,15 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+import torch  # a test dependency: missing torch must fail, not skip
 
-import torch  # noqa: E402 - a test dependency: missing torch must fail, not skip
+import deepfs
+import deepfs.torch as dtorch
+from deepfs.url import close_shared_clients
+from tests.conftest import Mounted
+from tests.torch_samples import all_dtypes, assert_same, shared_views, trained
 
-import deepfs  # noqa: E402
-import deepfs.torch as dtorch  # noqa: E402
-from deepfs.url import close_shared_clients  # noqa: E402
-from tests.conftest import Mounted  # noqa: E402
-from tests.torch_samples import all_dtypes, assert_same, shared_views, trained  # noqa: E402
-
-pytestmark = pytest.mark.timeout(120)
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -1,0 +1,288 @@
+"""deepfs.testing itself: the launcher reports what went wrong, wait_for says what it
+waited for, the proxy really passes, blackholes and delays, and the fault
+injectors find and break real fragments of a real small cluster."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import sys
+import textwrap
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+import deepfs
+from deepfs import Layout
+from deepfs.local_cluster import LocalCluster
+from deepfs.processes import pid_alive
+from deepfs.testing import (
+    FakeClock,
+    ProcessStartError,
+    ServerProcess,
+    TcpProxy,
+    fill_node_disk,
+    flip_bytes,
+    forge_fragment,
+    fragment_files,
+    free_port,
+    kill_9,
+    paused,
+    pid_file,
+    port_open,
+    quarantined_files,
+    ready_line,
+    remove_fragments,
+    wait_for,
+)
+from deepfs.testing.faults import key_of
+from storage_node.fragment_store import FragmentStore
+
+pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
+
+
+def python(code: str) -> list[str]:
+    return [sys.executable, "-c", textwrap.dedent(code)]
+
+
+# ------------------------------------------------------------------ processes
+def test_a_server_is_ready_at_its_line_and_stops_on_sigterm(tmp_path: Path) -> None:
+    server = ServerProcess(python("""
+        import signal, sys, time
+        signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
+        time.sleep(0.2)
+        print("toy listening on 127.0.0.1:1234", flush=True)
+        time.sleep(60)
+    """), ready_line("toy listening"), tmp_path / "toy.log")
+    with server.start(timeout_s=10):
+        assert server.ready_line == "toy listening on 127.0.0.1:1234"
+        assert server.alive()
+    assert server.proc is not None and server.proc.returncode == 0  # reaped, with its status
+    assert not server.alive()
+
+
+def test_a_failed_start_reports_its_status_and_log_tail(tmp_path: Path) -> None:
+    server = ServerProcess(python("""
+        import sys
+        print("opening the store", flush=True)
+        sys.exit("cannot open the store: disk on fire")
+    """), ready_line("never"), tmp_path / "bad.log", name="bad-server")
+    with pytest.raises(ProcessStartError) as failure:
+        server.start(timeout_s=10)
+    message = str(failure.value)
+    assert "bad-server exited with status 1" in message
+    assert "opening the store" in message and "disk on fire" in message
+
+
+def test_a_start_that_times_out_shows_the_tail_and_leaves_no_process(tmp_path: Path) -> None:
+    server = ServerProcess(python("""
+        import time
+        print("still thinking", flush=True)
+        time.sleep(60)
+    """), ready_line("ready"), tmp_path / "slow.log")
+    with pytest.raises(TimeoutError, match="not ready within 0.5s(.|\n)*still thinking"):
+        server.start(timeout_s=0.5)
+    assert server.proc is not None and server.proc.returncode is not None  # stopped and reaped
+
+
+def test_stop_kills_what_ignores_sigterm(tmp_path: Path) -> None:
+    server = ServerProcess(python("""
+        import signal, time
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        print("up", flush=True)
+        time.sleep(60)
+    """), ready_line("up"), tmp_path / "stubborn.log").start(timeout_s=10)
+    assert server.stop(timeout_s=0.5) == -signal.SIGKILL
+
+
+def test_port_and_pid_file_readiness_and_an_adopted_process(tmp_path: Path) -> None:
+    port = free_port()
+    listener = ServerProcess(python(f"""
+        import os, socket, time
+        time.sleep(0.2)
+        s = socket.socket()
+        s.bind(("127.0.0.1", {port}))
+        s.listen()
+        open({str(tmp_path / "toy.pid")!r}, "w").write(str(os.getpid()))
+        time.sleep(60)
+    """), port_open("127.0.0.1", port), tmp_path / "listener.log")
+    with listener.start(timeout_s=10):
+        assert listener.ready_line == f"port 127.0.0.1:{port} open"
+        assert pid_file(tmp_path / "toy.pid")(listener) == str(listener.pid)
+        adopted = ServerProcess.adopt(listener.pid, listener.log_path)  # as `deepfs down` sees it
+        assert adopted.alive()
+        assert adopted.stop() is None  # signalled and waited for; only its parent can reap it
+        assert not listener.alive() and not pid_alive(listener.pid)
+
+
+def test_kill_9_and_pause(tmp_path: Path) -> None:
+    with ServerProcess(python("import time; print('up', flush=True); time.sleep(60)"), ready_line("up"),
+                       tmp_path / "victim.log").start(timeout_s=10) as victim:
+        with paused(victim.pid):
+            assert process_state(victim.pid) == "T"  # stopped
+        assert process_state(victim.pid) in "SR"  # running (or sleeping) again
+        kill_9(victim.pid)
+        assert victim.proc is not None and victim.proc.wait(5) == -signal.SIGKILL
+
+
+def process_state(pid: int) -> str:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+
+
+# ------------------------------------------------------------ wait_for, clock
+def test_wait_for_returns_the_value_or_says_what_it_waited_for() -> None:
+    calls = iter([0, [], "done"])
+    assert wait_for(lambda: next(calls), 5, interval_s=0.01) == "done"
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match=r"^waited 0.2s for the answer; last value: \[\]$"):
+        wait_for(lambda: [], 0.2, what="the answer")
+    assert 0.2 <= time.monotonic() - started < 2
+
+
+def test_fake_clock_moves_only_forward_and_only_when_told() -> None:
+    clock = FakeClock(start=5.0)
+    assert clock() == 5.0
+    clock.advance(2.5)
+    assert clock() == 7.5
+    with pytest.raises(ValueError):
+        clock.advance(-1)
+
+
+# ---------------------------------------------------------------- TCP proxy
+@pytest.fixture
+def echo_port() -> Iterator[int]:
+    """A threaded echo server on loopback."""
+    server = socket.create_server(("127.0.0.1", 0))
+
+    def echo(conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                conn.sendall(data)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = server.accept()
+            except OSError:
+                return
+            threading.Thread(target=echo, args=(conn,), daemon=True).start()
+
+    threading.Thread(target=accept, daemon=True).start()
+    with server:
+        yield server.getsockname()[1]
+
+
+def round_trip(sock: socket.socket, data: bytes) -> bytes:
+    sock.sendall(data)
+    got = b""
+    while len(got) < len(data):
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        got += chunk
+    return got
+
+
+def test_proxy_passes_traffic_both_ways(echo_port: int) -> None:
+    with TcpProxy("127.0.0.1", echo_port) as proxy, socket.create_connection(("127.0.0.1", proxy.port), 5) as s:
+        data = os.urandom(3 << 20)
+        assert round_trip(s, data) == data
+        assert proxy.connections_accepted == 1
+
+
+def test_proxy_blackhole_accepts_holds_and_delivers_after_the_partition_heals(echo_port: int) -> None:
+    with TcpProxy("127.0.0.1", echo_port) as proxy, socket.create_connection(("127.0.0.1", proxy.port), 5) as s:
+        assert round_trip(s, b"before") == b"before"
+        proxy.blackhole()
+        s.sendall(b"during")
+        s.settimeout(0.5)
+        with pytest.raises(TimeoutError):
+            s.recv(100)  # an open connection goes silent
+        with socket.create_connection(("127.0.0.1", proxy.port), 5) as late:  # a new one is accepted...
+            late.settimeout(0.5)
+            late.sendall(b"late")
+            with pytest.raises(TimeoutError):
+                late.recv(100)  # ...and never answered
+            proxy.pass_traffic()
+            late.settimeout(5)
+            assert late.recv(100) == b"late"
+        s.settimeout(5)
+        assert s.recv(100) == b"during"  # held, not lost
+
+
+def test_proxy_delays_each_way(echo_port: int) -> None:
+    with TcpProxy("127.0.0.1", echo_port) as proxy, socket.create_connection(("127.0.0.1", proxy.port), 5) as s:
+        proxy.delay(0.25)
+        started = time.monotonic()
+        assert round_trip(s, b"ping") == b"ping"
+        assert time.monotonic() - started >= 0.5
+        proxy.pass_traffic()
+        started = time.monotonic()
+        assert round_trip(s, b"ping") == b"ping"
+        assert time.monotonic() - started < 0.25
+
+
+def test_proxy_drops_connections_and_refuses_nothing_after(echo_port: int) -> None:
+    with TcpProxy("127.0.0.1", echo_port) as proxy:
+        with socket.create_connection(("127.0.0.1", proxy.port), 5) as s:
+            assert round_trip(s, b"x") == b"x"
+            proxy.drop_connections()
+            s.settimeout(5)
+            assert s.recv(10) == b""
+        with socket.create_connection(("127.0.0.1", proxy.port), 5) as s:
+            assert round_trip(s, b"again") == b"again"
+
+
+# ----------------------------------------------------------- fault injectors
+LAYOUT = Layout(4, 2, 256 << 10)
+
+
+def test_fragments_are_found_rotted_removed_and_forged(fresh_cluster: LocalCluster) -> None:
+    data = os.urandom(3 * LAYOUT.stripe_size)
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        client.write_file("/victim", data, layout=LAYOUT)
+        ino = client.stat("/victim").st_ino
+    everything = fragment_files(fresh_cluster, ino)
+    assert len(everything) == 3 * LAYOUT.width
+    assert {key_of(p).ino for p in everything} == {ino}
+    assert [key_of(p).stripe for p in fragment_files(fresh_cluster, ino, slot=1)] == [0, 1, 2]
+    assert len(fragment_files(fresh_cluster, ino, stripe=2)) == LAYOUT.width
+    assert fragment_files(fresh_cluster, ino, version=99) == []
+
+    flip_bytes(fragment_files(fresh_cluster, ino, stripe=0, slot=0)[0])
+    remove_fragments(fragment_files(fresh_cluster, ino, stripe=1)[:2])  # m of them: still readable
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        assert client.read_file("/victim") == data
+        assert client.stats.checksum_errors >= 1
+    assert len(quarantined_files(fresh_cluster)) == 1
+    assert len(fragment_files(fresh_cluster, ino, stripe=1)) == LAYOUT.width - 2
+
+    forged = fragment_files(fresh_cluster, ino, stripe=2, slot=3)[0]
+    node_dir = forged.parents[3]
+    fake = os.urandom(forged.stat().st_size - 4096)
+    forge_fragment(forged, fake)
+    index = next(i for i in range(fresh_cluster.node_count) if fresh_cluster.node_data_dir(i) == node_dir)
+    fresh_cluster.kill_node(index)  # the store below opens the node's directory: no one else may
+    store = FragmentStore(node_dir, fsync=False, direct_io=False)
+    assert bytes(store.read(key_of(forged))) == fake  # passes every block check of the node
+
+
+def test_a_filled_node_refuses_new_fragments_and_keeps_serving_old_ones(fresh_cluster: LocalCluster) -> None:
+    data = os.urandom(2 * LAYOUT.stripe_size)
+    with deepfs.Client(fresh_cluster.meta_address) as client:
+        client.write_file("/before", data, layout=LAYOUT)
+        node_id = next(n.node_id for n in fresh_cluster.cluster_map().nodes if n.failure_domain == "host0")
+        capacity = fill_node_disk(fresh_cluster, 0)
+        node = wait_for(lambda: next((n for n in fresh_cluster.cluster_map().nodes
+                                      if n.node_id == node_id and n.state == "up" and n.capacity_bytes == capacity),
+                                     None), 15, what="node 0 back with its new capacity")
+        assert node.free_bytes == 0
+        client.write_file("/after", data, layout=LAYOUT)  # k+1 of the others are enough
+        assert client.read_file("/before") == data and client.read_file("/after") == data
+        before, after = (client.stat(path).st_ino for path in ("/before", "/after"))
+    assert len(fragment_files([fresh_cluster.node_data_dir(0)], before)) == 2  # one per stripe, still there
+    assert fragment_files([fresh_cluster.node_data_dir(0)], after) == []  # nothing new fitted
