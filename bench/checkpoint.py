@@ -178,6 +178,7 @@ def check_same(saved: dict[str, Any], loaded: dict[str, Any]) -> None:
     for i, (key, tensor) in enumerate(saved.items()):
         other = loaded[key]
         if other.shape != tensor.shape or other.dtype != tensor.dtype:
-            raise RuntimeError(f"{key}: loaded {other.dtype}{tuple(other.shape)}, saved {tensor.dtype}{tuple(tensor.shape)}")
+            raise RuntimeError(f"{key}: loaded {other.dtype}{tuple(other.shape)}, "
+                               f"saved {tensor.dtype}{tuple(tensor.shape)}")
         if i % 7 == 0 and not torch.equal(other, tensor):  # every 7th tensor byte for byte: cheap, catches mixups
             raise RuntimeError(f"{key}: loaded values differ from the saved ones")

@@ -54,7 +54,8 @@ def measure(groups: dict[str, list[int]], work: Callable[[], Any]) -> tuple[Any,
     return result, figures
 
 
-def run(mib: int, reps: int, stripe_mib: int, work_dir: Path, checkpoint_stripe_mib: int | None = None) -> list[dict[str, Any]]:
+def run(mib: int, reps: int, stripe_mib: int, work_dir: Path,
+        checkpoint_stripe_mib: int | None = None) -> list[dict[str, Any]]:
     import torch
 
     import deepfs.torch as dtorch

@@ -103,10 +103,7 @@ def _worker(client: Any, path: str, job: JobSpec, index: int, slice_bytes: int, 
                 else:
                     offset = base + position
                     position = (position + job.bs) % (blocks * job.bs)
-                if job.is_read:
-                    n = len(f.pread(job.bs, offset))
-                else:
-                    n = f.pwrite(payload, offset)
+                n = len(f.pread(job.bs, offset)) if job.is_read else f.pwrite(payload, offset)
                 done = time.perf_counter()
                 if now >= measure_from:
                     tally.bytes += n

@@ -233,8 +233,9 @@ def _engines_section(idx: _Index, data: dict[str, Any]) -> list[str]:
         else:
             direct_text = "yes" if direct else "no (refused)"
         layout = info.get("layout") or {}
-        lines.append(f"| {name} | {direct_text} | {info.get('async_engine') or 'none: ' + str(info.get('async_engine_failures'))} "
-                     f"| {_fmt(layout.get('bw_mib_s'))} MiB/s (one sample, setup) |")
+        engine = info.get("async_engine") or f"none: {info.get('async_engine_failures')}"
+        bandwidth = f"{_fmt(layout.get('bw_mib_s'))} MiB/s (one sample, setup)"
+        lines.append(f"| {name} | {direct_text} | {engine} | {bandwidth} |")
     return lines + [""]
 
 

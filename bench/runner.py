@@ -310,7 +310,8 @@ class Runner:
         self.log(f"[checkpoint] state dict: {len(state)} tensors, {nbytes / MiB:.0f} MiB "
                  f"(made in {time.monotonic() - started:.1f}s)")
         params = {"state_dict_bytes": nbytes, "tensors": len(state), "repetitions": self.config.reps,
-                  "map_location": "cpu", "weights_only": True, "page_cache_dropped_before_load": self.page_cache.enabled}
+                  "map_location": "cpu", "weights_only": True,
+                  "page_cache_dropped_before_load": self.page_cache.enabled}
         for rep in range(self.config.reps):
             for target in _rotated(targets, rep):
                 if target.surface == "client" and adapter_missing:

@@ -9,8 +9,9 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.process
 
-@pytest.mark.timeout(120)
+
 def run_tool(*args: str, timeout_s: float) -> str:
     """The tool's stdout; its stderr in the failure message if it fails."""
     done = subprocess.run([sys.executable, "-m", *args], capture_output=True, text=True, timeout=timeout_s,
@@ -19,10 +20,12 @@ def run_tool(*args: str, timeout_s: float) -> str:
     return done.stdout
 
 
+@pytest.mark.timeout(120)
 def test_cpu_cost_reports_every_operation() -> None:
     out = run_tool("bench.cpu_cost", "--ops", "5", "--stripes", "2", timeout_s=110)
     results = json.loads(out.strip().splitlines()[-1])
-    assert set(results) == {"node_ping", "small_file_write_16k", "small_file_read_16k", "stripe_write_4m", "stripe_read_4m"}
+    assert set(results) == {"node_ping", "small_file_write_16k", "small_file_read_16k", "stripe_write_4m",
+                            "stripe_read_4m"}
     for figures in results.values():
         assert figures["wall_ms"] > 0 and all(v >= 0 for v in figures.values())
 

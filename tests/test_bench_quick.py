@@ -21,6 +21,7 @@ import pytest
 TARGETS = ("deepfs", "deepfs-client", "local", "bindfs")
 
 pytestmark = [
+    pytest.mark.fuse,
     pytest.mark.skipif(shutil.which("fio") is None, reason="fio is not installed (make deps)"),
     pytest.mark.skipif(not os.path.exists("/dev/fuse"), reason="no /dev/fuse"),
 ]

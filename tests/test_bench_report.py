@@ -12,6 +12,8 @@ from bench.fio_runner import JOBS_BY_NAME, FioError, RunParams, job_env, parse_o
 from bench.stats import Result
 from bench.targets import parse_target_names
 
+pytestmark = pytest.mark.unit
+
 
 def test_target_names_deepfs_means_both_surfaces() -> None:
     assert parse_target_names("deepfs,local") == ["deepfs", "deepfs-client", "local"]

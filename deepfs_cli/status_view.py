@@ -23,8 +23,9 @@ def render_status(grpc_address: str, console: Console | None = None) -> control_
     with grpc.insecure_channel(grpc_address) as channel:
         reply = control_pb2_grpc.ClusterStub(channel).Status(control_pb2.StatusRequest(), timeout=5)
     nodes = Table(title=f"DeepFS storage nodes (map epoch {reply.map.epoch})")
+    numeric = ("id", "capacity", "used", "free", "fragments", "quarantined")
     for col in ("id", "address", "domain", "state", "capacity", "used", "free", "fragments", "quarantined"):
-        nodes.add_column(col, justify="right" if col in ("id", "capacity", "used", "free", "fragments", "quarantined") else "left")
+        nodes.add_column(col, justify="right" if col in numeric else "left")
     for n in sorted(reply.map.nodes, key=lambda n: n.node_id):
         state = "[green]up[/green]" if n.state == "up" else "[red]down[/red]"
         nodes.add_row(str(n.node_id), n.address, n.failure_domain, state, human_bytes(n.capacity_bytes),
@@ -35,7 +36,8 @@ def render_status(grpc_address: str, console: Console | None = None) -> control_
     summary.add_column("what")
     summary.add_column("value", justify="right")
     summary.add_row("metadata server", reply.data_address)
-    summary.add_row("default layout", f"RS {reply.default_k}+{reply.default_m}, stripe {human_bytes(reply.default_stripe_size)}")
+    summary.add_row("default layout",
+                    f"RS {reply.default_k}+{reply.default_m}, stripe {human_bytes(reply.default_stripe_size)}")
     summary.add_row("nodes up", f"{len(up)} / {len(reply.map.nodes)}")
     summary.add_row("raw capacity", human_bytes(sum(n.capacity_bytes for n in up)))
     summary.add_row("raw free", human_bytes(sum(n.free_bytes for n in up)))

@@ -1,4 +1,4 @@
-"""``make run``: a local cluster in the foreground, mounted, until Ctrl-C."""
+"""``deepfs run`` (``make run``): a local cluster in the foreground, mounted, until Ctrl-C."""
 
 from __future__ import annotations
 
@@ -9,10 +9,12 @@ from pathlib import Path
 import click
 
 from deepfs.local_cluster import LocalCluster
-from deepfs.status_view import render_status
+from deepfs_cli.status_view import render_status
+from fuse_client.mount_process import MountProcess
 
 
 def run_dev_session(data_dir: str, mountpoint: str, nodes: int, k: int, m: int, mount: bool = True) -> None:
+    """Start, mount, print the status, wait for SIGINT/SIGTERM; the mount and the cluster stop on the way out."""
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
@@ -21,13 +23,12 @@ def run_dev_session(data_dir: str, mountpoint: str, nodes: int, k: int, m: int, 
         mounted = None
         try:
             if mount:
-                from fuse_client.mount_process import MountProcess
-
                 mounted = MountProcess(cluster.meta_address, Path(mountpoint)).start()
             render_status(cluster.state.grpc_address)
             click.echo(f"\nmetadata server: {cluster.meta_address}")
             if mounted:
-                click.echo(f"mounted at {Path(mountpoint).resolve()}: try  ls -la {mountpoint}; cp -r /etc {mountpoint}/")
+                click.echo(f"mounted at {Path(mountpoint).resolve()}: "
+                           f"try  ls -la {mountpoint}; cp -r /etc {mountpoint}/")
             click.echo(f"python:  import deepfs; fs = deepfs.Client({cluster.meta_address!r})")
             click.echo("Ctrl-C unmounts and stops everything.")
             stop.wait()

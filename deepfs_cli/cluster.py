@@ -1,0 +1,99 @@
+"""``deepfs up``, ``down``, ``status`` and ``run``: a local cluster on loopback, from start to stop.
+
+``up``/``down`` leave the cluster running in the background between the two
+commands (``deepfs.local_cluster`` records it in the data directory);
+``run`` keeps it in the foreground, mounted, until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import click
+import grpc
+
+from deepfs.errors import ConfigError
+from deepfs_cli.common import data_dir_option, fail
+
+
+@click.command()
+@click.option("--nodes", default=6, show_default=True, help="storage nodes to start")
+@click.option("--k", default=4, show_default=True, help="data fragments per stripe")
+@click.option("--m", default=2, show_default=True, help="parity fragments per stripe")
+@click.option("--stripe-size", default=4 << 20, show_default=True, help="bytes per stripe (multiple of k x 4 KiB)")
+@data_dir_option
+@click.option("--no-fsync", is_flag=True, help="storage nodes skip fsync (faster, not crash-safe)")
+def up(nodes: int, k: int, m: int, stripe_size: int, data_dir: str, no_fsync: bool) -> None:
+    """Start a metadata server and NODES storage nodes on loopback."""
+    from deepfs.layout import Layout
+    from deepfs.local_cluster import ClusterState, LocalCluster
+    from deepfs.processes import pid_alive
+
+    try:
+        Layout(k, m, stripe_size)
+        if k + m > nodes:
+            raise ConfigError(f"layout {k}+{m} needs at least {k + m} storage nodes, --nodes is {nodes}")
+        try:
+            state = ClusterState.load(data_dir)
+            if state.meta and pid_alive(state.meta.pid):
+                raise ConfigError(f"a cluster is already running from {data_dir} (meta {state.meta_address}); "
+                                  "'deepfs down' first")
+        except ConfigError as exc:
+            if "already running" in str(exc):
+                raise
+        click.echo(f"starting 1 metadata server and {nodes} storage nodes (RS {k}+{m}) in {data_dir} ...")
+        cluster = LocalCluster(data_dir, nodes, k, m, stripe_size, fsync=not no_fsync).start()
+    except (ConfigError, RuntimeError, TimeoutError, OSError) as exc:
+        fail(str(exc))
+    click.echo(f"DeepFS is up. Metadata server: {cluster.meta_address}  (control plane: {cluster.state.grpc_address})")
+    click.echo(f"  python:  deepfs.Client({cluster.meta_address!r})")
+    click.echo(f"  mount:   deepfs mount {cluster.meta_address} ./mnt")
+    click.echo(f"  stop:    deepfs down --data-dir {data_dir}")
+
+
+@click.command()
+@data_dir_option
+def down(data_dir: str) -> None:
+    """Stop the local cluster started from DATA_DIR (its data stays)."""
+    from deepfs.local_cluster import LocalCluster
+
+    try:
+        cluster = LocalCluster.attach(data_dir)
+    except ConfigError as exc:
+        fail(str(exc))
+    cluster.stop()
+    click.echo(f"stopped the cluster in {data_dir}")
+
+
+@click.command()
+@data_dir_option
+@click.option("--grpc", "grpc_address", default=None, help="control-plane address (instead of --data-dir)")
+def status(data_dir: str, grpc_address: str | None) -> None:
+    """Nodes, erasure layout and capacity of a running cluster."""
+    from deepfs_cli.status_view import render_status
+
+    try:
+        if grpc_address is None:
+            from deepfs.local_cluster import ClusterState
+
+            grpc_address = ClusterState.load(data_dir).grpc_address
+        render_status(grpc_address)
+    except ConfigError as exc:
+        fail(str(exc))
+    except grpc.RpcError as exc:
+        fail(f"metadata server at {grpc_address} is unreachable ({exc.code().name})")
+
+
+@click.command()
+@click.option("--nodes", default=6, show_default=True)
+@click.option("--k", default=4, show_default=True)
+@click.option("--m", default=2, show_default=True)
+@data_dir_option
+@click.option("--mountpoint", default="./mnt", show_default=True, type=click.Path(file_okay=False))
+@click.option("--no-mount", is_flag=True, help="start the cluster only")
+def run(nodes: int, k: int, m: int, data_dir: str, mountpoint: str, no_mount: bool) -> None:
+    """Start a local cluster, mount it, show its status; Ctrl-C stops everything."""
+    from deepfs_cli.dev_session import run_dev_session
+
+    try:
+        run_dev_session(data_dir, mountpoint, nodes, k, m, mount=not no_mount)
+    except (ConfigError, RuntimeError, TimeoutError, OSError) as exc:
+        fail(str(exc))

@@ -1,0 +1,18 @@
+"""The ``deepfs`` group: one command per job, defined in the modules named below."""
+
+from __future__ import annotations
+
+import click
+
+from bench.command import bench
+from deepfs_cli.cluster import down, run, status, up
+from deepfs_cli.processes import meta, mount, node, umount
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def main() -> None:
+    """DeepFS: a distributed, erasure-coded file system for AI workloads."""
+
+
+for _command in (up, down, status, run, mount, umount, meta, node, bench):
+    main.add_command(_command)
