@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 DATA_DIR ?= ./deepfs-data
 MOUNTPOINT ?= ./mnt
 
-.PHONY: run test test-unit test-process test-fuse test-cuda deps venv proto bench clean
+.PHONY: run test lint test-unit test-process test-fuse test-cuda deps venv proto bench clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -32,8 +32,13 @@ venv: deps $(STAMP)
 run: venv
 	$(VENV)/bin/deepfs run --data-dir $(DATA_DIR) --mountpoint $(MOUNTPOINT)
 
-test: venv
+test: venv lint
 	$(PY) -m pytest -q
+
+# ruff over the whole tree, mypy --strict over the pure core (settings in pyproject.toml).
+lint: venv
+	$(PY) -m ruff check .
+	$(PY) -m mypy
 
 # One layer of the suite each (markers in pyproject.toml); together they are `make test`.
 # unit: in-process only, seconds. process: real servers on loopback. fuse: real mounts.

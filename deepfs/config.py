@@ -66,7 +66,8 @@ class ClientConfig:
     max_dirty_stripes: int = 8  # per open file, before writes wait for uploads
     readahead_stripes: int = 2
     durable_writes: bool = False  # True: every stripe is fsync'd on the nodes before it is committed (like O_SYNC)
-    checkpoint_stripe_bytes: int = 32 << 20  # least stripe size of deepfs.torch.save files without a layout; 0: directory's
+    # least stripe size of deepfs.torch.save files without a layout; 0: directory's
+    checkpoint_stripe_bytes: int = 32 << 20
     stale_save_s: float = 3600.0  # a save removes its name's temporaries left unwritten this long (by killed saves)
 
 

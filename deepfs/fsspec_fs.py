@@ -44,7 +44,8 @@ class DeepFSFileSystem(AbstractFileSystem):
         if client is None and (host is None or port is None):
             raise ValueError("DeepFSFileSystem needs host and port (or a deepfs://HOST:PORT/ URL), or client=")
         self._client = client
-        self.address = client.meta_address if client is not None else (f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        self.address = (client.meta_address if client is not None
+                        else f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
         self.blocksize = block_size
 
     @property
@@ -158,10 +159,10 @@ class DeepFSFileSystem(AbstractFileSystem):
             self.client.write_file(path, b"")
 
     def created(self, path: str) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self.info(path)["ctime"], tz=datetime.timezone.utc)
+        return datetime.datetime.fromtimestamp(self.info(path)["ctime"], tz=datetime.UTC)
 
     def modified(self, path: str) -> datetime.datetime:
-        return datetime.datetime.fromtimestamp(self.info(path)["mtime"], tz=datetime.timezone.utc)
+        return datetime.datetime.fromtimestamp(self.info(path)["mtime"], tz=datetime.UTC)
 
     # ------------------------------------------------------------ files
     def _open(self, path: str, mode: str = "rb", block_size: int | None = None, autocommit: bool = True,

@@ -68,7 +68,8 @@ def validate_layout(layout: Layout) -> None:
         raise ConfigError("isa_l_rs_vand cannot reconstruct reliably for m >= 5; use isa_l_rs_cauchy")
     unit = layout.k * ALIGNMENT
     if layout.stripe_size <= 0 or layout.stripe_size % unit:
-        raise ConfigError(f"stripe_size must be a positive multiple of k x {ALIGNMENT} = {unit}, got {layout.stripe_size}")
+        raise ConfigError(f"stripe_size must be a positive multiple of k x {ALIGNMENT} = {unit}, "
+                          f"got {layout.stripe_size}")
     if layout.stripe_size > MAX_STRIPE_SIZE:
         raise ConfigError("stripe_size must be at most 64 MiB")
 

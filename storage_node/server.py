@@ -108,15 +108,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
     """Flags override the TOML file's ``[[nodes]]`` entry, which overrides the defaults."""
     p = argparse.ArgumentParser(prog="deepfs node serve", description="Run a DeepFS storage node.")
     p.add_argument("--config", help="cluster TOML file; entry --node-index of its [[nodes]] is the base configuration")
-    p.add_argument("--node-index", type=int, default=0, help="which [[nodes]] entry of --config this node is (default 0)")
+    p.add_argument("--node-index", type=int, default=0,
+                   help="which [[nodes]] entry of --config this node is (default 0)")
     p.add_argument("--data-dir", help="fragments, uuid and quarantine (default ./deepfs-data/node0)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="data port, 0 picks a free one (default 7710)")
     p.add_argument("--meta-grpc", help="metadata server control plane (default 127.0.0.1:7701)")
     p.add_argument("--failure-domain", help="rack or host name (default: HOST:PORT)")
     p.add_argument("--no-fsync", action="store_true", help="do not fsync fragments (tests, benchmarks)")
-    p.add_argument("--reserve-bytes", type=_size, help="refuse writes below this much free space, e.g. 256M (default 256M)")
-    p.add_argument("--capacity-bytes", type=_size, help="store at most this much, e.g. 10G (default 0: the whole file system)")
+    p.add_argument("--reserve-bytes", type=_size,
+                   help="refuse writes below this much free space, e.g. 256M (default 256M)")
+    p.add_argument("--capacity-bytes", type=_size,
+                   help="store at most this much, e.g. 10G (default 0: the whole file system)")
     p.add_argument("--io-threads", type=int, help="disk worker threads (default 8)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     a = p.parse_args(argv)
@@ -131,7 +134,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
         base = nodes[a.node_index]
     overrides = {
         field: getattr(a, field)
-        for field in ("data_dir", "host", "port", "meta_grpc", "failure_domain", "reserve_bytes", "capacity_bytes", "io_threads")
+        for field in ("data_dir", "host", "port", "meta_grpc", "failure_domain", "reserve_bytes", "capacity_bytes",
+                      "io_threads")
         if getattr(a, field) is not None
     }
     if a.no_fsync:

@@ -230,7 +230,8 @@ def locate_directory(tail: bytes | memoryview, tail_offset: int, file_size: int)
         raise CheckpointError("no zip end-of-central-directory record: the file is truncated or not a checkpoint")
     _sig, disk, cd_disk, _n_disk, count, cd_size, cd_offset, comment_len = END_RECORD.unpack_from(tail, pos)
     if pos + END_RECORD.size + comment_len != len(tail):
-        raise CheckpointError("the zip end record is not at the end of the file: the file is truncated or has trailing garbage")
+        raise CheckpointError("the zip end record is not at the end of the file: "
+                              "the file is truncated or has trailing garbage")
     if disk or cd_disk:
         raise CheckpointError("multi-disk zip archives are not checkpoints")
     loc = pos - ZIP64_LOCATOR.size
@@ -353,7 +354,8 @@ def local_data_offset(directory: Directory, entry: Entry, header: bytes | memory
 def check_readable(entry: Entry, data_offset: int, directory_offset: int) -> None:
     """Refuse entries the loader cannot map straight onto memory."""
     if entry.method != 0 or entry.compressed_size != entry.size:
-        raise CheckpointError(f"entry {entry.name!r} is compressed (method {entry.method}); checkpoints store entries uncompressed")
+        raise CheckpointError(f"entry {entry.name!r} is compressed (method {entry.method}); "
+                              "checkpoints store entries uncompressed")
     if entry.flags & 0x0001:
         raise CheckpointError(f"entry {entry.name!r} is encrypted")
     if data_offset + entry.size > directory_offset:

@@ -68,7 +68,7 @@ def load(
     if weights_only:
         if pickle_module is not None:
             raise RuntimeError("Can not safely load weights when explicit pickle_module is specified")
-        unpickler: Any = torch._weights_only_unpickler
+        unpickler: Any = torch._weights_only_unpickler  # noqa: SLF001 - torch.load's own safe unpickler
     else:
         unpickler = pickle_module or pickle
     stage_to = None if verify_crc else _cuda_destination(map_location)
@@ -81,7 +81,8 @@ def load(
     except BaseException as exc:
         raise explain(exc, "loading", target.url) from exc
     if isinstance(archive, bytes):  # the legacy format: torch reads it from memory
-        return torch.load(io.BytesIO(archive), map_location, pickle_module, weights_only=weights_only, **pickle_load_args)
+        return torch.load(io.BytesIO(archive), map_location, pickle_module, weights_only=weights_only,
+                          **pickle_load_args)
     pickle_load_args.setdefault("encoding", "utf-8")
     if "constants.pkl" in archive.records:
         raise CheckpointError(f"{target.url} is a TorchScript archive: load it with torch.jit.load through the mount")
@@ -93,7 +94,8 @@ def _unpickle(archive: LoadedArchive, map_location: Any, unpickler: Any, weights
     if "data.pkl" not in archive.records:
         raise CheckpointError(f"{archive.url}: the archive has no data.pkl: not a torch.save checkpoint")
     try:
-        return torch.serialization._load(archive, map_location, unpickler, **pickle_load_args)
+        return torch.serialization._load(  # noqa: SLF001 - torch.load's own reader, so results match it
+            archive, map_location, unpickler, **pickle_load_args)
     except pickle.UnpicklingError as exc:
         if not weights_only:
             raise

@@ -67,7 +67,8 @@ class LoadedArchive:
         entry = self._by_name.get(name)
         if entry is not None:
             return entry
-        raise CheckpointError(f"{self.url}: the archive has no record {name!r}: the checkpoint is incomplete or corrupt")
+        raise CheckpointError(f"{self.url}: the archive has no record {name!r}: "
+                              "the checkpoint is incomplete or corrupt")
 
     def take_entry(self, entry: Entry, buffer: memoryview, base: int) -> memoryview | None:
         """``entry`` found in ``buffer`` (file bytes from offset ``base``): a record is

@@ -169,7 +169,8 @@ def serialize_to(sink: Sink, obj: object, pickle_module: Any = pickle, pickle_pr
                  advance: Callable[[int], None] | None = None, chunk_bytes: int = CHUNK_BYTES) -> int:
     """Write ``obj`` as a PyTorch archive into ``sink``; returns the archive's size."""
     writer = RecordWriter(sink, alignment, advance, chunk_bytes)
-    torch.serialization._save(obj, writer, pickle_module, pickle_protocol, disable_byteorder_record)
+    torch.serialization._save(  # noqa: SLF001 - torch.save's own writer, so the bytes match it
+        obj, writer, pickle_module, pickle_protocol, disable_byteorder_record)
     return writer.finish()
 
 

@@ -57,7 +57,8 @@ def resolve(f: Any, client: Client | None) -> Target | None:
     if is_url(f):
         url = parse_url(f)
         if client is not None and client.meta_address != url.address:
-            raise ValueError(f"{f} names cluster {url.address}, but the client given is connected to {client.meta_address}")
+            raise ValueError(f"{f} names cluster {url.address}, "
+                             f"but the client given is connected to {client.meta_address}")
         if url.path == "/":
             raise ValueError(f"{f} names the root directory, not a checkpoint file")
         chosen = client or shared_client(url.address)

@@ -219,8 +219,8 @@ class DeepFSStorageReader(FileSystemReader):
         info = self._info(item)
         if item.type == LoadItemType.TENSOR and not info.transform_descriptors:
             url = f"{self.path}/{info.relative_path}@{info.offset}"
-            tensor = _unpickle(archive_in_memory(memoryview(blob), url), "cpu", torch._weights_only_unpickler, True,
-                               {"encoding": "utf-8"})
+            unpickler = torch._weights_only_unpickler  # noqa: SLF001 - torch.load's own safe unpickler
+            tensor = _unpickle(archive_in_memory(memoryview(blob), url), "cpu", unpickler, True, {"encoding": "utf-8"})
         else:
             stream = self.transforms.transform_load_stream(item, info.transform_descriptors or (), io.BytesIO(blob))
             if item.type == LoadItemType.BYTE_IO:
