@@ -5,6 +5,7 @@ from __future__ import annotations
 import click
 
 from bench.command import bench
+from deepfs_cli.capacity_plan import capacity_plan
 from deepfs_cli.cluster import down, run, status, up
 from deepfs_cli.processes import meta, mount, node, umount
 
@@ -14,5 +15,5 @@ def main() -> None:
     """DeepFS: a distributed, erasure-coded file system for AI workloads."""
 
 
-for _command in (up, down, status, run, mount, umount, meta, node, bench):
+for _command in (up, down, status, run, mount, umount, meta, node, bench, capacity_plan):
     main.add_command(_command)
