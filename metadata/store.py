@@ -4,7 +4,7 @@ Everything above this module talks to ``MetaStore.read()`` / ``write()`` and
 the typed methods of ``Txn``; nothing else imports lmdb. Replicating the log
 or sharding the namespace later replaces this module, not the namespace code.
 
-Durability model (see DESIGN.md, "Metadata store"):
+Durability model (README.md, "Metadata durability", states it for users):
 
 - Each namespace operation is one LMDB write transaction, committed in the
   trio thread before the reply. LMDB runs with ``sync=False,

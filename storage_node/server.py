@@ -1,4 +1,4 @@
-"""The storage node process: data server + membership, and its command line.
+"""The storage node process: data server + registration, and its command line.
 
 ``serve_node`` is the whole node as one trio task (tests and tools can run it
 in-process); ``main`` is ``deepfs node serve`` / ``python -m storage_node``.
@@ -32,7 +32,7 @@ from deepfs.malloc_tuning import tune_malloc
 from storage_node.data_server import DataServer
 from storage_node.fragment_store import FragmentStore
 from storage_node.identity import NodeIdentity, load_or_create_uuid
-from storage_node.membership import Membership
+from storage_node.registration import Registration
 
 log = logging.getLogger("storage_node")
 
@@ -86,7 +86,7 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
             stats = store.stats()
             log.info("serving %s from %s (%d fragments, %d bytes used, %d quarantined)",
                      running.address, data_dir, stats["fragments"], stats["used_bytes"], stats["quarantined"])
-            nursery.start_soon(Membership(config, identity, store, running.address).run)
+            nursery.start_soon(Registration(config, identity, store, running.address).run)
             task_status.started(running)
     finally:
         os.close(lock_fd)

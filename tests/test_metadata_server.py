@@ -10,13 +10,10 @@ from __future__ import annotations
 import errno
 import os
 import re
-import select
 import signal
 import socket
 import stat
 import struct
-import subprocess
-import sys
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -32,64 +29,51 @@ from deepfs import frames
 from deepfs.frames import Op
 from deepfs.proto import control_pb2, control_pb2_grpc
 from deepfs.rpc import FrameClient, FrameServer
+from deepfs.testing import ServerProcess, ready_line
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(60)]
 
 REPO = Path(__file__).resolve().parent.parent
-READY = re.compile(rb"^deepfs-meta listening on (\S+):(\d+) grpc (\S+):(\d+)\n$")
+READY = re.compile(r"^deepfs-meta listening on (\S+):(\d+) grpc (\S+):(\d+)$")
 CTX = {"uid": 1000, "gid": 1000}
 ROOT = 1
 
 
 @dataclass
 class MetaProcess:
-    proc: subprocess.Popen[bytes]
+    """A started metadata server and the addresses its readiness line announced."""
+
+    process: ServerProcess
     host: str
     port: int
     grpc_port: int
     data_dir: Path
-    log_path: Path
 
     @property
     def grpc_address(self) -> str:
         return f"{self.host}:{self.grpc_port}"
 
     def stop(self, sig: int = signal.SIGKILL) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-        try:
-            return self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            return self.proc.wait(timeout=10)
+        """Send ``sig`` (a crash, by default), SIGKILL after 10 s; the exit status."""
+        status = self.process.stop(sig)
+        assert status is not None  # our own child: always reaped
+        return status
 
     def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
+        return self.process.output()
 
 
 def start_meta(data_dir: Path, *extra: str) -> MetaProcess:
-    """Start a server and wait for its readiness line."""
+    """Start a server and wait for its readiness line; a restart appends to the same log."""
     data_dir.mkdir(parents=True, exist_ok=True)
-    log_path = data_dir.parent / f"{data_dir.name}.{time.monotonic_ns()}.log"
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    with log_path.open("wb") as log_file:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "metadata", "--port", "0", "--grpc-port", "0", "--data-dir", str(data_dir), *extra],
-            stdout=subprocess.PIPE,
-            stderr=log_file,
-            cwd=REPO,
-            env=env,
-        )
-    assert proc.stdout is not None
-    ready, _, _ = select.select([proc.stdout], [], [], 20)
-    line = proc.stdout.readline() if ready else b""
-    match = READY.match(line)
+    args = ["-m", "metadata", "--port", "0", "--grpc-port", "0", "--data-dir", str(data_dir), *extra]
+    process = ServerProcess(args, ready_line("deepfs-meta listening"), data_dir.parent / f"{data_dir.name}.log",
+                            env={"PYTHONPATH": str(REPO)}, cwd=REPO).start(timeout_s=20)
+    match = READY.match(process.ready_line)
     if match is None:
-        proc.kill()
-        proc.wait()
-        raise AssertionError(f"no readiness line (got {line!r}); log:\n{log_path.read_text(errors='replace')}")
-    host = match.group(1).decode()
-    return MetaProcess(proc, host, int(match.group(2)), int(match.group(4)), data_dir, log_path)
+        process.stop(signal.SIGKILL)
+        raise AssertionError(f"unexpected readiness line {process.ready_line!r}; log:\n{process.log_tail()}")
+    return MetaProcess(process, match.group(1), int(match.group(2)), int(match.group(4)), data_dir)
 
 
 @pytest.fixture
@@ -287,7 +271,7 @@ def test_malformed_frames_do_not_kill_the_server(meta: MetaProcess) -> None:
         assert (await call(c, Op.GETATTR, {"ino": ROOT}))["attr"]["ino"] == ROOT
 
     with_client(meta, alive)
-    assert meta.proc.poll() is None
+    assert meta.process.alive()
 
 
 # control plane -------------------------------------------------------------------

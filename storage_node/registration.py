@@ -34,8 +34,11 @@ BACKOFF_MAX_S = 5.0
 DEFAULT_HEARTBEAT_S = 1.0
 
 
-class Membership:
-    """Keeps this node registered and heartbeating; ``run()`` until cancelled."""
+class Registration:
+    """Keeps this node registered with the metadata server and heartbeating; ``run()`` until cancelled.
+
+    The node's side of membership: the table of nodes it registers in is the
+    metadata server's ``metadata.membership.Membership``."""
 
     def __init__(
         self,
