@@ -176,3 +176,32 @@ def test_garbage_on_a_memory_stream_closes_it_without_raising() -> None:
         assert server.connections_rejected == 1
 
     trio.run(main)
+
+
+def test_a_request_cut_short_by_its_timeout_closes_the_connection() -> None:
+    """A send that times out mid-frame must not leave half a frame on the connection
+    for the next request to be glued onto: the peer sees the frame end in EOF."""
+
+    async def main() -> None:
+        left, right = trio.socket.socketpair()
+        client_end, server_end = trio.SocketStream(left), trio.SocketStream(right)
+        async with trio.open_nursery() as nursery:
+            client = FrameClient.over_stream(nursery, client_end, "peer")
+            payload = bytes(8 << 20)  # far more than the socket buffers hold
+            with pytest.raises(trio.TooSlowError):
+                await client.call(Op.PING, {}, [payload], timeout_s=0.2)  # nobody reads: the send stalls
+            await trio.testing.wait_all_tasks_blocked()
+            assert client.closed
+            with pytest.raises(ConnectionResetError):
+                await client.call(Op.PING, {})
+            received = bytearray()
+            with trio.fail_after(5):
+                while chunk := await server_end.receive_some(1 << 20):
+                    received.extend(chunk)
+            nursery.cancel_scope.cancel()
+        whole_frame = len(frames.encode_frame(Op.PING, 1, {}, len(payload))) + len(payload)
+        assert 0 < len(received) < whole_frame  # the frame was cut short ...
+        assert frames.MAGIC.to_bytes(4, "big") not in bytes(received[4:])  # ... and nothing followed it
+        await server_end.aclose()
+
+    trio.run(main)

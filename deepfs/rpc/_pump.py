@@ -115,29 +115,44 @@ async def send_frame(
     payload: Sequence[Piece] = (),
     flags: int = 0,
 ) -> None:
-    """Send header, body and payload pieces as one frame (no joining of payloads)."""
+    """Send header, body and payload pieces as one frame (no joining of payloads).
+
+    A frame cut short (a timeout or cancellation mid-send, a failed read of a
+    file range) leaves the peer inside it: whatever followed on that
+    connection would be parsed as the rest of this frame. So the stream is
+    closed before the error goes on, and both ends see a broken connection
+    instead of garbage."""
     payload_len = sum(len(p) for p in payload)
     head = frames.encode_frame(op, request_id, body, payload_len, flags)
     async with lock:
-        if isinstance(stream, trio.SocketStream):
-            pending: list[Buffer] = [head]
-            for piece in payload:
-                if isinstance(piece, FileRange):
-                    await _send_vectored(stream, pending)
-                    pending = []
-                    await _send_file(stream, piece)
-                else:
-                    pending.append(piece)
-            await _send_vectored(stream, pending)
-        else:
-            await stream.send_all(head)
-            for piece in payload:
-                if isinstance(piece, FileRange):
-                    data = os.pread(piece.fd, piece.length, piece.offset)
-                    if len(data) != piece.length:
-                        raise OSError(errno.EIO, "file ended before the range sent")
-                    piece = data
-                await stream.send_all(piece)
+        try:
+            await _send_pieces(stream, head, payload)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+
+
+async def _send_pieces(stream: trio.abc.SendStream, head: bytes, payload: Sequence[Piece]) -> None:
+    if isinstance(stream, trio.SocketStream):
+        pending: list[Buffer] = [head]
+        for piece in payload:
+            if isinstance(piece, FileRange):
+                await _send_vectored(stream, pending)
+                pending = []
+                await _send_file(stream, piece)
+            else:
+                pending.append(piece)
+        await _send_vectored(stream, pending)
+    else:
+        await stream.send_all(head)
+        for piece in payload:
+            if isinstance(piece, FileRange):
+                data = os.pread(piece.fd, piece.length, piece.offset)
+                if len(data) != piece.length:
+                    raise OSError(errno.EIO, "file ended before the range sent")
+                piece = data
+            await stream.send_all(piece)
 
 
 async def _send_file(stream: trio.SocketStream, piece: FileRange) -> None:
