@@ -122,6 +122,26 @@ def test_fsync_and_fdatasync_put_the_bytes_in_the_cluster(mnt_dir: Path, fuse_mo
     assert (mnt_dir / "f").read_bytes() == data + b"tail"
 
 
+def test_a_failed_store_fails_every_later_fsync_and_close_and_commits_no_zeros(
+        mnt_dir: Path, fuse_mount: Mounted) -> None:
+    """The self-healing issue's reproduction, through the mount: a layout wider than
+    the cluster cannot store the 9 bytes. The first fsync said EINVAL, the second
+    said 0 and close committed the size: another client read nine zero bytes."""
+    in_cluster = "/" + str(mnt_dir.relative_to(fuse_mount.path))
+    with deepfs.Client(fuse_mount.cluster.meta_address) as other:
+        other.mkdir(in_cluster + "/wide")
+        other.set_layout(in_cluster + "/wide", deepfs.Layout(k=16, m=8, stripe_size=16 * 4096))
+        fd = os.open(mnt_dir / "wide" / "f.txt", os.O_CREAT | os.O_WRONLY, 0o644)
+        try:
+            assert os.write(fd, b"important") == 9
+            assert errno_of(os.fsync, fd) == errno.EINVAL
+            assert errno_of(os.fsync, fd) == errno.EINVAL
+        finally:
+            close_errno = errno_of(os.close, fd)
+        assert close_errno == errno.EINVAL
+        assert other.read_file(in_cluster + "/wide/f.txt") == b""
+
+
 def test_sparse_file_reads_zeros(mnt_dir: Path) -> None:
     path = mnt_dir / "sparse"
     with open(path, "wb") as f:

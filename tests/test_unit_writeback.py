@@ -184,21 +184,50 @@ async def test_lent_memory_is_stored_as_it_lies(tmp_path: Path) -> None:
 
 
 @trio_test
-async def test_an_upload_failure_surfaces_with_its_errno_at_the_next_flush(tmp_path: Path) -> None:
+async def test_an_upload_failure_is_reported_by_every_later_call_and_commits_nothing(tmp_path: Path) -> None:
+    """A lost write must never be published as zeros: after a stripe could not be
+    stored, every later write, flush, fsync and close fails with its errno, and no
+    size covering the lost bytes is committed, even once the nodes are back."""
     async with memory_client(tmp_path, LAYOUT) as (cluster, client):
         f = await client.open("/f", "wb")
         for index in range(4):  # two nodes left: fewer than k
             cluster.stop_node(index)
-        await f.pwrite(os.urandom(1000), 0)
-        with pytest.raises(OSError) as info:
-            await f.flush()
-        assert info.value.errno == errno.EIO
-        assert committed_stripes(cluster, f.ino) == {}
+        await f.pwrite(b"important", 0)
+        for call in (f.flush, f.fsync, f.flush):
+            with pytest.raises(OSError) as info:
+                await call()
+            assert info.value.errno == errno.EIO
         for index in range(4):
             cluster.start_node(index)
-        await f.pwrite(b"again", 0)  # the error was reported once; the file works again
-        await f.close()
-        assert (await client.read_file("/f"))[:5] == b"again"
+        with pytest.raises(OSError) as info:
+            await f.pwrite(b"more", 9)
+        assert info.value.errno == errno.EIO
+        with pytest.raises(OSError) as info:
+            await f.close()
+        assert info.value.errno == errno.EIO and f.closed
+        assert committed_stripes(cluster, f.ino) == {} and committed_size(cluster, f.ino) == 0
+        assert await client.read_file("/f") == b""
+        again = await client.open("/f", "wb")  # a new open starts afresh
+        await again.pwrite(b"again", 0)
+        await again.close()
+        assert await client.read_file("/f") == b"again"
+
+
+@trio_test
+async def test_a_layout_wider_than_the_cluster_fails_every_fsync_and_close(tmp_path: Path) -> None:
+    """The self-healing issue's reproduction: k+m above the node count is EINVAL at the
+    first fsync, and at the second, and at close; the file stays empty."""
+    async with memory_client(tmp_path, LAYOUT) as (cluster, client):
+        await client.mkdir("/wide")
+        await client.set_layout("/wide", Layout(k=16, m=8, stripe_size=16 * 4096))
+        f = await client.open("/wide/f.txt", "wb")
+        assert await f.pwrite(b"important", 0) == 9
+        for call in (f.fsync, f.fsync, f.close):
+            with pytest.raises(OSError) as info:
+                await call()
+            assert info.value.errno == errno.EINVAL
+        assert committed_size(cluster, f.ino) == 0
+        assert await client.read_file("/wide/f.txt") == b""
 
 
 @trio_test
@@ -219,4 +248,6 @@ async def test_a_failed_background_upload_fails_a_later_write(tmp_path: Path) ->
         assert info.value.errno == errno.EIO and "earlier write" in str(info.value)
         for index in range(4):
             cluster.start_node(index)
-        await f.close()
+        with pytest.raises(OSError):
+            await f.close()  # still failed: the stripe's bytes were never stored
+        assert committed_size(cluster, f.ino) == 0

@@ -10,6 +10,7 @@ request paying its timeout again.
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import time
@@ -99,7 +100,7 @@ class ClusterView:
                 return conn
             node = self.nodes.get(node_id)
             if node is None:
-                raise ConnectionRefusedError(f"storage node {node_id} is not in the cluster map")
+                raise ConnectionRefusedError(errno.ECONNREFUSED, f"storage node {node_id} is not in the cluster map")
             conn = await self._transport.dial(self._nursery, node.address, self._config.connect_timeout_s)
             self._connections[node_id] = conn
             return conn

@@ -166,7 +166,7 @@ class AsyncFile:
         self._uploads_done = trio.Event()
         self._uploads_done.set()
         self._uploads_running = 0
-        self._error: BaseException | None = None
+        self._write_failure: OSError | None = None  # sticky: see _raise_write_failure
         self._committed_size = self.size
         self._pool = services.pools.pool(layout.stripe_size)
 
@@ -260,7 +260,7 @@ class AsyncFile:
         The caller must not change those bytes before then (the torch adapter
         lends tensor memory this way)."""
         self._check_open()
-        self._raise_background_error()
+        self._raise_write_failure()
         if not self.writable:
             raise OSError(errno.EBADF, "file not open for writing")
         if self.append:
@@ -381,9 +381,12 @@ class AsyncFile:
             self._unsynced_nodes.update(record.placement)
             self.attr = reply["attr"]
             self._committed_size = max(self._committed_size, min(self.size, stripe_end))
-        except BaseException as exc:  # handed to the writer at its next call
-            if self._error is None:
-                self._error = exc
+        except BaseException as exc:  # handed to the writer at its next call, and every one after it
+            if self._write_failure is None:
+                code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+                self._write_failure = OSError(code, f"storing stripe {index} of {self.path} failed: {detail}")
+                self._write_failure.__cause__ = exc
             log.error("storing stripe %s of %s failed: %s", index, self.path, exc)
             if not isinstance(exc, Exception):
                 raise
@@ -396,20 +399,24 @@ class AsyncFile:
             if self._uploads_running == 0:
                 self._uploads_done.set()
 
-    def _raise_background_error(self) -> None:
-        if self._error is not None:
-            exc, self._error = self._error, None
-            if isinstance(exc, OSError):
-                raise OSError(exc.errno, f"an earlier write to {self.path} failed: {exc.strerror or exc}") from exc
-            raise OSError(errno.EIO, f"an earlier write to {self.path} failed: {exc}") from exc
+    def _raise_write_failure(self) -> None:
+        """Once a stripe could not be stored, every later write, flush, fsync and
+        close of this file says so, and none of them commits a size: a size
+        covering the lost bytes would publish them as zeros (or old data) to
+        every reader, with nobody told. Reads go on; a new open starts afresh
+        from what was committed."""
+        failure = self._write_failure
+        if failure is not None:
+            raise OSError(failure.errno, f"an earlier write to {self.path} failed: {failure.strerror}") from failure
 
     async def flush(self) -> None:
         """Store every dirty stripe and commit the size; returns when all are committed."""
         self._check_open()
+        self._raise_write_failure()  # no further stripes either: their commits would cover the lost one
         for index in sorted(self._dirty):
             await self._start_upload(index)
         await self._uploads_done.wait()
-        self._raise_background_error()
+        self._raise_write_failure()
         if self.size != self._committed_size and self.writable:
             self.attr = (await self._meta.commit(self.ino, [], self.size))["attr"]
             self._committed_size = self.size
