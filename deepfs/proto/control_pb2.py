@@ -24,31 +24,49 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65\x65pfs/proto/control.proto\x12\x0e\x64\x65\x65pfs.control\"\xe6\x01\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x16\n\x0e\x66\x61ilure_domain\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\x12\x12\n\nused_bytes\x18\x07 \x01(\x04\x12\r\n\x05state\x18\x08 \x01(\t\x12\x1b\n\x13last_heartbeat_unix\x18\t \x01(\x01\x12\x11\n\tfragments\x18\n \x01(\x04\x12\x13\n\x0bquarantined\x18\x0b \x01(\x04\"\x88\x01\n\x0fRegisterRequest\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0e\x66\x61ilure_domain\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x12\n\nfree_bytes\x18\x05 \x01(\x04\x12\x12\n\nused_bytes\x18\x06 \x01(\x04\"M\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\"\x8b\x01\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x11\n\tfragments\x18\x05 \x01(\x04\x12\x13\n\x0bquarantined\x18\x06 \x01(\x04\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x13\n\x11\x43lusterMapRequest\"\\\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\'\n\x05nodes\x18\x02 \x03(\x0b\x32\x18.deepfs.control.NodeInfo\x12\x16\n\x0egrace_period_s\x18\x03 \x01(\x01\"\x0f\n\rStatusRequest\"\xf8\x01\n\x0bStatusReply\x12\'\n\x03map\x18\x01 \x01(\x0b\x32\x1a.deepfs.control.ClusterMap\x12\x11\n\tdefault_k\x18\x02 \x01(\r\x12\x11\n\tdefault_m\x18\x03 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_stripe_size\x18\x04 \x01(\x04\x12\r\n\x05\x66iles\x18\x05 \x01(\x04\x12\x13\n\x0b\x64irectories\x18\x06 \x01(\x04\x12\x15\n\rlogical_bytes\x18\x07 \x01(\x04\x12\x12\n\ngc_pending\x18\x08 \x01(\x04\x12\x14\n\x0c\x64\x61ta_address\x18\t \x01(\t\x12\x18\n\x10\x64\x65graded_stripes\x18\n \x01(\x04\x32\xba\x02\n\x07\x43luster\x12J\n\x08Register\x12\x1f.deepfs.control.RegisterRequest\x1a\x1d.deepfs.control.RegisterReply\x12M\n\tHeartbeat\x12 .deepfs.control.HeartbeatRequest\x1a\x1e.deepfs.control.HeartbeatReply\x12N\n\rGetClusterMap\x12!.deepfs.control.ClusterMapRequest\x1a\x1a.deepfs.control.ClusterMap\x12\x44\n\x06Status\x12\x1d.deepfs.control.StatusRequest\x1a\x1b.deepfs.control.StatusReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65\x65pfs/proto/control.proto\x12\x0e\x64\x65\x65pfs.control\"\xd9\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x16\n\x0e\x66\x61ilure_domain\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\x12\x12\n\nused_bytes\x18\x07 \x01(\x04\x12\r\n\x05state\x18\x08 \x01(\t\x12\x1b\n\x13last_heartbeat_unix\x18\t \x01(\x01\x12\x11\n\tfragments\x18\n \x01(\x04\x12\x13\n\x0bquarantined\x18\x0b \x01(\x04\x12\x13\n\x0b\x61\x64min_state\x18\x0c \x01(\t\x12\x13\n\x0bscrub_bytes\x18\r \x01(\x04\x12\x14\n\x0cscrub_errors\x18\x0e \x01(\x04\x12\x1b\n\x13scrub_pass_fraction\x18\x0f \x01(\x01\x12\x14\n\x0cscrub_passes\x18\x10 \x01(\x04\"I\n\x0b\x46ragmentRef\x12\x0b\n\x03ino\x18\x01 \x01(\x04\x12\x0e\n\x06stripe\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0c\n\x04slot\x18\x04 \x01(\r\"\x88\x01\n\x0fRegisterRequest\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0e\x66\x61ilure_domain\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x12\n\nfree_bytes\x18\x05 \x01(\x04\x12\x12\n\nused_bytes\x18\x06 \x01(\x04\"M\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\"\x9d\x02\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x11\n\tfragments\x18\x05 \x01(\x04\x12\x13\n\x0bquarantined\x18\x06 \x01(\x04\x12\x32\n\rbad_fragments\x18\x07 \x03(\x0b\x32\x1b.deepfs.control.FragmentRef\x12\x13\n\x0bscrub_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cscrub_errors\x18\t \x01(\x04\x12\x1b\n\x13scrub_pass_fraction\x18\n \x01(\x01\x12\x14\n\x0cscrub_passes\x18\x0b \x01(\x04\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x13\n\x11\x43lusterMapRequest\"\\\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\'\n\x05nodes\x18\x02 \x03(\x0b\x32\x18.deepfs.control.NodeInfo\x12\x16\n\x0egrace_period_s\x18\x03 \x01(\x01\"\x0f\n\rStatusRequest\"\xba\x04\n\x0bStatusReply\x12\'\n\x03map\x18\x01 \x01(\x0b\x32\x1a.deepfs.control.ClusterMap\x12\x11\n\tdefault_k\x18\x02 \x01(\r\x12\x11\n\tdefault_m\x18\x03 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_stripe_size\x18\x04 \x01(\x04\x12\r\n\x05\x66iles\x18\x05 \x01(\x04\x12\x13\n\x0b\x64irectories\x18\x06 \x01(\x04\x12\x15\n\rlogical_bytes\x18\x07 \x01(\x04\x12\x12\n\ngc_pending\x18\x08 \x01(\x04\x12\x14\n\x0c\x64\x61ta_address\x18\t \x01(\t\x12\x18\n\x10\x64\x65graded_stripes\x18\n \x01(\x04\x12G\n\x0fstripes_by_lost\x18\x0b \x03(\x0b\x32..deepfs.control.StatusReply.StripesByLostEntry\x12\x1a\n\x12unreadable_stripes\x18\x0c \x01(\x04\x12\x14\n\x0crepair_queue\x18\r \x01(\x04\x12\x1a\n\x12repair_bytes_per_s\x18\x0e \x01(\x01\x12\x14\n\x0crepair_eta_s\x18\x0f \x01(\x01\x12\x1a\n\x12repaired_fragments\x18\x10 \x01(\x04\x12\x13\n\x0bincarnation\x18\x11 \x01(\x04\x12\x14\n\x0cscrub_errors\x18\x12 \x01(\x04\x12\x16\n\x0escrub_progress\x18\x13 \x01(\x01\x1a\x34\n\x12StripesByLostEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"\x1e\n\x0bNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\"0\n\x0b\x46sckRequest\x12\x0e\n\x06repair\x18\x01 \x01(\x08\x12\x11\n\tmax_files\x18\x02 \x01(\r\"J\n\x08\x46sckFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0b\n\x03ino\x18\x02 \x01(\x04\x12\x0f\n\x07stripes\x18\x03 \x01(\r\x12\x12\n\nworst_lost\x18\x04 \x01(\r\"\xf6\x02\n\tFsckReply\x12\r\n\x05\x66iles\x18\x01 \x01(\x04\x12\x0f\n\x07stripes\x18\x02 \x01(\x04\x12\x18\n\x10\x64\x65graded_stripes\x18\x03 \x01(\x04\x12\x1a\n\x12unreadable_stripes\x18\x04 \x01(\x04\x12\x1a\n\x12orphaned_fragments\x18\x05 \x01(\x04\x12\x30\n\x0e\x64\x65graded_files\x18\x06 \x03(\x0b\x32\x18.deepfs.control.FsckFile\x12\x32\n\x10unreadable_files\x18\x07 \x03(\x0b\x32\x18.deepfs.control.FsckFile\x12\x14\n\x0crepair_queue\x18\x08 \x01(\x04\x12\x45\n\x0fstripes_by_lost\x18\t \x03(\x0b\x32,.deepfs.control.FsckReply.StripesByLostEntry\x1a\x34\n\x12StripesByLostEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\x83\x04\n\x07\x43luster\x12J\n\x08Register\x12\x1f.deepfs.control.RegisterRequest\x1a\x1d.deepfs.control.RegisterReply\x12M\n\tHeartbeat\x12 .deepfs.control.HeartbeatRequest\x1a\x1e.deepfs.control.HeartbeatReply\x12N\n\rGetClusterMap\x12!.deepfs.control.ClusterMapRequest\x1a\x1a.deepfs.control.ClusterMap\x12\x44\n\x06Status\x12\x1d.deepfs.control.StatusRequest\x1a\x1b.deepfs.control.StatusReply\x12\x42\n\tDrainNode\x12\x1b.deepfs.control.NodeRequest\x1a\x18.deepfs.control.NodeInfo\x12\x43\n\nRemoveNode\x12\x1b.deepfs.control.NodeRequest\x1a\x18.deepfs.control.NodeInfo\x12>\n\x04\x46sck\x12\x1b.deepfs.control.FsckRequest\x1a\x19.deepfs.control.FsckReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'deepfs.proto.control_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_STATUSREPLY_STRIPESBYLOSTENTRY']._loaded_options = None
+  _globals['_STATUSREPLY_STRIPESBYLOSTENTRY']._serialized_options = b'8\001'
+  _globals['_FSCKREPLY_STRIPESBYLOSTENTRY']._loaded_options = None
+  _globals['_FSCKREPLY_STRIPESBYLOSTENTRY']._serialized_options = b'8\001'
   _globals['_NODEINFO']._serialized_start=47
-  _globals['_NODEINFO']._serialized_end=277
-  _globals['_REGISTERREQUEST']._serialized_start=280
-  _globals['_REGISTERREQUEST']._serialized_end=416
-  _globals['_REGISTERREPLY']._serialized_start=418
-  _globals['_REGISTERREPLY']._serialized_end=495
-  _globals['_HEARTBEATREQUEST']._serialized_start=498
-  _globals['_HEARTBEATREQUEST']._serialized_end=637
-  _globals['_HEARTBEATREPLY']._serialized_start=639
-  _globals['_HEARTBEATREPLY']._serialized_end=670
-  _globals['_CLUSTERMAPREQUEST']._serialized_start=672
-  _globals['_CLUSTERMAPREQUEST']._serialized_end=691
-  _globals['_CLUSTERMAP']._serialized_start=693
-  _globals['_CLUSTERMAP']._serialized_end=785
-  _globals['_STATUSREQUEST']._serialized_start=787
-  _globals['_STATUSREQUEST']._serialized_end=802
-  _globals['_STATUSREPLY']._serialized_start=805
-  _globals['_STATUSREPLY']._serialized_end=1053
-  _globals['_CLUSTER']._serialized_start=1056
-  _globals['_CLUSTER']._serialized_end=1370
+  _globals['_NODEINFO']._serialized_end=392
+  _globals['_FRAGMENTREF']._serialized_start=394
+  _globals['_FRAGMENTREF']._serialized_end=467
+  _globals['_REGISTERREQUEST']._serialized_start=470
+  _globals['_REGISTERREQUEST']._serialized_end=606
+  _globals['_REGISTERREPLY']._serialized_start=608
+  _globals['_REGISTERREPLY']._serialized_end=685
+  _globals['_HEARTBEATREQUEST']._serialized_start=688
+  _globals['_HEARTBEATREQUEST']._serialized_end=973
+  _globals['_HEARTBEATREPLY']._serialized_start=975
+  _globals['_HEARTBEATREPLY']._serialized_end=1006
+  _globals['_CLUSTERMAPREQUEST']._serialized_start=1008
+  _globals['_CLUSTERMAPREQUEST']._serialized_end=1027
+  _globals['_CLUSTERMAP']._serialized_start=1029
+  _globals['_CLUSTERMAP']._serialized_end=1121
+  _globals['_STATUSREQUEST']._serialized_start=1123
+  _globals['_STATUSREQUEST']._serialized_end=1138
+  _globals['_STATUSREPLY']._serialized_start=1141
+  _globals['_STATUSREPLY']._serialized_end=1711
+  _globals['_STATUSREPLY_STRIPESBYLOSTENTRY']._serialized_start=1659
+  _globals['_STATUSREPLY_STRIPESBYLOSTENTRY']._serialized_end=1711
+  _globals['_NODEREQUEST']._serialized_start=1713
+  _globals['_NODEREQUEST']._serialized_end=1743
+  _globals['_FSCKREQUEST']._serialized_start=1745
+  _globals['_FSCKREQUEST']._serialized_end=1793
+  _globals['_FSCKFILE']._serialized_start=1795
+  _globals['_FSCKFILE']._serialized_end=1869
+  _globals['_FSCKREPLY']._serialized_start=1872
+  _globals['_FSCKREPLY']._serialized_end=2246
+  _globals['_FSCKREPLY_STRIPESBYLOSTENTRY']._serialized_start=1659
+  _globals['_FSCKREPLY_STRIPESBYLOSTENTRY']._serialized_end=1711
+  _globals['_CLUSTER']._serialized_start=2249
+  _globals['_CLUSTER']._serialized_end=2764
 # @@protoc_insertion_point(module_scope)

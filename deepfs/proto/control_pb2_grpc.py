@@ -54,6 +54,21 @@ class ClusterStub:
                 request_serializer=deepfs_dot_proto_dot_control__pb2.StatusRequest.SerializeToString,
                 response_deserializer=deepfs_dot_proto_dot_control__pb2.StatusReply.FromString,
                 _registered_method=True)
+        self.DrainNode = channel.unary_unary(
+                '/deepfs.control.Cluster/DrainNode',
+                request_serializer=deepfs_dot_proto_dot_control__pb2.NodeRequest.SerializeToString,
+                response_deserializer=deepfs_dot_proto_dot_control__pb2.NodeInfo.FromString,
+                _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/deepfs.control.Cluster/RemoveNode',
+                request_serializer=deepfs_dot_proto_dot_control__pb2.NodeRequest.SerializeToString,
+                response_deserializer=deepfs_dot_proto_dot_control__pb2.NodeInfo.FromString,
+                _registered_method=True)
+        self.Fsck = channel.unary_unary(
+                '/deepfs.control.Cluster/Fsck',
+                request_serializer=deepfs_dot_proto_dot_control__pb2.FsckRequest.SerializeToString,
+                response_deserializer=deepfs_dot_proto_dot_control__pb2.FsckReply.FromString,
+                _registered_method=True)
 
 
 class ClusterServicer:
@@ -83,6 +98,25 @@ class ClusterServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DrainNode(self, request, context):
+        """Node lifecycle (deepfs node drain / remove) and consistency check (deepfs fsck).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fsck(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ClusterServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -105,6 +139,21 @@ def add_ClusterServicer_to_server(servicer, server):
                     servicer.Status,
                     request_deserializer=deepfs_dot_proto_dot_control__pb2.StatusRequest.FromString,
                     response_serializer=deepfs_dot_proto_dot_control__pb2.StatusReply.SerializeToString,
+            ),
+            'DrainNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.DrainNode,
+                    request_deserializer=deepfs_dot_proto_dot_control__pb2.NodeRequest.FromString,
+                    response_serializer=deepfs_dot_proto_dot_control__pb2.NodeInfo.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=deepfs_dot_proto_dot_control__pb2.NodeRequest.FromString,
+                    response_serializer=deepfs_dot_proto_dot_control__pb2.NodeInfo.SerializeToString,
+            ),
+            'Fsck': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fsck,
+                    request_deserializer=deepfs_dot_proto_dot_control__pb2.FsckRequest.FromString,
+                    response_serializer=deepfs_dot_proto_dot_control__pb2.FsckReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -215,6 +264,87 @@ class Cluster:
             '/deepfs.control.Cluster/Status',
             deepfs_dot_proto_dot_control__pb2.StatusRequest.SerializeToString,
             deepfs_dot_proto_dot_control__pb2.StatusReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DrainNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepfs.control.Cluster/DrainNode',
+            deepfs_dot_proto_dot_control__pb2.NodeRequest.SerializeToString,
+            deepfs_dot_proto_dot_control__pb2.NodeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepfs.control.Cluster/RemoveNode',
+            deepfs_dot_proto_dot_control__pb2.NodeRequest.SerializeToString,
+            deepfs_dot_proto_dot_control__pb2.NodeInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fsck(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/deepfs.control.Cluster/Fsck',
+            deepfs_dot_proto_dot_control__pb2.FsckRequest.SerializeToString,
+            deepfs_dot_proto_dot_control__pb2.FsckReply.FromString,
             options,
             channel_credentials,
             insecure,
