@@ -1,16 +1,33 @@
-"""Cluster membership: which storage nodes exist, where, and whether they are up.
+"""Cluster membership: which storage nodes exist, where, whether they are up, and whether they are in.
 
 A storage node registers with the uuid kept in its data directory and gets
 a small, stable ``node_id`` (from 1 up, so a zeroed field names no node),
 persisted in the ``nodes`` database: the same uuid registering again keeps
-its id and may change its address. Stripe placements name nodes by that id.
-Heartbeats carry capacity and health; a node silent for ``grace_period_s``
-is marked down and writes avoid it.
+its id and may change its address. A fresh data directory is a new uuid and
+so a new node, even at a dead node's address: the dead one stays known (as
+down) until its fragments are rebuilt elsewhere. Stripe placements name
+nodes by id.
+
+Each node has two independent states:
+
+- *liveness*, ``up``: True only once the node has registered or heartbeated
+  to THIS server process (``incarnation``). After a restart every node starts
+  down, so a map never calls a node up that nobody has heard from; a node
+  silent for ``grace_period_s`` goes down again. ``down_since`` says since
+  when (monotonic), which the repair engine compares with ``repair_after_s``.
+- *admin state*, persisted: ``in`` (takes new fragments), ``draining``
+  (serves reads while repair copies its fragments away; takes no new ones),
+  ``out`` (holds nothing that counts; its fragments are rebuilt elsewhere).
+  Operators move a node with ``drain`` and ``remove``; there is no way back
+  to ``in`` for the same uuid (a wiped data directory rejoins as a new node).
+
+Two up nodes never share an address: only one process can listen there, so a
+registration at an address proves whoever had it before is gone.
 
 The cluster map has an ``epoch`` that grows with every change a client
-should react to (a node joins, moves, goes down or comes back), so clients
-can cache the map and refetch only when the epoch moves. It is persisted so
-it keeps growing across restarts of this server.
+should react to (a node joins, moves, goes down or comes back, is drained or
+removed), so clients can cache the map and refetch only when the epoch
+moves. It is persisted so it keeps growing across restarts of this server.
 
 All methods run in the trio thread; the gRPC service calls them through
 ``trio.from_thread.run_sync``.
@@ -18,7 +35,10 @@ All methods run in the trio thread; the gRPC service calls them through
 
 from __future__ import annotations
 
+import errno
 import logging
+import math
+import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +49,9 @@ from metadata import keys
 from metadata.store import MetaStore
 
 log = logging.getLogger(__name__)
+
+ADMIN_STATES = ("in", "draining", "out")
+
 
 @dataclass
 class NodeState:
@@ -43,13 +66,25 @@ class NodeState:
     used_bytes: int = 0
     fragments: int = 0
     quarantined: int = 0
+    admin_state: str = "in"
     last_heartbeat: float = 0.0  # monotonic clock
     last_heartbeat_unix: float = 0.0
     up: bool = False
+    down_since: float | None = None  # monotonic; None while up
+    scrub_bytes: int = 0
+    scrub_errors: int = 0
+    scrub_pass_fraction: float = 0.0
+    scrub_passes: int = 0
 
     @property
     def state(self) -> str:
+        """Liveness as the map shows it: "up" or "down"."""
         return "up" if self.up else "down"
+
+    @property
+    def accepts_writes(self) -> bool:
+        """May new fragments be placed here?"""
+        return self.up and self.admin_state == "in"
 
     def persistent(self) -> dict[str, object]:
         """The part that survives a restart (capacity as of the last registration)."""
@@ -60,6 +95,7 @@ class NodeState:
             "capacity_bytes": self.capacity_bytes,
             "free_bytes": self.free_bytes,
             "used_bytes": self.used_bytes,
+            "admin_state": self.admin_state,
         }
 
 
@@ -74,8 +110,18 @@ class Usage:
     quarantined: int = 0
 
 
+@dataclass(frozen=True, slots=True)
+class ScrubProgress:
+    """A node's scrubber counters, as its heartbeats report them (since the node started)."""
+
+    bytes_verified: int = 0
+    errors: int = 0
+    pass_fraction: float = 0.0
+    passes: int = 0
+
+
 class Membership:
-    """The node table, the epoch, and the down-detector."""
+    """The node table, the epoch, the down-detector and the admin states."""
 
     def __init__(self, store: MetaStore, grace_period_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.store = store
@@ -83,32 +129,54 @@ class Membership:
         self._clock = clock
         self.nodes: dict[int, NodeState] = {}
         self.epoch = 0
+        # Tells this server process apart from the one before a restart (status, tests).
+        self.incarnation = secrets.randbits(63) + 1
 
     def load(self) -> None:
-        """Read known nodes; each gets one grace period from now to check in."""
+        """Read known nodes, all down until they check in with this incarnation."""
         now = self._clock()
         with self.store.read() as txn:
             self.epoch = int(txn.get_meta(keys.META_EPOCH, 0))
             for node_id, record in txn.nodes().items():
-                node = NodeState(node_id=node_id, **record)
-                node.last_heartbeat = now
-                node.up = True
-                self.nodes[node_id] = node
+                self.nodes[node_id] = NodeState(node_id=node_id, **record, down_since=now)
+        if self.nodes:
+            self._bump_epoch()  # the previous incarnation's map called some of them up
 
-    def _bump_epoch(self) -> None:
-        self.epoch += 1
-        with self.store.write() as txn:
-            txn.put_meta(keys.META_EPOCH, self.epoch)
+    # ------------------------------------------------------------ queries
+    def node_state(self, node_id: int) -> str:
+        """"up", "down", "draining", "out" or "unknown"; out wins over down, down over draining."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            return "unknown"
+        if node.admin_state == "out":
+            return "out"
+        if not node.up:
+            return "down"
+        return "up" if node.admin_state == "in" else node.admin_state
 
-    def _apply_usage(self, node: NodeState, usage: Usage) -> None:
-        node.capacity_bytes = usage.capacity_bytes
-        node.free_bytes = usage.free_bytes
-        node.used_bytes = usage.used_bytes
-        node.fragments = usage.fragments
-        node.quarantined = usage.quarantined
-        node.last_heartbeat = self._clock()
-        node.last_heartbeat_unix = time.time()
+    def down_for_s(self, node_id: int) -> float:
+        """Seconds the node has been down (0.0 while up; infinite for an unknown node)."""
+        node = self.nodes.get(node_id)
+        if node is None:
+            return math.inf
+        if node.up or node.down_since is None:
+            return 0.0
+        return max(0.0, self._clock() - node.down_since)
 
+    def writable_nodes(self) -> list[NodeState]:
+        """Placement candidates: up and ``in``."""
+        return [n for n in self.nodes.values() if n.accepts_writes]
+
+    def address_if_up(self, node_id: int) -> str | None:
+        node = self.nodes.get(node_id)
+        return node.address if node is not None and node.up else None
+
+    def live_capacity(self) -> tuple[int, int]:
+        """(capacity, free) bytes summed over the nodes new data can go to."""
+        writable = self.writable_nodes()
+        return sum(n.capacity_bytes for n in writable), sum(n.free_bytes for n in writable)
+
+    # ------------------------------------------------------------ node reports
     def register(self, uuid: str, address: str, failure_domain: str, usage: Usage) -> tuple[int, int]:
         """(node_id, epoch) for the node with ``uuid``; new uuids get the next id."""
         node = next((n for n in self.nodes.values() if n.uuid == uuid), None)
@@ -123,31 +191,42 @@ class Membership:
             elif (node.address, node.failure_domain) != (address, failure_domain) or not node.up:
                 node.address, node.failure_domain = address, failure_domain
                 changed = True
+            changed |= self._evict_from_address(node)
             self._apply_usage(node, usage)
-            node.up = True
+            self._mark_up(node)
             txn.put_node(node.node_id, node.persistent())
         if changed:
             self._bump_epoch()
         return node.node_id, self.epoch
 
-    def heartbeat(self, node_id: int, usage: Usage) -> int | None:
+    def heartbeat(self, node_id: int, usage: Usage, scrub: ScrubProgress | None = None) -> int | None:
         """The epoch, or None for a node this server does not know (it must register)."""
         node = self.nodes.get(node_id)
         if node is None:
             return None
         self._apply_usage(node, usage)
+        if scrub is not None:
+            node.scrub_bytes, node.scrub_errors = scrub.bytes_verified, scrub.errors
+            node.scrub_pass_fraction, node.scrub_passes = scrub.pass_fraction, scrub.passes
         if not node.up:
-            node.up = True
-            log.info("node %d is up again", node_id)
+            holder = self._up_node_at(node.address, other_than=node.node_id)
+            if holder is not None:
+                # Another node registered at this address since; the map must not name two.
+                log.warning("node %d heartbeats from %s, now node %d's address: it stays down",
+                            node_id, node.address, holder.node_id)
+                return self.epoch
+            self._mark_up(node)
+            log.info("node %d is up", node_id)
             self._bump_epoch()
         return self.epoch
 
     def expire(self) -> list[int]:
         """Mark nodes silent for longer than the grace period down; their ids."""
-        deadline = self._clock() - self.grace_period_s
+        now = self._clock()
+        deadline = now - self.grace_period_s
         gone = [n.node_id for n in self.nodes.values() if n.up and n.last_heartbeat < deadline]
         for node_id in gone:
-            self.nodes[node_id].up = False
+            self._mark_down(self.nodes[node_id], now)
             log.warning("node %d missed heartbeats for %.1f s: down", node_id, self.grace_period_s)
         if gone:
             self._bump_epoch()
@@ -159,11 +238,79 @@ class Membership:
             await trio.sleep(max(0.05, min(0.5, self.grace_period_s / 4)))
             self.expire()
 
-    def address_if_up(self, node_id: int) -> str | None:
-        node = self.nodes.get(node_id)
-        return node.address if node is not None and node.up else None
+    # ------------------------------------------------------------ operator commands
+    def drain(self, node_id: int) -> NodeState:
+        """Stop placing fragments on the node; repair moves its fragments off while it serves reads."""
+        node = self._require(node_id)
+        if node.admin_state == "out":
+            raise OSError(errno.EINVAL, f"node {node_id} is out already; there is nothing to drain")
+        if node.admin_state != "draining":
+            self._set_admin_state(node, "draining")
+        return node
 
-    def live_capacity(self) -> tuple[int, int]:
-        """(capacity, free) bytes summed over the nodes that are up."""
-        up = [n for n in self.nodes.values() if n.up]
-        return sum(n.capacity_bytes for n in up), sum(n.free_bytes for n in up)
+    def remove(self, node_id: int, referenced_fragments: int) -> NodeState:
+        """Mark the node out: its fragments no longer count and are rebuilt elsewhere now.
+
+        A live node must be drained first (``referenced_fragments`` stripe
+        records still name it): removing it would throw away healthy copies
+        while they could still be moved. A down node is out at once.
+        """
+        node = self._require(node_id)
+        if node.up and node.admin_state != "out" and referenced_fragments > 0:
+            raise OSError(errno.EBUSY, f"node {node_id} is up and still holds {referenced_fragments} referenced "
+                                       f"fragment(s): 'deepfs node drain {node_id}' first and wait until it is empty")
+        if node.admin_state != "out":
+            self._set_admin_state(node, "out")
+        return node
+
+    # ------------------------------------------------------------ internals
+    def _require(self, node_id: int) -> NodeState:
+        node = self.nodes.get(node_id)
+        if node is None:
+            raise OSError(errno.ENOENT, f"no storage node {node_id} in this cluster")
+        return node
+
+    def _set_admin_state(self, node: NodeState, admin_state: str) -> None:
+        log.warning("node %d (%s): admin state %s -> %s", node.node_id, node.address, node.admin_state, admin_state)
+        node.admin_state = admin_state
+        with self.store.write() as txn:
+            txn.put_node(node.node_id, node.persistent())
+        self._bump_epoch()
+
+    def _up_node_at(self, address: str, other_than: int) -> NodeState | None:
+        return next((n for n in self.nodes.values()
+                     if n.up and n.address == address and n.node_id != other_than), None)
+
+    def _evict_from_address(self, node: NodeState) -> bool:
+        """``node`` now listens at its address: whoever was up there before is gone (down now)."""
+        evicted = False
+        while (other := self._up_node_at(node.address, other_than=node.node_id)) is not None:
+            log.warning("node %d registered at %s: node %d, known there before, is down", node.node_id,
+                        node.address, other.node_id)
+            self._mark_down(other, self._clock())
+            evicted = True
+        return evicted
+
+    @staticmethod
+    def _mark_up(node: NodeState) -> None:
+        node.up = True
+        node.down_since = None
+
+    @staticmethod
+    def _mark_down(node: NodeState, now: float) -> None:
+        node.up = False
+        node.down_since = now
+
+    def _bump_epoch(self) -> None:
+        self.epoch += 1
+        with self.store.write() as txn:
+            txn.put_meta(keys.META_EPOCH, self.epoch)
+
+    def _apply_usage(self, node: NodeState, usage: Usage) -> None:
+        node.capacity_bytes = usage.capacity_bytes
+        node.free_bytes = usage.free_bytes
+        node.used_bytes = usage.used_bytes
+        node.fragments = usage.fragments
+        node.quarantined = usage.quarantined
+        node.last_heartbeat = self._clock()
+        node.last_heartbeat_unix = time.time()

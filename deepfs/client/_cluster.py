@@ -28,6 +28,7 @@ from deepfs.proto import control_pb2, control_pb2_grpc
 log = logging.getLogger(__name__)
 
 SUSPECT_FOR_S = 3.0
+MAP_RETRY_S = 0.2
 
 
 class ClusterView:
@@ -61,10 +62,26 @@ class ClusterView:
             await trio.sleep(self._config.map_refresh_s)
             try:
                 await self.refresh()
-            except grpc.RpcError as exc:
-                log.debug("cluster map refresh failed: %s", exc.code())
             except OSError as exc:
                 log.debug("cluster map refresh failed: %s", exc)
+
+    async def wait_for_live_nodes(self, count: int) -> None:
+        """Fetch the map again until ``count`` nodes take writes, for at most ``connect_timeout_s``.
+
+        For a write that finds too few in the cached map, before it fails: right after a
+        metadata-server restart every node is down until it checks in with the new server
+        (within a heartbeat), and a map fetched in that moment would otherwise fail writes
+        until the next refresh. Errors fetching the map are the write's to report, not these.
+        """
+        deadline = trio.current_time() + self._config.connect_timeout_s
+        while True:
+            try:
+                await self.refresh()
+            except OSError as exc:
+                log.debug("cluster map refresh failed: %s", exc)
+            if len(self.live_nodes()) >= count or trio.current_time() >= deadline:
+                return
+            await trio.sleep(MAP_RETRY_S)
 
     def status(self) -> Any:
         """The control plane's cluster status (blocking gRPC; always over TCP)."""
@@ -74,7 +91,8 @@ class ClusterView:
         return stub.Status(control_pb2.StatusRequest(), timeout=self._config.connect_timeout_s)
 
     def live_nodes(self) -> list[NodeView]:
-        return [n for n in self.nodes.values() if n.up]
+        """Nodes new fragments may go to: up, and not drained or removed by an operator."""
+        return [n for n in self.nodes.values() if n.up and n.accepts_writes]
 
     def suspects(self) -> frozenset[int]:
         now = time.monotonic()

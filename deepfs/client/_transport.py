@@ -13,13 +13,14 @@ without processes or sockets.
 
 from __future__ import annotations
 
+import errno
 from typing import Protocol
 
 import grpc
 import trio
 
 from deepfs import rpc
-from deepfs.placement import NodeView
+from deepfs.placement import NodeView, node_view
 from deepfs.proto import control_pb2, control_pb2_grpc
 
 
@@ -29,7 +30,7 @@ class Transport(Protocol):
     ``dial`` starts the connection's reader task in ``nursery`` and raises
     ``OSError`` or ``trio.TooSlowError`` if the peer cannot be reached in
     ``timeout_s``. ``fetch_cluster_map`` returns ``(epoch, nodes)`` and raises
-    ``grpc.RpcError`` or ``OSError`` when the control plane does not answer.
+    ``OSError`` (ECONNREFUSED) when the control plane does not answer.
     """
 
     async def dial(self, nursery: trio.Nursery, address: str, timeout_s: float) -> rpc.FrameClient: ...
@@ -55,14 +56,13 @@ class TcpTransport:
     async def fetch_cluster_map(self, grpc_address: str, timeout_s: float) -> tuple[int, list[NodeView]]:
         stub = control_pb2_grpc.ClusterStub(self._channel(grpc_address))
         # grpc's blocking stub would stall the trio loop: run it in a worker thread.
-        reply = await trio.to_thread.run_sync(
-            lambda: stub.GetClusterMap(control_pb2.ClusterMapRequest(), timeout=timeout_s)
-        )
-        nodes = [
-            NodeView(n.node_id, n.address, n.failure_domain or n.address, n.state == "up", n.free_bytes)
-            for n in reply.nodes
-        ]
-        return reply.epoch, nodes
+        try:
+            reply = await trio.to_thread.run_sync(
+                lambda: stub.GetClusterMap(control_pb2.ClusterMapRequest(), timeout=timeout_s)
+            )
+        except grpc.RpcError as exc:  # library errors carry an errno: a restarting server is unreachable
+            raise OSError(errno.ECONNREFUSED, f"control plane {grpc_address} did not answer: {exc.code()}") from exc
+        return reply.epoch, [node_view(n) for n in reply.nodes]
 
     def _channel(self, grpc_address: str) -> grpc.Channel:
         channel = self._channels.get(grpc_address)

@@ -44,7 +44,7 @@ from deepfs.client import AsyncClient
 from deepfs.concurrency import sole_exception
 from deepfs.config import ClientConfig, MetaConfig, NodeConfig
 from deepfs.layout import Layout
-from deepfs.placement import NodeView
+from deepfs.placement import NodeView, node_view
 from metadata.control_service import cluster_map
 from metadata.membership import Usage
 from metadata.server import MetaState, open_meta_state
@@ -228,9 +228,7 @@ class MemoryCluster:
     def cluster_map(self) -> tuple[int, list[NodeView]]:
         """(epoch, nodes) as the gRPC ``GetClusterMap`` answers it, seen by a client."""
         reply = cluster_map(self.meta.membership)
-        nodes = [NodeView(n.node_id, n.address, n.failure_domain or n.address, n.state == "up", n.free_bytes)
-                 for n in reply.nodes]
-        return reply.epoch, nodes
+        return reply.epoch, [node_view(n) for n in reply.nodes]
 
 
 class MemoryTransport:

@@ -1,0 +1,159 @@
+"""Membership on a fake clock: liveness per server incarnation, admin states, addresses.
+
+A restarted metadata server must not call a node up that has not checked in
+with it (a write would then need acknowledgements from a dead node); drain and
+remove follow the operator's rules; a fresh data directory at a dead node's
+address is a new node while the dead one stays known, down. No servers, no
+sleeping: a ``FakeClock`` moves time."""
+
+from __future__ import annotations
+
+import errno
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from deepfs.testing import FakeClock
+from metadata.membership import Membership, ScrubProgress, Usage
+from metadata.store import MetaStore
+
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
+
+GRACE_S = 5.0
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Iterator[MetaStore]:
+    st = MetaStore.open(tmp_path / "meta", map_size_bytes=64 << 20, sync_interval_s=0.001)
+    yield st
+    st.close()
+
+
+def address(n: int) -> str:
+    return f"127.0.0.1:{7700 + n}"
+
+
+def cluster_of(store: MetaStore, clock: FakeClock, nodes: int = 6) -> Membership:
+    membership = Membership(store, GRACE_S, clock=clock)
+    membership.load()
+    for n in range(1, nodes + 1):
+        assert membership.register(f"uuid-{n}", address(n), f"host{n}", Usage(100, 50))[0] == n
+    return membership
+
+
+def test_after_a_restart_nodes_are_down_until_they_check_in_with_the_new_incarnation(store: MetaStore) -> None:
+    clock = FakeClock()
+    before = cluster_of(store, clock)
+    before.drain(6)
+    clock.advance(1.0)
+
+    after = Membership(store, GRACE_S, clock=clock)
+    after.load()
+    assert after.incarnation != before.incarnation
+    assert after.epoch > before.epoch  # clients must refetch: the map changed under them
+    assert [after.node_state(n) for n in range(1, 7)] == ["down"] * 6
+    assert after.writable_nodes() == [] and after.address_if_up(1) is None
+    assert after.nodes[6].admin_state == "draining"  # admin state is persisted
+
+    clock.advance(2.0)
+    assert after.down_for_s(1) == pytest.approx(2.0)  # counted from the restart
+    epoch = after.epoch
+    after.heartbeat(1, Usage(capacity_bytes=10))
+    after.register("uuid-2", address(2), "host2", Usage())
+    assert after.epoch > epoch
+    assert after.node_state(1) == "up" and after.node_state(2) == "up" and after.node_state(3) == "down"
+    assert after.down_for_s(1) == 0.0
+    assert [n.node_id for n in after.writable_nodes()] == [1, 2]
+
+
+def test_down_since_tracks_the_grace_period_and_scrub_counters_arrive_with_heartbeats(store: MetaStore) -> None:
+    clock = FakeClock()
+    membership = cluster_of(store, clock, nodes=2)
+    membership.heartbeat(2, Usage(), ScrubProgress(bytes_verified=4096, errors=1, pass_fraction=0.25, passes=3))
+    node = membership.nodes[2]
+    assert (node.scrub_bytes, node.scrub_errors, node.scrub_pass_fraction, node.scrub_passes) == (4096, 1, 0.25, 3)
+    clock.advance(GRACE_S + 0.1)
+    membership.heartbeat(2, Usage())
+    assert membership.expire() == [1]
+    clock.advance(3.0)
+    assert membership.down_for_s(1) == pytest.approx(3.0)
+    assert membership.down_for_s(99) == float("inf") and membership.node_state(99) == "unknown"
+
+
+def test_drain_keeps_reads_and_stops_writes_and_remove_refuses_a_live_node_with_data(store: MetaStore) -> None:
+    clock = FakeClock()
+    membership = cluster_of(store, clock)
+    epoch = membership.epoch
+    membership.drain(3)
+    assert membership.epoch == epoch + 1
+    assert membership.node_state(3) == "draining" and membership.address_if_up(3) == address(3)
+    assert 3 not in [n.node_id for n in membership.writable_nodes()]
+    assert membership.live_capacity() == (500, 250)  # statfs counts only space new data can use
+
+    with pytest.raises(OSError) as refused:
+        membership.remove(3, referenced_fragments=12)
+    assert refused.value.errno == errno.EBUSY and membership.node_state(3) == "draining"
+    membership.remove(3, referenced_fragments=0)  # drained: out
+    assert membership.node_state(3) == "out"
+    with pytest.raises(OSError) as again:
+        membership.drain(3)
+    assert again.value.errno == errno.EINVAL
+    with pytest.raises(OSError) as unknown:
+        membership.remove(42, referenced_fragments=0)
+    assert unknown.value.errno == errno.ENOENT
+
+    # A draining node that dies is "down" (its fragments are not readable), and it stays out of placement.
+    membership.drain(4)
+    clock.advance(GRACE_S + 1)
+    for n in (1, 2, 5, 6):
+        membership.heartbeat(n, Usage())
+    membership.expire()
+    assert membership.node_state(4) == "down" and membership.node_state(3) == "out"
+
+
+def test_a_dead_node_is_removed_at_once_whatever_it_held_and_stays_out_when_it_returns(store: MetaStore) -> None:
+    clock = FakeClock()
+    membership = cluster_of(store, clock)
+    clock.advance(GRACE_S + 1)
+    for n in range(2, 7):
+        membership.heartbeat(n, Usage())
+    membership.expire()
+    membership.remove(1, referenced_fragments=500)
+    assert membership.node_state(1) == "out"
+    membership.register("uuid-1", address(1), "host1", Usage())  # the old disk comes back
+    assert membership.node_state(1) == "out" and membership.nodes[1].up
+    assert 1 not in [n.node_id for n in membership.writable_nodes()]
+    reloaded = Membership(store, GRACE_S, clock=clock)
+    reloaded.load()
+    assert reloaded.nodes[1].admin_state == "out"
+
+
+def test_a_fresh_data_dir_at_a_dead_nodes_address_is_a_new_node_and_the_old_one_stays_down(
+        store: MetaStore) -> None:
+    clock = FakeClock()
+    membership = cluster_of(store, clock)
+    # Node 1's disk is replaced and it restarts at once, before its grace period ran out.
+    new_id, _ = membership.register("uuid-fresh", address(1), "host1", Usage())
+    assert new_id == 7
+    assert membership.node_state(7) == "up" and membership.node_state(1) == "down"
+    assert membership.address_if_up(1) is None and membership.down_for_s(1) == 0.0
+    clock.advance(1.0)
+    assert membership.down_for_s(1) == pytest.approx(1.0)  # its fragments get rebuilt after repair_after_s
+    # A straggling heartbeat of the old node must not make two up nodes share the address.
+    membership.heartbeat(1, Usage())
+    assert membership.node_state(1) == "down"
+    up_addresses = [n.address for n in membership.nodes.values() if n.up]
+    assert len(up_addresses) == len(set(up_addresses))
+    # The new node's registration survives a restart; the old one is still known.
+    reloaded = Membership(store, GRACE_S, clock=clock)
+    reloaded.load()
+    assert {reloaded.nodes[1].uuid, reloaded.nodes[7].uuid} == {"uuid-1", "uuid-fresh"}
+
+
+def test_a_node_moving_to_another_address_keeps_its_id(store: MetaStore) -> None:
+    clock = FakeClock()
+    membership = cluster_of(store, clock, nodes=2)
+    epoch = membership.epoch
+    assert membership.register("uuid-2", "127.0.0.1:9999", "host2", Usage())[0] == 2
+    assert membership.nodes[2].address == "127.0.0.1:9999" and membership.epoch == epoch + 1
