@@ -132,3 +132,34 @@ def decode_stripe(layout: Layout, length: int, fragments: dict[int, Buffer]) -> 
         isal.reconstruct(layout.k, layout.m, _MATRIX[layout.codec], sources, rebuilt)
         data.update(rebuilt)
     return b"".join(memoryview(data[i]) for i in range(layout.k))[:length]
+
+
+def rebuild_columns(layout: Layout, sources: dict[int, Buffer], wanted: Sequence[int]) -> dict[int, bytearray]:
+    """Fragments ``wanted`` (slot numbers) rebuilt over the columns ``sources`` cover.
+
+    RS works column by column: bytes [a, b) of any k fragments of a stripe
+    determine bytes [a, b) of every other, so repair streams a fragment in
+    segments (``column_segments``) and never holds more than a segment of
+    each survivor. ``sources`` maps k slots to equally long pieces (the same
+    columns of each); the result maps each wanted slot to its piece."""
+    if len(sources) < layout.k:
+        raise ValueError(f"need {layout.k} fragments to rebuild, have {len(sources)}")
+    chosen = dict(sorted(sources.items())[: layout.k])
+    sizes = {len(piece) for piece in chosen.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"source pieces must have one length, got {sorted(sizes)}")
+    if set(wanted) & set(chosen):
+        raise ValueError("a wanted fragment cannot also be a source")
+    size = sizes.pop()
+    out = {slot: bytearray(size) for slot in wanted}
+    if size:
+        isal.reconstruct(layout.k, layout.m, _MATRIX[layout.codec], chosen, out)
+    return out
+
+
+def column_segments(fragment_size: int, segment_bytes: int) -> list[tuple[int, int]]:
+    """[a, b) column ranges covering a fragment of ``fragment_size`` bytes, each at most
+    ``segment_bytes`` (keep it a multiple of the CRC block size, so segments hold whole blocks)."""
+    if segment_bytes <= 0:
+        raise ValueError("segment_bytes must be positive")
+    return [(a, min(a + segment_bytes, fragment_size)) for a in range(0, fragment_size, segment_bytes)] or [(0, 0)]

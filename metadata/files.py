@@ -14,9 +14,10 @@ from typing import Any
 
 from deepfs.errors import ConfigError, os_error
 from deepfs.layout import Layout
-from deepfs.messages import NAME_MAX
+from deepfs.messages import MISSING_NODE, NAME_MAX, FragmentKey
+from metadata import keys
 from metadata.inodes import free_inode, now_ns, require_inode, set_size
-from metadata.records import Inode
+from metadata.records import Inode, is_degraded
 from metadata.store import MetaStore, Txn
 from metadata.stripes import (
     check_record,
@@ -139,6 +140,35 @@ class FileOps:
         inode.mtime_ns = now if mtime_ns is None else mtime_ns
         inode.ctime_ns = now
         txn.put_inode(inode)
+
+    def replace_fragments(self, ino: int, index: int, version: int, moves: dict[int, tuple[int, int]]) -> bool:
+        """Point slots of a stripe at repaired copies: ``moves`` maps slot -> (old node, new node).
+
+        A compare-and-set, in one transaction: only if the stripe still has
+        ``version`` and each slot still names its old node (a concurrent
+        overwrite or truncate wins over a repair). Then the replaced
+        fragments go to GC; otherwise the new copies do, and the answer is
+        False. The new copies have the same key (ino, index, version, slot)
+        as the ones they replace: rebuilt fragments are byte-identical.
+        """
+        with self.store.write() as txn:
+            record = txn.get_stripe(ino, index)
+            current = record is not None and record["version"] == version
+            if record is None or not current or any(record["placement"][s] != old for s, (old, _) in moves.items()):
+                for slot, (_, new) in moves.items():
+                    if not (current and record is not None and record["placement"][slot] == new):
+                        txn.queue_gc(new, FragmentKey(ino, index, version, slot))
+                return False
+            was_degraded = is_degraded(record)
+            for slot, (old, new) in moves.items():
+                record["placement"][slot] = new
+                if old not in (MISSING_NODE, new):  # the same node: the new copy replaced the old file
+                    txn.queue_gc(old, FragmentKey(ino, index, version, slot))
+            delta = int(is_degraded(record)) - int(was_degraded)
+            if delta:
+                txn.add_counter(keys.META_DEGRADED_STRIPES, delta)
+            txn.put_stripe(ino, record)
+            return True
 
     def release(self, ino: int) -> None:
         """The last user of an unlinked file closed it: free it now. Idempotent."""

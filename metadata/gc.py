@@ -28,8 +28,8 @@ import trio
 from deepfs.frames import Op
 from deepfs.messages import FragmentKey
 from deepfs.messages.storage_requests import delete_fragment_body
-from deepfs.rpc import FrameClient, parse_address
 from metadata.membership import Membership
+from metadata.node_clients import NodeClients
 from metadata.store import MetaStore
 
 log = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class GarbageCollector:
         self.timeout_s = timeout_s
         self._clock = clock
         self.deleted = 0  # fragments acknowledged by nodes since start
-        self._clients: dict[str, FrameClient] = {}
+        self._clients = NodeClients(timeout_s)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:  # holds the connections' reader tasks
@@ -95,26 +95,12 @@ class GarbageCollector:
         """True once node ``node_id`` acknowledged deleting ``batch``."""
         body = delete_fragment_body(batch)
         try:
-            client = await self._client(nursery, address)
+            client = await self._clients.get(nursery, address)
             await client.call(Op.DELETE_FRAGMENT, body, timeout_s=self.timeout_s)
         except FileNotFoundError:
             return True  # already gone: what we wanted
         except (OSError, ValueError, trio.TooSlowError) as exc:
             log.warning("gc: node %d at %s did not delete %d fragments: %s", node_id, address, len(batch), exc)
-            await self._forget(address)
+            await self._clients.forget(address)
             return False
         return True
-
-    async def _client(self, nursery: trio.Nursery, address: str) -> FrameClient:
-        client = self._clients.get(address)
-        if client is None or client.closed:
-            host, port = parse_address(address)
-            client = await FrameClient.connect(nursery, host, port, timeout_s=self.timeout_s)
-            self._clients[address] = client
-        return client
-
-    async def _forget(self, address: str) -> None:
-        client = self._clients.pop(address, None)
-        if client is not None:
-            await client.aclose()
-
