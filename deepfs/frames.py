@@ -63,6 +63,8 @@ class Op(enum.IntEnum):
     STAT_FRAGMENT = 13
     NODE_STATS = 14
     SYNC = 15
+    QUARANTINE_FRAGMENT = 16
+    LIST_FRAGMENTS = 17
     # metadata server
     LOOKUP = 30
     GETATTR = 31
@@ -89,6 +91,8 @@ class Op(enum.IntEnum):
     SET_LAYOUT = 52
     GET_STRIPES = 53
     RESOLVE = 54
+    RENEW_SESSION = 55
+    END_SESSION = 56
 
 
 class ProtocolError(Exception):

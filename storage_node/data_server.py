@@ -23,6 +23,7 @@ import errno
 import functools
 import logging
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
@@ -80,6 +81,8 @@ class DataServer:
             Op.STAT_FRAGMENT: self._stat,
             Op.NODE_STATS: self._node_stats,
             Op.SYNC: self._sync,
+            Op.QUARANTINE_FRAGMENT: self._quarantine,
+            Op.LIST_FRAGMENTS: self._list,
         }
         self.unsynced_puts = 0
         self.syncs = 0
@@ -195,13 +198,14 @@ class DataServer:
             # The reader checks the blocks: send them from the page cache unread (sendfile).
             span = await self._on_disk(self.store.open_span, key, offset, length)
             if span is not None:
-                reply = {"size": span.size, "block_size": span.block_size, "crcs": span.crcs}
+                reply = {"size": span.size, requests.GET_DIGEST: span.digest, "block_size": span.block_size,
+                         "crcs": span.crcs}
                 if span.head or span.tail:  # partial blocks at the ends were checked here
                     reply["crc_offset"], reply["crc_length"] = len(span.head), span.length
                 pieces = (span.head, FileRange(span.fd, span.file_offset, span.length), span.tail)
                 return reply, tuple(piece for piece in pieces if len(piece))
         got = await self._on_disk(self.store.read_range, key, offset, length, inline=length <= INLINE_BYTES)
-        return {"size": got.size}, (got.data,)
+        return {"size": got.size, requests.GET_DIGEST: got.digest}, (got.data,)
 
     async def _delete(self, body: dict, _payload: memoryview) -> Reply:
         keys = requests.delete_fragment(body)
@@ -210,6 +214,16 @@ class DataServer:
     async def _stat(self, body: dict, _payload: memoryview) -> Reply:
         key = requests.stat_fragment(body)
         return await self._on_disk(self.store.stat, key), ()
+
+    async def _quarantine(self, body: dict, _payload: memoryview) -> Reply:
+        key, digest = requests.quarantine_fragment(body)
+        return {"quarantined": await self._on_disk(self.store.quarantine_unless_digest, key, digest)}, ()
+
+    async def _list(self, body: dict, _payload: memoryview) -> Reply:
+        after, limit = requests.list_fragments(body)
+        found, done = await self._on_disk(self.store.list_fragments, after, limit)
+        return {"fragments": [[*key, mtime_ns] for key, mtime_ns in found], "now_ns": time.time_ns(),
+                "done": done}, ()
 
     async def _node_stats(self, _body: dict, _payload: memoryview) -> Reply:
         stats = await self._on_disk(self.store.stats)

@@ -24,6 +24,12 @@ Rules of the format:
 
 - A file whose header or blocks do not check out is ``CorruptFragment``:
   the store quarantines it.
+- The fragment's *digest* (what its stripe record keeps, ``deepfs.checksums.
+  fragment_digest``) is the CRC32C of the CRC table exactly as stored, so a
+  node gets it from the table it reads anyway (``table_digest``).
+- Listing order (``LIST_FRAGMENTS`` pages, the scrubber's walk) is the order
+  of the folders: ``list_order(key)`` = (ino % 256, ino, stripe, version,
+  slot), so a page resumes by listing one prefix folder, not every inode.
 """
 
 from __future__ import annotations
@@ -92,6 +98,22 @@ def quarantine_name(key: FragmentKey, when_ns: int) -> str:
     return f"{key.ino}.{key.stripe}.{key.version}.{key.slot}.{when_ns}"
 
 
+def key_of_name(ino: int, name: str) -> FragmentKey | None:
+    """The key of file ``name`` in inode ``ino``'s folder; None for anything else (temp files)."""
+    parts = name.split(".")
+    if len(parts) != 3 or not all(part.isdigit() for part in parts):
+        return None
+    try:
+        return FragmentKey.of([ino, *(int(part) for part in parts)])
+    except ValueError:
+        return None
+
+
+def list_order(key: FragmentKey) -> tuple[int, int, int, int, int]:
+    """Where ``key`` comes in a walk of the fragment folders (see the module rules)."""
+    return key.ino % 256, key.ino, key.stripe, key.version, key.slot
+
+
 # ----------------------------------------------------------------- layout
 def blocks_of(data_len: int, block_size: int) -> int:
     return -(-data_len // block_size)
@@ -143,6 +165,17 @@ def unpack_crcs(table: bytes | bytearray | memoryview, count: int, offset: int =
 
 
 # ------------------------------------------------------------ checksums
+_EMPTY_FRAGMENT_DIGEST = crc32c.crc32c(struct.pack("<I", crc32c.crc32c(b"")))
+"""An empty fragment stores no CRCs, but its writer records the digest of [crc32c(b"")]."""
+
+
+def table_digest(prefix: bytes | bytearray | memoryview, n_blocks: int) -> int:
+    """The fragment digest from the start of its file (header and CRC table, as read)."""
+    if n_blocks == 0:
+        return _EMPTY_FRAGMENT_DIGEST
+    return crc32c.crc32c(prefix[HEADER_SIZE : HEADER_SIZE + CRC_ENTRY_SIZE * n_blocks])
+
+
 def verify_blocks(view: memoryview, crcs: Sequence[int], block_size: int, first: int) -> None:
     """Check consecutive blocks (block ``first`` on) read from the file against their table entries."""
     for i, want in enumerate(crcs):

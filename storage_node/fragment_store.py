@@ -8,9 +8,11 @@ page cache is ``direct_io``. Rules of the store:
 - Writes are all-or-nothing: temp file in the same directory, fsync, rename,
   fsync the directory. Temp files a crash leaves behind are removed when the
   store opens.
-- Reads verify every block they return. A fragment that fails is moved to
-  ``<data_dir>/quarantine/`` (never deleted: repair and forensics want it) and
-  is never served again.
+- Reads verify every block they return, and return the fragment's digest
+  (``fragment_format.table_digest``) for the reader to compare with its
+  stripe record. A fragment that fails is moved to ``<data_dir>/quarantine/``
+  (never deleted: repair and forensics want it), never served again, and its
+  key kept for the next heartbeat (``take_bad_fragments``).
 - Space: a write is refused with ENOSPC when it would leave less than
   ``reserve_bytes`` free on the file system, or push the bytes stored past
   ``capacity_bytes`` (when that is set).
@@ -40,6 +42,7 @@ from deepfs.config import NodeConfig
 from deepfs.errors import ChecksumError, os_error
 from deepfs.messages import U64_MAX, FragmentKey
 from storage_node import fragment_format as fmt
+from storage_node import fragment_listing
 from storage_node.direct_io import DIRECT_MIN_BYTES, DirectIO, fsync_dir, syncfs
 from storage_node.fragment_format import (
     HEADER_SIZE,
@@ -64,6 +67,7 @@ class RangeRead(NamedTuple):
 
     data: bytearray | memoryview
     size: int
+    digest: int  # the fragment's digest as stored here
 
 
 class FileSpan(NamedTuple):
@@ -79,6 +83,7 @@ class FileSpan(NamedTuple):
     size: int  # the whole fragment's data length
     block_size: int
     crcs: list[int]
+    digest: int  # the whole fragment's digest as stored here
     head: bytearray | memoryview = bytearray()
     tail: bytearray | memoryview = bytearray()
 
@@ -90,8 +95,20 @@ def _pread_exactly(fd: int, size: int, offset: int) -> bytes:
     return raw
 
 
-def _read_header(fd: int) -> FileHeader:
-    return fmt.unpack_header(_pread_exactly(fd, HEADER_SIZE, 0))
+def _read_prefix(fd: int) -> tuple[FileHeader, bytes]:
+    """The checked header and the raw bytes holding it and the whole CRC table.
+
+    One read of the first page holds the table of any fragment up to ~63 MiB in
+    64 KiB blocks; bigger tables take a second read. (Reading the whole table
+    costs no more than reading the header alone, and the digest needs it.)"""
+    raw = os.pread(fd, fmt.DATA_ALIGNMENT, 0)
+    if len(raw) < HEADER_SIZE:
+        raise CorruptFragment(f"file ends early: {len(raw)} bytes")
+    header = fmt.unpack_header(raw[:HEADER_SIZE])
+    table_end = fmt.crc_table_offset(header.n_blocks)
+    if len(raw) < table_end:
+        raw += _pread_exactly(fd, table_end - len(raw), len(raw))
+    return header, raw
 
 
 class FragmentStore:
@@ -133,6 +150,7 @@ class FragmentStore:
         self._fragments = 0
         self._quarantined = 0
         self._in_flight_bytes = 0  # admitted writes not yet renamed into place
+        self._bad_keys: list[FragmentKey] = []  # quarantined, not yet reported to the metadata server
         self.buffers = buffers if buffers is not None else PayloadPool()
         self.direct = DirectIO(self.root, self.buffers, writes=direct_io, reads=direct_reads)
         self._io_counts = dict.fromkeys(
@@ -302,8 +320,9 @@ class FragmentStore:
                     whole = self._read_direct_with_prefix(fd, offset, length)
                     if whole is not None:
                         return whole
-                header = _read_header(fd)
-                return RangeRead(self._read_blocks(fd, header, offset, length), header.data_len)
+                header, prefix = _read_prefix(fd)
+                return RangeRead(self._read_blocks(fd, header, prefix, offset, length), header.data_len,
+                                 fmt.table_digest(prefix, header.n_blocks))
             except CorruptFragment as exc:
                 raise self._quarantine(key, fd, str(exc)) from None
         finally:
@@ -320,7 +339,7 @@ class FragmentStore:
         fd = self._open(key)
         try:
             try:
-                header = _read_header(fd)
+                header, prefix = _read_prefix(fd)
                 if os.fstat(fd).st_size < header.file_size:
                     raise CorruptFragment(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
                 end = min(offset + length, header.data_len)
@@ -331,10 +350,9 @@ class FragmentStore:
                     os.close(fd)
                     return None
                 first, last = inner_start // bs, (inner_end - 1) // bs
-                table = _pread_exactly(fd, fmt.CRC_ENTRY_SIZE * (last - first + 1), fmt.crc_table_offset(first))
-                head = self._read_blocks(fd, header, offset, inner_start - offset)
+                head = self._read_blocks(fd, header, prefix, offset, inner_start - offset)
                 try:
-                    tail = self._read_blocks(fd, header, inner_end, end - inner_end)
+                    tail = self._read_blocks(fd, header, prefix, inner_end, end - inner_end)
                 except BaseException:
                     self.release(head)
                     raise
@@ -344,9 +362,9 @@ class FragmentStore:
             os.close(fd)
             raise
         self._count("spans_sent_unread")
-        crcs = list(fmt.unpack_crcs(table, last - first + 1))
+        crcs = list(fmt.unpack_crcs(prefix, last - first + 1, fmt.crc_table_offset(first)))
         return FileSpan(fd, header.data_offset + inner_start, inner_end - inner_start, header.data_len, bs, crcs,
-                        head, tail)
+                        fmt.table_digest(prefix, header.n_blocks), head, tail)
 
     def _read_direct_with_prefix(self, fd: int, offset: int, length: int) -> RangeRead | None:
         """A large range near the start of a fragment in one O_DIRECT read from offset 0:
@@ -371,9 +389,10 @@ class FragmentStore:
             if header.data_offset != guessed_data_offset:
                 return self._abandon_direct(fd, buf)
             end = min(offset + length, header.data_len)
+            digest = fmt.table_digest(buf, header.n_blocks)  # the guessed layout puts the table in this read
             if offset >= end:
                 self.buffers.give(buf)
-                return RangeRead(bytearray(), header.data_len)
+                return RangeRead(bytearray(), header.data_len, digest)
             bs = header.block_size
             first, last = offset // bs, (end - 1) // bs
             block_end = header.data_offset + min((last + 1) * bs, header.data_len)
@@ -387,21 +406,22 @@ class FragmentStore:
             self.buffers.give(buf)
             raise
         self._count("direct_reads")
-        return RangeRead(buf[header.data_offset + offset : header.data_offset + end], header.data_len)
+        return RangeRead(buf[header.data_offset + offset : header.data_offset + end], header.data_len, digest)
 
     def _abandon_direct(self, fd: int, buf: memoryview) -> None:
         """Give the buffer back and clear O_DIRECT: the other way reads the header buffered."""
         self.buffers.give(buf)
         self.direct.disable(fd)
 
-    def _read_blocks(self, fd: int, header: FileHeader, offset: int, length: int) -> bytearray | memoryview:
+    def _read_blocks(self, fd: int, header: FileHeader, prefix: bytes, offset: int,
+                     length: int) -> bytearray | memoryview:
+        """The range's blocks, checked against their CRCs in ``prefix`` (``_read_prefix``)."""
         end = min(offset + length, header.data_len)
         if offset >= end:
             return bytearray()
         bs = header.block_size
         first, last = offset // bs, (end - 1) // bs
-        count = last - first + 1
-        crcs = fmt.unpack_crcs(_pread_exactly(fd, fmt.CRC_ENTRY_SIZE * count, fmt.crc_table_offset(first)), count)
+        crcs = fmt.unpack_crcs(prefix, last - first + 1, fmt.crc_table_offset(first))
         start = first * bs
         size = min((last + 1) * bs, header.data_len) - start
         if self.direct.reads and end - offset >= DIRECT_MIN_BYTES:
@@ -463,16 +483,64 @@ class FragmentStore:
         fd = self._open(key)
         try:
             try:
-                header = _read_header(fd)
+                header, prefix = _read_prefix(fd)
                 if os.fstat(fd).st_size != header.file_size:
                     raise CorruptFragment(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
-                table = _pread_exactly(fd, fmt.CRC_ENTRY_SIZE * header.n_blocks, fmt.crc_table_offset(0))
-                crcs = list(fmt.unpack_crcs(table, header.n_blocks))
+                crcs = list(fmt.unpack_crcs(prefix, header.n_blocks, HEADER_SIZE))
             except CorruptFragment as exc:
                 raise self._quarantine(key, fd, str(exc)) from None
         finally:
             os.close(fd)
         return {"size": header.data_len, "block_size": header.block_size, "crcs": crcs}
+
+    def verify_range(self, key: FragmentKey, offset: int, length: int) -> tuple[int, int]:
+        """The scrubber's check: the whole blocks covering [offset, offset+length) of a fragment
+        against its CRC table (and the file's length against its header), read into a buffer of
+        their own and counted nowhere. Returns (bytes checked, the fragment's data length); a bad
+        fragment is quarantined (ChecksumError), a missing one is FileNotFoundError."""
+        fd = self._open(key)
+        try:
+            try:
+                header, prefix = _read_prefix(fd)
+                if os.fstat(fd).st_size != header.file_size:
+                    raise CorruptFragment(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
+                end = min(offset + length, header.data_len)
+                if offset >= end:
+                    return 0, header.data_len
+                bs = header.block_size
+                first, last = offset // bs, (end - 1) // bs
+                start = first * bs
+                blocks = _pread_exactly(fd, min((last + 1) * bs, header.data_len) - start, header.data_offset + start)
+                fmt.verify_blocks(memoryview(blocks), fmt.unpack_crcs(prefix, last - first + 1,
+                                                                      fmt.crc_table_offset(first)), bs, first)
+                return start + len(blocks) - offset, header.data_len
+            except CorruptFragment as exc:
+                raise self._quarantine(key, fd, str(exc)) from None
+        finally:
+            os.close(fd)
+
+    def quarantine_unless_digest(self, key: FragmentKey, expected_digest: int) -> bool:
+        """Quarantine a fragment whose digest here is not ``expected_digest`` (what a reader's
+        stripe record says), or whose file is corrupt; True if it did. Never on the word of
+        the reader alone: a fragment that matches stays."""
+        fd = self._open(key)
+        try:
+            try:
+                header, prefix = _read_prefix(fd)
+                digest = fmt.table_digest(prefix, header.n_blocks)
+                if digest == expected_digest:
+                    return False
+                reason = f"digest 0x{digest:08x}, a reader's stripe record says 0x{expected_digest:08x}"
+            except CorruptFragment as exc:
+                reason = str(exc)
+            self._quarantine(key, fd, reason)
+            return True
+        finally:
+            os.close(fd)
+
+    def list_fragments(self, after: FragmentKey | None, limit: int) -> tuple[list[tuple[FragmentKey, int]], bool]:
+        """A page of what is stored (``fragment_listing.list_fragments``)."""
+        return fragment_listing.list_fragments(self.fragments_dir, after, limit)
 
     def _open(self, key: FragmentKey) -> int:
         try:
@@ -496,10 +564,22 @@ class FragmentStore:
                 self._used_bytes -= current.st_size
                 self._fragments -= 1
                 self._quarantined += 1
+                self._bad_keys.append(key)
                 log.error("fragment %s failed verification (%s); quarantined as %s", key, reason, target.name)
         if current is not None and self.fsync:
             fsync_dir(self.quarantine_dir)
         return ChecksumError(f"fragment {key} is corrupt ({reason}); quarantined")
+
+    def take_bad_fragments(self) -> list[FragmentKey]:
+        """The fragments quarantined since the last call, for the metadata server to repair."""
+        with self._lock:
+            keys, self._bad_keys = self._bad_keys, []
+        return keys
+
+    def return_bad_fragments(self, keys: list[FragmentKey]) -> None:
+        """Keys taken for a report that did not arrive: they go in the next one."""
+        with self._lock:
+            self._bad_keys[:0] = keys
 
     # -------------------------------------------------------------- delete
     def delete(self, keys: list[FragmentKey]) -> int:

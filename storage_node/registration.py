@@ -7,6 +7,11 @@ keeps serving fragments and retries with capped, jittered backoff. Logs are
 written once per change of state (registered, unreachable, re-registering),
 not per attempt, so a metadata outage does not flood every node's log.
 
+Each heartbeat also carries the fragments this node quarantined since the
+last one (``bad_fragments``: found by reads, the scrubber or a reader's
+QUARANTINE_FRAGMENT), so the metadata server's repair rebuilds them; a
+heartbeat that fails hands them to the next one. And the scrubber's counters.
+
 gRPC's synchronous stub runs in a worker thread with a deadline per call:
 grpc's own event loop does not mix with trio's.
 """
@@ -25,6 +30,7 @@ from deepfs.config import NodeConfig
 from deepfs.proto import control_pb2, control_pb2_grpc
 from storage_node.fragment_store import FragmentStore
 from storage_node.identity import NodeIdentity
+from storage_node.scrubber import ScrubStats
 
 log = logging.getLogger(__name__)
 
@@ -48,13 +54,16 @@ class Registration:
         address: str,
         *,
         rpc_timeout_s: float = RPC_TIMEOUT_S,
+        scrub_stats: ScrubStats | None = None,
     ) -> None:
+        """``scrub_stats``: the scrubber's counters, if it runs."""
         self.config = config
         self.identity = identity
         self.store = store
         self.address = address
         self.failure_domain = config.failure_domain or address
         self.rpc_timeout_s = rpc_timeout_s
+        self.scrub_stats = scrub_stats or ScrubStats()
         self.epoch = 0
         self.heartbeat_interval_s = DEFAULT_HEARTBEAT_S
         self.state = "starting"
@@ -120,6 +129,8 @@ class Registration:
 
     async def _heartbeat(self) -> None:
         stats = await trio.to_thread.run_sync(self.store.stats)
+        bad = self.store.take_bad_fragments()
+        scrub = self.scrub_stats
         # Named fields, not **stats: stats() also carries node-local counters the control plane does not know.
         request = control_pb2.HeartbeatRequest(
             node_id=self.identity.node_id,
@@ -128,8 +139,20 @@ class Registration:
             used_bytes=stats["used_bytes"],
             fragments=stats["fragments"],
             quarantined=stats["quarantined"],
+            bad_fragments=[control_pb2.FragmentRef(ino=k.ino, stripe=k.stripe, version=k.version, slot=k.slot)
+                           for k in bad],
+            scrub_bytes=scrub.bytes_checked,
+            scrub_errors=scrub.errors,
+            scrub_pass_fraction=scrub.pass_fraction,
+            scrub_passes=scrub.passes,
         )
-        reply = await self._call(self._stub.Heartbeat, request)
+        try:
+            reply = await self._call(self._stub.Heartbeat, request)
+        except BaseException:
+            self.store.return_bad_fragments(bad)  # not reported: the next heartbeat carries them
+            raise
+        if bad:
+            log.info("reported %d quarantined fragment(s) for repair", len(bad))
         self.epoch = reply.epoch
         self._enter("registered", "metadata server %s reachable again", self.config.meta_grpc)
 

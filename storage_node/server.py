@@ -33,6 +33,7 @@ from storage_node.data_server import DataServer
 from storage_node.fragment_store import FragmentStore
 from storage_node.identity import NodeIdentity, load_or_create_uuid
 from storage_node.registration import Registration
+from storage_node.scrubber import Scrubber
 
 log = logging.getLogger("storage_node")
 
@@ -86,7 +87,13 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
             stats = store.stats()
             log.info("serving %s from %s (%d fragments, %d bytes used, %d quarantined)",
                      running.address, data_dir, stats["fragments"], stats["used_bytes"], stats["quarantined"])
-            nursery.start_soon(Registration(config, identity, store, running.address).run)
+            scrub_stats = None
+            if config.scrub_mib_s > 0:
+                scrubber = Scrubber(store, config.scrub_mib_s, config.scrub_interval_s)
+                scrub_stats = scrubber.stats
+                nursery.start_soon(scrubber.run)
+            nursery.start_soon(Registration(config, identity, store, config.advertise_address or running.address,
+                                            scrub_stats=scrub_stats).run)
             task_status.started(running)
     finally:
         os.close(lock_fd)
@@ -115,12 +122,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
     p.add_argument("--port", type=int, help="data port, 0 picks a free one (default 7710)")
     p.add_argument("--meta-grpc", help="metadata server control plane (default 127.0.0.1:7701)")
     p.add_argument("--failure-domain", help="rack or host name (default: HOST:PORT)")
+    p.add_argument("--advertise", dest="advertise_address",
+                   help="HOST:PORT clients reach this node at, e.g. a proxy in front of it (default: HOST:PORT)")
     p.add_argument("--no-fsync", action="store_true", help="do not fsync fragments (tests, benchmarks)")
     p.add_argument("--reserve-bytes", type=_size,
                    help="refuse writes below this much free space, e.g. 256M (default 256M)")
     p.add_argument("--capacity-bytes", type=_size,
                    help="store at most this much, e.g. 10G (default 0: the whole file system)")
     p.add_argument("--io-threads", type=int, help="disk worker threads (default 8)")
+    p.add_argument("--scrub-mib-s", type=float,
+                   help="re-verify stored fragments at this rate in MiB/s, 0 turns scrub off (default 10)")
+    p.add_argument("--scrub-interval-s", type=float,
+                   help="start a new scrub pass at most this often (default 604800: a week)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     a = p.parse_args(argv)
     base = NodeConfig()
@@ -134,8 +147,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
         base = nodes[a.node_index]
     overrides = {
         field: getattr(a, field)
-        for field in ("data_dir", "host", "port", "meta_grpc", "failure_domain", "reserve_bytes", "capacity_bytes",
-                      "io_threads")
+        for field in ("data_dir", "host", "port", "meta_grpc", "failure_domain", "advertise_address", "reserve_bytes",
+                      "capacity_bytes", "io_threads", "scrub_mib_s", "scrub_interval_s")
         if getattr(a, field) is not None
     }
     if a.no_fsync:
@@ -145,6 +158,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
         p.error(f"--port must be in [0, 65535], got {config.port}")
     if config.io_threads < 1:
         p.error("--io-threads must be at least 1")
+    if config.scrub_mib_s < 0 or config.scrub_interval_s < 0:
+        p.error("--scrub-mib-s and --scrub-interval-s must not be negative")
     return config, a.log_level
 
 

@@ -118,9 +118,11 @@ def test_put_get_range_stat_delete_stats(node: ServerProcess) -> None:
     async def scenario(c: FrameClient) -> None:
         before, _ = await c.call(Op.NODE_STATS, {})
         assert await put(c, key, data) == {"size": len(data), "crc": fragment_digest(block_crcs(data))}
-        assert await get(c, key) == ({"size": len(data)}, data)
+        digest = fragment_digest(block_crcs(data))
+        assert await get(c, key) == ({"size": len(data), "digest": digest}, data)
         for offset, length in [(0, 1), (BS - 3, 7), (2 * BS + 5, BS + 10), (len(data) - 2, 100), (len(data), 5)]:
-            assert await get(c, key, offset, length) == ({"size": len(data)}, data[offset : offset + length])
+            want = ({"size": len(data), "digest": digest}, data[offset : offset + length])
+            assert await get(c, key, offset, length) == want
         into = bytearray(BS)
         _, payload = await c.call(Op.GET_FRAGMENT, {"key": key, "offset": 10, "length": BS}, into=memoryview(into))
         assert payload.obj is into and into == data[10 : 10 + BS]
@@ -332,7 +334,7 @@ def test_restart_keeps_uuid_and_fragments_and_sigterm_exits_0(tmp_path: Path) ->
     second = start_node(data_dir)
     try:
         assert READY.match(second.ready_line).group(2) == uuid  # type: ignore[union-attr]
-        assert with_client(port_of(second), lambda c: get(c, [5, 5, 5, 5])) == ({"size": len(data)}, data)
+        assert with_client(port_of(second), lambda c: get(c, [5, 5, 5, 5]))[1] == data
     finally:
         assert second.stop(signal.SIGINT) == 0, second.log_tail()
 
@@ -641,11 +643,17 @@ def test_node_takes_its_settings_from_the_cluster_toml(tmp_path) -> None:
     toml.write_text(
         '[[nodes]]\ndata_dir = "/srv/a"\nport = 7001\nfailure_domain = "rack1"\n'
         '[[nodes]]\ndata_dir = "/srv/b"\nport = 7002\nfailure_domain = "rack2"\nfsync = false\n'
+        'scrub_mib_s = 2.5\n'
     )
     config, _ = parse_args(["--config", str(toml), "--node-index", "1", "--port", "7100"])
     assert (config.data_dir, config.port, config.failure_domain, config.fsync) == ("/srv/b", 7100, "rack2", False)
-    with pytest.raises(SystemExit):
-        parse_args(["--config", str(toml), "--node-index", "5"])
+    assert (config.scrub_mib_s, config.scrub_interval_s) == (2.5, 7 * 24 * 3600)
+    config, _ = parse_args(["--config", str(toml), "--node-index", "1", "--scrub-mib-s", "0",
+                            "--scrub-interval-s", "60"])
+    assert (config.scrub_mib_s, config.scrub_interval_s) == (0, 60)
+    for bad in (["--config", str(toml), "--node-index", "5"], ["--scrub-mib-s", "-1"]):
+        with pytest.raises(SystemExit):
+            parse_args(bad)
 
 
 def test_unsynced_puts_become_durable_at_sync(node: ServerProcess) -> None:
@@ -689,13 +697,14 @@ def test_large_gets_with_crcs_are_sent_unread_for_the_reader_to_check(node: Serv
         body = {"key": key, "offset": 0, "length": 1 << 30, "with_crcs": True}
         reply, got = await client.call(Op.GET_FRAGMENT, body, timeout_s=10)
         assert bytes(got) == data
-        assert reply == {"size": len(data), "block_size": BS, "crcs": block_crcs(data)}
+        digest = fragment_digest(block_crcs(data))
+        assert reply == {"size": len(data), "digest": digest, "block_size": BS, "crcs": block_crcs(data)}
         reply, got = await client.call(Op.GET_FRAGMENT, {**body, "offset": BS, "length": 4 * BS}, timeout_s=10)
         assert bytes(got) == data[BS : 5 * BS] and reply["crcs"] == block_crcs(data)[1:5]
         # Unaligned: the partial blocks at both ends are checked here, the four whole ones by the reader.
         reply, got = await client.call(Op.GET_FRAGMENT, {**body, "offset": 100, "length": 5 * BS}, timeout_s=10)
         assert bytes(got) == data[100 : 100 + 5 * BS]
-        assert reply == {"size": len(data), "block_size": BS, "crcs": block_crcs(data)[1:5],
+        assert reply == {"size": len(data), "digest": digest, "block_size": BS, "crcs": block_crcs(data)[1:5],
                          "crc_offset": BS - 100, "crc_length": 4 * BS}
         for offset, length in [(BS + 7, BS), (0, 1000)]:  # no whole block, small: checked by the node
             reply, got = await client.call(Op.GET_FRAGMENT, {**body, "offset": offset, "length": length}, timeout_s=10)

@@ -18,10 +18,11 @@ import trio
 import trio.testing
 
 from deepfs import rpc
-from deepfs.checksums import block_crcs
+from deepfs.checksums import block_crcs, fragment_digest
 from deepfs.config import NodeConfig
 from deepfs.frames import Op
 from deepfs.messages import FragmentKey
+from deepfs.messages.storage_requests import fragment_listing
 from deepfs.testing import flip_bytes
 from storage_node.data_server import DataServer
 from storage_node.fragment_store import FragmentStore
@@ -63,7 +64,7 @@ async def test_put_get_stat_delete(tmp_path: Path) -> None:
     key = [7, 2, 5, 1]
     reply = await put(server, key, data)
     assert reply["size"] == len(data)
-    assert (await get(server, key)) == ({"size": len(data)}, data)
+    assert (await get(server, key)) == ({"size": len(data), "digest": fragment_digest(block_crcs(data, BS))}, data)
     assert (await get(server, key, BS - 10, 30))[1] == data[BS - 10 : BS + 20]  # across a block boundary
     stat, _ = await call(server, Op.STAT_FRAGMENT, {"key": key})
     assert stat == {"size": len(data), "block_size": BS, "crcs": block_crcs(data, BS)}
@@ -115,6 +116,14 @@ async def test_bad_input_is_answered_with_an_errno(tmp_path: Path) -> None:
         (Op.PUT_FRAGMENT, {"key": [1, 0, 0, 0], "block_size": 100, "crcs": [0]}, b"x", errno.EINVAL),
         (Op.PING, {}, b"a payload", errno.EINVAL),
         (Op.LOOKUP, {"parent": 1, "name": b"x"}, b"", errno.ENOSYS),  # a metadata op
+        (Op.QUARANTINE_FRAGMENT, {"key": [1, 0, 0, 0]}, b"", errno.EINVAL),  # no digest
+        (Op.QUARANTINE_FRAGMENT, {"key": [1, 0, 0, 0], "digest": 1 << 32}, b"", errno.EINVAL),
+        (Op.QUARANTINE_FRAGMENT, {"key": "../x", "digest": 0}, b"", errno.EINVAL),
+        (Op.QUARANTINE_FRAGMENT, {"key": [1, 0, 0, 0], "digest": True}, b"", errno.EINVAL),
+        (Op.LIST_FRAGMENTS, {"limit": 0}, b"", errno.EINVAL),
+        (Op.LIST_FRAGMENTS, {"limit": 4097}, b"", errno.EINVAL),
+        (Op.LIST_FRAGMENTS, {"after": [1, 2, 3]}, b"", errno.EINVAL),
+        (Op.LIST_FRAGMENTS, {}, b"x", errno.EINVAL),
     ]
     for op, body, payload, code in refused:
         with pytest.raises(OSError) as info:
@@ -147,3 +156,80 @@ async def test_many_concurrent_requests_on_one_connection(tmp_path: Path) -> Non
         assert (await client.call(Op.PING, {}))[0] == {"node_id": NODE_ID}
         await client.aclose()
     assert server.store.stats()["fragments"] == len(datas)
+
+
+@trio_test
+async def test_quarantine_on_request_only_when_the_digest_differs(tmp_path: Path) -> None:
+    """A reader's word alone never drops a fragment: the node compares its own digest."""
+    server = open_server(tmp_path)
+    data = os.urandom(3 * BS)
+    key = [21, 0, 5, 2]
+    digest = (await put(server, key, data))["crc"]
+    assert (await get(server, key))[0]["digest"] == digest
+    assert (await call(server, Op.QUARANTINE_FRAGMENT, {"key": key, "digest": digest}))[0] == {"quarantined": False}
+    assert (await get(server, key))[1] == data
+    assert server.store.take_bad_fragments() == []
+    reply, _ = await call(server, Op.QUARANTINE_FRAGMENT, {"key": key, "digest": digest ^ 1})
+    assert reply == {"quarantined": True}
+    with pytest.raises(FileNotFoundError):
+        await get(server, key)
+    with pytest.raises(FileNotFoundError):
+        await call(server, Op.QUARANTINE_FRAGMENT, {"key": key, "digest": digest ^ 1})
+    assert server.store.take_bad_fragments() == [FragmentKey(*key)]
+    assert server.store.take_bad_fragments() == []  # taken once
+
+
+@trio_test
+async def test_list_fragments_pages_through_everything_once_in_order(tmp_path: Path) -> None:
+    server = open_server(tmp_path)
+    keys = sorted({(ino, stripe, 7, slot) for ino in (1, 257, 2, 9000) for stripe in range(3) for slot in range(3)},
+                  key=lambda k: (k[0] % 256, *k))
+    for key in keys:
+        await put(server, list(key), b"x" * 100)
+    (server.store.fragments_dir / "01" / "1" / ".0.7.9.abc.tmp").write_bytes(b"")  # a write in progress
+    seen: list[tuple[int, ...]] = []
+    after = None
+    while True:
+        reply, _ = await call(server, Op.LIST_FRAGMENTS, {"after": after, "limit": 5})
+        listing = fragment_listing(reply)
+        assert len(listing.fragments) <= 5 and all(0 <= age < 60 for _, age in listing.fragments)
+        seen += [tuple(key) for key, _ in listing.fragments]
+        if listing.done:
+            break
+        after = list(listing.fragments[-1][0])
+    assert seen == keys
+    whole, _ = await call(server, Op.LIST_FRAGMENTS, {})
+    assert whole["done"] and [tuple(entry[:4]) for entry in whole["fragments"]] == keys
+
+
+def test_a_malformed_listing_is_refused() -> None:
+    good = {"fragments": [[1, 2, 3, 4, 5]], "now_ns": 10**9 + 5, "done": True}
+    assert fragment_listing(good).fragments == [(FragmentKey(1, 2, 3, 4), 1.0)]
+    for bad in [None, [], {"fragments": [[1, 2, 3, 4]], "now_ns": 1, "done": True},
+                {**good, "done": 1}, {**good, "now_ns": "1"}, {**good, "fragments": [[1, 2, 3, 99, 5]]},
+                {**good, "fragments": [[1, 2, 3, 4, 5.0]]}]:
+        with pytest.raises(ValueError):
+            fragment_listing(bad)
+
+
+@pytest.mark.parametrize(("data", "block_size"), [
+    pytest.param(b"", BS, id="empty"),  # no blocks stored; its writer records the digest of [crc32c(b"")]
+    pytest.param(os.urandom(1200 * 512 + 7), 512, id="crc-table-past-the-first-page"),
+    pytest.param(os.urandom(5 * BS), BS, id="usual"),
+])
+@trio_test
+async def test_every_read_reports_the_digest_its_writer_recorded(tmp_path: Path, data: bytes, block_size: int) -> None:
+    server = open_server(tmp_path)
+    key = [8, 1, 2, 3]
+    crcs = block_crcs(data, block_size)
+    body = {"key": key, "block_size": block_size, "crcs": crcs}
+    reply, _ = await call(server, Op.PUT_FRAGMENT, body, data)
+    assert reply["crc"] == fragment_digest(crcs)
+    for offset, length in [(0, 1 << 40), (len(data) // 2, 100), (1, len(data))]:
+        got, payload = await get(server, key, offset, length)
+        assert got["digest"] == fragment_digest(crcs) and payload == data[offset : offset + length]
+    if len(data) >= 512 << 10:  # the sendfile path too
+        body = {"key": key, "offset": 0, "length": len(data), "with_crcs": True}
+        reply, pieces = await server.handle(Op.GET_FRAGMENT, body, memoryview(bytearray()))
+        server.payload_sent(pieces)  # closes the file the reply would have been sent from
+        assert reply["digest"] == fragment_digest(crcs) and "crcs" in reply
