@@ -16,6 +16,7 @@ from __future__ import annotations
 import errno
 import stat
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 from deepfs.config import MetaConfig
@@ -67,6 +68,9 @@ class Namespace(FileOps):
         self.default_layout = layout_from_config(config)
         self.cluster_id = ""
         self.generation = 0
+        # Whether a client session holds an inode open (``metadata/sessions.py``): its last
+        # unlink then orphans it instead of freeing it, whoever unlinks.
+        self.is_held: Callable[[int], bool] = lambda ino: False
 
     def bootstrap(self) -> None:
         """Create the root and cluster identity on first start; bump the generation."""
@@ -241,7 +245,7 @@ class Namespace(FileOps):
             txn.delete_dentry(parent, name)
             touch_dir(directory, now)
             txn.put_inode(directory)
-            drop_link(txn, inode, keep_open, now)
+            drop_link(txn, inode, keep_open or self.is_held(inode.ino), now)
 
     def rmdir(self, parent: int, name: bytes) -> None:
         check_name(name)
@@ -342,7 +346,25 @@ class Namespace(FileOps):
             dst_dir.nlink -= 1
             free_inode(txn, target)
         else:
-            drop_link(txn, target, keep_open, now)
+            drop_link(txn, target, keep_open or self.is_held(target.ino), now)
+
+    def reclaim_orphans(self, is_held: Callable[[int], bool]) -> int:
+        """Free every unlinked inode that ``is_held`` says nobody holds open; how many."""
+        with self.store.read() as txn:  # the usual answer is "none": no write transaction for it
+            if not any(not is_held(ino) for ino in txn.orphan_inos()):
+                return 0
+        with self.store.write() as txn:
+            freed = 0
+            for ino in txn.orphan_inos():
+                if is_held(ino):
+                    continue
+                inode = txn.get_inode(ino)
+                if inode is not None:
+                    free_inode(txn, inode)
+                    freed += 1
+                else:
+                    txn.remove_orphan(ino)
+            return freed
 
     # attributes -------------------------------------------------------------
 

@@ -166,6 +166,21 @@ class Txn:
             out.append(keys.unpack(raw))
         return out
 
+    def stripes_from(self, ino: int, index: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
+        """Up to ``limit`` (ino, record) pairs from stripe (ino, index) on, across inodes: a
+        background pass pages through every record without holding a transaction open."""
+        out = []
+        for key, raw in self._scan("stripes", keys.stripe_key(ino, index), b""):
+            out.append((keys.decode_pair_key(key)[0], keys.unpack(raw)))
+            if len(out) >= limit:
+                break
+        return out
+
+    def all_stripes(self) -> Iterator[tuple[int, dict[str, Any]]]:
+        """(ino, record) for every stripe record, grouped by inode; for health scans, not hot paths."""
+        for key, raw in self._scan("stripes", b"", b""):
+            yield keys.decode_pair_key(key)[0], keys.unpack(raw)
+
     # xattrs ---------------------------------------------------------------
 
     def get_xattr(self, ino: int, name: bytes) -> bytes | None:
@@ -192,6 +207,13 @@ class Txn:
     def orphan_count(self) -> int:
         return self._entries("orphans")
 
+    def is_orphan(self, ino: int) -> bool:
+        return self._txn.get(keys.inode_key(ino), db=self._db["orphans"]) is not None
+
+    def orphan_inos(self) -> list[int]:
+        """Every orphan's inode number (a list: callers free them in the same transaction)."""
+        return [keys.decode_inode_key(key) for key, _ in self._scan("orphans", b"", b"")]
+
     # garbage-collection queue ---------------------------------------------
 
     def queue_gc(self, node_id: int, fragment: FragmentKey, retired_ns: int | None = None) -> None:
@@ -211,6 +233,9 @@ class Txn:
             if removed_before_ns is None or removed is None or removed < removed_before_ns:
                 out.append(keys.decode_gc_key(key)[1])
         return out
+
+    def gc_queued(self, node_id: int, fragment: FragmentKey) -> bool:
+        return self._txn.get(keys.gc_key(node_id, fragment), db=self._db["gc"]) is not None
 
     def gc_remove(self, node_id: int, fragments: list[FragmentKey]) -> None:
         for fragment in fragments:

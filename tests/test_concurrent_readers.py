@@ -1,6 +1,7 @@
 """A reader in one client while another client replaces, overwrites or removes the file.
 
-The metadata server does not know other clients' open files. What they get:
+A file open in a live client (its session holds it) keeps its data while
+open there. Without that hold (the session lapsed) what a reader gets:
 a file replaced by a rename (or unlinked) keeps its data for ``gc_grace_s``,
 so a reader that opened it before reads the old bytes to the end; a stripe
 overwritten in place is read in its newer version once the old one is gone;
@@ -81,7 +82,8 @@ def test_a_reader_of_an_overwritten_stripe_reads_the_newer_version(fresh_cluster
 
 
 def test_a_removed_file_whose_data_is_gone_is_estale(fresh_cluster: LocalCluster) -> None:
-    with written_by_one_open_in_another(fresh_cluster, "/f", os.urandom(2 << 20)) as (_, writer, f, ino):
+    with written_by_one_open_in_another(fresh_cluster, "/f", os.urandom(2 << 20)) as (reader, writer, f, ino):
+        reader.run_async(reader.aio.meta.end_session)  # as if its session lapsed: nothing holds the file now
         writer.unlink("/f")
         wait_for_fragment_count(fresh_cluster, ino, 0)  # this cluster's grace: 1 s
         with pytest.raises(OSError) as failure:

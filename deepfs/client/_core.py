@@ -7,13 +7,21 @@ trio loop; ``deepfs.Client`` is the synchronous facade over it.
 An ``AsyncClient`` owns the metadata connection (``meta``, a typed
 ``MetaClient``), the cluster view, the stripe I/O and a nursery for
 background work; its files get the narrow ``FileServices`` of it.
+
+It also keeps the client's session with the metadata server alive
+(``metadata/sessions.py``): every third of the lease it renews it, listing
+the inodes of its open files, so a file another client unlinks stays
+readable here while this client lives, and is reclaimed once it dies.
 """
 
 from __future__ import annotations
 
+import collections
 import errno
+import logging
 import os
 import stat as stat_module
+import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, cast
@@ -32,6 +40,11 @@ from deepfs.errors import os_error
 from deepfs.layout import Layout
 from deepfs.malloc_tuning import tune_malloc
 from deepfs.messages import NAME_MAX, blocks_of_size
+
+log = logging.getLogger(__name__)
+
+RENEWALS_PER_LEASE = 3  # a renewal may fail twice (a server restarting) before the session lapses
+END_SESSION_WAIT_S = 1.0  # a clean close tells the server, but never waits long for a dead one
 
 
 def split_path(path: str) -> tuple[str, bytes]:
@@ -79,6 +92,8 @@ class AsyncClient:
         self.stripes: StripeIO
         self._file_services: FileServices
         self.default_layout: Layout | None = None
+        self._open_files: weakref.WeakSet[AsyncFile] = weakref.WeakSet()  # the holds each renewal lists
+        self._opening: collections.Counter[int] = collections.Counter()  # inodes an OPEN is under way for
 
     @classmethod
     @asynccontextmanager
@@ -116,11 +131,48 @@ class AsyncClient:
         self.cluster = ClusterView(self._nursery, hello.grpc_address, self.config, self._transport)
         self.stripes = StripeIO(self.cluster, self.config.durable_writes)
         self._file_services = FileServices(self.meta, self.stripes, self.pools, self.config, self.ctx,
-                                           self._nursery.start_soon)
+                                           self._nursery.start_soon, self._file_closed)
         await self.cluster.refresh()
         self._nursery.start_soon(self.cluster.refresh_forever)
+        self.meta.open_inodes = self.held_inodes
+        if hello.session and hello.lease_s > 0:
+            self._nursery.start_soon(self._renew_session_forever, hello.lease_s)
+
+    def held_inodes(self) -> set[int]:
+        """The inodes this client holds open (files not closed yet, and OPENs under way)."""
+        return {f.ino for f in self._open_files if not f.closed} | set(self._opening)
+
+    def _file_closed(self, ino: int) -> None:
+        """The last file of ``ino`` here closed: tell the server in the background, so this session's
+        hold does not keep the inode alive (and visible) if another client unlinks or replaces it."""
+        if self.meta.session and ino not in self._opening and not self._is_open_here(ino):
+            self._nursery.start_soon(self._release_hold, ino)
+
+    async def _release_hold(self, ino: int) -> None:
+        try:
+            await self.meta.release(ino)
+        except OSError as exc:  # the next renewal drops the hold anyway
+            log.debug("releasing inode %d at the metadata server failed: %s", ino, exc)
+
+    async def _renew_session_forever(self, lease_s: float) -> None:
+        """Renew the session every lease / 3; a failed renewal (the server restarting) is retried
+        at the next tick, and the renewal after a restart re-establishes the holds."""
+        while True:
+            await trio.sleep(lease_s / RENEWALS_PER_LEASE)
+            if not self.meta.session:  # ended (a clean close under way)
+                return
+            try:
+                lease_s = await self.meta.renew_session(sorted(self.held_inodes())) or lease_s
+            except OSError as exc:
+                log.warning("renewing the session with the metadata server failed: %s", exc)
 
     async def _stop(self) -> None:
+        if self.meta.session:
+            with trio.move_on_after(END_SESSION_WAIT_S):
+                try:
+                    await self.meta.end_session()
+                except OSError:
+                    pass  # the server is gone; the session lapses there on its own
         await self.meta.aclose()
         if hasattr(self, "cluster"):
             await self.cluster.aclose()
@@ -284,9 +336,24 @@ class AsyncClient:
 
         Fetches the layout and every stripe record once: close-to-open
         consistency, like NFS."""
-        attr, layout, records, _complete, min_version = await fetch_file_state(self.meta, ino)
-        return AsyncFile(self._file_services, path or f"<inode {ino}>", attr, layout, records, readable, writable,
-                         append, min_version)
+        self._opening[ino] += 1
+        try:
+            attr, layout, records, _complete, min_version = await fetch_file_state(self.meta, ino)
+            if not attr["nlink"] and not self._is_open_here(ino):
+                # Unlinked, and kept only for clients that had it open (a stale mapping led here, like a
+                # mount's cached name after another client renamed a file over it): gone for new opens.
+                raise os_error(errno.ENOENT, "the file was removed", path or f"<inode {ino}>")
+            file = AsyncFile(self._file_services, path or f"<inode {ino}>", attr, layout, records, readable,
+                             writable, append, min_version)
+        finally:
+            self._opening[ino] -= 1
+            if not self._opening[ino]:
+                del self._opening[ino]
+        self._open_files.add(file)
+        return file
+
+    def _is_open_here(self, ino: int) -> bool:
+        return any(f.ino == ino and not f.closed for f in self._open_files)
 
     def open_created(self, created: Created, readable: bool = True, writable: bool = True,
                      append: bool = False, path: str = "") -> AsyncFile:
@@ -296,8 +363,10 @@ class AsyncClient:
         if not created.created or created.layout is None:
             raise ValueError("open_created takes a file CREATE made, not one that was there")
         ino = created.attr["ino"]
-        return AsyncFile(self._file_services, path or f"<inode {ino}>", created.attr, created.layout, [],
+        file = AsyncFile(self._file_services, path or f"<inode {ino}>", created.attr, created.layout, [],
                          readable, writable, append, 0)
+        self._open_files.add(file)
+        return file
 
     async def read_file(self, path: str) -> bytes:
         f = await self.open(path, "rb")

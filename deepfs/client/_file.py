@@ -57,6 +57,7 @@ class FileServices:
     config: ClientConfig
     caller: Caller  # whose truncates these are
     start_soon: Callable[..., None]  # runs a background upload in the client's nursery
+    closed: Callable[[int], None] = lambda ino: None  # told when a file of inode ``ino`` closes
 
 
 async def fetch_file_state(meta: MetaClient, ino: int) -> OpenReply:
@@ -459,6 +460,7 @@ class AsyncFile:
                 await self.flush()
         finally:
             self.closed = True
+            self._services.closed(self.ino)
             for dirty in self._dirty.values():
                 if dirty.buf is not None:
                     self._pool.give(dirty.buf)

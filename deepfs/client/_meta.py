@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypedDict
 
@@ -95,6 +95,8 @@ class ServerHello:
     cluster_id: str
     default_layout: Layout | None
     stats: dict[str, int]
+    session: int = 0  # this client's session (0: the server keeps none); renew it every lease_s / 3
+    lease_s: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -130,17 +132,41 @@ class MetaClient:
         self._timeout_s = timeout_s
         self._conn: rpc.FrameClient | None = None
         self._lock = trio.Lock()
+        self.session = 0  # from HELLO; OPEN, CREATE and RELEASE name it, so the server knows who holds what
+        # What this client holds open now (its owner, an AsyncClient, sets it); with ``_told_holds``, the
+        # inodes the server may think it holds, it tells which holds to drop (``_released``).
+        self.open_inodes: Callable[[], set[int]] = set
+        self._told_holds: set[int] = set()
 
     # -------------------------------------------------------------- session
     async def hello(self) -> ServerHello:
+        """Also opens this client's session (``session``), if the server keeps sessions."""
         reply = await self._call(Op.HELLO, {})
         layout = reply.get("default_layout")
+        self.session = int(reply.get("session", 0))
         return ServerHello(
             grpc_address=reply["grpc_address"],
             cluster_id=reply.get("cluster_id", ""),
             default_layout=Layout.from_dict(layout) if layout else None,
             stats=reply.get("stats", {}),
+            session=self.session,
+            lease_s=float(reply.get("lease_s", 0.0)),
         )
+
+    async def renew_session(self, holds: Sequence[int]) -> float:
+        """Keep this client's session alive; ``holds``: every inode it holds open now. Returns the lease (s).
+
+        After a server restart this brings the session back, holds and all."""
+        before = set(self._told_holds)
+        reply = await self._call(Op.RENEW_SESSION, {"session": self.session, "holds": list(holds)})
+        self._told_holds = set(holds) | (self._told_holds - before)  # and OPENs that crossed it
+        return float(reply.get("lease_s", 0.0))
+
+    async def end_session(self) -> None:
+        """A clean close: the server drops this client's holds now, not a lease later."""
+        if self.session:
+            await self._call(Op.END_SESSION, {"session": self.session})
+            self.session = 0
 
     async def statfs(self) -> StatFs:
         return await self._call(Op.STATFS, {})  # type: ignore[return-value]
@@ -168,11 +194,15 @@ class MetaClient:
         """A regular file (or the one already there). It gets ``layout``, else
         its directory's, with stripes of at least ``min_stripe_size`` bytes."""
         body: dict[str, Any] = {"parent": parent, "name": name, "mode": mode, "exclusive": exclusive, "ctx": caller}
+        if self.session:
+            body["session"] = self.session
         if layout is not None:
             body["layout"] = layout.to_dict()
         if min_stripe_size:
             body["min_stripe_size"] = min_stripe_size
         reply = await self._call(Op.CREATE, body)
+        if self.session:
+            self._told_holds.add(int(reply["attr"]["ino"]))
         file_layout = reply.get("layout")
         return Created(reply["attr"], Layout.from_dict(file_layout) if file_layout else None,
                        bool(reply.get("created", True)))
@@ -194,7 +224,7 @@ class MetaClient:
 
     async def unlink(self, parent: int, name: bytes, *, keep_open: bool = False) -> None:
         """``keep_open``: the inode is open here; it outlives its last name until ``release``."""
-        await self._call(Op.UNLINK, {"parent": parent, "name": name, "keep_open": keep_open})
+        await self._call(Op.UNLINK, {"parent": parent, "name": name, "keep_open": keep_open, **self._released()})
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         await self._call(Op.RMDIR, {"parent": parent, "name": name})
@@ -204,7 +234,7 @@ class MetaClient:
         """``flags``: renameat2's RENAME_NOREPLACE (1) and RENAME_EXCHANGE (2);
         ``keep_open`` as for ``unlink``, for the replaced inode."""
         body = {"parent": parent, "name": name, "new_parent": new_parent, "new_name": new_name, "flags": flags,
-                "keep_open": keep_open}
+                "keep_open": keep_open, **self._released()}
         await self._call(Op.RENAME, body)
 
     async def readlink(self, ino: int) -> bytes:
@@ -246,7 +276,9 @@ class MetaClient:
 
     # ------------------------------------------------------------ file data
     async def open(self, ino: int) -> OpenReply:
-        reply = await self._call(Op.OPEN, {"ino": ino})
+        if self.session:
+            self._told_holds.add(ino)
+        reply = await self._call(Op.OPEN, {"ino": ino, "session": self.session})
         return OpenReply(
             reply["attr"],
             Layout.from_dict(reply["layout"]),
@@ -266,8 +298,19 @@ class MetaClient:
         return await self._call(Op.COMMIT, body)  # type: ignore[return-value]
 
     async def release(self, ino: int) -> None:
-        """The last local user of ``ino`` is gone: the server drops it if it has no name left."""
-        await self._call(Op.RELEASE, {"ino": ino})
+        """The last local user of ``ino`` is gone: the server drops it if it has no name left
+        and no other client's session holds it open."""
+        await self._call(Op.RELEASE, {"ino": ino, "session": self.session})
+        self._told_holds.discard(ino)
+
+    def _released(self) -> dict[str, Any]:
+        """``session`` and ``released`` for an UNLINK or RENAME: the holds of files closed since the
+        server last heard, so removing a file this client just wrote and closed frees it at once."""
+        if not self.session:
+            return {}
+        released = self._told_holds - self.open_inodes()
+        self._told_holds -= released
+        return {"session": self.session, "released": sorted(released)} if released else {}
 
     # ----------------------------------------------------------- connection
     async def _connection(self) -> rpc.FrameClient:

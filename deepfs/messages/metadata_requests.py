@@ -11,15 +11,31 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from deepfs.messages import validate as v
+from deepfs.messages.constants import U64_MAX
 from deepfs.messages.records import Ctx
 
 Body = dict[str, Any]
 
 
+MAX_SESSION_HOLDS = 100_000  # inodes one renewal may list: ~1 MiB of msgpack at most, a frame's body limit
+
+
 class Ino(NamedTuple):
-    """GETATTR, READLINK, LISTXATTR, OPEN, RELEASE."""
+    """GETATTR, READLINK, LISTXATTR."""
 
     ino: int
+
+
+class OpenFile(NamedTuple):
+    """OPEN, RELEASE: an inode and the client session that holds it (0: none)."""
+
+    ino: int
+    session: int
+
+
+class RenewSession(NamedTuple):
+    session: int
+    holds: list[int]  # every inode the client holds open now
 
 
 class Entry(NamedTuple):
@@ -135,6 +151,33 @@ class SetLayout(NamedTuple):
 
 def ino(b: Body) -> Ino:
     return Ino(v.u64(b, "ino"))
+
+
+def open_file(b: Body) -> OpenFile:
+    return OpenFile(v.u64(b, "ino"), v.u64(b, "session", 0))
+
+
+def session(b: Body) -> int:
+    """The optional ``session`` of a CREATE (its validator ``create`` leaves it out)."""
+    return int(v.u64(b, "session", 0))
+
+
+def released(b: Body) -> tuple[int, list[int]]:
+    """The optional ``session`` and ``released`` of an UNLINK or RENAME: inodes that session closed
+    since it last said, let go of before the name goes (their validators leave these out)."""
+    return int(v.u64(b, "session", 0)), v.int_list(b.get("released", []), "released", 0, U64_MAX,
+                                                   MAX_SESSION_HOLDS)
+
+
+def renew_session(b: Body) -> RenewSession:
+    session_id = v.u64(b, "session")
+    if not session_id:
+        v.invalid("session must be a session id from HELLO, not 0")
+    return RenewSession(session_id, v.int_list(b.get("holds", []), "holds", 0, U64_MAX, MAX_SESSION_HOLDS))
+
+
+def end_session(b: Body) -> int:
+    return int(v.u64(b, "session"))
 
 
 def entry(b: Body) -> Entry:
