@@ -33,6 +33,26 @@ class MetaConfig:
     default_m: int = 2
     default_stripe_size: int = 4 << 20
     default_codec: str = DEFAULT_CODEC
+    # Self-healing (metadata/repair.py). A node down this long counts as lost and its fragments are
+    # rebuilt elsewhere (Ceph's down->out); shorter outages (restarts) heal by the node coming back.
+    repair_after_s: float = 600.0
+    repair_mib_s: float = 100.0  # repair bandwidth (bytes read + written), so foreground I/O keeps most of the disks
+    repair_scan_interval_s: float = 30.0  # full health scan this often; commits with missing fragments scan at once
+    repair_parallelism: int = 4  # stripes rebuilt at the same time
+    # Moving fragments onto the nodes rendezvous placement now picks (a node joined), only while repair
+    # has nothing to fix; at most repair_mib_s. 0 turns rebalancing off.
+    rebalance_mib_s: float = 25.0
+    orphan_grace_s: float = 3600.0  # a fragment no record references is deleted once this old (writers died mid-write)
+    orphan_interval_s: float = 600.0  # how often every node's fragments are compared with the stripe records
+    # Client sessions (metadata/sessions.py): a client renews every lease/3; one silent this long (killed,
+    # partitioned) loses its holds, and the unlinked files only it held open are freed (fragments to GC).
+    session_lease_s: float = 60.0
+    # Deep scrub (metadata/deep_scrub.py): each fragment's digest on its node vs the stripe record, a pass
+    # at most this often (a week, like the nodes' scrub; 0: off), every deep_scrub_parity_every-th pass also
+    # re-encoding each stripe's data to check its parity. Both read at most deep_scrub_mib_s.
+    deep_scrub_interval_s: float = 7 * 24 * 3600.0
+    deep_scrub_mib_s: float = 10.0
+    deep_scrub_parity_every: int = 4
 
 
 @dataclass
@@ -44,6 +64,7 @@ class NodeConfig:
     port: int = 7710
     meta_grpc: str = "127.0.0.1:7701"
     failure_domain: str = ""  # empty: the node's own address
+    advertise_address: str = ""  # HOST:PORT registered for clients (a proxy or NAT in front); empty: host:port
     fsync: bool = True  # make fragments durable: at once for PUTs asking for it, else at SYNC / every flush_interval_s
     flush_interval_s: float = 2.0  # unsynced fragments are made durable at least this often
     reserve_bytes: int = 256 << 20  # refuse writes (ENOSPC) below this much free space
@@ -53,6 +74,10 @@ class NodeConfig:
     io_threads: int = 8  # worker threads for disk I/O; the event loop never blocks on the disk
     direct_io: bool = True  # fragment writes of 256 KiB+ bypass the page cache (O_DIRECT) where the fs allows
     direct_reads: bool = False  # large range reads too (off: read-ahead made cold reads faster on the VMs measured)
+    # Scrub: re-verify every stored block at this rate (10 MiB/s: ~6 TiB a week, under 1% of a disk's
+    # bandwidth); a new pass starts at most every scrub_interval_s (a week, as Ceph's deep scrub). 0: off.
+    scrub_mib_s: float = 10.0
+    scrub_interval_s: float = 7 * 24 * 3600.0
 
 
 @dataclass

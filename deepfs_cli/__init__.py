@@ -11,8 +11,10 @@ Modules, one job each:
 - ``cluster``: ``up``, ``down``, ``status`` and ``run`` over a local cluster;
 - ``dev_session``: ``deepfs run`` (``make run``), a cluster in the foreground until Ctrl-C;
 - ``status_view``: ``deepfs status`` as rich tables;
+- ``nodes``: ``node list``, ``node drain``, ``node remove`` (the operator's side of membership);
+- ``fsck``: ``deepfs fsck [--repair]``, with exit statuses for scripts;
 - ``processes``: ``mount``, ``umount``, ``meta serve``, ``node serve``, handing over to each package's own entry point;
-- ``common``: the options and the failure rule the commands share.
+- ``common``: the options (finding a cluster) and the failure rule the commands share.
 
 ``deepfs bench`` is ``bench.command``: the benchmark owns its options so that
 ``python -m bench`` works without this package.

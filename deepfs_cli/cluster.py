@@ -8,10 +8,9 @@ commands (``deepfs.local_cluster`` records it in the data directory);
 from __future__ import annotations
 
 import click
-import grpc
 
 from deepfs.errors import ConfigError
-from deepfs_cli.common import data_dir_option, fail
+from deepfs_cli.common import CONTROL_TIMEOUT_S, cluster_options, control_plane, data_dir_option, fail
 
 
 @click.command()
@@ -64,22 +63,15 @@ def down(data_dir: str) -> None:
 
 
 @click.command()
-@data_dir_option
-@click.option("--grpc", "grpc_address", default=None, help="control-plane address (instead of --data-dir)")
+@cluster_options
 def status(data_dir: str, grpc_address: str | None) -> None:
-    """Nodes, erasure layout and capacity of a running cluster."""
+    """Nodes, layout, capacity, stripe health, repair and scrub progress of a running cluster."""
+    from deepfs.proto import control_pb2
     from deepfs_cli.status_view import render_status
 
-    try:
-        if grpc_address is None:
-            from deepfs.local_cluster import ClusterState
-
-            grpc_address = ClusterState.load(data_dir).grpc_address
-        render_status(grpc_address)
-    except ConfigError as exc:
-        fail(str(exc))
-    except grpc.RpcError as exc:
-        fail(f"metadata server at {grpc_address} is unreachable ({exc.code().name})")
+    with control_plane(data_dir, grpc_address) as stub:
+        reply = stub.Status(control_pb2.StatusRequest(), timeout=CONTROL_TIMEOUT_S)
+    render_status(reply)
 
 
 @click.command()

@@ -9,7 +9,7 @@ from pathlib import Path
 import click
 
 from deepfs.local_cluster import LocalCluster
-from deepfs_cli.status_view import render_status
+from deepfs_cli.status_view import fetch_status, render_status
 from fuse_client.mount_process import MountProcess
 
 
@@ -24,7 +24,7 @@ def run_dev_session(data_dir: str, mountpoint: str, nodes: int, k: int, m: int, 
         try:
             if mount:
                 mounted = MountProcess(cluster.meta_address, Path(mountpoint)).start()
-            render_status(cluster.state.grpc_address)
+            render_status(fetch_status(cluster.state.grpc_address))
             click.echo(f"\nmetadata server: {cluster.meta_address}")
             if mounted:
                 click.echo(f"mounted at {Path(mountpoint).resolve()}: "

@@ -3,7 +3,8 @@
 The options of ``mount`` and of the servers belong to ``fuse_client.main``,
 ``metadata.server`` and ``storage_node.server`` (argparse); these commands
 pass their arguments through untouched, so ``python -m fuse_client`` and
-``deepfs mount`` cannot drift apart.
+``deepfs mount`` cannot drift apart. (``node``'s admin commands, ``list``,
+``drain`` and ``remove``, are in ``nodes`` and join the group in ``main``.)
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def meta_serve(ctx: click.Context) -> None:
 
 @click.group()
 def node() -> None:
-    """Storage node."""
+    """Storage nodes: run one (serve), or list, drain and remove them."""
 
 
 @node.command("serve", context_settings=_PASS_THROUGH)

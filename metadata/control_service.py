@@ -5,11 +5,16 @@ every call hops into the trio thread (``trio.from_thread.run_sync``) to read
 or change membership and the store, which only the trio thread touches.
 Control-plane rates are low (one heartbeat per node per second), so the hop
 costs nothing that matters and keeps every state change single-threaded.
+
+Operator calls (``DrainNode``, ``RemoveNode``, ``Fsck``) scan every stripe
+record in that thread too: they are rare, and a scan must see the same
+membership the repair engine acts on.
 """
 
 from __future__ import annotations
 
 import errno
+import math
 from collections.abc import Callable
 from concurrent import futures
 from typing import Any, NoReturn, TypeVar
@@ -17,12 +22,24 @@ from typing import Any, NoReturn, TypeVar
 import grpc
 import trio
 
+from deepfs.messages import FragmentKey
 from deepfs.proto import control_pb2, control_pb2_grpc
 from deepfs.rpc import parse_address
-from metadata.membership import Membership, NodeState, Usage
+from metadata.deep_scrub import DeepScrubber
+from metadata.fsck import fsck_reply
+from metadata.health import HealthScan, scan_health
+from metadata.membership import Membership, NodeState, ScrubProgress, Usage
 from metadata.namespace import Namespace
+from metadata.orphans import OrphanCollector
+from metadata.repair import RepairWorker
 
 T = TypeVar("T")
+
+_ERRNO_TO_STATUS = {
+    errno.ENOENT: grpc.StatusCode.NOT_FOUND,
+    errno.EBUSY: grpc.StatusCode.FAILED_PRECONDITION,
+    errno.EINVAL: grpc.StatusCode.FAILED_PRECONDITION,
+}
 
 
 def _node_info(node: NodeState) -> control_pb2.NodeInfo:
@@ -38,6 +55,11 @@ def _node_info(node: NodeState) -> control_pb2.NodeInfo:
         last_heartbeat_unix=node.last_heartbeat_unix,
         fragments=node.fragments,
         quarantined=node.quarantined,
+        admin_state=node.admin_state,
+        scrub_bytes=node.scrub_bytes,
+        scrub_errors=node.scrub_errors,
+        scrub_pass_fraction=node.scrub_pass_fraction,
+        scrub_passes=node.scrub_passes,
     )
 
 
@@ -48,7 +70,14 @@ def cluster_map(membership: Membership) -> control_pb2.ClusterMap:
 
 
 class ClusterService(control_pb2_grpc.ClusterServicer):
-    """Register, Heartbeat, GetClusterMap, Status."""
+    """Register, Heartbeat, GetClusterMap, Status; DrainNode, RemoveNode, Fsck for operators.
+
+    ``repair`` is the metadata server's repair engine: bad fragments that
+    nodes report go to it, Status shows its progress, and Fsck and the node
+    commands start a scan at once. Without one (an older wiring), Status
+    falls back to the stripes counted missing at commit and Fsck still
+    reports, but nothing gets repaired.
+    """
 
     def __init__(
         self,
@@ -57,19 +86,31 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
         data_address: str,
         heartbeat_interval_s: float,
         trio_token: trio.lowlevel.TrioToken,
+        repair: RepairWorker | None = None,
+        orphans: OrphanCollector | None = None,
+        deep_scrub: DeepScrubber | None = None,
     ) -> None:
         self._membership = membership
         self._namespace = namespace
         self._data_address = data_address
         self._heartbeat_interval_s = heartbeat_interval_s
         self._token = trio_token
+        self._repair = repair
+        self._orphans = orphans
+        self._deep_scrub = deep_scrub  # its errors count in Status.scrub_errors, next to the nodes' own
 
     def _in_trio(self, context: grpc.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
         try:
             return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
         except trio.RunFinishedError:
             _abort(context, grpc.StatusCode.UNAVAILABLE, "the metadata server is shutting down")
+        except OSError as exc:
+            code = _ERRNO_TO_STATUS.get(exc.errno or 0)
+            if code is None:
+                raise
+            _abort(context, code, exc.strerror or str(exc))
 
+    # ------------------------------------------------------------ storage nodes
     def Register(
         self, request: control_pb2.RegisterRequest, context: grpc.ServicerContext
     ) -> control_pb2.RegisterReply:
@@ -91,11 +132,21 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
         usage = Usage(
             request.capacity_bytes, request.free_bytes, request.used_bytes, request.fragments, request.quarantined
         )
-        epoch = self._in_trio(context, self._membership.heartbeat, request.node_id, usage)
+        scrub = ScrubProgress(request.scrub_bytes, request.scrub_errors, request.scrub_pass_fraction,
+                              request.scrub_passes)
+        bad = [FragmentKey(f.ino, f.stripe, f.version, f.slot) for f in request.bad_fragments]
+        epoch = self._in_trio(context, self._heartbeat, request.node_id, usage, scrub, bad)
         if epoch is None:
             _abort(context, grpc.StatusCode.NOT_FOUND, f"unknown node {request.node_id}: register again")
         return control_pb2.HeartbeatReply(epoch=epoch)
 
+    def _heartbeat(self, node_id: int, usage: Usage, scrub: ScrubProgress, bad: list[FragmentKey]) -> int | None:
+        epoch = self._membership.heartbeat(node_id, usage, scrub)
+        if epoch is not None and bad and self._repair is not None:
+            self._repair.report_bad(node_id, bad)
+        return epoch
+
+    # ------------------------------------------------------------ clients
     def GetClusterMap(
         self, request: control_pb2.ClusterMapRequest, context: grpc.ServicerContext
     ) -> control_pb2.ClusterMap:
@@ -107,7 +158,8 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
     def _status(self) -> control_pb2.StatusReply:
         counts = self._namespace.counts()
         layout = self._namespace.default_layout
-        return control_pb2.StatusReply(
+        up = [n for n in self._membership.nodes.values() if n.up]
+        reply = control_pb2.StatusReply(
             map=cluster_map(self._membership),
             default_k=layout["k"],
             default_m=layout["m"],
@@ -118,7 +170,63 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
             gc_pending=counts["gc_pending"],
             data_address=self._data_address,
             degraded_stripes=max(0, counts["degraded_stripes"]),
+            incarnation=self._membership.incarnation,
+            scrub_errors=sum(n.scrub_errors for n in self._membership.nodes.values())
+            + (self._deep_scrub.stats.errors if self._deep_scrub is not None else 0),
+            scrub_progress=min((n.scrub_pass_fraction for n in up), default=0.0),
         )
+        if self._repair is not None:
+            stats = self._repair.stats()
+            reply.degraded_stripes = stats.degraded_stripes
+            reply.unreadable_stripes = stats.unreadable_stripes
+            reply.stripes_by_lost.update(stats.stripes_by_lost)
+            reply.repair_queue = stats.queue
+            reply.repair_bytes_per_s = stats.bytes_per_s
+            reply.repair_eta_s = stats.eta_s
+            reply.repaired_fragments = stats.repaired_fragments
+        return reply
+
+    # ------------------------------------------------------------ operators
+    def DrainNode(self, request: control_pb2.NodeRequest, context: grpc.ServicerContext) -> control_pb2.NodeInfo:
+        return self._in_trio(context, self._drain, request.node_id)
+
+    def _drain(self, node_id: int) -> control_pb2.NodeInfo:
+        node = self._membership.drain(node_id)
+        self._kick_repair()
+        return _node_info(node)
+
+    def RemoveNode(self, request: control_pb2.NodeRequest, context: grpc.ServicerContext) -> control_pb2.NodeInfo:
+        return self._in_trio(context, self._remove, request.node_id)
+
+    def _remove(self, node_id: int) -> control_pb2.NodeInfo:
+        node = self._membership.nodes.get(node_id)
+        # Only a live node's remaining fragments matter (a down one is out at once): scan only then.
+        referenced = self._scan().referenced_on_node.get(node_id, 0) if node is not None and node.up else 0
+        node = self._membership.remove(node_id, referenced)
+        self._kick_repair()
+        return _node_info(node)
+
+    def Fsck(self, request: control_pb2.FsckRequest, context: grpc.ServicerContext) -> control_pb2.FsckReply:
+        return self._in_trio(context, self._fsck, request.repair, request.max_files)
+
+    def _fsck(self, repair: bool, max_files: int) -> control_pb2.FsckReply:
+        scan = self._scan()
+        if repair:
+            self._kick_repair()
+        reply = fsck_reply(self._namespace.store, scan, self._namespace.counts()["files"], max_files)
+        reply.orphaned_fragments = self._orphans.queued if self._orphans is not None else 0
+        return reply
+
+    def _scan(self) -> HealthScan:
+        """Every stripe classified now, with the fragments known bad (the repair engine's scan when there is one)."""
+        if self._repair is not None:
+            return self._repair.scan()
+        # Without a repair engine nothing gets rebuilt, whenever a down node counts as lost; the counts are the same.
+        return scan_health(self._namespace.store, self._membership, math.inf, frozenset())
+
+    def _kick_repair(self) -> None:
+        if self._repair is not None:
+            self._repair.kick()
 
 
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:

@@ -23,6 +23,8 @@ from deepfs.messages import metadata_requests as m
 from deepfs.rpc import Buffer
 from metadata.membership import Membership
 from metadata.namespace import Namespace
+from metadata.records import is_degraded
+from metadata.sessions import Sessions
 from metadata.store import MetaStore
 
 Reply = dict[str, Any]
@@ -38,8 +40,16 @@ class MetaOps:
         membership: Membership,
         grpc_address: str,
         extra_stats: Callable[[], dict[str, int]] | None = None,
+        on_degraded_commit: Callable[[], None] | None = None,
+        sessions: Sessions | None = None,
     ) -> None:
+        """``on_degraded_commit``: called after a commit stored a stripe with missing fragments
+        (the repair worker's ``kick``, so such stripes are repaired at once). ``sessions``: the
+        client sessions HELLO opens and OPEN/CREATE/RELEASE/RENEW_SESSION update (without one,
+        HELLO hands out none and only ``keep_open`` orphans a file)."""
         self.ns = namespace
+        self.sessions = sessions
+        self._on_degraded_commit = on_degraded_commit
         self.store = store
         self.membership = membership
         self.grpc_address = grpc_address
@@ -71,6 +81,8 @@ class MetaOps:
             Op.RELEASE: self.release,
             Op.SET_LAYOUT: self.set_layout,
             Op.RESOLVE: self.resolve,
+            Op.RENEW_SESSION: self.renew_session,
+            Op.END_SESSION: self.end_session,
         }
 
     async def __call__(self, op: int, body: Any, payload: memoryview) -> tuple[Reply, Sequence[Buffer]]:
@@ -87,13 +99,30 @@ class MetaOps:
     # session ----------------------------------------------------------------
 
     def hello(self, b: dict[str, Any]) -> Reply:
-        return {
+        reply = {
             "grpc_address": self.grpc_address,
             "root": ROOT_INO,
             "cluster_id": self.ns.cluster_id,
             "default_layout": self.ns.default_layout,
             "stats": {**self.store.stats.as_dict(), **self._extra_stats()},
         }
+        if self.sessions is not None:
+            reply["session"] = self.sessions.open_session()
+            reply["lease_s"] = self.sessions.lease_s
+        return reply
+
+    def renew_session(self, b: dict[str, Any]) -> Reply:
+        r = m.renew_session(b)
+        if self.sessions is None:
+            raise os_error(errno.ENOSYS, "this metadata server keeps no sessions")
+        self.sessions.renew(r.session, r.holds)
+        return {"lease_s": self.sessions.lease_s}
+
+    def end_session(self, b: dict[str, Any]) -> Reply:
+        session_id = m.end_session(b)
+        if self.sessions is not None:
+            self.sessions.end(session_id)
+        return {}
 
     # names --------------------------------------------------------------------
 
@@ -116,8 +145,11 @@ class MetaOps:
 
     def create(self, b: dict[str, Any]) -> Reply:
         r = m.create(b)
+        session_id = m.session(b)
         attr, layout, created = self.ns.create(r.parent, r.name, r.mode, r.exclusive, r.ctx, r.layout,
                                                r.min_stripe_size)
+        if self.sessions is not None and layout is not None:
+            self.sessions.hold(session_id, attr["ino"])
         return {"attr": attr, "layout": layout, "created": created}
 
     def mknod(self, b: dict[str, Any]) -> Reply:
@@ -138,6 +170,7 @@ class MetaOps:
 
     def unlink(self, b: dict[str, Any]) -> Reply:
         r = m.unlink(b)
+        self._let_go(b)
         self.ns.unlink(r.parent, r.name, r.keep_open)
         return {}
 
@@ -148,8 +181,17 @@ class MetaOps:
 
     def rename(self, b: dict[str, Any]) -> Reply:
         r = m.rename(b)
+        self._let_go(b)
         self.ns.rename(r.parent, r.name, r.new_parent, r.new_name, r.flags, r.keep_open)
         return {}
+
+    def _let_go(self, b: dict[str, Any]) -> None:
+        """Drop the holds an UNLINK or RENAME says its session gave up (files it closed since
+        its last renewal), so a client removing a file it just wrote frees it at once."""
+        session_id, released = m.released(b)
+        if self.sessions is not None:
+            for ino in released:
+                self.sessions.release(session_id, ino)
 
     # attributes -------------------------------------------------------------
 
@@ -183,7 +225,11 @@ class MetaOps:
     # file data --------------------------------------------------------------
 
     def open(self, b: dict[str, Any]) -> Reply:
-        return self.ns.open(m.ino(b).ino)
+        r = m.open_file(b)
+        reply = self.ns.open(r.ino)
+        if self.sessions is not None:
+            self.sessions.hold(r.session, r.ino)
+        return reply
 
     def get_stripes(self, b: dict[str, Any]) -> Reply:
         r = m.get_stripes(b)
@@ -191,10 +237,22 @@ class MetaOps:
 
     def commit(self, b: dict[str, Any]) -> Reply:
         r = m.commit(b)
-        return self.ns.commit(r.ino, r.stripes, r.size, r.mtime_ns, r.truncate)
+        reply = self.ns.commit(r.ino, r.stripes, r.size, r.mtime_ns, r.truncate)
+        if self._on_degraded_commit is not None and any(is_degraded(record) for record in r.stripes):
+            self._on_degraded_commit()
+        return reply
 
     def release(self, b: dict[str, Any]) -> Reply:
-        self.ns.release(m.ino(b).ino)
+        """The caller's session lets go of ``ino``; an orphan no other session holds is freed."""
+        r = m.open_file(b)
+        if self.sessions is not None:
+            self.sessions.release(r.session, r.ino)
+            if self.sessions.is_held(r.ino):
+                return {}
+        with self.store.read() as txn:  # clients release every file they close: most are not orphans
+            orphan = txn.is_orphan(r.ino)
+        if orphan:
+            self.ns.release(r.ino)
         return {}
 
     def set_layout(self, b: dict[str, Any]) -> Reply:

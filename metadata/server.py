@@ -5,7 +5,8 @@
 - the framed namespace protocol (``MetaOps`` on a ``FrameServer``),
 - the gRPC ``Cluster`` service (its own thread pool),
 - the group-commit syncer of the store,
-- the membership down-detector and the garbage collector,
+- the membership down-detector, the garbage collector and the repair worker,
+- the client sessions' lease expiry (``Sessions.run``) and the deep scrub,
 
 all over the ``MetaState`` that ``open_meta_state`` opens (which an
 in-process cluster serves without any listener).
@@ -37,10 +38,14 @@ from deepfs.errors import ConfigError
 from deepfs.layout import Layout
 from deepfs.rpc import FrameServer
 from metadata.control_service import ClusterService, start_grpc_server
+from metadata.deep_scrub import DeepScrubber
 from metadata.gc import GarbageCollector
 from metadata.membership import Membership
 from metadata.namespace import Namespace
 from metadata.ops_server import MetaOps
+from metadata.orphans import OrphanCollector
+from metadata.repair import RepairWorker
+from metadata.sessions import Sessions
 from metadata.store import MetaStore
 
 log = logging.getLogger("deepfs.meta")
@@ -71,7 +76,8 @@ class MetaState:
 
     The network shells (the framed ``MetaOps``, the gRPC ``ClusterService``)
     and the background tasks (``store.run_syncer``, ``membership.run_expiry``,
-    ``collector.run``) all work on these; ``serve_meta`` adds listeners, and
+    ``collector.run``, ``repair.run``, ``orphans.run``, ``sessions.run``, ``deep_scrub.run``) all work on
+    these; ``serve_meta`` adds listeners, and
     ``deepfs.testing.memory_cluster`` serves them over memory streams instead.
     """
 
@@ -79,11 +85,27 @@ class MetaState:
     namespace: Namespace
     membership: Membership
     collector: GarbageCollector
+    repair: RepairWorker
+    orphans: OrphanCollector
+    sessions: Sessions
+    deep_scrub: DeepScrubber
 
     def frame_handler(self, grpc_address: str) -> MetaOps:
         """The framed protocol's handler; HELLO tells clients ``grpc_address``."""
-        return MetaOps(self.namespace, self.store, self.membership, grpc_address,
-                       lambda: {"gc_deleted": self.collector.deleted})
+        return MetaOps(self.namespace, self.store, self.membership, grpc_address, self.hello_stats,
+                       on_degraded_commit=self.repair.kick, sessions=self.sessions)
+
+    def hello_stats(self) -> dict[str, int]:
+        """Counters HELLO reports next to the store's (the Status RPC has no fields for these)."""
+        return {
+            "gc_deleted": self.collector.deleted,
+            "orphan_inodes": self.namespace.counts()["orphans"],
+            "sessions": len(self.sessions),
+            "sessions_lapsed": self.sessions.lapsed,
+            "orphan_inodes_reclaimed": self.sessions.reclaimed,
+            "deep_scrub_passes": self.deep_scrub.stats.passes,
+            "deep_scrub_errors": self.deep_scrub.stats.errors,
+        }
 
 
 @contextmanager
@@ -99,7 +121,12 @@ def open_meta_state(config: MetaConfig) -> Iterator[MetaState]:
         membership = Membership(store, config.node_grace_period_s)
         membership.load()
         collector = GarbageCollector(store, membership, config.gc_interval_s, config.gc_grace_s)
-        yield MetaState(store, namespace, membership, collector)
+        repair = RepairWorker(store, namespace, membership, config)
+        orphans = OrphanCollector(store, membership, config.orphan_grace_s, config.orphan_interval_s)
+        sessions = Sessions(config.session_lease_s)
+        namespace.is_held = sessions.is_held
+        deep_scrub = DeepScrubber(store, membership, repair.report_bad, config)
+        yield MetaState(store, namespace, membership, collector, repair, orphans, sessions, deep_scrub)
     finally:
         store.close()
 
@@ -122,6 +149,9 @@ async def serve_meta(
                 f"{config.host}:{port}",
                 config.heartbeat_interval_s,
                 trio.lowlevel.current_trio_token(),
+                repair=state.repair,
+                orphans=state.orphans,
+                deep_scrub=state.deep_scrub,
             )
             grpc_server, grpc_port = start_grpc_server(service, config.host, config.grpc_port)
             try:
@@ -130,6 +160,10 @@ async def serve_meta(
                 nursery.start_soon(trio.serve_listeners, frames.serve_connection, listeners)
                 await nursery.start(state.membership.run_expiry)
                 await nursery.start(state.collector.run)
+                await nursery.start(state.repair.run)
+                await nursery.start(state.orphans.run)
+                await nursery.start(state.sessions.run, state.namespace)
+                await nursery.start(state.deep_scrub.run)
                 task_status.started(addresses)
                 await trio.sleep_forever()
             finally:
@@ -165,6 +199,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--gc-interval", type=float, help="seconds between garbage-collection rounds")
     parser.add_argument("--gc-grace", type=float,
                         help="seconds replaced or overwritten data stays on the nodes for readers that opened it")
+    parser.add_argument("--repair-after", type=float,
+                        help="seconds a node may be down before its fragments are rebuilt elsewhere")
+    parser.add_argument("--repair-mib-s", type=float, help="repair bandwidth, MiB/s read + written")
+    parser.add_argument("--repair-scan-interval", type=float, help="seconds between full stripe-health scans")
+    parser.add_argument("--orphan-grace", type=float,
+                        help="seconds before a fragment no stripe record references is deleted")
+    parser.add_argument("--session-lease", type=float,
+                        help="seconds a client session lives without renewal; then its open unlinked files go")
+    parser.add_argument("--deep-scrub-interval", type=float,
+                        help="seconds between deep-scrub passes (fragment digests vs stripe records; 0: off)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -181,6 +225,12 @@ _FLAG_TO_FIELD = {
     "grace_period": "node_grace_period_s",
     "gc_interval": "gc_interval_s",
     "gc_grace": "gc_grace_s",
+    "repair_after": "repair_after_s",
+    "repair_mib_s": "repair_mib_s",
+    "repair_scan_interval": "repair_scan_interval_s",
+    "orphan_grace": "orphan_grace_s",
+    "session_lease": "session_lease_s",
+    "deep_scrub_interval": "deep_scrub_interval_s",
 }
 
 
@@ -194,6 +244,11 @@ def config_from_args(args: argparse.Namespace) -> MetaConfig:
     if config.sync_interval_s < 0 or config.node_grace_period_s <= 0 or config.gc_interval_s <= 0 or \
             config.gc_grace_s < 0:
         raise ConfigError("sync interval and gc grace must be >= 0; grace period and gc interval must be > 0")
+    if config.repair_after_s < 0 or config.repair_mib_s <= 0 or config.repair_scan_interval_s <= 0 or \
+            config.repair_parallelism < 1:
+        raise ConfigError("repair after must be >= 0; repair MiB/s, scan interval and parallelism must be > 0")
+    if config.session_lease_s <= 0 or config.deep_scrub_interval_s < 0 or config.deep_scrub_mib_s <= 0:
+        raise ConfigError("session lease and deep-scrub MiB/s must be > 0; deep-scrub interval >= 0 (0: off)")
     return config
 
 
