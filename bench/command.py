@@ -20,7 +20,8 @@ import click
 @click.option("--targets", default=None, metavar="LIST",
               help="comma-separated: deepfs (FUSE + client/adapter), deepfs-client, local, bindfs, gluster "
                    "[default: deepfs,local,bindfs,gluster; --quick: deepfs,local,bindfs]")
-@click.option("--suites", default=None, metavar="LIST", help="fio,smallfiles,checkpoint,degraded [default: all]")
+@click.option("--suites", default=None, metavar="LIST",
+              help="fio,smallfiles,checkpoint,degraded,repair [default: all]")
 @click.option("--jobs", "fio_jobs", default=None, metavar="LIST",
               help="fio jobs to run [default: all eight; quick: five]")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
@@ -36,6 +37,10 @@ import click
 @click.option("--drop-caches/--no-drop-caches", default=None,
               help="drop the page cache before reads (root) [on; quick off]")
 @click.option("--buffered", is_flag=True, help="fio without O_DIRECT")
+@click.option("--repair-mb", type=click.IntRange(16), default=None,
+              help="data on the repair suite's cluster when it loses a node, MiB [1024; quick 64]")
+@click.option("--repair-mib-s", type=click.FloatRange(1), default=None,
+              help="the repair suite's repair bandwidth, MiB/s read + written [50; quick 30]")
 @click.option("--nodes", type=click.IntRange(1), default=6, show_default=True, help="DeepFS storage nodes")
 @click.option("--k", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--m", type=click.IntRange(0), default=2, show_default=True)
@@ -44,11 +49,13 @@ import click
 def bench(quick: bool, targets: str | None, suites: str | None, fio_jobs: str | None, out_dir: str | None,
           reps: int | None, runtime: float | None, ramp: float | None, size_mb: int | None,
           smallfiles_count: int | None, smallfiles_threads: int | None, checkpoint_mb: int | None,
-          drop_caches: bool | None, buffered: bool, nodes: int, k: int, m: int, work_dir: str | None) -> None:
+          drop_caches: bool | None, buffered: bool, repair_mb: int | None, repair_mib_s: float | None, nodes: int,
+          k: int, m: int, work_dir: str | None) -> None:
     """Benchmark DeepFS beside the local disk, bindfs and GlusterFS, side by side in one run.
 
     Starts a local cluster (and the other targets), runs the fio job set, small
-    files, checkpoints and degraded reads on each, writes results.json,
+    files, checkpoints and degraded reads on each, then the repair suite on a
+    cluster of its own, writes results.json,
     results.md (ratios to DeepFS) and PNG charts, and stops everything again,
     also on Ctrl-C. See bench/RESULTS.md.
     """
@@ -72,7 +79,8 @@ def bench(quick: bool, targets: str | None, suites: str | None, fio_jobs: str | 
     overrides = {"reps": reps, "runtime_s": runtime, "ramp_s": ramp, "smallfiles_count": smallfiles_count,
                  "smallfiles_threads": smallfiles_threads, "drop_caches": drop_caches,
                  "file_size_bytes": size_mb << 20 if size_mb else None,
-                 "checkpoint_bytes": checkpoint_mb << 20 if checkpoint_mb else None}
+                 "checkpoint_bytes": checkpoint_mb << 20 if checkpoint_mb else None,
+                 "repair_data_bytes": repair_mb << 20 if repair_mb else None, "repair_mib_s": repair_mib_s}
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)

@@ -129,6 +129,7 @@ def markdown(data: dict[str, Any], chart_names: list[str]) -> str:
                             "on deepfs-client and PyTorch's FileSystemWriter/Reader (shards fsynced) on "
                             "the directories.")
     lines += _degraded_section(idx)
+    lines += _repair_section(idx)
     lines += _engines_section(idx, data)
     if chart_names:
         lines += ["## Charts", ""] + [f"![{Path(n).stem}]({n})" for n in chart_names] + [""]
@@ -215,6 +216,65 @@ def _degraded_section(idx: _Index) -> list[str]:
         return []
     return ["## Degraded mode (m servers stopped)", "",
             "| job | target | degraded | of healthy | stopped |", "| --- | --- | --- | --- | --- |", *rows, ""]
+
+
+REPAIR_TARGET = "deepfs-client"
+REPAIR_GOAL = 0.7  # of healthy, for foreground I/O during repair and for degraded 4 KiB reads
+REPAIR_SHARES = (
+    ("sequential 1 MiB write during repair", "during_repair_seqwrite_1m", "healthy_seqwrite_1m", "bw_mib_s", True),
+    ("sequential 1 MiB read during repair", "during_repair_seqread_1m", "healthy_seqread_1m", "bw_mib_s", True),
+    ("4 KiB random read, m nodes stopped: column rebuilds (now)", "degraded_randread_4k_columns",
+     "healthy_randread_4k", "iops", True),
+    ("4 KiB random read, m nodes stopped: whole-stripe rebuilds (before)", "degraded_randread_4k_whole_stripe",
+     "healthy_randread_4k", "iops", False),
+)
+
+
+def _repair_section(idx: _Index) -> list[str]:
+    """The repair suite (``bench.repair``): time back to full redundancy, and shares of healthy."""
+    results = [r for (suite, _, _), r in idx.by_key.items() if suite == "repair"]
+    if not results:
+        return []
+    p = next((r.get("params") for r in results if r.get("params")), None) or {}
+    lines = ["## Repair", ""]
+    if p:
+        lines += [f"A cluster of its own: {p.get('nodes')} storage nodes, RS {p.get('k')}+{p.get('m')}, "
+                  f"{(p.get('stripe_size_bytes') or 0) >> 20} MiB stripes, "
+                  f"{(p.get('data_bytes') or 0) / 2**20:.0f} MiB of data, `--repair-mib-s {p.get('repair_mib_s')}` "
+                  f"(bytes read + written), `--repair-after {p.get('repair_after_s')}`, "
+                  f"`--grace-period {p.get('grace_period_s')}`; I/O through {p.get('api')}, "
+                  f"{p.get('runtime_s')} s per job after {p.get('ramp_s')} s ramp.", ""]
+    lines += ["| measurement | figure | of healthy | goal |", "| --- | --- | --- | --- |"]
+    errors = [e for r in results for e in r.get("errors") or []]
+    total = idx.metric("repair", "time_to_redundancy", REPAIR_TARGET, "seconds")
+    if total:
+        lines.append(f"| time to full redundancy after kill -9 of one node and a wiped disk (down detection, "
+                     f"repair_after, rebuild) | {_spread(total)} s | | |")
+    rebuild = idx.metric("repair", "rebuild", REPAIR_TARGET, "seconds")
+    rate = idx.metric("repair", "rebuild", REPAIR_TARGET, "mib_s")
+    fragments = idx.median("repair", "rebuild", REPAIR_TARGET, "fragments")
+    if rebuild and rate:
+        lines.append(f"| rebuild, from repair_after to full redundancy | {_spread(rebuild)} s, {_spread(rate)} "
+                     f"MiB/s of fragments rebuilt ({_fmt(fragments)} fragments) | | |")
+    during = idx.median("repair", "during_repair", REPAIR_TARGET, "repair_mib_s")
+    for what, job, healthy_job, metric, has_goal in REPAIR_SHARES:
+        m, healthy = idx.metric("repair", job, REPAIR_TARGET, metric), idx.metric("repair", healthy_job,
+                                                                                 REPAIR_TARGET, metric)
+        if not m or not healthy:
+            continue
+        share = m["median"] / healthy["median"]
+        goal = (f"≥ {REPAIR_GOAL:.0%}: {'yes' if share >= REPAIR_GOAL else '**no**'}") if has_goal else ""
+        unit = "MiB/s" if metric == "bw_mib_s" else "IOPS"
+        extra = f" (repair at {_fmt(during)} MiB/s)" if job.startswith("during_repair") and during else ""
+        lines.append(f"| {what}{extra} | {_spread(m)} {unit} vs healthy {_spread(healthy)} | {share:.0%} | {goal} |")
+    lines += [""] + [f"- failed: {e}" for e in errors] + ([""] if errors else [])
+    return lines
+
+
+def _spread(m: dict[str, Any]) -> str:
+    if len(m.get("samples") or []) == 1:
+        return _fmt(m["median"])
+    return f"{_fmt(m['median'])} ({_fmt(m['min'])}–{_fmt(m['max'])})"
 
 
 def _engines_section(idx: _Index, data: dict[str, Any]) -> list[str]:

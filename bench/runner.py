@@ -32,12 +32,13 @@ from typing import Any
 
 from bench import degraded, fio_runner, pyio, report, smallfiles
 from bench.fio_runner import JOBS_BY_NAME, JobSpec, MiB, RunParams, Sample
+from bench.repair import RepairParams, RepairRun
 from bench.report import CHECKPOINT_JOBS
 from bench.stats import Result
 from bench.system import PageCache, load_average, machine_info, versions
 from bench.targets import ClusterSettings, Target, open_targets, parse_target_names
 
-SUITES = ("fio", "smallfiles", "checkpoint", "degraded")
+SUITES = ("fio", "smallfiles", "checkpoint", "degraded", "repair")
 TEST_FILE = "bench.dat"
 QUICK_JOBS = ("seqwrite_1m_j1", "seqread_1m_j4", "randread_4k_j1_qd1", "randread_4k_j1_qd32", "randwrite_4k_j1")
 """Every job file, 1 and 4 jobs, both engines: the harness's paths in a fraction of the time."""
@@ -61,6 +62,9 @@ class BenchConfig:
     checkpoint_bytes: int = 1 << 30
     drop_caches: bool = True
     degraded_wait: bool = True  # wait until stopped nodes are marked down (steady state)
+    repair_data_bytes: int = 1 << 30  # what the repair suite's cluster holds when it loses a node
+    repair_mib_s: float = 50.0  # its repair bandwidth (bytes read + written; MetaConfig's default is 100)
+    repair_reps: int = 3
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     out_dir: Path | None = None
     work_dir: Path | None = None  # parent of the scratch directory (must be on the local disk)
@@ -71,7 +75,8 @@ class BenchConfig:
         """Seconds, tiny files: a smoke test of the harness itself (``make test`` runs it)."""
         return cls(quick=True, targets=parse_target_names("deepfs,local,bindfs"), jobs=list(QUICK_JOBS), reps=2,
                    runtime_s=0.25, ramp_s=0.0, file_size_bytes=16 * MiB, smallfiles_count=200,
-                   checkpoint_bytes=16 * MiB, drop_caches=False, degraded_wait=False)
+                   checkpoint_bytes=16 * MiB, drop_caches=False, degraded_wait=False,
+                   repair_data_bytes=64 * MiB, repair_mib_s=30.0, repair_reps=1)
 
 
 def run(config: BenchConfig, log: Any = None) -> int:
@@ -97,6 +102,8 @@ class Runner:
         self.page_cache = PageCache(config.drop_caches)
         self.phase_seconds: dict[str, float] = {}
         self.params = RunParams(config.file_size_bytes, config.runtime_s, config.ramp_s, config.direct)
+        self.work: Path | None = None
+        self._repair_params: dict[str, Any] = {}
 
     # ---------------------------------------------------------------- main
     def run(self) -> int:
@@ -108,7 +115,8 @@ class Runner:
         status, error = "complete", None
         with _signals_raise(), contextlib.ExitStack() as stack:
             try:
-                work = Path(tempfile.mkdtemp(prefix="deepfs-bench-", dir=config.work_dir or _default_work_parent()))
+                work = self.work = Path(tempfile.mkdtemp(prefix="deepfs-bench-",
+                                                         dir=config.work_dir or _default_work_parent()))
                 stack.callback(shutil.rmtree, work, ignore_errors=True)
                 with self._phase("start targets"):
                     self.targets = open_targets(stack, config.targets, work, config.cluster, self.log)
@@ -148,6 +156,9 @@ class Runner:
             with self._phase("degraded"):
                 degraded.run([t for t in ok if t.name in self.setup], self.config.reps, self.config.degraded_wait,
                              self._degraded_one, self._degraded_skip, self.log)
+        if "repair" in suites and any(t.name in ("deepfs", "deepfs-client") for t in ok):
+            with self._phase("repair"):
+                self._repair_suite()
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -251,10 +262,11 @@ class Runner:
         result.metric("p99_us", "µs", higher_is_better=False).add(sample.p99_us)
         result.metric("mean_lat_us", "µs", higher_is_better=False).add(sample.mean_lat_us)
 
-    def _result(self, suite: str, job: str, target: Target) -> Result:
-        key = (suite, job, target.name)
+    def _result(self, suite: str, job: str, target: Target | str) -> Result:
+        name = target if isinstance(target, str) else target.name
+        key = (suite, job, name)
         if key not in self.results:
-            self.results[key] = Result(suite, job, target.name)
+            self.results[key] = Result(suite, job, name)
         return self.results[key]
 
     # ------------------------------------------------------ degraded suite
@@ -264,6 +276,34 @@ class Runner:
     def _degraded_skip(self, target: Target, reason: str) -> None:
         for name in degraded.DEGRADED_JOBS:
             self._result("degraded", name, target).errors.append(f"degraded mode not run: {reason}")
+
+    # ------------------------------------------------------- repair suite
+    def _repair_suite(self) -> None:
+        """``bench.repair`` on a cluster of its own; its figures are rows of target deepfs-client."""
+        config = self.config
+        assert self.work is not None
+        params = RepairParams(
+            data_bytes=config.repair_data_bytes, repair_mib_s=config.repair_mib_s,
+            # Longer than one degraded sample, so stopped nodes are back before repair would start.
+            repair_after_s=round(config.ramp_s + config.runtime_s + 2.0, 2),
+            foreground_bytes=min(config.file_size_bytes, 256 * MiB), runtime_s=config.runtime_s,
+            ramp_s=config.ramp_s, reps=config.repair_reps)
+        run = RepairRun(self.work / "deepfs-repair", config.cluster, params, self._repair_figure, self.log)
+        self.log(f"[repair] cluster of {run.settings.nodes} nodes, {params.data_bytes / MiB:.0f} MiB, "
+                 f"--repair-mib-s {params.repair_mib_s:g}, --repair-after {params.repair_after_s:g}")
+        self._repair_params = run.describe()
+        try:
+            run.run()
+        except (KeyboardInterrupt, _Interrupted):
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
+            self._result("repair", "time_to_redundancy", _REPAIR_TARGET).errors.append(repr(exc))
+            self.log(f"[repair] FAILED: {exc!r}")
+
+    def _repair_figure(self, job: str, metric: str, unit: str, value: float, higher: bool) -> None:
+        result = self._result("repair", job, _REPAIR_TARGET)
+        result.params = self._repair_params
+        result.metric(metric, unit, higher).add(value)
 
     # ----------------------------------------------------- small files
     def _smallfiles_suite(self, targets: list[Target]) -> None:
@@ -388,6 +428,9 @@ class Runner:
             "setup": self.setup,
             "results": [r.to_json() for r in self.results.values()],
         }
+
+
+_REPAIR_TARGET = "deepfs-client"
 
 
 def _rotated(targets: list[Target], rep: int) -> list[Target]:

@@ -64,9 +64,17 @@ def test_quick_run_reports_every_target(tmp_path: Path) -> None:
     assert figures("fio", "randread_4k_j1_qd1", "p99_us")["deepfs"][0] > 0
     degraded = figures("degraded", "seqread_1m_j1", "bw_mib_s")
     assert degraded.get("deepfs") and degraded.get("deepfs-client"), degraded
+    repair = [("time_to_redundancy", "seconds"), ("rebuild", "mib_s"), ("healthy_seqwrite_1m", "bw_mib_s"),
+              ("during_repair_seqwrite_1m", "bw_mib_s"), ("during_repair_seqread_1m", "bw_mib_s"),
+              ("healthy_randread_4k", "iops"), ("degraded_randread_4k_columns", "iops"),
+              ("degraded_randread_4k_whole_stripe", "iops")]
+    for job, metric in repair:
+        samples = figures("repair", job, metric).get("deepfs-client")
+        assert samples and all(s > 0 for s in samples), (job, samples)
 
     markdown = (out / "results.md").read_text()
     assert "| seqread_1m_j4 |" in markdown and "## Small files" in markdown and "## Checkpoint" in markdown
+    assert "## Repair" in markdown and "column rebuilds (now)" in markdown
     for name in ("throughput", "iops", "p99"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -116,3 +116,33 @@ def test_report_ratios_goals_and_skipped_targets(tmp_path: Path) -> None:
     assert "failed [1]" in md and "- gluster / randwrite_4k_j1: rep 1: fio exited with 1" in md
     assert json.loads(paths["json"].read_text())["targets"]["bindfs"]["reason"] == "bindfs is not installed"
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_report_repair_section_gives_shares_of_healthy_and_goals() -> None:
+    params = {"nodes": 7, "k": 4, "m": 2, "repair_mib_s": 50.0, "data_bytes": 1 << 30}
+
+    def row(job: str, **metrics: list[float]) -> dict:
+        result = Result("repair", job, "deepfs-client")
+        for metric, samples in metrics.items():
+            for sample in samples:
+                result.metric(metric, "u", metric not in ("seconds",)).add(sample)
+        return {**result.to_json(), "params": params}
+
+    data = {
+        "status": "complete", "config": {}, "machine": {}, "versions": {},
+        "targets": {"deepfs-client": {"status": "ok"}},
+        "results": [
+            row("time_to_redundancy", seconds=[30.0]),
+            row("rebuild", seconds=[20.0], mib_s=[10.0], fragments=[200]),
+            row("healthy_seqread_1m", bw_mib_s=[400, 500, 600]), row("during_repair_seqread_1m", bw_mib_s=[250]),
+            row("healthy_randread_4k", iops=[1000]), row("degraded_randread_4k_columns", iops=[800]),
+            row("degraded_randread_4k_whole_stripe", iops=[300]),
+        ],
+    }
+    md = report.markdown(data, [])
+    assert "## Repair" in md and "`--repair-mib-s 50.0`" in md and "1024 MiB of data" in md
+    assert "| 30.0 s | | |" in md and "| 20.0 s, 10.0 MiB/s of fragments rebuilt (200 fragments) | | |" in md
+    assert "| sequential 1 MiB read during repair | 250 MiB/s vs healthy 500 (400–600) | 50% | ≥ 70%: **no** |" in md
+    assert "column rebuilds (now) | 800 IOPS vs healthy 1,000 | 80% | ≥ 70%: yes |" in md
+    assert "whole-stripe rebuilds (before) | 300 IOPS vs healthy 1,000 | 30% |  |" in md
+    assert "seqwrite" not in md  # rows without figures are left out

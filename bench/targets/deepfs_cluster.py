@@ -32,6 +32,7 @@ class ClusterSettings:
     m: int = 2
     stripe_size: int = 4 << 20
     fsync: bool = True
+    meta_args: tuple[str, ...] = ()  # more metadata server flags, e.g. ("--repair-after", "5") (the repair suite)
 
 
 class DeepFSCluster(FailureGroup):
@@ -51,7 +52,8 @@ class DeepFSCluster(FailureGroup):
             shutil.rmtree(self.base)
         self.base.mkdir(parents=True)
         try:
-            self.cluster = LocalCluster(self.base / "data", s.nodes, s.k, s.m, s.stripe_size, fsync=s.fsync).start()
+            self.cluster = LocalCluster(self.base / "data", s.nodes, s.k, s.m, s.stripe_size, fsync=s.fsync,
+                                        extra_meta_args=list(s.meta_args)).start()
         except (RuntimeError, TimeoutError, OSError) as exc:
             raise TargetSkipped(f"local cluster did not start: {first_line(exc)}") from exc
         return self

@@ -8,9 +8,25 @@ slot ``MISSING_NODE``) for repair.
 
 Read: bytes of a stripe map straight onto data fragments, read as ranges
 with no decode. If any piece fails (node down, slow past the deadline,
-checksum error, fragment missing) the stripe is read degraded: whole
-fragments from any k nodes, each verified against the CRC recorded at
-commit, then decoded.
+checksum error, fragment missing) the stripe is read degraded, one of two ways:
+
+- a small read (at most ``1 / COLUMN_READ_FRACTION`` of a fragment, not
+  continuing the previous degraded read of the stripe) rebuilds only the
+  columns it needs: the same byte range of k other fragments (data ones
+  first), each checked like a range read, decoded with
+  ``codec.rebuild_columns``. A 4 KiB random read then costs k small reads,
+  not a stripe;
+- a large or sequential one reads whole fragments from any k nodes, each
+  verified against the CRC recorded at commit, decodes the stripe and keeps
+  it for the next reads of it.
+
+End-to-end: every fragment reply carries the node's digest of the fragment
+(the CRC of its block-CRC table), compared with the digest committed in the
+stripe record. A fragment replaced on disk with self-consistent CRCs passes
+the node's block checks but not this one; a mismatch counts like a checksum
+error (``IOStats.bad_fragments``, degraded read), and the node is asked to
+quarantine it (``QUARANTINE_FRAGMENT``), which it does only if its own digest
+disagrees too; it then reports it for repair.
 """
 
 from __future__ import annotations
@@ -21,13 +37,14 @@ import logging
 import os
 import secrets
 from collections import OrderedDict
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 
 import trio
 
 from deepfs import codec
 from deepfs.buffers import PoolSet
-from deepfs.checksums import BLOCK_SIZE, block_crcs, verify_fragment
+from deepfs.checksums import BLOCK_SIZE, Buffer, block_crcs, verify_fragment
 from deepfs.client._cluster import ClusterView
 from deepfs.concurrency import run_all
 from deepfs.errors import ChecksumError, UnavailableError
@@ -35,9 +52,11 @@ from deepfs.frames import Op
 from deepfs.layout import ALIGNMENT, Layout, stripe_range_to_fragments
 from deepfs.messages import MISSING_NODE, FragmentKey, StripeRecord
 from deepfs.messages.storage_requests import (
+    GET_DIGEST,
     delete_fragment_body,
     get_fragment_body,
     put_fragment_body,
+    quarantine_fragment_body,
 )
 from deepfs.placement import place_stripe
 
@@ -53,6 +72,12 @@ CHECK_HERE_BYTES = 256 << 10
 the node then sends the bytes from its page cache unread (sendfile), which saves it
 two copies. A mismatch reads the stripe degraded, whose whole-fragment reads the node
 verifies itself (and quarantines a fragment that is bad on disk)."""
+COLUMN_READ_FRACTION = 8
+"""Degraded reads of at most 1/8 of a fragment rebuild just their columns. Column reads cost k
+times the bytes read (a whole-stripe rebuild: k whole fragments) but are not kept, so larger
+reads, whose neighbours are likely read next, rebuild and keep the whole stripe."""
+SEQUENTIAL_READS_KEPT = 64
+"""Where the last degraded reads of this many stripes ended: a read continuing one is sequential."""
 ENCODE_IN_THREAD_BYTES = 256 << 10
 """Stripes from this size are encoded in a worker thread (ISA-L and CRC32C drop
 the GIL), so the event loop keeps sending the fragments of other stripes."""
@@ -114,7 +139,8 @@ class IOStats:
     lent_stripes: int = 0  # written straight from the caller's memory (pwrite(zero_copy=True))
     degraded_writes: int = 0
     range_reads: int = 0
-    degraded_reads: int = 0
+    degraded_reads: int = 0  # reads served from other fragments than the ones holding the bytes
+    column_reads: int = 0  # of them, rebuilt from k fragments' ranges, not a whole stripe
     checksum_errors: int = 0
     bad_fragments: list[tuple[int, int, int, int, int]] = field(default_factory=list)
 
@@ -126,6 +152,10 @@ class StripeIO:
         self.stats = IOStats()
         self._rebuilt: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
         self._rebuilding: dict[tuple[int, int, int], trio.Event] = {}
+        self._degraded_ends: OrderedDict[tuple[int, int], int] = OrderedDict()  # (ino, stripe) -> end offset
+        self.column_reads = True
+        """False: every degraded read rebuilds the whole stripe (as before column reads; the
+        repair benchmark measures both)."""
         self._parity_pools = PoolSet()
         self._encoders = trio.CapacityLimiter(os.cpu_count() or 1)
 
@@ -160,6 +190,10 @@ class StripeIO:
             )
         version = min_version + secrets.randbelow(VERSION_JITTER)
         placement = place_stripe(ino, index, layout.width, list(self.cluster.nodes.values()), self.cluster.suspects())
+        if sum(1 for p in placement if p != MISSING_NODE) < layout.k:
+            await self.cluster.wait_for_live_nodes(layout.k)  # a stale map, e.g. of a restarting metadata server
+            placement = place_stripe(ino, index, layout.width, list(self.cluster.nodes.values()),
+                                     self.cluster.suspects())
         if sum(1 for p in placement if p != MISSING_NODE) < layout.k:
             raise UnavailableError(
                 f"only {len(self.cluster.live_nodes())} storage node(s) are up; "
@@ -278,36 +312,113 @@ class StripeIO:
         if have <= 0:
             return
         pieces = stripe_range_to_fragments(record.fragment_size, start, have)
+        failed: set[int] = set()
         if all(self.cluster.is_usable(record.placement[p.index]) for p in pieces):
             try:
                 await run_all(
                     functools.partial(self._read_piece, ino, record, p.index, p.start,
-                                      out[p.stripe_offset - start : p.stripe_offset - start + p.length])
+                                      out[p.stripe_offset - start : p.stripe_offset - start + p.length], failed)
                     for p in pieces
                 )
                 self.stats.range_reads += 1
                 return
             except (OSError, trio.TooSlowError) as exc:
                 log.info("range read of stripe %s/%s failed (%s); reading degraded", ino, record.index, exc)
+        if self._by_columns(ino, record, start, have):
+            await run_all(
+                functools.partial(self._read_or_rebuild_piece, ino, layout, record, p.index, p.start,
+                                  out[p.stripe_offset - start : p.stripe_offset - start + p.length], failed)
+                for p in pieces
+            )
+            self.stats.degraded_reads += 1
+            self.stats.column_reads += 1
+            return
         stripe = await self.read_degraded(ino, layout, record)
         out[:have] = stripe[start : start + have]
 
-    async def _read_piece(self, ino: int, record: StripeRecord, slot: int, start: int, dest: memoryview) -> None:
+    def _by_columns(self, ino: int, record: StripeRecord, start: int, length: int) -> bool:
+        """Whether a degraded read of stripe bytes [start, start+length) rebuilds just its columns
+        (see the module docstring), and remembers where it ended to tell the next one."""
+        key = (ino, record.index)
+        sequential = self._degraded_ends.pop(key, None) == start
+        self._degraded_ends[key] = start + length
+        if len(self._degraded_ends) > SEQUENTIAL_READS_KEPT:
+            self._degraded_ends.popitem(last=False)
+        return (self.column_reads and not sequential and length * COLUMN_READ_FRACTION <= record.fragment_size
+                and (ino, record.index, record.version) not in self._rebuilt)
+
+    async def _read_piece(self, ino: int, record: StripeRecord, slot: int, start: int, dest: memoryview,
+                          failed: set[int] | None = None) -> None:
+        """Fragment ``slot``'s bytes [start, start+len(dest)) into ``dest``, checked; a slot
+        that fails goes into ``failed``, so a degraded read does not ask it again."""
         node_id = record.placement[slot]
         key = FragmentKey(ino, record.index, record.version, slot)
         body = get_fragment_body(key, start, len(dest), with_crcs=len(dest) >= CHECK_HERE_BYTES)
         try:
-            reply, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body, into=dest)
-        except OSError as exc:
-            if exc.errno == errno.EBADMSG:
-                self._report_bad(ino, record, slot, node_id)
+            try:
+                reply, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body, into=dest)
+            except OSError as exc:
+                if exc.errno == errno.EBADMSG:
+                    self._report_bad(ino, record, slot, node_id)
+                raise
+            if reply.get(GET_DIGEST) != record.digests[slot]:
+                raise ChecksumError(await self._digest_mismatch(ino, record, slot, node_id, reply))
+            if len(payload) != len(dest):
+                raise OSError(errno.EIO, f"node {node_id} returned {len(payload)} of {len(dest)} bytes")
+            if payload.obj is not dest.obj:
+                dest[:] = payload
+            if "crcs" in reply:  # the node sent the blocks unread: check them here
+                _check_blocks(dest, reply, f"fragment {slot} of stripe {ino}/{record.index} from node {node_id}")
+        except (OSError, trio.TooSlowError):
+            if failed is not None:
+                failed.add(slot)
             raise
-        if len(payload) != len(dest):
-            raise OSError(errno.EIO, f"node {node_id} returned {len(payload)} of {len(dest)} bytes")
-        if payload.obj is not dest.obj:
-            dest[:] = payload
-        if "crcs" in reply:  # the node sent the blocks unread: check them here
-            _check_blocks(dest, reply, f"fragment {slot} of stripe {ino}/{record.index} from node {node_id}")
+
+    async def _read_or_rebuild_piece(self, ino: int, layout: Layout, record: StripeRecord, slot: int, start: int,
+                                     dest: memoryview, failed: set[int]) -> None:
+        """Data fragment ``slot``'s bytes [start, start+len(dest)): read as they are when its node
+        is usable and did not fail already, else rebuilt from the same columns of k other fragments."""
+        if slot not in failed and self.cluster.is_usable(record.placement[slot]):
+            try:
+                await self._read_piece(ino, record, slot, start, dest, failed)
+                return
+            except (OSError, trio.TooSlowError) as exc:
+                log.info("range read of fragment %s of stripe %s/%s failed (%s); rebuilding its columns",
+                         slot, ino, record.index, exc)
+        length = len(dest)
+        errors: list[str] = []
+
+        async def fetch(source: int) -> bytearray | None:
+            piece = bytearray(length)
+            try:
+                await self._read_piece(ino, record, source, start, memoryview(piece), failed)
+            except OSError as exc:
+                errors.append(f"node {record.placement[source]}: {exc.strerror or exc}")
+                return None
+            except trio.TooSlowError:
+                errors.append(f"node {record.placement[source]}: timed out")
+                return None
+            return piece
+
+        sources = [s for s in range(layout.width) if s != slot and s not in failed]
+        got = await self._first_k(layout, record, sources, fetch)
+        if len(got) < layout.k and slot not in failed:
+            # Its node was only suspect (avoided after an earlier failure), and too few others
+            # answer: it may well serve its own bytes, as the whole-stripe path would try.
+            piece = await fetch(slot)
+            if piece is not None:
+                dest[:] = piece
+                return
+        if len(got) < layout.k:
+            raise UnavailableError(
+                f"stripe {record.index} of inode {ino} is unreadable: {len(got)} of the {layout.k} fragments needed "
+                f"are available ({'; '.join(errors) or 'no live nodes'})"
+            )
+        if length < ENCODE_IN_THREAD_BYTES:
+            rebuilt = codec.rebuild_columns(layout, got, [slot])
+        else:
+            rebuilt = await trio.to_thread.run_sync(codec.rebuild_columns, layout, got, [slot])
+        dest[:] = rebuilt[slot]
 
     async def read_degraded(self, ino: int, layout: Layout, record: StripeRecord) -> bytes:
         """Whole stripe from any k verified fragments (decode).
@@ -341,30 +452,45 @@ class StripeIO:
             del self._rebuilding[key]
             done.set()
 
-    async def _rebuild(self, ino: int, layout: Layout, record: StripeRecord) -> bytes:
-        self.stats.degraded_reads += 1
+    async def _first_k(self, layout: Layout, record: StripeRecord, slots: list[int],
+                       fetch: Callable[[int], Awaitable[Buffer | None]]) -> dict[int, Buffer]:
+        """``fetch`` k of ``slots`` that hold a fragment, k at a time, in order (usable nodes
+        first, data fragments before parity), until k succeeded or none are left."""
         order = sorted(
-            (slot for slot, node in enumerate(record.placement) if node != MISSING_NODE),
+            (slot for slot in slots if record.placement[slot] != MISSING_NODE),
             key=lambda slot: (not self.cluster.is_usable(record.placement[slot]), slot),
         )
-        got: dict[int, bytes] = {}
-        errors: list[str] = []
+        got: dict[int, Buffer] = {}
         queue = iter(order)
-        lock = trio.Lock()
+        in_flight = 0
 
         async def worker() -> None:
-            while len(got) < layout.k:
-                async with lock:
-                    slot = next(queue, None)
+            # A worker takes the next slot only while the fetches in flight cannot make k; one
+            # whose fetch failed goes on, so every failure is replaced. (No await between the
+            # check and the take: trio runs one task at a time.)
+            nonlocal in_flight
+            while len(got) + in_flight < layout.k:
+                slot = next(queue, None)
                 if slot is None:
                     return
-                fragment = await self._fetch_whole(ino, record, slot, errors)
-                if fragment is not None and len(got) < layout.k:
+                in_flight += 1
+                try:
+                    fragment = await fetch(slot)
+                finally:
+                    in_flight -= 1
+                if fragment is not None:
                     got[slot] = fragment
 
         async with trio.open_nursery() as nursery:
             for _ in range(layout.k):
                 nursery.start_soon(worker)
+        return got
+
+    async def _rebuild(self, ino: int, layout: Layout, record: StripeRecord) -> bytes:
+        self.stats.degraded_reads += 1
+        errors: list[str] = []
+        got = await self._first_k(layout, record, list(range(len(record.placement))),
+                                  functools.partial(self._fetch_whole, ino, record, errors=errors))
         if len(got) < layout.k:
             raise UnavailableError(
                 f"stripe {record.index} of inode {ino} is unreadable: {len(got)} of the {layout.k} fragments needed "
@@ -374,25 +500,41 @@ class StripeIO:
             return codec.decode_stripe(layout, record.length, got)
         return await trio.to_thread.run_sync(codec.decode_stripe, layout, record.length, got)
 
-    async def _fetch_whole(self, ino: int, record: StripeRecord, slot: int, errors: list[str]) -> bytes | None:
+    async def _fetch_whole(self, ino: int, record: StripeRecord, slot: int, *, errors: list[str]) -> bytes | None:
         node_id = record.placement[slot]
         body = get_fragment_body(FragmentKey(ino, record.index, record.version, slot), 0, record.fragment_size)
         try:
-            _, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body)
-            data = bytes(payload)
+            reply, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body)
+        except OSError as exc:
+            if exc.errno == errno.EBADMSG:  # the node found it corrupt and quarantined it
+                self._report_bad(ino, record, slot, node_id)
+            errors.append(f"node {node_id}: {exc.strerror or exc}")
+            return None
+        except trio.TooSlowError:
+            errors.append(f"node {node_id}: timed out")
+            return None
+        if reply.get(GET_DIGEST) != record.digests[slot]:
+            errors.append(await self._digest_mismatch(ino, record, slot, node_id, reply))
+            return None
+        data = bytes(payload)
+        try:
+            # The node checked its blocks, but the payload is not checksummed on the wire.
             verify_fragment(data, record.digests[slot],
                             f"fragment {slot} of stripe {ino}/{record.index} on node {node_id}")
-            return data
         except ChecksumError as exc:
             self._report_bad(ino, record, slot, node_id)
             errors.append(str(exc))
-        except OSError as exc:
-            if exc.errno == errno.EBADMSG:
-                self._report_bad(ino, record, slot, node_id)
-            errors.append(f"node {node_id}: {exc.strerror or exc}")
-        except trio.TooSlowError:
-            errors.append(f"node {node_id}: timed out")
-        return None
+            return None
+        return data
+
+    async def _digest_mismatch(self, ino: int, record: StripeRecord, slot: int, node_id: int, reply: dict) -> str:
+        """The node holds other bytes than the stripe record's writer stored: count it and ask
+        the node to quarantine it (it then reports it for repair). Returns what went wrong."""
+        self._report_bad(ino, record, slot, node_id)
+        body = quarantine_fragment_body(FragmentKey(ino, record.index, record.version, slot), record.digests[slot])
+        await self._quiet_call(node_id, Op.QUARANTINE_FRAGMENT, body)
+        return (f"fragment {slot} of stripe {ino}/{record.index} on node {node_id}: digest "
+                f"{reply.get(GET_DIGEST)!r:.12}, the stripe record says {record.digests[slot]}")
 
     def _report_bad(self, ino: int, record: StripeRecord, slot: int, node_id: int) -> None:
         self.stats.checksum_errors += 1
