@@ -5,12 +5,12 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio bindfs git sqlite3 tar
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio bindfs git sqlite3 tar iproute2 nftables
 STAMP := $(VENV)/.installed-stamp
 DATA_DIR ?= ./deepfs-data
 MOUNTPOINT ?= ./mnt
 
-.PHONY: run test lint test-unit test-process test-fuse test-cuda deps venv proto bench clean
+.PHONY: run test lint test-unit test-process test-fuse test-cuda chaos deps venv proto bench clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -55,6 +55,14 @@ test-fuse: venv
 # skips, when torch sees none (make test reports these tests as skipped there).
 test-cuda: venv
 	DEEPFS_REQUIRE_CUDA=1 $(PY) -m pytest -q tests/test_torch_cuda.py
+
+# The chaos test of make test, for minutes: nodes, the metadata server and the mount daemon fail under
+# load, then every acknowledged file must read back and repair restore every stripe. A failure prints
+# its seed; replay it with make chaos CHAOS_SEED=N. (make test runs a 30 s version with a fixed seed.)
+CHAOS_SECONDS ?= 300
+CHAOS_SEED ?= $(shell date +%s)
+chaos: venv
+	DEEPFS_CHAOS_SECONDS=$(CHAOS_SECONDS) DEEPFS_CHAOS_SEED=$(CHAOS_SEED) $(PY) -m pytest -q -s tests/test_chaos.py -k long
 
 # The full benchmark (~20 min; installs GlusterFS from Debian's packages when missing).
 # Options go in BENCH_ARGS, e.g. make bench BENCH_ARGS="--targets deepfs,local --reps 5".

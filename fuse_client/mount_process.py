@@ -37,7 +37,7 @@ def is_stale(mountpoint: str | Path) -> bool:
     if not is_mounted(mountpoint):
         return False
     try:
-        os.stat(mountpoint)
+        os.statvfs(mountpoint)  # not stat: the kernel may answer that from its attribute cache
     except OSError as exc:
         return exc.errno == errno.ENOTCONN
     return False
@@ -94,11 +94,13 @@ class MountProcess:
         return self.proc is not None and self.proc.poll() is None
 
     def start(self, timeout_s: float = 30) -> MountProcess:
-        self.mountpoint.mkdir(parents=True, exist_ok=True)
+        # The stale check comes first: mkdir (and every stat) of a mount whose daemon
+        # died fails with ENOTCONN.
         if is_stale(self.mountpoint):
             unmount(self.mountpoint, lazy=True)  # left by a killed daemon: nothing to lose
         elif is_mounted(self.mountpoint):
             raise RuntimeError(f"{self.mountpoint} is already mounted; 'deepfs umount {self.mountpoint}' first")
+        self.mountpoint.mkdir(parents=True, exist_ok=True)
         if self.log_path is None:
             fd, name = tempfile.mkstemp(prefix="deepfs-mount-", suffix=".log")
             os.close(fd)

@@ -17,6 +17,15 @@ What each helper is for:
   ``kill_9`` a process.
 - ``TcpProxy``: a proxy in front of a server that passes, blackholes or
   delays traffic: a network partition without root or ``tc``.
+- Network (``deepfs.testing.netns``, root only): ``HostNetwork`` gives each
+  storage node a network namespace and IP of its own behind a bridge, and
+  cuts one off silently (nftables drops) or takes its link down;
+  ``NetnsCluster`` is a ``LocalCluster`` whose nodes run there;
+  ``network_unavailable`` says why not (for a skip).
+- Load (``deepfs.testing.workload``): ``Workload`` runs library and mount
+  writers and verifying readers in threads during faults, recording every
+  acknowledged write in a ``Ledger``; ``verify_files`` and
+  ``placement_problems`` check the end state.
 - ``MemoryCluster`` (``deepfs.testing.memory_cluster``): a metadata server
   and storage nodes inside the test's own trio loop, connected to an
   ``AsyncClient`` over memory streams (``MemoryTransport``): the client's
@@ -52,31 +61,40 @@ from deepfs.testing.faults import (
     resume,
 )
 from deepfs.testing.memory_cluster import MemoryCluster, MemoryTransport
+from deepfs.testing.netns import HostNetwork, NetnsCluster, network_unavailable
 from deepfs.testing.tcp_proxy import TcpProxy
 from deepfs.testing.waiting import wait_for
+from deepfs.testing.workload import Ledger, Workload, placement_problems, verify_files
 
 __all__ = [
     "FakeClock",
+    "HostNetwork",
+    "Ledger",
     "MemoryCluster",
     "MemoryTransport",
+    "NetnsCluster",
     "ProcessStartError",
     "ReadyCheck",
     "ServerProcess",
     "TcpProxy",
+    "Workload",
     "fill_node_disk",
     "flip_bytes",
     "forge_fragment",
     "fragment_files",
     "free_port",
     "kill_9",
+    "network_unavailable",
     "pause",
     "paused",
     "pid_file",
+    "placement_problems",
     "port_open",
     "quarantined_files",
     "ready_line",
     "remove_fragments",
     "resume",
     "stop_all",
+    "verify_files",
     "wait_for",
 ]
