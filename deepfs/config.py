@@ -23,6 +23,7 @@ class MetaConfig:
     host: str = "127.0.0.1"
     port: int = 7700  # framed namespace protocol
     grpc_port: int = 7701  # control plane
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None: not served (0: any free port)
     map_size_bytes: int = 8 << 30  # LMDB address space; grows with no cost until used
     sync_interval_s: float = 0.005  # group commit: the longest a commit waits for its disk sync
     node_grace_period_s: float = 6.0  # heartbeats missed this long mark a node down
@@ -62,6 +63,7 @@ class NodeConfig:
     data_dir: str = "./deepfs-data/node0"
     host: str = "127.0.0.1"
     port: int = 7710
+    metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None: not served (0: any free port)
     meta_grpc: str = "127.0.0.1:7701"
     failure_domain: str = ""  # empty: the node's own address
     advertise_address: str = ""  # HOST:PORT registered for clients (a proxy or NAT in front); empty: host:port

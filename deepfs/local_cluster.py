@@ -6,7 +6,9 @@ is a separate process started with ``python -m metadata`` or
 ``python -m storage_node``; their logs and a ``cluster.json`` describing the
 cluster live under the data directory. The metadata server keeps its ports
 across restarts so clients can reconnect; nodes re-register with their
-persisted uuid.
+persisted uuid. Every process serves Prometheus metrics on a free port of
+its own (``ProcessInfo.metrics_url``, kept across restarts) unless
+``metrics=False``.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import grpc
 
@@ -34,6 +37,7 @@ class ProcessInfo:
     pid: int
     log: str
     address: str = ""
+    metrics_url: str = ""  # http://HOST:PORT/metrics; empty: not served
 
 
 @dataclass
@@ -68,9 +72,11 @@ class LocalCluster:
 
     def __init__(self, data_dir: str | Path, nodes: int = 6, k: int = 4, m: int = 2,
                  stripe_size: int = 4 << 20, fsync: bool = True, host: str = "127.0.0.1",
-                 extra_meta_args: list[str] | None = None, extra_node_args: list[str] | None = None) -> None:
+                 extra_meta_args: list[str] | None = None, extra_node_args: list[str] | None = None,
+                 metrics: bool = True) -> None:
         self.data_dir = Path(data_dir).resolve()
         self.host = host
+        self.metrics = metrics
         self.node_count = nodes
         self.extra_meta_args = extra_meta_args or []
         self.extra_node_args = extra_node_args or []  # e.g. ["--capacity-bytes", "4M"]: a cluster that fills up
@@ -113,8 +119,12 @@ class LocalCluster:
             "--k", str(self.state.k), "--m", str(self.state.m), "--stripe-size", str(self.state.stripe_size),
             *self.extra_meta_args,
         ]
+        metrics_url = self._metrics_url(self.state.meta)
+        if metrics_url:
+            args += ["--metrics-port", str(urlsplit(metrics_url).port)]
         self.state.meta = self._spawn("meta", args, "deepfs-meta listening", timeout_s)
         self.state.meta.address = self.state.meta_address
+        self.state.meta.metrics_url = metrics_url
         self.state.save()
 
     def start_node(self, index: int, timeout_s: float = READY_TIMEOUT_S, wait_registered: bool = True,
@@ -129,12 +139,29 @@ class LocalCluster:
         ]
         if not self.state.fsync:
             args.append("--no-fsync")
+        metrics_url = self._metrics_url(previous)
+        if metrics_url:
+            args += ["--metrics-port", str(urlsplit(metrics_url).port)]
         args += self.extra_node_args + (extra_args or [])
         info = self._spawn(f"node{index}", args, "deepfs-node listening", timeout_s)
+        info.metrics_url = metrics_url
         self.state.nodes[index] = info
         self.state.save()
         if wait_registered:
             self.wait_nodes_up(sum(1 for n in self.state.nodes if n and self.process(n).alive()), timeout_s)
+
+    def _metrics_url(self, previous: ProcessInfo | None) -> str:
+        """The metrics URL a (re)started process gets: its old one, else one on a free port."""
+        if not self.metrics:
+            return ""
+        if previous is not None and previous.metrics_url:
+            return previous.metrics_url
+        return f"http://{self.host}:{free_port(self.host)}/metrics"
+
+    def metrics_urls(self) -> dict[str, str]:
+        """Process name → its metrics URL, for the processes that serve one."""
+        infos = [self.state.meta, *self.state.nodes]
+        return {info.name: info.metrics_url for info in infos if info is not None and info.metrics_url}
 
     def _spawn(self, name: str, args: list[str], ready: str, timeout_s: float) -> ProcessInfo:
         log_path = self.data_dir / "logs" / f"{name}.log"

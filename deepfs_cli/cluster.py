@@ -46,6 +46,11 @@ def up(nodes: int, k: int, m: int, stripe_size: int, data_dir: str, no_fsync: bo
     click.echo(f"  python:  deepfs.Client({cluster.meta_address!r})")
     click.echo(f"  mount:   deepfs mount {cluster.meta_address} ./mnt")
     click.echo(f"  stop:    deepfs down --data-dir {data_dir}")
+    urls = cluster.metrics_urls()
+    for i, (name, url) in enumerate(urls.items()):
+        click.echo(f"  {'metrics:' if i == 0 else '':9}{name:6} {url}")
+    if urls:
+        click.echo(f"  live:    deepfs top --data-dir {data_dir}")
 
 
 @click.command()
@@ -71,7 +76,17 @@ def status(data_dir: str, grpc_address: str | None) -> None:
 
     with control_plane(data_dir, grpc_address) as stub:
         reply = stub.Status(control_pb2.StatusRequest(), timeout=CONTROL_TIMEOUT_S)
-    render_status(reply)
+    render_status(reply, metrics_urls=None if grpc_address else local_metrics_urls(data_dir))
+
+
+def local_metrics_urls(data_dir: str) -> dict[str, str]:
+    """The metrics endpoints the local cluster in ``data_dir`` recorded; none for a cluster it did not start."""
+    from deepfs.local_cluster import LocalCluster
+
+    try:
+        return LocalCluster.attach(data_dir).metrics_urls()
+    except ConfigError:
+        return {}
 
 
 @click.command()

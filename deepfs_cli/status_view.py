@@ -4,12 +4,14 @@ Three tables: the storage nodes (liveness, admin state, capacity, scrub),
 the cluster summary (layout, capacity, files), and data health — stripes by
 how many fragments they lost, the repair queue with its rate and ETA, scrub
 progress and the errors it found. Rendering takes a ``StatusReply``, so
-``deepfs run`` and ``deepfs status`` show the same thing.
+``deepfs run`` and ``deepfs status`` show the same thing. For a local cluster
+a fourth table lists each process's Prometheus endpoint (from its
+``cluster.json``: the control plane does not know them).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import grpc
 from rich.console import Console
@@ -52,11 +54,24 @@ def fetch_status(grpc_address: str) -> control_pb2.StatusReply:
         return control_pb2_grpc.ClusterStub(channel).Status(control_pb2.StatusRequest(), timeout=STATUS_TIMEOUT_S)
 
 
-def render_status(reply: control_pb2.StatusReply, console: Console | None = None) -> None:
+def render_status(reply: control_pb2.StatusReply, console: Console | None = None,
+                  metrics_urls: Mapping[str, str] | None = None) -> None:
+    """``metrics_urls``: process name → its /metrics URL, shown when given."""
     console = console or wide_console()
     console.print(nodes_table(reply.map.nodes, title=f"DeepFS storage nodes (map epoch {reply.map.epoch})"))
     console.print(_summary_table(reply))
     console.print(_health_table(reply))
+    if metrics_urls:
+        console.print(metrics_table(metrics_urls))
+
+
+def metrics_table(metrics_urls: Mapping[str, str]) -> Table:
+    table = Table(title="Metrics (Prometheus)")
+    table.add_column("process")
+    table.add_column("endpoint")
+    for name, url in metrics_urls.items():
+        table.add_row(name, url)
+    return table
 
 
 def nodes_table(nodes: Iterable[control_pb2.NodeInfo], title: str) -> Table:

@@ -38,15 +38,20 @@ class AttrCache:
         self.ttl_s = ttl_s
         self.max_entries = max_entries
         self._entries: dict[int, tuple[float, Attr]] = {}
+        self.hits = 0  # lookups answered from the cache (the mount's metrics read these)
+        self.misses = 0
 
     def get(self, ino: int) -> Attr | None:
         found = self._entries.get(ino)
         if found is None:
+            self.misses += 1
             return None
         expires, attr = found
         if expires < time.monotonic():
             del self._entries[ino]
+            self.misses += 1
             return None
+        self.hits += 1
         return attr
 
     def put(self, attr: Attr) -> Attr:
@@ -75,19 +80,20 @@ class XattrCache:
         self.ttl_s = ttl_s
         self.max_inodes = max_inodes
         self._by_ino: dict[int, tuple[float, dict[bytes, bytes | None]]] = {}
+        self.hits = 0
+        self.misses = 0
 
     def get(self, ino: int, name: bytes) -> tuple[bool, bytes | None]:
         """(found, value): value None means the attribute is known to be absent."""
         found = self._by_ino.get(ino)
-        if found is None:
-            return False, None
-        expires, values = found
-        if expires < time.monotonic():
+        if found is not None and found[0] < time.monotonic():
             del self._by_ino[ino]
+            found = None
+        if found is None or name not in found[1]:
+            self.misses += 1
             return False, None
-        if name not in values:
-            return False, None
-        return True, values[name]
+        self.hits += 1
+        return True, found[1][name]
 
     def put(self, ino: int, name: bytes, value: bytes | None) -> None:
         if self.ttl_s <= 0:

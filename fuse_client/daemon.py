@@ -18,6 +18,7 @@ import pyfuse3
 import trio
 
 from deepfs.client import AsyncClient
+from fuse_client.metrics import start_fuse_metrics
 from fuse_client.mounts import mount_device
 from fuse_client.operations import DeepFSOperations
 from fuse_client.options import MountOptions
@@ -34,6 +35,10 @@ async def serve(options: MountOptions) -> None:
         if options.debug:
             fuse_options.add("debug")
         pyfuse3.init(ops, str(options.mountpoint), fuse_options)
+        exporter = None
+        if options.metrics_port is not None:
+            exporter = start_fuse_metrics(ops, options.metrics_host, options.metrics_port)
+            log.info("metrics on %s", exporter.url)
         try:
             log.info("%s: %s mounted at %s (pid %d)", READY_LINE, options.meta_address, options.mountpoint, os.getpid())
             async with trio.open_nursery() as nursery:
@@ -45,6 +50,8 @@ async def serve(options: MountOptions) -> None:
             with trio.CancelScope(shield=True):
                 await ops.shutdown()
             pyfuse3.close(unmount=True)
+            if exporter is not None:
+                exporter.stop()
             log.info("unmounted %s", options.mountpoint)
 
 

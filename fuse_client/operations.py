@@ -23,6 +23,7 @@ import functools
 import logging
 import os
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import ParamSpec, TypeVar
@@ -64,30 +65,53 @@ P = ParamSpec("P")
 R = TypeVar("R")
 
 
+FUSE_OPS: set[str] = set()
+"""Names of the FUSE operations ``fuse_errors`` wraps: the request metrics' op labels."""
+
+RequestDone = Callable[[str, float, int], None]
+"""``request_done(op, elapsed_s, errno)`` (``DeepFSOperations.request_done``, the mount's metrics)."""
+
+
 def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Turn whatever a handler raises into the errno the syscall returns."""
+    """Turn whatever a handler raises into the errno the syscall returns; report each
+    request to the operations' ``request_done`` when it has one."""
+    FUSE_OPS.add(fn.__name__)
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        started = time.perf_counter()
+        code = 0
         try:
-            return await fn(*args, **kwargs)
-        except pyfuse3.FUSEError:
+            return await _errno_of(fn, *args, **kwargs)
+        except pyfuse3.FUSEError as exc:
+            code = exc.errno
             raise
-        except OSError as exc:
-            raise pyfuse3.FUSEError(syscall_errno(exc)) from None
-        except BaseExceptionGroup as group:
-            sole = sole_exception(group)
-            if isinstance(sole, OSError):
-                raise pyfuse3.FUSEError(syscall_errno(sole)) from None
-            log.exception("%s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
-        except trio.TooSlowError:
-            raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
-        except Exception:
-            log.exception("%s failed", fn.__name__)
-            raise pyfuse3.FUSEError(errno.EIO) from None
+        finally:
+            request_done: RequestDone | None = getattr(args[0], "request_done", None)
+            if request_done is not None:
+                request_done(fn.__name__, time.perf_counter() - started, code)
 
     return wrapper
+
+
+async def _errno_of(fn: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs) -> R:
+    try:
+        return await fn(*args, **kwargs)
+    except pyfuse3.FUSEError:
+        raise
+    except OSError as exc:
+        raise pyfuse3.FUSEError(syscall_errno(exc)) from None
+    except BaseExceptionGroup as group:
+        sole = sole_exception(group)
+        if isinstance(sole, OSError):
+            raise pyfuse3.FUSEError(syscall_errno(sole)) from None
+        log.exception("%s failed", fn.__name__)
+        raise pyfuse3.FUSEError(errno.EIO) from None
+    except trio.TooSlowError:
+        raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
+    except Exception:
+        log.exception("%s failed", fn.__name__)
+        raise pyfuse3.FUSEError(errno.EIO) from None
 
 
 @dataclass
@@ -117,6 +141,7 @@ class DeepFSOperations(pyfuse3.Operations):
         self.files = OpenFiles(client, options.readahead_stripes)
         self.dirs = Directories(self._list_page, self._attr)
         self.stats = MountStats()
+        self.request_done: RequestDone | None = None  # the mount's metrics, when served (fuse_client/metrics.py)
 
     # ------------------------------------------------------------ helpers
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:

@@ -3,11 +3,19 @@
 ``deepfs mount`` and ``python -m fuse_client`` share this parser, so the
 options, their defaults and their help text live in one place. What each
 caching option changes is written up in ``docs/FUSE.md``.
+
+Who may enter the mount: the kernel always checks mode bits against our
+attributes (``default_permissions``). On top of that FUSE lets only the
+mounting user in unless ``allow_other`` is set. A root mount is usually one a
+whole training cluster shares, so root gets ``allow_other`` by default (as
+JuiceFS does); ``--no-allow-other`` opts out. Other users keep it off unless
+they ask, and may ask only if /etc/fuse.conf says ``user_allow_other``.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -15,6 +23,27 @@ from deepfs.config import ClientConfig
 
 DEFAULT_ATTR_TIMEOUT_S = 1.0
 DEFAULT_ENTRY_TIMEOUT_S = 1.0
+FUSE_CONF = Path("/etc/fuse.conf")
+
+
+def default_allow_other(euid: int) -> bool:
+    """Root mounts are shared mounts: other users in, the kernel checking mode bits."""
+    return euid == 0
+
+
+def user_allow_other_enabled(fuse_conf_text: str) -> bool:
+    """Whether fuse.conf lets non-root users mount with allow_other (fusermount3's rule:
+    ``user_allow_other`` alone on a line, surrounding blanks ignored, ``#`` lines comments)."""
+    return any(line.strip() == "user_allow_other" for line in fuse_conf_text.splitlines())
+
+
+def allow_other_refusal(allow_other: bool, euid: int, fuse_conf_text: str | None) -> str | None:
+    """Why fusermount3 would refuse this mount's allow_other (None: it will not);
+    ``fuse_conf_text`` None means there is no fuse.conf."""
+    if not allow_other or euid == 0 or user_allow_other_enabled(fuse_conf_text or ""):
+        return None
+    return (f"--allow-other needs root or 'user_allow_other' in {FUSE_CONF}; "
+            "mount without it (only you get in) or ask an administrator to enable it")
 
 
 @dataclass
@@ -25,11 +54,14 @@ class MountOptions:
     attr_timeout_s: float = DEFAULT_ATTR_TIMEOUT_S  # kernel and daemon attribute cache
     entry_timeout_s: float = DEFAULT_ENTRY_TIMEOUT_S  # kernel name → inode cache
     negative_timeout_s: float = 0.0  # kernel cache of "no such name"; 0 = never cached
-    allow_other: bool = False  # let users other than the mounting one in (needs root or user_allow_other)
+    # let users other than the mounting one in (needs root or user_allow_other); on for root
+    allow_other: bool = field(default_factory=lambda: default_allow_other(os.geteuid()))
     readahead_stripes: int = 2  # whole stripes fetched ahead of a sequential reader; 0 = off
     kernel_readahead_kb: int = 1024  # the kernel's own read-ahead window for this mount (root only)
     max_tasks: int = 64  # FUSE requests served concurrently
     log_file: Path | None = None  # background mode: where the daemon logs
+    metrics_port: int | None = None  # Prometheus /metrics on metrics_host:metrics_port; None: not served
+    metrics_host: str = "127.0.0.1"
     debug: bool = False
     extra_fuse_options: list[str] = field(default_factory=list)
 
@@ -54,10 +86,11 @@ class MountOptions:
             "--kernel-readahead-kb", str(self.kernel_readahead_kb),
             "--max-tasks", str(self.max_tasks),
         ]
-        if self.allow_other:
-            args.append("--allow-other")
+        args.append("--allow-other" if self.allow_other else "--no-allow-other")
         if self.debug:
             args.append("--debug")
+        if self.metrics_port is not None:
+            args += ["--metrics-port", str(self.metrics_port), "--metrics-host", self.metrics_host]
         for opt in self.extra_fuse_options:
             args += ["-o", opt]
         return args
@@ -96,7 +129,9 @@ def build_parser(prog: str = "deepfs mount") -> argparse.ArgumentParser:
                         help="seconds name lookups are cached (default %(default)s)")
     parser.add_argument("--negative-timeout", dest="negative_timeout_s", type=_non_negative, default=0.0,
                         metavar="S", help="seconds a missing name is cached (default 0: not cached)")
-    parser.add_argument("--allow-other", action="store_true", help="let other users use the mount")
+    parser.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=None,
+                        help="let other users use the mount, the kernel checking mode bits "
+                        "(default: on when mounting as root, off otherwise)")
     parser.add_argument("--readahead-stripes", type=int, default=2, metavar="N",
                         help="whole stripes prefetched for sequential readers (default %(default)s, 0 = off)")
     parser.add_argument("--kernel-readahead-kb", type=int, default=1024, metavar="KB",
@@ -106,12 +141,19 @@ def build_parser(prog: str = "deepfs mount") -> argparse.ArgumentParser:
     parser.add_argument("--log-file", type=Path, default=None, help="daemon log in background mode")
     parser.add_argument("-o", dest="extra_fuse_options", action="append", default=[], metavar="OPT",
                         help="extra libfuse mount option (repeatable)")
+    parser.add_argument("--metrics-port", type=int, default=None, metavar="PORT",
+                        help="serve Prometheus /metrics on this port (0: any free port; default: not served)")
+    parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
+                        help="address the metrics endpoint listens on (default %(default)s)")
     parser.add_argument("-d", "--debug", action="store_true", help="log every FUSE request")
     return parser
 
 
-def parse_args(argv: list[str], prog: str = "deepfs mount") -> MountOptions:
+def parse_args(argv: list[str], prog: str = "deepfs mount", euid: int | None = None) -> MountOptions:
+    """``euid``: the user mounting (default: this process's), which decides ``allow_other``'s default."""
     ns = build_parser(prog).parse_args(argv)
     if ns.readahead_stripes < 0 or ns.max_tasks < 1 or ns.kernel_readahead_kb < 0:
         build_parser(prog).error("--readahead-stripes and --kernel-readahead-kb must be >= 0, --max-tasks >= 1")
+    if ns.allow_other is None:
+        ns.allow_other = default_allow_other(os.geteuid() if euid is None else euid)
     return MountOptions(**vars(ns))

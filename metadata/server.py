@@ -27,7 +27,7 @@ import argparse
 import logging
 import signal
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 
@@ -41,6 +41,7 @@ from metadata.control_service import ClusterService, start_grpc_server
 from metadata.deep_scrub import DeepScrubber
 from metadata.gc import GarbageCollector
 from metadata.membership import Membership
+from metadata.metrics import start_meta_metrics
 from metadata.namespace import Namespace
 from metadata.ops_server import MetaOps
 from metadata.orphans import OrphanCollector
@@ -157,6 +158,10 @@ async def serve_meta(
             try:
                 addresses = MetaAddresses(config.host, port, grpc_port)
                 frames = FrameServer(state.frame_handler(addresses.grpc_address), name="meta")
+                if config.metrics_port is not None:
+                    exporter = start_meta_metrics(state, frames, config.host, config.metrics_port)
+                    nursery.start_soon(_stop_on_cancel, exporter.stop)
+                    log.info("metrics on %s", exporter.url)
                 nursery.start_soon(trio.serve_listeners, frames.serve_connection, listeners)
                 await nursery.start(state.membership.run_expiry)
                 await nursery.start(state.collector.run)
@@ -171,6 +176,15 @@ async def serve_meta(
                 stopped = grpc_server.stop(grace=None)
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(stopped.wait, GRPC_STOP_WAIT_S)
+
+
+async def _stop_on_cancel(stop: Callable[[], None]) -> None:
+    """Call ``stop`` when the enclosing nursery is cancelled (the server shuts down)."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):  # the HTTP server takes up to half a second to notice
+            await trio.to_thread.run_sync(stop)
 
 
 async def _run_until_signal(config: MetaConfig) -> None:
@@ -191,6 +205,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--host", help="address both servers listen on")
     parser.add_argument("--port", type=int, help="framed namespace protocol port (0: any free port)")
     parser.add_argument("--grpc-port", type=int, help="gRPC control-plane port (0: any free port)")
+    parser.add_argument("--metrics-port", type=int,
+                        help="serve Prometheus /metrics on this port (0: any free port; default: not served)")
     parser.add_argument("--k", type=int, help="default data fragments per stripe")
     parser.add_argument("--m", type=int, help="default parity fragments per stripe")
     parser.add_argument("--stripe-size", type=int, help="default stripe size in bytes")
@@ -218,6 +234,7 @@ _FLAG_TO_FIELD = {
     "host": "host",
     "port": "port",
     "grpc_port": "grpc_port",
+    "metrics_port": "metrics_port",
     "k": "default_k",
     "m": "default_m",
     "stripe_size": "default_stripe_size",

@@ -19,7 +19,7 @@ import logging
 import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -32,6 +32,7 @@ from deepfs.malloc_tuning import tune_malloc
 from storage_node.data_server import DataServer
 from storage_node.fragment_store import FragmentStore
 from storage_node.identity import NodeIdentity, load_or_create_uuid
+from storage_node.metrics import start_node_metrics
 from storage_node.registration import Registration
 from storage_node.scrubber import Scrubber
 
@@ -94,9 +95,22 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
                 nursery.start_soon(scrubber.run)
             nursery.start_soon(Registration(config, identity, store, config.advertise_address or running.address,
                                             scrub_stats=scrub_stats).run)
+            if config.metrics_port is not None:
+                exporter = start_node_metrics(data_server, scrub_stats, config.host, config.metrics_port)
+                nursery.start_soon(_stop_on_cancel, exporter.stop)
+                log.info("metrics on %s", exporter.url)
             task_status.started(running)
     finally:
         os.close(lock_fd)
+
+
+async def _stop_on_cancel(stop: Callable[[], None]) -> None:
+    """Call ``stop`` when the node shuts down (its nursery is cancelled)."""
+    try:
+        await trio.sleep_forever()
+    finally:
+        with trio.CancelScope(shield=True):  # the HTTP server takes up to half a second to notice
+            await trio.to_thread.run_sync(stop)
 
 
 def _size(text: str) -> int:
@@ -120,6 +134,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
     p.add_argument("--data-dir", help="fragments, uuid and quarantine (default ./deepfs-data/node0)")
     p.add_argument("--host", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, help="data port, 0 picks a free one (default 7710)")
+    p.add_argument("--metrics-port", type=int,
+                   help="serve Prometheus /metrics on this port (0: any free port; default: not served)")
     p.add_argument("--meta-grpc", help="metadata server control plane (default 127.0.0.1:7701)")
     p.add_argument("--failure-domain", help="rack or host name (default: HOST:PORT)")
     p.add_argument("--advertise", dest="advertise_address",
@@ -147,8 +163,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
         base = nodes[a.node_index]
     overrides = {
         field: getattr(a, field)
-        for field in ("data_dir", "host", "port", "meta_grpc", "failure_domain", "advertise_address", "reserve_bytes",
-                      "capacity_bytes", "io_threads", "scrub_mib_s", "scrub_interval_s")
+        for field in ("data_dir", "host", "port", "metrics_port", "meta_grpc", "failure_domain", "advertise_address",
+                      "reserve_bytes", "capacity_bytes", "io_threads", "scrub_mib_s", "scrub_interval_s")
         if getattr(a, field) is not None
     }
     if a.no_fsync:

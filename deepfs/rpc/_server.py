@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import logging
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ import trio
 
 from deepfs import frames
 from deepfs.frames import FLAG_ERROR, FLAG_RESPONSE, FrameHeader, ProtocolError
-from deepfs.rpc._pump import FrameReader, PayloadBuffer, Piece, send_frame
+from deepfs.rpc._pump import FileRange, FrameReader, PayloadBuffer, Piece, send_frame
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +36,10 @@ peer sent something no valid client sends)."""
 
 PayloadSent = Callable[[Sequence[Piece]], None]
 """``payload_sent(pieces)``: the server is done with a response's payload pieces."""
+
+RequestDone = Callable[[int, float, int, int, int], None]
+"""``request_done(op, elapsed_s, errno, payload_bytes_in, payload_bytes_out)`` after each answer
+(errno 0: success), e.g. ``deepfs.metrics.RequestMetrics.observe``; called on the event loop."""
 
 
 @dataclass
@@ -59,6 +64,10 @@ class FrameServer:
       being sent. It is called exactly once per such response, on the event
       loop; it must be quick and must not raise (an exception is logged).
 
+    ``request_done`` (optional) is told about every answered request, once
+    the handler returned (latency excludes the send); ``connections`` is the
+    number of connections open now.
+
     ``serve`` listens on TCP; ``serve_connection`` serves any connected
     ``trio.abc.Stream`` (memory streams in tests).
     """
@@ -70,13 +79,16 @@ class FrameServer:
         name: str = "server",
         payload_buffer: PayloadBuffer | None = None,
         payload_sent: PayloadSent | None = None,
+        request_done: RequestDone | None = None,
     ) -> None:
         self.handler = handler
         self.limits = limits or ServerLimits()
         self.name = name
         self.payload_buffer = payload_buffer
         self.payload_sent = payload_sent
+        self.request_done = request_done
         self.connections_rejected = 0
+        self.connections = 0
 
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -90,6 +102,7 @@ class FrameServer:
         # A Semaphore, not a CapacityLimiter: tokens are taken by this reader task
         # and given back by the request's own task, which a limiter refuses.
         in_flight = trio.Semaphore(self.limits.max_in_flight)
+        self.connections += 1
         try:
             async with trio.open_nursery() as nursery:
                 # Connection errors are handled inside the nursery: trio wraps what
@@ -107,6 +120,7 @@ class FrameServer:
                     log.debug("%s: connection from %s ended: %s", self.name, peer, exc)
                     nursery.cancel_scope.cancel()
         finally:
+            self.connections -= 1
             with trio.CancelScope(shield=True):
                 await stream.aclose()
 
@@ -146,6 +160,8 @@ class FrameServer:
         payload: memoryview,
         peer: str,
     ) -> None:
+        started = time.perf_counter()
+        code = 0
         try:
             try:
                 out_body, out_payload = await self.handler(header.op, body, payload)
@@ -158,8 +174,11 @@ class FrameServer:
                 flags = FLAG_RESPONSE | FLAG_ERROR
             except Exception as exc:  # a bug in a handler must not take the server down
                 log.exception("%s: op %s from %s failed", self.name, header.op, peer)
+                code = errno.EIO
                 out_body, out_payload = {"errno": errno.EIO, "msg": f"internal error: {exc}"}, ()
                 flags = FLAG_RESPONSE | FLAG_ERROR
+            if self.request_done is not None:
+                self._report(header.op, time.perf_counter() - started, code, header.payload_len, out_payload)
             try:
                 await send_frame(stream, send_lock, header.op, header.request_id, out_body, out_payload, flags)
             except (trio.BrokenResourceError, trio.ClosedResourceError, OSError):
@@ -175,6 +194,14 @@ class FrameServer:
             await stream.aclose()
         finally:
             in_flight.release()
+
+    def _report(self, op: int, elapsed_s: float, code: int, bytes_in: int, pieces: Sequence[Piece]) -> None:
+        assert self.request_done is not None
+        bytes_out = sum(piece.length if isinstance(piece, FileRange) else memoryview(piece).nbytes for piece in pieces)
+        try:
+            self.request_done(op, elapsed_s, code, bytes_in, bytes_out)
+        except Exception:  # a metrics bug must not cost an answer
+            log.exception("%s: request_done failed", self.name)
 
     def _release(self, pieces: Sequence[Piece]) -> None:
         assert self.payload_sent is not None

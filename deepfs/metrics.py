@@ -1,0 +1,162 @@
+"""Prometheus metrics: one registry per process, served on ``/metrics``.
+
+Every DeepFS process (metadata server, storage node, FUSE daemon) exports two
+kinds of metrics, all named ``deepfs_<role>_…`` with units in the names:
+
+- **events** — requests by op, their latency and bytes, errors by errno —
+  counted as they happen by ``RequestMetrics``. The hot path pays one dict
+  lookup and a few counter increments per request, nothing else: the
+  children of every known op are made up front.
+- **state** — queue lengths, disk space, stripe health, sessions — read only
+  when Prometheus scrapes, by a ``StateCollector`` over a function that
+  returns the current values. Nothing is kept up to date between scrapes.
+
+``MetricsExporter`` serves the registry over HTTP with prometheus_client's own
+server, which runs in a daemon thread: scrapes never touch the trio loop
+unless a collector asks for it (``on_trio_loop``, for state only the loop may
+read). Labels are bounded: op names, errno names, a few fixed words.
+"""
+
+from __future__ import annotations
+
+import errno as errno_module
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+LATENCY_BUCKETS_S = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3,
+                     0.5, 1.0, 2.5, 5.0, 10.0)
+"""From tens of microseconds (a cached metadata op) to seconds (a degraded read of a large stripe)."""
+
+OTHER_OP = "other"
+
+
+def errno_name(code: int) -> str:
+    """``ENOENT`` for 2: a bounded label value (unknown codes become ``E<n>``)."""
+    return errno_module.errorcode.get(code, f"E{code}")
+
+
+class RequestMetrics:
+    """Requests served by one process: count, latency, bytes in and out by op, errors by op and errno.
+
+    ``ops`` maps the op codes the process serves to their label (``{Op.PING: "PING", …}``);
+    an op outside it is counted as ``other``, so a peer cannot grow the label set.
+    """
+
+    def __init__(self, registry: CollectorRegistry, role: str, ops: Mapping[Any, str]) -> None:
+        prefix = f"deepfs_{role}"
+        self._requests = Counter(f"{prefix}_requests", "Requests served, by op.", ["op"], registry=registry)
+        self._errors = Counter(f"{prefix}_request_errors", "Requests answered with an error, by op and errno.",
+                               ["op", "errno"], registry=registry)
+        self._latency = Histogram(f"{prefix}_request_duration_seconds", "Time to serve a request, by op.", ["op"],
+                                  buckets=LATENCY_BUCKETS_S, registry=registry)
+        self._bytes_in = Counter(f"{prefix}_request_bytes_in", "Payload bytes received with requests, by op.",
+                                 ["op"], registry=registry)
+        self._bytes_out = Counter(f"{prefix}_request_bytes_out", "Payload bytes sent in answers, by op.",
+                                  ["op"], registry=registry)
+        self._by_op: dict[Any, _OpChildren] = {op: self._children(name) for op, name in ops.items()}
+        self._other = self._children(OTHER_OP)
+
+    def _children(self, name: str) -> _OpChildren:
+        return _OpChildren(name, self._requests.labels(name), self._latency.labels(name),
+                           self._bytes_in.labels(name), self._bytes_out.labels(name))
+
+    def observe(self, op: Any, elapsed_s: float, error: int = 0, bytes_in: int = 0, bytes_out: int = 0) -> None:
+        """One request of ``op`` took ``elapsed_s``; ``error`` is the errno it answered (0: success)."""
+        children = self._by_op.get(op, self._other)
+        children.requests.inc()
+        children.latency.observe(elapsed_s)
+        if bytes_in:
+            children.bytes_in.inc(bytes_in)
+        if bytes_out:
+            children.bytes_out.inc(bytes_out)
+        if error:
+            self._errors.labels(children.name, errno_name(error)).inc()
+
+
+@dataclass(slots=True)
+class _OpChildren:
+    name: str
+    requests: Any
+    latency: Any
+    bytes_in: Any
+    bytes_out: Any
+
+
+Sample = tuple[str, str, float, dict[str, str]]
+"""(kind "gauge" | "counter", name, value, labels): one current value a state function reports."""
+
+
+def gauge(name: str, value: float, **labels: str) -> Sample:
+    return ("gauge", name, float(value), labels)
+
+
+def counter(name: str, value: float, **labels: str) -> Sample:
+    """A total kept by the process itself (``name`` without ``_total``; the exposition adds it)."""
+    return ("counter", name, float(value), labels)
+
+
+@dataclass(eq=False)  # registries key collectors by identity
+class StateCollector(Collector):
+    """Reads a process's state when Prometheus scrapes: ``read()`` returns its current samples.
+
+    ``help`` documents metric names (the exposition requires a help line; unknown names get
+    a generic one). Samples of one name must share their label names.
+    """
+
+    read: Callable[[], Iterable[Sample]]
+    help: Mapping[str, str] = field(default_factory=dict)
+
+    def collect(self) -> Iterable[Any]:
+        families: dict[str, Any] = {}
+        for kind, name, value, labels in self.read():
+            family = families.get(name)
+            if family is None:
+                make = GaugeMetricFamily if kind == "gauge" else CounterMetricFamily
+                family = families[name] = make(name, self.help.get(name, name.replace("_", " ")),
+                                               labels=sorted(labels))
+            family.add_metric([labels[key] for key in sorted(labels)], value)
+        return list(families.values())
+
+
+def on_trio_loop(read: Callable[[], Iterable[Sample]], token: trio.lowlevel.TrioToken) -> Callable[[], list[Sample]]:
+    """``read`` run on the trio loop that ``token`` names, for state only the loop may touch;
+    nothing once that loop has finished (a scrape during shutdown)."""
+
+    def run() -> list[Sample]:
+        try:
+            return trio.from_thread.run_sync(lambda: list(read()), trio_token=token)
+        except trio.RunFinishedError:
+            return []
+
+    return run
+
+
+class MetricsExporter:
+    """One process's registry and the HTTP server that serves it on ``/metrics``."""
+
+    def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # no "_created" twin of every counter: half the text per scrape
+        self.registry = CollectorRegistry()
+        self._server: Any = None
+        self.url = ""
+
+    def start(self, host: str, port: int) -> str:
+        """Serve ``http://HOST:PORT/metrics`` (port 0: a free one) from a daemon thread; returns the URL."""
+        server, _thread = start_http_server(port, addr=host, registry=self.registry)
+        self._server = server
+        real_port = server.server_address[1]
+        shown = f"[{host}]" if ":" in host else host
+        self.url = f"http://{shown}:{real_port}/metrics"
+        return self.url
+
+    def stop(self) -> None:
+        if self._server is not None:
+            self._server.shutdown()
+            self._server.server_close()
+            self._server = None

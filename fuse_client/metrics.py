@@ -1,0 +1,42 @@
+"""The FUSE daemon's Prometheus metrics (``deepfs.metrics`` has the model).
+
+Requests by FUSE op, their latency and errors by errno come from
+``fuse_errors`` (``DeepFSOperations.request_done``); the daemon's caches
+(attributes, extended attributes) and the read-ahead hits are read at scrape
+time from plain counters the operations keep anyway.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from deepfs.metrics import MetricsExporter, RequestMetrics, Sample, StateCollector, counter, gauge
+from fuse_client.operations import FUSE_OPS, DeepFSOperations
+
+HELP = {
+    "deepfs_fuse_cache_hits": "Lookups the daemon answered from its cache, by cache.",
+    "deepfs_fuse_cache_misses": "Lookups the daemon's cache could not answer, by cache.",
+    "deepfs_fuse_readahead_hits": "Reads served from stripes fetched ahead.",
+    "deepfs_fuse_read_requests": "Read requests the kernel sent.",
+    "deepfs_fuse_write_requests": "Write requests the kernel sent.",
+    "deepfs_fuse_open_files": "Files open through the mount now.",
+}
+
+
+def fuse_samples(ops: DeepFSOperations) -> Iterator[Sample]:
+    for cache, source in (("attr", ops.attrs), ("xattr", ops.xattrs)):
+        yield counter("deepfs_fuse_cache_hits", source.hits, cache=cache)
+        yield counter("deepfs_fuse_cache_misses", source.misses, cache=cache)
+    yield counter("deepfs_fuse_readahead_hits", ops.stats.readahead_hits)
+    yield counter("deepfs_fuse_read_requests", ops.stats.reads)
+    yield counter("deepfs_fuse_write_requests", ops.stats.writes)
+    yield gauge("deepfs_fuse_open_files", len(ops.files))
+
+
+def start_fuse_metrics(ops: DeepFSOperations, host: str, port: int) -> MetricsExporter:
+    """Count the mount's requests and serve its metrics on ``host:port``."""
+    exporter = MetricsExporter()
+    ops.request_done = RequestMetrics(exporter.registry, "fuse", {name: name for name in sorted(FUSE_OPS)}).observe
+    exporter.registry.register(StateCollector(lambda: fuse_samples(ops), HELP))
+    exporter.start(host, port)
+    return exporter
