@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 from pathlib import Path
@@ -11,6 +12,7 @@ import click
 from deepfs.local_cluster import LocalCluster
 from deepfs_cli.status_view import fetch_status, render_status
 from fuse_client.mount_process import MountProcess
+from fuse_client.options import default_allow_other
 
 
 def run_dev_session(data_dir: str, mountpoint: str, nodes: int, k: int, m: int, mount: bool = True) -> None:
@@ -22,13 +24,18 @@ def run_dev_session(data_dir: str, mountpoint: str, nodes: int, k: int, m: int, 
     with LocalCluster(data_dir, nodes, k, m).start() as cluster:
         mounted = None
         try:
+            # The same default as ``deepfs mount``, passed explicitly so the line below can say it.
+            allow_other = default_allow_other(os.geteuid())
             if mount:
-                mounted = MountProcess(cluster.meta_address, Path(mountpoint)).start()
+                flag = "--allow-other" if allow_other else "--no-allow-other"
+                mounted = MountProcess(cluster.meta_address, Path(mountpoint), [flag]).start()
             render_status(fetch_status(cluster.state.grpc_address))
             click.echo(f"\nmetadata server: {cluster.meta_address}")
             if mounted:
                 click.echo(f"mounted at {Path(mountpoint).resolve()}: "
                            f"try  ls -la {mountpoint}; cp -r /etc {mountpoint}/")
+                click.echo("  every user may enter (mode bits checked by the kernel)" if allow_other
+                           else "  only you may enter (other users get EACCES)")
             click.echo(f"python:  import deepfs; fs = deepfs.Client({cluster.meta_address!r})")
             click.echo("Ctrl-C unmounts and stops everything.")
             stop.wait()

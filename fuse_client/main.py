@@ -19,7 +19,7 @@ import trio
 
 from deepfs.concurrency import sole_exception
 from fuse_client.mount_process import MountProcess, is_mounted, is_stale
-from fuse_client.options import MountOptions, parse_args
+from fuse_client.options import FUSE_CONF, MountOptions, allow_other_refusal, parse_args
 
 
 class MountError(Exception):
@@ -29,6 +29,7 @@ class MountError(Exception):
 def main(argv: list[str] | None = None, prog: str = "deepfs mount") -> int:
     options = parse_args(sys.argv[1:] if argv is None else argv, prog)
     try:
+        check_allow_other(options, os.geteuid())
         check_mountpoint(options.mountpoint)
         if options.foreground:
             run_foreground(options)
@@ -40,6 +41,18 @@ def main(argv: list[str] | None = None, prog: str = "deepfs mount") -> int:
         print(f"{prog}: {_one_line(exc)}", file=sys.stderr)
         return 1
     return 0
+
+
+def check_allow_other(options: MountOptions, euid: int, fuse_conf: Path = FUSE_CONF) -> None:
+    """fusermount3 refuses allow_other to non-root users unless fuse.conf allows it;
+    say so before mounting rather than through the daemon's log."""
+    try:
+        fuse_conf_text: str | None = fuse_conf.read_text(errors="replace")
+    except OSError:
+        fuse_conf_text = None
+    refusal = allow_other_refusal(options.allow_other, euid, fuse_conf_text)
+    if refusal is not None:
+        raise MountError(refusal)
 
 
 def check_mountpoint(mountpoint: Path) -> None:

@@ -100,20 +100,24 @@ def mount_base() -> Path:
     return base
 
 
-def mount_cluster(cluster: LocalCluster, name: str = "mnt", extra_args: list[str] | None = None) -> Mounted:
-    """Mount ``cluster`` (other users allowed in); the caller must ``process.stop()``."""
+def mount_cluster(cluster: LocalCluster, name: str = "mnt", extra_args: list[str] | None = None,
+                  allow_other: bool | None = True) -> Mounted:
+    """Mount ``cluster`` (other users allowed in unless ``allow_other`` is False; None: the
+    daemon's default for this user); the caller must ``process.stop()``."""
     mountpoint = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=mount_base()))
     mountpoint.chmod(0o755)
-    process = MountProcess(cluster.meta_address, mountpoint, ["--allow-other", *(extra_args or [])],
+    flags = {True: ["--allow-other"], False: ["--no-allow-other"], None: []}[allow_other]
+    process = MountProcess(cluster.meta_address, mountpoint, [*flags, *(extra_args or [])],
                            log_path=cluster.data_dir / "logs" / f"{mountpoint.name}.log")
     process.start()
     return Mounted(mountpoint, process, cluster)
 
 
 @contextmanager
-def mounted(cluster: LocalCluster, name: str = "mnt", extra_args: list[str] | None = None) -> Iterator[Mounted]:
+def mounted(cluster: LocalCluster, name: str = "mnt", extra_args: list[str] | None = None,
+            allow_other: bool | None = True) -> Iterator[Mounted]:
     """A mount that is unmounted, its daemon stopped and its mount point removed, whatever happens."""
-    mount = mount_cluster(cluster, name, extra_args)
+    mount = mount_cluster(cluster, name, extra_args, allow_other)
     try:
         yield mount
     finally:

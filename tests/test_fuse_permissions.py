@@ -1,7 +1,9 @@
 """POSIX permissions and ownership on the mount, checked as non-root users.
 
 Each check runs a small Python program under setpriv with another uid/gid
-(the mount allows other users in); it reports errno values as JSON.
+(the mount allows other users in); it reports errno values as JSON. The last
+tests check who gets into a mount at all: root's mounts let everyone in by
+default (``allow_other``), ``--no-allow-other`` only root.
 """
 
 from __future__ import annotations
@@ -16,9 +18,14 @@ from pathlib import Path
 
 import pytest
 
+from deepfs.local_cluster import LocalCluster
+from fuse_client.options import FUSE_CONF, user_allow_other_enabled
+from tests.conftest import mounted
+
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(60)]
 
 ALICE, BOB = 1000, 1001
+NOBODY = 65534
 STAFF, OTHER_GROUP = 3000, 4000
 
 PRELUDE = textwrap.dedent(
@@ -200,3 +207,61 @@ def test_root_overrides_but_needs_an_execute_bit(mnt_dir: Path) -> None:
     private = make_file(mnt_dir / "alices-private", 0o600, uid=ALICE, gid=ALICE)
     assert private.read_bytes() == b"secret"  # root reads through mode bits
     assert not os.access(private, os.X_OK)
+
+
+def mount_options(mountpoint: Path) -> set[str]:
+    """The options /proc/self/mounts lists for the (top) mount at ``mountpoint``."""
+    found: set[str] = set()
+    for line in Path("/proc/self/mounts").read_text().splitlines():
+        fields = line.split()
+        if fields[1] == str(mountpoint):
+            found = set(fields[3].split(","))
+    return found
+
+
+def test_root_mounts_let_other_users_in_with_kernel_permission_checks(cluster: LocalCluster) -> None:
+    assert os.geteuid() == 0, "the FUSE layer runs as root"
+    with mounted(cluster, "default-mount", allow_other=None) as mount:  # no flag: the daemon's default
+        assert {"allow_other", "default_permissions"} <= mount_options(mount.path)
+        base = mount.subdir("defaults")
+        readable = make_file(base / "readable", 0o644)
+        private = make_file(base / "private", 0o600)
+        out = as_user(f"""
+            out["read_readable"] = read({str(readable)!r}).decode()
+            out["read_private"] = err(read, {str(private)!r})
+            out["write_readable"] = err(write, {str(readable)!r}, b"x")
+        """, NOBODY)
+    assert out == {"read_readable": "secret", "read_private": 13, "write_readable": 13}
+
+
+def test_no_allow_other_lets_only_the_mounting_user_in(cluster: LocalCluster) -> None:
+    with mounted(cluster, "private-mount", allow_other=False) as mount:
+        options = mount_options(mount.path)
+        assert "default_permissions" in options and "allow_other" not in options
+        base = mount.subdir("private")
+        base.chmod(0o777)
+        readable = make_file(base / "readable", 0o644)
+        out = as_user(f"""
+            out["stat_mount"] = err(os.stat, {str(mount.path)!r})
+            out["list_mount"] = err(os.listdir, {str(mount.path)!r})
+            out["read_world_readable"] = err(read, {str(readable)!r})
+            out["create_in_world_writable"] = err(create, {str(base / "new")!r})
+        """, NOBODY)
+        assert readable.read_bytes() == b"secret"  # root, the mounting user, still gets in
+        (base / "roots").write_bytes(b"mine")
+        assert sorted(os.listdir(base)) == ["readable", "roots"]
+    assert out == {"stat_mount": 13, "list_mount": 13, "read_world_readable": 13, "create_in_world_writable": 13}
+
+
+def test_non_root_allow_other_without_fuse_conf_permission_is_one_line() -> None:
+    if FUSE_CONF.exists() and user_allow_other_enabled(FUSE_CONF.read_text(errors="replace")):
+        pytest.skip(f"{FUSE_CONF} enables user_allow_other here")
+    project_root = str(Path(__file__).resolve().parent.parent)
+    result = subprocess.run(
+        ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", sys.executable,
+         "-m", "fuse_client", "127.0.0.1:1", "/", "--allow-other", "--foreground"],
+        capture_output=True, text=True, timeout=30, cwd="/",
+        env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "PYTHONPATH": project_root},
+    )
+    assert result.returncode == 1
+    assert len(result.stderr.splitlines()) == 1 and "user_allow_other" in result.stderr, result.stderr

@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from fuse_client.attr_cache import AttrCache, XattrCache, cache_stamp, to_entry
+from fuse_client.main import MountError, check_allow_other
 from fuse_client.mounts import unescape_mount_path
-from fuse_client.options import parse_args
+from fuse_client.options import allow_other_refusal, parse_args, user_allow_other_enabled
 from fuse_client.posix import may_access, refuse_acl, without_set_id_bits
 from fuse_client.readahead import is_sequential
 
@@ -80,6 +81,45 @@ def test_options_round_trip() -> None:
     assert "default_permissions" in again.fuse_options() and "allow_other" in again.fuse_options()
     with pytest.raises(SystemExit):
         parse_args(["127.0.0.1:7700", "/mnt/x", "--attr-timeout", "-1"])
+
+
+def test_root_mounts_allow_other_users_by_default() -> None:
+    argv = ["127.0.0.1:7700", "/mnt/x"]
+    assert parse_args(argv, euid=0).allow_other
+    assert not parse_args(argv, euid=1000).allow_other
+    assert not parse_args([*argv, "--no-allow-other"], euid=0).allow_other
+    assert parse_args([*argv, "--allow-other"], euid=1000).allow_other
+    assert not parse_args([*argv, "--allow-other", "--no-allow-other"], euid=0).allow_other  # the last one wins
+    for euid in (0, 1000):
+        for flags in ([], ["--allow-other"], ["--no-allow-other"]):
+            options = parse_args([*argv, *flags], euid=euid)
+            assert "default_permissions" in options.fuse_options()  # the kernel always checks mode bits
+            assert ("allow_other" in options.fuse_options()) == options.allow_other
+            # The daemon a background mount starts gets the resolved choice, not its own default.
+            other_euid = 1000 if euid == 0 else 0
+            assert parse_args(options.to_args(), euid=other_euid).allow_other == options.allow_other
+
+
+def test_non_root_allow_other_needs_fuse_conf(tmp_path: Path) -> None:
+    assert user_allow_other_enabled("# comment\n  user_allow_other  \n")
+    assert not user_allow_other_enabled("#user_allow_other\nmount_max = 10\n")
+    assert not user_allow_other_enabled("user_allow_other_please\n")
+    assert allow_other_refusal(True, 0, None) is None  # root needs no permission
+    assert allow_other_refusal(False, 1000, None) is None
+    assert allow_other_refusal(True, 1000, "user_allow_other\n") is None
+    refusal = allow_other_refusal(True, 1000, "#user_allow_other\n")
+    assert refusal is not None and "user_allow_other" in refusal and "\n" not in refusal
+    assert allow_other_refusal(True, 1000, None) == refusal  # no fuse.conf at all
+    conf = tmp_path / "fuse.conf"
+    conf.write_text("#user_allow_other\n")
+    options = parse_args(["127.0.0.1:7700", "/mnt/x", "--allow-other"], euid=1000)
+    with pytest.raises(MountError, match="user_allow_other"):
+        check_allow_other(options, 1000, conf)
+    check_allow_other(options, 0, conf)
+    conf.write_text("user_allow_other\n")
+    check_allow_other(options, 1000, conf)
+    with pytest.raises(MountError):
+        check_allow_other(options, 1000, tmp_path / "missing")
 
 
 def test_xattr_cache_remembers_absence_and_forgets_per_inode() -> None:

@@ -73,7 +73,9 @@ class DeepFSCluster(FailureGroup):
     @contextlib.contextmanager
     def fuse_target(self) -> Iterator[Target]:
         mountpoint = self.base / "mnt"
-        mount = MountProcess(self.cluster.meta_address, mountpoint, log_path=self.base / "mount.log")
+        # Only the benchmark's own user, as the bindfs target mounts: the same FUSE options for every target.
+        mount = MountProcess(self.cluster.meta_address, mountpoint, ["--no-allow-other"],
+                             log_path=self.base / "mount.log")
         try:
             mount.start()
         except (RuntimeError, TimeoutError, OSError) as exc:
