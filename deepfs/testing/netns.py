@@ -121,6 +121,15 @@ class HostNetwork:
         """Prepend to a command line to run it on host ``index``."""
         return ["ip", "netns", "exec", self.namespaces[index]]
 
+    def net_only_prefix(self, index: int) -> list[str]:
+        """Like ``exec_prefix``, but for a FUSE mount daemon: only the network namespace changes.
+
+        ``ip netns exec`` also unshares the mount namespace (to remount /sys) and
+        makes it a slave, so a mount made under it is invisible to everyone else;
+        ``nsenter --net`` leaves the mount in the root mount namespace, where the
+        host's other processes use it, as on a real client host."""
+        return ["nsenter", f"--net=/run/netns/{self.namespaces[index]}"]
+
     # ------------------------------------------------------------ build and remove
     def create(self) -> Self:
         try:
