@@ -54,6 +54,12 @@ class MetaConfig:
     deep_scrub_interval_s: float = 7 * 24 * 3600.0
     deep_scrub_mib_s: float = 10.0
     deep_scrub_parity_every: int = 4
+    # Bounds per peer on the framed port (docs/PROTOCOL.md, "Limits"): a connection with no request in
+    # flight and no frame started this long is closed (clients reconnect transparently); a frame started
+    # must be complete within frame_timeout_s; at most max_connections_per_peer connections per peer IP.
+    idle_timeout_s: float = 300.0
+    frame_timeout_s: float = 30.0
+    max_connections_per_peer: int = 64
 
 
 @dataclass
@@ -80,6 +86,12 @@ class NodeConfig:
     # bandwidth); a new pass starts at most every scrub_interval_s (a week, as Ceph's deep scrub). 0: off.
     scrub_mib_s: float = 10.0
     scrub_interval_s: float = 7 * 24 * 3600.0
+    # Bounds per peer on the framed port (docs/PROTOCOL.md, "Limits"): a connection with no request in
+    # flight and no frame started this long is closed (clients reconnect transparently); a frame started
+    # must be complete within frame_timeout_s; at most max_connections_per_peer connections per peer IP.
+    idle_timeout_s: float = 300.0
+    frame_timeout_s: float = 30.0
+    max_connections_per_peer: int = 64
 
 
 @dataclass

@@ -29,6 +29,9 @@ from metadata.store import MetaStore
 
 Reply = dict[str, Any]
 
+PAYLOAD_LIMITS: dict[int, int] = {}
+"""No metadata op carries a payload: a frame announcing one is refused on its header (``ServerLimits``)."""
+
 
 class MetaOps:
     """Dispatch of every metadata operation of the framed protocol."""

@@ -36,14 +36,14 @@ import trio
 from deepfs.config import MetaConfig, load_cluster_config
 from deepfs.errors import ConfigError
 from deepfs.layout import Layout
-from deepfs.rpc import FrameServer
+from deepfs.rpc import FrameServer, ServerLimits
 from metadata.control_service import ClusterService, start_grpc_server
 from metadata.deep_scrub import DeepScrubber
 from metadata.gc import GarbageCollector
 from metadata.membership import Membership
 from metadata.metrics import start_meta_metrics
 from metadata.namespace import Namespace
-from metadata.ops_server import MetaOps
+from metadata.ops_server import PAYLOAD_LIMITS, MetaOps
 from metadata.orphans import OrphanCollector
 from metadata.repair import RepairWorker
 from metadata.sessions import Sessions
@@ -157,7 +157,10 @@ async def serve_meta(
             grpc_server, grpc_port = start_grpc_server(service, config.host, config.grpc_port)
             try:
                 addresses = MetaAddresses(config.host, port, grpc_port)
-                frames = FrameServer(state.frame_handler(addresses.grpc_address), name="meta")
+                limits = ServerLimits(
+                    payload_limits=PAYLOAD_LIMITS, idle_timeout_s=config.idle_timeout_s,
+                    frame_timeout_s=config.frame_timeout_s, max_connections_per_peer=config.max_connections_per_peer)
+                frames = FrameServer(state.frame_handler(addresses.grpc_address), limits, name="meta")
                 if config.metrics_port is not None:
                     exporter = start_meta_metrics(state, frames, config.host, config.metrics_port)
                     nursery.start_soon(_stop_on_cancel, exporter.stop)
@@ -225,6 +228,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a client session lives without renewal; then its open unlinked files go")
     parser.add_argument("--deep-scrub-interval", type=float,
                         help="seconds between deep-scrub passes (fragment digests vs stripe records; 0: off)")
+    parser.add_argument("--idle-timeout", type=float,
+                        help="close framed connections idle this many seconds (default 300)")
+    parser.add_argument("--frame-timeout", type=float,
+                        help="seconds a frame may take once begun, then its connection is closed (default 30)")
+    parser.add_argument("--max-connections-per-peer", type=int,
+                        help="framed connections one peer IP may hold, 0: no cap (default 64)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
@@ -248,6 +257,9 @@ _FLAG_TO_FIELD = {
     "orphan_grace": "orphan_grace_s",
     "session_lease": "session_lease_s",
     "deep_scrub_interval": "deep_scrub_interval_s",
+    "idle_timeout": "idle_timeout_s",
+    "frame_timeout": "frame_timeout_s",
+    "max_connections_per_peer": "max_connections_per_peer",
 }
 
 
@@ -266,6 +278,8 @@ def config_from_args(args: argparse.Namespace) -> MetaConfig:
         raise ConfigError("repair after must be >= 0; repair MiB/s, scan interval and parallelism must be > 0")
     if config.session_lease_s <= 0 or config.deep_scrub_interval_s < 0 or config.deep_scrub_mib_s <= 0:
         raise ConfigError("session lease and deep-scrub MiB/s must be > 0; deep-scrub interval >= 0 (0: off)")
+    if config.idle_timeout_s <= 0 or config.frame_timeout_s <= 0 or config.max_connections_per_peer < 0:
+        raise ConfigError("idle and frame timeouts must be > 0; max connections per peer >= 0 (0: no cap)")
     return config
 
 

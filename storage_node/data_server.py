@@ -68,7 +68,13 @@ class DataServer:
         self.disk = trio.CapacityLimiter(config.io_threads)
         self.frame_server = FrameServer(
             self.handle,
-            ServerLimits(max_payload=config.max_payload_bytes),
+            ServerLimits(
+                max_payload=config.max_payload_bytes,
+                payload_limits={Op.PUT_FRAGMENT: config.max_payload_bytes},  # only PUT carries a payload
+                idle_timeout_s=config.idle_timeout_s,
+                frame_timeout_s=config.frame_timeout_s,
+                max_connections_per_peer=config.max_connections_per_peer,
+            ),
             name="storage-node",
             payload_buffer=self.payload_buffer,
             payload_sent=self.payload_sent,
@@ -98,7 +104,9 @@ class DataServer:
             await self.frame_server.serve(host, port, task_status=task_status)
 
     def payload_buffer(self, header: FrameHeader, _body: Any) -> memoryview | None:
-        # Only PUT carries a payload; any other op with one is refused (EINVAL) by handle().
+        # Only PUT carries a payload (the server refuses any other op's on its header). A pooled
+        # buffer is an anonymous mapping: a fresh one is committed only as the bytes arrive, a reused
+        # one is already resident, so a PUT that stalls mid-payload pins no more than it sent.
         if header.op != Op.PUT_FRAGMENT:
             return None
         return self.pool.take(header.payload_len)

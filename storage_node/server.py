@@ -150,6 +150,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
                    help="re-verify stored fragments at this rate in MiB/s, 0 turns scrub off (default 10)")
     p.add_argument("--scrub-interval-s", type=float,
                    help="start a new scrub pass at most this often (default 604800: a week)")
+    p.add_argument("--idle-timeout-s", type=float, help="close framed connections idle this long (default 300)")
+    p.add_argument("--frame-timeout-s", type=float,
+                   help="close a connection whose frame is not complete this long after it began (default 30)")
+    p.add_argument("--max-connections-per-peer", type=int,
+                   help="framed connections one peer IP may hold, 0: no cap (default 64)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     a = p.parse_args(argv)
     base = NodeConfig()
@@ -164,7 +169,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
     overrides = {
         field: getattr(a, field)
         for field in ("data_dir", "host", "port", "metrics_port", "meta_grpc", "failure_domain", "advertise_address",
-                      "reserve_bytes", "capacity_bytes", "io_threads", "scrub_mib_s", "scrub_interval_s")
+                      "reserve_bytes", "capacity_bytes", "io_threads", "scrub_mib_s", "scrub_interval_s",
+                      "idle_timeout_s", "frame_timeout_s", "max_connections_per_peer")
         if getattr(a, field) is not None
     }
     if a.no_fsync:
@@ -176,6 +182,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
         p.error("--io-threads must be at least 1")
     if config.scrub_mib_s < 0 or config.scrub_interval_s < 0:
         p.error("--scrub-mib-s and --scrub-interval-s must not be negative")
+    if config.idle_timeout_s <= 0 or config.frame_timeout_s <= 0 or config.max_connections_per_peer < 0:
+        p.error("--idle-timeout-s and --frame-timeout-s must be > 0, --max-connections-per-peer >= 0")
     return config, a.log_level
 
 

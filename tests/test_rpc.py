@@ -13,8 +13,11 @@ import trio
 import trio.testing
 
 from deepfs import frames
+from deepfs.client._cluster import ClusterView
+from deepfs.config import ClientConfig
 from deepfs.frames import Op, ProtocolError
-from deepfs.rpc import FileRange, FrameBuffer, FrameClient, FrameServer
+from deepfs.placement import NodeView
+from deepfs.rpc import FileRange, FrameBuffer, FrameClient, FrameServer, ServerLimits
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
 
@@ -203,5 +206,137 @@ def test_a_request_cut_short_by_its_timeout_closes_the_connection() -> None:
         assert 0 < len(received) < whole_frame  # the frame was cut short ...
         assert frames.MAGIC.to_bytes(4, "big") not in bytes(received[4:])  # ... and nothing followed it
         await server_end.aclose()
+
+    trio.run(main)
+
+
+# ------------------------------------------------------------------ limits per peer
+async def slow_echo(op: int, body: Any, payload: memoryview) -> tuple[Any, tuple[Any, ...]]:
+    await trio.sleep(body.get("sleep_s", 0))
+    return {"echo": body}, ()
+
+
+def test_an_idle_connection_is_closed_but_not_while_a_request_runs() -> None:
+    async def main() -> None:
+        client_end, server_end = trio.testing.memory_stream_pair()
+        server = FrameServer(slow_echo, ServerLimits(idle_timeout_s=5.0))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_connection, server_end)
+            client = FrameClient.over_stream(nursery, client_end, "memory")
+            start = trio.current_time()
+            reply, _ = await client.call(Op.PING, {"sleep_s": 12.0})  # longer than the idle timeout: served
+            assert reply == {"echo": {"sleep_s": 12.0}} and not client.closed
+            await trio.sleep(4.0)
+            assert (await client.call(Op.PING, {}))[0] == {"echo": {}}  # the idle time starts over
+            await trio.sleep(4.9)
+            assert not client.closed
+            await trio.sleep(0.2)  # 5 s without a request: closed, and the client knows
+            assert client.closed
+            assert trio.current_time() - start > 16.0
+        assert server.connections_idle_closed == 1 and server.connections == 0
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_frame_not_completed_in_time_closes_the_connection() -> None:
+    async def main() -> None:
+        client_end, server_end = trio.testing.memory_stream_pair()
+        server = FrameServer(echo, ServerLimits(frame_timeout_s=3.0, idle_timeout_s=1000.0))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_connection, server_end)
+            raw = frames.encode_frame(Op.PING, 1, {}, 100) + b"x" * 50  # half the payload, then nothing
+            await client_end.send_all(raw)
+            started = trio.current_time()
+            assert await client_end.receive_some() == b""
+            assert 3.0 <= trio.current_time() - started < 4.0
+        assert server.connections_rejected == 1
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+def test_a_payload_the_op_cannot_carry_is_refused_on_the_header() -> None:
+    async def main() -> None:
+        client_end, server_end = trio.testing.memory_stream_pair()
+        server = FrameServer(echo, ServerLimits(payload_limits={Op.PUT_FRAGMENT: 1 << 20}))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(server.serve_connection, server_end)
+                await client_end.send_all(frames.encode_frame(Op.PING, 1, {}, 63 << 20))  # and never the payload
+                assert await client_end.receive_some() == b""
+        assert server.connections_rejected == 1
+
+    trio.run(main)
+
+
+def test_payload_bytes_in_flight_are_bounded_per_connection() -> None:
+    running: list[int] = []
+    most = 0
+
+    async def hold(op: int, body: Any, payload: memoryview) -> tuple[Any, tuple[Any, ...]]:
+        nonlocal most
+        running.append(len(payload))
+        most = max(most, sum(running))
+        await trio.sleep(1.0)
+        running.remove(len(payload))
+        return {}, ()
+
+    async def main() -> None:
+        client_end, server_end = trio.testing.memory_stream_pair()
+        server = FrameServer(hold, ServerLimits(max_bytes_in_flight=3000))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(server.serve_connection, server_end)
+            client = FrameClient.over_stream(nursery, client_end, "memory")
+            async with trio.open_nursery() as calls:
+                for _ in range(10):
+                    calls.start_soon(client.call, Op.PING, {}, (b"x" * 1000,))
+            await client.aclose()
+        assert most <= 3000 + 1000  # the cap, plus the one frame read when it was just under
+
+    trio.run(main, clock=trio.testing.MockClock(autojump_threshold=0))
+
+
+class RacedTransport:
+    """A node that drops its first connection on receiving a request, as an idle close racing it would."""
+
+    def __init__(self, server: FrameServer) -> None:
+        self.server = server
+        self.dials = 0
+
+    async def dial(self, nursery: trio.Nursery, address: str, timeout_s: float) -> FrameClient:
+        self.dials += 1
+        client_end, server_end = trio.testing.memory_stream_pair()
+        if self.dials == 1:
+            async def close_on_request() -> None:
+                await server_end.receive_some()
+                await server_end.aclose()
+
+            nursery.start_soon(close_on_request)
+        else:
+            nursery.start_soon(self.server.serve_connection, server_end)
+        return FrameClient.over_stream(nursery, client_end, address)
+
+    async def fetch_cluster_map(self, grpc_address: str, timeout_s: float) -> tuple[int, list[NodeView]]:
+        return 1, [NodeView(7, "node7:1", "rack")]
+
+
+def test_a_request_racing_an_idle_close_is_sent_again() -> None:
+    async def main() -> None:
+        transport = RacedTransport(FrameServer(echo))
+        with trio.fail_after(10):
+            async with trio.open_nursery() as nursery:
+                view = ClusterView(nursery, "meta:1", ClientConfig(), transport)
+                await view.refresh()
+                await view.connection(7)  # a connection opened earlier, now idle
+                reply, _ = await view.call_node(7, Op.PING, {"n": 1})
+                assert reply == {"echo": {"n": 1}}
+                assert transport.dials == 2 and view.is_usable(7)
+                # A fresh connection failing is trouble, not an idle close: not sent again.
+                transport.dials = 0
+                await view.aclose()
+                with pytest.raises(ConnectionResetError):
+                    await view.call_node(7, Op.PING, {})
+                assert transport.dials == 1
+                await view.aclose()
+                nursery.cancel_scope.cancel()
 
     trio.run(main)

@@ -236,6 +236,7 @@ GARBAGE_FRAMES: dict[str, bytes] = {
     "bad-frame-crc": bad_frame_crc(),
     "undecodable-body": undecodable_body(),
     "response-frame": frames.encode_frame(Op.PING, 1, {}, 0, frames.FLAG_RESPONSE),
+    "payload-on-ping": frame(Op.PING, {}, b"surprise"),  # refused on the header: only PUT carries one
 }
 """Frames no valid peer sends: the connection carrying them is closed."""
 
@@ -254,7 +255,6 @@ BAD_REQUESTS: dict[str, tuple[bytes, int]] = {
     "negative-offset": (frame(Op.GET_FRAGMENT, {"key": [1, 0, 0, 0], "offset": -5, "length": 1}), errno.EINVAL),
     "length-as-text": (frame(Op.GET_FRAGMENT, {"key": [1, 0, 0, 0], "length": "10"}), errno.EINVAL),
     "sync-not-a-bool": (frame(Op.PUT_FRAGMENT, {"key": [1, 0, 0, 0], "crcs": [0], "sync": 1}, b"x"), errno.EINVAL),
-    "payload-on-ping": (frame(Op.PING, {}, b"surprise"), errno.EINVAL),
 }
 """Well-formed frames with an op a node does not serve (ENOSYS) or a bad body (EINVAL):
 answered, and the connection keeps serving."""

@@ -132,10 +132,23 @@ class ClusterView:
         into: memoryview | None = None,
         timeout_s: float | None = None,
     ) -> tuple[Any, memoryview]:
-        """One request to a storage node; connection trouble marks it suspect."""
+        """One request to a storage node; connection trouble marks it suspect.
+
+        A connection that was open before may have just been closed by the node as idle
+        (its idle timeout) while this request was on its way: the node never read it, so it
+        is sent once more on a fresh connection before anything counts as trouble."""
+        cached = self._connections.get(node_id)
+        reused = cached is not None and not cached.closed
+        timeout_s = timeout_s or self._config.io_timeout_s or math.inf
         try:
             conn = await self.connection(node_id)
-            return await conn.call(op, body, payload, into, timeout_s or self._config.io_timeout_s or math.inf)
+            try:
+                return await conn.call(op, body, payload, into, timeout_s)
+            except (ConnectionResetError, BrokenPipeError):
+                if not reused:
+                    raise
+            conn = await self.connection(node_id)
+            return await conn.call(op, body, payload, into, timeout_s)
         except (ConnectionError, trio.TooSlowError, OSError) as exc:
             if isinstance(exc, (ConnectionError, trio.TooSlowError)) or getattr(exc, "errno", None) is None:
                 self.mark_suspect(node_id, type(exc).__name__)

@@ -8,14 +8,16 @@ What a server does with bad input (docs/PROTOCOL.md, "Bad input"), the
 same on the metadata server and on every storage node:
 
 - a malformed **frame** (wrong magic, version, lengths or CRC, a body that
-  is not msgpack, a response frame sent to a server) is garbage from the
+  is not msgpack, a response frame sent to a server, a payload announced on
+  an op that carries none: ``deepfs.rpc.ServerLimits``) is garbage from the
   peer: ``ProtocolError``, and that one connection is closed
   (``deepfs.frames``, ``deepfs.rpc``);
 - a well-formed frame whose **op** the server does not serve is answered
   ``ENOSYS`` (a newer client may ask for more);
 - a **body** that is not a map, lacks a required field, or holds a field of
-  the wrong type or out of range (a negative inode, a string for a key, a
-  payload on an op that takes none) is answered ``EINVAL``.
+  the wrong type or out of range (a negative inode, a string for a key; a
+  payload on an op that takes none, where no ``payload_limits`` refused it
+  first) is answered ``EINVAL``.
 
 After an ``ENOSYS`` or ``EINVAL`` answer the connection keeps serving.
 

@@ -23,7 +23,7 @@ from deepfs.rpc._pump import (
     Piece,
     send_frame,
 )
-from deepfs.rpc._server import FrameServer, Handler, PayloadSent, ServerLimits
+from deepfs.rpc._server import FrameServer, Handler, PayloadSent, RefusalLog, ServerLimits
 
 __all__ = [
     "READ_BUFFER_SIZE",
@@ -36,6 +36,7 @@ __all__ = [
     "Handler",
     "PayloadBuffer",
     "PayloadSent",
+    "RefusalLog",
     "Piece",
     "ServerLimits",
     "parse_address",

@@ -10,12 +10,15 @@ into its destination (zero-copy for large payloads), then asks for the next
 frame.
 
 Rules: a frame the peer got wrong raises ``ProtocolError`` (``deepfs.frames``);
-a body larger than the buffer is gathered in a buffer of its own, never by
-growing this one.
+so does a frame announcing a payload its op cannot carry (``payload_limits``),
+decided on the header alone, before anything is allocated for it; a body
+larger than the buffer is gathered in a buffer of its own, never by growing
+this one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Any
 
 from deepfs import frames
@@ -35,9 +38,12 @@ class FrameBuffer:
     """
 
     def __init__(self, max_body: int = frames.DEFAULT_MAX_BODY, max_payload: int = frames.DEFAULT_MAX_PAYLOAD,
-                 size: int = READ_BUFFER_SIZE) -> None:
+                 size: int = READ_BUFFER_SIZE, payload_limits: Mapping[int, int] | None = None) -> None:
+        """``payload_limits``: the largest payload each op may carry (an op not
+        listed carries none); None: every op up to ``max_payload``."""
         self._max_body = max_body
         self._max_payload = max_payload
+        self._payload_limits = payload_limits
         self._buf = bytearray(size)
         self._view = memoryview(self._buf)
         self._start = 0  # first unparsed byte
@@ -52,6 +58,11 @@ class FrameBuffer:
         """Received bytes not taken yet."""
         return self._end - self._start
 
+    @property
+    def in_frame(self) -> bool:
+        """Some bytes of a frame were received, not all of them (payloads excepted)."""
+        return self._header is not None or self._start != self._end
+
     def next_frame(self) -> tuple[FrameHeader, Any] | None:
         """Header and decoded body of the next frame, or None until more bytes arrive."""
         header = self._header
@@ -60,6 +71,8 @@ class FrameBuffer:
                 return None
             head = bytes(self._view[self._start : self._start + HEADER_SIZE])
             header = frames.parse_header(head, self._max_body, self._max_payload)
+            if self._payload_limits is not None and header.payload_len:
+                check_payload_allowed(header, self._payload_limits)
             self._start += HEADER_SIZE
             self._head, self._header = head, header
             if header.body_len > len(self._buf):
@@ -113,3 +126,11 @@ class FrameBuffer:
         if self._header is not None or self._start != self._end:
             held = self._end - self._start + self._big_got + (HEADER_SIZE if self._header is not None else 0)
             raise ProtocolError(f"connection closed inside a frame ({held} bytes of it received)")
+
+
+def check_payload_allowed(header: FrameHeader, payload_limits: Mapping[int, int]) -> None:
+    """ProtocolError unless ``header``'s op may carry a payload of ``header.payload_len`` bytes."""
+    limit = payload_limits.get(header.op, 0)
+    if header.payload_len > limit:
+        what = "no payload" if not limit else f"at most {limit} payload bytes"
+        raise ProtocolError(f"op {header.op} carries {what}, the frame announces {header.payload_len}")

@@ -17,8 +17,10 @@ paths would have none.
 from __future__ import annotations
 
 import errno
+import math
+import mmap
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -55,14 +57,31 @@ PayloadBuffer = Callable[[FrameHeader, Any], memoryview | None]
 a frame's payload into, or None for a fresh bytearray."""
 
 
+LAZY_PAYLOAD_BYTES = 1 << 20
+"""With ``lazy_payloads``, payloads from this size up are received into a fresh
+anonymous mapping when the caller supplies no memory: its pages are committed only as bytes arrive, so a
+peer that announces a large payload and stalls pins only what it sent."""
+
+
 class FrameReader:
-    """Reads frames off one stream with as few system calls as possible."""
+    """Reads frames off one stream with as few system calls as possible.
+
+    ``payload_limits`` (see ``FrameBuffer``) refuses, on the header, a payload
+    its op cannot carry; ``lazy_payloads`` (servers) receives large payloads
+    into memory committed as it fills (``LAZY_PAYLOAD_BYTES``)."""
 
     def __init__(self, stream: trio.abc.ReceiveStream, max_body: int, max_payload: int,
-                 buffer_size: int = READ_BUFFER_SIZE) -> None:
+                 buffer_size: int = READ_BUFFER_SIZE, payload_limits: Mapping[int, int] | None = None,
+                 lazy_payloads: bool = False) -> None:
         self._stream = stream
+        self._lazy = lazy_payloads
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
-        self._frames = FrameBuffer(max_body, max_payload, buffer_size)
+        self._frames = FrameBuffer(max_body, max_payload, buffer_size, payload_limits)
+
+    @property
+    def in_frame(self) -> bool:
+        """Part of a frame has been received (the frame timeout runs)."""
+        return self._frames.in_frame
 
     async def _recv_into(self, view: memoryview) -> int:
         if self._sock is None:
@@ -77,33 +96,70 @@ class FrameReader:
                 await trio.lowlevel.wait_readable(self._sock)
 
     async def read_frame(
-            self, payload_buffer: PayloadBuffer | None = None) -> tuple[FrameHeader, Any, memoryview] | None:
+            self, payload_buffer: PayloadBuffer | None = None,
+            frame_timeout_s: float = math.inf) -> tuple[FrameHeader, Any, memoryview] | None:
         """One frame (header, body, payload); None on a clean EOF between frames.
 
-        ``payload_buffer`` may supply the memory the payload is received into."""
+        ``payload_buffer`` may supply the memory the payload is received into.
+        Waiting for a frame's first byte is not bounded here (the caller's idle
+        timeout); once it came, the rest must arrive within ``frame_timeout_s``
+        or ``ProtocolError`` is raised. Frames that arrive whole cost no timer."""
         await trio.lowlevel.checkpoint()  # a steady stream of frames must not starve other tasks
         buf = self._frames
         frame = buf.next_frame()
-        while frame is None:
+        if frame is None and not buf.in_frame:
             got = await self._recv_into(buf.receive_space())
             if got == 0:
                 buf.closed()
                 return None
             buf.received(got)
             frame = buf.next_frame()
-        header, body = frame
-        if not header.payload_len:
-            return header, body, _NO_PAYLOAD
-        payload = payload_buffer(header, body) if payload_buffer is not None else None
-        if payload is None or len(payload) != header.payload_len:
-            payload = memoryview(bytearray(header.payload_len))
-        got = buf.take_payload(payload)
+        payload = _NO_PAYLOAD
+        got = 0
+        if frame is not None:
+            header, body = frame
+            if not header.payload_len:
+                return header, body, _NO_PAYLOAD
+            payload = _payload_memory(header, body, payload_buffer, self._lazy)
+            got = buf.take_payload(payload)
+            if got == len(payload):
+                return header, body, payload
+        with trio.move_on_after(frame_timeout_s):
+            if frame is None:
+                header, body = await self._rest_of_frame()
+                if not header.payload_len:
+                    return header, body, _NO_PAYLOAD
+                payload = _payload_memory(header, body, payload_buffer, self._lazy)
+                got = buf.take_payload(payload)
+            await self._rest_of_payload(payload, got)
+            return header, body, payload
+        raise ProtocolError(f"frame not completed within {frame_timeout_s:g} s")
+
+    async def _rest_of_frame(self) -> tuple[FrameHeader, Any]:
+        buf = self._frames
+        while (frame := buf.next_frame()) is None:
+            got = await self._recv_into(buf.receive_space())
+            if got == 0:
+                buf.closed()  # inside a frame: raises
+                raise ProtocolError("connection closed inside a frame")
+            buf.received(got)
+        return frame
+
+    async def _rest_of_payload(self, payload: memoryview, got: int) -> None:
         while got < len(payload):
             n = await self._recv_into(payload[got:])
             if n == 0:
                 raise ProtocolError(f"connection closed after {got} of {len(payload)} payload bytes")
             got += n
-        return header, body, payload
+
+
+def _payload_memory(header: FrameHeader, body: Any, payload_buffer: PayloadBuffer | None, lazy: bool) -> memoryview:
+    payload = payload_buffer(header, body) if payload_buffer is not None else None
+    if payload is not None and len(payload) == header.payload_len:
+        return payload
+    if lazy and header.payload_len >= LAZY_PAYLOAD_BYTES:
+        return memoryview(mmap.mmap(-1, header.payload_len, flags=mmap.MAP_PRIVATE))
+    return memoryview(bytearray(header.payload_len))
 
 
 async def send_frame(

@@ -8,15 +8,23 @@ a ``ProtocolError`` closes the connection, anything else (a bug) ``EIO``.
 A malformed frame closes that connection only and is logged; the listener
 keeps serving everybody else (the bad-input policy of
 ``deepfs.messages.validate``).
+
+Resources per peer are bounded (``ServerLimits``): a payload its op cannot
+carry is refused on the header, before anything is allocated; large payloads
+are received into memory committed as it fills; payload bytes of requests in
+flight on one connection are capped (the reader stops reading past the cap);
+a connection idle too long, a frame not completed in time and a peer over
+its connection cap are closed.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
+import math
 import time
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import trio
@@ -44,9 +52,50 @@ RequestDone = Callable[[int, float, int, int, int], None]
 
 @dataclass
 class ServerLimits:
+    """What one peer may hold of a server; every bound closes the connection, none answers an errno."""
+
     max_body: int = frames.DEFAULT_MAX_BODY
     max_payload: int = frames.DEFAULT_MAX_PAYLOAD
-    max_in_flight: int = 64
+    max_in_flight: int = 64  # requests being served per connection
+    # The largest payload each op may carry (ops not listed: none), decided on the header;
+    # None: every op up to max_payload.
+    payload_limits: Mapping[int, int] | None = None
+    max_bytes_in_flight: int = 128 << 20  # payload bytes being served per connection (one frame may pass it)
+    idle_timeout_s: float = 300.0  # no request in flight and no frame started this long: closed
+    frame_timeout_s: float = 30.0  # a frame started must be complete this soon
+    max_connections_per_peer: int = 64  # per peer IP address; 0: no cap
+    refused_log_interval_s: float = 60.0  # at most one log line per refused peer this often
+
+
+@dataclass
+class _Connection:
+    """Accounting of one connection, shared by its reader, its requests and its idle watchdog."""
+
+    requests: int = 0
+    payload_bytes: int = 0
+    idle_since: float = 0.0
+    payload_freed: trio.Event = field(default_factory=trio.Event)
+
+
+class RefusalLog:
+    """At most one log line per peer per ``interval_s``; the lines left out are counted in the next one."""
+
+    def __init__(self, interval_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        self.interval_s = interval_s
+        self._clock = clock
+        self._last: dict[str, tuple[float, int]] = {}  # peer -> (time of its last line, refusals since)
+
+    def refused(self, peer: str) -> str | None:
+        """The line to log for this refusal, or None while the peer's last line is recent."""
+        now = self._clock()
+        last, quiet = self._last.get(peer, (-math.inf, 0))
+        if now - last < self.interval_s:
+            self._last[peer] = (last, quiet + 1)
+            return None
+        if len(self._last) > 10_000:  # many peers: forget the old ones rather than grow
+            self._last = {p: v for p, v in self._last.items() if now - v[0] < self.interval_s}
+        self._last[peer] = (now, 0)
+        return f" ({quiet} more refused since the last line)" if quiet else ""
 
 
 class FrameServer:
@@ -88,7 +137,11 @@ class FrameServer:
         self.payload_sent = payload_sent
         self.request_done = request_done
         self.connections_rejected = 0
+        self.connections_refused = 0  # over the per-peer cap
+        self.connections_idle_closed = 0
         self.connections = 0
+        self._per_peer: dict[str, int] = {}
+        self._refusals = RefusalLog(self.limits.refused_log_interval_s)
 
     async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
@@ -98,18 +151,33 @@ class FrameServer:
     async def serve_connection(self, stream: trio.abc.Stream) -> None:
         """Serve one connection until the peer closes it or sends garbage; never raises for either."""
         peer = _peer_name(stream)
+        host = peer.rpartition(":")[0]
+        cap = self.limits.max_connections_per_peer
+        if host and cap and self._per_peer.get(host, 0) >= cap:
+            self._refuse(host)
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            return
+        if host:
+            self._per_peer[host] = self._per_peer.get(host, 0) + 1
         send_lock = trio.Lock()
         # A Semaphore, not a CapacityLimiter: tokens are taken by this reader task
         # and given back by the request's own task, which a limiter refuses.
         in_flight = trio.Semaphore(self.limits.max_in_flight)
+        conn = _Connection(idle_since=trio.current_time())
+        reader = FrameReader(stream, self.limits.max_body, self.limits.max_payload,
+                             payload_limits=self.limits.payload_limits, lazy_payloads=True)
         self.connections += 1
         try:
             async with trio.open_nursery() as nursery:
                 # Connection errors are handled inside the nursery: trio wraps what
                 # escapes a nursery in an ExceptionGroup, which no ``except`` here
                 # would match, and the listener (every connection) would die.
+                watchdog = trio.CancelScope()
+                if self.limits.idle_timeout_s < math.inf:
+                    nursery.start_soon(self._close_when_idle, reader, conn, nursery.cancel_scope, watchdog, peer)
                 try:
-                    await self._read_requests(stream, nursery, send_lock, in_flight, peer)
+                    await self._read_requests(stream, reader, nursery, send_lock, in_flight, conn, peer)
                 except ProtocolError as exc:
                     self.connections_rejected += 1
                     log.warning("%s: closing connection from %s: %s", self.name, peer, exc)
@@ -119,25 +187,67 @@ class FrameServer:
                     # socket errors (ETIMEDOUT, EHOSTUNREACH, …) that trio does not translate.
                     log.debug("%s: connection from %s ended: %s", self.name, peer, exc)
                     nursery.cancel_scope.cancel()
+                else:
+                    watchdog.cancel()  # clean EOF: the requests in flight still get their answers
         finally:
             self.connections -= 1
+            if host:
+                left = self._per_peer.pop(host) - 1
+                if left:
+                    self._per_peer[host] = left
             with trio.CancelScope(shield=True):
                 await stream.aclose()
+
+    def _refuse(self, host: str) -> None:
+        self.connections_refused += 1
+        suffix = self._refusals.refused(host)
+        if suffix is not None:
+            log.warning("%s: refusing a connection from %s: it has %d open, the cap is "
+                        "max_connections_per_peer%s", self.name, host, self._per_peer.get(host, 0), suffix)
+
+    async def _close_when_idle(self, reader: FrameReader, conn: _Connection, connection_scope: trio.CancelScope,
+                               watchdog: trio.CancelScope, peer: str) -> None:
+        """Close the connection once no request was in flight and no frame started for ``idle_timeout_s``.
+
+        The peer may have sent a request the moment it is closed; that request was
+        never read, so a client retries it on a new connection (it was not served)."""
+        idle_s = self.limits.idle_timeout_s
+        with watchdog:
+            await self._wait_idle(reader, conn, idle_s)
+            self.connections_idle_closed += 1
+            log.debug("%s: closing connection from %s: idle for %g s", self.name, peer, idle_s)
+            connection_scope.cancel()
+
+    @staticmethod
+    async def _wait_idle(reader: FrameReader, conn: _Connection, idle_s: float) -> None:
+        while True:
+            await trio.sleep_until(conn.idle_since + idle_s)
+            now = trio.current_time()
+            if conn.requests or reader.in_frame:
+                await trio.sleep_until(now + idle_s)  # busy: look again later (idle_since moves on)
+            elif now >= conn.idle_since + idle_s:
+                return
 
     async def _read_requests(
         self,
         stream: trio.abc.Stream,
+        reader: FrameReader,
         nursery: trio.Nursery,
         send_lock: trio.Lock,
         in_flight: trio.Semaphore,
+        conn: _Connection,
         peer: str,
     ) -> None:
         """Start one task per request until a clean EOF."""
-        reader = FrameReader(stream, self.limits.max_body, self.limits.max_payload)
+        frame_timeout_s = self.limits.frame_timeout_s
+        max_bytes = self.limits.max_bytes_in_flight
         while True:
             await in_flight.acquire()
+            while conn.payload_bytes >= max_bytes:  # stop reading until requests give their payloads back
+                conn.payload_freed = trio.Event()
+                await conn.payload_freed.wait()
             try:
-                frame = await reader.read_frame(self.payload_buffer)
+                frame = await reader.read_frame(self.payload_buffer, frame_timeout_s)
             except BaseException:
                 in_flight.release()
                 raise
@@ -148,13 +258,16 @@ class FrameServer:
             if header.is_response:
                 in_flight.release()
                 raise ProtocolError("a client sent a response frame")
-            nursery.start_soon(self._answer, stream, send_lock, in_flight, header, body, payload, peer)
+            conn.requests += 1
+            conn.payload_bytes += header.payload_len
+            nursery.start_soon(self._answer, stream, send_lock, in_flight, conn, header, body, payload, peer)
 
     async def _answer(
         self,
         stream: trio.abc.Stream,
         send_lock: trio.Lock,
         in_flight: trio.Semaphore,
+        conn: _Connection,
         header: FrameHeader,
         body: Any,
         payload: memoryview,
@@ -194,6 +307,12 @@ class FrameServer:
             await stream.aclose()
         finally:
             in_flight.release()
+            conn.requests -= 1
+            if not conn.requests:
+                conn.idle_since = trio.current_time()
+            if header.payload_len:
+                conn.payload_bytes -= header.payload_len
+                conn.payload_freed.set()
 
     def _report(self, op: int, elapsed_s: float, code: int, bytes_in: int, pieces: Sequence[Piece]) -> None:
         assert self.request_done is not None
