@@ -10,7 +10,7 @@ STAMP := $(VENV)/.installed-stamp
 DATA_DIR ?= ./deepfs-data
 MOUNTPOINT ?= ./mnt
 
-.PHONY: run test lint test-unit test-process test-fuse test-cuda chaos deps venv proto bench clean
+.PHONY: run test lint test-unit test-process test-fuse test-cuda chaos fuzz deps venv proto bench clean
 
 deps:
 	@missing=""; for p in $(APT_PACKAGES); do \
@@ -63,6 +63,17 @@ CHAOS_SECONDS ?= 300
 CHAOS_SEED ?= $(shell date +%s)
 chaos: venv
 	DEEPFS_CHAOS_SECONDS=$(CHAOS_SECONDS) DEEPFS_CHAOS_SEED=$(CHAOS_SEED) $(PY) -m pytest -q -s tests/test_chaos.py -k long
+
+# The parser fuzzing of make test, longer (~15 min): the hypothesis properties of tests/test_fuzz_parsers.py with
+# FUZZ_EXAMPLES examples each and random seeds, then each atheris target for FUZZ_SECONDS (coverage-guided;
+# a crash leaves its input in ./crash-*, replay it with .venv/bin/python tests/test_fuzz_parsers.py TARGET FILE).
+FUZZ_EXAMPLES ?= 10000
+FUZZ_SECONDS ?= 60
+fuzz: venv
+	DEEPFS_FUZZ_EXAMPLES=$(FUZZ_EXAMPLES) $(PY) -m pytest -q tests/test_fuzz_parsers.py
+	for target in $$($(PY) tests/test_fuzz_parsers.py --list); do \
+	  $(PY) tests/test_fuzz_parsers.py $$target -max_total_time=$(FUZZ_SECONDS) -timeout=10 -rss_limit_mb=2048 || exit 1; \
+	done
 
 # The full benchmark (~20 min; installs GlusterFS from Debian's packages when missing).
 # Options go in BENCH_ARGS, e.g. make bench BENCH_ARGS="--targets deepfs,local --reps 5".
