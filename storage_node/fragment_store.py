@@ -107,8 +107,17 @@ def _read_prefix(fd: int) -> tuple[FileHeader, bytes]:
     header = fmt.unpack_header(raw[:HEADER_SIZE])
     table_end = fmt.crc_table_offset(header.n_blocks)
     if len(raw) < table_end:
+        # A header (valid CRC, damaged or forged) may claim gigabytes of table: never read past the file.
+        _check_length(fd, header, exact=False)
         raw += _pread_exactly(fd, table_end - len(raw), len(raw))
     return header, raw
+
+
+def _check_length(fd: int, header: FileHeader, exact: bool = True) -> None:
+    """The file is as long as its header says (``exact``), or at least that long."""
+    size = os.fstat(fd).st_size
+    if size < header.file_size or (exact and size != header.file_size):
+        raise CorruptFragment(f"file is {size} bytes, header says {header.file_size}")
 
 
 class FragmentStore:
@@ -340,8 +349,7 @@ class FragmentStore:
         try:
             try:
                 header, prefix = _read_prefix(fd)
-                if os.fstat(fd).st_size < header.file_size:
-                    raise CorruptFragment(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
+                _check_length(fd, header, exact=False)
                 end = min(offset + length, header.data_len)
                 bs = header.block_size
                 inner_start = -(-offset // bs) * bs
@@ -484,8 +492,7 @@ class FragmentStore:
         try:
             try:
                 header, prefix = _read_prefix(fd)
-                if os.fstat(fd).st_size != header.file_size:
-                    raise CorruptFragment(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
+                _check_length(fd, header)
                 crcs = list(fmt.unpack_crcs(prefix, header.n_blocks, HEADER_SIZE))
             except CorruptFragment as exc:
                 raise self._quarantine(key, fd, str(exc)) from None
@@ -502,8 +509,7 @@ class FragmentStore:
         try:
             try:
                 header, prefix = _read_prefix(fd)
-                if os.fstat(fd).st_size != header.file_size:
-                    raise CorruptFragment(f"file is {os.fstat(fd).st_size} bytes, header says {header.file_size}")
+                _check_length(fd, header)
                 end = min(offset + length, header.data_len)
                 if offset >= end:
                     return 0, header.data_len

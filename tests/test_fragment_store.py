@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import subprocess
+import tracemalloc
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -17,6 +18,7 @@ import pytest
 from deepfs.checksums import fragment_digest
 from deepfs.errors import ChecksumError
 from deepfs.messages import FragmentKey
+from storage_node import fragment_format as fmt
 from storage_node.direct_io import DIRECT_MIN_BYTES
 from storage_node.fragment_store import FragmentStore
 from storage_node.payload_pool import PayloadPool
@@ -52,6 +54,28 @@ def test_round_trip(store: FragmentStore) -> None:
     stats = store.stats()
     assert stats["fragments"] == 1 and stats["quarantined"] == 0
     assert stats["used_bytes"] == store.path_of(KEY).stat().st_size > len(DATA)
+
+
+def test_a_header_claiming_a_huge_crc_table_is_refused_without_reading_it(store: FragmentStore) -> None:
+    """A damaged or forged header with a valid CRC may claim 2**29 blocks (a 2 GiB CRC
+    table): the node must see the file is far shorter, not allocate the table to read it."""
+    store.put(KEY, memoryview(DATA), block_crcs(DATA), BS)
+    path = store.path_of(KEY)
+    claimed = fmt.layout((1 << 29) * fmt.MIN_BLOCK_SIZE, fmt.MIN_BLOCK_SIZE)
+    header = fmt._HEADER  # noqa: SLF001 - forging the on-disk header is the point
+    fields = header.pack(fmt.MAGIC, fmt.FORMAT_VERSION, 0, claimed.data_len, claimed.block_size,
+                         claimed.n_blocks, claimed.data_offset, 0)[: header.size - 4]
+    with open(path, "r+b") as f:
+        f.write(fields + crc32c.crc32c(fields).to_bytes(4, "little"))
+    tracemalloc.start()
+    try:
+        with pytest.raises(ChecksumError):
+            store.stat(KEY)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 1 << 20
+    assert store.stats()["quarantined"] == 1
 
 
 def test_empty_fragment(store: FragmentStore) -> None:
