@@ -60,6 +60,17 @@ class MetaConfig:
     idle_timeout_s: float = 300.0
     frame_timeout_s: float = 30.0
     max_connections_per_peer: int = 64
+    # Security (docs/SECURITY.md). The cluster secret every key is derived from; empty: DATA_DIR/cluster.secret,
+    # created with DATA_DIR/admin.key on first start. Tickets let clients into storage nodes; capabilities let
+    # them read/write one inode's fragments; both are signed with the service secret derived from it.
+    secret_file: str = ""
+    handshake_timeout_s: float = 10.0  # a connection must authenticate this soon
+    ticket_ttl_s: float = 3600.0
+    capability_ttl_s: float = 600.0
+    tls: bool = False  # TLS on every port (tls_cert_file/tls_key_file; clients verify with tls_ca_file)
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""
 
 
 @dataclass
@@ -92,6 +103,15 @@ class NodeConfig:
     idle_timeout_s: float = 300.0
     frame_timeout_s: float = 30.0
     max_connections_per_peer: int = 64
+    # Security (docs/SECURITY.md): the node's own key file (role node: registers this node, verifies
+    # clients' tickets and capabilities); required.
+    key_file: str = ""
+    handshake_timeout_s: float = 10.0
+    capability_skew_s: float = 30.0  # clock difference tolerated on a capability's expiry
+    tls: bool = False
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_ca_file: str = ""  # verifies the metadata server's gRPC certificate
 
 
 @dataclass
@@ -108,6 +128,9 @@ class ClientConfig:
     # least stripe size of deepfs.torch.save files without a layout; 0: directory's
     checkpoint_stripe_bytes: int = 32 << 20
     stale_save_s: float = 3600.0  # a save removes its name's temporaries left unwritten this long (by killed saves)
+    key_file: str = ""  # empty: $DEEPFS_KEY, then ~/.config/deepfs/key (deepfs.auth.resolve_key)
+    tls: bool = False  # connect with TLS, verifying servers with tls_ca_file
+    tls_ca_file: str = ""
 
 
 @dataclass

@@ -56,6 +56,7 @@ class Op(enum.IntEnum):
     # common
     PING = 1
     HELLO = 2
+    AUTH = 3  # the connection's handshake (docs/SECURITY.md); the only op accepted before it completes
     # storage node
     PUT_FRAGMENT = 10
     GET_FRAGMENT = 11
@@ -93,6 +94,7 @@ class Op(enum.IntEnum):
     RESOLVE = 54
     RENEW_SESSION = 55
     END_SESSION = 56
+    CAPABILITY = 57  # a fresh capability token for one inode's fragments
 
 
 class ProtocolError(Exception):

@@ -22,7 +22,7 @@ from __future__ import annotations
 import errno as errno_module
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import trio
 from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
@@ -41,15 +41,42 @@ def errno_name(code: int) -> str:
     return errno_module.errorcode.get(code, f"E{code}")
 
 
+class FrameServerCounters(Protocol):
+    """The connection counters of a ``deepfs.rpc.FrameServer`` (plain ints, read from any thread)."""
+
+    connections_unauthenticated: int
+    connections_refused: int
+    connections_idle_closed: int
+
+
+FRAME_SERVER_COUNTERS = {
+    "connections_unauthenticated": "Connections closed because their handshake failed, was refused or timed out.",
+    "connections_refused": "Connections refused because their peer was over its connection cap.",
+    "connections_idle_closed": "Connections closed after being idle too long.",
+}
+
+
+def frame_server_samples(role: str, server: FrameServerCounters) -> Iterable[Sample]:
+    """``deepfs_<role>_connections_*`` totals of a frame server (``FRAME_SERVER_COUNTERS``)."""
+    return [counter(f"deepfs_{role}_{name}", getattr(server, name)) for name in FRAME_SERVER_COUNTERS]
+
+
 class RequestMetrics:
     """Requests served by one process: count, latency, bytes in and out by op, errors by op and errno.
 
     ``ops`` maps the op codes the process serves to their label (``{Op.PING: "PING", …}``);
     an op outside it is counted as ``other``, so a peer cannot grow the label set.
+    ``frame_server``: also export its connection counters (``frame_server_samples``).
     """
 
-    def __init__(self, registry: CollectorRegistry, role: str, ops: Mapping[Any, str]) -> None:
+    def __init__(self, registry: CollectorRegistry, role: str, ops: Mapping[Any, str], *,
+                 frame_server: FrameServerCounters | None = None) -> None:
         prefix = f"deepfs_{role}"
+        if frame_server is not None:
+            server = frame_server
+            registry.register(StateCollector(
+                lambda: frame_server_samples(role, server),
+                {f"{prefix}_{name}": text for name, text in FRAME_SERVER_COUNTERS.items()}))
         self._requests = Counter(f"{prefix}_requests", "Requests served, by op.", ["op"], registry=registry)
         self._errors = Counter(f"{prefix}_request_errors", "Requests answered with an error, by op and errno.",
                                ["op", "errno"], registry=registry)

@@ -83,7 +83,7 @@ def meta_samples(state: MetaState, frames: FrameServer) -> Iterator[Sample]:
 def start_meta_metrics(state: MetaState, frames: FrameServer, host: str, port: int) -> MetricsExporter:
     """Count ``frames``' requests and serve the server's metrics on ``host:port``; call on the trio loop."""
     exporter = MetricsExporter()
-    frames.request_done = RequestMetrics(exporter.registry, "meta", META_OPS).observe
+    frames.request_done = RequestMetrics(exporter.registry, "meta", META_OPS, frame_server=frames).observe
     token = trio.lowlevel.current_trio_token()
     exporter.registry.register(StateCollector(on_trio_loop(lambda: meta_samples(state, frames), token), HELP))
     exporter.start(host, port)

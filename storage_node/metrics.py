@@ -52,7 +52,8 @@ def node_samples(server: DataServer, scrub: ScrubStats | None) -> Iterator[Sampl
 def start_node_metrics(server: DataServer, scrub: ScrubStats | None, host: str, port: int) -> MetricsExporter:
     """Count the node's requests and serve its metrics on ``host:port``."""
     exporter = MetricsExporter()
-    server.frame_server.request_done = RequestMetrics(exporter.registry, "node", NODE_OPS).observe
+    server.frame_server.request_done = RequestMetrics(exporter.registry, "node", NODE_OPS,
+                                                       frame_server=server.frame_server).observe
     exporter.registry.register(StateCollector(lambda: node_samples(server, scrub), HELP))
     exporter.start(host, port)
     return exporter

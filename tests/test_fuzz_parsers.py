@@ -10,14 +10,16 @@ never another exception, never a hang, never an allocation past its limits.
 - every per-op validator of ``deepfs.messages``: a result or ``OSError(EINVAL)``;
 - a LIST_FRAGMENTS reply (the client side of a storage node): ``ValueError``;
 - the on-disk fragment header and CRC table (``storage_node.fragment_format``):
-  ``CorruptFragment``; file names in a fragment folder: a key or None.
+  ``CorruptFragment``; file names in a fragment folder: a key or None;
+- the authentication parsers (``deepfs.auth``): ``ServerHandshake.hello`` /
+  ``finish``, ``Identity.from_wire``, ``open_ticket``, ``check_capability``:
+  ``AuthError`` / ``OSError`` only.
 
 Each target is a function of one ``bytes`` input in ``TARGETS``; ``make test``
 runs them under hypothesis with a fixed seed and a few hundred examples each
 (seconds), ``make fuzz`` with ``DEEPFS_FUZZ_EXAMPLES`` examples and random seeds,
 then coverage-guided under atheris (``python tests/test_fuzz_parsers.py TARGET``).
-A new parser (the authentication handshake) is fuzzed by adding one function
-to ``TARGETS``; both tools pick it up.
+A new parser is fuzzed by adding one function to ``TARGETS``; both tools pick it up.
 """
 
 from __future__ import annotations
@@ -45,7 +47,7 @@ if __name__ == "__main__":  # atheris (make fuzz): coverage of the parsers' code
 else:
     _parsers_imported = contextlib.nullcontext()
 with _parsers_imported:
-    from deepfs import frames
+    from deepfs import auth, frames
     from deepfs.frames import HEADER_SIZE, ProtocolError
     from deepfs.messages import metadata_requests, storage_requests
     from deepfs.messages import validate as v
@@ -213,7 +215,53 @@ def fuzz_fragment_name(data: bytes) -> None:
     assert key is None or key.ino == ino
 
 
+# ------------------------------------------------------- authentication
+_SECRET = bytes(range(32))
+_SERVICE = auth.derive_service_secret(_SECRET)
+_NOW = 1_700_000_000.0
+
+
+def check_handshake(hello: Any, proof: Any) -> None:
+    """A server's side of the handshake on a peer's two bodies: a reply and an identity, or AuthError."""
+    for verifier in (auth.KeyVerifier(_SECRET), auth.TicketVerifier(_SERVICE)):
+        server = auth.ServerHandshake(verifier, _NOW)
+        try:
+            reply = server.hello(hello)
+        except auth.AuthError:
+            continue
+        assert set(reply) == {"nonce", "proof"}
+        with contextlib.suppress(auth.AuthError):
+            server.finish(proof)
+
+
+def check_identity_and_ticket(value: Any, raw: bytes) -> None:
+    with contextlib.suppress(auth.AuthError):
+        identity = auth.Identity.from_wire(value)
+        assert auth.Identity.from_wire(identity.to_wire()) == identity
+    with contextlib.suppress(auth.AuthError):
+        auth.open_ticket(_SERVICE, raw, _NOW)
+    with contextlib.suppress(auth.AuthError):
+        auth.NodeTicket.from_wire(value)
+
+
+def check_capability(cap: Any) -> None:
+    try:
+        auth.check_capability(_SERVICE, cap, 1, auth.READ, 0, _NOW, 1.0)
+    except OSError as exc:
+        assert exc.errno in (errno.EACCES, errno.EKEYEXPIRED), exc
+
+
+def fuzz_auth(data: bytes) -> None:
+    """Handshake bodies, identities, tickets and capabilities out of peer bytes."""
+    ok, value = _decoded(data)
+    check_identity_and_ticket(value if ok else None, data)
+    if ok:
+        check_handshake(value, value)
+        check_capability(value)
+
+
 TARGETS: dict[str, Callable[[bytes], None]] = {
+    "auth": fuzz_auth,
     "frame": fuzz_frame,
     "frame_buffer": fuzz_frame_buffer,
     "validators": fuzz_validators,
@@ -352,6 +400,42 @@ def test_fragment_header_on_crc_valid_headers(data_len: int, block_size: int, n_
     raw = struct.pack("<4sHHQIII", fmt.MAGIC, fmt.FORMAT_VERSION, 0, data_len, block_size,
                       n_blocks % 2**32, data_offset % 2**32)
     check_fragment_prefix(raw + struct.pack("<I", crc32c.crc32c(raw)), rest)
+
+
+_identity_fields = st.tuples(
+    st.text(max_size=130) | _msgpack_values,
+    st.sampled_from(sorted(auth.ROLES)) | st.text(max_size=6) | _msgpack_values,
+    st.integers(-1, 2**32) | _msgpack_values, st.integers(-1, 2**32),
+    st.lists(st.integers(-1, 2**32), max_size=34) | _msgpack_values,
+    st.sampled_from(["/", "/a", "/a/", "//a", "/a/../b", "a", "/a\0b", ""]) | st.text(max_size=8),
+    st.booleans() | _msgpack_values, st.booleans() | st.integers(0, 1))
+_wire_identity = _identity_fields.map(list) | _msgpack_values
+_plausible_hellos = st.fixed_dictionaries(
+    {"v": st.sampled_from([1, 2, True, "1"]), "nonce": st.binary(min_size=15, max_size=17) | _msgpack_values},
+    optional={"identity": _wire_identity, "ticket": st.binary(max_size=64) | _msgpack_values})
+_plausible_caps = st.tuples(st.integers(-1, 3) | _msgpack_values,
+                            st.sampled_from(["r", "w", "rw", "x", ""]) | _msgpack_values, st.integers(-1, 3),
+                            st.floats() | st.integers(), st.binary(min_size=15, max_size=17)).map(list)
+_plausible_caps = _plausible_caps | _msgpack_values
+
+
+@FUZZ
+@given(hello=_plausible_hellos | _msgpack_values,
+       proof=st.fixed_dictionaries({"proof": st.binary(min_size=31, max_size=33)}) | _msgpack_values)
+def test_handshake_on_plausible_bodies(hello: Any, proof: Any) -> None:
+    ok, decoded = _over_the_wire(hello)
+    if ok:
+        check_handshake(decoded, proof)
+
+
+@FUZZ
+@given(identity=_wire_identity, cap=_plausible_caps)
+def test_identities_tickets_and_capabilities_on_plausible_values(identity: Any, cap: Any) -> None:
+    ok, decoded = _over_the_wire(identity)
+    if ok:
+        ticket = msgpack.packb([1, decoded, _NOW + 10, b"12345678"], use_bin_type=True)
+        check_identity_and_ticket(decoded, ticket)
+    check_capability(cap)
 
 
 def test_every_validator_is_fuzzed() -> None:

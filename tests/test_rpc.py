@@ -13,6 +13,7 @@ import trio
 import trio.testing
 
 from deepfs import frames
+from deepfs.auth import Identity
 from deepfs.client._cluster import ClusterView
 from deepfs.config import ClientConfig
 from deepfs.frames import Op, ProtocolError
@@ -122,7 +123,7 @@ def test_garbage_and_an_end_inside_a_frame_are_protocol_errors() -> None:
 
 
 # -------------------------------------------------- over trio memory streams
-async def echo(op: int, body: Any, payload: memoryview) -> tuple[Any, tuple[Any, ...]]:
+async def echo(op: int, body: Any, payload: memoryview, principal: Identity | None) -> tuple[Any, tuple[Any, ...]]:
     if op == Op.PING:
         return {"echo": body}, (bytes(payload),) if len(payload) else ()
     if op == Op.STAT_FRAGMENT:  # answers from a file, as a node's sendfile path does
@@ -211,7 +212,7 @@ def test_a_request_cut_short_by_its_timeout_closes_the_connection() -> None:
 
 
 # ------------------------------------------------------------------ limits per peer
-async def slow_echo(op: int, body: Any, payload: memoryview) -> tuple[Any, tuple[Any, ...]]:
+async def slow_echo(op: int, body: Any, payload: memoryview, principal: Identity | None) -> tuple[Any, tuple[Any, ...]]:
     await trio.sleep(body.get("sleep_s", 0))
     return {"echo": body}, ()
 
@@ -272,7 +273,7 @@ def test_payload_bytes_in_flight_are_bounded_per_connection() -> None:
     running: list[int] = []
     most = 0
 
-    async def hold(op: int, body: Any, payload: memoryview) -> tuple[Any, tuple[Any, ...]]:
+    async def hold(op: int, body: Any, payload: memoryview, principal: Identity | None) -> tuple[Any, tuple[Any, ...]]:
         nonlocal most
         running.append(len(payload))
         most = max(most, sum(running))
@@ -302,7 +303,8 @@ class RacedTransport:
         self.server = server
         self.dials = 0
 
-    async def dial(self, nursery: trio.Nursery, address: str, timeout_s: float) -> FrameClient:
+    async def dial(self, nursery: trio.Nursery, address: str, timeout_s: float, *,
+                   credential: object = None) -> FrameClient:
         self.dials += 1
         client_end, server_end = trio.testing.memory_stream_pair()
         if self.dials == 1:

@@ -5,6 +5,7 @@ Layers, from the bottom (each module's docstring has its rules):
 - ``_buffer``: ``FrameBuffer``, frames parsed out of received bytes, no I/O;
 - ``_pump``: the socket pump (``recv_into``, ``sendmsg``, ``sendfile``),
   ``FrameReader`` and ``send_frame``, with plain ``trio.abc.Stream`` fallbacks;
+- ``_handshake``: the authentication handshake around ``deepfs.auth.handshake``;
 - ``_client``: ``FrameClient``, many requests pipelined on one connection;
 - ``_server``: ``FrameServer``, one task per request.
 
@@ -15,6 +16,7 @@ Frames and their errors are ``deepfs.frames``; what goes in their bodies is
 from deepfs.rpc._address import parse_address
 from deepfs.rpc._buffer import READ_BUFFER_SIZE, FrameBuffer
 from deepfs.rpc._client import FrameClient
+from deepfs.rpc._handshake import PRE_AUTH_MAX_BODY, client_handshake, server_handshake
 from deepfs.rpc._pump import (
     Buffer,
     FileRange,
@@ -26,6 +28,7 @@ from deepfs.rpc._pump import (
 from deepfs.rpc._server import FrameServer, Handler, PayloadSent, RefusalLog, ServerLimits
 
 __all__ = [
+    "PRE_AUTH_MAX_BODY",
     "READ_BUFFER_SIZE",
     "Buffer",
     "FileRange",
@@ -39,6 +42,8 @@ __all__ = [
     "RefusalLog",
     "Piece",
     "ServerLimits",
+    "client_handshake",
     "parse_address",
     "send_frame",
+    "server_handshake",
 ]

@@ -5,6 +5,10 @@ written whole under a send lock; a single reader task per connection takes
 responses off the wire and wakes the waiter whose ``request_id`` matches, so
 answers may come back in any order. Response payloads are received straight
 into a buffer the caller supplies (``into=``), or into a fresh ``bytearray``.
+
+``connect`` optionally wraps the connection in TLS and authenticates
+(``deepfs.rpc._handshake``) before the reader task starts, so no request
+ever goes out on a connection the server has not accepted.
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ import itertools
 import logging
 import math
 import socket
+import ssl
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,8 +26,10 @@ from typing import Any
 import trio
 
 from deepfs import frames
+from deepfs.auth import Credential
 from deepfs.errors import os_error
 from deepfs.frames import FrameHeader, ProtocolError
+from deepfs.rpc._handshake import client_handshake
 from deepfs.rpc._pump import Buffer, FrameReader, send_frame
 
 log = logging.getLogger(__name__)
@@ -65,11 +72,35 @@ class FrameClient:
         port: int,
         max_payload: int = frames.DEFAULT_MAX_PAYLOAD,
         timeout_s: float = 5.0,
+        *,
+        credential: Credential | None = None,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> FrameClient:
+        """Connect, then TLS (``ssl_context``, checking the certificate names ``host``) and the
+        handshake (``credential``), all within ``timeout_s``.
+
+        ``AuthError`` ("authentication with H:P failed: <reason>") if the server refused the
+        credential or could not prove it knows the secret; ``trio.TooSlowError`` past ``timeout_s``."""
+        address = f"{host}:{port}"
         with trio.fail_after(timeout_s):
-            stream = await trio.open_tcp_stream(host, port)
-        stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small metadata frames must not wait
-        return cls.over_stream(nursery, stream, f"{host}:{port}", max_payload)
+            sock_stream = await trio.open_tcp_stream(host, port)
+            sock_stream.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # small frames must not wait
+            stream: trio.abc.Stream = sock_stream
+            try:
+                if ssl_context is not None:
+                    stream = trio.SSLStream(sock_stream, ssl_context, server_hostname=host)
+                    try:
+                        await stream.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        raise ConnectionResetError(
+                            errno.ECONNRESET, f"TLS handshake with {address} failed: {exc.__cause__ or exc}") from exc
+                if credential is not None:
+                    await client_handshake(stream, credential, address)
+            except BaseException:
+                with trio.CancelScope(shield=True):
+                    await sock_stream.aclose()
+                raise
+        return cls.over_stream(nursery, stream, address, max_payload)
 
     @classmethod
     def over_stream(

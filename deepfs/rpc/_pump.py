@@ -9,7 +9,7 @@ destination; sending writes header, body and payload pieces with one
 
 Sockets are tried before waiting for readiness: waiting first costs an
 epoll round trip per call even when data is already queued. Any other
-``trio.abc.Stream`` (a memory stream in tests, TLS one day) works too,
+``trio.abc.Stream`` (a memory stream in tests, a ``trio.SSLStream``) works too,
 through its ``receive_some`` / ``send_all``, with a copy where the zero-copy
 paths would have none.
 """
@@ -82,6 +82,11 @@ class FrameReader:
     def in_frame(self) -> bool:
         """Part of a frame has been received (the frame timeout runs)."""
         return self._frames.in_frame
+
+    @property
+    def buffered(self) -> int:
+        """Received bytes not taken yet."""
+        return self._frames.buffered
 
     async def _recv_into(self, view: memoryview) -> int:
         if self._sock is None:

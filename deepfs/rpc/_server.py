@@ -15,6 +15,13 @@ are received into memory committed as it fills; payload bytes of requests in
 flight on one connection are capped (the reader stops reading past the cap);
 a connection idle too long, a frame not completed in time and a peer over
 its connection cap are closed.
+
+With an ``authenticator`` (``deepfs.auth.KeyVerifier`` on metadata servers,
+``TicketVerifier`` on storage nodes) every connection first runs the
+handshake (``_handshake``: small frames, no payloads, ``handshake_timeout_s``);
+only then is the full reader made, and every request's handler is told the
+connection's identity. With an ``ssl_context`` the stream is TLS, its
+handshake under the same timeout.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import ssl
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -30,13 +38,18 @@ from typing import Any
 import trio
 
 from deepfs import frames
+from deepfs.auth import AuthError, Identity, Verifier
 from deepfs.frames import FLAG_ERROR, FLAG_RESPONSE, FrameHeader, ProtocolError
+from deepfs.rpc._handshake import server_handshake
 from deepfs.rpc._pump import FileRange, FrameReader, PayloadBuffer, Piece, send_frame
 
 log = logging.getLogger(__name__)
 
-Handler = Callable[[int, Any, memoryview], Awaitable[tuple[Any, Sequence[Piece]]]]
-"""``handler(op, body, payload) -> (response_body, response_payload_pieces)``.
+Handler = Callable[[int, Any, memoryview, Identity | None], Awaitable[tuple[Any, Sequence[Piece]]]]
+"""``handler(op, body, payload, principal) -> (response_body, response_payload_pieces)``.
+
+``principal`` is the identity the connection authenticated as; None when the
+server runs without an authenticator (in-process harnesses only).
 
 Raise OSError to answer with its errno (ENOSYS for an op it does not serve,
 EINVAL for a bad body); raise ProtocolError to close the connection (the
@@ -129,6 +142,9 @@ class FrameServer:
         payload_buffer: PayloadBuffer | None = None,
         payload_sent: PayloadSent | None = None,
         request_done: RequestDone | None = None,
+        authenticator: Verifier | None = None,
+        handshake_timeout_s: float = 10.0,
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.handler = handler
         self.limits = limits or ServerLimits()
@@ -136,14 +152,20 @@ class FrameServer:
         self.payload_buffer = payload_buffer
         self.payload_sent = payload_sent
         self.request_done = request_done
+        self.authenticator = authenticator
+        self.handshake_timeout_s = handshake_timeout_s
+        self.ssl_context = ssl_context
         self.connections_rejected = 0
         self.connections_refused = 0  # over the per-peer cap
         self.connections_idle_closed = 0
+        self.connections_unauthenticated = 0  # handshakes (TLS or ours) refused, failed or timed out
         self.connections = 0
         self._per_peer: dict[str, int] = {}
         self._refusals = RefusalLog(self.limits.refused_log_interval_s)
+        self._auth_refusals = RefusalLog(self.limits.refused_log_interval_s)
 
-    async def serve(self, host: str, port: int, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    async def serve(self, host: str, port: int, *,
+                    task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(port, host=host)
         task_status.started(listeners[0].socket.getsockname()[1])
         await trio.serve_listeners(self.serve_connection, listeners)
@@ -160,43 +182,89 @@ class FrameServer:
             return
         if host:
             self._per_peer[host] = self._per_peer.get(host, 0) + 1
-        send_lock = trio.Lock()
-        # A Semaphore, not a CapacityLimiter: tokens are taken by this reader task
-        # and given back by the request's own task, which a limiter refuses.
-        in_flight = trio.Semaphore(self.limits.max_in_flight)
-        conn = _Connection(idle_since=trio.current_time())
-        reader = FrameReader(stream, self.limits.max_body, self.limits.max_payload,
-                             payload_limits=self.limits.payload_limits, lazy_payloads=True)
         self.connections += 1
         try:
-            async with trio.open_nursery() as nursery:
-                # Connection errors are handled inside the nursery: trio wraps what
-                # escapes a nursery in an ExceptionGroup, which no ``except`` here
-                # would match, and the listener (every connection) would die.
-                watchdog = trio.CancelScope()
-                if self.limits.idle_timeout_s < math.inf:
-                    nursery.start_soon(self._close_when_idle, reader, conn, nursery.cancel_scope, watchdog, peer)
-                try:
-                    await self._read_requests(stream, reader, nursery, send_lock, in_flight, conn, peer)
-                except ProtocolError as exc:
-                    self.connections_rejected += 1
-                    log.warning("%s: closing connection from %s: %s", self.name, peer, exc)
-                    nursery.cancel_scope.cancel()
-                except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
-                    # OSError, not just ConnectionError: the zero-copy receive sees raw
-                    # socket errors (ETIMEDOUT, EHOSTUNREACH, …) that trio does not translate.
-                    log.debug("%s: connection from %s ended: %s", self.name, peer, exc)
-                    nursery.cancel_scope.cancel()
-                else:
-                    watchdog.cancel()  # clean EOF: the requests in flight still get their answers
+            if self.ssl_context is not None:
+                stream = trio.SSLStream(stream, self.ssl_context, server_side=True)
+            send_lock = trio.Lock()
+            principal: Identity | None = None
+            if self.authenticator is not None or self.ssl_context is not None:
+                admitted, principal = await self._authenticate(stream, send_lock, peer, host)
+                if not admitted:
+                    return
+            await self._serve_authenticated(stream, send_lock, principal, peer)
         finally:
             self.connections -= 1
             if host:
                 left = self._per_peer.pop(host) - 1
                 if left:
                     self._per_peer[host] = left
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
+            await _close(stream)
+
+    async def _authenticate(self, stream: trio.abc.Stream, send_lock: trio.Lock, peer: str,
+                            host: str) -> tuple[bool, Identity | None]:
+        """The TLS handshake, then ours, both within ``handshake_timeout_s``: ``(True, the peer's
+        identity)`` (None without an authenticator: TLS only), or ``(False, None)`` once the peer
+        was refused (counted, logged at most once per ``refused_log_interval_s``, told why where it can be)."""
+        reason = ""
+        try:
+            with trio.fail_after(self.handshake_timeout_s):
+                if isinstance(stream, trio.SSLStream):
+                    try:
+                        await stream.do_handshake()
+                    except trio.BrokenResourceError as exc:
+                        raise _TlsFailed(str(exc.__cause__ or exc)) from exc
+                if self.authenticator is None:
+                    return True, None
+                principal = await server_handshake(stream, self.authenticator, send_lock)
+                if principal is None:
+                    log.debug("%s: %s closed the connection before authenticating", self.name, peer)
+                    return False, None
+                return True, principal
+        except trio.TooSlowError:
+            reason = f"handshake not completed within {self.handshake_timeout_s:g} s"
+        except _TlsFailed as exc:
+            reason = f"TLS handshake failed: {exc}"
+        except AuthError as exc:
+            reason = str(exc)
+        except ProtocolError as exc:
+            reason = f"bad frame: {exc}"
+        except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+            reason = f"connection ended during the handshake: {exc}"
+        self.connections_unauthenticated += 1
+        suffix = self._auth_refusals.refused(host or peer)
+        if suffix is not None:
+            log.warning("%s: refusing unauthenticated peer %s: %s%s", self.name, peer, reason, suffix)
+        return False, None
+
+    async def _serve_authenticated(self, stream: trio.abc.Stream, send_lock: trio.Lock,
+                                   principal: Identity | None, peer: str) -> None:
+        # A Semaphore, not a CapacityLimiter: tokens are taken by this reader task
+        # and given back by the request's own task, which a limiter refuses.
+        in_flight = trio.Semaphore(self.limits.max_in_flight)
+        conn = _Connection(idle_since=trio.current_time())
+        reader = FrameReader(stream, self.limits.max_body, self.limits.max_payload,
+                             payload_limits=self.limits.payload_limits, lazy_payloads=True)
+        async with trio.open_nursery() as nursery:
+            # Connection errors are handled inside the nursery: trio wraps what
+            # escapes a nursery in an ExceptionGroup, which no ``except`` here
+            # would match, and the listener (every connection) would die.
+            watchdog = trio.CancelScope()
+            if self.limits.idle_timeout_s < math.inf:
+                nursery.start_soon(self._close_when_idle, reader, conn, nursery.cancel_scope, watchdog, peer)
+            try:
+                await self._read_requests(stream, reader, nursery, send_lock, in_flight, conn, peer, principal)
+            except ProtocolError as exc:
+                self.connections_rejected += 1
+                log.warning("%s: closing connection from %s: %s", self.name, peer, exc)
+                nursery.cancel_scope.cancel()
+            except (trio.BrokenResourceError, trio.ClosedResourceError, OSError) as exc:
+                # OSError, not just ConnectionError: the zero-copy receive sees raw
+                # socket errors (ETIMEDOUT, EHOSTUNREACH, …) that trio does not translate.
+                log.debug("%s: connection from %s ended: %s", self.name, peer, exc)
+                nursery.cancel_scope.cancel()
+            else:
+                watchdog.cancel()  # clean EOF: the requests in flight still get their answers
 
     def _refuse(self, host: str) -> None:
         self.connections_refused += 1
@@ -237,6 +305,7 @@ class FrameServer:
         in_flight: trio.Semaphore,
         conn: _Connection,
         peer: str,
+        principal: Identity | None,
     ) -> None:
         """Start one task per request until a clean EOF."""
         frame_timeout_s = self.limits.frame_timeout_s
@@ -260,7 +329,8 @@ class FrameServer:
                 raise ProtocolError("a client sent a response frame")
             conn.requests += 1
             conn.payload_bytes += header.payload_len
-            nursery.start_soon(self._answer, stream, send_lock, in_flight, conn, header, body, payload, peer)
+            nursery.start_soon(self._answer, stream, send_lock, in_flight, conn, header, body, payload, peer,
+                               principal)
 
     async def _answer(
         self,
@@ -272,12 +342,13 @@ class FrameServer:
         body: Any,
         payload: memoryview,
         peer: str,
+        principal: Identity | None,
     ) -> None:
         started = time.perf_counter()
         code = 0
         try:
             try:
-                out_body, out_payload = await self.handler(header.op, body, payload)
+                out_body, out_payload = await self.handler(header.op, body, payload, principal)
                 flags = FLAG_RESPONSE
             except ProtocolError:
                 raise
@@ -330,8 +401,24 @@ class FrameServer:
             log.exception("%s: payload_sent failed", self.name)
 
 
+class _TlsFailed(Exception):
+    """The TLS handshake failed (bad certificate, not TLS at all)."""
+
+
+async def _close(stream: trio.abc.Stream) -> None:
+    """Close a connection even while cancelled; TLS's goodbye gets a second at most (the peer may not read)."""
+    with trio.CancelScope(shield=True) as scope:
+        scope.deadline = trio.current_time() + 1.0
+        await stream.aclose()
+    if scope.cancelled_caught and isinstance(stream, trio.SSLStream):
+        with trio.CancelScope(shield=True):
+            await stream.transport_stream.aclose()
+
+
 def _peer_name(stream: trio.abc.Stream) -> str:
     """'host:port' of a TCP peer; '?' where the stream has no peer address (a memory stream)."""
+    while isinstance(stream, trio.SSLStream):
+        stream = stream.transport_stream
     sock = getattr(stream, "socket", None)
     if sock is None:
         return "?"

@@ -1,0 +1,76 @@
+"""Capabilities: short-lived tokens a storage node checks before fragment I/O.
+
+A metadata server signs ``[ino, ops, min_version, expires]`` with the service
+secret (``mac`` = the first 16 bytes of the HMAC-SHA256); a node checks it
+with a constant-time compare, without asking anybody. ``ops`` is ``"r"``,
+``"w"`` or ``"rw"``; a write below ``min_version`` (an older stripe version
+than the inode's) is refused. Wire form: ``[ino, ops, min_version, expires, mac]``.
+``check_capability`` parses peer data: it raises only ``OSError`` (EACCES, or
+EKEYEXPIRED for an expired token so the client refreshes it and retries).
+"""
+
+from __future__ import annotations
+
+import errno
+import hmac
+import math
+from typing import Any
+
+import msgpack
+
+from deepfs.auth.keys import hmac_sha256
+from deepfs.errors import os_error
+
+Capability = list[Any]
+READ = "r"
+WRITE = "w"
+_OPS = frozenset({"r", "w", "rw"})
+MAC_BYTES = 16
+_CAP_LABEL = b"deepfs-cap-v1\0"
+
+
+def _mac(service_secret: bytes, ino: int, ops: str, min_version: int, expires: float) -> bytes:
+    signed: bytes = msgpack.packb([ino, ops, min_version, expires], use_bin_type=True)
+    return hmac_sha256(service_secret, _CAP_LABEL + signed)[:MAC_BYTES]
+
+
+def _is_count(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
+
+
+def issue_capability(service_secret: bytes, ino: int, ops: str, min_version: int, ttl_s: float,
+                     now: float) -> Capability:
+    """A token granting ``ops`` ("r", "w" or "rw") on ``ino``'s fragments until ``now + ttl_s``."""
+    if not isinstance(ops, str) or ops not in _OPS:
+        raise ValueError(f"capability ops must be 'r', 'w' or 'rw', not {ops!r}")
+    expires = float(now + ttl_s)
+    return [ino, ops, min_version, expires, _mac(service_secret, ino, ops, min_version, expires)]
+
+
+def capability_expires(cap: Capability) -> float:
+    return float(cap[3])
+
+
+def check_capability(service_secret: bytes, cap: Any, ino: int, op: str, version: int, now: float,
+                     skew_s: float) -> None:
+    """Refuse (EACCES) a missing, malformed or forged token, another inode, an op not granted or a
+    version below ``min_version``; EKEYEXPIRED once ``now > expires + skew_s``."""
+    if cap is None:
+        raise os_error(errno.EACCES, "no capability: fragment I/O needs a token from the metadata server")
+    if not isinstance(cap, (list, tuple)) or len(cap) != 5:
+        raise os_error(errno.EACCES, "malformed capability")
+    cap_ino, ops, min_version, expires, mac = cap
+    if not (_is_count(cap_ino) and isinstance(ops, str) and ops in _OPS and _is_count(min_version)
+            and isinstance(expires, float) and math.isfinite(expires)
+            and isinstance(mac, bytes) and len(mac) == MAC_BYTES):
+        raise os_error(errno.EACCES, "malformed capability")
+    if not hmac.compare_digest(mac, _mac(service_secret, cap_ino, ops, min_version, expires)):
+        raise os_error(errno.EACCES, "forged capability: its signature does not match")
+    if cap_ino != ino:
+        raise os_error(errno.EACCES, f"capability is for inode {cap_ino}, not {ino}")
+    if op not in ops:
+        raise os_error(errno.EACCES, f"capability does not grant {op!r}")
+    if version < min_version:
+        raise os_error(errno.EACCES, f"stripe version {version} is below the capability's minimum {min_version}")
+    if now > expires + skew_s:
+        raise os_error(errno.EKEYEXPIRED, "capability expired: refresh it from the metadata server")
