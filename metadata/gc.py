@@ -43,8 +43,10 @@ class GarbageCollector:
     """Drains the GC queue to the storage nodes; one instance per server."""
 
     def __init__(self, store: MetaStore, membership: Membership, interval_s: float, grace_s: float = 0.0,
-                 timeout_s: float = 10.0, clock: Callable[[], float] = time.time) -> None:
-        """``clock`` is wall-clock seconds, as removal times are stored (they outlive a restart)."""
+                 timeout_s: float = 10.0, clock: Callable[[], float] = time.time,
+                 clients: NodeClients | None = None) -> None:
+        """``clock`` is wall-clock seconds, as removal times are stored (they outlive a restart);
+        ``clients``: how to reach nodes (default: TCP without a credential)."""
         self.store = store
         self.membership = membership
         self.interval_s = interval_s
@@ -52,7 +54,7 @@ class GarbageCollector:
         self.timeout_s = timeout_s
         self._clock = clock
         self.deleted = 0  # fragments acknowledged by nodes since start
-        self._clients = NodeClients(timeout_s)
+        self._clients = clients if clients is not None else NodeClients(timeout_s)
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:  # holds the connections' reader tasks

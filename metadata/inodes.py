@@ -107,9 +107,9 @@ def new_inode(
         generation=generation,
         target=target,
         size=len(target) if target is not None else 0,
+        parent=parent.ino,  # '..' of a directory; the subtree a key is limited to, for every inode
     )
     if inode.is_dir:
-        inode.parent = parent.ino
         inode.dir_layout = parent.dir_layout  # new subtrees keep their parent's default
         txn.add_counter(keys.META_DIRECTORIES, 1)
     elif inode.is_reg:
@@ -159,7 +159,7 @@ def drop_link(txn: Txn, inode: Inode, keep_open: bool, now: int) -> None:
 
 
 def is_ancestor(txn: Txn, ancestor: int, ino: int) -> bool:
-    """Is directory ``ancestor`` equal to ``ino`` or above it? (rename loop check)"""
+    """Is directory ``ancestor`` equal to ``ino`` or above it? (rename loop check, subtree keys)"""
     seen = 0
     while True:
         if ino == ancestor:

@@ -7,8 +7,14 @@ server sends them as they are. File contents (stripes, commits, orphans)
 and extended attributes live in ``FileOps`` (``metadata/files.py``);
 ``Namespace`` inherits them so callers see one object.
 
-Permission checks are the mount's job (FUSE ``default_permissions``); the
-server applies ownership rules only (``ctx`` of the caller, setgid dirs).
+This layer applies no permission checks: it does what it is asked, as the
+``ctx`` it is given (ownership of new inodes, setgid directories). Who may
+ask what is decided before, in ``metadata/access.py`` (POSIX mode bits,
+sticky directories, ownership rules, subtree and read-only keys), which
+``MetaOps`` runs ahead of every operation from an authenticated peer.
+Every inode records the directory it was created in (``Inode.parent``;
+moved by rename, the first one for hard links): that is how a key limited
+to a subtree is kept inside it.
 """
 
 from __future__ import annotations
@@ -99,17 +105,27 @@ class Namespace(FileOps):
         with self.store.read() as txn:
             return require_inode(txn, ino).attr()
 
-    def resolve(self, path: bytes) -> dict[str, int]:
-        """Walk a '/'-separated path from the root; symlinks are not followed."""
+    def resolve(
+        self, path: bytes, root: int = ROOT_INO, search: Callable[[Txn, Inode], None] | None = None
+    ) -> dict[str, int]:
+        """Walk a '/'-separated path from ``root``; symlinks are not followed.
+
+        '..' at ``root`` stays there (a key limited to a subtree sees it as
+        '/'); ``search`` is called with every directory walked through before
+        its entry is looked up (the caller's permission check)."""
         if len(path) > PATH_MAX:
             raise os_error(errno.ENAMETOOLONG, "path is too long")
         with self.store.read() as txn:
-            inode = require_inode(txn, ROOT_INO)
+            inode = require_inode(txn, root)
             for part in path.split(b"/"):
                 if part in (b"", b"."):
                     continue
                 if not inode.is_dir:
                     raise os_error(errno.ENOTDIR, f"inode {inode.ino} is not a directory")
+                if search is not None:
+                    search(txn, inode)
+                if part == b".." and inode.ino == root:
+                    continue
                 inode = lookup_child(txn, inode, part)
             return inode.attr()
 
@@ -305,8 +321,8 @@ class Namespace(FileOps):
                     raise os_error(errno.EINVAL, "cannot move a directory into its own subtree")
                 txn.put_dentry(parent, name, dst.ino, src_entry[1])
                 txn.put_dentry(new_parent, new_name, src.ino, dst_entry[1])
-                self._move_dir_links(src, src_dir, dst_dir)
-                self._move_dir_links(dst, dst_dir, src_dir)
+                self._move_parent(src, src_dir, dst_dir)
+                self._move_parent(dst, dst_dir, src_dir)
                 touch_dir(dst_dir, now)
                 dst.ctime_ns = now
                 txn.put_inode(dst)
@@ -315,7 +331,7 @@ class Namespace(FileOps):
                     self._replace_target(txn, src, dst_dir, new_name, dst_entry[0], keep_open, now)
                 txn.delete_dentry(parent, name)
                 add_entry(txn, dst_dir, new_name, src.ino, now)
-                self._move_dir_links(src, src_dir, dst_dir)
+                self._move_parent(src, src_dir, dst_dir)
             touch_dir(src_dir, now)
             src.ctime_ns = now
             txn.put_inode(src)
@@ -324,11 +340,17 @@ class Namespace(FileOps):
                 txn.put_inode(dst_dir)
 
     @staticmethod
-    def _move_dir_links(inode: Inode, old_dir: Inode, new_dir: Inode) -> None:
-        """A directory changing parents moves its '..' link count along."""
-        if inode.is_dir and old_dir is not new_dir:
+    def _move_parent(inode: Inode, old_dir: Inode, new_dir: Inode) -> None:
+        """An inode changing directories: a directory moves its '..' link count along; any inode
+        whose recorded parent was the old directory (records from before parents were kept for
+        files: 0) now records the new one. A hard link's other names keep the first parent."""
+        if old_dir is new_dir:
+            return
+        if inode.is_dir:
             old_dir.nlink -= 1
             new_dir.nlink += 1
+            inode.parent = new_dir.ino
+        elif inode.parent in (old_dir.ino, 0):
             inode.parent = new_dir.ino
 
     def _replace_target(

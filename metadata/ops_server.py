@@ -13,14 +13,18 @@ serve is ENOSYS (a newer client may ask for more), a bad body EINVAL.
 from __future__ import annotations
 
 import errno
+import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
+from deepfs.auth import Capability, Identity, issue_capability, issue_ticket
 from deepfs.errors import os_error
 from deepfs.frames import Op
 from deepfs.messages import ROOT_INO, validate
 from deepfs.messages import metadata_requests as m
 from deepfs.rpc import Buffer
+from metadata.access import Authorizer, Request
 from metadata.membership import Membership
 from metadata.namespace import Namespace
 from metadata.records import is_degraded
@@ -31,6 +35,16 @@ Reply = dict[str, Any]
 
 PAYLOAD_LIMITS: dict[int, int] = {}
 """No metadata op carries a payload: a frame announcing one is refused on its header (``ServerLimits``)."""
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceTokens:
+    """What signs the tokens replies carry: the service secret (``derive_service_secret`` of the
+    cluster secret) and how long tickets and capabilities live."""
+
+    service_secret: bytes
+    ticket_ttl_s: float
+    capability_ttl_s: float
 
 
 class MetaOps:
@@ -45,12 +59,19 @@ class MetaOps:
         extra_stats: Callable[[], dict[str, int]] | None = None,
         on_degraded_commit: Callable[[], None] | None = None,
         sessions: Sessions | None = None,
+        tokens: ServiceTokens | None = None,
+        clock: Callable[[], float] = time.time,
     ) -> None:
         """``on_degraded_commit``: called after a commit stored a stripe with missing fragments
         (the repair worker's ``kick``, so such stripes are repaired at once). ``sessions``: the
         client sessions HELLO opens and OPEN/CREATE/RELEASE/RENEW_SESSION update (without one,
-        HELLO hands out none and only ``keep_open`` orphans a file)."""
+        HELLO hands out none and only ``keep_open`` orphans a file). ``tokens``: signs node tickets
+        and capabilities for authenticated peers (``clock``: unix time, for their expiry)."""
         self.ns = namespace
+        self.tokens = tokens
+        self._clock = clock
+        self.access = Authorizer(store, namespace)
+        self._request: Request | None = None  # the request being served (ops never yield: one at a time)
         self.sessions = sessions
         self._on_degraded_commit = on_degraded_commit
         self.store = store
@@ -86,25 +107,54 @@ class MetaOps:
             Op.RESOLVE: self.resolve,
             Op.RENEW_SESSION: self.renew_session,
             Op.END_SESSION: self.end_session,
+            Op.CAPABILITY: self.capability,
         }
 
-    async def __call__(self, op: int, body: Any, payload: memoryview) -> tuple[Reply, Sequence[Buffer]]:
+    async def __call__(
+        self, op: int, body: Any, payload: memoryview, principal: Identity | None = None
+    ) -> tuple[Reply, Sequence[Buffer]]:
+        """Serve one request; ``principal``: the connection's authenticated identity (None: unchecked)."""
         handler = self._sync_ops.get(op)
         if handler is None and op != Op.FSYNC:
             raise os_error(errno.ENOSYS, f"operation {op} is not served by the metadata server")
         validate.no_payload(payload, "a metadata request")
         fields = validate.body_map(body)
+        request = None if principal is None else self.access.authorize(op, fields, principal)
         if handler is None:  # FSYNC
             await self.store.wait_synced()
             return {}, ()
-        return handler(fields), ()
+        if request is None:
+            return handler(fields), ()
+        self._request = request
+        try:
+            return handler(request.fields), ()
+        finally:
+            self._request = None
+
+    # tokens -----------------------------------------------------------------
+
+    def _node_ticket(self) -> dict[str, Any] | None:
+        """A ticket into the storage nodes for the current request's identity (None: unauthenticated)."""
+        if self._request is None or self.tokens is None:
+            return None
+        ticket = issue_ticket(self.tokens.service_secret, self._request.identity, self.tokens.ticket_ttl_s,
+                              self._clock())
+        return ticket.to_wire()
+
+    def _cap(self, ino: int, access: str, min_version: int) -> Capability | None:
+        """A capability for ``ino``'s fragments ("r" for reading; "rw" for any writing)."""
+        if self._request is None or self.tokens is None:
+            return None
+        ops = "rw" if "w" in access else "r"
+        return issue_capability(self.tokens.service_secret, ino, ops, min_version, self.tokens.capability_ttl_s,
+                                self._clock())
 
     # session ----------------------------------------------------------------
 
     def hello(self, b: dict[str, Any]) -> Reply:
-        reply = {
+        reply: Reply = {
             "grpc_address": self.grpc_address,
-            "root": ROOT_INO,
+            "root": ROOT_INO if self._request is None else self._request.root,
             "cluster_id": self.ns.cluster_id,
             "default_layout": self.ns.default_layout,
             "stats": {**self.store.stats.as_dict(), **self._extra_stats()},
@@ -112,6 +162,9 @@ class MetaOps:
         if self.sessions is not None:
             reply["session"] = self.sessions.open_session()
             reply["lease_s"] = self.sessions.lease_s
+        ticket = self._node_ticket()
+        if ticket is not None:
+            reply["node_ticket"] = ticket
         return reply
 
     def renew_session(self, b: dict[str, Any]) -> Reply:
@@ -119,7 +172,11 @@ class MetaOps:
         if self.sessions is None:
             raise os_error(errno.ENOSYS, "this metadata server keeps no sessions")
         self.sessions.renew(r.session, r.holds)
-        return {"lease_s": self.sessions.lease_s}
+        reply: Reply = {"lease_s": self.sessions.lease_s}
+        ticket = self._node_ticket()
+        if ticket is not None:
+            reply["node_ticket"] = ticket
+        return reply
 
     def end_session(self, b: dict[str, Any]) -> Reply:
         session_id = m.end_session(b)
@@ -137,7 +194,12 @@ class MetaOps:
         return {"attr": self.ns.getattr(m.ino(b).ino)}
 
     def resolve(self, b: dict[str, Any]) -> Reply:
-        return {"attr": self.ns.resolve(m.resolve(b))}
+        request = self._request
+        if request is None:
+            return {"attr": self.ns.resolve(m.resolve(b))}
+        attr = self.ns.resolve(m.resolve(b), request.root, self.access.resolve_search(request))
+        self.access.check_found(request, attr["ino"])
+        return {"attr": attr}
 
     def readdir(self, b: dict[str, Any]) -> Reply:
         r = m.readdir(b)
@@ -153,7 +215,15 @@ class MetaOps:
                                                r.min_stripe_size)
         if self.sessions is not None and layout is not None:
             self.sessions.hold(session_id, attr["ino"])
-        return {"attr": attr, "layout": layout, "created": created}
+        cap = None
+        if layout is not None and self._request is not None:
+            cap = self._cap(attr["ino"], "rw", self._min_version(attr["ino"]))
+        return {"attr": attr, "layout": layout, "created": created, "cap": cap}
+
+    def _min_version(self, ino: int) -> int:
+        with self.store.read() as txn:
+            inode = txn.get_inode(ino)
+            return 0 if inode is None else inode.min_version
 
     def mknod(self, b: dict[str, Any]) -> Reply:
         r = m.mknod(b)
@@ -232,7 +302,22 @@ class MetaOps:
         reply = self.ns.open(r.ino)
         if self.sessions is not None:
             self.sessions.hold(r.session, r.ino)
+        reply["cap"] = self._cap(r.ino, m.access(b), reply["min_version"])
         return reply
+
+    def capability(self, b: dict[str, Any]) -> Reply:
+        """A fresh capability for a file's fragments; the permission check (``access``) was redone."""
+        r = m.capability(b)
+        if self._request is None:
+            return {"cap": None}
+        with self.store.read() as txn:
+            inode = txn.get_inode(r.ino)
+            if inode is None:
+                raise os_error(errno.ENOENT, f"no inode {r.ino}")
+            if not inode.is_reg:
+                raise os_error(errno.EISDIR if inode.is_dir else errno.EINVAL, f"inode {r.ino} is not a regular file")
+            min_version = inode.min_version
+        return {"cap": self._cap(r.ino, r.access, min_version)}
 
     def get_stripes(self, b: dict[str, Any]) -> Reply:
         r = m.get_stripes(b)

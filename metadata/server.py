@@ -19,6 +19,12 @@ both servers listen it prints exactly one line to stdout::
 (with the real ports when 0 was asked for), so scripts and tests can wait for
 it. SIGTERM or SIGINT stop the server cleanly: listeners close, the store
 gets a final sync, the exit status is 0.
+
+Security (docs/SECURITY.md): every framed connection and every gRPC call
+authenticates with a key derived from the cluster secret (``--secret-file``,
+default DATA_DIR/cluster.secret). On the first start the server creates the
+secret and DATA_DIR/admin.key (role admin) and logs where. With ``tls`` the
+framed port and gRPC serve TLS with ``tls_cert_file``/``tls_key_file``.
 """
 
 from __future__ import annotations
@@ -26,24 +32,41 @@ from __future__ import annotations
 import argparse
 import logging
 import signal
+import ssl
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import trio
 
+from deepfs.auth import (
+    ROLE_ADMIN,
+    ROLE_META,
+    Credential,
+    Identity,
+    KeyVerifier,
+    derive_service_secret,
+    issue_ticket,
+    load_or_create_cluster_secret,
+    make_key,
+    write_key_file,
+)
 from deepfs.config import MetaConfig, load_cluster_config
 from deepfs.errors import ConfigError
 from deepfs.layout import Layout
 from deepfs.rpc import FrameServer, ServerLimits
+from deepfs.tls import client_ssl_context, read_pem, server_ssl_context
 from metadata.control_service import ClusterService, start_grpc_server
 from metadata.deep_scrub import DeepScrubber
 from metadata.gc import GarbageCollector
 from metadata.membership import Membership
 from metadata.metrics import start_meta_metrics
 from metadata.namespace import Namespace
-from metadata.ops_server import PAYLOAD_LIMITS, MetaOps
+from metadata.node_clients import CredentialSource, NodeClients
+from metadata.ops_server import PAYLOAD_LIMITS, MetaOps, ServiceTokens
 from metadata.orphans import OrphanCollector
 from metadata.repair import RepairWorker
 from metadata.sessions import Sessions
@@ -52,6 +75,10 @@ from metadata.store import MetaStore
 log = logging.getLogger("deepfs.meta")
 
 GRPC_STOP_WAIT_S = 2.0
+NODE_TIMEOUT_S = 10.0  # GC, orphan scan, repair and deep scrub: one request to a storage node
+CLUSTER_SECRET_NAME = "cluster.secret"
+ADMIN_KEY_NAME = "admin.key"
+META_IDENTITY = Identity("meta", ROLE_META)  # what this server presents to storage nodes (never in a key file)
 
 
 @dataclass(frozen=True, slots=True)
@@ -91,10 +118,11 @@ class MetaState:
     sessions: Sessions
     deep_scrub: DeepScrubber
 
-    def frame_handler(self, grpc_address: str) -> MetaOps:
-        """The framed protocol's handler; HELLO tells clients ``grpc_address``."""
+    def frame_handler(self, grpc_address: str, tokens: ServiceTokens | None = None) -> MetaOps:
+        """The framed protocol's handler; HELLO tells clients ``grpc_address``; ``tokens`` sign
+        the tickets and capabilities of authenticated peers' replies."""
         return MetaOps(self.namespace, self.store, self.membership, grpc_address, self.hello_stats,
-                       on_degraded_commit=self.repair.kick, sessions=self.sessions)
+                       on_degraded_commit=self.repair.kick, sessions=self.sessions, tokens=tokens)
 
     def hello_stats(self) -> dict[str, int]:
         """Counters HELLO reports next to the store's (the Status RPC has no fields for these)."""
@@ -109,10 +137,46 @@ class MetaState:
         }
 
 
+def load_cluster_secret_of(config: MetaConfig) -> bytes:
+    """The cluster secret (``config.secret_file``, default DATA_DIR/cluster.secret).
+
+    Created on the first start together with DATA_DIR/admin.key, a key of role admin, so the
+    operator has a way in; one log line names both. ``ConfigError`` if the file is unreadable."""
+    data_dir = Path(config.data_dir)
+    path = Path(config.secret_file) if config.secret_file else data_dir / CLUSTER_SECRET_NAME
+    try:
+        secret, created = load_or_create_cluster_secret(path)
+    except OSError as exc:
+        raise ConfigError(f"cannot create cluster secret {path}: {exc.strerror or exc}") from exc
+    if created:
+        admin_path = data_dir / ADMIN_KEY_NAME
+        write_key_file(admin_path, make_key(secret, Identity("admin", ROLE_ADMIN)))
+        log.warning("created cluster secret %s and admin key %s (keep both private)", path, admin_path)
+    return secret
+
+
+def node_credential(service_secret: bytes, ttl_s: float) -> CredentialSource:
+    """What this server presents to storage nodes: a fresh ticket of its own (role meta) per connection."""
+
+    def credential() -> Credential | None:
+        return issue_ticket(service_secret, META_IDENTITY, ttl_s, time.time())
+
+    return credential
+
+
 @contextmanager
-def open_meta_state(config: MetaConfig) -> Iterator[MetaState]:
+def open_meta_state(config: MetaConfig, node_credential: CredentialSource | None = None,
+                    node_ssl_context: ssl.SSLContext | None = None) -> Iterator[MetaState]:
     """Open the store in ``config.data_dir`` (bootstrapping a new namespace) and load
-    the known nodes; the store gets its final sync and closes on exit."""
+    the known nodes; the store gets its final sync and closes on exit. ``node_credential``:
+    what connections to storage nodes present (None: no handshake, in-process clusters);
+    ``node_ssl_context``: TLS towards the nodes (verifying their certificates)."""
+
+    def clients() -> NodeClients | None:
+        if node_credential is None:
+            return None
+        return NodeClients(NODE_TIMEOUT_S, credential=node_credential, ssl_context=node_ssl_context)
+
     store = MetaStore.open(
         config.data_dir, map_size_bytes=config.map_size_bytes, sync_interval_s=config.sync_interval_s
     )
@@ -121,12 +185,13 @@ def open_meta_state(config: MetaConfig) -> Iterator[MetaState]:
         namespace.bootstrap()
         membership = Membership(store, config.node_grace_period_s)
         membership.load()
-        collector = GarbageCollector(store, membership, config.gc_interval_s, config.gc_grace_s)
-        repair = RepairWorker(store, namespace, membership, config)
-        orphans = OrphanCollector(store, membership, config.orphan_grace_s, config.orphan_interval_s)
+        collector = GarbageCollector(store, membership, config.gc_interval_s, config.gc_grace_s, clients=clients())
+        repair = RepairWorker(store, namespace, membership, config, clients=clients())
+        orphans = OrphanCollector(store, membership, config.orphan_grace_s, config.orphan_interval_s,
+                                  clients=clients())
         sessions = Sessions(config.session_lease_s)
         namespace.is_held = sessions.is_held
-        deep_scrub = DeepScrubber(store, membership, repair.report_bad, config)
+        deep_scrub = DeepScrubber(store, membership, repair.report_bad, config, clients=clients())
         yield MetaState(store, namespace, membership, collector, repair, orphans, sessions, deep_scrub)
     finally:
         store.close()
@@ -136,7 +201,12 @@ async def serve_meta(
     config: MetaConfig, *, task_status: trio.TaskStatus[MetaAddresses] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run a metadata server until cancelled; reports ``MetaAddresses`` once listening."""
-    with open_meta_state(config) as state:
+    secret = load_cluster_secret_of(config)
+    service_secret = derive_service_secret(secret)
+    tokens = ServiceTokens(service_secret, config.ticket_ttl_s, config.capability_ttl_s)
+    ssl_context, grpc_tls = _tls_of(config)
+    node_ssl_context = client_ssl_context(config.tls_ca_file) if config.tls else None
+    with open_meta_state(config, node_credential(service_secret, config.ticket_ttl_s), node_ssl_context) as state:
         async with trio.open_nursery() as nursery:
             await nursery.start(state.store.run_syncer)
             try:
@@ -154,13 +224,16 @@ async def serve_meta(
                 orphans=state.orphans,
                 deep_scrub=state.deep_scrub,
             )
-            grpc_server, grpc_port = start_grpc_server(service, config.host, config.grpc_port)
+            grpc_server, grpc_port = start_grpc_server(service, config.host, config.grpc_port,
+                                                       verifier=KeyVerifier(secret), tls=grpc_tls)
             try:
                 addresses = MetaAddresses(config.host, port, grpc_port)
                 limits = ServerLimits(
                     payload_limits=PAYLOAD_LIMITS, idle_timeout_s=config.idle_timeout_s,
                     frame_timeout_s=config.frame_timeout_s, max_connections_per_peer=config.max_connections_per_peer)
-                frames = FrameServer(state.frame_handler(addresses.grpc_address), limits, name="meta")
+                frames = FrameServer(state.frame_handler(addresses.grpc_address, tokens), limits, name="meta",
+                                     authenticator=KeyVerifier(secret), handshake_timeout_s=config.handshake_timeout_s,
+                                     ssl_context=ssl_context)
                 if config.metrics_port is not None:
                     exporter = start_meta_metrics(state, frames, config.host, config.metrics_port)
                     nursery.start_soon(_stop_on_cancel, exporter.stop)
@@ -179,6 +252,14 @@ async def serve_meta(
                 stopped = grpc_server.stop(grace=None)
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(stopped.wait, GRPC_STOP_WAIT_S)
+
+
+def _tls_of(config: MetaConfig) -> tuple[ssl.SSLContext | None, tuple[bytes, bytes] | None]:
+    """The framed port's SSL context and gRPC's (certificate, key) PEMs when ``config.tls``."""
+    if not config.tls:
+        return None, None
+    context = server_ssl_context(config.tls_cert_file, config.tls_key_file)
+    return context, (read_pem(config.tls_cert_file, "certificate"), read_pem(config.tls_key_file, "key"))
 
 
 async def _stop_on_cancel(stop: Callable[[], None]) -> None:
@@ -205,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepfs-meta", description="DeepFS metadata server")
     parser.add_argument("--config", help="cluster TOML file; its [meta] table is the base configuration")
     parser.add_argument("--data-dir", help="directory of the LMDB store")
+    parser.add_argument("--secret-file",
+                        help="the cluster secret every key derives from (default DATA_DIR/cluster.secret, "
+                             "created with DATA_DIR/admin.key on first start)")
     parser.add_argument("--host", help="address both servers listen on")
     parser.add_argument("--port", type=int, help="framed namespace protocol port (0: any free port)")
     parser.add_argument("--grpc-port", type=int, help="gRPC control-plane port (0: any free port)")
@@ -234,12 +318,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a frame may take once begun, then its connection is closed (default 30)")
     parser.add_argument("--max-connections-per-peer", type=int,
                         help="framed connections one peer IP may hold, 0: no cap (default 64)")
+    parser.add_argument("--handshake-timeout", type=float,
+                        help="seconds a new connection has to authenticate, then it is closed (default 10)")
+    parser.add_argument("--tls", action="store_true", default=None,
+                        help="serve TLS on both ports (--tls-cert, --tls-key) and reach nodes over TLS (--tls-ca)")
+    parser.add_argument("--tls-cert", help="this server's certificate chain (PEM)")
+    parser.add_argument("--tls-key", help="the private key of --tls-cert (PEM)")
+    parser.add_argument("--tls-ca", help="CA certificate that verifies the storage nodes (PEM)")
     parser.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
     return parser
 
 
 _FLAG_TO_FIELD = {
     "data_dir": "data_dir",
+    "secret_file": "secret_file",
     "host": "host",
     "port": "port",
     "grpc_port": "grpc_port",
@@ -260,6 +352,11 @@ _FLAG_TO_FIELD = {
     "idle_timeout": "idle_timeout_s",
     "frame_timeout": "frame_timeout_s",
     "max_connections_per_peer": "max_connections_per_peer",
+    "handshake_timeout": "handshake_timeout_s",
+    "tls": "tls",
+    "tls_cert": "tls_cert_file",
+    "tls_key": "tls_key_file",
+    "tls_ca": "tls_ca_file",
 }
 
 
@@ -280,6 +377,11 @@ def config_from_args(args: argparse.Namespace) -> MetaConfig:
         raise ConfigError("session lease and deep-scrub MiB/s must be > 0; deep-scrub interval >= 0 (0: off)")
     if config.idle_timeout_s <= 0 or config.frame_timeout_s <= 0 or config.max_connections_per_peer < 0:
         raise ConfigError("idle and frame timeouts must be > 0; max connections per peer >= 0 (0: no cap)")
+    if config.handshake_timeout_s <= 0 or config.ticket_ttl_s <= 0 or config.capability_ttl_s <= 0:
+        raise ConfigError("handshake timeout, ticket TTL and capability TTL must be > 0")
+    if config.tls and not (config.tls_cert_file and config.tls_key_file and config.tls_ca_file):
+        raise ConfigError("tls needs a certificate, its key and the CA that verifies the storage nodes "
+                          "(--tls-cert, --tls-key, --tls-ca)")
     return config
 
 
@@ -298,21 +400,22 @@ def main(argv: list[str] | None = None) -> int:
     try:
         trio.run(_run_until_signal, config)
     except Exception as exc:  # an OSError may arrive wrapped in exception groups
-        cause = _first_os_error(exc)
+        cause = _first_cause(exc)
         if cause is None:
             raise
         print(f"deepfs-meta: {cause}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(cause, ConfigError) else 1
     return 0
 
 
-def _first_os_error(exc: BaseException) -> OSError | None:
-    """The OSError (port in use, unwritable data dir) behind a failure, if any."""
-    if isinstance(exc, OSError):
+def _first_cause(exc: BaseException) -> OSError | ConfigError | None:
+    """The OSError (port in use, unwritable data dir) or ConfigError (unreadable secret or TLS
+    files) behind a failure, if any."""
+    if isinstance(exc, (OSError, ConfigError)):
         return exc
     if isinstance(exc, BaseExceptionGroup):
         for inner in exc.exceptions:
-            found = _first_os_error(inner)
+            found = _first_cause(inner)
             if found is not None:
                 return found
     return None

@@ -3,6 +3,10 @@
 Every test starts ``python -m metadata`` on free ports and kills it at the
 end, whatever happens. Framed calls go through ``deepfs.rpc.FrameClient``
 inside ``trio.run``; control-plane calls through the generated gRPC stub.
+Every connection authenticates: the server creates DATA_DIR/cluster.secret
+and DATA_DIR/admin.key on its first start, and tests derive the keys they
+need from that secret (a trusted-mount key for namespace calls, as the FUSE
+daemon has; a node key for registration).
 """
 
 from __future__ import annotations
@@ -26,10 +30,24 @@ import pytest
 import trio
 
 from deepfs import frames
+from deepfs.auth import (
+    ROLE_NODE,
+    AuthError,
+    Identity,
+    Key,
+    TicketVerifier,
+    derive_service_secret,
+    load_cluster_secret,
+    make_key,
+    open_ticket,
+    read_key_file,
+)
+from deepfs.auth.grpc_auth import authenticated_channel
 from deepfs.frames import Op
 from deepfs.proto import control_pb2, control_pb2_grpc
 from deepfs.rpc import FrameClient, FrameServer
 from deepfs.testing import ServerProcess, ready_line
+from deepfs.tls import client_ssl_context, create_test_ca_and_cert
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(60)]
 
@@ -62,6 +80,22 @@ class MetaProcess:
     def log(self) -> str:
         return self.process.output()
 
+    @property
+    def secret(self) -> bytes:
+        return load_cluster_secret(self.data_dir / "cluster.secret")
+
+    def key(self, identity: Identity) -> Key:
+        return make_key(self.secret, identity)
+
+    @property
+    def admin_key(self) -> Key:
+        return read_key_file(self.data_dir / "admin.key")
+
+    @property
+    def mount_key(self) -> Key:
+        """What the FUSE daemon holds: acts for each request's ctx."""
+        return self.key(Identity("mount", trusted_mount=True))
+
 
 def start_meta(data_dir: Path, *extra: str) -> MetaProcess:
     """Start a server and wait for its readiness line; a restart appends to the same log."""
@@ -92,12 +126,14 @@ def meta(tmp_path: Path, servers: list[MetaProcess]) -> MetaProcess:
     return server
 
 
-def with_client(server: MetaProcess, fn: Callable[[FrameClient], Awaitable[Any]]) -> Any:
-    """Run ``fn(client)`` in a fresh trio loop with one connection to ``server``."""
+def with_client(server: MetaProcess, fn: Callable[[FrameClient], Awaitable[Any]], key: Key | None = None) -> Any:
+    """Run ``fn(client)`` in a fresh trio loop with one connection to ``server``, authenticated
+    with ``key`` (default: a trusted-mount key)."""
 
     async def main() -> Any:
         async with trio.open_nursery() as nursery:
-            client = await FrameClient.connect(nursery, server.host, server.port)
+            client = await FrameClient.connect(nursery, server.host, server.port,
+                                               credential=key or server.mount_key)
             try:
                 with trio.fail_after(30):
                     return await fn(client)
@@ -125,7 +161,8 @@ def record(index: int, version: int, length: int, nodes: list[int]) -> dict[str,
 
 
 def grpc_stub(server: MetaProcess) -> tuple[grpc.Channel, control_pb2_grpc.ClusterStub]:
-    channel = grpc.insecure_channel(server.grpc_address)
+    """A channel authenticated with a node key (it may register nodes and read the status)."""
+    channel = authenticated_channel(server.grpc_address, server.key(Identity("test-node", ROLE_NODE)))
     return channel, control_pb2_grpc.ClusterStub(channel)
 
 
@@ -195,7 +232,12 @@ def test_namespace_ops_over_the_wire(meta: MetaProcess) -> None:
             await call(c, Op.GETATTR, {"ino": f["ino"]})
         await call(c, Op.RMDIR, {"parent": ROOT, "name": b"d"})
         layout = {"k": 2, "m": 1, "stripe_size": 8192, "codec": "isa_l_rs_cauchy"}
-        await call(c, Op.SET_LAYOUT, {"ino": ROOT, "layout": layout})
+        with pytest.raises(PermissionError):  # only an admin key sets the layout of /
+            await call(c, Op.SET_LAYOUT, {"ino": ROOT, "layout": layout})
+        async with trio.open_nursery() as nursery:
+            admin = await FrameClient.connect(nursery, meta.host, meta.port, credential=meta.admin_key)
+            await call(admin, Op.SET_LAYOUT, {"ino": ROOT, "layout": layout})
+            await admin.aclose()
         again = await call(c, Op.CREATE, {"parent": ROOT, "name": b"g", "mode": 0o644, "exclusive": False, "ctx": CTX})
         assert again["layout"] == layout
         statfs = await call(c, Op.STATFS, {})
@@ -236,7 +278,7 @@ def test_bad_bodies_answer_einval_unknown_ops_enosys_and_the_connection_keeps_se
         with pytest.raises(ConnectionResetError):
             await c.call(Op.GETATTR, {"ino": ROOT}, (b"a payload",), timeout_s=10)
 
-    with_client(meta, body)
+    with_client(meta, body, meta.admin_key)
 
 
 def test_malformed_frames_do_not_kill_the_server(meta: MetaProcess) -> None:
@@ -359,8 +401,9 @@ def test_gc_deletes_superseded_fragments_on_live_nodes_only_after_the_grace(
     deleted: list[list[int]] = []
     deleted_at_least = {4: trio.Event(), 8: trio.Event()}  # set once that many keys were deleted
 
-    async def fake_node(op: int, body: Any, payload: memoryview) -> tuple[dict[str, Any], tuple[()]]:
-        assert op == Op.DELETE_FRAGMENT
+    async def fake_node(op: int, body: Any, payload: memoryview, principal: Identity | None
+                        ) -> tuple[dict[str, Any], tuple[()]]:
+        assert op == Op.DELETE_FRAGMENT and principal is not None and principal.role == "meta"
         deleted.extend(body["keys"])
         for count, reached in deleted_at_least.items():
             if len(deleted) >= count:
@@ -374,7 +417,9 @@ def test_gc_deletes_superseded_fragments_on_live_nodes_only_after_the_grace(
 
     async def scenario(c: FrameClient) -> None:
         async with trio.open_nursery() as nursery:
-            port = await nursery.start(FrameServer(fake_node, name="fake-node").serve, "127.0.0.1", 0)
+            verifier = TicketVerifier(derive_service_secret(meta.secret))  # the metadata server brings a ticket
+            port = await nursery.start(FrameServer(fake_node, name="fake-node", authenticator=verifier).serve,
+                                       "127.0.0.1", 0)
             live = await trio.to_thread.run_sync(
                 stub.Register, control_pb2.RegisterRequest(uuid="live", address=f"127.0.0.1:{port}")
             )
@@ -489,3 +534,86 @@ def test_fsync_waits_for_a_shared_sync(tmp_path: Path, servers: list[MetaProcess
         assert 1 <= syncs < 30, f"{syncs} syncs for 60 fsyncs: group commit is not sharing"
 
     with_client(server, body)
+
+
+# authentication and authorization over the wire ---------------------------------------
+
+
+def test_first_start_creates_the_secret_and_admin_key_and_strangers_are_refused(meta: MetaProcess) -> None:
+    for name in ("cluster.secret", "admin.key"):
+        assert stat.S_IMODE((meta.data_dir / name).stat().st_mode) == 0o600
+    assert "created cluster secret" in meta.log() and "admin.key" in meta.log()
+    with socket.create_connection((meta.host, meta.port), timeout=5) as sock:  # no handshake: told, then closed
+        sock.sendall(frames.encode_frame(Op.GETATTR, 1, {"ino": ROOT}))
+        reply = sock.recv(65536)
+        assert frames.parse_header(reply[: frames.HEADER_SIZE]).is_response
+        while sock.recv(65536):
+            pass
+    stranger = make_key(b"x" * 32, Identity("admin", "admin"))  # the right name, another cluster's secret
+    with pytest.raises(ExceptionGroup) as refused:  # raised inside with_client's nursery
+        with_client(meta, lambda c: call(c, Op.GETATTR, {"ino": ROOT}), stranger)
+    assert refused.group_contains(AuthError)
+    alice = meta.key(Identity("alice", uid=1000, gid=1000))
+
+    async def as_admin(c: FrameClient) -> int:
+        d = (await call(c, Op.MKDIR, {"parent": ROOT, "name": b"private", "mode": 0o700, "ctx": {"uid": 0, "gid": 0}}))
+        return int(d["attr"]["ino"])
+
+    private = with_client(meta, as_admin, meta.admin_key)
+
+    async def as_alice(c: FrameClient) -> None:
+        hello = await call(c, Op.HELLO, {})
+        identity, _ = open_ticket(derive_service_secret(meta.secret), hello["node_ticket"]["ticket"], time.time())
+        assert identity.name == "alice" and hello["root"] == ROOT
+        with pytest.raises(PermissionError):
+            await call(c, Op.READDIR, {"ino": private})
+        with pytest.raises(PermissionError):
+            await call(c, Op.SET_LAYOUT, {"ino": ROOT, "layout": {"k": 16, "m": 8, "stripe_size": 1 << 20}})
+
+    with_client(meta, as_alice, alice)
+
+
+def test_a_given_secret_file_is_used_and_kept(tmp_path: Path, servers: list[MetaProcess]) -> None:
+    secret_file = tmp_path / "keys" / "cluster.secret"
+    first = start_meta(tmp_path / "meta", "--secret-file", str(secret_file))
+    servers.append(first)
+    assert secret_file.exists() and (first.data_dir / "admin.key").exists()
+    assert not (first.data_dir / "cluster.secret").exists()
+    key = make_key(load_cluster_secret(secret_file), Identity("admin", "admin"))
+    assert first.stop(signal.SIGTERM) == 0
+    second = start_meta(tmp_path / "meta", "--secret-file", str(secret_file))
+    servers.append(second)
+
+    async def hello(c: FrameClient) -> Any:
+        return await call(c, Op.HELLO, {})
+
+    assert with_client(second, hello, key)["root"] == ROOT
+
+
+def test_tls_on_the_framed_port_and_grpc(tmp_path: Path, servers: list[MetaProcess]) -> None:
+    tls = create_test_ca_and_cert(tmp_path / "tls")
+    config = tmp_path / "cluster.toml"
+    config.write_text(f'[meta]\ntls = true\ntls_cert_file = "{tls.cert}"\ntls_key_file = "{tls.key}"\n'
+                      f'tls_ca_file = "{tls.ca}"\n')
+    server = start_meta(tmp_path / "meta", "--config", str(config))
+    servers.append(server)
+
+    async def main() -> Any:
+        async with trio.open_nursery() as nursery:
+            client = await FrameClient.connect(nursery, server.host, server.port, credential=server.admin_key,
+                                               ssl_context=client_ssl_context(tls.ca))
+            reply = await call(client, Op.GETATTR, {"ino": ROOT})
+            await client.aclose()
+            return reply
+
+    assert trio.run(main)["attr"]["ino"] == ROOT
+    with socket.create_connection((server.host, server.port), timeout=5) as sock:  # plain TCP: no frame back
+        sock.sendall(frames.encode_frame(Op.PING, 1, {}))
+        answer = b""
+        try:
+            answer = sock.recv(65536)
+        except ConnectionResetError:
+            pass
+        assert frames.HEADER.pack(frames.MAGIC, 1, 0, 0, 0, 0, 0, 0)[:4] not in answer
+    with grpc.secure_channel(server.grpc_address, grpc.ssl_channel_credentials(tls.ca.read_bytes())) as channel:
+        grpc.channel_ready_future(channel).result(timeout=10)

@@ -4,6 +4,8 @@ Bodies are those of docs/PROTOCOL.md, "Metadata server ops"; bad ones are
 answered EINVAL (the policy at the top of ``deepfs.messages.validate``).
 Fields marked optional there default to 0 / false / None here. Ops without
 fields (PING, HELLO, STATFS, FSYNC) have no validator: their body is ignored.
+Builders (``*_body``) make the bodies of the ops whose fields a client is most
+likely to get wrong (OPEN and CAPABILITY's ``access``).
 """
 
 from __future__ import annotations
@@ -11,11 +13,15 @@ from __future__ import annotations
 from typing import Any, NamedTuple
 
 from deepfs.messages import validate as v
-from deepfs.messages.constants import U64_MAX
+from deepfs.messages.constants import U32_MAX, U64_MAX
 from deepfs.messages.records import Ctx
 
 Body = dict[str, Any]
 
+
+ACCESS_MODES = ("r", "w", "rw")
+"""OPEN's and CAPABILITY's ``access``: what the caller will do with the file's fragments."""
+MAX_CTX_GROUPS = 64  # supplementary groups a ctx may list (NGROUPS_MAX is larger; no caller needs more)
 
 MAX_SESSION_HOLDS = 100_000  # inodes one renewal may list: ~1 MiB of msgpack at most, a frame's body limit
 
@@ -31,6 +37,13 @@ class OpenFile(NamedTuple):
 
     ino: int
     session: int
+
+
+class CapabilityRequest(NamedTuple):
+    """CAPABILITY: a fresh capability for ``ino``'s fragments."""
+
+    ino: int
+    access: str
 
 
 class RenewSession(NamedTuple):
@@ -155,6 +168,42 @@ def ino(b: Body) -> Ino:
 
 def open_file(b: Body) -> OpenFile:
     return OpenFile(v.u64(b, "ino"), v.u64(b, "session", 0))
+
+
+def access(b: Body) -> str:
+    """OPEN's and CAPABILITY's optional ``access`` (``ACCESS_MODES``; default "r")."""
+    value = b.get("access")
+    if value is None:
+        return "r"
+    if value not in ACCESS_MODES:
+        v.invalid(f"access must be one of {', '.join(ACCESS_MODES)}, got {value!r}")
+    return str(value)
+
+
+def capability(b: Body) -> CapabilityRequest:
+    return CapabilityRequest(v.u64(b, "ino"), access(b))
+
+
+def ctx_groups(b: Body) -> list[int]:
+    """The optional supplementary ``groups`` of a request's ``ctx`` (honoured for keys acting for it)."""
+    ctx = b.get("ctx")
+    if not isinstance(ctx, dict):
+        return []
+    return v.int_list(ctx.get("groups", []), "ctx groups", 0, U32_MAX, MAX_CTX_GROUPS)
+
+
+def open_body(ino: int, session: int = 0, access: str = "r") -> Body:
+    """An OPEN request: the reply's ``cap`` grants ``access`` ("r": "r"; "w" or "rw": "rw")."""
+    if access not in ACCESS_MODES:
+        raise ValueError(f"access must be one of {ACCESS_MODES}, got {access!r}")
+    return {"ino": ino, "session": session, "access": access}
+
+
+def capability_body(ino: int, access: str = "r") -> Body:
+    """A CAPABILITY request (a fresh ``cap`` for ``ino``, permission re-checked)."""
+    if access not in ACCESS_MODES:
+        raise ValueError(f"access must be one of {ACCESS_MODES}, got {access!r}")
+    return {"ino": ino, "access": access}
 
 
 def session(b: Body) -> int:
