@@ -9,19 +9,31 @@ costs nothing that matters and keeps every state change single-threaded.
 Operator calls (``DrainNode``, ``RemoveNode``, ``Fsck``) scan every stripe
 record in that thread too: they are rare, and a scan must see the same
 membership the repair engine acts on.
+
+Access (docs/SECURITY.md): ``start_grpc_server(..., verifier=...)`` puts
+``grpc_server_interceptor`` in front of every call, so each call is
+authenticated by a key and authorized by role (``METHOD_ROLES``): only node
+keys register and heartbeat, only admin keys drain, remove or fsck; any key
+reads the map and the status. ``Register`` and ``Heartbeat`` pass the
+caller's key name to ``Membership``, which binds a node's uuid to the key
+that first registered it, so no other key can move or impersonate it.
+Without a verifier (in-process harnesses) calls are neither authenticated
+nor bound.
 """
 
 from __future__ import annotations
 
 import errno
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from concurrent import futures
 from typing import Any, NoReturn, TypeVar
 
 import grpc
 import trio
 
+from deepfs.auth import ROLE_ADMIN, ROLE_NODE, KeyVerifier
+from deepfs.auth.grpc_auth import current_principal, grpc_server_interceptor
 from deepfs.messages import FragmentKey
 from deepfs.proto import control_pb2, control_pb2_grpc
 from deepfs.rpc import parse_address
@@ -39,7 +51,18 @@ _ERRNO_TO_STATUS = {
     errno.ENOENT: grpc.StatusCode.NOT_FOUND,
     errno.EBUSY: grpc.StatusCode.FAILED_PRECONDITION,
     errno.EINVAL: grpc.StatusCode.FAILED_PRECONDITION,
+    errno.EACCES: grpc.StatusCode.PERMISSION_DENIED,
+    errno.EPERM: grpc.StatusCode.PERMISSION_DENIED,
 }
+
+METHOD_ROLES: Mapping[str, frozenset[str]] = {
+    "Register": frozenset({ROLE_NODE}),
+    "Heartbeat": frozenset({ROLE_NODE}),
+    "DrainNode": frozenset({ROLE_ADMIN}),
+    "RemoveNode": frozenset({ROLE_ADMIN}),
+    "Fsck": frozenset({ROLE_ADMIN}),
+}
+"""Roles each method allows; the others (GetClusterMap, Status) take any authenticated key."""
 
 
 def _node_info(node: NodeState) -> control_pb2.NodeInfo:
@@ -122,7 +145,8 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         usage = Usage(request.capacity_bytes, request.free_bytes, request.used_bytes)
         node_id, epoch = self._in_trio(
-            context, self._membership.register, request.uuid, request.address, request.failure_domain, usage
+            context, self._membership.register, request.uuid, request.address, request.failure_domain, usage,
+            _caller_key_name(),
         )
         return control_pb2.RegisterReply(node_id=node_id, epoch=epoch, heartbeat_interval_s=self._heartbeat_interval_s)
 
@@ -135,13 +159,14 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
         scrub = ScrubProgress(request.scrub_bytes, request.scrub_errors, request.scrub_pass_fraction,
                               request.scrub_passes)
         bad = [FragmentKey(f.ino, f.stripe, f.version, f.slot) for f in request.bad_fragments]
-        epoch = self._in_trio(context, self._heartbeat, request.node_id, usage, scrub, bad)
+        epoch = self._in_trio(context, self._heartbeat, request.node_id, usage, scrub, bad, _caller_key_name())
         if epoch is None:
             _abort(context, grpc.StatusCode.NOT_FOUND, f"unknown node {request.node_id}: register again")
         return control_pb2.HeartbeatReply(epoch=epoch)
 
-    def _heartbeat(self, node_id: int, usage: Usage, scrub: ScrubProgress, bad: list[FragmentKey]) -> int | None:
-        epoch = self._membership.heartbeat(node_id, usage, scrub)
+    def _heartbeat(self, node_id: int, usage: Usage, scrub: ScrubProgress, bad: list[FragmentKey],
+                   key_name: str | None) -> int | None:
+        epoch = self._membership.heartbeat(node_id, usage, scrub, key_name)
         if epoch is not None and bad and self._repair is not None:
             self._repair.report_bad(node_id, bad)
         return epoch
@@ -229,17 +254,35 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
             self._repair.kick()
 
 
+def _caller_key_name() -> str | None:
+    """The name of the key this call authenticated with; None when the server runs without a verifier."""
+    principal = current_principal()
+    return None if principal is None else principal.name
+
+
 def _abort(context: grpc.ServicerContext, code: grpc.StatusCode, message: str) -> NoReturn:
     context.abort(code, message)
     raise AssertionError("grpc's abort returns only by raising")
 
 
-def start_grpc_server(service: ClusterService, host: str, port: int, max_workers: int = 8) -> tuple[grpc.Server, int]:
-    """Start serving; (server, bound port). Port 0 picks a free one."""
-    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"))
+def start_grpc_server(
+    service: ClusterService, host: str, port: int, max_workers: int = 8, *,
+    verifier: KeyVerifier | None = None, tls: tuple[bytes, bytes] | None = None,
+) -> tuple[grpc.Server, int]:
+    """Start serving; (server, bound port). Port 0 picks a free one.
+
+    ``verifier``: authenticate and authorize every call (``METHOD_ROLES``); None: open to anyone.
+    ``tls``: (certificate chain PEM, private key PEM) to serve TLS instead of plain TCP."""
+    interceptors = [grpc_server_interceptor(verifier, METHOD_ROLES)] if verifier is not None else []
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
+                         interceptors=interceptors)
     control_pb2_grpc.add_ClusterServicer_to_server(service, server)
+    address = f"{host}:{port}"
     try:
-        bound = server.add_insecure_port(f"{host}:{port}")
+        if tls is not None:
+            bound = server.add_secure_port(address, grpc.ssl_server_credentials([(tls[1], tls[0])]))
+        else:
+            bound = server.add_insecure_port(address)
     except RuntimeError as exc:  # grpc reports a taken port this way
         raise OSError(errno.EADDRINUSE, f"cannot listen for gRPC on {host}:{port}: {exc}") from exc
     server.start()

@@ -24,6 +24,15 @@ Each node has two independent states:
 Two up nodes never share an address: only one process can listen there, so a
 registration at an address proves whoever had it before is gone.
 
+Node identity (docs/SECURITY.md): with authentication on, the gRPC service
+passes the name of the node key each call came with. The first registration
+of a uuid binds it to that key name (persisted in the node record); from then
+on only that key may register the uuid (and so move its address) or
+heartbeat for its id, and no other key may take the address of an up node
+bound to another key. Records from before bindings existed are bound at the
+node's next registration (a heartbeat for one is told to register again).
+Without authentication (``key_name`` None) nothing is checked.
+
 The cluster map has an ``epoch`` that grows with every change a client
 should react to (a node joins, moves, goes down or comes back, is drained or
 removed), so clients can cache the map and refetch only when the epoch
@@ -75,6 +84,7 @@ class NodeState:
     scrub_errors: int = 0
     scrub_pass_fraction: float = 0.0
     scrub_passes: int = 0
+    key_name: str = ""  # the node key this uuid is bound to; "": not bound yet
 
     @property
     def state(self) -> str:
@@ -96,6 +106,7 @@ class NodeState:
             "free_bytes": self.free_bytes,
             "used_bytes": self.used_bytes,
             "admin_state": self.admin_state,
+            "key_name": self.key_name,
         }
 
 
@@ -177,20 +188,30 @@ class Membership:
         return sum(n.capacity_bytes for n in writable), sum(n.free_bytes for n in writable)
 
     # ------------------------------------------------------------ node reports
-    def register(self, uuid: str, address: str, failure_domain: str, usage: Usage) -> tuple[int, int]:
-        """(node_id, epoch) for the node with ``uuid``; new uuids get the next id."""
+    def register(self, uuid: str, address: str, failure_domain: str, usage: Usage,
+                 key_name: str | None = None) -> tuple[int, int]:
+        """(node_id, epoch) for the node with ``uuid``; new uuids get the next id.
+
+        ``key_name``: the authenticated node key registering (None: no authentication). A uuid
+        bound to another key, or an up node's address bound to another key: PermissionError."""
         node = next((n for n in self.nodes.values() if n.uuid == uuid), None)
+        if key_name is not None:
+            self._check_claim(node, uuid, address, key_name)
         changed = False
         with self.store.write() as txn:
             if node is None:
                 node_id = txn.add_counter(keys.META_LAST_NODE_ID, 1)  # ids start at 1
-                node = NodeState(node_id, uuid, address, failure_domain)
+                node = NodeState(node_id, uuid, address, failure_domain, key_name=key_name or "")
                 self.nodes[node_id] = node
                 changed = True
-                log.info("node %d (%s) joined at %s", node_id, uuid, address)
+                log.info("node %d (%s) joined at %s%s", node_id, uuid, address,
+                         f" with key {key_name!r}" if key_name else "")
             elif (node.address, node.failure_domain) != (address, failure_domain) or not node.up:
                 node.address, node.failure_domain = address, failure_domain
                 changed = True
+            if key_name and not node.key_name:
+                node.key_name = key_name
+                log.info("node %d (%s) is bound to key %r", node.node_id, uuid, key_name)
             changed |= self._evict_from_address(node)
             self._apply_usage(node, usage)
             self._mark_up(node)
@@ -199,11 +220,21 @@ class Membership:
             self._bump_epoch()
         return node.node_id, self.epoch
 
-    def heartbeat(self, node_id: int, usage: Usage, scrub: ScrubProgress | None = None) -> int | None:
-        """The epoch, or None for a node this server does not know (it must register)."""
+    def heartbeat(self, node_id: int, usage: Usage, scrub: ScrubProgress | None = None,
+                  key_name: str | None = None) -> int | None:
+        """The epoch, or None for a node this server does not know (it must register).
+
+        ``key_name``: the authenticated node key (None: no authentication). A node bound to
+        another key: PermissionError; one not bound yet must register first (None)."""
         node = self.nodes.get(node_id)
         if node is None:
             return None
+        if key_name is not None:
+            if not node.key_name:
+                return None  # registering binds it; a heartbeat never does
+            if node.key_name != key_name:
+                raise PermissionError(errno.EACCES, f"node {node_id} belongs to key {node.key_name!r}; "
+                                                    f"key {key_name!r} may not heartbeat for it")
         self._apply_usage(node, usage)
         if scrub is not None:
             node.scrub_bytes, node.scrub_errors = scrub.bytes_verified, scrub.errors
@@ -264,6 +295,16 @@ class Membership:
         return node
 
     # ------------------------------------------------------------ internals
+    def _check_claim(self, node: NodeState | None, uuid: str, address: str, key_name: str) -> None:
+        """Refuse (PermissionError) a registration by ``key_name`` that would hijack another key's node."""
+        if node is not None and node.key_name and node.key_name != key_name:
+            raise PermissionError(errno.EACCES, f"node uuid {uuid} (node {node.node_id}) belongs to key "
+                                                f"{node.key_name!r}; key {key_name!r} may not register it")
+        holder = self._up_node_at(address, other_than=node.node_id if node is not None else 0)
+        if holder is not None and holder.key_name and holder.key_name != key_name:
+            raise PermissionError(errno.EACCES, f"{address} is up node {holder.node_id}'s address (key "
+                                                f"{holder.key_name!r}); key {key_name!r} may not take it")
+
     def _require(self, node_id: int) -> NodeState:
         node = self.nodes.get(node_id)
         if node is None:

@@ -15,6 +15,18 @@ answers are sent from the pooled buffers the store read them into, or —
 when the reader asks for the block CRCs to check them itself — straight from
 the file with sendfile; ``FrameServer`` hands buffers and files back
 (``payload_sent``) once they are on the wire.
+
+Access (docs/SECURITY.md): with a service secret the frame server admits
+only peers holding a ticket the metadata server signed, and every request
+arrives with that peer's ``Identity``. Fragment ops then need a capability
+for the fragment's inode (``"cap"`` in the body), checked before any disk
+work: GET/STAT/QUARANTINE "r", PUT "w", DELETE "w" for every key; the
+metadata server's own ticket (role meta) needs none. LIST_FRAGMENTS and
+NODE_STATS are for the metadata server and admins only; PING and SYNC for any
+authenticated peer. A PUT's payload has been received by then: the peer is
+authenticated and the frame server bounds what it may send. Without a
+service secret (in-process harnesses) the principal is None and nothing is
+checked.
 """
 
 from __future__ import annotations
@@ -23,12 +35,14 @@ import errno
 import functools
 import logging
 import os
+import ssl
 import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
 import trio
 
+from deepfs.auth import READ, ROLE_ADMIN, ROLE_META, WRITE, Identity, TicketVerifier, check_capability
 from deepfs.config import NodeConfig
 from deepfs.errors import os_error
 from deepfs.frames import FrameHeader, Op
@@ -60,10 +74,14 @@ class DataServer:
     response buffers back. One pool (the store's) serves both directions.
     """
 
-    def __init__(self, store: FragmentStore, config: NodeConfig, identity: NodeIdentity) -> None:
+    def __init__(self, store: FragmentStore, config: NodeConfig, identity: NodeIdentity, *,
+                 service_secret: bytes | None = None, ssl_context: ssl.SSLContext | None = None) -> None:
+        """``service_secret`` (from the node's key): authenticate every peer by its ticket and check
+        capabilities; None serves anyone, unchecked (in-process test harnesses only)."""
         self.store = store
         self.config = config
         self.identity = identity
+        self.service_secret = service_secret
         self.pool: PayloadPool = store.buffers
         self.disk = trio.CapacityLimiter(config.io_threads)
         self.frame_server = FrameServer(
@@ -78,7 +96,19 @@ class DataServer:
             name="storage-node",
             payload_buffer=self.payload_buffer,
             payload_sent=self.payload_sent,
+            authenticator=None if service_secret is None else TicketVerifier(service_secret),
+            handshake_timeout_s=config.handshake_timeout_s,
+            ssl_context=ssl_context,
         )
+        self._checks: dict[int, Callable[[dict, Identity], None]] = {
+            Op.PUT_FRAGMENT: self._may_put,
+            Op.GET_FRAGMENT: self._may_get,
+            Op.DELETE_FRAGMENT: self._may_delete,
+            Op.STAT_FRAGMENT: self._may_stat,
+            Op.QUARANTINE_FRAGMENT: self._may_quarantine,
+            Op.LIST_FRAGMENTS: _cluster_only,
+            Op.NODE_STATS: _cluster_only,
+        }
         self._ops: dict[int, Callable[[dict, memoryview], Any]] = {
             Op.PING: self._ping,
             Op.PUT_FRAGMENT: self._put,
@@ -120,19 +150,68 @@ class DataServer:
             elif isinstance(piece, memoryview):
                 self.store.release(piece)
 
-    async def handle(self, op: int, body: Any, payload: memoryview) -> Reply:
+    async def handle(self, op: int, body: Any, payload: memoryview, principal: Identity | None = None) -> Reply:
+        """One request; ``principal`` is the peer's authenticated identity (None: no authentication)."""
         try:
             serve = self._ops.get(op)
             if serve is None:
                 raise os_error(errno.ENOSYS, f"operation {op} is not served by a storage node")
             if op != Op.PUT_FRAGMENT:
                 validate.no_payload(payload, Op(op).name)
-            return await serve(validate.body_map(body), payload)
+            fields = validate.body_map(body)
+            if principal is not None:
+                self.authorize(op, fields, principal)
+            return await serve(fields, payload)
         finally:
             # The handler is the payload's last user: put() has returned (its
             # worker thread is never abandoned), so the buffer can be reused.
             if len(payload):
                 self.pool.give(payload)
+
+    # ------------------------------------------------------------ access
+    def authorize(self, op: int, body: dict, principal: Identity) -> None:
+        """OSError EACCES (EKEYEXPIRED for an expired capability) unless ``principal`` may do ``op``.
+
+        Pure and on the event loop: no disk work happens for a refused request."""
+        check = self._checks.get(op)
+        if check is not None:
+            check(body, principal)
+
+    def _check_cap(self, cap: Any, ino: int, op: str, version: int) -> None:
+        if self.service_secret is None:  # never for a served node: its frame server authenticates with it
+            raise os_error(errno.EACCES, "this node has no service secret to check capabilities with")
+        check_capability(self.service_secret, cap, ino, op, version, time.time(), self.config.capability_skew_s)
+
+    def _may_put(self, body: dict, principal: Identity) -> None:
+        if principal.role != ROLE_META:
+            request = requests.put_fragment(body)
+            self._check_cap(request.cap, request.key.ino, WRITE, request.key.version)
+
+    def _may_get(self, body: dict, principal: Identity) -> None:
+        if principal.role != ROLE_META:
+            request = requests.get_fragment(body)
+            self._check_read(request.cap, request.key.ino)
+
+    def _may_stat(self, body: dict, principal: Identity) -> None:
+        if principal.role != ROLE_META:
+            request = requests.stat_fragment(body)
+            self._check_read(request.cap, request.key.ino)
+
+    def _may_quarantine(self, body: dict, principal: Identity) -> None:
+        if principal.role != ROLE_META:
+            request = requests.quarantine_fragment(body)
+            self._check_read(request.cap, request.key.ino)
+
+    def _may_delete(self, body: dict, principal: Identity) -> None:
+        if principal.role != ROLE_META:
+            request = requests.delete_fragment(body)
+            for key in request.keys:
+                self._check_cap(request.cap, key.ino, WRITE, key.version)
+
+    def _check_read(self, cap: Any, ino: int) -> None:
+        # A read may need a committed stripe older than the file's min_version (that floor is
+        # for versions written from now on), so reads are checked at the capability's own floor.
+        self._check_cap(cap, ino, READ, _cap_min_version(cap))
 
     async def _on_disk(self, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
         """Run blocking store work in a worker thread, at most ``io_threads`` at once.
@@ -152,7 +231,7 @@ class DataServer:
         return {"node_id": self.identity.node_id}, ()
 
     async def _put(self, body: dict, payload: memoryview) -> Reply:
-        key, block_size, crcs, sync = requests.put_fragment(body)
+        key, block_size, crcs, sync, _cap = requests.put_fragment(body)
         if block_size is None:
             block_size = self.config.block_size
         if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
@@ -199,7 +278,7 @@ class DataServer:
                 await self.sync_all()
 
     async def _get(self, body: dict, _payload: memoryview) -> Reply:
-        key, offset, length, with_crcs = requests.get_fragment(body)
+        key, offset, length, with_crcs, _cap = requests.get_fragment(body)
         # Never answer with more than a frame may carry.
         length = min(length, self.config.max_payload_bytes)
         if with_crcs and length >= DIRECT_MIN_BYTES:
@@ -216,15 +295,15 @@ class DataServer:
         return {"size": got.size, requests.GET_DIGEST: got.digest}, (got.data,)
 
     async def _delete(self, body: dict, _payload: memoryview) -> Reply:
-        keys = requests.delete_fragment(body)
+        keys = requests.delete_fragment(body).keys
         return {"deleted": await self._on_disk(self.store.delete, keys)}, ()
 
     async def _stat(self, body: dict, _payload: memoryview) -> Reply:
-        key = requests.stat_fragment(body)
+        key = requests.stat_fragment(body).key
         return await self._on_disk(self.store.stat, key), ()
 
     async def _quarantine(self, body: dict, _payload: memoryview) -> Reply:
-        key, digest = requests.quarantine_fragment(body)
+        key, digest, _cap = requests.quarantine_fragment(body)
         return {"quarantined": await self._on_disk(self.store.quarantine_unless_digest, key, digest)}, ()
 
     async def _list(self, body: dict, _payload: memoryview) -> Reply:
@@ -236,3 +315,16 @@ class DataServer:
     async def _node_stats(self, _body: dict, _payload: memoryview) -> Reply:
         stats = await self._on_disk(self.store.stats)
         return {"node_id": self.identity.node_id, **stats, "syncs": self.syncs, "unsynced_puts": self.unsynced_puts}, ()
+
+
+def _cluster_only(_body: dict, principal: Identity) -> None:
+    """LIST_FRAGMENTS and NODE_STATS show every inode's fragments: the metadata server's and admins' only."""
+    if principal.role not in (ROLE_META, ROLE_ADMIN):
+        raise os_error(errno.EACCES, f"a {principal.role} key may not list a storage node's fragments or stats")
+
+
+def _cap_min_version(cap: Any) -> int:
+    """The version floor a capability names (0 for a malformed one: ``check_capability`` refuses it anyway)."""
+    if isinstance(cap, list) and len(cap) == 5 and isinstance(cap[2], int) and not isinstance(cap[2], bool):
+        return cap[2]
+    return 0

@@ -14,6 +14,13 @@ heartbeat that fails hands them to the next one. And the scrubber's counters.
 
 gRPC's synchronous stub runs in a worker thread with a deadline per call:
 grpc's own event loop does not mix with trio's.
+
+Every call carries the node's key (``deepfs.auth.authenticated_channel``),
+and the metadata server proves it knows the key too. A refusal (a key of
+another cluster, a uuid bound to another node's key, a server that is not
+genuine) is logged as an error with the server's reason, once per distinct
+reason, and retried with the same backoff: an operator fixing the key file
+or the metadata server sees the node recover without restarting it.
 """
 
 from __future__ import annotations
@@ -26,6 +33,8 @@ from typing import Any
 import grpc
 import trio
 
+from deepfs.auth import Key
+from deepfs.auth.grpc_auth import authenticated_channel
 from deepfs.config import NodeConfig
 from deepfs.proto import control_pb2, control_pb2_grpc
 from storage_node.fragment_store import FragmentStore
@@ -38,6 +47,7 @@ RPC_TIMEOUT_S = 3.0
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 5.0
 DEFAULT_HEARTBEAT_S = 1.0
+_REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
 class Registration:
@@ -53,11 +63,14 @@ class Registration:
         store: FragmentStore,
         address: str,
         *,
+        key: Key | None = None,
         rpc_timeout_s: float = RPC_TIMEOUT_S,
         scrub_stats: ScrubStats | None = None,
     ) -> None:
-        """``scrub_stats``: the scrubber's counters, if it runs."""
+        """``key``: the node's key (None: calls carry no credentials, for servers without
+        authentication); ``scrub_stats``: the scrubber's counters, if it runs."""
         self.config = config
+        self.key = key
         self.identity = identity
         self.store = store
         self.address = address
@@ -67,10 +80,12 @@ class Registration:
         self.epoch = 0
         self.heartbeat_interval_s = DEFAULT_HEARTBEAT_S
         self.state = "starting"
+        self.refusal = ""  # the metadata server's last reason for refusing this node; "" if none
         # grpc's own reconnect backoff grows to 120 s by default: a metadata
         # server back after a short outage would wait that long for its nodes.
         # (A channel connects lazily, so creating it here does no I/O.)
-        self._channel = grpc.insecure_channel(config.meta_grpc, options=[
+        self._channel = authenticated_channel(config.meta_grpc, key, config.tls_ca_file if config.tls else "",
+                                              options=[
             ("grpc.initial_reconnect_backoff_ms", int(BACKOFF_FIRST_S * 1000)),
             ("grpc.min_reconnect_backoff_ms", int(BACKOFF_FIRST_S * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(BACKOFF_MAX_S * 1000)),
@@ -95,8 +110,19 @@ class Registration:
                     await self._heartbeat()
                 backoff_s = BACKOFF_FIRST_S
                 await trio.sleep(self.heartbeat_interval_s)
+            except PermissionError as exc:  # the metadata server failed to prove it knows our key
+                self._refused(f"{exc.strerror or exc}")
+                await trio.sleep(backoff_s * random.uniform(0.5, 1.0))
+                backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
             except grpc.RpcError as exc:
                 code = exc.code() if isinstance(exc, grpc.Call) else None
+                if code in _REFUSED:
+                    detail = exc.details() if isinstance(exc, grpc.Call) else ""
+                    self._refused(f"{code.name}: {detail}")
+                    registered = False  # a node that lost its binding registers again, to be told why
+                    await trio.sleep(backoff_s * random.uniform(0.5, 1.0))
+                    backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
+                    continue
                 if registered and code == grpc.StatusCode.NOT_FOUND:
                     # The metadata server forgot us (e.g. a fresh metadata
                     # store): register again with the same uuid, right away.
@@ -163,10 +189,21 @@ class Registration:
             lambda: method(request, timeout=self.rpc_timeout_s), abandon_on_cancel=True
         )
 
+    def _refused(self, reason: str) -> None:
+        """The metadata server refused this node: an error line per new reason, then retry."""
+        if reason != self.refusal:
+            log.error("metadata server %s refused node %s (%s key %r): %s; check --key and the cluster secret; "
+                      "retrying", self.config.meta_grpc, self.identity.uuid, "with" if self.key else "without",
+                      self.key.identity.name if self.key else "", reason)
+        self.refusal = reason
+        self.state = "refused"
+
     def _enter(self, state: str, message: str, *args: object) -> None:
         """Log ``message`` only when the state actually changes."""
         if state == self.state:
             return
+        if state == "registered":
+            self.refusal = ""
         self.state = state
         level = logging.WARNING if state in ("unreachable", "re-registering") else logging.INFO
         log.log(level, message, *args)

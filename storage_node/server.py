@@ -9,15 +9,22 @@ Once the data server listens, ``main`` prints one line to stdout::
 which launchers wait for (port 0 picks a free port; the line has the real one).
 SIGTERM and SIGINT stop the node cleanly (exit status 0): in-flight disk
 writes finish, nothing is left half-renamed.
+
+A node needs its own key (``--key FILE``, role node, made by
+``deepfs keys create NAME --node``): it registers with it, and the service
+secret in it verifies clients' tickets and capabilities. Without one the
+command prints one line and exits 2.
 """
 
 from __future__ import annotations
 
 import argparse
 import fcntl
+import functools
 import logging
 import os
 import signal
+import ssl
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
@@ -25,6 +32,7 @@ from pathlib import Path
 
 import trio
 
+from deepfs.auth import ROLE_NODE, Key, read_key_file
 from deepfs.concurrency import sole_exception
 from deepfs.config import NodeConfig, load_cluster_config
 from deepfs.errors import ConfigError
@@ -41,6 +49,9 @@ log = logging.getLogger("storage_node")
 READY_PREFIX = "deepfs-node listening on"
 LOCK_FILE = "node.lock"
 _EXPECTED_FAILURES = (OSError, RuntimeError, ValueError)
+_PROG = "deepfs node serve"
+NEEDS_KEY = (f"{_PROG}: a storage node needs its node key (--key FILE; "
+             "create one with 'deepfs keys create NAME --node')")
 
 
 @dataclass(frozen=True)
@@ -73,15 +84,43 @@ def lock_data_dir(data_dir: Path) -> int:
     return fd
 
 
-async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED) -> None:
-    """Run one storage node until cancelled; ``task_status.started`` gets a ``RunningNode``."""
+def load_node_key(config: NodeConfig) -> Key:
+    """The node's key from ``config.key_file``; ``ConfigError`` (one line) if missing, unreadable or not a node key."""
+    if not config.key_file:
+        raise ConfigError(NEEDS_KEY)
+    key = read_key_file(config.key_file)
+    if key.identity.role != ROLE_NODE or key.service_secret is None:
+        raise ConfigError(f"{_PROG}: {config.key_file} is a {key.identity.role} key, not a node key "
+                          "(create one with 'deepfs keys create NAME --node')")
+    return key
+
+
+def _server_ssl_context(config: NodeConfig) -> ssl.SSLContext | None:
+    if not config.tls:
+        return None
+    from deepfs.tls import server_ssl_context  # only TLS nodes need the ssl set-up
+
+    if not (config.tls_cert_file and config.tls_key_file and config.tls_ca_file):
+        raise ConfigError(f"{_PROG}: TLS needs a certificate, its key and the CA that verifies the metadata "
+                          "server (--tls-cert, --tls-key, --tls-ca)")
+    return server_ssl_context(config.tls_cert_file, config.tls_key_file)
+
+
+async def serve_node(config: NodeConfig, *, key: Key | None = None, task_status=trio.TASK_STATUS_IGNORED) -> None:
+    """Run one storage node until cancelled; ``task_status.started`` gets a ``RunningNode``.
+
+    ``key``: the node's key; None reads ``config.key_file`` (``ConfigError`` without one)."""
+    key = key or load_node_key(config)
+    assert key.service_secret is not None  # load_node_key checked it is a node key
+    ssl_context = _server_ssl_context(config)
     data_dir = Path(config.data_dir)
     lock_fd = await trio.to_thread.run_sync(lock_data_dir, data_dir)
     try:
         # Opening scans the fragments once; that is disk work, so not on the loop.
         store = await trio.to_thread.run_sync(FragmentStore.from_config, config)
         identity = NodeIdentity(await trio.to_thread.run_sync(load_or_create_uuid, data_dir))
-        data_server = DataServer(store, config, identity)
+        data_server = DataServer(store, config, identity, service_secret=key.service_secret,
+                                 ssl_context=ssl_context)
         async with trio.open_nursery() as nursery:
             port = await nursery.start(data_server.serve, config.host, config.port)
             running = RunningNode(config.host, port, identity.uuid, identity)
@@ -94,7 +133,7 @@ async def serve_node(config: NodeConfig, *, task_status=trio.TASK_STATUS_IGNORED
                 scrub_stats = scrubber.stats
                 nursery.start_soon(scrubber.run)
             nursery.start_soon(Registration(config, identity, store, config.advertise_address or running.address,
-                                            scrub_stats=scrub_stats).run)
+                                            key=key, scrub_stats=scrub_stats).run)
             if config.metrics_port is not None:
                 exporter = start_node_metrics(data_server, scrub_stats, config.host, config.metrics_port)
                 nursery.start_soon(_stop_on_cancel, exporter.stop)
@@ -155,6 +194,17 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
                    help="close a connection whose frame is not complete this long after it began (default 30)")
     p.add_argument("--max-connections-per-peer", type=int,
                    help="framed connections one peer IP may hold, 0: no cap (default 64)")
+    p.add_argument("--key", dest="key_file",
+                   help="this node's key file (role node: 'deepfs keys create NAME --node'); required")
+    p.add_argument("--capability-skew", dest="capability_skew_s", type=float,
+                   help="seconds of clock difference tolerated on a capability's expiry (default 30)")
+    p.add_argument("--handshake-timeout-s", type=float,
+                   help="close a connection that has not authenticated this long after it opened (default 10)")
+    p.add_argument("--tls", action="store_true", default=None,
+                   help="serve TLS (--tls-cert, --tls-key) and reach the metadata server over TLS (--tls-ca)")
+    p.add_argument("--tls-cert", dest="tls_cert_file", help="this node's certificate chain (PEM)")
+    p.add_argument("--tls-key", dest="tls_key_file", help="the private key of --tls-cert (PEM)")
+    p.add_argument("--tls-ca", dest="tls_ca_file", help="CA certificate that verifies the metadata server (PEM)")
     p.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     a = p.parse_args(argv)
     base = NodeConfig()
@@ -170,7 +220,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
         field: getattr(a, field)
         for field in ("data_dir", "host", "port", "metrics_port", "meta_grpc", "failure_domain", "advertise_address",
                       "reserve_bytes", "capacity_bytes", "io_threads", "scrub_mib_s", "scrub_interval_s",
-                      "idle_timeout_s", "frame_timeout_s", "max_connections_per_peer")
+                      "idle_timeout_s", "frame_timeout_s", "max_connections_per_peer", "key_file",
+                      "capability_skew_s", "handshake_timeout_s", "tls", "tls_cert_file", "tls_key_file",
+                      "tls_ca_file")
         if getattr(a, field) is not None
     }
     if a.no_fsync:
@@ -184,13 +236,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
         p.error("--scrub-mib-s and --scrub-interval-s must not be negative")
     if config.idle_timeout_s <= 0 or config.frame_timeout_s <= 0 or config.max_connections_per_peer < 0:
         p.error("--idle-timeout-s and --frame-timeout-s must be > 0, --max-connections-per-peer >= 0")
+    if config.capability_skew_s < 0 or config.handshake_timeout_s <= 0:
+        p.error("--capability-skew must not be negative, --handshake-timeout-s must be > 0")
     return config, a.log_level
 
 
-async def _run_until_signalled(config: NodeConfig) -> None:
+async def _run_until_signalled(config: NodeConfig, key: Key) -> None:
     with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
         async with trio.open_nursery() as nursery:
-            running: RunningNode = await nursery.start(serve_node, config)
+            running: RunningNode = await nursery.start(functools.partial(serve_node, config, key=key))
             print(f"{READY_PREFIX} {running.address} node_uuid={running.node_uuid}", flush=True)
             async for signum in signals:
                 log.info("received %s; shutting down", signal.Signals(signum).name)
@@ -200,11 +254,18 @@ async def _run_until_signalled(config: NodeConfig) -> None:
 
 def main(argv: Sequence[str] | None = None) -> int:
     config, log_level = parse_args(argv)
+    try:
+        key = load_node_key(config)
+        _server_ssl_context(config)  # a bad certificate is a start-up error, not a failure later
+    except (ConfigError, OSError, ssl.SSLError) as exc:
+        message = str(exc)
+        print(message if message.startswith(_PROG) else f"{_PROG}: {message}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_malloc()
     try:
-        trio.run(_run_until_signalled, config)
+        trio.run(_run_until_signalled, config, key)
     except BaseExceptionGroup as group:
         # trio's nurseries wrap failures; a single expected one (port in use,
         # data directory locked or unreadable) is reported as one line.

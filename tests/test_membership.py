@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from deepfs.testing import FakeClock
+from metadata import keys
 from metadata.membership import Membership, ScrubProgress, Usage
 from metadata.store import MetaStore
 
@@ -157,3 +158,54 @@ def test_a_node_moving_to_another_address_keeps_its_id(store: MetaStore) -> None
     epoch = membership.epoch
     assert membership.register("uuid-2", "127.0.0.1:9999", "host2", Usage())[0] == 2
     assert membership.nodes[2].address == "127.0.0.1:9999" and membership.epoch == epoch + 1
+
+
+# ------------------------------------------------------------ node identity (issue 12)
+def test_a_uuid_is_bound_to_the_key_that_first_registered_it(store: MetaStore) -> None:
+    clock = FakeClock()
+    membership = Membership(store, GRACE_S, clock=clock)
+    membership.load()
+    assert membership.register("uuid-1", address(1), "host1", Usage(), key_name="node1")[0] == 1
+    assert membership.register("uuid-2", address(2), "host2", Usage(), key_name="node2")[0] == 2
+    assert membership.nodes[1].key_name == "node1"
+    # Its own key may move it (a restart on another port) and heartbeat for it.
+    assert membership.register("uuid-1", address(11), "host1", Usage(), key_name="node1")[0] == 1
+    assert membership.heartbeat(1, Usage(), key_name="node1") is not None
+    # Another node key may neither take the uuid (at any address) nor heartbeat for its id.
+    for hijack in (address(12), address(11)):
+        with pytest.raises(PermissionError, match="belongs to key 'node1'"):
+            membership.register("uuid-1", hijack, "evil", Usage(), key_name="node2")
+    assert membership.nodes[1].address == address(11) and membership.nodes[1].failure_domain == "host1"
+    with pytest.raises(PermissionError, match="may not heartbeat"):
+        membership.heartbeat(1, Usage(capacity_bytes=1 << 50), key_name="node2")
+    assert membership.nodes[1].capacity_bytes == 0
+    # Nor take an up node's address with a fresh uuid (which would mark the real node down).
+    with pytest.raises(PermissionError, match="may not take it"):
+        membership.register("uuid-evil", address(11), "evil", Usage(), key_name="node2")
+    assert membership.node_state(1) == "up" and len(membership.nodes) == 2
+    # The binding survives a restart of the metadata server.
+    reloaded = Membership(store, GRACE_S, clock=clock)
+    reloaded.load()
+    assert reloaded.nodes[1].key_name == "node1"
+    with pytest.raises(PermissionError):
+        reloaded.register("uuid-1", address(12), "evil", Usage(), key_name="node2")
+
+
+def test_records_from_before_bindings_are_bound_at_the_next_registration(store: MetaStore) -> None:
+    clock = FakeClock()
+    with store.write() as txn:  # a node record as an older server wrote it: no key_name
+        txn.add_counter(keys.META_LAST_NODE_ID, 1)
+        txn.put_node(1, {"uuid": "uuid-1", "address": address(1), "failure_domain": "host1", "capacity_bytes": 0,
+                         "free_bytes": 0, "used_bytes": 0, "admin_state": "in"})
+    membership = Membership(store, GRACE_S, clock=clock)
+    membership.load()
+    assert membership.nodes[1].key_name == ""
+    # A heartbeat never binds: the node is told to register (None), which binds it.
+    assert membership.heartbeat(1, Usage(), key_name="node1") is None
+    assert membership.register("uuid-1", address(1), "host1", Usage(), key_name="node1")[0] == 1
+    assert membership.nodes[1].key_name == "node1"
+    assert membership.heartbeat(1, Usage(), key_name="node1") is not None
+    # Without authentication (key_name None) nothing is checked or bound.
+    assert membership.register("uuid-1", address(1), "host1", Usage())[0] == 1
+    assert membership.register("uuid-new", address(5), "host5", Usage())[0] == 2
+    assert membership.nodes[2].key_name == ""

@@ -67,8 +67,8 @@ def test_storage_validators_read_each_op_and_refuse_bad_bodies() -> None:
     get = storage.get_fragment(storage.get_fragment_body(key, 10, 20, with_crcs=True))
     assert get == storage.GetFragment(key, 10, 20, True)
     assert storage.get_fragment(storage.get_fragment_body(key, 0, 5)).with_crcs is False
-    assert storage.delete_fragment(storage.delete_fragment_body([key, key])) == [key, key]
-    assert storage.stat_fragment({"key": [1, 2, 3, 4]}) == key
+    assert storage.delete_fragment(storage.delete_fragment_body([key, key])).keys == [key, key]
+    assert storage.stat_fragment({"key": [1, 2, 3, 4]}) == storage.StatFragment(key, None)
     einval(storage.put_fragment, {"key": key.to_wire(), "crcs": "abc"})
     einval(storage.put_fragment, {"key": key.to_wire(), "crcs": [1 << 32]})
     einval(storage.put_fragment, {"key": key.to_wire(), "crcs": [], "sync": 1})

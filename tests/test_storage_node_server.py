@@ -3,14 +3,16 @@ pipelining, corruption on disk, and peers that send garbage.
 
 No metadata server runs: the node gets an unreachable ``--meta-grpc`` and must
 serve data anyway. The membership test plays the metadata server's side of
-Register/Heartbeat with a small gRPC service of its own.
+Register/Heartbeat with a small gRPC service of its own (authenticating the
+node's key). Every connection here authenticates with the metadata server's
+own kind of ticket (role meta: no capabilities needed); what a node refuses
+to other peers is tests/test_node_auth.py.
 """
 
 from __future__ import annotations
 
 import errno
 import os
-import re
 import signal
 import socket
 import struct
@@ -27,31 +29,20 @@ import pytest
 import trio
 
 from deepfs import frames
+from deepfs.auth import KeyVerifier
+from deepfs.auth.grpc_auth import grpc_server_interceptor
 from deepfs.checksums import fragment_digest
 from deepfs.frames import Op
 from deepfs.proto import control_pb2, control_pb2_grpc
 from deepfs.rpc import FrameClient, FrameServer
-from deepfs.testing import ServerProcess, ready_line, wait_for
+from deepfs.testing import ServerProcess, wait_for
 from storage_node.payload_pool import PayloadPool
+from tests.node_auth_helpers import READY, SECRET, authed_socket, exchange, frame, port_of, start_node, ticket
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(60)]
 
 T = TypeVar("T")
 BS = 64 << 10
-READY = re.compile(r"^deepfs-node listening on 127\.0\.0\.1:(\d+) node_uuid=([0-9a-f-]{36})$")
-
-
-def start_node(data_dir: Path, *extra: str, meta_grpc: str = "127.0.0.1:1") -> ServerProcess:
-    args = ["-m", "storage_node", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", "0",
-            "--meta-grpc", meta_grpc, "--no-fsync", "--reserve-bytes", "0", *extra]
-    data_dir.parent.mkdir(parents=True, exist_ok=True)
-    return ServerProcess(args, ready_line("deepfs-node listening"), data_dir.parent / f"{data_dir.name}.log").start()
-
-
-def port_of(node: ServerProcess) -> int:
-    match = READY.match(node.ready_line)
-    assert match, node.ready_line
-    return int(match.group(1))
 
 
 @pytest.fixture(scope="module")
@@ -73,7 +64,7 @@ def with_client(port: int, fn: Callable[[FrameClient], Awaitable[T]], timeout_s:
     async def main() -> T:
         with trio.fail_after(timeout_s):
             async with trio.open_nursery() as nursery:
-                client = await FrameClient.connect(nursery, "127.0.0.1", port)
+                client = await FrameClient.connect(nursery, "127.0.0.1", port, credential=ticket())
                 try:
                     return await fn(client)
                 finally:
@@ -207,11 +198,7 @@ def test_corruption_on_disk_is_quarantined(node: ServerProcess, node_data_dir: P
     with_client(port_of(node), scenario)
 
 
-# ---------------------------------------------------- peers sending garbage
-def frame(op: int, body: Any, payload: bytes = b"", payload_len: int | None = None) -> bytes:
-    return frames.encode_frame(op, 1, body, len(payload) if payload_len is None else payload_len) + payload
-
-
+# ------------------------------------ authenticated peers sending garbage
 def wrong_magic() -> bytes:
     raw = bytearray(frame(Op.PING, {}))
     struct.pack_into("!I", raw, 0, 0xDEADBEEF)
@@ -272,16 +259,6 @@ def closed_by_server(sock: socket.socket) -> bool:
     return True
 
 
-def exchange(sock: socket.socket, raw: bytes) -> tuple[frames.FrameHeader, Any]:
-    """Send one request frame on a blocking socket; its response's header and body."""
-    sock.sendall(raw)
-    head = sock.recv(frames.HEADER_SIZE, socket.MSG_WAITALL)
-    header = frames.parse_header(head)
-    body = frames.decode_body(head, header, sock.recv(header.body_len, socket.MSG_WAITALL))
-    sock.recv(header.payload_len, socket.MSG_WAITALL)
-    return header, body
-
-
 def assert_answers_ping(sock: socket.socket) -> None:
     header, body = exchange(sock, frame(Op.PING, {}))
     assert header.is_response and not header.is_error and "node_id" in body
@@ -290,8 +267,7 @@ def assert_answers_ping(sock: socket.socket) -> None:
 @pytest.mark.parametrize("name", list(GARBAGE_FRAMES))
 def test_malformed_frame_closes_only_that_connection(node: ServerProcess, name: str) -> None:
     port = port_of(node)
-    with socket.create_connection(("127.0.0.1", port), timeout=5) as bystander, \
-            socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+    with authed_socket(port) as bystander, authed_socket(port) as sock:
         sock.sendall(GARBAGE_FRAMES[name])
         assert closed_by_server(sock), f"{name}: the connection stayed open"
         assert_answers_ping(bystander)  # an older connection is unaffected
@@ -301,7 +277,7 @@ def test_malformed_frame_closes_only_that_connection(node: ServerProcess, name: 
 @pytest.mark.parametrize("name", list(BAD_REQUESTS))
 def test_bad_request_is_answered_and_the_connection_keeps_serving(node: ServerProcess, name: str) -> None:
     raw, code = BAD_REQUESTS[name]
-    with socket.create_connection(("127.0.0.1", port_of(node)), timeout=5) as sock:
+    with authed_socket(port_of(node)) as sock:
         header, body = exchange(sock, raw)
         assert header.is_response and header.is_error and body["errno"] == code, (name, body)
         assert_answers_ping(sock)
@@ -310,7 +286,7 @@ def test_bad_request_is_answered_and_the_connection_keeps_serving(node: ServerPr
 def test_truncated_frame(node: ServerProcess) -> None:
     raw = frame(Op.PUT_FRAGMENT, {"key": [1, 0, 0, 0], "block_size": BS, "crcs": [0]}, b"x" * 1000)
     for cut in (5, frames.HEADER_SIZE, frames.HEADER_SIZE + 3, len(raw) - 10):
-        with socket.create_connection(("127.0.0.1", port_of(node)), timeout=5) as sock:
+        with authed_socket(port_of(node)) as sock:
             sock.sendall(raw[:cut])
             sock.shutdown(socket.SHUT_WR)
             assert closed_by_server(sock)
@@ -391,7 +367,8 @@ def test_membership_waits_for_metadata_registers_heartbeats_and_reregisters(tmp_
         probe.bind(("127.0.0.1", 0))
         meta_port = probe.getsockname()[1]
     service = StandInCluster()
-    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=4))
+    grpc_server = grpc.server(ThreadPoolExecutor(max_workers=4),
+                              interceptors=[grpc_server_interceptor(KeyVerifier(SECRET), {})])
     control_pb2_grpc.add_ClusterServicer_to_server(service, grpc_server)
     node = start_node(tmp_path / "m", meta_grpc=f"127.0.0.1:{meta_port}")
     try:
@@ -426,7 +403,7 @@ def test_a_socket_error_mid_frame_closes_only_that_connection(monkeypatch: pytes
     trio.serve_listeners, i.e. every connection of the node. Two connections
     are served side by side; one loses its peer, the other keeps being answered."""
 
-    async def handler(op: int, body: Any, payload: memoryview) -> tuple[Any, tuple[()]]:
+    async def handler(op: int, body: Any, payload: memoryview, principal: Any = None) -> tuple[Any, tuple[()]]:
         return {"pong": True}, ()
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
@@ -497,7 +474,7 @@ def test_frame_server_gives_response_payloads_back_after_sending_them() -> None:
     big = bytearray(os.urandom(16 << 20))  # far more than the socket buffers hold
     given_back: list[Any] = []
 
-    async def handler(op: int, body: Any, payload: memoryview) -> tuple[Any, tuple[Any, ...]]:
+    async def handler(op: int, body: Any, payload: memoryview, principal: Any = None) -> tuple[Any, tuple[Any, ...]]:
         return {"answer": 1}, (big, memoryview(b"tail"))
 
     def client_side(port: int) -> None:
@@ -524,7 +501,7 @@ def test_frame_server_gives_payloads_back_when_the_peer_vanished() -> None:
     given_back: list[Any] = []
     started = threading.Event()
 
-    async def handler(op: int, body: Any, payload: memoryview) -> tuple[Any, tuple[Any, ...]]:
+    async def handler(op: int, body: Any, payload: memoryview, principal: Any = None) -> tuple[Any, tuple[Any, ...]]:
         started.set()
         # Like a read in a worker thread, which trio cannot abandon: the reply comes regardless.
         with trio.CancelScope(shield=True):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import errno
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ import trio
 import trio.testing
 
 from deepfs import rpc
+from deepfs.auth import ROLE_ADMIN, ROLE_META, Identity, derive_service_secret, issue_capability, new_cluster_secret
 from deepfs.checksums import block_crcs, fragment_digest
 from deepfs.config import NodeConfig
 from deepfs.frames import Op
@@ -35,13 +37,16 @@ BS = 64 << 10
 NODE_ID = 3
 
 
-def open_server(tmp_path: Path) -> DataServer:
-    config = NodeConfig(data_dir=str(tmp_path / "node"), fsync=False, direct_io=False, reserve_bytes=0)
-    return DataServer(FragmentStore.from_config(config), config, NodeIdentity("unit-test-node", NODE_ID))
+def open_server(tmp_path: Path, service_secret: bytes | None = None, capability_skew_s: float = 30.0) -> DataServer:
+    config = NodeConfig(data_dir=str(tmp_path / "node"), fsync=False, direct_io=False, reserve_bytes=0,
+                        capability_skew_s=capability_skew_s)
+    return DataServer(FragmentStore.from_config(config), config, NodeIdentity("unit-test-node", NODE_ID),
+                      service_secret=service_secret)
 
 
-async def call(server: DataServer, op: Op, body: Any, payload: bytes = b"") -> tuple[Any, bytes]:
-    reply, pieces = await server.handle(op, body, memoryview(bytearray(payload)))
+async def call(server: DataServer, op: Op, body: Any, payload: bytes = b"",
+               principal: Identity | None = None) -> tuple[Any, bytes]:
+    reply, pieces = await server.handle(op, body, memoryview(bytearray(payload)), principal)
     data = b"".join(bytes(piece) for piece in pieces)
     server.payload_sent(pieces)
     return reply, data
@@ -233,3 +238,94 @@ async def test_every_read_reports_the_digest_its_writer_recorded(tmp_path: Path,
         reply, pieces = await server.handle(Op.GET_FRAGMENT, body, memoryview(bytearray()))
         server.payload_sent(pieces)  # closes the file the reply would have been sent from
         assert reply["digest"] == fragment_digest(crcs) and "crcs" in reply
+
+
+# ------------------------------------------------------------ capabilities (issue 12)
+SERVICE = derive_service_secret(new_cluster_secret())
+ALICE = Identity("alice", uid=1000, gid=1000)
+META = Identity("meta", ROLE_META)
+ADMIN = Identity("admin", ROLE_ADMIN)
+
+
+def cap(ino: int, ops: str = "rw", min_version: int = 0, ttl_s: float = 60.0, secret: bytes = SERVICE) -> list:
+    return issue_capability(secret, ino, ops, min_version, ttl_s, time.time())
+
+
+def put_body(key: list[int], data: bytes, token: Any = None) -> dict:
+    body = {"key": key, "block_size": BS, "crcs": block_crcs(data, BS)}
+    return body if token is None else {**body, "cap": token}
+
+
+async def refused(server: DataServer, op: Op, body: Any, payload: bytes = b"",
+                  principal: Identity = ALICE) -> int:
+    with pytest.raises(OSError) as info:
+        await call(server, op, body, payload, principal)
+    assert info.value.errno is not None
+    return info.value.errno
+
+
+@trio_test
+async def test_fragment_ops_of_a_client_need_a_genuine_capability_for_the_inode_and_op(tmp_path: Path) -> None:
+    server = open_server(tmp_path, SERVICE)
+    data = os.urandom(BS + 5)
+    key = [7, 0, 5, 1]
+    forged = cap(7, secret=derive_service_secret(new_cluster_secret()))
+    tampered = cap(8)
+    tampered[0] = 7  # another inode's token with this inode's number: the signature no longer matches
+    for token in (None, cap(8), cap(7, "r"), forged, tampered, cap(7, min_version=6), "junk", [7, "rw"]):
+        assert await refused(server, Op.PUT_FRAGMENT, put_body(key, data, token), data) == errno.EACCES, token
+    assert server.store.stats()["fragments"] == 0  # refused before any disk work
+    assert (await call(server, Op.PUT_FRAGMENT, put_body(key, data, cap(7, "w", min_version=5)), data,
+                       ALICE))[0]["size"] == len(data)
+
+    read = {"key": key, "offset": 0, "length": 1 << 20}
+    for token in (None, cap(8, "r"), forged, cap(7, "w")):
+        assert await refused(server, Op.GET_FRAGMENT, {**read, "cap": token}) == errno.EACCES
+        assert await refused(server, Op.STAT_FRAGMENT, {"key": key, "cap": token}) == errno.EACCES
+        assert await refused(server, Op.QUARANTINE_FRAGMENT, {"key": key, "digest": 1, "cap": token}) == errno.EACCES
+    # A read needs no minimum version: a committed stripe may be older than the file's floor.
+    got = await call(server, Op.GET_FRAGMENT, {**read, "cap": cap(7, "r", min_version=9)}, principal=ALICE)
+    assert got[1] == data
+    stat, _ = await call(server, Op.STAT_FRAGMENT, {"key": key, "cap": cap(7, "r")}, principal=ALICE)
+    assert stat["size"] == len(data)
+
+    for token in (None, cap(7, "r"), forged):
+        assert await refused(server, Op.DELETE_FRAGMENT, {"keys": [key], "cap": token}) == errno.EACCES
+    # Every key of a DELETE must be the token's inode, at or above its minimum version.
+    assert await refused(server, Op.DELETE_FRAGMENT, {"keys": [key, [8, 0, 5, 1]], "cap": cap(7)}) == errno.EACCES
+    assert await refused(server, Op.DELETE_FRAGMENT, {"keys": [key], "cap": cap(7, min_version=6)}) == errno.EACCES
+    assert server.store.stats()["fragments"] == 1
+    assert (await call(server, Op.DELETE_FRAGMENT, {"keys": [key], "cap": cap(7, "w")}, principal=ALICE))[0] == {
+        "deleted": 1}
+
+
+@trio_test
+async def test_an_expired_capability_is_ekeyexpired_after_the_allowed_clock_skew(tmp_path: Path) -> None:
+    data = b"x" * 100
+    strict = open_server(tmp_path / "strict", SERVICE, capability_skew_s=0.0)
+    lenient = open_server(tmp_path / "lenient", SERVICE, capability_skew_s=60.0)
+    expired = cap(3, ttl_s=-5.0)
+    assert await refused(strict, Op.PUT_FRAGMENT, put_body([3, 0, 1, 0], data, expired), data) == errno.EKEYEXPIRED
+    assert await refused(strict, Op.GET_FRAGMENT, {"key": [3, 0, 1, 0], "length": 1, "cap": expired}) \
+        == errno.EKEYEXPIRED
+    assert (await call(lenient, Op.PUT_FRAGMENT, put_body([3, 0, 1, 0], data, expired), data, ALICE))[0]["size"] == 100
+
+
+@trio_test
+async def test_listing_and_stats_are_for_the_metadata_server_and_admins_and_meta_needs_no_capability(
+        tmp_path: Path) -> None:
+    server = open_server(tmp_path, SERVICE)
+    data = b"y" * 300
+    assert (await call(server, Op.PUT_FRAGMENT, put_body([9, 1, 2, 0], data), data, META))[0]["size"] == 300
+    assert (await call(server, Op.GET_FRAGMENT, {"key": [9, 1, 2, 0], "length": 10}, principal=META))[1] == data[:10]
+    for op in (Op.LIST_FRAGMENTS, Op.NODE_STATS):
+        assert await refused(server, op, {}) == errno.EACCES
+        assert await refused(server, op, {}, principal=Identity("n2", "node")) == errno.EACCES
+        for principal in (META, ADMIN):
+            assert (await call(server, op, {}, principal=principal))[0]
+    # An admin key is no metadata server: its fragment I/O needs a capability like anyone's.
+    assert await refused(server, Op.GET_FRAGMENT, {"key": [9, 1, 2, 0], "length": 10}, principal=ADMIN) \
+        == errno.EACCES
+    assert (await call(server, Op.PING, {}, principal=ALICE))[0] == {"node_id": NODE_ID}
+    assert (await call(server, Op.SYNC, {}, principal=ALICE))[0] == {}
+    assert (await call(server, Op.DELETE_FRAGMENT, {"keys": [[9, 1, 2, 0]]}, principal=META))[0] == {"deleted": 1}

@@ -5,14 +5,23 @@ answered EINVAL (the policy at the top of ``deepfs.messages.validate``).
 Only PUT_FRAGMENT carries a payload. The client builds the same bodies with
 the ``*_body`` functions here, so both ends read one definition; the replies
 a client checks are described here too (``GET_DIGEST``).
+
+Fragment ops carry an optional ``"cap"``: the capability the metadata server
+signed for the inode (docs/SECURITY.md). The validators hand it over
+unchecked (``Any``): whether it is well formed, genuine, for this inode and
+unexpired is ``deepfs.auth.check_capability``'s decision (EACCES /
+EKEYEXPIRED, never EINVAL), made by the node before any disk work.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 from deepfs.messages import validate as v
 from deepfs.messages.fragment_key import FragmentKey
+
+if TYPE_CHECKING:
+    from deepfs.auth import Capability
 
 MAX_LIST_FRAGMENTS = 4096
 """Most entries in one LIST_FRAGMENTS reply: ~30 bytes each in msgpack, so a page
@@ -28,6 +37,7 @@ class PutFragment(NamedTuple):
     block_size: int | None  # None: the node's configured block size
     crcs: list[int]
     sync: bool
+    cap: Any = None  # the capability, unchecked; None: none sent
 
 
 class GetFragment(NamedTuple):
@@ -35,36 +45,48 @@ class GetFragment(NamedTuple):
     offset: int
     length: int
     with_crcs: bool
+    cap: Any = None
 
 
 def put_fragment(body: dict[str, Any]) -> PutFragment:
     return PutFragment(v.fragment_key(body.get("key")), v.u32(body, "block_size", None), v.block_crcs(body),
-                       v.flag(body, "sync", True))
+                       v.flag(body, "sync", True), body.get("cap"))
 
 
 def get_fragment(body: dict[str, Any]) -> GetFragment:
     return GetFragment(v.fragment_key(body.get("key")), v.u64(body, "offset", 0), v.u64(body, "length"),
-                       v.flag(body, "with_crcs"))
+                       v.flag(body, "with_crcs"), body.get("cap"))
 
 
-def delete_fragment(body: dict[str, Any]) -> list[FragmentKey]:
+class DeleteFragment(NamedTuple):
+    keys: list[FragmentKey]
+    cap: Any = None
+
+
+def delete_fragment(body: dict[str, Any]) -> DeleteFragment:
     keys = body.get("keys")
     if not isinstance(keys, list):
         v.invalid("field 'keys' must be a list of fragment keys")
-    return [v.fragment_key(key) for key in keys]
+    return DeleteFragment([v.fragment_key(key) for key in keys], body.get("cap"))
 
 
-def stat_fragment(body: dict[str, Any]) -> FragmentKey:
-    return v.fragment_key(body.get("key"))
+class StatFragment(NamedTuple):
+    key: FragmentKey
+    cap: Any = None
+
+
+def stat_fragment(body: dict[str, Any]) -> StatFragment:
+    return StatFragment(v.fragment_key(body.get("key")), body.get("cap"))
 
 
 class QuarantineFragment(NamedTuple):
     key: FragmentKey
     digest: int  # what the reader's stripe record says the fragment's digest is
+    cap: Any = None
 
 
 def quarantine_fragment(body: dict[str, Any]) -> QuarantineFragment:
-    return QuarantineFragment(v.fragment_key(body.get("key")), v.u32(body, "digest"))
+    return QuarantineFragment(v.fragment_key(body.get("key")), v.u32(body, "digest"), body.get("cap"))
 
 
 class ListFragments(NamedTuple):
@@ -79,23 +101,37 @@ def list_fragments(body: dict[str, Any]) -> ListFragments:
 
 
 # ------------------------------------------------------- the client's side
-def put_fragment_body(key: FragmentKey, block_size: int, crcs: list[int], sync: bool) -> dict[str, Any]:
-    return {"key": key.to_wire(), "block_size": block_size, "crcs": crcs, "sync": sync}
-
-
-def get_fragment_body(key: FragmentKey, offset: int, length: int, with_crcs: bool = False) -> dict[str, Any]:
-    body: dict[str, Any] = {"key": key.to_wire(), "offset": offset, "length": length}
-    if with_crcs:
-        body["with_crcs"] = True
+# ``cap``: the capability to present; None (the metadata server's own requests,
+# or a cluster without authentication) leaves it out of the body.
+def _with_cap(body: dict[str, Any], cap: Capability | None) -> dict[str, Any]:
+    if cap is not None:
+        body["cap"] = cap
     return body
 
 
-def delete_fragment_body(keys: list[FragmentKey]) -> dict[str, Any]:
-    return {"keys": [key.to_wire() for key in keys]}
+def put_fragment_body(key: FragmentKey, block_size: int, crcs: list[int], sync: bool,
+                      cap: Capability | None = None) -> dict[str, Any]:
+    return _with_cap({"key": key.to_wire(), "block_size": block_size, "crcs": crcs, "sync": sync}, cap)
 
 
-def quarantine_fragment_body(key: FragmentKey, digest: int) -> dict[str, Any]:
-    return {"key": key.to_wire(), "digest": digest}
+def get_fragment_body(key: FragmentKey, offset: int, length: int, with_crcs: bool = False,
+                      cap: Capability | None = None) -> dict[str, Any]:
+    body: dict[str, Any] = {"key": key.to_wire(), "offset": offset, "length": length}
+    if with_crcs:
+        body["with_crcs"] = True
+    return _with_cap(body, cap)
+
+
+def delete_fragment_body(keys: list[FragmentKey], cap: Capability | None = None) -> dict[str, Any]:
+    return _with_cap({"keys": [key.to_wire() for key in keys]}, cap)
+
+
+def stat_fragment_body(key: FragmentKey, cap: Capability | None = None) -> dict[str, Any]:
+    return _with_cap({"key": key.to_wire()}, cap)
+
+
+def quarantine_fragment_body(key: FragmentKey, digest: int, cap: Capability | None = None) -> dict[str, Any]:
+    return _with_cap({"key": key.to_wire(), "digest": digest}, cap)
 
 
 def list_fragments_body(after: FragmentKey | None, limit: int = MAX_LIST_FRAGMENTS) -> dict[str, Any]:
