@@ -5,8 +5,11 @@ pandas, pyarrow, ``datasets``, ``torch.save``/``torch.load`` and data loaders:
 fsspec finds this class through the ``fsspec.specs`` entry point in
 pyproject.toml (importing this module registers it too).
 
-Mental model: one ``DeepFSFileSystem`` per cluster (fsspec caches instances
-by HOST:PORT), over the process's shared ``deepfs.Client``. Paths inside it
+Mental model: one ``DeepFSFileSystem`` per cluster and key (fsspec caches
+instances by their arguments), over the process's shared ``deepfs.Client``
+for them. The key is the storage option ``key`` (a key file's path or a
+``deepfs.auth.Key``), else ``$DEEPFS_KEY``, else ``~/.config/deepfs/key``:
+``fsspec.open("deepfs://h:7700/x", key="/etc/deepfs/alice.key")``. Paths inside it
 are absolute DeepFS paths (``/data/part-0.parquet``); ``ls`` and ``info``
 return those, and ``unstrip_protocol`` turns them back into full URLs.
 Files are fsspec buffered files: reads fetch byte ranges (which the client
@@ -27,20 +30,21 @@ import fsspec
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from deepfs.client import AsyncFile, Client
-from deepfs.url import PREFIX, join_path, parse_url, shared_client
+from deepfs.url import PREFIX, KeyArg, join_path, parse_url, shared_client
 
 DEFAULT_BLOCK_SIZE = 8 << 20
 
 
 class DeepFSFileSystem(AbstractFileSystem):
-    """``DeepFSFileSystem(host="10.0.0.5", port=7700)``, or ``client=deepfs.Client(...)``."""
+    """``DeepFSFileSystem(host="10.0.0.5", port=7700, key=...)``, or ``client=deepfs.Client(...)``."""
 
     protocol = "deepfs"
     root_marker = "/"
 
     def __init__(self, host: str | None = None, port: int | None = None, *, client: Client | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE, **storage_options: Any) -> None:
-        super().__init__(host=host, port=port, client=client, block_size=block_size, **storage_options)
+                 block_size: int = DEFAULT_BLOCK_SIZE, key: KeyArg = None, **storage_options: Any) -> None:
+        super().__init__(host=host, port=port, client=client, block_size=block_size, key=key, **storage_options)
+        self.key = key
         if client is None and (host is None or port is None):
             raise ValueError("DeepFSFileSystem needs host and port (or a deepfs://HOST:PORT/ URL), or client=")
         self._client = client
@@ -52,7 +56,7 @@ class DeepFSFileSystem(AbstractFileSystem):
     def client(self) -> Client:
         """The client given, or the process's shared one (looked up each time: fsspec caches instances
         across forks and across ``close_shared_clients``)."""
-        return self._client if self._client is not None else shared_client(self.address)
+        return self._client if self._client is not None else shared_client(self.address, self.key)
 
     # ------------------------------------------------------------ paths
     @classmethod

@@ -7,6 +7,11 @@ client per address and process: ``shared_client`` hands it out, creates it
 on first use, and closes it at interpreter exit. A forked child (data loader
 workers, ``torch.multiprocessing``) gets its own, since a client's trio
 thread does not survive ``fork``.
+
+A URL names no credentials: the key comes from the surface's ``key``
+argument or storage option (a ``deepfs.auth.Key`` or a key file's path),
+else ``$DEEPFS_KEY``, else ``~/.config/deepfs/key``. Clients are shared per
+address and key, so two keys in one process get two clients.
 """
 
 from __future__ import annotations
@@ -15,8 +20,10 @@ import atexit
 import os
 import threading
 from dataclasses import dataclass
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from deepfs.auth import Key
 from deepfs.client import Client
 from deepfs.rpc import parse_address
 
@@ -58,17 +65,29 @@ def join_path(base: str, *names: str) -> str:
     return "/" + "/".join(parts)
 
 
-_clients: dict[tuple[int, str], Client] = {}
+KeyArg = Key | str | os.PathLike[str] | None
+"""A ``key`` argument: a key, a key file's path, or None (the default key)."""
+
+_clients: dict[tuple[int, str, Any], Client] = {}
 _lock = threading.Lock()
 
 
-def shared_client(address: str) -> Client:
-    """The process-wide client of the cluster at ``address`` (created on first use)."""
-    key = (os.getpid(), address)
+def _key_token(key: KeyArg) -> Any:
+    """What tells keys apart in the client cache (never the secret itself, for a path)."""
+    if isinstance(key, Key):
+        return (key.identity.canonical(), key.secret)
+    if key is None or not str(key):
+        return None
+    return os.path.abspath(os.path.expanduser(os.fspath(key)))
+
+
+def shared_client(address: str, key: KeyArg = None) -> Client:
+    """The process-wide client of the cluster at ``address`` with ``key`` (created on first use)."""
+    cache_key = (os.getpid(), address, _key_token(key))
     with _lock:
-        client = _clients.get(key)
+        client = _clients.get(cache_key)
         if client is None or not client._thread.is_alive():  # noqa: SLF001 - a dead loop thread means a dead client
-            client = _clients[key] = Client(address)
+            client = _clients[cache_key] = Client(address, key=key or None)
         return client
 
 

@@ -49,12 +49,13 @@ class DirHandle:
 class Directories:
     """The mount's open directories and the parents of directories it has seen."""
 
-    def __init__(self, list_page: ListPage, getattr: GetAttr) -> None:
+    def __init__(self, list_page: ListPage, getattr: GetAttr, root: int = ROOT_INO) -> None:
         self._list_page = list_page
         self._getattr = getattr
         self._handles: dict[int, DirHandle] = {}
         self._next_fh = 1
-        self._parents: dict[int, int] = {ROOT_INO: ROOT_INO}
+        self._root = root  # the client's root (a subtree key's): its '..' is itself
+        self._parents: dict[int, int] = {root: root}
 
     # ------------------------------------------------------------- handles
     def open(self, ino: int) -> int:
@@ -71,7 +72,7 @@ class Directories:
         """Remember a directory's parent for the inode number of its '..'
         entry; bounded, forgotten wholesale."""
         if len(self._parents) >= MAX_REMEMBERED_PARENTS:
-            self._parents = {ROOT_INO: ROOT_INO}
+            self._parents = {self._root: self._root}
         self._parents[ino] = parent
 
     def parent_of(self, ino: int) -> int:

@@ -39,6 +39,7 @@ import trio
 from deepfs.client import AsyncClient, AsyncFile
 from deepfs.messages import blocks_of_size
 from fuse_client.attr_cache import Attr, cache_stamp
+from fuse_client.posix import open_flags_access
 from fuse_client.readahead import StripePrefetcher, is_sequential
 
 log = logging.getLogger(__name__)
@@ -125,11 +126,14 @@ class OpenFiles:
         async with self._transition_lock(ino):
             inode = self._by_ino.get(ino)
             if inode is None:
-                file = await self._client.open_inode(ino, readable=True, writable=True, append=False)
+                file = await self._client.open_inode(ino, readable=True, writable=True, append=False,
+                                                     access=open_flags_access(flags))
                 prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.start_background)
                 inode = self._by_ino[ino] = OpenInode(ino, file, prefetch)
                 keep_cache = self._stamps.get(ino) == cache_stamp(file.attr)
             else:
+                # Handles share the file: its reopens (reload) ask for what every handle needs.
+                inode.file.access = "".join(op for op in "rw" if op in inode.file.access + open_flags_access(flags))
                 keep_cache = await self._refresh(inode)
             if flags & os.O_TRUNC and inode.file.size:
                 try:

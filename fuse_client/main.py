@@ -18,8 +18,9 @@ from pathlib import Path
 import trio
 
 from deepfs.concurrency import sole_exception
+from deepfs.errors import ConfigError
 from fuse_client.mount_process import MountProcess, is_mounted, is_stale
-from fuse_client.options import FUSE_CONF, MountOptions, allow_other_refusal, parse_args
+from fuse_client.options import FUSE_CONF, MountOptions, allow_other_refusal, key_path, parse_args
 
 
 class MountError(Exception):
@@ -31,13 +32,14 @@ def main(argv: list[str] | None = None, prog: str = "deepfs mount") -> int:
     try:
         check_allow_other(options, os.geteuid())
         check_mountpoint(options.mountpoint)
+        options.key = key_path(options.key)  # one key for parent and daemon, whatever the daemon's env
         if options.foreground:
             run_foreground(options)
         else:
             mounted = start_background(options)
             print(f"mounted {options.meta_address} at {options.mountpoint} (daemon pid {mounted.pid}, "
                   f"log {mounted.log_path}); unmount with: deepfs umount {options.mountpoint}")
-    except (MountError, RuntimeError, TimeoutError, OSError) as exc:
+    except (MountError, RuntimeError, TimeoutError, OSError, ConfigError) as exc:
         print(f"{prog}: {_one_line(exc)}", file=sys.stderr)
         return 1
     return 0

@@ -1,8 +1,10 @@
 """pyfuse3 ``Operations`` over the DeepFS client library: the thin shell.
 
 Every request becomes one typed metadata call by inode (``client.meta``; the
-kernel's node ids *are* DeepFS inode numbers, the root is 1 in both) or a
-call on an open ``AsyncFile`` (``handles.py``). The rest lives beside it:
+kernel's node ids *are* DeepFS inode numbers, except that the kernel's root
+1 and the client's root trade places when the mount's key is limited to a
+subtree: ``posix.InodeNumbers``, applied to every node id coming in and
+going out here, nowhere else) or a call on an open ``AsyncFile`` (``handles.py``). The rest lives beside it:
 
 - POSIX rules the kernel leaves to us (name length, rename flags, ACL
   xattrs, clearing set-id bits, ``access``) and which errno a syscall sees:
@@ -46,6 +48,7 @@ from fuse_client.dirs import Directories
 from fuse_client.handles import OpenFiles
 from fuse_client.options import MountOptions
 from fuse_client.posix import (
+    InodeNumbers,
     caller,
     check_name,
     check_regular_file,
@@ -139,7 +142,8 @@ class DeepFSOperations(pyfuse3.Operations):
         self.attrs = AttrCache(options.attr_timeout_s)
         self.xattrs = XattrCache(options.attr_timeout_s)
         self.files = OpenFiles(client, options.readahead_stripes)
-        self.dirs = Directories(self._list_page, self._attr)
+        self.inodes = InodeNumbers(client.root)
+        self.dirs = Directories(self._list_page, self._attr, client.root)
         self.stats = MountStats()
         self.request_done: RequestDone | None = None  # the mount's metrics, when served (fuse_client/metrics.py)
 
@@ -148,7 +152,9 @@ class DeepFSOperations(pyfuse3.Operations):
         opened = self.files.inode(int(attr["ino"]))
         if opened is not None:
             attr = opened.merged_attr(attr)
-        return to_entry(attr, self.options.attr_timeout_s, self.options.entry_timeout_s)
+        entry = to_entry(attr, self.options.attr_timeout_s, self.options.entry_timeout_s)
+        entry.st_ino = self.inodes.to_kernel(entry.st_ino)
+        return entry
 
     def _learned(self, attr: Attr, parent: int | None = None) -> Attr:
         """Cache an attr a reply carried; note a directory's parent (for '..')."""
@@ -186,6 +192,7 @@ class DeepFSOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
         try:
             attr = await self.meta.lookup(parent_inode, name)
@@ -202,11 +209,13 @@ class DeepFSOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self.inodes.to_server(inode)
         return self._entry(await self._attr(inode))
 
     @fuse_errors
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode = self.inodes.to_server(inode)
         changes = setattr_changes(fields, attr)
         if setattr_drops_set_id_bits(fields, ctx.uid):
             kept = permissions_without_set_id(int((await self._attr(inode))["mode"]))
@@ -235,6 +244,7 @@ class DeepFSOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        inode = self.inodes.to_server(inode)
         with inode_held():
             return await self.meta.readlink(inode)
 
@@ -242,6 +252,7 @@ class DeepFSOperations(pyfuse3.Operations):
     @fuse_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
         attr = await self.meta.mknod(parent_inode, name, mode, rdev, caller(ctx))
         self._namespace_changed()
@@ -250,6 +261,7 @@ class DeepFSOperations(pyfuse3.Operations):
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
                     ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
         attr = await self.meta.mkdir(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), caller(ctx))
         self._namespace_changed()
@@ -257,6 +269,7 @@ class DeepFSOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
         victim = await self._open_victim(parent_inode, name)
         await self.meta.unlink(parent_inode, name, keep_open=victim is not None)
@@ -286,6 +299,7 @@ class DeepFSOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
         await self.meta.rmdir(parent_inode, name)
         self._namespace_changed()
@@ -293,6 +307,7 @@ class DeepFSOperations(pyfuse3.Operations):
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
                       ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
         attr = await self.meta.symlink(parent_inode, name, target, caller(ctx))
         self._namespace_changed()
@@ -301,6 +316,8 @@ class DeepFSOperations(pyfuse3.Operations):
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
                      flags: int, ctx: pyfuse3.RequestContext) -> None:
+        parent_inode_old = self.inodes.to_server(parent_inode_old)
+        parent_inode_new = self.inodes.to_server(parent_inode_new)
         check_name(name_old)
         check_name(name_new)
         check_rename_flags(flags)
@@ -314,6 +331,7 @@ class DeepFSOperations(pyfuse3.Operations):
     @fuse_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes,
                    ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        inode, new_parent_inode = self.inodes.to_server(inode), self.inodes.to_server(new_parent_inode)
         check_name(new_name)
         with inode_held():
             attr = await self.meta.link(inode, new_parent_inode, new_name)
@@ -323,6 +341,7 @@ class DeepFSOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ files
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        inode = self.inodes.to_server(inode)
         with inode_held():
             handle, keep_cache = await self.files.open(inode, flags, ctx.uid)
         if flags & os.O_TRUNC and ctx.uid != 0:
@@ -339,13 +358,14 @@ class DeepFSOperations(pyfuse3.Operations):
         predate what another mount committed). Attribute-only invalidation
         never waits for pages, so it is safe from inside a request."""
         try:
-            pyfuse3.invalidate_inode(inode, attr_only=True)
+            pyfuse3.invalidate_inode(self.inodes.to_kernel(inode), attr_only=True)
         except OSError:
             pass  # not in the kernel's cache: nothing to forget
 
     @fuse_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int,
                      ctx: pyfuse3.RequestContext) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
         created = await self.meta.create(parent_inode, name, stat.S_IFREG | (mode & 0o7777), caller(ctx),
                                          exclusive=bool(flags & os.O_EXCL))
@@ -426,12 +446,13 @@ class DeepFSOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ directories
     @fuse_errors
     async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        inode = self.inodes.to_server(inode)
         return self.dirs.open(inode)
 
     @fuse_errors
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
         def emit(name: bytes, ino: int, attr: Attr | None, next_offset: int) -> bool:
-            entry = dot_entry(ino) if attr is None else self._entry(attr)
+            entry = dot_entry(self.inodes.to_kernel(ino)) if attr is None else self._entry(attr)
             return pyfuse3.readdir_reply(token, name, entry, next_offset)
 
         await self.dirs.readdir(fh, start_id, emit)
@@ -461,6 +482,7 @@ class DeepFSOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def access(self, inode: int, mode: int, ctx: pyfuse3.RequestContext) -> bool:
+        inode = self.inodes.to_server(inode)
         if mode == os.F_OK:
             await self._attr(inode)
             return True
@@ -469,6 +491,7 @@ class DeepFSOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ xattrs
     @fuse_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        inode = self.inodes.to_server(inode)
         refuse_acl(name)
         self.xattrs.drop(inode)
         try:
@@ -480,6 +503,7 @@ class DeepFSOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        inode = self.inodes.to_server(inode)
         self.stats.getxattrs += 1
         refuse_acl(name)
         found, value = self.xattrs.get(inode, name)
@@ -498,11 +522,13 @@ class DeepFSOperations(pyfuse3.Operations):
 
     @fuse_errors
     async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        inode = self.inodes.to_server(inode)
         with inode_held():
             return await self.meta.listxattr(inode)
 
     @fuse_errors
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        inode = self.inodes.to_server(inode)
         refuse_acl(name)
         self.xattrs.drop(inode)
         try:

@@ -10,6 +10,14 @@ mounting user in unless ``allow_other`` is set. A root mount is usually one a
 whole training cluster shares, so root gets ``allow_other`` by default (as
 JuiceFS does); ``--no-allow-other`` opts out. Other users keep it off unless
 they ask, and may ask only if /etc/fuse.conf says ``user_allow_other``.
+
+The mount authenticates with a key file (``--key``; else ``$DEEPFS_KEY``,
+else ``~/.config/deepfs/key``), resolved once by ``deepfs mount`` and handed
+to the daemon as an absolute path. A ``--trusted-mount`` key lets the daemon
+act for the uid/gid of each kernel request; the metadata server then leaves
+mode checks to the kernel, so ``default_permissions`` is never dropped (it
+is in every mount's options, and ``-o`` cannot remove it). A plain client key
+works too: the server acts as the key's uid for every request.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deepfs.auth import DEFAULT_KEY_PATH, KEY_ENV, AuthError
+from deepfs.client._transport import NO_KEY
 from deepfs.config import ClientConfig
 
 DEFAULT_ATTR_TIMEOUT_S = 1.0
@@ -29,6 +39,20 @@ FUSE_CONF = Path("/etc/fuse.conf")
 def default_allow_other(euid: int) -> bool:
     """Root mounts are shared mounts: other users in, the kernel checking mode bits."""
     return euid == 0
+
+
+def key_path(given: Path | None, environ: dict[str, str] | None = None) -> Path:
+    """The key file a mount uses: ``given``, else ``$DEEPFS_KEY``, else ``~/.config/deepfs/key`` if
+    it exists (``deepfs.auth.resolve_key``'s order), as an absolute path; ``AuthError`` if none."""
+    env = os.environ if environ is None else environ
+    if given is not None and str(given):
+        return Path(os.path.abspath(os.path.expanduser(given)))
+    if env.get(KEY_ENV):
+        return Path(os.path.abspath(os.path.expanduser(env[KEY_ENV])))
+    default = Path(os.path.expanduser(DEFAULT_KEY_PATH))
+    if default.exists():
+        return default.absolute()
+    raise AuthError(NO_KEY)
 
 
 def user_allow_other_enabled(fuse_conf_text: str) -> bool:
@@ -64,16 +88,22 @@ class MountOptions:
     metrics_host: str = "127.0.0.1"
     debug: bool = False
     extra_fuse_options: list[str] = field(default_factory=list)
+    key: Path | None = None  # the key file (None: resolved as deepfs.auth.resolve_key does)
 
     def client_config(self) -> ClientConfig:
-        return ClientConfig(meta_address=self.meta_address, readahead_stripes=self.readahead_stripes)
+        return ClientConfig(meta_address=self.meta_address, readahead_stripes=self.readahead_stripes,
+                            key_file=str(self.key or ""))
 
     def fuse_options(self) -> set[str]:
-        """libfuse mount options: the kernel checks permissions against our attributes."""
-        opts = {"default_permissions", "fsname=deepfs", "subtype=deepfs", "noatime"}
+        """libfuse mount options: the kernel checks permissions against our attributes.
+
+        ``default_permissions`` always: a trusted-mount key makes the metadata server
+        trust the uid/gid of each request, so the kernel's mode checks are the checks."""
+        opts = {"fsname=deepfs", "subtype=deepfs", "noatime"}
         if self.allow_other:
             opts.add("allow_other")
         opts.update(self.extra_fuse_options)
+        opts.add("default_permissions")
         return opts
 
     def to_args(self) -> list[str]:
@@ -89,6 +119,8 @@ class MountOptions:
         args.append("--allow-other" if self.allow_other else "--no-allow-other")
         if self.debug:
             args.append("--debug")
+        if self.key is not None:
+            args += ["--key", str(self.key)]
         if self.metrics_port is not None:
             args += ["--metrics-port", str(self.metrics_port), "--metrics-host", self.metrics_host]
         for opt in self.extra_fuse_options:
@@ -146,6 +178,8 @@ def build_parser(prog: str = "deepfs mount") -> argparse.ArgumentParser:
     parser.add_argument("--metrics-host", default="127.0.0.1", metavar="HOST",
                         help="address the metrics endpoint listens on (default %(default)s)")
     parser.add_argument("-d", "--debug", action="store_true", help="log every FUSE request")
+    parser.add_argument("--key", type=Path, default=None, metavar="FILE",
+                        help=f"key file to authenticate with (default: ${KEY_ENV}, then {DEFAULT_KEY_PATH})")
     return parser
 
 

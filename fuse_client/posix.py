@@ -11,6 +11,8 @@ attributes we return; what it leaves to the file system is decided here:
   kernel does not clear them on a write, truncate or chown; we do, for
   callers other than root (Linux spares only CAP_FSETID holders);
 - ``access(2)`` for mounts without ``default_permissions``;
+- what an open asks the metadata server for (``open_flags_access``), and the
+  kernel's root node id versus a subtree key's root inode (``InodeNumbers``);
 - which errno a syscall sees: trouble between our own processes is EIO, an
   inode the kernel holds that is gone is ESTALE (the kernel then looks the
   name up again instead of failing the syscall), a CREATE that found
@@ -27,7 +29,10 @@ from types import TracebackType
 from typing import Any, Protocol
 
 from deepfs.client import Caller
-from deepfs.messages import NAME_MAX, RENAME_FLAGS
+from deepfs.messages import NAME_MAX, RENAME_FLAGS, ROOT_INO
+
+FUSE_ROOT_ID = 1
+"""The node id the kernel gives the mount's root directory."""
 
 
 class Requester(Protocol):
@@ -168,3 +173,39 @@ def may_access(attr: Mapping[str, Any], want: int, uid: int, gid: int) -> bool:
     else:
         granted = mode & 7
     return want & granted == want
+
+
+def open_flags_access(flags: int) -> str:
+    """OPEN's ``access`` for open(2) flags: "r" (O_RDONLY), "w" (O_WRONLY), "rw" (O_RDWR);
+    a truncating read-only open writes too."""
+    mode = flags & os.O_ACCMODE
+    if mode == os.O_RDWR:
+        return "rw"
+    if mode == os.O_WRONLY:
+        return "w"
+    return "rw" if flags & os.O_TRUNC else "r"
+
+
+class InodeNumbers:
+    """Kernel node ids versus DeepFS inodes. The kernel calls the mount's root 1;
+    the client's root is HELLO's ``root`` (a subtree key's subtree, else 1). The
+    two numbers trade places and every other number is the same on both sides,
+    so the mapping is its own inverse and needs no table."""
+
+    def __init__(self, root: int = ROOT_INO) -> None:
+        self.root = root
+
+    def _swap(self, ino: int) -> int:
+        if self.root == FUSE_ROOT_ID:
+            return ino
+        if ino == FUSE_ROOT_ID:
+            return self.root
+        if ino == self.root:
+            return FUSE_ROOT_ID
+        return ino
+
+    def to_server(self, kernel_ino: int) -> int:
+        return self._swap(kernel_ino)
+
+    def to_kernel(self, ino: int) -> int:
+        return self._swap(ino)

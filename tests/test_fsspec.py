@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import tomllib
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +12,7 @@ import fsspec
 import pytest
 
 import deepfs
+from deepfs.auth import Identity, make_key, new_cluster_secret, write_key_file
 from deepfs.fsspec_fs import DeepFSFileSystem
 from deepfs.url import close_shared_clients
 from tests.conftest import unique_dir
@@ -121,3 +123,19 @@ def test_instance_with_a_client(client: deepfs.Client) -> None:
     assert client.read_file(f"{base}/x") == b"abc"
     buf = io.BytesIO(fs.cat_file(f"{base}/x"))
     assert buf.read() == b"abc"
+
+
+def test_the_key_storage_option(client: deepfs.Client, base_url: str, tmp_path: Path) -> None:
+    key = os.environ["DEEPFS_KEY"]  # the session cluster's admin key (conftest)
+    with fsspec.open(f"{base_url}/keyed.bin", "wb", key=key) as f:
+        f.write(b"keyed")
+    with fsspec.open(f"{base_url}/keyed.bin", "rb", key=key) as f:
+        assert f.read() == b"keyed"
+    # A key of another cluster: the metadata server's handshake refuses it, in one line.
+    intruder = tmp_path / "intruder.key"
+    write_key_file(intruder, make_key(new_cluster_secret(), Identity("intruder", uid=1000, gid=1000)))
+    host, _, port = client.meta_address.rpartition(":")
+    fs = DeepFSFileSystem(host=host, port=int(port), key=str(intruder), skip_instance_cache=True)
+    with pytest.raises(deepfs.AuthError) as refused:
+        fs.ls("/")
+    assert "\n" not in str(refused.value)

@@ -5,13 +5,16 @@ from __future__ import annotations
 import stat
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from deepfs.auth import AuthError
 from fuse_client.attr_cache import AttrCache, XattrCache, cache_stamp, to_entry
+from fuse_client.dirs import Directories
 from fuse_client.main import MountError, check_allow_other
 from fuse_client.mounts import unescape_mount_path
-from fuse_client.options import allow_other_refusal, parse_args, user_allow_other_enabled
+from fuse_client.options import allow_other_refusal, key_path, parse_args, user_allow_other_enabled
 from fuse_client.posix import may_access, refuse_acl, without_set_id_bits
 from fuse_client.readahead import is_sequential
 
@@ -81,6 +84,46 @@ def test_options_round_trip() -> None:
     assert "default_permissions" in again.fuse_options() and "allow_other" in again.fuse_options()
     with pytest.raises(SystemExit):
         parse_args(["127.0.0.1:7700", "/mnt/x", "--attr-timeout", "-1"])
+
+
+def test_the_key_goes_to_the_daemon_as_an_absolute_path(tmp_path: Path) -> None:
+    options = parse_args(["127.0.0.1:7700", "/mnt/x", "--key", "mount.key"])
+    assert options.key == Path("mount.key")
+    options.key = key_path(options.key)  # what `deepfs mount` does before starting the daemon
+    assert options.key.is_absolute() and options.key.name == "mount.key"
+    again = parse_args(options.to_args())
+    assert again.key == options.key and again.client_config().key_file == str(options.key)
+    assert parse_args(["127.0.0.1:7700", "/mnt/x"]).client_config().key_file == ""  # resolved by the client
+
+
+def test_key_path_follows_resolve_key_order(tmp_path: Path) -> None:
+    home = tmp_path / "home"
+    default = home / ".config/deepfs/key"
+    env = {"HOME": str(home)}
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("HOME", str(home))
+        with pytest.raises(AuthError, match="no DeepFS key"):
+            key_path(None, env)
+        default.parent.mkdir(parents=True)
+        default.write_text("{}")
+        assert key_path(None, env) == default
+        assert key_path(None, {**env, "DEEPFS_KEY": "/etc/deepfs/env.key"}) == Path("/etc/deepfs/env.key")
+        assert key_path(Path("/k/given.key"), {**env, "DEEPFS_KEY": "/x"}) == Path("/k/given.key")
+
+
+def test_default_permissions_cannot_be_dropped() -> None:
+    # A trusted-mount key makes the server act for each request's uid: the kernel's checks are the checks.
+    options = parse_args(["127.0.0.1:7700", "/mnt/x", "-o", "ro"])
+    options.extra_fuse_options = []
+    assert "default_permissions" in options.fuse_options()
+
+
+def test_a_subtree_root_is_its_own_parent() -> None:
+    async def nothing(*_args: object) -> Any:
+        raise AssertionError("no round trips")
+
+    dirs = Directories(nothing, nothing, root=40)
+    assert dirs.parent_of(40) == 40
 
 
 def test_root_mounts_allow_other_users_by_default() -> None:

@@ -37,7 +37,8 @@ class PipeTransport:
         self.refuse = refuse
         self.dials = 0
 
-    async def dial(self, nursery: trio.Nursery, address: str, timeout_s: float) -> rpc.FrameClient:
+    async def dial(self, nursery: trio.Nursery, address: str, timeout_s: float, *,
+                   credential: object = None) -> rpc.FrameClient:
         self.dials += 1
         if self.dials <= self.refuse:
             raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
@@ -87,6 +88,23 @@ def test_hello_and_statfs(tmp_path: Path) -> None:
         fs = await meta.statfs()
         assert fs["namemax"] == 255 and fs["files"] > fs["ffree"] > 0
         await meta.fsync()
+
+    run(test, tmp_path)
+
+
+def test_a_server_without_authentication_hands_out_no_tokens(tmp_path: Path) -> None:
+    async def test(meta: MetaClient) -> None:
+        seen: list[tuple[int, object]] = []
+        meta.capability_seen = lambda ino, cap: seen.append((ino, cap))
+        hello = await meta.hello()
+        assert hello.root == ROOT and hello.node_ticket is None and meta.node_ticket is None
+        created = await meta.create(ROOT, b"t", stat.S_IFREG | 0o644, ME, layout=Layout(2, 1, 1 << 16))
+        ino = created.attr["ino"]
+        assert created.cap is None
+        for access in ("r", "w", "rw"):
+            assert (await meta.open(ino, access)).cap is None
+        assert await meta.capability(ino, "rw") is None
+        assert seen == [(ino, None)] * 4  # CREATE and the three OPENs
 
     run(test, tmp_path)
 

@@ -19,8 +19,13 @@ Layers, from the top:
   fetches the cluster map; ``TcpTransport`` is the network and the default.
   ``AsyncClient.connect(..., transport=...)`` takes another, e.g. the
   in-process cluster of ``deepfs.testing``.
+- **Credentials**: ``connect(..., key=...)`` / ``Client(..., key=...)`` take
+  a ``deepfs.auth.Key`` or a key file (default: ``ClientConfig.key_file``,
+  ``$DEEPFS_KEY``, ``~/.config/deepfs/key``). The metadata connection
+  presents the key, node connections the ticket HELLO handed out, fragment
+  requests the capabilities OPEN and CREATE replies carry (``_caps``).
 
-Everything else (``_stripes``, ``_cluster``, ``FileServices``) is private.
+Everything else (``_stripes``, ``_cluster``, ``_caps``, ``FileServices``) is private.
 """
 
 from deepfs.client._core import AsyncClient, stat_result

@@ -6,6 +6,10 @@ waits on it. Connections to storage nodes are opened lazily, one pipelined
 connection per node. A node whose request failed is *suspect* for a short
 while: reads go degraded around it and placement avoids it, instead of every
 request paying its timeout again.
+
+Node connections authenticate with the latest ``NodeTicket`` the metadata
+server handed this client (``node_credential``): a connection opened after a
+session renewal presents the renewed one.
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ import errno
 import logging
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import grpc
 import trio
 
 from deepfs import rpc
+from deepfs.auth import Credential, Key, authenticated_channel
 from deepfs.client._transport import Transport
 from deepfs.config import ClientConfig
 from deepfs.placement import NodeView
@@ -32,8 +38,11 @@ MAP_RETRY_S = 0.2
 
 
 class ClusterView:
-    def __init__(self, nursery: trio.Nursery, grpc_address: str, config: ClientConfig, transport: Transport) -> None:
+    def __init__(self, nursery: trio.Nursery, grpc_address: str, config: ClientConfig, transport: Transport, *,
+                 node_credential: Callable[[], Credential | None] = lambda: None, key: Key | None = None) -> None:
         self._nursery = nursery
+        self._node_credential = node_credential
+        self._key = key  # signs the status calls
         self._config = config
         self._grpc_address = grpc_address
         self._transport = transport
@@ -86,7 +95,8 @@ class ClusterView:
     def status(self) -> Any:
         """The control plane's cluster status (blocking gRPC; always over TCP)."""
         if self._status_channel is None:
-            self._status_channel = grpc.insecure_channel(self._grpc_address)
+            ca_file = self._config.tls_ca_file if self._config.tls else ""
+            self._status_channel = authenticated_channel(self._grpc_address, self._key, ca_file)
         stub = control_pb2_grpc.ClusterStub(self._status_channel)
         return stub.Status(control_pb2.StatusRequest(), timeout=self._config.connect_timeout_s)
 
@@ -119,7 +129,8 @@ class ClusterView:
             node = self.nodes.get(node_id)
             if node is None:
                 raise ConnectionRefusedError(errno.ECONNREFUSED, f"storage node {node_id} is not in the cluster map")
-            conn = await self._transport.dial(self._nursery, node.address, self._config.connect_timeout_s)
+            conn = await self._transport.dial(self._nursery, node.address, self._config.connect_timeout_s,
+                                              credential=self._node_credential())
             self._connections[node_id] = conn
             return conn
 

@@ -12,6 +12,13 @@ It also keeps the client's session with the metadata server alive
 (``metadata/sessions.py``): every third of the lease it renews it, listing
 the inodes of its open files, so a file another client unlinks stays
 readable here while this client lives, and is reclaimed once it dies.
+
+Credentials (docs/SECURITY.md): the client presents its ``Key`` to the
+metadata server and the ``NodeTicket`` HELLO handed out to storage nodes;
+each renewal brings a fresh ticket (a client without a session fetches one
+with another HELLO before the ticket runs out). Fragment requests carry
+capabilities (``_caps.CapabilityCache``). The key decides the client's root:
+paths are resolved from HELLO's ``root``, the subtree the key is limited to.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import errno
 import logging
 import os
 import stat as stat_module
+import time
 import weakref
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from contextlib import asynccontextmanager
@@ -28,23 +36,27 @@ from typing import Any, cast
 
 import trio
 
+from deepfs.auth import Key
 from deepfs.buffers import PoolSet
+from deepfs.client._caps import CapabilityCache
 from deepfs.client._cluster import ClusterView
-from deepfs.client._file import AsyncFile, FileServices, fetch_file_state
+from deepfs.client._file import AsyncFile, FileServices, fetch_file_state, open_access
 from deepfs.client._meta import Attr, Created, MetaClient, caller_context
 from deepfs.client._stripes import StripeIO
-from deepfs.client._transport import TcpTransport, Transport
+from deepfs.client._transport import TcpTransport, Transport, client_key
 from deepfs.concurrency import sole_exception
 from deepfs.config import ClientConfig
 from deepfs.errors import os_error
 from deepfs.layout import Layout
 from deepfs.malloc_tuning import tune_malloc
-from deepfs.messages import NAME_MAX, blocks_of_size
+from deepfs.messages import NAME_MAX, ROOT_INO, blocks_of_size
 
 log = logging.getLogger(__name__)
 
 RENEWALS_PER_LEASE = 3  # a renewal may fail twice (a server restarting) before the session lapses
 END_SESSION_WAIT_S = 1.0  # a clean close tells the server, but never waits long for a dead one
+TICKET_RENEW_FRACTION = 0.5  # a client without a session fetches a new ticket when half of its life is left
+MIN_TICKET_RENEW_S = 1.0
 
 
 def split_path(path: str) -> tuple[str, bytes]:
@@ -79,12 +91,22 @@ class AsyncClient:
     """Connect with ``async with AsyncClient.connect("127.0.0.1:7700") as client``.
 
     ``transport`` (default: TCP) opens every connection the client makes; a
-    test harness passes one that reaches in-process servers instead."""
+    test harness passes one that reaches in-process servers instead.
 
-    def __init__(self, nursery: trio.Nursery, meta: MetaClient, config: ClientConfig, transport: Transport) -> None:
+    ``key``: a ``deepfs.auth.Key`` or the path of a key file; by default
+    ``config.key_file``, else ``$DEEPFS_KEY``, else ``~/.config/deepfs/key``.
+    Over TCP a client without a key is refused (``AuthError``) before it
+    connects; a wrong key is an ``AuthError`` from the handshake."""
+
+    def __init__(self, nursery: trio.Nursery, meta: MetaClient, config: ClientConfig, transport: Transport,
+                 key: Key | None = None) -> None:
         self._nursery = nursery
         self._transport = transport
+        self.key = key
         self.meta = meta
+        self.root = ROOT_INO  # HELLO's: the inode "/" names (a subtree key's subtree)
+        self.caps = CapabilityCache(self._fetch_capability)
+        meta.capability_seen = self.caps.put
         self.config = config
         self.pools = PoolSet()
         self.ctx = caller_context()
@@ -98,16 +120,20 @@ class AsyncClient:
     @classmethod
     @asynccontextmanager
     async def connect(cls, meta_address: str, config: ClientConfig | None = None, *,
-                      transport: Transport | None = None) -> AsyncIterator[AsyncClient]:
+                      transport: Transport | None = None,
+                      key: Key | str | os.PathLike[str] | None = None) -> AsyncIterator[AsyncClient]:
         tune_malloc()
         config = config or ClientConfig(meta_address=meta_address)
+        # An in-process transport (deepfs.testing) reaches servers without an authenticator: no key needed.
+        resolved = client_key(key, config, required=transport is None)
         own_transport = None
         if transport is None:
-            transport = own_transport = TcpTransport()
+            transport = own_transport = TcpTransport.for_config(config, resolved)
         try:
             async with trio.open_nursery() as nursery:
-                meta = MetaClient(nursery, meta_address, transport, config.connect_timeout_s, config.io_timeout_s * 3)
-                client = cls(nursery, meta, config, transport)
+                meta = MetaClient(nursery, meta_address, transport, config.connect_timeout_s, config.io_timeout_s * 3,
+                                  credential=resolved)
+                client = cls(nursery, meta, config, transport, resolved)
                 try:
                     await client._start()
                     yield client
@@ -128,8 +154,11 @@ class AsyncClient:
     async def _start(self) -> None:
         hello = await self.meta.hello()
         self.default_layout = hello.default_layout
-        self.cluster = ClusterView(self._nursery, hello.grpc_address, self.config, self._transport)
-        self.stripes = StripeIO(self.cluster, self.config.durable_writes)
+        self.root = hello.root
+        self.caps.enabled = hello.node_ticket is not None  # a server without authentication signs nothing
+        self.cluster = ClusterView(self._nursery, hello.grpc_address, self.config, self._transport,
+                                   node_credential=lambda: self.meta.node_ticket, key=self.key)
+        self.stripes = StripeIO(self.cluster, self.config.durable_writes, self.caps)
         self._file_services = FileServices(self.meta, self.stripes, self.pools, self.config, self.ctx,
                                            self._nursery.start_soon, self._file_closed)
         await self.cluster.refresh()
@@ -137,6 +166,8 @@ class AsyncClient:
         self.meta.open_inodes = self.held_inodes
         if hello.session and hello.lease_s > 0:
             self._nursery.start_soon(self._renew_session_forever, hello.lease_s)
+        elif hello.node_ticket is not None:
+            self._nursery.start_soon(self._renew_ticket_forever)
 
     def held_inodes(self) -> set[int]:
         """The inodes this client holds open (files not closed yet, and OPENs under way)."""
@@ -165,6 +196,21 @@ class AsyncClient:
                 lease_s = await self.meta.renew_session(sorted(self.held_inodes())) or lease_s
             except OSError as exc:
                 log.warning("renewing the session with the metadata server failed: %s", exc)
+
+    async def _renew_ticket_forever(self) -> None:
+        """Without a session to renew (a server that keeps none), HELLO again for a fresh
+        node ticket when half of the current one's life is left."""
+        while True:
+            ticket = self.meta.node_ticket
+            left = 0.0 if ticket is None else ticket.expires - time.time()
+            await trio.sleep(max(left * TICKET_RENEW_FRACTION, MIN_TICKET_RENEW_S))
+            try:
+                await self.meta.hello()
+            except OSError as exc:
+                log.warning("fetching a new node ticket from the metadata server failed: %s", exc)
+
+    async def _fetch_capability(self, ino: int, access: str) -> Any:
+        return await self.meta.capability(ino, access)
 
     async def _stop(self) -> None:
         if self.meta.session:
@@ -331,20 +377,24 @@ class AsyncClient:
         return await self.open_inode(int(attr["ino"]), readable, writable, append, path)
 
     async def open_inode(self, ino: int, readable: bool = True, writable: bool = False,
-                         append: bool = False, path: str = "") -> AsyncFile:
+                         append: bool = False, path: str = "", *, access: str | None = None) -> AsyncFile:
         """Open an inode directly (the FUSE client addresses files by inode).
 
         Fetches the layout and every stripe record once: close-to-open
-        consistency, like NFS."""
+        consistency, like NFS. ``access`` ("r", "w", "rw"; default from
+        ``readable``/``writable``) is what the metadata server checks the
+        file's mode for (the FUSE client passes the open flags' access)."""
+        access = access or open_access(readable, writable)
         self._opening[ino] += 1
         try:
-            attr, layout, records, _complete, min_version = await fetch_file_state(self.meta, ino)
+            state = await fetch_file_state(self.meta, ino, access)
+            attr, layout, records, min_version = state.attr, state.layout, state.records, state.min_version
             if not attr["nlink"] and not self._is_open_here(ino):
                 # Unlinked, and kept only for clients that had it open (a stale mapping led here, like a
                 # mount's cached name after another client renamed a file over it): gone for new opens.
                 raise os_error(errno.ENOENT, "the file was removed", path or f"<inode {ino}>")
             file = AsyncFile(self._file_services, path or f"<inode {ino}>", attr, layout, records, readable,
-                             writable, append, min_version)
+                             writable, append, min_version, access)
         finally:
             self._opening[ino] -= 1
             if not self._opening[ino]:

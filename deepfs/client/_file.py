@@ -60,9 +60,14 @@ class FileServices:
     closed: Callable[[int], None] = lambda ino: None  # told when a file of inode ``ino`` closes
 
 
-async def fetch_file_state(meta: MetaClient, ino: int) -> OpenReply:
+def open_access(readable: bool, writable: bool) -> str:
+    """OPEN's ``access`` for a file opened to read and/or write: "r", "w" or "rw"."""
+    return ("r" if readable or not writable else "") + ("w" if writable else "")
+
+
+async def fetch_file_state(meta: MetaClient, ino: int, access: str = "r") -> OpenReply:
     """OPEN, with every stripe record (paged past OPEN's first batch)."""
-    state = await meta.open(ino)
+    state = await meta.open(ino, access)
     records, complete = state.records, state.complete
     while not complete and records:
         batch = await meta.get_stripes(ino, first=records[-1].index + 1, count=2048)
@@ -145,7 +150,7 @@ class AsyncFile:
 
     def __init__(self, services: FileServices, path: str, attr: Attr, layout: Layout,
                  records: list[StripeRecord], readable: bool, writable: bool, append: bool,
-                 min_version: int = 0) -> None:
+                 min_version: int = 0, access: str | None = None) -> None:
         self._services = services
         self._meta = services.meta
         self._stripes = services.stripes
@@ -157,6 +162,7 @@ class AsyncFile:
         self.readable = readable
         self.writable = writable
         self.append = append
+        self.access = access or open_access(readable, writable)  # what OPEN asked for (reload asks it again)
         self.closed = False
         self._records = {r.index: r for r in records}
         self._min_version = min_version
@@ -445,7 +451,8 @@ class AsyncFile:
 
     async def reload(self) -> None:
         """Fetch the committed stripe records again (close-to-open: done at open)."""
-        attr, _layout, records, _complete, min_version = await fetch_file_state(self._meta, self.ino)
+        state = await fetch_file_state(self._meta, self.ino, self.access)
+        attr, records, min_version = state.attr, state.records, state.min_version
         self._records = {r.index: r for r in records}
         self._min_version = max(self._min_version, min_version)
         self.attr = attr

@@ -8,7 +8,13 @@ already the right shape (attribute maps, ``statfs``) are handed back as
 received, not copied: GETATTR, LOOKUP, OPEN and COMMIT are on every file
 operation's path.
 
-The connection is opened lazily through the client's ``Transport``. A lost
+The connection is opened lazily through the client's ``Transport`` and
+authenticates with the client's key (``credential``) each time it is opened;
+a refused key is an ``AuthError``, never retried. HELLO hands out the
+``NodeTicket`` that lets the client into storage nodes (``node_ticket``;
+each session renewal replaces it) and the client's root inode (a key limited
+to a subtree sees that subtree as "/"). OPEN and CREATE replies carry a
+capability for the file's fragments (``capability_seen``). A lost
 or refused connection is retried a few times (every operation is idempotent
 or checked by the server); after that the call fails with ``EIO``. An errno
 the server answers is raised as the matching ``OSError`` subclass
@@ -26,10 +32,11 @@ from typing import Any, NamedTuple, TypedDict
 import trio
 
 from deepfs import rpc
+from deepfs.auth import AuthError, Capability, Credential, NodeTicket
 from deepfs.client._transport import Transport
 from deepfs.frames import Op
 from deepfs.layout import Layout
-from deepfs.messages import StripeRecord
+from deepfs.messages import ROOT_INO, StripeRecord
 
 RETRIES = 3
 
@@ -97,6 +104,8 @@ class ServerHello:
     stats: dict[str, int]
     session: int = 0  # this client's session (0: the server keeps none); renew it every lease_s / 3
     lease_s: float = 0.0
+    root: int = ROOT_INO  # the client's "/": a subtree key's subtree
+    node_ticket: NodeTicket | None = None  # None: the cluster runs without authentication
 
 
 @dataclass(frozen=True)
@@ -107,6 +116,7 @@ class Created:
     attr: Attr
     layout: Layout | None  # None for an existing non-file
     created: bool
+    cap: Capability | None = None  # for the file's fragments (None: the server runs without authentication)
 
 
 class OpenReply(NamedTuple):
@@ -118,14 +128,16 @@ class OpenReply(NamedTuple):
     records: list[StripeRecord]
     complete: bool
     min_version: int
+    cap: Capability | None = None
 
 
 class MetaClient:
     """One connection to the metadata server, with a method per operation."""
 
     def __init__(self, nursery: trio.Nursery, address: str, transport: Transport,
-                 connect_timeout_s: float, timeout_s: float) -> None:
+                 connect_timeout_s: float, timeout_s: float, credential: Credential | None = None) -> None:
         self.address = address
+        self._credential = credential
         self._nursery = nursery
         self._transport = transport
         self._connect_timeout_s = connect_timeout_s
@@ -137,6 +149,9 @@ class MetaClient:
         # inodes the server may think it holds, it tells which holds to drop (``_released``).
         self.open_inodes: Callable[[], set[int]] = set
         self._told_holds: set[int] = set()
+        self.node_ticket: NodeTicket | None = None  # from HELLO, replaced by every session renewal
+        # Told every capability an OPEN or CREATE reply carried (its owner keeps them: ``CapabilityCache.put``).
+        self.capability_seen: Callable[[int, Capability | None], None] = lambda ino, cap: None
 
     # -------------------------------------------------------------- session
     async def hello(self) -> ServerHello:
@@ -144,6 +159,7 @@ class MetaClient:
         reply = await self._call(Op.HELLO, {})
         layout = reply.get("default_layout")
         self.session = int(reply.get("session", 0))
+        self._take_ticket(reply)
         return ServerHello(
             grpc_address=reply["grpc_address"],
             cluster_id=reply.get("cluster_id", ""),
@@ -151,7 +167,14 @@ class MetaClient:
             stats=reply.get("stats", {}),
             session=self.session,
             lease_s=float(reply.get("lease_s", 0.0)),
+            root=int(reply.get("root", ROOT_INO)),
+            node_ticket=self.node_ticket,
         )
+
+    def _take_ticket(self, reply: dict[str, Any]) -> None:
+        wire = reply.get("node_ticket")
+        if wire is not None:
+            self.node_ticket = NodeTicket.from_wire(wire)
 
     async def renew_session(self, holds: Sequence[int]) -> float:
         """Keep this client's session alive; ``holds``: every inode it holds open now. Returns the lease (s).
@@ -159,6 +182,7 @@ class MetaClient:
         After a server restart this brings the session back, holds and all."""
         before = set(self._told_holds)
         reply = await self._call(Op.RENEW_SESSION, {"session": self.session, "holds": list(holds)})
+        self._take_ticket(reply)
         self._told_holds = set(holds) | (self._told_holds - before)  # and OPENs that crossed it
         return float(reply.get("lease_s", 0.0))
 
@@ -201,11 +225,14 @@ class MetaClient:
         if min_stripe_size:
             body["min_stripe_size"] = min_stripe_size
         reply = await self._call(Op.CREATE, body)
+        ino = int(reply["attr"]["ino"])
         if self.session:
-            self._told_holds.add(int(reply["attr"]["ino"]))
+            self._told_holds.add(ino)
         file_layout = reply.get("layout")
+        cap = reply.get("cap")
+        self.capability_seen(ino, cap)
         return Created(reply["attr"], Layout.from_dict(file_layout) if file_layout else None,
-                       bool(reply.get("created", True)))
+                       bool(reply.get("created", True)), cap)
 
     async def mknod(self, parent: int, name: bytes, mode: int, rdev: int, caller: Caller) -> Attr:
         body = {"parent": parent, "name": name, "mode": mode, "rdev": rdev, "ctx": caller}
@@ -275,17 +302,27 @@ class MetaClient:
         await self._call(Op.SET_LAYOUT, {"ino": ino, "layout": layout.to_dict()})
 
     # ------------------------------------------------------------ file data
-    async def open(self, ino: int) -> OpenReply:
+    async def open(self, ino: int, access: str = "r") -> OpenReply:
+        """``access``: "r", "w" or "rw", what the caller will do (the server checks the
+        file's mode for it and signs a capability covering it)."""
         if self.session:
             self._told_holds.add(ino)
-        reply = await self._call(Op.OPEN, {"ino": ino, "session": self.session})
+        reply = await self._call(Op.OPEN, {"ino": ino, "session": self.session, "access": access})
+        cap = reply.get("cap")
+        self.capability_seen(ino, cap)
         return OpenReply(
             reply["attr"],
             Layout.from_dict(reply["layout"]),
             [StripeRecord.from_wire(s) for s in reply.get("stripes", [])],
             reply.get("stripes_complete", True),
             int(reply.get("min_version", 0)),
+            cap,
         )
+
+    async def capability(self, ino: int, access: str) -> Capability | None:
+        """A fresh capability for ``ino``'s fragments (permission checked again); None when
+        the server runs without authentication."""
+        return (await self._call(Op.CAPABILITY, {"ino": ino, "access": access})).get("cap")
 
     async def get_stripes(self, ino: int, first: int, count: int = 0) -> list[StripeRecord]:
         """Up to ``count`` records from stripe ``first`` on (0: as many as fit one reply)."""
@@ -319,7 +356,10 @@ class MetaClient:
         async with self._lock:
             if self._conn is None or self._conn.closed:
                 try:
-                    self._conn = await self._transport.dial(self._nursery, self.address, self._connect_timeout_s)
+                    self._conn = await self._transport.dial(self._nursery, self.address, self._connect_timeout_s,
+                                                            credential=self._credential)
+                except AuthError:
+                    raise  # a wrong key stays wrong: not retried, not "unreachable"
                 except (OSError, trio.TooSlowError) as exc:
                     raise ConnectionRefusedError(
                         errno.ECONNREFUSED, f"metadata server {self.address} is unreachable: {exc}"

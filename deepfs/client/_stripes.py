@@ -27,6 +27,13 @@ the node's block checks but not this one; a mismatch counts like a checksum
 error (``IOStats.bad_fragments``, degraded read), and the node is asked to
 quarantine it (``QUARANTINE_FRAGMENT``), which it does only if its own digest
 disagrees too; it then reports it for repair.
+
+Capabilities: every fragment request carries the inode's capability
+(``_caps.CapabilityCache``: "r" for reads, stats and quarantines, "w" for
+writes and deletes). A node that refuses it (expired, or stale) gets the
+request once more with a fresh one. A stripe's I/O first makes sure a
+capability is at hand, so a permission the metadata server refuses is the
+caller's ``EACCES``, not a stripe that seems unreadable.
 """
 
 from __future__ import annotations
@@ -37,14 +44,17 @@ import logging
 import os
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import trio
 
 from deepfs import codec
+from deepfs.auth import READ, WRITE, Capability
 from deepfs.buffers import PoolSet
 from deepfs.checksums import BLOCK_SIZE, Buffer, block_crcs, verify_fragment
+from deepfs.client._caps import REFUSED_ERRNOS, CapabilityCache
 from deepfs.client._cluster import ClusterView
 from deepfs.concurrency import run_all
 from deepfs.errors import ChecksumError, UnavailableError
@@ -145,9 +155,14 @@ class IOStats:
     bad_fragments: list[tuple[int, int, int, int, int]] = field(default_factory=list)
 
 
+BodyOf = Callable[[Capability | None], dict[str, Any]]
+"""A fragment request's body with the given capability in it (the ``*_body`` builders)."""
+
+
 class StripeIO:
-    def __init__(self, cluster: ClusterView, durable_writes: bool = False) -> None:
+    def __init__(self, cluster: ClusterView, durable_writes: bool = False, caps: CapabilityCache | None = None) -> None:
         self.cluster = cluster
+        self.caps = caps  # None: no capabilities sent (a cluster without authentication)
         self.durable_writes = durable_writes
         self.stats = IOStats()
         self._rebuilt: OrderedDict[tuple[int, int, int], bytes] = OrderedDict()
@@ -172,6 +187,24 @@ class StripeIO:
                 raise OSError(errno.EIO, f"storage node {node_id} could not make its fragments durable: {exc}") from exc
 
         await run_all(functools.partial(sync, n) for n in sorted(node_ids) if n != MISSING_NODE)
+
+    # ----------------------------------------------------------- capabilities
+    async def _capability(self, ino: int, need: str) -> Capability | None:
+        return None if self.caps is None else await self.caps.get(ino, need)
+
+    async def fragment_call(self, node_id: int, op: int, ino: int, need: str, body_of: BodyOf,
+                             payload: Sequence[Buffer] = (), into: memoryview | None = None) -> tuple[Any, memoryview]:
+        """One fragment request with ``ino``'s capability for ``need``; sent once more with a
+        fresh capability if the node refuses the one it got (see the module docstring)."""
+        cap = await self._capability(ino, need)
+        try:
+            return await self.cluster.call_node(node_id, op, body_of(cap), tuple(payload), into)
+        except OSError as exc:
+            if self.caps is None or cap is None or exc.errno not in REFUSED_ERRNOS:
+                raise
+            log.info("node %s refused the capability of inode %s (%s); fetching a fresh one", node_id, ino, exc)
+        cap = await self.caps.refresh(ino, need, cap)
+        return await self.cluster.call_node(node_id, op, body_of(cap), tuple(payload), into)
 
     # ------------------------------------------------------------------ write
     async def write_stripe(self, ino: int, index: int, layout: Layout, data: StripeData,
@@ -199,6 +232,7 @@ class StripeIO:
                 f"only {len(self.cluster.live_nodes())} storage node(s) are up; "
                 f"layout {layout.k}+{layout.m} needs at least {layout.k}"
             )
+        await self._capability(ino, WRITE)  # a refused permission fails here, as EACCES
         encoded = await self._encode(layout, data)
         try:
             stored = await self._store(ino, index, version, layout, encoded, placement)
@@ -237,10 +271,11 @@ class StripeIO:
         full_nodes: set[int] = set()
 
         async def put(slot: int, node_id: int) -> None:
-            body = put_fragment_body(FragmentKey(ino, index, version, slot), BLOCK_SIZE, encoded.block_crcs[slot],
-                                     self.durable_writes)
+            body_of = functools.partial(put_fragment_body, FragmentKey(ino, index, version, slot), BLOCK_SIZE,
+                                        encoded.block_crcs[slot], self.durable_writes)
             try:
-                reply, _ = await self.cluster.call_node(node_id, Op.PUT_FRAGMENT, body, encoded.payload(slot))
+                reply, _ = await self.fragment_call(node_id, Op.PUT_FRAGMENT, ino, WRITE, body_of,
+                                                     encoded.payload(slot))
                 if int(reply.get("crc", -1)) != encoded.digests[slot]:
                     raise ChecksumError(f"node {node_id} stored fragment {slot} with a different digest")
                 stored[slot] = node_id
@@ -292,12 +327,12 @@ class StripeIO:
         async with trio.open_nursery() as nursery:
             for slot, node_id in enumerate(stored):
                 if node_id != MISSING_NODE:
-                    body = delete_fragment_body([FragmentKey(ino, index, version, slot)])
-                    nursery.start_soon(self._quiet_call, node_id, Op.DELETE_FRAGMENT, body)
+                    body_of = functools.partial(delete_fragment_body, [FragmentKey(ino, index, version, slot)])
+                    nursery.start_soon(self._quiet_call, node_id, Op.DELETE_FRAGMENT, ino, WRITE, body_of)
 
-    async def _quiet_call(self, node_id: int, op: int, body: dict) -> None:
+    async def _quiet_call(self, node_id: int, op: int, ino: int, need: str, body_of: BodyOf) -> None:
         try:
-            await self.cluster.call_node(node_id, op, body)
+            await self.fragment_call(node_id, op, ino, need, body_of)
         except (OSError, trio.TooSlowError):
             pass
 
@@ -311,6 +346,7 @@ class StripeIO:
             out[have:] = bytes(want - have)
         if have <= 0:
             return
+        await self._capability(ino, READ)  # a refused permission fails here, as EACCES
         pieces = stripe_range_to_fragments(record.fragment_size, start, have)
         failed: set[int] = set()
         if all(self.cluster.is_usable(record.placement[p.index]) for p in pieces):
@@ -353,10 +389,10 @@ class StripeIO:
         that fails goes into ``failed``, so a degraded read does not ask it again."""
         node_id = record.placement[slot]
         key = FragmentKey(ino, record.index, record.version, slot)
-        body = get_fragment_body(key, start, len(dest), with_crcs=len(dest) >= CHECK_HERE_BYTES)
+        body_of = functools.partial(get_fragment_body, key, start, len(dest), len(dest) >= CHECK_HERE_BYTES)
         try:
             try:
-                reply, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body, into=dest)
+                reply, payload = await self.fragment_call(node_id, Op.GET_FRAGMENT, ino, READ, body_of, into=dest)
             except OSError as exc:
                 if exc.errno == errno.EBADMSG:
                     self._report_bad(ino, record, slot, node_id)
@@ -487,6 +523,7 @@ class StripeIO:
         return got
 
     async def _rebuild(self, ino: int, layout: Layout, record: StripeRecord) -> bytes:
+        await self._capability(ino, READ)
         self.stats.degraded_reads += 1
         errors: list[str] = []
         got = await self._first_k(layout, record, list(range(len(record.placement))),
@@ -502,9 +539,10 @@ class StripeIO:
 
     async def _fetch_whole(self, ino: int, record: StripeRecord, slot: int, *, errors: list[str]) -> bytes | None:
         node_id = record.placement[slot]
-        body = get_fragment_body(FragmentKey(ino, record.index, record.version, slot), 0, record.fragment_size)
+        body_of = functools.partial(get_fragment_body, FragmentKey(ino, record.index, record.version, slot), 0,
+                                    record.fragment_size, False)
         try:
-            reply, payload = await self.cluster.call_node(node_id, Op.GET_FRAGMENT, body)
+            reply, payload = await self.fragment_call(node_id, Op.GET_FRAGMENT, ino, READ, body_of)
         except OSError as exc:
             if exc.errno == errno.EBADMSG:  # the node found it corrupt and quarantined it
                 self._report_bad(ino, record, slot, node_id)
@@ -531,8 +569,9 @@ class StripeIO:
         """The node holds other bytes than the stripe record's writer stored: count it and ask
         the node to quarantine it (it then reports it for repair). Returns what went wrong."""
         self._report_bad(ino, record, slot, node_id)
-        body = quarantine_fragment_body(FragmentKey(ino, record.index, record.version, slot), record.digests[slot])
-        await self._quiet_call(node_id, Op.QUARANTINE_FRAGMENT, body)
+        body_of = functools.partial(quarantine_fragment_body, FragmentKey(ino, record.index, record.version, slot),
+                                    record.digests[slot])
+        await self._quiet_call(node_id, Op.QUARANTINE_FRAGMENT, ino, READ, body_of)
         return (f"fragment {slot} of stripe {ino}/{record.index} on node {node_id}: digest "
                 f"{reply.get(GET_DIGEST)!r:.12}, the stripe record says {record.digests[slot]}")
 

@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import trio
 
+from deepfs.auth import Key
 from deepfs.client._core import AsyncClient
 from deepfs.client._file import AsyncFile
 from deepfs.concurrency import sole_exception
@@ -29,13 +30,19 @@ T = TypeVar("T")
 class Client:
     """Connect to the cluster whose metadata server listens on ``meta_address``.
 
-    >>> with deepfs.Client("127.0.0.1:7700") as fs:
+    >>> with deepfs.Client("127.0.0.1:7700", key="~/alice.key") as fs:
     ...     with fs.open("/data/x.bin", "wb") as f:
     ...         f.write(b"hello")
+
+    ``key``: a ``deepfs.auth.Key`` or a key file's path; by default
+    ``config.key_file``, ``$DEEPFS_KEY``, then ``~/.config/deepfs/key``
+    (``AuthError`` if there is none, or the cluster refuses it).
     """
 
-    def __init__(self, meta_address: str, config: ClientConfig | None = None) -> None:
+    def __init__(self, meta_address: str, config: ClientConfig | None = None, *,
+                 key: Key | str | os.PathLike[str] | None = None) -> None:
         self.meta_address = meta_address
+        self._key = key
         self._ready = threading.Event()
         self._token: trio.lowlevel.TrioToken | None = None
         self._stop: trio.Event | None = None
@@ -50,7 +57,7 @@ class Client:
     def _run(self, config: ClientConfig | None) -> None:
         async def main() -> None:
             try:
-                async with AsyncClient.connect(self.meta_address, config) as client:
+                async with AsyncClient.connect(self.meta_address, config, key=self._key) as client:
                     self._async = client
                     self._token = trio.lowlevel.current_trio_token()
                     self._stop = trio.Event()

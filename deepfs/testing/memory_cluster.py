@@ -24,8 +24,10 @@ Faults happen in memory too:
   ``deepfs.testing.faults`` (``fragment_files(cluster.data_dirs, ino)``).
 
 Not here, because no test of the client's data path needs them: the gRPC
-control plane, node heartbeats, the garbage collector and the nodes'
-periodic flush. ``deepfs.local_cluster`` runs the real processes.
+control plane, node heartbeats, the garbage collector, the nodes'
+periodic flush, and authentication (the servers run without an
+authenticator, so clients need no key and get no tickets or capabilities).
+``deepfs.local_cluster`` runs the real processes.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ import trio
 import trio.testing
 
 from deepfs import rpc
+from deepfs.auth import Credential
 from deepfs.client import AsyncClient
 from deepfs.concurrency import sole_exception
 from deepfs.config import ClientConfig, MetaConfig, NodeConfig
@@ -238,7 +241,9 @@ class MemoryTransport:
     def __init__(self, cluster: MemoryCluster) -> None:
         self._cluster = cluster
 
-    async def dial(self, nursery: trio.Nursery, address: str, timeout_s: float) -> rpc.FrameClient:
+    async def dial(self, nursery: trio.Nursery, address: str, timeout_s: float, *,
+                   credential: Credential | None = None) -> rpc.FrameClient:
+        """``credential`` is not presented: the servers here run without an authenticator."""
         stream = await self._cluster.open_stream(address)
         return rpc.FrameClient.over_stream(nursery, stream, address)
 

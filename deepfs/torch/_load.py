@@ -31,6 +31,7 @@ from deepfs.torch._errors import explain
 from deepfs.torch._progress import TransferBar
 from deepfs.torch._read import LoadedArchive, ReadOptions, read_checkpoint
 from deepfs.torch._target import resolve
+from deepfs.url import KeyArg
 
 _TRUE = ("1", "y", "yes", "true")
 
@@ -43,6 +44,7 @@ def load(
     weights_only: bool = True,
     mmap: bool | None = None,
     client: Client | None = None,
+    key: KeyArg = None,
     progress: bool | None = None,
     verify_crc: bool = False,
     pin_memory: bool = False,
@@ -50,15 +52,16 @@ def load(
 ) -> Any:
     """Load a checkpoint like ``torch.load``, straight from a DeepFS file.
 
-    ``f`` is a ``deepfs://HOST:PORT/path`` URL, or a path on ``client``; a
-    file-like object is handed to ``torch.load`` unchanged. Files written by
+    ``f`` is a ``deepfs://HOST:PORT/path`` URL (opened with ``key``, a key
+    file's path; default ``$DEEPFS_KEY``, then ``~/.config/deepfs/key``), or a
+    path on ``client``; a file-like object is handed to ``torch.load`` unchanged. Files written by
     ``torch.save`` (through the mount, say) load as well, including the
     pre-1.6 format. ``verify_crc`` also checks each storage's zip CRC-32 (the
     cluster already checks CRC32C of every block it serves); ``pin_memory``
     allocates CPU tensors page-locked. ``mmap`` needs a local file: use the
     FUSE mount and ``torch.load(..., mmap=True)`` for that.
     """
-    target = resolve(f, client)
+    target = resolve(f, client, key)
     if target is None:
         return torch.load(f, map_location, pickle_module, weights_only=weights_only, mmap=mmap, **pickle_load_args)
     if mmap:

@@ -42,7 +42,7 @@ from deepfs.torch._archive import DEFAULT_ALIGNMENT, ArchiveWriter
 from deepfs.torch._errors import explain
 from deepfs.torch._progress import TransferBar
 from deepfs.torch._target import Target, is_temporary_name, resolve, temporary_prefix
-from deepfs.url import join_path
+from deepfs.url import KeyArg, join_path
 
 CHUNK_BYTES = 8 << 20
 """Ranges are checksummed and handed to the I/O loop in pieces of about this size,
@@ -183,14 +183,16 @@ def save(
     _disable_byteorder_record: bool = False,
     *,
     client: Client | None = None,
+    key: KeyArg = None,
     layout: Layout | None = None,
     alignment: int = DEFAULT_ALIGNMENT,
     progress: bool | None = None,
 ) -> None:
     """Save ``obj`` like ``torch.save``, straight into a DeepFS file.
 
-    ``f`` is a ``deepfs://HOST:PORT/path`` URL, or a path on ``client``; a
-    file-like object is handed to ``torch.save`` unchanged. The file is
+    ``f`` is a ``deepfs://HOST:PORT/path`` URL (opened with ``key``, as for
+    ``load``), or a path on ``client``; a file-like object is handed to
+    ``torch.save`` unchanged. The file is
     PyTorch's own format with every entry aligned to ``alignment`` bytes, so
     ``torch.load`` through the FUSE mount reads it too (``mmap=True`` as well).
     It appears under its name only once completely written (temporary name,
@@ -200,7 +202,7 @@ def save(
     (``ClientConfig.checkpoint_stripe_bytes``). ``progress`` shows a transfer bar
     (default: only when stderr is a terminal).
     """
-    target = resolve(f, client)
+    target = resolve(f, client, key)
     if target is None:
         torch.save(obj, f, pickle_module, pickle_protocol, _use_new_zipfile_serialization, _disable_byteorder_record)
         return

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deepfs.client import Client
-from deepfs.url import is_url, join_path, parse_url, shared_client
+from deepfs.url import KeyArg, is_url, join_path, parse_url, shared_client
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,8 +44,9 @@ def is_temporary_name(entry: str, prefix: str) -> bool:
     return entry.startswith(prefix) and len(token) == 2 * TOKEN_BYTES and all(c in "0123456789abcdef" for c in token)
 
 
-def resolve(f: Any, client: Client | None) -> Target | None:
-    """The DeepFS file ``f`` names, or None when ``f`` is a file-like object for plain torch."""
+def resolve(f: Any, client: Client | None, key: KeyArg = None) -> Target | None:
+    """The DeepFS file ``f`` names, or None when ``f`` is a file-like object for plain torch.
+    A URL is opened with ``key`` (default: ``$DEEPFS_KEY``, then ``~/.config/deepfs/key``)."""
     if isinstance(f, os.PathLike):
         f = os.fspath(f)
     if isinstance(f, bytes):
@@ -61,7 +62,7 @@ def resolve(f: Any, client: Client | None) -> Target | None:
                              f"but the client given is connected to {client.meta_address}")
         if url.path == "/":
             raise ValueError(f"{f} names the root directory, not a checkpoint file")
-        chosen = client or shared_client(url.address)
+        chosen = client or shared_client(url.address, key)
         return Target(chosen, url.path, str(url))
     if client is None:
         raise ValueError(

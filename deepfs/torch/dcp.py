@@ -53,7 +53,7 @@ from deepfs.concurrency import run_all
 from deepfs.torch._archive import CheckpointError
 from deepfs.torch._load import _unpickle
 from deepfs.torch._read import archive_in_memory, read_exact
-from deepfs.url import is_url, join_path, parse_url, shared_client
+from deepfs.url import KeyArg, is_url, join_path, parse_url, shared_client
 
 __all__ = ["DeepFSCheckpointFS", "DeepFSStorageReader", "DeepFSStorageWriter"]
 
@@ -66,8 +66,9 @@ READS_IN_FLIGHT = 16  # items of one window read at once (each big one fans out 
 class DeepFSCheckpointFS(FileSystemBase):
     """DCP's file-system interface over one DeepFS cluster (paths are absolute DeepFS paths)."""
 
-    def __init__(self, client: Client | None = None, fsync: bool = True) -> None:
+    def __init__(self, client: Client | None = None, fsync: bool = True, key: KeyArg = None) -> None:
         self._client = client
+        self._key = key  # for the shared client of a deepfs:// checkpoint id
         self.fsync = fsync
 
     @property
@@ -83,7 +84,7 @@ class DeepFSCheckpointFS(FileSystemBase):
         if is_url(text):
             url = parse_url(text)
             if self._client is None or self._client.meta_address != url.address:
-                self._client = shared_client(url.address)
+                self._client = shared_client(url.address, self._key)
             return url.path
         if not text.startswith("/"):
             raise ValueError(f"DeepFS checkpoint paths are absolute or deepfs:// URLs; got {text!r}")
@@ -151,6 +152,7 @@ class DeepFSStorageWriter(FileSystemWriter):
         path: str | os.PathLike,
         *,
         client: Client | None = None,
+        key: KeyArg = None,
         single_file_per_rank: bool = True,
         sync_files: bool = True,
         thread_count: int = 1,
@@ -164,7 +166,7 @@ class DeepFSStorageWriter(FileSystemWriter):
             per_thread_copy_ahead=per_thread_copy_ahead, cache_staged_state_dict=cache_staged_state_dict,
             overwrite=overwrite, serialization_format=serialization_format,
         )
-        self.fs = DeepFSCheckpointFS(client, fsync=sync_files)
+        self.fs = DeepFSCheckpointFS(client, fsync=sync_files, key=key)
         self.path = self.fs.init_path(path)
 
     @classmethod
@@ -175,9 +177,9 @@ class DeepFSStorageWriter(FileSystemWriter):
 class DeepFSStorageReader(FileSystemReader):
     """``FileSystemReader`` from DeepFS: ``path`` is a ``deepfs://`` URL, or a path on ``client``."""
 
-    def __init__(self, path: str | os.PathLike, *, client: Client | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, *, client: Client | None = None, key: KeyArg = None) -> None:
         super().__init__(path)
-        self.fs: DeepFSCheckpointFS = DeepFSCheckpointFS(client)
+        self.fs: DeepFSCheckpointFS = DeepFSCheckpointFS(client, key=key)
         self.path = self.fs.init_path(path)
 
     def read_data(self, plan: LoadPlan, planner: LoadPlanner) -> Future[None]:
