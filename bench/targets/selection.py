@@ -10,11 +10,13 @@ from typing import Any
 from bench.targets.base import Target, TargetSkipped
 from bench.targets.bindfs import bindfs_target
 from bench.targets.deepfs_cluster import ClusterSettings, DeepFSCluster
+from bench.targets.deepfs_tls import DeepFSTlsCluster
 from bench.targets.gluster import gluster_target
 from bench.targets.local_disk import local_target
 
-TARGET_NAMES = ("deepfs", "deepfs-client", "local", "bindfs", "gluster")
-"""``deepfs`` is the FUSE mount, ``deepfs-client`` the Python client/adapter of the same cluster."""
+TARGET_NAMES = ("deepfs", "deepfs-client", "deepfs-tls", "local", "bindfs", "gluster")
+"""``deepfs`` is the FUSE mount, ``deepfs-client`` the Python client/adapter of the same cluster;
+``deepfs-tls`` the client/adapter of a second cluster with TLS on every connection."""
 
 ALIASES = {"deepfs-fuse": "deepfs"}
 
@@ -55,6 +57,9 @@ def open_targets(stack: contextlib.ExitStack, names: list[str], work_dir: Path, 
                         raise
                 target = stack.enter_context(deepfs_cluster.fuse_target() if name == "deepfs"
                                              else deepfs_cluster.client_target())
+            elif name == "deepfs-tls":
+                tls_cluster = stack.enter_context(DeepFSTlsCluster(work_dir / "deepfs-tls", cluster))
+                target = stack.enter_context(tls_cluster.client_target())
             elif name == "local":
                 target = stack.enter_context(local_target(work_dir / "local"))
             elif name == "bindfs":

@@ -1,0 +1,292 @@
+"""TLS: the test certificates and contexts of deepfs.tls, then a whole cluster running with tls = true.
+
+The unit tests run TLS over trio's in-memory stream pairs (no sockets); the
+process tests start a LocalCluster(tls=True) and use it as a user would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import socket
+import ssl
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+
+import grpc
+import pytest
+import trio
+import trio.testing
+
+import deepfs
+from deepfs import frames
+from deepfs.auth import authenticated_channel, read_key_file
+from deepfs.config import ClientConfig
+from deepfs.errors import ConfigError
+from deepfs.local_cluster import LocalCluster
+from deepfs.proto import control_pb2, control_pb2_grpc
+from deepfs.tls import (
+    TlsFiles,
+    client_ssl_context,
+    create_test_ca_and_cert,
+    grpc_channel_credentials,
+    grpc_server_credentials,
+    read_pem,
+    server_ssl_context,
+    subject_alt_names,
+)
+from tests.conftest import FAST_META_ARGS, SESSION_ADMIN_KEY, SESSION_SECRET
+
+unit = pytest.mark.unit
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return create_test_ca_and_cert(tmp_path_factory.mktemp("tls"), ["10.1.2.3", "node7.example"])
+
+
+@pytest.fixture(scope="module")
+def other_ca(tmp_path_factory: pytest.TempPathFactory) -> TlsFiles:
+    return create_test_ca_and_cert(tmp_path_factory.mktemp("other-tls"), [])
+
+
+async def _echo_once(server_context: ssl.SSLContext, client_context: ssl.SSLContext, host: str) -> bytes:
+    """One message through an SSLStream pair over memory streams; the server echoes it back."""
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    client = trio.SSLStream(client_raw, client_context, server_hostname=host)
+    server = trio.SSLStream(server_raw, server_context, server_side=True)
+    received = b""
+
+    async def serve() -> None:
+        data = await server.receive_some(65536)
+        await server.send_all(data)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        await client.send_all(b"deepfs over tls")
+        while len(received) < len(b"deepfs over tls"):
+            received += await client.receive_some(65536)
+    return received
+
+
+async def _handshake_failure(server_context: ssl.SSLContext, client_context: ssl.SSLContext, host: str) -> str:
+    """The client's handshake error against this server, as text ("" when the handshake succeeded)."""
+    client_raw, server_raw = trio.testing.memory_stream_pair()
+    client = trio.SSLStream(client_raw, client_context, server_hostname=host)
+    server = trio.SSLStream(server_raw, server_context, server_side=True)
+
+    async def serve() -> None:
+        with contextlib.suppress(trio.BrokenResourceError):
+            await server.do_handshake()
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(serve)
+        try:
+            await client.do_handshake()
+        except trio.BrokenResourceError as exc:
+            await client_raw.aclose()
+            return repr(exc.__cause__)
+    return ""
+
+
+@unit
+@pytest.mark.timeout(30)
+def test_test_certificates_name_every_host_and_keep_keys_private(tls_files: TlsFiles) -> None:
+    assert all(path.is_file() for path in (tls_files.ca, tls_files.cert, tls_files.key))
+    assert tls_files.key.stat().st_mode & 0o777 == 0o600
+    assert (tls_files.key.parent / "ca.key").stat().st_mode & 0o777 == 0o600
+    assert subject_alt_names(["10.1.2.3", "node7.example", "localhost", "[::1]"]) == [
+        "IP:127.0.0.1",
+        "DNS:localhost",
+        "IP:10.1.2.3",
+        "DNS:node7.example",
+        "IP:::1",
+    ]
+
+
+@unit
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("host", ["127.0.0.1", "localhost", "10.1.2.3", "node7.example"])
+def test_ssl_stream_round_trip_verifies_every_named_host(tls_files: TlsFiles, host: str) -> None:
+    server = server_ssl_context(tls_files.cert, tls_files.key)
+    client = client_ssl_context(tls_files.ca)
+    assert trio.run(_echo_once, server, client, host) == b"deepfs over tls"
+
+
+@unit
+@pytest.mark.timeout(30)
+def test_contexts_refuse_old_protocols(tls_files: TlsFiles) -> None:
+    assert server_ssl_context(tls_files.cert, tls_files.key).minimum_version >= ssl.TLSVersion.TLSv1_2
+    client = client_ssl_context(tls_files.ca)
+    assert client.minimum_version >= ssl.TLSVersion.TLSv1_2
+    assert client.verify_mode == ssl.CERT_REQUIRED and client.check_hostname
+
+
+@unit
+@pytest.mark.timeout(30)
+def test_client_refuses_a_server_signed_by_another_ca(tls_files: TlsFiles, other_ca: TlsFiles) -> None:
+    server = server_ssl_context(other_ca.cert, other_ca.key)
+    client = client_ssl_context(tls_files.ca)
+    assert "CERTIFICATE_VERIFY_FAILED" in trio.run(_handshake_failure, server, client, "127.0.0.1")
+
+
+@unit
+@pytest.mark.timeout(30)
+def test_client_refuses_a_host_the_certificate_does_not_name(tls_files: TlsFiles) -> None:
+    server = server_ssl_context(tls_files.cert, tls_files.key)
+    client = client_ssl_context(tls_files.ca)
+    assert "CERTIFICATE_VERIFY_FAILED" in trio.run(_handshake_failure, server, client, "10.9.9.9")
+
+
+@unit
+@pytest.mark.timeout(30)
+def test_missing_or_wrong_files_are_config_errors(tls_files: TlsFiles, other_ca: TlsFiles, tmp_path: Path) -> None:
+    missing = tmp_path / "nope.pem"
+    with pytest.raises(ConfigError, match=r"cannot read TLS certificate file .*nope\.pem"):
+        server_ssl_context(missing, tls_files.key)
+    with pytest.raises(ConfigError, match=r"cannot read TLS key file .*nope\.pem"):
+        server_ssl_context(tls_files.cert, missing)
+    with pytest.raises(ConfigError, match=r"cannot read TLS CA file .*nope\.pem"):
+        client_ssl_context(missing)
+    with pytest.raises(ConfigError, match="cannot read TLS CA file"):
+        grpc_channel_credentials(tmp_path)  # a directory
+    with pytest.raises(ConfigError, match="TLS CA file not set"):
+        read_pem("", "CA")
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    with pytest.raises(ConfigError, match="is not a PEM file"):
+        client_ssl_context(garbage)
+    with pytest.raises(ConfigError, match="cannot load TLS certificate"):
+        server_ssl_context(tls_files.cert, other_ca.key)  # key of another certificate
+
+
+@unit
+@pytest.mark.timeout(30)
+def test_grpc_credentials_build_from_the_same_files(tls_files: TlsFiles) -> None:
+    assert isinstance(grpc_server_credentials(tls_files.cert, tls_files.key), grpc.ServerCredentials)
+    assert isinstance(grpc_channel_credentials(tls_files.ca), grpc.ChannelCredentials)
+
+
+# ------------------------------------------------------------------ gRPC over loopback, this module's credentials
+process = pytest.mark.process
+
+
+@contextlib.contextmanager
+def _echo_grpc_server(files: TlsFiles) -> Iterator[str]:
+    """An in-process gRPC server with one unary method (/test.Echo/Echo) on TLS; yields its address."""
+
+    def echo(request: bytes, context: grpc.ServicerContext) -> bytes:
+        return request
+
+    handler = grpc.method_handlers_generic_handler("test.Echo", {"Echo": grpc.unary_unary_rpc_method_handler(echo)})
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2), handlers=[handler])
+    port = server.add_secure_port("127.0.0.1:0", grpc_server_credentials(files.cert, files.key))
+    server.start()
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        server.stop(grace=None)
+
+
+def _grpc_echo(address: str, credentials: grpc.ChannelCredentials | None) -> bytes:
+    channel = grpc.secure_channel(address, credentials) if credentials else grpc.insecure_channel(address)
+    with channel:
+        echo = channel.unary_unary("/test.Echo/Echo")
+        answer: bytes = echo(b"deepfs grpc over tls", timeout=10)
+        return answer
+
+
+@process
+@pytest.mark.timeout(60)
+def test_grpc_tls_round_trip_and_refusals(tls_files: TlsFiles, other_ca: TlsFiles) -> None:
+    with _echo_grpc_server(tls_files) as address:
+        assert _grpc_echo(address, grpc_channel_credentials(tls_files.ca)) == b"deepfs grpc over tls"
+        for credentials in (grpc_channel_credentials(other_ca.ca), None):  # another CA; no TLS at all
+            with pytest.raises(grpc.RpcError) as info:
+                _grpc_echo(address, credentials)
+            assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+# ------------------------------------------------------------------ a whole cluster with tls = true
+
+
+@pytest.fixture(scope="module")
+def tls_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Three storage nodes, RS 2+1, every server on TLS with the cluster's test CA; the session's secret."""
+    cluster = LocalCluster(tmp_path_factory.mktemp("tls-cluster"), nodes=3, k=2, m=1, stripe_size=256 << 10,
+                           fsync=False, extra_meta_args=list(FAST_META_ARGS), secret_file=SESSION_SECRET, tls=True)
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def _tls_config(cluster: LocalCluster, ca_file: str | Path | None = None, tls: bool = True) -> ClientConfig:
+    """A client config of ``cluster`` (the session's admin key comes from DEEPFS_KEY)."""
+    return ClientConfig(meta_address=cluster.meta_address, tls=tls, tls_ca_file=str(ca_file or cluster.tls_ca_file),
+                        connect_timeout_s=3.0, io_timeout_s=5.0)
+
+
+@process
+@pytest.mark.timeout(120)
+def test_files_round_trip_through_a_tls_cluster(tls_cluster: LocalCluster) -> None:
+    big = random.Random(12).randbytes(1 << 20)
+    small = random.Random(13).randbytes(4096)
+    with deepfs.Client(tls_cluster.meta_address, _tls_config(tls_cluster)) as client:
+        client.makedirs("/tls")
+        client.write_file("/tls/big.bin", big)
+        client.write_file("/tls/small.bin", small)
+        assert client.read_file("/tls/big.bin") == big
+        assert client.read_file("/tls/small.bin") == small
+        with client.open("/tls/big.bin") as file:
+            assert file.pread(4096, 300_000) == big[300_000:304_096]
+        assert client.stat("/tls/big.bin").st_size == 1 << 20
+        assert sorted(client.listdir("/tls")) == ["big.bin", "small.bin"]
+    # The control plane (gRPC with TLS, verified by the same CA): every node registered and up.
+    status = tls_cluster.status()
+    assert len(tls_cluster.cluster_map().nodes) == 3
+    assert status is not None
+
+
+@process
+@pytest.mark.timeout(60)
+def test_plain_tcp_peer_is_closed_by_a_tls_port(tls_cluster: LocalCluster) -> None:
+    """Frames in the clear are not TLS: the server drops the connection at once instead of waiting."""
+    host, port = tls_cluster.meta_address.rsplit(":", 1)
+    hello = frames.encode_frame(frames.Op.AUTH, 1, {"v": 1, "nonce": bytes(16), "identity": []})
+    with socket.create_connection((host, int(port)), timeout=20) as sock:
+        sock.sendall(hello)
+        try:
+            answer = sock.recv(4096)
+        except ConnectionResetError:
+            answer = b""
+    assert answer == b"" or answer[:1] == b"\x15"  # closed, or a TLS alert record, never a frame
+
+
+@process
+@pytest.mark.timeout(60)
+def test_plain_tcp_client_gets_a_clear_error(tls_cluster: LocalCluster) -> None:
+    with pytest.raises(OSError) as info:
+        deepfs.Client(tls_cluster.meta_address, _tls_config(tls_cluster, tls=False)).close()
+    assert str(info.value).strip() and "\n" not in str(info.value).strip()
+
+
+@process
+@pytest.mark.timeout(60)
+def test_client_with_another_ca_refuses_the_cluster(tls_cluster: LocalCluster, other_ca: TlsFiles) -> None:
+    with pytest.raises(OSError) as info:
+        deepfs.Client(tls_cluster.meta_address, _tls_config(tls_cluster, other_ca.ca)).close()
+    assert "certificate" in str(info.value).lower()
+
+
+@process
+@pytest.mark.timeout(60)
+def test_grpc_without_tls_or_with_another_ca_is_refused(tls_cluster: LocalCluster, other_ca: TlsFiles) -> None:
+    key = read_key_file(SESSION_ADMIN_KEY)
+    grpc_address = tls_cluster.state.grpc_address
+    for ca_file in ("", str(other_ca.ca)):
+        with authenticated_channel(grpc_address, key, ca_file) as channel, pytest.raises(grpc.RpcError) as info:
+            control_pb2_grpc.ClusterStub(channel).Status(control_pb2.StatusRequest(), timeout=5)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
