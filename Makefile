@@ -5,7 +5,8 @@
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio bindfs git sqlite3 tar iproute2 nftables
+# openssl: test TLS certificates (deepfs.tls, deepfs up --tls, the TLS tests and bench target).
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio bindfs git sqlite3 tar iproute2 nftables openssl
 STAMP := $(VENV)/.installed-stamp
 DATA_DIR ?= ./deepfs-data
 MOUNTPOINT ?= ./mnt
@@ -29,6 +30,8 @@ $(STAMP): pyproject.toml
 
 venv: deps $(STAMP)
 
+# The cluster makes its keys in $(DATA_DIR)/keys (cluster.secret, admin.key, mount.key, node<i>.key): the mount
+# uses mount.key; for clients and deepfs status from another shell, export DEEPFS_KEY=$(DATA_DIR)/keys/admin.key.
 run: venv
 	$(VENV)/bin/deepfs run --data-dir $(DATA_DIR) --mountpoint $(MOUNTPOINT)
 

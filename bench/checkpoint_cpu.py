@@ -64,7 +64,8 @@ def run(mib: int, reps: int, stripe_mib: int, work_dir: Path,
     page_cache = PageCache(enabled=True)
     rows: list[dict[str, Any]] = []
     with LocalCluster(work_dir / "cluster", 6, 4, 2, stripe_mib << 20, fsync=True).start() as cluster, \
-            deepfs.Client(cluster.meta_address, _client_config(cluster.meta_address, checkpoint_stripe_mib)) as client:
+            deepfs.Client(cluster.meta_address, _client_config(cluster.meta_address, checkpoint_stripe_mib),
+                          key=cluster.admin_key) as client:
         groups = {"client": [os.getpid()], "meta": [cluster.state.meta.pid],
                   "nodes": [n.pid for n in cluster.state.nodes if n]}
         local = work_dir / "local.pt"

@@ -18,7 +18,7 @@ import click
 @click.command()
 @click.option("--quick", is_flag=True, help="seconds and tiny files: a smoke test of the harness itself")
 @click.option("--targets", default=None, metavar="LIST",
-              help="comma-separated: deepfs (FUSE + client/adapter), deepfs-client, local, bindfs, gluster "
+              help="comma-separated: deepfs (FUSE + client/adapter), deepfs-client, deepfs-tls, local, bindfs, gluster "
                    "[default: deepfs,local,bindfs,gluster; --quick: deepfs,local,bindfs]")
 @click.option("--suites", default=None, metavar="LIST",
               help="fio,smallfiles,checkpoint,degraded,repair [default: all]")

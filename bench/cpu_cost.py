@@ -57,7 +57,7 @@ async def run(cluster: LocalCluster, ops: int, stripes: int) -> dict[str, dict[s
     results: dict[str, dict[str, float]] = {}
     small = os.urandom(16 << 10)
     stripe = os.urandom(4 << 20)
-    async with deepfs.AsyncClient.connect(cluster.meta_address) as fs:
+    async with deepfs.AsyncClient.connect(cluster.meta_address, key=cluster.admin_key) as fs:
         await fs.mkdir("/cpu")
         results["node_ping"] = await measure(pids, ops, lambda i: fs.cluster.call_node(1, Op.PING, {}))
         results["small_file_write_16k"] = await measure(pids, ops, lambda i: fs.write_file(f"/cpu/f{i}", small))

@@ -79,7 +79,7 @@ class RepairRun:
 
     def run(self) -> None:
         with self.group:
-            self.client = deepfs.Client(self.group.cluster.meta_address)
+            self.client = deepfs.Client(self.group.cluster.meta_address, key=self.group.cluster.admin_key)
             self.group.client = self.client  # closed with the cluster
             self.client.makedirs("/repair")
             started = time.monotonic()

@@ -9,6 +9,15 @@ across restarts so clients can reconnect; nodes re-register with their
 persisted uuid. Every process serves Prometheus metrics on a free port of
 its own (``ProcessInfo.metrics_url``, kept across restarts) unless
 ``metrics=False``.
+
+Keys (docs/SECURITY.md): ``DATA/keys`` holds the cluster secret (or the
+cluster uses the ``secret_file`` it is given: the tests share one), an admin
+key, a trusted-mount key and one key per storage node. The metadata server
+gets ``--secret-file``, node i ``--key keys/node<i>.key``; this object's own
+control-plane calls use the admin key, and ``cluster.json`` names the key
+files so ``deepfs status`` of a cluster started by ``deepfs up`` finds them.
+``tls=True`` also makes a test CA and a certificate (``DATA/tls``) and
+starts every server with TLS.
 """
 
 from __future__ import annotations
@@ -23,12 +32,33 @@ from urllib.parse import urlsplit
 
 import grpc
 
+from deepfs.auth import (
+    ROLE_ADMIN,
+    ROLE_NODE,
+    Identity,
+    Key,
+    load_cluster_secret,
+    load_or_create_cluster_secret,
+    make_key,
+    read_key_file,
+    write_key_file,
+)
+from deepfs.auth.grpc_auth import authenticated_channel
 from deepfs.errors import ConfigError
 from deepfs.processes import ServerProcess, free_port, ready_line, stop_all
 from deepfs.proto import control_pb2, control_pb2_grpc
 
 STATE_FILE = "cluster.json"
 READY_TIMEOUT_S = 30.0
+KEYS_DIR = "keys"
+SECRET_NAME = "cluster.secret"
+ADMIN_IDENTITY = Identity("admin", ROLE_ADMIN)
+MOUNT_IDENTITY = Identity("mount", trusted_mount=True)
+
+
+def node_identity(index: int) -> Identity:
+    """The identity of node ``index``'s key (the name its uuid is bound to at registration)."""
+    return Identity(f"node{index}", ROLE_NODE)
 
 
 @dataclass
@@ -51,6 +81,12 @@ class ClusterState:
     fsync: bool
     meta: ProcessInfo | None = None
     nodes: list[ProcessInfo | None] = field(default_factory=list)
+    secret_file: str = ""  # the cluster secret the metadata server was given
+    admin_key: str = ""  # key files under DATA/keys ("" in a cluster.json from before keys)
+    mount_key: str = ""
+    tls_ca_file: str = ""  # "" : no TLS; else the CA that verifies every server's certificate
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
 
     def save(self) -> None:
         Path(self.data_dir, STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -62,7 +98,8 @@ class ClusterState:
             raw = json.loads(path.read_text())
         except FileNotFoundError:
             raise ConfigError(f"no local cluster in {data_dir} (no {STATE_FILE}); start one with 'deepfs up'") from None
-        meta = ProcessInfo(**raw.pop("meta")) if raw.get("meta") else None
+        meta_raw = raw.pop("meta", None)
+        meta = ProcessInfo(**meta_raw) if meta_raw else None
         nodes = [ProcessInfo(**n) if n else None for n in raw.pop("nodes")]
         return cls(**raw, meta=meta, nodes=nodes)
 
@@ -73,7 +110,9 @@ class LocalCluster:
     def __init__(self, data_dir: str | Path, nodes: int = 6, k: int = 4, m: int = 2,
                  stripe_size: int = 4 << 20, fsync: bool = True, host: str = "127.0.0.1",
                  extra_meta_args: list[str] | None = None, extra_node_args: list[str] | None = None,
-                 metrics: bool = True) -> None:
+                 metrics: bool = True, secret_file: str | Path | None = None, tls: bool = False) -> None:
+        """``secret_file``: an existing cluster secret to use (else ``DATA/keys/cluster.secret``, made
+        on first start); ``tls``: every server on TLS, with a test CA made under ``DATA/tls``."""
         self.data_dir = Path(data_dir).resolve()
         self.host = host
         self.metrics = metrics
@@ -82,11 +121,15 @@ class LocalCluster:
         self.extra_node_args = extra_node_args or []  # e.g. ["--capacity-bytes", "4M"]: a cluster that fills up
         self.procs: dict[str, ServerProcess] = {}  # what this object started; others are adopted by pid
         self.state = ClusterState(str(self.data_dir), "", "", k, m, stripe_size, fsync, None, [None] * nodes)
+        self.state.secret_file = str(Path(secret_file).resolve() if secret_file else self.keys_dir / SECRET_NAME)
+        self.tls = tls
+        self._admin: Key | None = None
 
     @classmethod
     def attach(cls, data_dir: str | Path) -> LocalCluster:
         state = ClusterState.load(data_dir)
-        cluster = cls(state.data_dir, len(state.nodes), state.k, state.m, state.stripe_size, state.fsync)
+        cluster = cls(state.data_dir, len(state.nodes), state.k, state.m, state.stripe_size, state.fsync,
+                      secret_file=state.secret_file or None, tls=bool(state.tls_ca_file))
         cluster.state = state
         return cluster
 
@@ -94,10 +137,92 @@ class LocalCluster:
     def meta_address(self) -> str:
         return self.state.meta_address
 
+    # ---------------------------------------------------------------- keys
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / KEYS_DIR
+
+    @property
+    def secret_file(self) -> Path:
+        """The cluster secret the metadata server holds (keep it as private as a root password)."""
+        return Path(self.state.secret_file)
+
+    @property
+    def admin_key(self) -> Path:
+        """The key file of ``admin`` (role admin): ``deepfs status``, ``node drain``, library clients as root."""
+        return self.keys_dir / "admin.key"
+
+    @property
+    def mount_key(self) -> Path:
+        """The key file of ``mount`` (trusted mount): what ``deepfs mount`` of this cluster uses."""
+        return self.keys_dir / "mount.key"
+
+    @property
+    def tls_ca_file(self) -> str:
+        """The CA that verifies this cluster's servers ("" without TLS)."""
+        return self.state.tls_ca_file
+
+    def node_key(self, index: int) -> Path:
+        return self.keys_dir / f"node{index}.key"
+
+    def key_for(self, identity: Identity, name: str | None = None) -> Path:
+        """Write a key for ``identity`` to ``DATA/keys/<name or identity.name>.key`` (mode 0600)."""
+        path = self.keys_dir / f"{name or identity.name}.key"
+        self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        write_key_file(path, make_key(self._cluster_secret(), identity))
+        return path
+
+    def admin_credential(self) -> Key:
+        """The admin key, read once (what this object's own gRPC calls present)."""
+        if self._admin is None:
+            self._admin = read_key_file(self.state.admin_key or self.admin_key)
+        return self._admin
+
+    def _cluster_secret(self) -> bytes:
+        return load_cluster_secret(self.secret_file)
+
+    def _make_keys(self) -> None:
+        """The cluster secret (unless given), admin.key, mount.key and one key per node, idempotently."""
+        self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if self.secret_file == self.keys_dir / SECRET_NAME:
+            secret, _ = load_or_create_cluster_secret(self.secret_file)
+        else:
+            secret = load_cluster_secret(self.secret_file)
+        write_key_file(self.admin_key, make_key(secret, ADMIN_IDENTITY))
+        write_key_file(self.mount_key, make_key(secret, MOUNT_IDENTITY))
+        for index in range(self.node_count):
+            write_key_file(self.node_key(index), make_key(secret, node_identity(index)))
+        self.state.admin_key, self.state.mount_key = str(self.admin_key), str(self.mount_key)
+        self._admin = None
+
+    def _make_tls_files(self, hosts: list[str]) -> None:
+        from deepfs.tls import create_test_ca_and_cert
+
+        files = create_test_ca_and_cert(self.data_dir / "tls", hosts)
+        self.state.tls_ca_file, self.state.tls_cert_file, self.state.tls_key_file = (
+            str(files.ca), str(files.cert), str(files.key))
+
+    def tls_args(self) -> list[str]:
+        """The TLS flags every server of this cluster starts with (none without TLS)."""
+        if not self.state.tls_ca_file:
+            return []
+        return ["--tls", "--tls-cert", self.state.tls_cert_file, "--tls-key", self.state.tls_key_file,
+                "--tls-ca", self.state.tls_ca_file]
+
+    def tls_hosts(self) -> list[str]:
+        """The names the servers' certificate must carry."""
+        return sorted({self.host, "127.0.0.1", "localhost"})
+
+    def _channel(self) -> grpc.Channel:
+        return authenticated_channel(self.state.grpc_address, self.admin_credential(), self.state.tls_ca_file)
+
     # --------------------------------------------------------------- start
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> LocalCluster:
         self.data_dir.mkdir(parents=True, exist_ok=True)
         (self.data_dir / "logs").mkdir(exist_ok=True)
+        self._make_keys()
+        if self.tls and not self.state.tls_ca_file:
+            self._make_tls_files(self.tls_hosts())
         self.state.meta_address = f"{self.host}:{free_port(self.host)}"
         self.state.grpc_address = f"{self.host}:{free_port(self.host)}"
         try:
@@ -117,7 +242,7 @@ class LocalCluster:
             sys.executable, "-m", "metadata", "--data-dir", str(self.data_dir / "meta"),
             "--host", self.host, "--port", port, "--grpc-port", gport,
             "--k", str(self.state.k), "--m", str(self.state.m), "--stripe-size", str(self.state.stripe_size),
-            *self.extra_meta_args,
+            "--secret-file", str(self.secret_file), *self.tls_args(), *self.extra_meta_args,
         ]
         metrics_url = self._metrics_url(self.state.meta)
         if metrics_url:
@@ -135,7 +260,7 @@ class LocalCluster:
         args = [
             sys.executable, "-m", "storage_node", "--data-dir", str(self.data_dir / f"node{index}"),
             "--host", self.host, "--port", port, "--meta-grpc", self.state.grpc_address,
-            "--failure-domain", f"host{index}",
+            "--failure-domain", f"host{index}", "--key", str(self.ensure_node_key(index)), *self.tls_args(),
         ]
         if not self.state.fsync:
             args.append("--no-fsync")
@@ -149,6 +274,14 @@ class LocalCluster:
         self.state.save()
         if wait_registered:
             self.wait_nodes_up(sum(1 for n in self.state.nodes if n and self.process(n).alive()), timeout_s)
+
+    def ensure_node_key(self, index: int) -> Path:
+        """Node ``index``'s key file, written first if this cluster has none yet (e.g. after ``attach``)."""
+        path = self.node_key(index)
+        if not path.exists():
+            self.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+            write_key_file(path, make_key(self._cluster_secret(), node_identity(index)))
+        return path
 
     def _metrics_url(self, previous: ProcessInfo | None) -> str:
         """The metrics URL a (re)started process gets: its old one, else one on a free port."""
@@ -171,12 +304,12 @@ class LocalCluster:
         return ProcessInfo(name, process.pid, str(log_path), words[3] if len(words) > 3 else "")
 
     def cluster_map(self, timeout_s: float = 2.0) -> control_pb2.ClusterMap:
-        with grpc.insecure_channel(self.state.grpc_address) as channel:
+        with self._channel() as channel:
             return control_pb2_grpc.ClusterStub(channel).GetClusterMap(control_pb2.ClusterMapRequest(),
                                                                        timeout=timeout_s)
 
     def status(self, timeout_s: float = 2.0) -> control_pb2.StatusReply:
-        with grpc.insecure_channel(self.state.grpc_address) as channel:
+        with self._channel() as channel:
             return control_pb2_grpc.ClusterStub(channel).Status(control_pb2.StatusRequest(), timeout=timeout_s)
 
     def wait_nodes_up(self, count: int, timeout_s: float = READY_TIMEOUT_S) -> None:

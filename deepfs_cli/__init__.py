@@ -13,6 +13,7 @@ Modules, one job each:
 - ``status_view``: ``deepfs status`` as rich tables;
 - ``nodes``: ``node list``, ``node drain``, ``node remove`` (the operator's side of membership);
 - ``fsck``: ``deepfs fsck [--repair]``, with exit statuses for scripts;
+- ``keys``: ``keys create`` and ``keys show`` (key files, docs/SECURITY.md);
 - ``processes``: ``mount``, ``umount``, ``meta serve``, ``node serve``, handing over to each package's own entry point;
 - ``common``: the options (finding a cluster) and the failure rule the commands share.
 

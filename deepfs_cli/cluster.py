@@ -20,8 +20,12 @@ from deepfs_cli.common import CONTROL_TIMEOUT_S, cluster_options, control_plane,
 @click.option("--stripe-size", default=4 << 20, show_default=True, help="bytes per stripe (multiple of k x 4 KiB)")
 @data_dir_option
 @click.option("--no-fsync", is_flag=True, help="storage nodes skip fsync (faster, not crash-safe)")
-def up(nodes: int, k: int, m: int, stripe_size: int, data_dir: str, no_fsync: bool) -> None:
-    """Start a metadata server and NODES storage nodes on loopback."""
+@click.option("--secret-file", type=click.Path(dir_okay=False), default=None,
+              help="an existing cluster secret [default: DATA_DIR/keys/cluster.secret, made on first start]")
+@click.option("--tls", is_flag=True, help="TLS on every port (a test CA and certificate under DATA_DIR/tls)")
+def up(nodes: int, k: int, m: int, stripe_size: int, data_dir: str, no_fsync: bool, secret_file: str | None,
+       tls: bool) -> None:
+    """Start a metadata server and NODES storage nodes on loopback, with keys under DATA_DIR/keys."""
     from deepfs.layout import Layout
     from deepfs.local_cluster import ClusterState, LocalCluster
     from deepfs.processes import pid_alive
@@ -39,12 +43,18 @@ def up(nodes: int, k: int, m: int, stripe_size: int, data_dir: str, no_fsync: bo
             if "already running" in str(exc):
                 raise
         click.echo(f"starting 1 metadata server and {nodes} storage nodes (RS {k}+{m}) in {data_dir} ...")
-        cluster = LocalCluster(data_dir, nodes, k, m, stripe_size, fsync=not no_fsync).start()
+        cluster = LocalCluster(data_dir, nodes, k, m, stripe_size, fsync=not no_fsync, secret_file=secret_file,
+                               tls=tls).start()
     except (ConfigError, RuntimeError, TimeoutError, OSError) as exc:
         fail(str(exc))
     click.echo(f"DeepFS is up. Metadata server: {cluster.meta_address}  (control plane: {cluster.state.grpc_address})")
-    click.echo(f"  python:  deepfs.Client({cluster.meta_address!r})")
-    click.echo(f"  mount:   deepfs mount {cluster.meta_address} ./mnt")
+    click.echo(f"  admin key: {cluster.admin_key}  (cluster secret: {cluster.secret_file}; keep both private)")
+    click.echo(f"  export DEEPFS_KEY={cluster.admin_key}")
+    click.echo(f"  python:  deepfs.Client({cluster.meta_address!r})  (uses $DEEPFS_KEY: acts as root)")
+    click.echo(f"  mount:   deepfs mount {cluster.meta_address} ./mnt  (uses {cluster.mount_key})")
+    click.echo(f"  keys:    deepfs keys create NAME --uid N --gid N --data-dir {data_dir}")
+    if cluster.tls_ca_file:
+        click.echo(f"  TLS:     CA {cluster.tls_ca_file}")
     click.echo(f"  stop:    deepfs down --data-dir {data_dir}")
     urls = cluster.metrics_urls()
     for i, (name, url) in enumerate(urls.items()):

@@ -1,4 +1,8 @@
-"""``deepfs run`` (``make run``): a local cluster in the foreground, mounted, until Ctrl-C."""
+"""``deepfs run`` (``make run``): a local cluster in the foreground, mounted, until Ctrl-C.
+
+The cluster makes its keys (``DATA/keys``); the mount uses its trusted-mount
+key and the status its admin key, so nothing needs setting up first.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +14,7 @@ from pathlib import Path
 import click
 
 from deepfs.local_cluster import LocalCluster
-from deepfs_cli.status_view import fetch_status, render_status
+from deepfs_cli.status_view import STATUS_TIMEOUT_S, render_status
 from fuse_client.mount_process import MountProcess
 from fuse_client.options import default_allow_other
 
@@ -28,15 +32,19 @@ def run_dev_session(data_dir: str, mountpoint: str, nodes: int, k: int, m: int, 
             allow_other = default_allow_other(os.geteuid())
             if mount:
                 flag = "--allow-other" if allow_other else "--no-allow-other"
-                mounted = MountProcess(cluster.meta_address, Path(mountpoint), [flag]).start()
-            render_status(fetch_status(cluster.state.grpc_address))
+                mounted = MountProcess(cluster.meta_address, Path(mountpoint),
+                                       ["--key", str(cluster.mount_key), flag]).start()
+            render_status(cluster.status(STATUS_TIMEOUT_S))
             click.echo(f"\nmetadata server: {cluster.meta_address}")
             if mounted:
                 click.echo(f"mounted at {Path(mountpoint).resolve()}: "
                            f"try  ls -la {mountpoint}; cp -r /etc {mountpoint}/")
                 click.echo("  every user may enter (mode bits checked by the kernel)" if allow_other
                            else "  only you may enter (other users get EACCES)")
-            click.echo(f"python:  import deepfs; fs = deepfs.Client({cluster.meta_address!r})")
+            click.echo(f"python:  import deepfs; fs = deepfs.Client({cluster.meta_address!r}, "
+                       f"key={str(cluster.admin_key)!r})  # the admin key: acts as root")
+            click.echo(f"keys:    export DEEPFS_KEY={cluster.admin_key}; "
+                       f"deepfs keys create NAME --uid N --gid N --data-dir {data_dir}")
             click.echo("Ctrl-C unmounts and stops everything.")
             stop.wait()
             click.echo("stopping ...")

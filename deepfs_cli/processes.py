@@ -5,6 +5,11 @@ The options of ``mount`` and of the servers belong to ``fuse_client.main``,
 pass their arguments through untouched, so ``python -m fuse_client`` and
 ``deepfs mount`` cannot drift apart. (``node``'s admin commands, ``list``,
 ``drain`` and ``remove``, are in ``nodes`` and join the group in ``main``.)
+
+One addition to the pass-through: ``deepfs mount`` of the local cluster
+that ``deepfs up`` started in ``./deepfs-data`` (same metadata address) gets
+that cluster's trusted-mount key (``--key keys/mount.key``) unless the
+command line names a key, so mounting it needs no extra step.
 """
 
 from __future__ import annotations
@@ -13,7 +18,8 @@ import sys
 
 import click
 
-from deepfs_cli.common import fail
+from deepfs.errors import ConfigError
+from deepfs_cli.common import DEFAULT_DATA_DIR, fail
 
 _PASS_THROUGH = {"ignore_unknown_options": True, "allow_extra_args": True}
 
@@ -24,7 +30,23 @@ def mount(ctx: click.Context) -> None:
     """Mount a cluster: deepfs mount META_ADDR MOUNTPOINT [options] (--help lists them)."""
     from fuse_client.main import main as mount_main
 
-    sys.exit(mount_main(ctx.args, prog="deepfs mount"))
+    sys.exit(mount_main([*ctx.args, *local_mount_key(ctx.args)], prog="deepfs mount"))
+
+
+def local_mount_key(args: list[str], data_dir: str = DEFAULT_DATA_DIR) -> list[str]:
+    """``["--key", mount.key]`` when ``args`` mount the local cluster in ``data_dir`` and name no key."""
+    if any(a == "--key" or a.startswith("--key=") for a in args):
+        return []
+    address = next((a for a in args if not a.startswith("-")), None)
+    from deepfs.local_cluster import ClusterState
+
+    try:
+        state = ClusterState.load(data_dir)
+    except ConfigError:
+        return []
+    if address is None or address != state.meta_address or not state.mount_key:
+        return []
+    return ["--key", state.mount_key]
 
 
 @click.command()

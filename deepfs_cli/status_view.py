@@ -13,11 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 
-import grpc
 from rich.console import Console
 from rich.table import Table
 
-from deepfs.proto import control_pb2, control_pb2_grpc
+from deepfs.proto import control_pb2
 
 STATUS_TIMEOUT_S = 5.0
 PIPED_WIDTH = 200
@@ -47,11 +46,6 @@ def wide_console() -> Console:
     """The terminal's width, or a wide one when piped, so scripts and logs get whole addresses, not "127.0.…"."""
     console = Console()
     return console if console.is_terminal else Console(width=PIPED_WIDTH)
-
-
-def fetch_status(grpc_address: str) -> control_pb2.StatusReply:
-    with grpc.insecure_channel(grpc_address) as channel:
-        return control_pb2_grpc.ClusterStub(channel).Status(control_pb2.StatusRequest(), timeout=STATUS_TIMEOUT_S)
 
 
 def render_status(reply: control_pb2.StatusReply, console: Console | None = None,

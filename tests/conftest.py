@@ -1,9 +1,20 @@
-"""Shared fixtures: real local clusters (separate server processes on loopback) and FUSE mounts of them."""
+"""Shared fixtures: real local clusters (separate server processes on loopback) and FUSE mounts of them.
+
+Keys: the whole session shares one cluster secret (``SESSION_SECRET``, in a
+private temporary directory) and every cluster the tests start uses it
+(``start_cluster`` and each direct ``LocalCluster(..., secret_file=SESSION_SECRET)``).
+``DEEPFS_KEY`` is set for the whole session to the admin key of that secret
+(``SESSION_ADMIN_KEY``), so **every test client acts as admin (root) unless it
+passes ``key=``**: tests of permissions make a key of their own with
+``cluster.key_for(Identity(...))``. Mounts use the cluster's trusted-mount key
+(``--key mount.key``), as ``deepfs mount`` of a local cluster does.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -13,7 +24,8 @@ from pathlib import Path
 import pytest
 
 import deepfs
-from deepfs.local_cluster import LocalCluster
+from deepfs.auth import KEY_ENV, create_cluster_secret, make_key, write_key_file
+from deepfs.local_cluster import ADMIN_IDENTITY, LocalCluster
 from fuse_client.mount_process import MountProcess
 
 # Short grace periods: killed nodes are marked down, and removed files' fragments
@@ -21,6 +33,17 @@ from fuse_client.mount_process import MountProcess
 FAST_META_ARGS = ["--grace-period", "2", "--gc-grace", "1"]
 
 LAYERS = ("unit", "process", "fuse")  # the markers registered in pyproject.toml
+
+# Made at import (before any test module's module-level code) and removed at exit; see the docstring.
+_SESSION_KEYS = Path(tempfile.mkdtemp(prefix="deepfs-test-keys-"))
+SESSION_SECRET = _SESSION_KEYS / "cluster.secret"
+SESSION_ADMIN_KEY = _SESSION_KEYS / "admin.key"
+write_key_file(SESSION_ADMIN_KEY, make_key(create_cluster_secret(SESSION_SECRET), ADMIN_IDENTITY))
+os.environ[KEY_ENV] = str(SESSION_ADMIN_KEY)
+
+
+def pytest_unconfigure(config: pytest.Config) -> None:
+    shutil.rmtree(_SESSION_KEYS, ignore_errors=True)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -39,7 +62,7 @@ def start_cluster(tmp: Path, nodes: int = 6, k: int = 4, m: int = 2, stripe_size
                   meta_args: tuple[str, ...] = ()) -> LocalCluster:
     """``meta_args`` come after (and so override) ``FAST_META_ARGS``."""
     return LocalCluster(tmp, nodes=nodes, k=k, m=m, stripe_size=stripe_size, fsync=False,
-                        extra_meta_args=[*FAST_META_ARGS, *meta_args]).start()
+                        extra_meta_args=[*FAST_META_ARGS, *meta_args], secret_file=SESSION_SECRET).start()
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +130,8 @@ def mount_cluster(cluster: LocalCluster, name: str = "mnt", extra_args: list[str
     mountpoint = Path(tempfile.mkdtemp(prefix=f"{name}-", dir=mount_base()))
     mountpoint.chmod(0o755)
     flags = {True: ["--allow-other"], False: ["--no-allow-other"], None: []}[allow_other]
-    process = MountProcess(cluster.meta_address, mountpoint, [*flags, *(extra_args or [])],
+    process = MountProcess(cluster.meta_address, mountpoint,
+                           ["--key", str(cluster.mount_key), *flags, *(extra_args or [])],
                            log_path=cluster.data_dir / "logs" / f"{mountpoint.name}.log")
     process.start()
     return Mounted(mountpoint, process, cluster)

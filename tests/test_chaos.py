@@ -39,7 +39,7 @@ from deepfs.testing import flip_bytes, fragment_files, kill_9, pause, resume, wa
 from deepfs.testing.faults import key_of
 from deepfs.testing.workload import Ledger, Workload, placement_problems, sha256, stripe_records, verify_files
 from fuse_client.mount_process import MountProcess
-from tests.conftest import FAST_META_ARGS, Mounted, mount_cluster
+from tests.conftest import FAST_META_ARGS, SESSION_SECRET, Mounted, mount_cluster
 
 pytestmark = pytest.mark.fuse
 
@@ -201,7 +201,8 @@ class Chaos:
             self.mount.process.kill()
             time.sleep(self.rng.uniform(0.2, 2.0))
             # A new mount over the stale one the killed daemon left (MountProcess clears it).
-            self.mount.process = MountProcess(self.cluster.meta_address, self.mount.path, ["--allow-other"],
+            self.mount.process = MountProcess(self.cluster.meta_address, self.mount.path,
+                                              ["--key", str(self.cluster.mount_key), "--allow-other"],
                                               log_path=self.mount.process.log_path).start()
 
     def close(self) -> None:
@@ -221,7 +222,8 @@ def repair_done(cluster: LocalCluster) -> str | None:
 def run_chaos(tmp_path: Path, seconds: float, seed: int) -> None:
     print(f"chaos: {seconds:g} s, seed {seed} (DEEPFS_CHAOS_SECONDS={seconds:g} DEEPFS_CHAOS_SEED={seed})")
     cluster = LocalCluster(tmp_path / "cluster", nodes=NODES, k=K, m=M, stripe_size=256 << 10, fsync=False,
-                           extra_meta_args=META_ARGS, extra_node_args=NODE_ARGS).start()
+                           extra_meta_args=META_ARGS, extra_node_args=NODE_ARGS,
+                           secret_file=SESSION_SECRET).start()
     mount: Mounted | None = None
     chaos: Chaos | None = None
     try:

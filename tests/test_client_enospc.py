@@ -12,7 +12,7 @@ import pytest
 import deepfs
 from deepfs import Layout
 from deepfs.local_cluster import LocalCluster
-from tests.conftest import FAST_META_ARGS
+from tests.conftest import FAST_META_ARGS, SESSION_SECRET
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(60)]
 
@@ -21,7 +21,8 @@ pytestmark = [pytest.mark.process, pytest.mark.timeout(60)]
 def tiny_cluster(tmp_path: Path) -> Iterator[LocalCluster]:
     """Six nodes that each store at most 2 MiB."""
     c = LocalCluster(tmp_path / "cluster", nodes=6, k=4, m=2, stripe_size=256 << 10, fsync=False,
-                     extra_meta_args=FAST_META_ARGS, extra_node_args=["--capacity-bytes", "2M"]).start()
+                     extra_meta_args=FAST_META_ARGS, extra_node_args=["--capacity-bytes", "2M"],
+                     secret_file=SESSION_SECRET).start()
     try:
         yield c
     finally:

@@ -261,6 +261,7 @@ def test_server_units_run_the_walkthrough_toml(tmp_path: Path) -> None:
     meta = read_unit(UNITS / "deepfs-meta.service")
     args = exec_start(meta, {})
     assert args[0] == INSTALLED_DEEPFS and args[1:3] == ["meta", "serve"]
+    assert "--secret-file" in args  # the cluster secret, made before the first start (docs/DEPLOY.md)
     check_command_line(args[1:], toml_file)
     assert f"/var/lib/{values(meta, 'Service', 'StateDirectory')[0]}" == config.meta.data_dir
 
@@ -268,6 +269,7 @@ def test_server_units_run_the_walkthrough_toml(tmp_path: Path) -> None:
     for index, entry in enumerate(config.nodes):
         args = exec_start(node, {"%i": str(index)})
         assert args[0] == INSTALLED_DEEPFS and args[1:3] == ["node", "serve"]
+        assert args[args.index("--key") + 1] == f"/etc/deepfs/node{index}.key"  # its own key
         check_command_line(args[1:], toml_file)
         state_dir = values(node, "Service", "StateDirectory")[0].replace("%i", str(index))
         assert f"/var/lib/{state_dir}" == entry.data_dir
@@ -283,6 +285,7 @@ def test_mount_unit_mounts_the_escaped_path(tmp_path: Path) -> None:
                   if line and not line.startswith("#"))
     args = exec_start(unit, {"%f": "/mnt/deepfs", "${DEEPFS_META}": sample["DEEPFS_META"]})
     assert args[:2] == [INSTALLED_DEEPFS, "mount"] and "--foreground" in args  # systemd supervises the daemon
+    assert "--key" in args
     check_command_line(args[1:], tmp_path / "unused.toml")
     assert "remote-fs.target" in values(unit, "Unit", "Before")
 

@@ -21,7 +21,7 @@ import deepfs
 from deepfs.local_cluster import LocalCluster
 from deepfs.proto import control_pb2
 from deepfs.testing import flip_bytes, forge_fragment, fragment_files, quarantined_files, wait_for
-from tests.conftest import FAST_META_ARGS
+from tests.conftest import FAST_META_ARGS, SESSION_SECRET
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
@@ -36,7 +36,8 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """Six nodes, RS 4+2; every node scrubs fast and starts a new pass every second."""
     c = LocalCluster(tmp_path_factory.mktemp("integrity"), nodes=6, k=4, m=2, stripe_size=STRIPE, fsync=False,
                      extra_meta_args=FAST_META_ARGS,
-                     extra_node_args=["--scrub-mib-s", "50", "--scrub-interval-s", str(SCRUB_INTERVAL_S)])
+                     extra_node_args=["--scrub-mib-s", "50", "--scrub-interval-s", str(SCRUB_INTERVAL_S)],
+                     secret_file=SESSION_SECRET)
     try:
         yield c.start()
     finally:

@@ -28,7 +28,7 @@ from deepfs_cli.main import main as cli
 from deepfs_cli.top import Scrape, interval_rates, parse_scrape, quantile_from_buckets
 from fuse_client.attr_cache import AttrCache
 from fuse_client.metrics import fuse_samples
-from tests.conftest import mounted, start_cluster
+from tests.conftest import SESSION_SECRET, mounted, start_cluster
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -269,7 +269,7 @@ def test_dashboard_exprs_use_only_exported_metrics(metrics_cluster: LocalCluster
 @pytest.mark.process
 def test_servers_started_by_hand_serve_no_metrics_unless_asked(tmp_path: Path) -> None:
     with LocalCluster(tmp_path / "c", nodes=2, k=1, m=1, stripe_size=64 << 10, fsync=False,
-                      metrics=False).start() as cluster:
+                      metrics=False, secret_file=SESSION_SECRET).start() as cluster:
         assert cluster.metrics_urls() == {}
 
 

@@ -11,6 +11,11 @@ mount`` (network namespace only, so the mount is visible on this machine as
 on a real client), files written there are read back, every node holds some
 of their fragments, and ``deepfs status --grpc`` run on the client host
 lists every node up at its own IP.
+
+Keys as an operator makes them: a cluster secret named by ``[meta]
+secret_file``, a node key per ``[[nodes]]`` entry (``key_file``), a
+trusted-mount key for the client host's ``deepfs mount --key`` and an admin
+key for ``deepfs status --key``.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ from pathlib import Path
 
 import pytest
 
+from deepfs.auth import ROLE_ADMIN, ROLE_NODE, Identity, create_cluster_secret, make_key, write_key_file
 from deepfs.processes import ReadyCheck, ServerProcess, ready_line, stop_all
 from deepfs.testing import wait_for
 from deepfs.testing.netns import NODE_PORT, HostNetwork, network_unavailable
@@ -39,12 +45,22 @@ START_TIMEOUT_S = 60.0
 FILES = {f"file{i}.bin": os.urandom((i + 1) * 300_000) for i in range(4)}  # each spans stripes (256 KiB)
 
 
-def cluster_toml(network: HostNetwork, data_root: Path) -> str:
+def make_keys(keys: Path) -> None:
+    """``cluster.secret``, ``admin.key``, ``mount.key`` and ``node<i>.key`` in ``keys``."""
+    secret = create_cluster_secret(keys / "cluster.secret")
+    write_key_file(keys / "admin.key", make_key(secret, Identity("admin", ROLE_ADMIN)))
+    write_key_file(keys / "mount.key", make_key(secret, Identity("mount", trusted_mount=True)))
+    for index in range(NODES):
+        write_key_file(keys / f"node{index}.key", make_key(secret, Identity(f"node{index}", ROLE_NODE)))
+
+
+def cluster_toml(network: HostNetwork, data_root: Path, keys: Path) -> str:
     """The file an operator writes for this cluster: one [meta], one [[nodes]] entry per host, a [client]."""
     meta_ip = network.host_ip(0)
     lines = [
         "[meta]",
         f'data_dir = "{data_root / "meta"}"',
+        f'secret_file = "{keys / "cluster.secret"}"',
         f'host = "{meta_ip}"',
         f"port = {META_PORT}",
         f"grpc_port = {META_GRPC_PORT}",
@@ -63,6 +79,7 @@ def cluster_toml(network: HostNetwork, data_root: Path) -> str:
             f"port = {NODE_PORT}",
             f'meta_grpc = "{meta_ip}:{META_GRPC_PORT}"',
             f'failure_domain = "host{index}"',
+            f'key_file = "{keys / f"node{index}.key"}"',
             "fsync = false",  # a test's throwaway data; real hosts keep the default (true)
             "reserve_bytes = 0",
             "",
@@ -115,11 +132,14 @@ def test_cluster_from_toml_across_network_namespaces(tmp_path: Path) -> None:
     data_root = tmp_path / "data"
     with HostNetwork(hosts=NODES + 2) as network:
         config = tmp_path / "cluster.toml"
-        config.write_text(cluster_toml(network, data_root))
+        keys = tmp_path / "keys"
+        make_keys(keys)
+        config.write_text(cluster_toml(network, data_root, keys))
         meta_ip = network.host_ip(0)
         with roles_started(network, config, tmp_path / "logs"):
             status = subprocess.run(
-                [*network.exec_prefix(client_host), DEEPFS, "status", "--grpc", f"{meta_ip}:{META_GRPC_PORT}"],
+                [*network.exec_prefix(client_host), DEEPFS, "status", "--grpc", f"{meta_ip}:{META_GRPC_PORT}",
+                 "--key", str(keys / "admin.key")],
                 capture_output=True, text=True, timeout=30, check=False)
             assert status.returncode == 0, status.stderr
             summary = next((line for line in status.stdout.splitlines() if "nodes up" in line), "")
@@ -134,8 +154,8 @@ def test_cluster_from_toml_across_network_namespaces(tmp_path: Path) -> None:
             mountpoint = tmp_path / "mnt"
             mountpoint.mkdir()
             mount = ServerProcess(
-                [*network.net_only_prefix(client_host), DEEPFS, "mount", "--foreground",
-                 f"{meta_ip}:{META_PORT}", str(mountpoint)],
+                [*network.net_only_prefix(client_host), DEEPFS, "mount", "--foreground", "--key",
+                 str(keys / "mount.key"), f"{meta_ip}:{META_PORT}", str(mountpoint)],
                 mounted_check(mountpoint), tmp_path / "logs" / "mount.log", name="mount")
             try:
                 mount.start(START_TIMEOUT_S)

@@ -22,7 +22,7 @@ from deepfs.config import ClientConfig
 from deepfs.testing import TcpProxy, wait_for
 from deepfs.testing.netns import NODE_PORT, HostNetwork, NetnsCluster, network_unavailable
 from deepfs.testing.workload import Ledger, Workload, placement_problems, verify_files
-from tests.conftest import FAST_META_ARGS
+from tests.conftest import FAST_META_ARGS, SESSION_SECRET
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(180)]
 
@@ -41,7 +41,8 @@ def test_cut_link_down_and_slow_nodes_under_load(tmp_path: Path) -> None:
         HostNetwork(NODES) as network,
         TcpProxy(network.host_ip(SLOW), NODE_PORT, listen_host=network.gateway_ip) as proxy,
         NetnsCluster(tmp_path / "cluster", network, k=4, m=2, stripe_size=256 << 10, fsync=False,
-                     extra_meta_args=FAST_META_ARGS, node_args={SLOW: ["--advertise", proxy.address]}) as cluster,
+                     extra_meta_args=FAST_META_ARGS, node_args={SLOW: ["--advertise", proxy.address]},
+                     secret_file=SESSION_SECRET) as cluster,
     ):
         cluster.start()
         ids = cluster.node_ids()

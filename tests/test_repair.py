@@ -17,6 +17,7 @@ import trio
 
 import deepfs
 from deepfs import Layout
+from deepfs.auth import read_key_file
 from deepfs.frames import Op
 from deepfs.local_cluster import LocalCluster
 from deepfs.messages import MISSING_NODE
@@ -65,7 +66,7 @@ def placements(cluster: LocalCluster, ino: int) -> list[list[int]]:
     async def fetch() -> list[list[int]]:
         host, port = parse_address(cluster.meta_address)
         async with trio.open_nursery() as nursery:
-            meta = await FrameClient.connect(nursery, host, port)
+            meta = await FrameClient.connect(nursery, host, port, credential=read_key_file(cluster.admin_key))
             reply, _ = await meta.call(Op.OPEN, {"ino": ino}, timeout_s=10)
             await meta.aclose()
         assert reply["stripes_complete"]

@@ -1,11 +1,13 @@
 """Bounded resources per peer (issue 12, item 6), against real server processes.
 
-The attack of the issue: connections that each announce a 63 MiB payload and
-then stall must pin (almost) nothing; a metadata server (no op carries a
-payload) closes them at once, a storage node (PUT_FRAGMENT does) after its
-frame timeout. Idle connections are closed, and clients reconnect without
-noticing; a peer over its connection cap is refused. The pure decisions
-(which payload an op may carry, the refusal log's rate limit) are unit tests.
+The attack of the issue, by a peer that authenticated first (the same attack
+before authentication is refused on the header: tests/test_security_attacks.py):
+connections that each announce a 63 MiB payload and then stall must pin
+(almost) nothing; a metadata server (no op carries a payload) closes them at
+once, a storage node (PUT_FRAGMENT does) after its frame timeout. Idle
+connections are closed, and clients reconnect without noticing; a peer over
+its connection cap is refused. The pure decisions (which payload an op may
+carry, the refusal log's rate limit) are unit tests.
 """
 
 from __future__ import annotations
@@ -19,12 +21,23 @@ import pytest
 
 import deepfs
 from deepfs import frames
+from deepfs.auth import (
+    ROLE_ADMIN,
+    ClientHandshake,
+    Credential,
+    Identity,
+    derive_service_secret,
+    issue_ticket,
+    load_cluster_secret,
+    read_key_file,
+)
 from deepfs.frames import FrameHeader, Op, ProtocolError
 from deepfs.layout import Layout
 from deepfs.local_cluster import LocalCluster
 from deepfs.rpc import FrameBuffer, RefusalLog
 from deepfs.rpc._buffer import check_payload_allowed
 from deepfs.testing import wait_for
+from tests.conftest import SESSION_SECRET
 
 pytestmark = [pytest.mark.timeout(120)]  # layers per test: process below, unit at the end
 
@@ -42,7 +55,8 @@ NODE_LIMIT_ARGS = ["--idle-timeout-s", str(IDLE_S), "--frame-timeout-s", str(FRA
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     c = LocalCluster(tmp_path_factory.mktemp("limits"), nodes=3, k=2, m=1, stripe_size=256 << 10, fsync=False,
-                     extra_meta_args=["--grace-period", "2", *LIMIT_ARGS], extra_node_args=NODE_LIMIT_ARGS)
+                     extra_meta_args=["--grace-period", "2", *LIMIT_ARGS], extra_node_args=NODE_LIMIT_ARGS,
+                     secret_file=SESSION_SECRET)
     c.start()
     try:
         yield c
@@ -66,10 +80,32 @@ def host_port(address: str) -> tuple[str, int]:
     return host, int(port)
 
 
-def connect(address: str) -> socket.socket:
+def credential_for(cluster: LocalCluster, address: str) -> Credential:
+    """The admin key for the metadata server, an admin ticket for a storage node."""
+    if address == cluster.meta_address:
+        return read_key_file(cluster.admin_key)
+    service = derive_service_secret(load_cluster_secret(cluster.secret_file))
+    return issue_ticket(service, Identity("admin", ROLE_ADMIN), 3600, time.time())
+
+
+def connect(address: str, credential: Credential) -> socket.socket:
+    """A raw socket that went through the AUTH handshake (a hostile peer with a valid key)."""
     sock = socket.create_connection(host_port(address), timeout=10)
     sock.settimeout(10)
+    handshake = ClientHandshake(credential)
+    sock.sendall(frames.encode_frame(Op.AUTH, 1, handshake.hello()))
+    reply = receive_reply(sock)
+    sock.sendall(frames.encode_frame(Op.AUTH, 2, handshake.answer(reply)))
+    assert receive_reply(sock) == {}
     return sock
+
+
+def receive_reply(sock: socket.socket) -> object:
+    head = receive_exactly(sock, frames.HEADER_SIZE)
+    header = frames.parse_header(head)
+    reply = frames.decode_body(head, header, receive_exactly(sock, header.body_len))
+    assert not header.is_error, reply
+    return reply
 
 
 def closed_by_peer(sock: socket.socket, timeout_s: float = 10.0) -> bool:
@@ -107,11 +143,11 @@ def receive_exactly(sock: socket.socket, size: int) -> bytes:
     return data
 
 
-def stalled_attack(address: str, op: Op) -> list[socket.socket]:
+def stalled_attack(cluster: LocalCluster, address: str, op: Op) -> list[socket.socket]:
     """The issue's attack: 29-byte frames (header + empty body) announcing 63 MiB, then nothing."""
     socks = []
     for i in range(ATTACK_CONNECTIONS):
-        sock = connect(address)
+        sock = connect(address, credential_for(cluster, address))
         head = frames.encode_frame(op, i + 1, {}, ANNOUNCED)
         assert len(head) == 29
         sock.sendall(head)
@@ -131,7 +167,7 @@ def test_metadata_server_refuses_announced_payloads_at_once(cluster: LocalCluste
     assert cluster.state.meta is not None
     pid = cluster.state.meta.pid
     before = rss_bytes(pid)
-    socks = stalled_attack(cluster.meta_address, Op.LOOKUP)
+    socks = stalled_attack(cluster, cluster.meta_address, Op.LOOKUP)
     try:
         assert all(closed_by_peer(sock) for sock in socks)
         assert rss_bytes(pid) - before < RSS_BOUND
@@ -150,7 +186,7 @@ def test_storage_node_closes_a_stalled_put_after_the_frame_timeout(cluster: Loca
     info = cluster.state.nodes[0]
     assert info is not None
     before = rss_bytes(info.pid)
-    socks = stalled_attack(info.address, Op.PUT_FRAGMENT)
+    socks = stalled_attack(cluster, info.address, Op.PUT_FRAGMENT)
     try:
         time.sleep(FRAME_S / 2)
         assert rss_bytes(info.pid) - before < RSS_BOUND
@@ -165,7 +201,7 @@ def test_storage_node_closes_a_stalled_put_after_the_frame_timeout(cluster: Loca
 def test_storage_node_refuses_a_payload_on_an_op_without_one(cluster: LocalCluster) -> None:
     info = cluster.state.nodes[0]
     assert info is not None
-    socks = stalled_attack(info.address, Op.GET_FRAGMENT)
+    socks = stalled_attack(cluster, info.address, Op.GET_FRAGMENT)
     try:
         assert all(closed_by_peer(sock) for sock in socks)
         assert f"op {int(Op.GET_FRAGMENT)} carries no payload" in log_of(info.log)
@@ -178,7 +214,7 @@ def test_storage_node_refuses_a_payload_on_an_op_without_one(cluster: LocalClust
 @pytest.mark.parametrize("server", ["meta", "node"])
 def test_idle_connections_are_closed(cluster: LocalCluster, server: str) -> None:
     address = cluster.meta_address if server == "meta" else node_address(cluster)
-    with connect(address) as sock:
+    with connect(address, credential_for(cluster, address)) as sock:
         assert ping_works(sock)
         assert closed_by_peer(sock, timeout_s=10 * IDLE_S)
 
@@ -207,22 +243,26 @@ def test_connections_over_the_per_peer_cap_are_refused(cluster: LocalCluster, se
         # The first connections all work (up to CAP; a node may also hold a connection or two of the
         # metadata server's, from the same address) ...
         while len(socks) <= CAP:
-            sock = connect(address)
+            try:
+                sock = connect(address, credential_for(cluster, address))
+            except (ConnectionResetError, BrokenPipeError, EOFError):
+                break  # closed at once, before its handshake: over the cap
             socks.append(sock)
-            if not ping_works(sock, len(socks)):
-                break
-        working = len(socks) - 1
+            assert ping_works(sock, len(socks))
+        working = len(socks)
         assert CAP - 2 <= working <= CAP if server == "node" else working == CAP
         # ... the next one was closed at once, and the others go on working.
-        assert closed_by_peer(socks[-1])
         assert ping_works(socks[0], 99)
     finally:
         for sock in socks:
             sock.close()
 
     def slot_free() -> bool:
-        with connect(address) as sock:
-            return ping_works(sock)
+        try:
+            with connect(address, credential_for(cluster, address)) as sock:
+                return ping_works(sock)
+        except (ConnectionResetError, BrokenPipeError, EOFError):
+            return False
 
     wait_for(slot_free, timeout_s=10)
 

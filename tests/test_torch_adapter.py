@@ -27,7 +27,7 @@ from deepfs.testing import flip_bytes, fragment_files, wait_for
 from deepfs.torch._load import _cuda_destination
 from deepfs.torch._read import ReadOptions, read_checkpoint
 from deepfs.url import close_shared_clients
-from tests.conftest import FAST_META_ARGS, unique_dir
+from tests.conftest import FAST_META_ARGS, SESSION_SECRET, unique_dir
 from tests.torch_samples import all_dtypes, assert_same, shared_views, trained
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
@@ -381,7 +381,8 @@ def test_load_with_m_nodes_down(fresh_cluster: LocalCluster) -> None:
 
 def test_full_cluster_is_a_clear_error_and_keeps_the_previous_checkpoint(tmp_path: Path) -> None:
     cluster = LocalCluster(tmp_path / "cluster", nodes=6, k=4, m=2, stripe_size=256 << 10, fsync=False,
-                           extra_meta_args=FAST_META_ARGS, extra_node_args=["--capacity-bytes", "2M"]).start()
+                           extra_meta_args=FAST_META_ARGS, extra_node_args=["--capacity-bytes", "2M"],
+                           secret_file=SESSION_SECRET).start()
     try:
         with deepfs.Client(cluster.meta_address) as client:
             previous = {"w": torch.randn(1000)}

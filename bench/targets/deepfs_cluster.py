@@ -74,7 +74,8 @@ class DeepFSCluster(FailureGroup):
     def fuse_target(self) -> Iterator[Target]:
         mountpoint = self.base / "mnt"
         # Only the benchmark's own user, as the bindfs target mounts: the same FUSE options for every target.
-        mount = MountProcess(self.cluster.meta_address, mountpoint, ["--no-allow-other"],
+        mount = MountProcess(self.cluster.meta_address, mountpoint,
+                             ["--key", str(self.cluster.mount_key), "--no-allow-other"],
                              log_path=self.base / "mount.log")
         try:
             mount.start()
@@ -91,7 +92,7 @@ class DeepFSCluster(FailureGroup):
     @contextlib.contextmanager
     def client_target(self) -> Iterator[Target]:
         try:
-            self.client = deepfs.Client(self.cluster.meta_address)
+            self.client = deepfs.Client(self.cluster.meta_address, key=self.cluster.admin_key)
             self.client.makedirs("/bench-client")
         except Exception as exc:
             raise TargetSkipped(f"deepfs.Client could not connect: {first_line(exc)}") from exc

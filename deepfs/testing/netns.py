@@ -193,11 +193,13 @@ class NetnsCluster(LocalCluster):
 
     def __init__(self, data_dir: str | Path, network: HostNetwork, k: int = 4, m: int = 2,
                  stripe_size: int = 4 << 20, fsync: bool = True, extra_meta_args: list[str] | None = None,
-                 extra_node_args: list[str] | None = None, node_args: dict[int, list[str]] | None = None) -> None:
+                 extra_node_args: list[str] | None = None, node_args: dict[int, list[str]] | None = None,
+                 secret_file: str | Path | None = None, tls: bool = False) -> None:
         if not network.subnet:
             raise RuntimeError("create the HostNetwork (enter its with block) before the cluster on it")
         super().__init__(data_dir, network.hosts, k, m, stripe_size, fsync, host=network.gateway_ip,
-                         extra_meta_args=extra_meta_args, extra_node_args=extra_node_args)
+                         extra_meta_args=extra_meta_args, extra_node_args=extra_node_args,
+                         secret_file=secret_file, tls=tls)
         self.network = network
         self.node_args = node_args or {}
 
@@ -207,6 +209,10 @@ class NetnsCluster(LocalCluster):
 
     def __enter__(self) -> Self:
         return self
+
+    def tls_hosts(self) -> list[str]:
+        """The bridge and every host's IP: the one test certificate serves them all."""
+        return sorted({*super().tls_hosts(), *(self.network.host_ip(i) for i in range(self.node_count))})
 
     def node_ids(self) -> dict[str, int]:
         """Registered address -> node id, from the cluster map."""
@@ -218,6 +224,7 @@ class NetnsCluster(LocalCluster):
             *self.network.exec_prefix(index), sys.executable, "-m", "storage_node",
             "--data-dir", str(self.node_data_dir(index)), "--host", self.network.host_ip(index),
             "--port", str(NODE_PORT), "--meta-grpc", self.state.grpc_address, "--failure-domain", f"host{index}",
+            "--key", str(self.ensure_node_key(index)), *self.tls_args(),
             *([] if self.state.fsync else ["--no-fsync"]),
             *self.extra_node_args, *self.node_args.get(index, []), *(extra_args or []),
         ]

@@ -103,12 +103,15 @@ class Workload:
     files in it. ``sizes`` are the file sizes to draw from. ``mount_root`` (a
     mount point of the same cluster) adds a writer and a reader that go
     through the mount; a dead mount (``ENOTCONN`` while its daemon restarts)
-    is waited out."""
+    is waited out. ``key``: what the library clients authenticate with (default:
+    ``deepfs.auth.resolve_key``, i.e. ``$DEEPFS_KEY``)."""
 
     def __init__(self, meta_address: str, directory: str, ledger: Ledger, *, seed: int, library_writers: int = 2,
                  readers: int = 1, sizes: Iterable[int] = (1, 4096, 100_000, 600_000),
-                 client_config: ClientConfig | None = None, mount_root: Path | None = None) -> None:
+                 client_config: ClientConfig | None = None, mount_root: Path | None = None,
+                 key: str | os.PathLike[str] | None = None) -> None:
         self.meta_address = meta_address
+        self.key = key
         self.directory = directory.rstrip("/")
         self.ledger = ledger
         self.sizes = list(sizes)
@@ -152,7 +155,7 @@ class Workload:
     # ------------------------------------------------------------------ threads
     def _client(self) -> deepfs.Client | None:
         try:
-            return deepfs.Client(self.meta_address, self.client_config)
+            return deepfs.Client(self.meta_address, self.client_config, key=self.key)
         except Exception as exc:  # noqa: BLE001 - counted; LoadCounters.error tells which kinds are problems
             self.ledger.count("connect_errors", exc, "connect")
             self._stop.wait(RETRY_PAUSE_S)  # the metadata server is down: try again soon
