@@ -163,6 +163,14 @@ def test_missing_or_wrong_files_are_config_errors(tls_files: TlsFiles, other_ca:
 
 @unit
 @pytest.mark.timeout(30)
+def test_no_openssl_command_is_a_config_error(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr("deepfs.tls.shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match="the openssl command is needed"):
+        create_test_ca_and_cert(tmp_path, [])
+
+
+@unit
+@pytest.mark.timeout(30)
 def test_grpc_credentials_build_from_the_same_files(tls_files: TlsFiles) -> None:
     assert isinstance(grpc_server_credentials(tls_files.cert, tls_files.key), grpc.ServerCredentials)
     assert isinstance(grpc_channel_credentials(tls_files.ca), grpc.ChannelCredentials)
@@ -270,7 +278,8 @@ def test_plain_tcp_peer_is_closed_by_a_tls_port(tls_cluster: LocalCluster) -> No
 def test_plain_tcp_client_gets_a_clear_error(tls_cluster: LocalCluster) -> None:
     with pytest.raises(OSError) as info:
         deepfs.Client(tls_cluster.meta_address, _tls_config(tls_cluster, tls=False)).close()
-    assert str(info.value).strip() and "\n" not in str(info.value).strip()
+    message = str(info.value).strip()
+    assert tls_cluster.meta_address in message and "\n" not in message
 
 
 @process
@@ -290,3 +299,12 @@ def test_grpc_without_tls_or_with_another_ca_is_refused(tls_cluster: LocalCluste
         with authenticated_channel(grpc_address, key, ca_file) as channel, pytest.raises(grpc.RpcError) as info:
             control_pb2_grpc.ClusterStub(channel).Status(control_pb2.StatusRequest(), timeout=5)
         assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+@unit
+@pytest.mark.timeout(30)
+def test_bench_selects_the_tls_target_beside_the_plain_client() -> None:
+    from bench.targets import TARGET_NAMES, parse_target_names
+
+    assert "deepfs-tls" in TARGET_NAMES
+    assert parse_target_names("deepfs-client,deepfs-tls") == ["deepfs-client", "deepfs-tls"]
