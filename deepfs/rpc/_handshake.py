@@ -89,8 +89,9 @@ async def client_handshake(stream: trio.abc.Stream, credential: Credential, addr
             await send_frame(stream, lock, Op.AUTH, request_id, body)
             frame = await reader.read_frame()
             if frame is None:
-                raise ConnectionResetError(errno.ECONNRESET, f"{address} closed the connection during "
-                                                             "the handshake")
+                raise ConnectionResetError(errno.ECONNRESET, f"{address} closed the connection during the "
+                                                             "handshake (a TLS port reached without TLS, or "
+                                                             "this peer is over its connection cap?)")
             header, reply, _ = frame
             if header.op != Op.AUTH or header.request_id != request_id or not header.is_response:
                 raise ProtocolError("unexpected frame during the handshake")
