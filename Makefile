@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 # openssl: test TLS certificates (deepfs.tls, deepfs up --tls, the TLS tests and bench target).
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio bindfs git sqlite3 tar iproute2 nftables openssl
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config fio bindfs git sqlite3 tar iproute2 nftables openssl etcd-server
 STAMP := $(VENV)/.installed-stamp
 DATA_DIR ?= ./deepfs-data
 MOUNTPOINT ?= ./mnt

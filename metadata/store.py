@@ -1,96 +1,149 @@
-"""The metadata store: LMDB behind one narrow interface, with group commit.
+"""The metadata store: one transactional key-value interface over pluggable engines.
 
-Everything above this module talks to ``MetaStore.read()`` / ``write()`` and
-the typed methods of ``Txn``; nothing else imports lmdb. Replicating the log
-or sharding the namespace later replaces this module, not the namespace code.
+The namespace logic above this module is synchronous and engine-free: an
+operation opens ``store.read()`` / ``store.write()`` and uses the typed methods
+of ``Txn``. What runs it is the engine, reached through one call:
 
-Durability model (README.md, "Metadata durability", states it for users):
+    result = await store.run(operation)          # THE way async code touches the store
 
-- Each namespace operation is one LMDB write transaction, committed in the
-  trio thread before the reply. LMDB runs with ``sync=False,
-  metasync=False``: a commit reaches the OS page cache, not the disk, so a
-  kill -9 of the server loses nothing, and a commit costs microseconds.
-- A syncer task makes commits durable by group commit: whenever there were
-  commits since the last sync, it calls ``env.sync(True)`` in a worker thread,
-  at most every ``sync_interval_s``. Everything committed while one sync runs
-  shares the next one. ``await wait_synced()`` returns once a sync that
-  started after every earlier commit has finished: FSYNC is built on it.
-- Between two syncs a power failure (not a process crash) can lose the last
-  few milliseconds of commits, as with a journaling file system in its
-  default mode.
+``operation`` is a plain function; ``run`` runs it where the engine wants it
+(LMDB: on the one store thread; etcd: in a worker thread, retried whole on
+``Conflict``) and returns its result or raises its exception. Nothing here
+imports an engine's client library: ``Txn`` is written over ``KvTxn`` (get,
+put, delete, ordered scan, count on named tables).
 
-Write transactions are short and synchronous: never ``await`` inside one.
-Being in the single trio thread, they are also serialized for free.
+Durability (README.md, "Metadata durability", states it for users): ``run``
+returns only once the operation's writes are durable (LMDB: in a synced
+commit; etcd: on a quorum), so every acknowledged mutation survives a crash of
+the process or of the machine. ``metadata/engines/lmdb_engine.py`` explains
+how LMDB shares one fsync among many concurrent operations (group commit).
+
+Async code calls the store only through ``run`` (sync code in other threads:
+``trio.from_thread.run(store.run, op)``; tests: ``store.run_sync(op)``). LMDB
+still serves a ``store.read()`` / ``write()`` made outside ``run`` (correct,
+but a write then costs its own fsync): see ``metadata/engines/lmdb_engine.py``.
 """
 
 from __future__ import annotations
 
-import errno
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
-import lmdb
 import trio
 
-from deepfs.errors import os_error
-from deepfs.messages import FragmentKey
+from deepfs.messages import U32_MAX, U64_MAX, FragmentKey
 from metadata import keys
 from metadata.records import Inode
 
-DATABASES = ("inodes", "dentries", "dircookies", "stripes", "xattrs", "orphans", "gc", "nodes", "meta")
+if TYPE_CHECKING:
+    from metadata.engines.lmdb_engine import LmdbEngine
+
+T = TypeVar("T")
+
+DATABASES = ("inodes", "dentries", "dircookies", "stripes", "xattrs", "orphans", "gc", "nodes", "meta",
+             "dirtimes", "counters", "opresults", "purge")  # the last four: metadata/namespace_state.py
+
+
+class Conflict(Exception):
+    """A commit lost to a concurrent writer: the whole operation is retried (etcd)."""
+
+
+class KvTxn(Protocol):
+    """One engine transaction over the tables named in ``DATABASES``."""
+
+    def get(self, table: str, key: bytes) -> bytes | None: ...
+
+    def put(self, table: str, key: bytes, value: bytes) -> None: ...
+
+    def delete(self, table: str, key: bytes) -> bool: ...
+
+    def scan(self, table: str, start: bytes, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        """Keys >= ``start`` that begin with ``prefix``, in order, this transaction's writes included."""
+        ...
+
+    def count(self, table: str) -> int: ...
 
 
 @dataclass
 class StoreStats:
     """Counters that show group commit at work (reported by HELLO)."""
 
-    commits: int = 0  # write transactions committed
-    syncs: int = 0  # env.sync calls that finished
+    commits: int = 0  # write transactions committed (one per store.write())
+    syncs: int = 0  # durable commits to disk (LMDB: group commits, each one fsync)
     sync_waits: int = 0  # callers of wait_synced (FSYNC)
 
     def as_dict(self) -> dict[str, int]:
         return {"commits": self.commits, "syncs": self.syncs, "sync_waits": self.sync_waits}
 
 
-class Txn:
-    """Typed access to the named databases inside one LMDB transaction."""
+class Engine(Protocol):
+    """What a storage engine gives ``MetaStore``."""
 
-    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
-        self._txn = txn
-        self._db = dbs
+    name: str  # "lmdb" | "etcd"
+    stats: StoreStats
+
+    def read_txn(self) -> AbstractContextManager[KvTxn]: ...
+
+    def write_txn(self) -> AbstractContextManager[KvTxn]:
+        """Commits on a clean exit (raising Conflict or OSError(ENOSPC)); an exception aborts it."""
+        ...
+
+    async def run(self, operation: Callable[[], T], *, write: bool = True) -> T: ...
+
+    def run_sync(self, operation: Callable[[], T], *, write: bool = True) -> T: ...
+
+    async def wait_durable(self) -> None: ...
+
+    async def serve(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Txn:
+    """Typed access to the tables inside one engine transaction (any engine: no engine import)."""
+
+    def __init__(self, kv: KvTxn) -> None:
+        self._kv = kv
 
     # helpers ------------------------------------------------------------
 
     def _scan(self, db: str, start: bytes, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
         """(key, value) pairs from ``start`` onwards while keys begin with ``prefix``."""
-        cursor = self._txn.cursor(db=self._db[db])
-        if not cursor.set_range(start):
-            return
-        for key, value in cursor.iternext():
-            if not key.startswith(prefix):
-                return
-            yield key, value
+        return self._kv.scan(db, start, prefix)
 
     def _entries(self, db: str) -> int:
-        return int(self._txn.stat(self._db[db])["entries"])
+        return self._kv.count(db)
+
+    # raw tables: the namespace's shared state (metadata/namespace_state.py encodes them) -------
+
+    def raw_get(self, table: str, key: bytes) -> bytes | None:
+        return self._kv.get(table, key)
+
+    def raw_put(self, table: str, key: bytes, value: bytes) -> None:
+        self._kv.put(table, key, value)
+
+    def raw_delete(self, table: str, key: bytes) -> bool:
+        return bool(self._kv.delete(table, key))
+
+    def raw_scan(self, table: str, start: bytes, prefix: bytes) -> Iterator[tuple[bytes, bytes]]:
+        return self._kv.scan(table, start, prefix)
 
     # inodes ---------------------------------------------------------------
 
     def get_inode(self, ino: int) -> Inode | None:
-        if not 0 < ino <= keys.U64_MAX:
+        if not 0 < ino <= U64_MAX:
             return None
-        raw = self._txn.get(keys.inode_key(ino), db=self._db["inodes"])
+        raw = self._kv.get("inodes", keys.inode_key(ino))
         return None if raw is None else Inode.from_value(keys.unpack(raw))
 
     def put_inode(self, inode: Inode) -> None:
-        self._txn.put(keys.inode_key(inode.ino), keys.pack(inode.to_value()), db=self._db["inodes"])
+        self._kv.put("inodes", keys.inode_key(inode.ino), keys.pack(inode.to_value()))
 
     def delete_inode(self, ino: int) -> None:
-        self._txn.delete(keys.inode_key(ino), db=self._db["inodes"])
+        self._kv.delete("inodes", keys.inode_key(ino))
 
     def inode_count(self) -> int:
         return self._entries("inodes")
@@ -99,7 +152,7 @@ class Txn:
 
     def get_dentry(self, parent: int, name: bytes) -> tuple[int, int] | None:
         """(child ino, readdir cookie) of ``name`` in ``parent``."""
-        raw = self._txn.get(keys.dentry_key(parent, name), db=self._db["dentries"])
+        raw = self._kv.get("dentries", keys.dentry_key(parent, name))
         if raw is None:
             return None
         ino, cookie = keys.unpack(raw)
@@ -107,20 +160,20 @@ class Txn:
 
     def put_dentry(self, parent: int, name: bytes, ino: int, cookie: int) -> None:
         """Add or repoint an entry; ``cookie`` must be new to ``parent`` unless repointing."""
-        self._txn.put(keys.dentry_key(parent, name), keys.pack([ino, cookie]), db=self._db["dentries"])
-        self._txn.put(keys.cookie_key(parent, cookie), name, db=self._db["dircookies"])
+        self._kv.put("dentries", keys.dentry_key(parent, name), keys.pack([ino, cookie]))
+        self._kv.put("dircookies", keys.cookie_key(parent, cookie), name)
 
     def delete_dentry(self, parent: int, name: bytes) -> None:
         found = self.get_dentry(parent, name)
         if found is None:
             return
-        self._txn.delete(keys.dentry_key(parent, name), db=self._db["dentries"])
-        self._txn.delete(keys.cookie_key(parent, found[1]), db=self._db["dircookies"])
+        self._kv.delete("dentries", keys.dentry_key(parent, name))
+        self._kv.delete("dircookies", keys.cookie_key(parent, found[1]))
 
     def list_dir(self, parent: int, after_cookie: int, limit: int) -> list[tuple[int, bytes, int]]:
         """(cookie, name, ino) of up to ``limit`` entries with cookie > ``after_cookie``."""
         out: list[tuple[int, bytes, int]] = []
-        if after_cookie >= keys.U64_MAX:
+        if after_cookie >= U64_MAX:
             return out
         prefix = keys.dir_prefix(parent)
         for key, name in self._scan("dircookies", keys.cookie_key(parent, after_cookie + 1), prefix):
@@ -138,14 +191,14 @@ class Txn:
     # stripes --------------------------------------------------------------
 
     def get_stripe(self, ino: int, index: int) -> dict[str, Any] | None:
-        raw = self._txn.get(keys.stripe_key(ino, index), db=self._db["stripes"])
+        raw = self._kv.get("stripes", keys.stripe_key(ino, index))
         return None if raw is None else keys.unpack(raw)
 
     def put_stripe(self, ino: int, record: dict[str, Any]) -> None:
-        self._txn.put(keys.stripe_key(ino, record["index"]), keys.pack(record), db=self._db["stripes"])
+        self._kv.put("stripes", keys.stripe_key(ino, record["index"]), keys.pack(record))
 
     def delete_stripe(self, ino: int, index: int) -> None:
-        self._txn.delete(keys.stripe_key(ino, index), db=self._db["stripes"])
+        self._kv.delete("stripes", keys.stripe_key(ino, index))
 
     def stripes(
         self, ino: int, first: int = 0, count: int | None = None, max_bytes: int | None = None
@@ -184,13 +237,13 @@ class Txn:
     # xattrs ---------------------------------------------------------------
 
     def get_xattr(self, ino: int, name: bytes) -> bytes | None:
-        return self._txn.get(keys.xattr_key(ino, name), db=self._db["xattrs"])
+        return self._kv.get("xattrs", keys.xattr_key(ino, name))
 
     def put_xattr(self, ino: int, name: bytes, value: bytes) -> None:
-        self._txn.put(keys.xattr_key(ino, name), value, db=self._db["xattrs"])
+        self._kv.put("xattrs", keys.xattr_key(ino, name), value)
 
     def delete_xattr(self, ino: int, name: bytes) -> bool:
-        return bool(self._txn.delete(keys.xattr_key(ino, name), db=self._db["xattrs"]))
+        return bool(self._kv.delete("xattrs", keys.xattr_key(ino, name)))
 
     def xattr_names(self, ino: int) -> list[bytes]:
         prefix = keys.dir_prefix(ino)
@@ -199,16 +252,16 @@ class Txn:
     # orphans: unlinked inodes still open somewhere ------------------------
 
     def add_orphan(self, ino: int) -> None:
-        self._txn.put(keys.inode_key(ino), b"", db=self._db["orphans"])
+        self._kv.put("orphans", keys.inode_key(ino), b"")
 
     def remove_orphan(self, ino: int) -> bool:
-        return bool(self._txn.delete(keys.inode_key(ino), db=self._db["orphans"]))
+        return bool(self._kv.delete("orphans", keys.inode_key(ino)))
 
     def orphan_count(self) -> int:
         return self._entries("orphans")
 
     def is_orphan(self, ino: int) -> bool:
-        return self._txn.get(keys.inode_key(ino), db=self._db["orphans"]) is not None
+        return self._kv.get("orphans", keys.inode_key(ino)) is not None
 
     def orphan_inos(self) -> list[int]:
         """Every orphan's inode number (a list: callers free them in the same transaction)."""
@@ -218,7 +271,7 @@ class Txn:
 
     def queue_gc(self, node_id: int, fragment: FragmentKey, retired_ns: int | None = None) -> None:
         """``retired_ns``: when its file was removed (GC gives it a grace period); None: delete soon."""
-        self._txn.put(keys.gc_key(node_id, fragment), keys.gc_value(retired_ns), db=self._db["gc"])
+        self._kv.put("gc", keys.gc_key(node_id, fragment), keys.gc_value(retired_ns))
 
     def gc_batch(self, node_id: int, limit: int, removed_before_ns: int | None = None,
                  scan_limit: int | None = None) -> list[FragmentKey]:
@@ -235,19 +288,21 @@ class Txn:
         return out
 
     def gc_queued(self, node_id: int, fragment: FragmentKey) -> bool:
-        return self._txn.get(keys.gc_key(node_id, fragment), db=self._db["gc"]) is not None
+        return self._kv.get("gc", keys.gc_key(node_id, fragment)) is not None
 
     def gc_remove(self, node_id: int, fragments: list[FragmentKey]) -> None:
         for fragment in fragments:
-            self._txn.delete(keys.gc_key(node_id, fragment), db=self._db["gc"])
+            self._kv.delete("gc", keys.gc_key(node_id, fragment))
 
     def gc_nodes(self) -> list[int]:
         """Node ids with queued garbage, found by skipping from node to node."""
         out: list[int] = []
-        cursor = self._txn.cursor(db=self._db["gc"])
         node_id = 0
-        while node_id <= keys.U32_MAX and cursor.set_range(keys.gc_prefix(node_id)):
-            found = keys.decode_gc_key(cursor.key())[0]
+        while node_id <= U32_MAX:
+            first = next(self._kv.scan("gc", keys.gc_prefix(node_id), b""), None)
+            if first is None:
+                break
+            found = keys.decode_gc_key(first[0])[0]
             out.append(found)
             node_id = found + 1
         return out
@@ -262,7 +317,7 @@ class Txn:
     # nodes ----------------------------------------------------------------
 
     def put_node(self, node_id: int, record: dict[str, Any]) -> None:
-        self._txn.put(keys.node_key(node_id), keys.pack(record), db=self._db["nodes"])
+        self._kv.put("nodes", keys.node_key(node_id), keys.pack(record))
 
     def nodes(self) -> dict[int, dict[str, Any]]:
         return {keys.decode_node_key(key): keys.unpack(raw) for key, raw in self._scan("nodes", b"", b"")}
@@ -270,11 +325,11 @@ class Txn:
     # meta: counters and cluster identity -----------------------------------
 
     def get_meta(self, name: bytes, default: Any = None) -> Any:
-        raw = self._txn.get(name, db=self._db["meta"])
+        raw = self._kv.get("meta", name)
         return default if raw is None else keys.unpack(raw)
 
     def put_meta(self, name: bytes, value: Any) -> None:
-        self._txn.put(name, keys.pack(value), db=self._db["meta"])
+        self._kv.put("meta", name, keys.pack(value))
 
     def add_counter(self, name: bytes, delta: int) -> int:
         value = int(self.get_meta(name, 0)) + delta
@@ -283,82 +338,52 @@ class Txn:
 
 
 class MetaStore:
-    """The LMDB environment, its transactions and the group-commit syncer."""
+    """The namespace's store: typed transactions over one engine."""
 
-    def __init__(self, env: lmdb.Environment, sync_interval_s: float) -> None:
-        self._env = env
-        self._dbs = {name: env.open_db(name.encode()) for name in DATABASES}
-        self._sync_interval_s = sync_interval_s
-        self._commit_seq = 0  # commits so far
-        self._synced_seq = 0  # commits covered by the last finished sync
-        self._dirty = trio.Event()
-        self._synced = trio.Event()
-        self.stats = StoreStats()
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+        self.stats = engine.stats
 
     @classmethod
     def open(cls, path: str | os.PathLike[str], *, map_size_bytes: int, sync_interval_s: float) -> MetaStore:
-        """Open (or create) the store in directory ``path``.
+        """The embedded LMDB store in directory ``path`` (created if missing)."""
+        from metadata.engines.lmdb_engine import LmdbEngine
 
-        Syncs once right away: commits a killed predecessor left in the page
-        cache are made durable before anyone can be told they are.
-        """
-        Path(path).mkdir(parents=True, exist_ok=True)
-        env = lmdb.open(
-            os.fspath(path),
-            map_size=map_size_bytes,
-            max_dbs=len(DATABASES) + 1,
-            sync=False,
-            metasync=False,
-            readahead=False,
-        )
-        env.sync(True)
-        return cls(env, sync_interval_s)
+        engine: LmdbEngine = LmdbEngine.open(path, tables=DATABASES, map_size_bytes=map_size_bytes,
+                                             sync_interval_s=sync_interval_s)
+        return cls(engine)
 
     @contextmanager
     def read(self) -> Iterator[Txn]:
-        with self._env.begin(write=False, buffers=False) as txn:
-            yield Txn(txn, self._dbs)
+        with self.engine.read_txn() as kv:
+            yield Txn(kv)
 
     @contextmanager
     def write(self) -> Iterator[Txn]:
-        """One atomic write transaction; an exception aborts it."""
-        txn = self._env.begin(write=True)
-        try:
-            yield Txn(txn, self._dbs)
-            txn.commit()
-        except lmdb.MapFullError as exc:
-            txn.abort()
-            raise os_error(errno.ENOSPC, f"metadata store is full ({exc}); raise map_size_bytes") from exc
-        except BaseException:
-            txn.abort()
-            raise
-        self._commit_seq += 1
-        self.stats.commits += 1
-        self._dirty.set()
+        """One atomic write transaction; an exception aborts it (and only it)."""
+        with self.engine.write_txn() as kv:
+            yield Txn(kv)
 
-    async def run_syncer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
-        """Group commit: one ``env.sync`` covers every commit made before it started."""
-        task_status.started()
-        while True:
-            await self._dirty.wait()
-            self._dirty = trio.Event()
-            target = self._commit_seq
-            started = trio.current_time()
-            await trio.to_thread.run_sync(self._env.sync, True)
-            self.stats.syncs += 1
-            self._synced_seq = target
-            self._synced.set()
-            self._synced = trio.Event()
-            await trio.sleep_until(started + self._sync_interval_s)
+    async def run(self, operation: Callable[[], T], *, write: bool = True) -> T:
+        """Run ``operation()`` where the engine wants it; return once its writes are durable.
+
+        ``write=False`` promises the operation only reads: it is not made to wait for a sync.
+        """
+        return await self.engine.run(operation, write=write)
+
+    def run_sync(self, operation: Callable[[], T], *, write: bool = True) -> T:
+        """``run`` for tests and plain threads (never the trio thread of a server): blocks."""
+        return self.engine.run_sync(operation, write=write)
 
     async def wait_synced(self) -> None:
-        """Return once every commit made before this call is on disk."""
+        """Return once every write acknowledged before this call is durable (FSYNC)."""
         self.stats.sync_waits += 1
-        target = self._commit_seq
-        while self._synced_seq < target:
-            await self._synced.wait()
+        await self.engine.wait_durable()
+
+    async def run_syncer(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The engine's background work (LMDB: nothing to do, group commit is on the store thread)."""
+        await self.engine.serve(task_status=task_status)
 
     def close(self) -> None:
-        """Final sync and close; the store is unusable afterwards."""
-        self._env.sync(True)
-        self._env.close()
+        """Commit what is pending and close; the store is unusable afterwards."""
+        self.engine.close()
