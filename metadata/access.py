@@ -99,9 +99,9 @@ from deepfs.frames import Op
 from deepfs.messages import RENAME_EXCHANGE, ROOT_INO
 from deepfs.messages import metadata_requests as m
 from deepfs.messages import validate as v
-from metadata import keys
 from metadata.inodes import require_dir
 from metadata.namespace import Namespace
+from metadata.namespace_state import ever_allocated
 from metadata.records import Inode
 from metadata.store import MetaStore, Txn
 
@@ -494,7 +494,7 @@ class Authorizer:
         ino = m.commit(request.fields).ino
         inode = self._inode(txn, request, ino)
         if inode is None:
-            if ino >= int(txn.get_meta(keys.META_NEXT_INO, 0)):
+            if not ever_allocated(txn, ino):
                 raise os_error(errno.ENOENT, f"no inode {ino}")  # never existed: nothing of it to collect
             return
         if not request.caller.owns(inode):

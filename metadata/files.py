@@ -5,18 +5,35 @@ and one record per stripe (version, length, placement, CRCs), and commits
 new stripe versions atomically with the new size: a reader sees a stripe's
 old version or its new one, never a mix. What a commit replaces goes to the
 GC queue in the same transaction (``metadata/stripes.py``).
+
+``FileOps`` also holds what every namespace write shares: ``_write`` (counter
+deltas that count on commit, op-id replay) and the ``replayable`` decorator of
+mutating methods (``metadata/namespace_state.py``).
 """
 
 from __future__ import annotations
 
 import errno
-from typing import Any
+import functools
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from typing import Any, ParamSpec, TypeVar
 
 from deepfs.errors import ConfigError, os_error
 from deepfs.layout import Layout
 from deepfs.messages import MISSING_NODE, NAME_MAX, FragmentKey
 from metadata import keys
 from metadata.inodes import free_inode, now_ns, require_inode, set_size
+from metadata.namespace_state import (
+    Counters,
+    InodeBlocks,
+    OpResultPruner,
+    Replayed,
+    check_replay,
+    count,
+    new_server_id,
+    remember_reply,
+)
 from metadata.records import Inode, is_degraded
 from metadata.store import MetaStore, Txn
 from metadata.stripes import (
@@ -31,6 +48,39 @@ XATTR_CREATE = 1
 XATTR_REPLACE = 2
 XATTR_SIZE_MAX = 64 << 10  # Linux's XATTR_SIZE_MAX
 STRIPE_REPLY_BYTES = 768 << 10  # records per OPEN/GET_STRIPES reply: well below a frame's 1 MiB body limit
+MAX_COMMIT_STRIPES = 64  # stripe records one COMMIT may carry (the client splits bigger ones): bounded transactions
+
+P = ParamSpec("P")
+R = TypeVar("R")
+
+
+class NeedInodeBlock(Exception):
+    """The server's inode block ran out inside an operation: claim one outside it, then rerun."""
+
+
+def replayable(restore: Callable[[Any], Any] = lambda reply: reply) -> Callable[[Callable[P, R]], Callable[P, R]]:
+    """Decorate a mutating method (of ``FileOps`` or below) whose write calls ``remember_reply``:
+    a replayed op id returns the stored result (``restore`` turns it back into the method's
+    type: msgpack makes tuples lists), and an empty inode block is refilled and the method
+    rerun, outside its transaction."""
+
+    def wrap(method: Callable[P, R]) -> Callable[P, R]:
+        @functools.wraps(method)
+        def run(*args: P.args, **kwargs: P.kwargs) -> R:
+            while True:
+                try:
+                    return method(*args, **kwargs)
+                except Replayed as replay:
+                    result: R = restore(replay.reply)
+                    return result
+                except NeedInodeBlock:
+                    owner = args[0]
+                    assert isinstance(owner, FileOps)
+                    owner.inodes.refill()
+
+        return run
+
+    return wrap
 
 
 def checked_layout(raw: dict[str, Any]) -> dict[str, Any]:
@@ -58,8 +108,28 @@ def _check_xattr_name(name: bytes) -> None:
 class FileOps:
     """Operations on a file's data records and on any inode's xattrs."""
 
-    def __init__(self, store: MetaStore) -> None:
+    def __init__(self, store: MetaStore, server_id: bytes | None = None) -> None:
+        """``server_id`` names this server's counter shards (default: random, per process)."""
         self.store = store
+        self.inodes = InodeBlocks(store)
+        self.counters = Counters(server_id or new_server_id())
+        self._pruner = OpResultPruner()
+
+    @contextmanager
+    def _write(self, *, replayable: bool = True) -> Iterator[Txn]:
+        """A namespace write transaction: counter deltas count once it commits; inside a served
+        op id (``replayable``), an op that already succeeded raises ``Replayed`` (caught by the
+        ``replayable`` decorator) before it changes anything."""
+        with self.counters.collecting(), self.store.write() as txn:
+            if replayable:
+                check_replay(txn)
+            yield txn
+
+    def _fresh_ino(self) -> int:
+        ino = self.inodes.try_take()
+        if ino is None:
+            raise NeedInodeBlock
+        return ino
 
     # data -------------------------------------------------------------------
 
@@ -88,6 +158,7 @@ class FileOps:
             _require_file(txn, ino)
             return txn.stripes(ino, first, count or None, max_bytes=STRIPE_REPLY_BYTES)
 
+    @replayable()
     def commit(
         self,
         ino: int,
@@ -104,14 +175,16 @@ class FileOps:
         the new fragments for GC (nobody will ever read them) and fails with
         ENOENT.
         """
+        if len(stripes) > MAX_COMMIT_STRIPES:
+            raise os_error(errno.EINVAL, f"a commit carries at most {MAX_COMMIT_STRIPES} stripe records")
         indexes = [record["index"] for record in stripes]
         if len(set(indexes)) != len(indexes):
             raise os_error(errno.EINVAL, "a commit names a stripe twice")
-        with self.store.write() as txn:
+        with self._write() as txn:
             inode = txn.get_inode(ino)
             if inode is not None:
                 self._commit_into(txn, inode, stripes, size, mtime_ns, truncate)
-                return {"attr": inode.attr(), "min_version": inode.min_version}
+                return remember_reply(txn, {"attr": inode.attr(), "min_version": inode.min_version})
             for record in stripes:
                 retire_fragments(txn, ino, record)
         raise os_error(errno.ENOENT, f"inode {ino} no longer exists; its new fragments go to GC")
@@ -151,7 +224,7 @@ class FileOps:
         False. The new copies have the same key (ino, index, version, slot)
         as the ones they replace: rebuilt fragments are byte-identical.
         """
-        with self.store.write() as txn:
+        with self._write(replayable=False) as txn:
             record = txn.get_stripe(ino, index)
             current = record is not None and record["version"] == version
             if record is None or not current or any(record["placement"][s] != old for s, (old, _) in moves.items()):
@@ -166,18 +239,23 @@ class FileOps:
                     txn.queue_gc(old, FragmentKey(ino, index, version, slot))
             delta = int(is_degraded(record)) - int(was_degraded)
             if delta:
-                txn.add_counter(keys.META_DEGRADED_STRIPES, delta)
+                count(keys.META_DEGRADED_STRIPES, delta)
             txn.put_stripe(ino, record)
             return True
 
     def release(self, ino: int) -> None:
         """The last user of an unlinked file closed it: free it now. Idempotent."""
-        with self.store.write() as txn:
+        with self._write(replayable=False) as txn:
             if txn.remove_orphan(ino):
                 inode = txn.get_inode(ino)
                 if inode is not None and inode.nlink == 0:
                     free_inode(txn, inode)
+        self._purge_now()
 
+    def _purge_now(self) -> None:
+        """Work off purge jobs at once where the engine wants it (``Namespace`` decides)."""
+
+    @replayable()
     def set_layout(self, ino: int, layout: dict[str, Any] | None) -> None:
         """A directory's default layout for new files (None: the server default).
 
@@ -185,7 +263,7 @@ class FileOps:
         stripes may not (EBUSY), since its records were cut by the old one.
         """
         chosen = None if layout is None else checked_layout(layout)
-        with self.store.write() as txn:
+        with self._write() as txn:
             inode = require_inode(txn, ino)
             if inode.is_dir:
                 inode.dir_layout = chosen
@@ -199,6 +277,7 @@ class FileOps:
                 raise os_error(errno.EINVAL, f"inode {ino} has no layout")
             inode.ctime_ns = now_ns()
             txn.put_inode(inode)
+            remember_reply(txn, None)
 
     # extended attributes ----------------------------------------------------
 
@@ -211,13 +290,14 @@ class FileOps:
                 raise os_error(errno.ENODATA, f"no attribute {name!r}")
             return value
 
+    @replayable()
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
         _check_xattr_name(name)
         if flags & ~(XATTR_CREATE | XATTR_REPLACE) or flags == XATTR_CREATE | XATTR_REPLACE:
             raise os_error(errno.EINVAL, f"invalid xattr flags {flags}")
         if len(value) > XATTR_SIZE_MAX:
             raise os_error(errno.E2BIG, f"xattr values are at most {XATTR_SIZE_MAX} bytes")
-        with self.store.write() as txn:
+        with self._write() as txn:
             inode = require_inode(txn, ino)
             exists = txn.get_xattr(ino, name) is not None
             if exists and flags & XATTR_CREATE:
@@ -227,17 +307,20 @@ class FileOps:
             txn.put_xattr(ino, name, value)
             inode.ctime_ns = now_ns()
             txn.put_inode(inode)
+            remember_reply(txn, None)
 
     def listxattr(self, ino: int) -> list[bytes]:
         with self.store.read() as txn:
             require_inode(txn, ino)
             return txn.xattr_names(ino)
 
+    @replayable()
     def removexattr(self, ino: int, name: bytes) -> None:
         _check_xattr_name(name)
-        with self.store.write() as txn:
+        with self._write() as txn:
             inode = require_inode(txn, ino)
             if not txn.delete_xattr(ino, name):
                 raise os_error(errno.ENODATA, f"no attribute {name!r}")
             inode.ctime_ns = now_ns()
             txn.put_inode(inode)
+            remember_reply(txn, None)

@@ -4,7 +4,10 @@ Shared by every namespace operation so the POSIX rules live in one place:
 name validity, ownership of new inodes (setgid directories), directory link
 counts (2 + subdirectories), and what happens when the last link goes (the
 inode is freed and its fragments queued for GC, or it waits in the orphans
-table while some client still has it open).
+table while some client still has it open). Nothing here writes a key that
+every operation writes (``metadata/namespace_state.py``): readdir cookies are
+hashes of names, parent times go to ``dirtimes``, counters to per-server
+shards, and a file with many stripes is freed by a purge job.
 """
 
 from __future__ import annotations
@@ -17,9 +20,15 @@ from typing import Any
 from deepfs.errors import os_error
 from deepfs.messages import NAME_MAX, Ctx
 from metadata import keys
+from metadata.namespace_state import add_purge_job, count, dir_time, forget_dir_time, touch_dir_blind
 from metadata.records import Inode
 from metadata.store import Txn
-from metadata.stripes import drop_stripes_from
+from metadata.stripes import drop_stripes_from, fragment_count
+
+# A removed file with more stripes, or whose freeing takes more writes (a record and its fragments' GC
+# entries each), is freed by a purge job in bounded transactions: etcd takes 128 operations per transaction.
+INLINE_FREE_STRIPES = 16
+INLINE_FREE_WRITES = 64
 
 
 def now_ns() -> int:
@@ -68,7 +77,34 @@ def lookup_child(txn: Txn, parent: Inode, name: bytes) -> Inode:
 
 
 def touch_dir(directory: Inode, now: int) -> None:
+    """Set a directory's times in its inode (operations that rewrite it anyway: nlink changes)."""
     directory.mtime_ns = directory.ctime_ns = now
+
+
+def touch_dir_entries(txn: Txn, directory: Inode, now: int) -> None:
+    """A name came or went without the directory's inode changing: a blind write to ``dirtimes``."""
+    touch_dir_blind(txn, directory.ino, now)
+
+
+def dir_aware_attr(txn: Txn, inode: Inode) -> dict[str, int]:
+    """``inode.attr()``, with a directory's mtime/ctime raised to its last entry change."""
+    attr = inode.attr()
+    if inode.is_dir:
+        changed = dir_time(txn, inode.ino)
+        if changed > attr["mtime_ns"]:
+            attr["mtime_ns"] = changed
+        if changed > attr["ctime_ns"]:
+            attr["ctime_ns"] = changed
+    return attr
+
+
+def fold_dir_time(txn: Txn, directory: Inode) -> None:
+    """Move ``dirtimes`` into the inode (before a SETATTR that may set times explicitly)."""
+    changed = dir_time(txn, directory.ino)
+    if changed:
+        directory.mtime_ns = max(directory.mtime_ns, changed)
+        directory.ctime_ns = max(directory.ctime_ns, changed)
+        forget_dir_time(txn, directory.ino)
 
 
 def new_inode(
@@ -78,16 +114,17 @@ def new_inode(
     ctx: Ctx,
     generation: int,
     *,
+    ino: int,
     rdev: int = 0,
     target: bytes | None = None,
     layout: dict[str, Any] | None = None,
 ) -> Inode:
     """Allocate an inode under ``parent`` (not yet linked, not yet stored).
 
-    Inode numbers are never reused; ``generation`` (bumped at every server
-    start) tells apart handles from before a restore of an old store.
+    ``ino`` comes from the server's block (``InodeBlocks``): numbers are never
+    reused; ``generation`` (bumped at every server start) tells apart handles
+    from before a restore of an old store.
     """
-    ino = txn.add_counter(keys.META_NEXT_INO, 1) - 1
     now = now_ns()
     gid = ctx.gid
     if parent.mode & stat.S_ISGID:
@@ -111,34 +148,55 @@ def new_inode(
     )
     if inode.is_dir:
         inode.dir_layout = parent.dir_layout  # new subtrees keep their parent's default
-        txn.add_counter(keys.META_DIRECTORIES, 1)
+        count(keys.META_DIRECTORIES, 1)
     elif inode.is_reg:
         inode.layout = layout
     return inode
 
 
-def add_entry(txn: Txn, parent: Inode, name: bytes, ino: int, now: int) -> None:
-    """Link ``ino`` as ``name`` with a fresh readdir cookie (caller stores ``parent``)."""
-    cookie = parent.next_cookie
-    parent.next_cookie += 1
-    txn.put_dentry(parent.ino, name, ino, cookie)
-    touch_dir(parent, now)
+def cookie_taken(txn: Txn, parent: int, cookie: int) -> bool:
+    return txn.raw_get("dircookies", keys.cookie_key(parent, cookie)) is not None
+
+
+def add_entry(txn: Txn, parent: int, name: bytes, ino: int) -> None:
+    """Link ``ino`` as ``name`` in directory ``parent`` (times are the caller's business).
+
+    The readdir cookie is the name's hash, or the next free one after it
+    (linear probing): no two entries of a directory share a cookie, and
+    concurrent creates of different names touch different keys. Directories
+    from before hashing keep their small counted cookies: both are just
+    (parent, cookie) keys, listed in cookie order."""
+    cookie = keys.name_cookie(name)
+    while cookie_taken(txn, parent, cookie):
+        cookie = keys.next_cookie_after(cookie)
+    txn.put_dentry(parent, name, ino, cookie)
 
 
 def set_size(txn: Txn, inode: Inode, size: int) -> None:
     """Change a file's size, keeping the cluster's logical byte count right."""
     if size != inode.size:
-        txn.add_counter(keys.META_LOGICAL_BYTES, size - inode.size)
+        count(keys.META_LOGICAL_BYTES, size - inode.size)
         inode.size = size
 
 
 def free_inode(txn: Txn, inode: Inode) -> None:
-    """Delete an inode and everything hanging off it; its fragments go to GC."""
+    """Delete an inode and everything hanging off it; its fragments go to GC.
+
+    A file with more than ``INLINE_FREE_STRIPES`` stripes (or
+    ``INLINE_FREE_WRITES`` writes to free) keeps its stripe records under a
+    ``purge/<ino>`` job: ``Namespace.purge_step`` retires them
+    in transactions of bounded size (etcd takes at most 128 writes in one)."""
     if inode.is_reg:
-        drop_stripes_from(txn, inode, 0, file_removed=True)
+        records = txn.stripes(inode.ino, 0, count=INLINE_FREE_STRIPES + 1)
+        writes = sum(fragment_count(record) + 1 for record in records)
+        if len(records) > INLINE_FREE_STRIPES or writes > INLINE_FREE_WRITES:
+            add_purge_job(txn, inode.ino, now_ns())
+        else:
+            drop_stripes_from(txn, inode, 0, file_removed=True)
         set_size(txn, inode, 0)
     if inode.is_dir:
-        txn.add_counter(keys.META_DIRECTORIES, -1)
+        count(keys.META_DIRECTORIES, -1)
+        forget_dir_time(txn, inode.ino)
     for name in txn.xattr_names(inode.ino):
         txn.delete_xattr(inode.ino, name)
     txn.remove_orphan(inode.ino)

@@ -18,6 +18,10 @@ Key layouts (database → key → value):
                 + version u64 + slot u8         → file removed at, ns u64 (b"": not waiting)
     nodes       node_id u32                     → msgpack node record
     meta        ascii name                      → msgpack value
+    dirtimes    ino u64                         → last change of a directory's entries, ns u64
+    counters    ascii name + "/" + server id    → msgpack int (one server's share of a counter)
+    opresults   op id (16 bytes)                → msgpack [time ns, reply, principal name]
+    purge       ino u64                         → msgpack [file removed at, ns] (stripes left to free)
 
 Values are msgpack (bytes stay ``bin``, text stays ``str``), except where the
 payload is already bytes (names, xattr values) and wrapping would only cost.
@@ -25,6 +29,7 @@ payload is already bytes (names, xattr values) and wrapping would only cost.
 
 from __future__ import annotations
 
+import hashlib
 import struct
 from typing import Any
 
@@ -150,7 +155,9 @@ def decode_node_key(key: bytes) -> int:
 
 # meta -----------------------------------------------------------------------
 
-META_NEXT_INO = b"next_ino"
+META_NEXT_INO = b"next_ino"  # before inode blocks: the next inode number (still read to start the blocks above it)
+META_NEXT_INO_BLOCK = b"next_ino_block"  # the next block of ``INO_BLOCK`` inode numbers a server may take
+INO_BLOCK = 1024
 META_CLUSTER_ID = b"cluster_id"
 META_GENERATION = b"generation"
 META_EPOCH = b"epoch"
@@ -158,6 +165,49 @@ META_LAST_NODE_ID = b"last_node_id"
 META_DIRECTORIES = b"directories"
 META_LOGICAL_BYTES = b"logical_bytes"
 META_DEGRADED_STRIPES = b"degraded_stripes"
+
+
+# readdir cookies, counters, operation results --------------------------------
+
+COOKIE_MAX = (1 << 63) - 3  # the mount adds 2 to a cookie ('.' and '..') and the kernel's offset is signed 64-bit
+OP_ID_SIZE = 16
+
+
+def name_cookie(name: bytes) -> int:
+    """The readdir cookie a new entry ``name`` asks for first: a 63-bit hash, 1..COOKIE_MAX.
+
+    Hashing the name instead of counting per directory keeps creates in one
+    directory from all writing one counter; a collision takes the next free
+    cookie (``next_cookie_after``)."""
+    digest = int.from_bytes(hashlib.blake2b(name, digest_size=8).digest(), "big")
+    return digest % COOKIE_MAX + 1
+
+
+def next_cookie_after(cookie: int) -> int:
+    """Linear probing: the cookie to try after ``cookie`` (wraps to 1)."""
+    return 1 if cookie >= COOKIE_MAX else cookie + 1
+
+
+def counter_key(name: bytes, server_id: bytes) -> bytes:
+    return name + b"/" + server_id
+
+
+def counter_prefix(name: bytes) -> bytes:
+    return name + b"/"
+
+
+def op_result_key(op_id: bytes) -> bytes:
+    if len(op_id) != OP_ID_SIZE:
+        raise ValueError(f"operation ids are {OP_ID_SIZE} bytes")
+    return bytes(op_id)
+
+
+def u64_value(value: int) -> bytes:
+    return _u64(value)
+
+
+def decode_u64_value(value: bytes) -> int:
+    return int(_U64.unpack(value)[0])
 
 
 # values ---------------------------------------------------------------------

@@ -15,6 +15,16 @@ sticky directories, ownership rules, subtree and read-only keys), which
 Every inode records the directory it was created in (``Inode.parent``;
 moved by rename, the first one for hard links): that is how a key limited
 to a subtree is kept inside it.
+
+Many servers may run these methods at once over one store (etcd engine), in
+threads, each operation retried whole when its commit conflicts. So nothing
+here depends on server-local state, and no operation writes a key that all
+operations write (``metadata/namespace_state.py`` says where inode numbers,
+cookies, parent times and counters went). A mutating method run inside
+``namespace_state.serving(op_id)`` stores its result with its changes and
+returns that result again when the same op id comes back
+(``_replayable``). Run every method inside ``store.run`` (the store's
+thread or worker): the methods open their own transactions.
 """
 
 from __future__ import annotations
@@ -37,11 +47,13 @@ from deepfs.messages import (
     Ctx,
 )
 from metadata import keys
-from metadata.files import FileOps, checked_layout
+from metadata.files import FileOps, checked_layout, replayable
 from metadata.inodes import (
     add_entry,
     check_name,
+    dir_aware_attr,
     drop_link,
+    fold_dir_time,
     free_inode,
     is_ancestor,
     lookup_child,
@@ -51,16 +63,18 @@ from metadata.inodes import (
     require_inode,
     set_size,
     touch_dir,
+    touch_dir_entries,
 )
+from metadata.namespace_state import OPRESULTS, count, finish_purge_job, purge_jobs, remember_reply
 from metadata.records import Inode
 from metadata.store import MetaStore, Txn
-from metadata.stripes import truncate_stripes
+from metadata.stripes import purge_stripes, truncate_stripes
 
 READDIR_MAX_ENTRIES = 1024  # 1024 names of 255 bytes stay far below a frame's body limit
 STATFS_BLOCK_SIZE = 4096
 STATFS_FREE_INODES = 1 << 32  # inode numbers are 64-bit; report a large, stable number
 _SPECIAL_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK)
-
+PURGE_WRITES = 100  # writes per purge transaction (etcd allows 128 operations in one)
 
 def layout_from_config(config: MetaConfig) -> dict[str, Any]:
     return Layout(config.default_k, config.default_m, config.default_stripe_size, config.default_codec).to_dict()
@@ -69,18 +83,22 @@ def layout_from_config(config: MetaConfig) -> dict[str, Any]:
 class Namespace(FileOps):
     """All metadata operations over one ``MetaStore``."""
 
-    def __init__(self, store: MetaStore, config: MetaConfig) -> None:
-        super().__init__(store)
+    def __init__(self, store: MetaStore, config: MetaConfig, server_id: bytes | None = None) -> None:
+        """``server_id`` names this server's counter shards (default: random, per process)."""
+        super().__init__(store, server_id)
         self.default_layout = layout_from_config(config)
         self.cluster_id = ""
         self.generation = 0
         # Whether a client session holds an inode open (``metadata/sessions.py``): its last
         # unlink then orphans it instead of freeing it, whoever unlinks.
         self.is_held: Callable[[int], bool] = lambda ino: False
+        # Embedded LMDB: purge jobs are worked off right after the operation that made them, so
+        # a removed file's fragments reach the GC queue before the reply, as always.
+        self.purge_inline = getattr(getattr(store, "engine", None), "name", "lmdb") == "lmdb"
 
     def bootstrap(self) -> None:
         """Create the root and cluster identity on first start; bump the generation."""
-        with self.store.write() as txn:
+        with self._write(replayable=False) as txn:
             cluster_id = txn.get_meta(keys.META_CLUSTER_ID)
             if cluster_id is None:
                 cluster_id = uuid.uuid4().hex
@@ -92,18 +110,59 @@ class Namespace(FileOps):
                 root = Inode(ROOT_INO, stat.S_IFDIR | 0o755, 0, 0, 2, now, now, now, parent=ROOT_INO)
                 root.generation = self.generation
                 txn.put_inode(root)
-                txn.put_meta(keys.META_NEXT_INO, ROOT_INO + 1)
-                txn.add_counter(keys.META_DIRECTORIES, 1)
+                count(keys.META_DIRECTORIES, 1)
+
+    # shared state: counters, purge jobs, op results (``metadata/namespace_state.py``) ----------
+
+    def flush_counters(self) -> int:
+        """Write this server's counter deltas to its shards; the server calls it every second
+        (inside ``store.run``). How many counters changed."""
+        return self.counters.flush(self.store)
+
+    def purge_step(self, limit: int = PURGE_WRITES) -> int:
+        """Free stripes of removed files with pending purge jobs, in one transaction of at most
+        ``limit`` writes; how many stripes (0: nothing left to do). The background leader
+        calls it until it returns 0 (LMDB: also right after the op that queued the job)."""
+        with self.store.read() as txn:  # the usual answer is "none": no write transaction for it
+            if not purge_jobs(txn, 1):
+                return 0
+        with self._write(replayable=False) as txn:
+            jobs = purge_jobs(txn, 1)
+            if not jobs:
+                return 0
+            ino, removed_ns = jobs[0]
+            freed, done = purge_stripes(txn, ino, removed_ns, max(1, limit - 1))
+            if done:
+                finish_purge_job(txn, ino)
+            return max(freed, 1)
+
+    def _purge_now(self) -> None:
+        """LMDB: free a removed big file's stripes now, in bounded transactions after the op's."""
+        if self.purge_inline:
+            while self.purge_step():
+                pass
+
+    def prune_op_results(self, older_than_ns: int, limit: int = 100) -> int:
+        """Delete up to ``limit`` stored op results older than ``older_than_ns`` (found by a round
+        robin over the table, read first; deleted blind in a write of ``limit`` deletes); how
+        many went (0: none among the entries looked at). For the background leader."""
+        with self.store.read() as txn:
+            old = self._pruner.find(txn, older_than_ns, limit)
+        if old:
+            with self.store.write() as txn:
+                for key in old:
+                    txn.raw_delete(OPRESULTS, key)
+        return len(old)
 
     # lookups ----------------------------------------------------------------
 
     def lookup(self, parent: int, name: bytes) -> dict[str, int]:
         with self.store.read() as txn:
-            return lookup_child(txn, require_dir(txn, parent), name).attr()
+            return dir_aware_attr(txn, lookup_child(txn, require_dir(txn, parent), name))
 
     def getattr(self, ino: int) -> dict[str, int]:
         with self.store.read() as txn:
-            return require_inode(txn, ino).attr()
+            return dir_aware_attr(txn, require_inode(txn, ino))
 
     def resolve(
         self, path: bytes, root: int = ROOT_INO, search: Callable[[Txn, Inode], None] | None = None
@@ -127,14 +186,15 @@ class Namespace(FileOps):
                 if part == b".." and inode.ino == root:
                     continue
                 inode = lookup_child(txn, inode, part)
-            return inode.attr()
+            return dir_aware_attr(txn, inode)
 
     def readdir(self, ino: int, offset: int, limit: int) -> list[list[Any]]:
         """Entries with cookie > ``offset``: [name, ino, mode, cookie]; no '.' or '..'.
 
-        Cookies are handed out per directory in increasing order and never
-        reused, so an offset stays valid while entries come and go: entries
-        present throughout are listed exactly once.
+        Listing is in cookie order and a cookie is fixed for as long as its
+        entry exists (a hash of the name, probed past collisions), so an
+        offset stays valid while entries come and go: entries present
+        throughout are listed exactly once.
         """
         limit = READDIR_MAX_ENTRIES if limit <= 0 else min(limit, READDIR_MAX_ENTRIES)
         with self.store.read() as txn:
@@ -164,15 +224,22 @@ class Namespace(FileOps):
             raise os_error(errno.EEXIST, f"{name!r} exists")
         return directory
 
-    def _link_new(self, txn: Txn, directory: Inode, name: bytes, inode: Inode) -> dict[str, int]:
+    @staticmethod
+    def _link_new(txn: Txn, directory: Inode, name: bytes, inode: Inode) -> dict[str, int]:
+        """Store a new inode under ``name``. Only a new directory rewrites its parent (nlink);
+        other creates write the parent's time blind, so they conflict only on the same name."""
         now = inode.ctime_ns
+        add_entry(txn, directory.ino, name, inode.ino)
+        txn.put_inode(inode)
         if inode.is_dir:
             directory.nlink += 1
-        add_entry(txn, directory, name, inode.ino, now)
-        txn.put_inode(inode)
-        txn.put_inode(directory)
-        return inode.attr()
+            touch_dir(directory, now)
+            txn.put_inode(directory)
+        else:
+            touch_dir_entries(txn, directory, now)
+        return remember_reply(txn, inode.attr())
 
+    @replayable(lambda reply: tuple(reply))
     def create(
         self, parent: int, name: bytes, mode: int, exclusive: bool, ctx: Ctx, layout: dict[str, Any] | None = None,
         min_stripe_size: int = 0,
@@ -186,7 +253,7 @@ class Namespace(FileOps):
             raise os_error(errno.EINVAL, "CREATE makes regular files only")
         check_name(name)
         chosen = checked_layout(layout) if layout is not None else None
-        with self.store.write() as txn:
+        with self._write() as txn:
             require_dir(txn, parent)
             found = txn.get_dentry(parent, name)
             if found is not None:
@@ -195,44 +262,53 @@ class Namespace(FileOps):
                 existing = require_inode(txn, found[0])
                 if existing.is_dir:
                     raise os_error(errno.EISDIR, f"{name!r} is a directory")
-                return existing.attr(), existing.layout, False
+                return remember_reply(txn, (existing.attr(), existing.layout, False))
             directory = self._parent_for_new(txn, parent, name)
             file_layout = chosen or directory.dir_layout or self.default_layout
             if chosen is None and min_stripe_size:
                 file_layout = with_stripes_of_at_least(Layout.from_dict(file_layout), min_stripe_size).to_dict()
             inode = new_inode(
-                txn, directory, stat.S_IFREG | (mode & 0o7777), ctx, self.generation, layout=file_layout
+                txn, directory, stat.S_IFREG | (mode & 0o7777), ctx, self.generation, layout=file_layout,
+                ino=self._fresh_ino(),
             )
-            return self._link_new(txn, directory, name, inode), file_layout, True
+            attr = self._link_new(txn, directory, name, inode)
+            return remember_reply(txn, (attr, file_layout, True))
 
+    @replayable()
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Ctx) -> dict[str, int]:
         kind = stat.S_IFMT(mode) or stat.S_IFREG
         if kind not in _SPECIAL_TYPES:
             raise os_error(errno.EINVAL, "MKNOD makes files, FIFOs, sockets and devices; use MKDIR or SYMLINK")
-        with self.store.write() as txn:
+        with self._write() as txn:
             directory = self._parent_for_new(txn, parent, name)
             layout = (directory.dir_layout or self.default_layout) if kind == stat.S_IFREG else None
-            inode = new_inode(txn, directory, kind | (mode & 0o7777), ctx, self.generation, rdev=rdev, layout=layout)
+            inode = new_inode(txn, directory, kind | (mode & 0o7777), ctx, self.generation, rdev=rdev, layout=layout,
+                              ino=self._fresh_ino())
             return self._link_new(txn, directory, name, inode)
 
+    @replayable()
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> dict[str, int]:
-        with self.store.write() as txn:
+        with self._write() as txn:
             directory = self._parent_for_new(txn, parent, name)
-            inode = new_inode(txn, directory, stat.S_IFDIR | (mode & 0o7777), ctx, self.generation)
+            inode = new_inode(txn, directory, stat.S_IFDIR | (mode & 0o7777), ctx, self.generation,
+                              ino=self._fresh_ino())
             return self._link_new(txn, directory, name, inode)
 
+    @replayable()
     def symlink(self, parent: int, name: bytes, target: bytes, ctx: Ctx) -> dict[str, int]:
         if not target:
             raise os_error(errno.ENOENT, "empty symlink target")
         if len(target) >= PATH_MAX or b"\0" in target:
             raise os_error(errno.ENAMETOOLONG if len(target) >= PATH_MAX else errno.EINVAL, "bad symlink target")
-        with self.store.write() as txn:
+        with self._write() as txn:
             directory = self._parent_for_new(txn, parent, name)
-            inode = new_inode(txn, directory, stat.S_IFLNK | 0o777, ctx, self.generation, target=target)
+            inode = new_inode(txn, directory, stat.S_IFLNK | 0o777, ctx, self.generation, target=target,
+                              ino=self._fresh_ino())
             return self._link_new(txn, directory, name, inode)
 
+    @replayable()
     def link(self, ino: int, new_parent: int, new_name: bytes) -> dict[str, int]:
-        with self.store.write() as txn:
+        with self._write() as txn:
             inode = require_inode(txn, ino)
             if inode.is_dir:
                 raise os_error(errno.EPERM, "hard links to directories are not allowed")
@@ -242,30 +318,33 @@ class Namespace(FileOps):
             now = now_ns()
             inode.nlink += 1
             inode.ctime_ns = now
-            add_entry(txn, directory, new_name, ino, now)
+            add_entry(txn, directory.ino, new_name, ino)
+            touch_dir_entries(txn, directory, now)
             txn.put_inode(inode)
-            txn.put_inode(directory)
-            return inode.attr()
+            return remember_reply(txn, inode.attr())
 
     # removal ----------------------------------------------------------------
 
+    @replayable()
     def unlink(self, parent: int, name: bytes, keep_open: bool = False) -> None:
         """Remove a non-directory name; the last name frees the inode unless it is open."""
         check_name(name)
-        with self.store.write() as txn:
+        with self._write() as txn:
             directory = require_dir(txn, parent)
             inode = lookup_child(txn, directory, name)
             if inode.is_dir:
                 raise os_error(errno.EISDIR, f"{name!r} is a directory")
             now = now_ns()
             txn.delete_dentry(parent, name)
-            touch_dir(directory, now)
-            txn.put_inode(directory)
+            touch_dir_entries(txn, directory, now)
             drop_link(txn, inode, keep_open or self.is_held(inode.ino), now)
+            remember_reply(txn, None)
+        self._purge_now()
 
+    @replayable()
     def rmdir(self, parent: int, name: bytes) -> None:
         check_name(name)
-        with self.store.write() as txn:
+        with self._write() as txn:
             directory = require_dir(txn, parent)
             inode = lookup_child(txn, directory, name)
             if not inode.is_dir:
@@ -277,7 +356,9 @@ class Namespace(FileOps):
             touch_dir(directory, now_ns())
             txn.put_inode(directory)
             free_inode(txn, inode)
+            remember_reply(txn, None)
 
+    @replayable()
     def rename(
         self,
         parent: int,
@@ -295,49 +376,64 @@ class Namespace(FileOps):
             raise os_error(errno.EINVAL, f"invalid rename flags {flags}")
         check_name(name)
         check_name(new_name)
-        with self.store.write() as txn:
-            src_dir = require_dir(txn, parent)
-            dst_dir = src_dir if new_parent == parent else require_dir(txn, new_parent)
-            src_entry = txn.get_dentry(parent, name)
-            if src_entry is None:
-                raise os_error(errno.ENOENT, f"{name!r} not found")
-            dst_entry = txn.get_dentry(new_parent, new_name)
-            if dst_entry is not None and flags & RENAME_NOREPLACE:
-                raise os_error(errno.EEXIST, f"{new_name!r} exists")
-            if dst_entry is None and flags & RENAME_EXCHANGE:
-                raise os_error(errno.ENOENT, f"{new_name!r} not found")
-            if dst_entry is not None and dst_entry[0] == src_entry[0]:
-                return  # both names are links to one inode: POSIX says do nothing
-            if dst_dir.nlink == 0:
-                raise os_error(errno.ENOENT, f"directory {new_parent} was removed")
-            src = require_inode(txn, src_entry[0])
-            if src.is_dir and new_parent != parent and is_ancestor(txn, src.ino, new_parent):
+        with self._write() as txn:
+            self._rename_in(txn, parent, name, new_parent, new_name, flags, keep_open)
+            remember_reply(txn, None)
+        self._purge_now()
+
+    def _rename_in(
+        self, txn: Txn, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int, keep_open: bool
+    ) -> None:
+        src_dir = require_dir(txn, parent)
+        dst_dir = src_dir if new_parent == parent else require_dir(txn, new_parent)
+        src_entry = txn.get_dentry(parent, name)
+        if src_entry is None:
+            raise os_error(errno.ENOENT, f"{name!r} not found")
+        dst_entry = txn.get_dentry(new_parent, new_name)
+        if dst_entry is not None and flags & RENAME_NOREPLACE:
+            raise os_error(errno.EEXIST, f"{new_name!r} exists")
+        if dst_entry is None and flags & RENAME_EXCHANGE:
+            raise os_error(errno.ENOENT, f"{new_name!r} not found")
+        if dst_entry is not None and dst_entry[0] == src_entry[0]:
+            return  # both names are links to one inode: POSIX says do nothing
+        if dst_dir.nlink == 0:
+            raise os_error(errno.ENOENT, f"directory {new_parent} was removed")
+        src = require_inode(txn, src_entry[0])
+        links_before = (src_dir.nlink, dst_dir.nlink)
+        if src.is_dir and new_parent != parent and is_ancestor(txn, src.ino, new_parent):
+            raise os_error(errno.EINVAL, "cannot move a directory into its own subtree")
+        now = now_ns()
+        if flags & RENAME_EXCHANGE:
+            assert dst_entry is not None
+            dst = require_inode(txn, dst_entry[0])
+            if dst.is_dir and new_parent != parent and is_ancestor(txn, dst.ino, parent):
                 raise os_error(errno.EINVAL, "cannot move a directory into its own subtree")
-            now = now_ns()
-            if flags & RENAME_EXCHANGE:
-                assert dst_entry is not None
-                dst = require_inode(txn, dst_entry[0])
-                if dst.is_dir and new_parent != parent and is_ancestor(txn, dst.ino, parent):
-                    raise os_error(errno.EINVAL, "cannot move a directory into its own subtree")
-                txn.put_dentry(parent, name, dst.ino, src_entry[1])
-                txn.put_dentry(new_parent, new_name, src.ino, dst_entry[1])
-                self._move_parent(src, src_dir, dst_dir)
-                self._move_parent(dst, dst_dir, src_dir)
-                touch_dir(dst_dir, now)
-                dst.ctime_ns = now
-                txn.put_inode(dst)
+            txn.put_dentry(parent, name, dst.ino, src_entry[1])
+            txn.put_dentry(new_parent, new_name, src.ino, dst_entry[1])
+            self._move_parent(src, src_dir, dst_dir)
+            self._move_parent(dst, dst_dir, src_dir)
+            dst.ctime_ns = now
+            txn.put_inode(dst)
+        else:
+            if dst_entry is not None:
+                self._replace_target(txn, src, dst_dir, new_name, dst_entry[0], keep_open, now)
+            txn.delete_dentry(parent, name)
+            add_entry(txn, dst_dir.ino, new_name, src.ino)
+            self._move_parent(src, src_dir, dst_dir)
+        src.ctime_ns = now
+        txn.put_inode(src)
+        # A directory inode is rewritten only when its link count changed (a directory moved
+        # between parents or was replaced); otherwise its times go blind to ``dirtimes``, so
+        # renames of different names in one directory never conflict on it (etcd engine).
+        changed = [(src_dir, links_before[0])]
+        if dst_dir is not src_dir:
+            changed.append((dst_dir, links_before[1]))
+        for directory, links in changed:
+            if directory.nlink != links:
+                touch_dir(directory, now)
+                txn.put_inode(directory)
             else:
-                if dst_entry is not None:
-                    self._replace_target(txn, src, dst_dir, new_name, dst_entry[0], keep_open, now)
-                txn.delete_dentry(parent, name)
-                add_entry(txn, dst_dir, new_name, src.ino, now)
-                self._move_parent(src, src_dir, dst_dir)
-            touch_dir(src_dir, now)
-            src.ctime_ns = now
-            txn.put_inode(src)
-            txn.put_inode(src_dir)
-            if dst_dir is not src_dir:
-                txn.put_inode(dst_dir)
+                touch_dir_entries(txn, directory, now)
 
     @staticmethod
     def _move_parent(inode: Inode, old_dir: Inode, new_dir: Inode) -> None:
@@ -375,7 +471,12 @@ class Namespace(FileOps):
         with self.store.read() as txn:  # the usual answer is "none": no write transaction for it
             if not any(not is_held(ino) for ino in txn.orphan_inos()):
                 return 0
-        with self.store.write() as txn:
+        freed = self._reclaim(is_held)
+        self._purge_now()
+        return freed
+
+    def _reclaim(self, is_held: Callable[[int], bool]) -> int:
+        with self._write(replayable=False) as txn:
             freed = 0
             for ino in txn.orphan_inos():
                 if is_held(ino):
@@ -390,6 +491,7 @@ class Namespace(FileOps):
 
     # attributes -------------------------------------------------------------
 
+    @replayable()
     def setattr(
         self,
         ino: int,
@@ -404,9 +506,11 @@ class Namespace(FileOps):
         mtime_now: bool = False,
     ) -> dict[str, int]:
         """Change attributes; a smaller size sends the data past it to GC."""
-        with self.store.write() as txn:
+        with self._write() as txn:
             inode = require_inode(txn, ino)
             now = now_ns()
+            if inode.is_dir:
+                fold_dir_time(txn, inode)
             if size is not None:
                 self._resize(txn, inode, size)
                 inode.mtime_ns = now
@@ -430,7 +534,7 @@ class Namespace(FileOps):
                 inode.mtime_ns = mtime_ns
             inode.ctime_ns = now
             txn.put_inode(inode)
-            return inode.attr()
+            return remember_reply(txn, inode.attr())
 
     @staticmethod
     def _resize(txn: Txn, inode: Inode, size: int) -> None:
@@ -466,12 +570,12 @@ class Namespace(FileOps):
         """Totals for the Status RPC."""
         with self.store.read() as txn:
             inodes = txn.inode_count()
-            directories = int(txn.get_meta(keys.META_DIRECTORIES, 0))
+            directories = self.counters.total(txn, keys.META_DIRECTORIES)
             return {
                 "files": inodes - directories,
                 "directories": directories,
-                "logical_bytes": int(txn.get_meta(keys.META_LOGICAL_BYTES, 0)),
+                "logical_bytes": self.counters.total(txn, keys.META_LOGICAL_BYTES),
                 "gc_pending": txn.gc_pending(),
-                "degraded_stripes": int(txn.get_meta(keys.META_DEGRADED_STRIPES, 0)),
+                "degraded_stripes": self.counters.total(txn, keys.META_DEGRADED_STRIPES),
                 "orphans": txn.orphan_count(),
             }

@@ -2,7 +2,10 @@
 
 ``MetaOps`` is the ``deepfs.rpc.FrameServer`` handler: it checks each body
 with its op's validator (``deepfs.messages.metadata_requests``), calls the
-namespace and wraps the answer. It holds no state of its own. Every
+namespace and wraps the answer. It holds no state of its own. A mutating
+request's optional ``op_id`` makes it idempotent: the namespace stores the
+first success with the op's changes and answers a retry with it
+(``metadata/namespace_state.py``). Every
 operation except FSYNC is synchronous and runs without yielding, so each one
 is atomic with respect to the others without locks; FSYNC waits for the
 group commit that covers earlier commits. Bad input gets the answer it gets
@@ -13,6 +16,7 @@ serve is ENOSYS (a newer client may ask for more), a bad body EINVAL.
 from __future__ import annotations
 
 import errno
+import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -24,14 +28,19 @@ from deepfs.frames import Op
 from deepfs.messages import ROOT_INO, validate
 from deepfs.messages import metadata_requests as m
 from deepfs.rpc import Buffer
-from metadata.access import Authorizer, Request
+from metadata.access import MUTATING_OPS, Authorizer, Request
 from metadata.membership import Membership
 from metadata.namespace import Namespace
+from metadata.namespace_state import serving, stored_reply
 from metadata.records import is_degraded
-from metadata.sessions import Sessions
+from metadata.sessions import SessionTable
 from metadata.store import MetaStore
 
 Reply = dict[str, Any]
+
+READ_ONLY_OPS = frozenset({Op.HELLO, Op.LOOKUP, Op.GETATTR, Op.RESOLVE, Op.READDIR, Op.READLINK, Op.STATFS,
+                           Op.GETXATTR, Op.LISTXATTR, Op.GET_STRIPES, Op.CAPABILITY})
+"""Ops that change nothing in the store: answered without waiting for a sync (``MetaStore.run``)."""
 
 PAYLOAD_LIMITS: dict[int, int] = {}
 """No metadata op carries a payload: a frame announcing one is refused on its header (``ServerLimits``)."""
@@ -58,7 +67,7 @@ class MetaOps:
         grpc_address: str,
         extra_stats: Callable[[], dict[str, int]] | None = None,
         on_degraded_commit: Callable[[], None] | None = None,
-        sessions: Sessions | None = None,
+        sessions: SessionTable | None = None,
         tokens: ServiceTokens | None = None,
         clock: Callable[[], float] = time.time,
     ) -> None:
@@ -71,7 +80,7 @@ class MetaOps:
         self.tokens = tokens
         self._clock = clock
         self.access = Authorizer(store, namespace)
-        self._request: Request | None = None  # the request being served (ops never yield: one at a time)
+        self._local = threading.local()  # the request each thread serves (etcd runs ops in threads)
         self.sessions = sessions
         self._on_degraded_commit = on_degraded_commit
         self.store = store
@@ -119,17 +128,51 @@ class MetaOps:
             raise os_error(errno.ENOSYS, f"operation {op} is not served by the metadata server")
         validate.no_payload(payload, "a metadata request")
         fields = validate.body_map(body)
-        request = None if principal is None else self.access.authorize(op, fields, principal)
         if handler is None:  # FSYNC
+            if principal is not None:
+                await self.store.run(lambda: self.access.authorize(op, fields, principal), write=False)
             await self.store.wait_synced()
             return {}, ()
-        if request is None:
-            return handler(fields), ()
-        self._request = request
+        serve = handler
+
+        def operation() -> Reply:  # where the store runs ops (LMDB: its thread), authorization included
+            op_id = m.op_id(fields) if op in MUTATING_OPS else None
+            who = "" if principal is None else principal.name
+            with serving(op_id, who):
+                if principal is None:
+                    return serve(fields)
+                self._local.request = self._authorize(op, fields, principal, op_id, who)
+                try:
+                    return serve(self._local.request.fields)
+                finally:
+                    self._local.request = None
+
+        return await self.store.run(operation, write=op not in READ_ONLY_OPS), ()
+
+    @property
+    def _request(self) -> Request | None:
+        """The authorized request this thread serves (None: an unauthenticated caller)."""
+        request: Request | None = getattr(self._local, "request", None)
+        return request
+
+    def _authorize(self, op: int, fields: dict[str, Any], principal: Identity, op_id: bytes | None,
+                   who: str) -> Request:
+        """``Authorizer.authorize``; but a retried op id that already succeeded for this principal
+        is let through unchecked: the check passed the first time, and now fails only because
+        the op is done (UNLINK of a name already gone). The namespace then replays its reply."""
         try:
-            return handler(request.fields), ()
-        finally:
-            self._request = None
+            return self.access.authorize(op, fields, principal)
+        except OSError:
+            if op_id is None:
+                raise
+            with self.store.read() as txn:
+                found, _reply = stored_reply(txn, op_id, who)
+            if not found:
+                raise
+        caller = self.access.caller(principal, fields)
+        if not principal.acts_for_ctx and "ctx" in fields:
+            fields = {**fields, "ctx": {"uid": caller.uid, "gid": caller.gid}}
+        return Request(principal, caller, self.access.subtree_root(principal), fields)
 
     # tokens -----------------------------------------------------------------
 

@@ -23,8 +23,9 @@ class Inode:
 
     ``layout`` belongs to regular files and never changes once data exists;
     ``dir_layout`` is a directory's default for new files beneath it.
-    ``parent`` and ``next_cookie`` are directory bookkeeping: the target of
-    '..' (and of the rename loop check), and the next readdir cookie.
+    ``parent`` is directory bookkeeping: the target of '..' (and of the
+    rename loop check). ``next_cookie`` is kept in the record for stores from
+    before hashed readdir cookies (``keys.name_cookie``) and no longer used.
     ``min_version`` is the lowest version a stripe of this file without a
     record may be committed with (``stripes.check_version``).
     """

@@ -17,6 +17,7 @@ from typing import Any
 from deepfs.errors import os_error
 from deepfs.messages import MISSING_NODE, U32_MAX, FragmentKey
 from metadata import keys
+from metadata.namespace_state import count
 from metadata.records import Inode, is_degraded
 from metadata.store import Txn
 
@@ -35,14 +36,15 @@ def check_record(record: dict[str, Any], layout: dict[str, Any]) -> None:
 
 
 def retire_fragments(txn: Txn, ino: int, old: dict[str, Any], keep: dict[str, Any] | None = None,
-                     file_removed: bool = False) -> None:
+                     file_removed: bool = False, removed_ns: int | None = None) -> None:
     """Queue the fragments of ``old`` for GC, except those ``keep`` still points at.
 
     Those of a removed file (unlinked, or replaced by a rename) carry the time:
     GC leaves them a grace period for readers that opened the file before, who
     have nothing newer to read. Superseded versions of a live file go at once
-    (a reader that finds them gone re-reads the file's stripe records)."""
-    retired_ns = time.time_ns() if file_removed else None
+    (a reader that finds them gone re-reads the file's stripe records).
+    ``removed_ns``: when the file was removed, if not now (a purge job's)."""
+    retired_ns = removed_ns if removed_ns is not None else time.time_ns() if file_removed else None
     for slot, node_id in enumerate(old["placement"]):
         if node_id == MISSING_NODE:
             continue
@@ -89,7 +91,7 @@ def store_stripe(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
         retire_fragments(txn, inode.ino, old, keep=record)
         delta -= int(is_degraded(old))
     if delta:
-        txn.add_counter(keys.META_DEGRADED_STRIPES, delta)
+        count(keys.META_DEGRADED_STRIPES, delta)
     txn.put_stripe(inode.ino, record)
 
 
@@ -105,7 +107,7 @@ def drop_stripes_from(txn: Txn, inode: Inode, first: int, file_removed: bool = F
         degraded += int(is_degraded(record))
         txn.delete_stripe(inode.ino, record["index"])
     if degraded:
-        txn.add_counter(keys.META_DEGRADED_STRIPES, -degraded)
+        count(keys.META_DEGRADED_STRIPES, -degraded)
 
 
 def truncate_stripes(txn: Txn, inode: Inode, new_size: int) -> None:
@@ -125,3 +127,34 @@ def truncate_stripes(txn: Txn, inode: Inode, new_size: int) -> None:
         if last is not None and last["length"] > inner:
             last["length"] = inner
             txn.put_stripe(inode.ino, last)
+
+
+def fragment_count(record: dict[str, Any]) -> int:
+    """Fragments of a stripe record that some node holds (GC queue entries when it goes)."""
+    return sum(1 for node_id in record["placement"] if node_id != MISSING_NODE)
+
+
+def purge_stripes(txn: Txn, ino: int, removed_ns: int, max_writes: int) -> tuple[int, bool]:
+    """Free stripe records of removed file ``ino`` (its inode is gone) in index order, using at
+    most ``max_writes`` writes (at least one stripe's worth): (stripes freed, all gone?)."""
+    first = txn.stripes(ino, 0, count=1)
+    if not first:
+        return 0, True
+    writes = 0
+    freed = 0
+    degraded = 0
+    last = -1
+    # read no more records than can be freed: on etcd every key read is a compare in the commit
+    for record in txn.stripes(ino, 0, count=max(1, max_writes // (len(first[0]["placement"]) + 1))):
+        cost = fragment_count(record) + 1
+        if freed and writes + cost > max_writes:
+            break
+        retire_fragments(txn, ino, record, file_removed=True, removed_ns=removed_ns)
+        txn.delete_stripe(ino, record["index"])
+        degraded += int(is_degraded(record))
+        writes += cost
+        freed += 1
+        last = record["index"]
+    if degraded:
+        count(keys.META_DEGRADED_STRIPES, -degraded)
+    return freed, not txn.stripes(ino, last + 1, count=1)

@@ -76,3 +76,21 @@ def test_inode_record_round_trips_and_reads_shorter_records() -> None:
     old = inode.to_value()[:-1]  # a record written before the last field existed
     assert Inode.from_value(old).min_version == 0
     assert inode.attr()["blocks"] == 8
+
+
+def test_name_cookies_are_stable_positive_and_leave_room_for_the_mounts_offsets() -> None:
+    names = [b"", b"a", b"\xff" * 255, *(random.randbytes(20) for _ in range(200))]
+    for name in names:
+        cookie = keys.name_cookie(name)
+        assert cookie == keys.name_cookie(name) and 1 <= cookie <= keys.COOKIE_MAX
+        assert cookie + 2 < 1 << 63  # '.' and '..' come first: the kernel's offset is signed 64-bit
+    assert keys.next_cookie_after(7) == 8 and keys.next_cookie_after(keys.COOKIE_MAX) == 1
+
+
+def test_shared_state_keys() -> None:
+    assert keys.counter_key(keys.META_DIRECTORIES, b"ab12").startswith(keys.counter_prefix(keys.META_DIRECTORIES))
+    assert not keys.counter_key(b"directories_x", b"1").startswith(keys.counter_prefix(keys.META_DIRECTORIES))
+    assert keys.op_result_key(bytes(16)) == bytes(16)
+    with pytest.raises(ValueError):
+        keys.op_result_key(b"short")
+    assert keys.decode_u64_value(keys.u64_value(1 << 62)) == 1 << 62

@@ -48,6 +48,7 @@ from deepfs.proto import control_pb2, control_pb2_grpc
 from deepfs.rpc import FrameClient, FrameServer
 from deepfs.testing import ServerProcess, ready_line
 from deepfs.tls import client_ssl_context, create_test_ca_and_cert
+from metadata import keys
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(60)]
 
@@ -210,7 +211,7 @@ def test_namespace_ops_over_the_wire(meta: MetaProcess) -> None:
         attr = (await call(c, Op.SETATTR, {"ino": f["ino"], "size": 10, "mode": 0o600, "ctx": CTX}))["attr"]
         assert attr["size"] == 10 and attr["mode"] == stat.S_IFREG | 0o600
         entries = (await call(c, Op.READDIR, {"ino": d["ino"], "offset": 0, "limit": 100}))["entries"]
-        assert entries == [[b"f", f["ino"], attr["mode"], 1]]
+        assert entries == [[b"f", f["ino"], attr["mode"], keys.name_cookie(b"f")]]
         await call(c, Op.SYMLINK, {"parent": ROOT, "name": b"l", "target": b"d/f", "ctx": CTX})
         link = (await call(c, Op.LOOKUP, {"parent": ROOT, "name": b"l"}))["attr"]
         assert (await call(c, Op.READLINK, {"ino": link["ino"]}))["target"] == b"d/f"
@@ -529,7 +530,7 @@ def test_fsync_waits_for_a_shared_sync(tmp_path: Path, servers: list[MetaProcess
                 nursery.start_soon(create_and_fsync, i)
         after = (await call(c, Op.HELLO, {}))["stats"]
         assert after["sync_waits"] - before["sync_waits"] == 60
-        assert after["commits"] - before["commits"] == 60
+        assert 60 <= after["commits"] - before["commits"] <= 64  # + an inode block claim, counter flushes
         syncs = after["syncs"] - before["syncs"]
         assert 1 <= syncs < 30, f"{syncs} syncs for 60 fsyncs: group commit is not sharing"
 

@@ -5,11 +5,17 @@ answered EINVAL (the policy at the top of ``deepfs.messages.validate``).
 Fields marked optional there default to 0 / false / None here. Ops without
 fields (PING, HELLO, STATFS, FSYNC) have no validator: their body is ignored.
 Builders (``*_body``) make the bodies of the ops whose fields a client is most
-likely to get wrong (OPEN and CAPABILITY's ``access``).
+likely to get wrong (OPEN and CAPABILITY's ``access``), and of every mutating
+op, each with an optional ``op_id``: 16 bytes the client picks once per call
+and repeats in every retry of it, so that a retry after an ambiguous failure
+returns the first reply instead of running again (EEXIST, ENOENT).
 """
 
 from __future__ import annotations
 
+import functools
+import secrets
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 from deepfs.messages import validate as v
@@ -24,6 +30,8 @@ ACCESS_MODES = ("r", "w", "rw")
 MAX_CTX_GROUPS = 64  # supplementary groups a ctx may list (NGROUPS_MAX is larger; no caller needs more)
 
 MAX_SESSION_HOLDS = 100_000  # inodes one renewal may list: ~1 MiB of msgpack at most, a frame's body limit
+OP_ID_BYTES = 16
+MAX_COMMIT_STRIPES = 64  # stripe records one COMMIT may carry (more: EINVAL; the client splits)
 
 
 class Ino(NamedTuple):
@@ -166,6 +174,120 @@ def ino(b: Body) -> Ino:
     return Ino(v.u64(b, "ino"))
 
 
+def op_id(b: Body) -> bytes | None:
+    """A mutating request's optional ``op_id`` (exactly ``OP_ID_BYTES`` bytes)."""
+    value = b.get("op_id")
+    if value is None:
+        return None
+    if not isinstance(value, bytes) or len(value) != OP_ID_BYTES:
+        v.invalid(f"op_id must be {OP_ID_BYTES} bytes")
+    return value
+
+
+new_op_id: Callable[[], bytes] = functools.partial(secrets.token_bytes, OP_ID_BYTES)
+"""A fresh operation id: pick one per call, send it in every retry of that call."""
+
+
+def _with_op_id(body: Body, op_id: bytes | None) -> Body:
+    """``body`` carrying ``op_id`` (None: no id, the request is not deduplicated)."""
+    if op_id is None:
+        return body
+    if len(op_id) != OP_ID_BYTES:
+        raise ValueError(f"op_id must be {OP_ID_BYTES} bytes")
+    return {**body, "op_id": op_id}
+
+
+def _ctx_map(ctx: Ctx) -> dict[str, int]:
+    return {"uid": ctx.uid, "gid": ctx.gid}
+
+
+def create_body(parent: int, name: bytes, mode: int, ctx: Ctx, *, exclusive: bool = False,
+                layout: dict[str, Any] | None = None, min_stripe_size: int = 0, session: int = 0,
+                op_id: bytes | None = None) -> Body:
+    body: Body = {"parent": parent, "name": name, "mode": mode, "exclusive": exclusive, "ctx": _ctx_map(ctx)}
+    if layout is not None:
+        body["layout"] = layout
+    if min_stripe_size:
+        body["min_stripe_size"] = min_stripe_size
+    if session:
+        body["session"] = session
+    return _with_op_id(body, op_id)
+
+
+def mknod_body(parent: int, name: bytes, mode: int, ctx: Ctx, rdev: int = 0, *, op_id: bytes | None = None) -> Body:
+    return _with_op_id({"parent": parent, "name": name, "mode": mode, "rdev": rdev, "ctx": _ctx_map(ctx)}, op_id)
+
+
+def mkdir_body(parent: int, name: bytes, mode: int, ctx: Ctx, *, op_id: bytes | None = None) -> Body:
+    return _with_op_id({"parent": parent, "name": name, "mode": mode, "ctx": _ctx_map(ctx)}, op_id)
+
+
+def symlink_body(parent: int, name: bytes, target: bytes, ctx: Ctx, *, op_id: bytes | None = None) -> Body:
+    return _with_op_id({"parent": parent, "name": name, "target": target, "ctx": _ctx_map(ctx)}, op_id)
+
+
+def link_body(ino: int, new_parent: int, new_name: bytes, *, op_id: bytes | None = None) -> Body:
+    return _with_op_id({"ino": ino, "new_parent": new_parent, "new_name": new_name}, op_id)
+
+
+def unlink_body(parent: int, name: bytes, *, keep_open: bool = False, session: int = 0,
+                released: list[int] | None = None, op_id: bytes | None = None) -> Body:
+    body: Body = {"parent": parent, "name": name, "keep_open": keep_open}
+    if session:
+        body["session"] = session
+    if released:
+        body["released"] = released
+    return _with_op_id(body, op_id)
+
+
+def rmdir_body(parent: int, name: bytes, *, op_id: bytes | None = None) -> Body:
+    return _with_op_id({"parent": parent, "name": name}, op_id)
+
+
+def rename_body(parent: int, name: bytes, new_parent: int, new_name: bytes, *, flags: int = 0,
+                keep_open: bool = False, session: int = 0, released: list[int] | None = None,
+                op_id: bytes | None = None) -> Body:
+    body: Body = {"parent": parent, "name": name, "new_parent": new_parent, "new_name": new_name, "flags": flags,
+                  "keep_open": keep_open}
+    if session:
+        body["session"] = session
+    if released:
+        body["released"] = released
+    return _with_op_id(body, op_id)
+
+
+def setattr_body(ino: int, *, op_id: bytes | None = None, **changes: Any) -> Body:
+    """SETATTR of ``ino``: ``changes`` are its optional fields (mode, uid, gid, size, atime_ns,
+    mtime_ns, atime_now, mtime_now); None values are left out."""
+    unknown = set(changes) - set(Setattr._fields)
+    if unknown:
+        raise ValueError(f"SETATTR has no field(s) {sorted(unknown)}")
+    return _with_op_id({"ino": ino, **{k: value for k, value in changes.items() if value is not None}}, op_id)
+
+
+def setxattr_body(ino: int, name: bytes, value: bytes, flags: int = 0, *, op_id: bytes | None = None) -> Body:
+    return _with_op_id({"ino": ino, "name": name, "value": value, "flags": flags}, op_id)
+
+
+def removexattr_body(ino: int, name: bytes, *, op_id: bytes | None = None) -> Body:
+    return _with_op_id({"ino": ino, "name": name}, op_id)
+
+
+def commit_body(ino: int, stripes: list[dict[str, Any]], size: int, *, mtime_ns: int | None = None,
+                truncate: bool = False, op_id: bytes | None = None) -> Body:
+    """A COMMIT of at most ``MAX_COMMIT_STRIPES`` records (ValueError above: split it)."""
+    if len(stripes) > MAX_COMMIT_STRIPES:
+        raise ValueError(f"a COMMIT carries at most {MAX_COMMIT_STRIPES} stripe records")
+    body: Body = {"ino": ino, "stripes": stripes, "size": size, "truncate": truncate}
+    if mtime_ns is not None:
+        body["mtime_ns"] = mtime_ns
+    return _with_op_id(body, op_id)
+
+
+def set_layout_body(ino: int, layout: dict[str, Any] | None, *, op_id: bytes | None = None) -> Body:
+    return _with_op_id({"ino": ino, "layout": layout}, op_id)
+
+
 def open_file(b: Body) -> OpenFile:
     return OpenFile(v.u64(b, "ino"), v.u64(b, "session", 0))
 
@@ -291,8 +413,10 @@ def get_stripes(b: Body) -> GetStripes:
 
 
 def commit(b: Body) -> Commit:
-    return Commit(v.u64(b, "ino"), v.stripe_records(b), v.offset(b, "size"), v.time_ns(b, "mtime_ns"),
-                  v.flag(b, "truncate"))
+    stripes = v.stripe_records(b)
+    if len(stripes) > MAX_COMMIT_STRIPES:
+        v.invalid(f"a COMMIT carries at most {MAX_COMMIT_STRIPES} stripe records")
+    return Commit(v.u64(b, "ino"), stripes, v.offset(b, "size"), v.time_ns(b, "mtime_ns"), v.flag(b, "truncate"))
 
 
 def set_layout(b: Body) -> SetLayout:
