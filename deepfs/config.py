@@ -71,6 +71,13 @@ class MetaConfig:
     tls_cert_file: str = ""
     tls_key_file: str = ""
     tls_ca_file: str = ""
+    # Engine of the namespace store (docs/METADATA.md): "lmdb" (embedded, one server, DATA_DIR) or "etcd" (any number
+    # of metadata servers over one etcd cluster at etcd_endpoints, "HOST:PORT" each; keys under etcd_prefix,
+    # default "/deepfs/default"). Every server of one cluster must share the cluster secret (secret_file).
+    engine: str = "lmdb"
+    etcd_endpoints: list[str] = field(default_factory=list)
+    etcd_prefix: str = ""
+    server_id: str = ""  # names this server in the leader key and counter shards; empty: its gRPC HOST:PORT
 
 
 @dataclass
@@ -81,7 +88,7 @@ class NodeConfig:
     host: str = "127.0.0.1"
     port: int = 7710
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None: not served (0: any free port)
-    meta_grpc: str = "127.0.0.1:7701"
+    meta_grpc: str = "127.0.0.1:7701"  # "HOST:PORT[,HOST:PORT...]": several metadata servers, tried in turn
     failure_domain: str = ""  # empty: the node's own address
     advertise_address: str = ""  # HOST:PORT registered for clients (a proxy or NAT in front); empty: host:port
     fsync: bool = True  # make fragments durable: at once for PUTs asking for it, else at SYNC / every flush_interval_s
@@ -118,7 +125,9 @@ class NodeConfig:
 class ClientConfig:
     """Client library, FUSE mount and torch adapter."""
 
-    meta_address: str = "127.0.0.1:7700"
+    meta_address: str = "127.0.0.1:7700"  # or a list of metadata servers: "h1:7700,h2:7700"
+    # a metadata request whose server is gone is retried on the next listed one for this long, then EIO
+    meta_failover_s: float = 10.0
     io_timeout_s: float = 10.0  # one fragment request; then the read goes degraded
     connect_timeout_s: float = 3.0
     map_refresh_s: float = 2.0

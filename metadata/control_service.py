@@ -1,10 +1,12 @@
 """gRPC control plane of the metadata server: the ``Cluster`` service.
 
 A thin shell: gRPC runs each call on a worker thread of its own pool, and
-every call hops into the trio thread (``trio.from_thread.run_sync``) to read
-or change membership and the store, which only the trio thread touches.
-Control-plane rates are low (one heartbeat per node per second), so the hop
-costs nothing that matters and keeps every state change single-threaded.
+every call hops into the trio thread (``trio.from_thread.run``) to read or
+change membership, which only the trio thread touches (the store through
+``await store.run``). Control-plane rates are low (one heartbeat per node per
+second), so the hop costs nothing that matters and keeps every membership
+change single-threaded. Calls to etcd that Status makes (its members) stay
+in the gRPC thread.
 
 Operator calls (``DrainNode``, ``RemoveNode``, ``Fsck``) scan every stripe
 record in that thread too: they are rare, and a scan must see the same
@@ -24,8 +26,9 @@ nor bound.
 from __future__ import annotations
 
 import errno
+import inspect
 import math
-from collections.abc import Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from concurrent import futures
 from typing import Any, NoReturn, TypeVar
 
@@ -37,9 +40,11 @@ from deepfs.auth.grpc_auth import current_principal, grpc_server_interceptor
 from deepfs.messages import FragmentKey
 from deepfs.proto import control_pb2, control_pb2_grpc
 from deepfs.rpc import parse_address
+from metadata.coordination import Coordinator
 from metadata.deep_scrub import DeepScrubber
 from metadata.fsck import fsck_reply
 from metadata.health import HealthScan, scan_health
+from metadata.leader import Leadership
 from metadata.membership import Membership, NodeState, ScrubProgress, Usage
 from metadata.namespace import Namespace
 from metadata.orphans import OrphanCollector
@@ -112,7 +117,11 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
         repair: RepairWorker | None = None,
         orphans: OrphanCollector | None = None,
         deep_scrub: DeepScrubber | None = None,
+        coordinator: Coordinator | None = None,
+        leadership: Leadership | None = None,
     ) -> None:
+        """``coordinator``: the etcd engine's (Status lists etcd's members); ``leadership``: who
+        leads background work (Status names it; set once the server knows its address)."""
         self._membership = membership
         self._namespace = namespace
         self._data_address = data_address
@@ -121,10 +130,12 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
         self._repair = repair
         self._orphans = orphans
         self._deep_scrub = deep_scrub  # its errors count in Status.scrub_errors, next to the nodes' own
+        self._coordinator = coordinator
+        self.leadership = leadership
 
-    def _in_trio(self, context: grpc.ServicerContext, fn: Callable[..., T], *args: Any) -> T:
+    def _in_trio(self, context: grpc.ServicerContext, fn: Callable[..., Awaitable[T]], *args: Any) -> T:
         try:
-            return trio.from_thread.run_sync(fn, *args, trio_token=self._token)
+            return trio.from_thread.run(fn, *args, trio_token=self._token)
         except trio.RunFinishedError:
             _abort(context, grpc.StatusCode.UNAVAILABLE, "the metadata server is shutting down")
         except OSError as exc:
@@ -145,9 +156,10 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         usage = Usage(request.capacity_bytes, request.free_bytes, request.used_bytes)
         node_id, epoch = self._in_trio(
-            context, self._membership.register, request.uuid, request.address, request.failure_domain, usage,
+            context, _sync(self._membership.register), request.uuid, request.address, request.failure_domain, usage,
             _caller_key_name(),
         )
+        self._announce(context, node_id)
         return control_pb2.RegisterReply(node_id=node_id, epoch=epoch, heartbeat_interval_s=self._heartbeat_interval_s)
 
     def Heartbeat(
@@ -159,10 +171,30 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
         scrub = ScrubProgress(request.scrub_bytes, request.scrub_errors, request.scrub_pass_fraction,
                               request.scrub_passes)
         bad = [FragmentKey(f.ino, f.stripe, f.version, f.slot) for f in request.bad_fragments]
-        epoch = self._in_trio(context, self._heartbeat, request.node_id, usage, scrub, bad, _caller_key_name())
+        epoch = self._in_trio(context, _sync(self._heartbeat), request.node_id, usage, scrub, bad,
+                              _caller_key_name())
         if epoch is None:
             _abort(context, grpc.StatusCode.NOT_FOUND, f"unknown node {request.node_id}: register again")
+        self._announce(context, request.node_id)
         return control_pb2.HeartbeatReply(epoch=epoch)
+
+    def _announce(self, context: grpc.ServicerContext, node_id: int) -> None:
+        """etcd: renew the node's liveness key (from this gRPC thread: etcd calls never block trio's),
+        and drop the keys of nodes a registration evicted from their address."""
+        live = self._membership.live
+        if live is None:
+            return
+        report, evicted = self._in_trio(context, _sync(self._take_report), node_id)
+        try:
+            for other in evicted:
+                live.drop(other)
+            live.announce(node_id, report)
+        except OSError as exc:
+            _abort(context, grpc.StatusCode.UNAVAILABLE, f"cannot record liveness in etcd: {exc}")
+
+    def _take_report(self, node_id: int) -> tuple[dict[str, Any], list[int]]:
+        evicted, self._membership.evicted = self._membership.evicted, []
+        return self._membership.live_report(node_id), evicted
 
     def _heartbeat(self, node_id: int, usage: Usage, scrub: ScrubProgress, bad: list[FragmentKey],
                    key_name: str | None) -> int | None:
@@ -175,13 +207,18 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
     def GetClusterMap(
         self, request: control_pb2.ClusterMapRequest, context: grpc.ServicerContext
     ) -> control_pb2.ClusterMap:
-        return self._in_trio(context, cluster_map, self._membership)
+        return self._in_trio(context, _sync(cluster_map), self._membership)
 
     def Status(self, request: control_pb2.StatusRequest, context: grpc.ServicerContext) -> control_pb2.StatusReply:
-        return self._in_trio(context, self._status)
+        reply = self._in_trio(context, self._status)
+        reply.engine = self._namespace.store.engine.name
+        if self._coordinator is not None:
+            reply.etcd_members.extend(control_pb2.EtcdMember(endpoint=m.endpoint, is_leader=m.is_leader)
+                                      for m in self._coordinator.members())
+        return reply
 
-    def _status(self) -> control_pb2.StatusReply:
-        counts = self._namespace.counts()
+    async def _status(self) -> control_pb2.StatusReply:
+        counts = await self._namespace.store.run(self._namespace.counts, write=False)
         layout = self._namespace.default_layout
         up = [n for n in self._membership.nodes.values() if n.up]
         reply = control_pb2.StatusReply(
@@ -199,6 +236,7 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
             scrub_errors=sum(n.scrub_errors for n in self._membership.nodes.values())
             + (self._deep_scrub.stats.errors if self._deep_scrub is not None else 0),
             scrub_progress=min((n.scrub_pass_fraction for n in up), default=0.0),
+            leader=self.leadership.leader_address() if self.leadership is not None else "",
         )
         if self._repair is not None:
             stats = self._repair.stats()
@@ -215,7 +253,7 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
     def DrainNode(self, request: control_pb2.NodeRequest, context: grpc.ServicerContext) -> control_pb2.NodeInfo:
         return self._in_trio(context, self._drain, request.node_id)
 
-    def _drain(self, node_id: int) -> control_pb2.NodeInfo:
+    async def _drain(self, node_id: int) -> control_pb2.NodeInfo:
         node = self._membership.drain(node_id)
         self._kick_repair()
         return _node_info(node)
@@ -223,10 +261,10 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
     def RemoveNode(self, request: control_pb2.NodeRequest, context: grpc.ServicerContext) -> control_pb2.NodeInfo:
         return self._in_trio(context, self._remove, request.node_id)
 
-    def _remove(self, node_id: int) -> control_pb2.NodeInfo:
+    async def _remove(self, node_id: int) -> control_pb2.NodeInfo:
         node = self._membership.nodes.get(node_id)
         # Only a live node's remaining fragments matter (a down one is out at once): scan only then.
-        referenced = self._scan().referenced_on_node.get(node_id, 0) if node is not None and node.up else 0
+        referenced = (await self._scan()).referenced_on_node.get(node_id, 0) if node is not None and node.up else 0
         node = self._membership.remove(node_id, referenced)
         self._kick_repair()
         return _node_info(node)
@@ -234,24 +272,35 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
     def Fsck(self, request: control_pb2.FsckRequest, context: grpc.ServicerContext) -> control_pb2.FsckReply:
         return self._in_trio(context, self._fsck, request.repair, request.max_files)
 
-    def _fsck(self, repair: bool, max_files: int) -> control_pb2.FsckReply:
-        scan = self._scan()
+    async def _fsck(self, repair: bool, max_files: int) -> control_pb2.FsckReply:
+        scan = await self._scan()
         if repair:
             self._kick_repair()
-        reply = fsck_reply(self._namespace.store, scan, self._namespace.counts()["files"], max_files)
+        store = self._namespace.store
+        files = (await store.run(self._namespace.counts, write=False))["files"]
+        reply = await store.run(lambda: fsck_reply(store, scan, files, max_files), write=False)
         reply.orphaned_fragments = self._orphans.queued if self._orphans is not None else 0
         return reply
 
-    def _scan(self) -> HealthScan:
+    async def _scan(self) -> HealthScan:
         """Every stripe classified now, with the fragments known bad (the repair engine's scan when there is one)."""
         if self._repair is not None:
-            return self._repair.scan()
+            scanned = self._repair.scan()
+            return await scanned if inspect.isawaitable(scanned) else scanned
         # Without a repair engine nothing gets rebuilt, whenever a down node counts as lost; the counts are the same.
-        return scan_health(self._namespace.store, self._membership, math.inf, frozenset())
+        store = self._namespace.store
+        return await store.run(lambda: scan_health(store, self._membership, math.inf, frozenset()), write=False)
 
     def _kick_repair(self) -> None:
         if self._repair is not None:
             self._repair.kick()
+
+
+def _sync(fn: Callable[..., T]) -> Callable[..., Awaitable[T]]:
+    """``fn`` as a coroutine function, for ``_in_trio``."""
+    async def call(*args: Any) -> T:
+        return fn(*args)
+    return call
 
 
 def _caller_key_name() -> str | None:

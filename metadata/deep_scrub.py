@@ -38,6 +38,7 @@ Status RPC's ``scrub_errors`` (``metadata/control_service.py``).
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -122,9 +123,7 @@ class DeepScrubber:
         found = DeepScrubStats(passes=1, parity_passes=int(parity))
         ino, index = 0, 0
         while True:
-            with self.store.read() as txn:
-                page = txn.stripes_from(ino, index, PAGE_RECORDS)
-                layouts = {i: _layout_of(txn, i) for i in {i for i, _ in page}}
+            page, layouts = await self.store.run(functools.partial(self._page, ino, index), write=False)
             for stripe_ino, record in page:
                 layout = layouts[stripe_ino]
                 if layout is None:
@@ -144,6 +143,12 @@ class DeepScrubber:
         return found
 
     # --------------------------------------------------------- digest pass
+    def _page(self, ino: int, index: int) -> tuple[list[tuple[int, dict[str, Any]]], dict[int, Layout | None]]:
+        """Up to PAGE_RECORDS stripe records from (ino, index) on, with their files' layouts (in ``store.run``)."""
+        with self.store.read() as txn:
+            page = txn.stripes_from(ino, index, PAGE_RECORDS)
+            return page, {i: _layout_of(txn, i) for i in {i for i, _ in page}}
+
     async def _check_digests(self, nursery: trio.Nursery, ino: int, record: dict[str, Any],
                              found: DeepScrubStats) -> None:
         digests: dict[int, int | None] = {}

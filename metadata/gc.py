@@ -65,8 +65,11 @@ class GarbageCollector:
 
     async def collect_once(self, nursery: trio.Nursery) -> int:
         """One round over every node with queued garbage; fragments deleted."""
-        with self.store.read() as txn:
-            node_ids = txn.gc_nodes()
+        def read_nodes() -> list[int]:
+            with self.store.read() as txn:
+                return txn.gc_nodes()
+
+        node_ids = await self.store.run(read_nodes, write=False)
         deleted = 0
         for node_id in node_ids:
             address = self.membership.address_if_up(node_id)
@@ -78,15 +81,21 @@ class GarbageCollector:
         deleted = 0
         removed_before = int(self._clock() * 1e9) - int(self.grace_s * 1e9)
         for _ in range(BATCHES_PER_ROUND):
-            with self.store.read() as txn:
-                # Bounded scan: a long queue of young entries costs a round little; they age.
-                batch = txn.gc_batch(node_id, BATCH_SIZE, removed_before, scan_limit=SCAN_LIMIT)
+            def read_batch() -> list[FragmentKey]:
+                with self.store.read() as txn:
+                    # Bounded scan: a long queue of young entries costs a round little; they age.
+                    return txn.gc_batch(node_id, BATCH_SIZE, removed_before, scan_limit=SCAN_LIMIT)
+
+            batch = await self.store.run(read_batch, write=False)
             if not batch:
                 break
             if not await self._delete_on_node(nursery, node_id, address, batch):
                 break
-            with self.store.write() as txn:
-                txn.gc_remove(node_id, batch)
+            def remove(done: list[FragmentKey] = batch) -> None:
+                with self.store.write() as txn:
+                    txn.gc_remove(node_id, done)
+
+            await self.store.run(remove)
             deleted += len(batch)
             self.deleted += len(batch)
         return deleted

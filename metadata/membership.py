@@ -38,23 +38,39 @@ should react to (a node joins, moves, goes down or comes back, is drained or
 removed), so clients can cache the map and refetch only when the epoch
 moves. It is persisted so it keeps growing across restarts of this server.
 
+Several metadata servers (the etcd engine, docs/METADATA.md): node records and
+admin states live in the store, shared; liveness lives in etcd as leased keys
+``<prefix>/live/<node id>`` (``LiveKeys``). The server a node registers with
+grants the key a lease of ``grace_period_s`` and renews it at each heartbeat
+it receives (rewriting the key with the node's latest report), so a node that
+goes silent disappears from etcd one grace period later, whichever server it
+talked to. Every server's map follows the live keys and the node records
+(``refresh``, twice a second or more), so a node heartbeating to server A is
+up on server B, and a restarted server reports up exactly the nodes whose keys
+live. With LMDB there is one server and liveness stays in memory (above).
+
 All methods run in the trio thread; the gRPC service calls them through
-``trio.from_thread.run_sync``.
+``trio.from_thread.run_sync`` and talks to etcd (``LiveKeys``) from its own
+threads. The rare writes (a registration, an admin change, a node back up)
+go through ``store.run_sync``; heartbeats of up nodes write nothing.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import math
 import secrets
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import trio
 
 from metadata import keys
+from metadata.coordination import Coordinator
 from metadata.store import MetaStore
 
 log = logging.getLogger(__name__)
@@ -131,25 +147,67 @@ class ScrubProgress:
     passes: int = 0
 
 
-class Membership:
-    """The node table, the epoch, the down-detector and the admin states."""
+class LiveKeys:
+    """Node liveness as leased etcd keys ``<prefix>/live/<node id>`` (the etcd engine's membership).
 
-    def __init__(self, store: MetaStore, grace_period_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+    Synchronous (called through ``trio.to_thread``); the value is the node's
+    latest report, so every server's map shows the same usage."""
+
+    def __init__(self, coordinator: Coordinator, ttl_s: float) -> None:
+        self.coordinator = coordinator
+        self.ttl_s = ttl_s
+        self._prefix = coordinator.key("live") + b"/"
+        self._leases: dict[int, int] = {}  # node id -> the lease this server granted it
+
+    def announce(self, node_id: int, report: dict[str, Any]) -> None:
+        """Renew the node's lease (a new one if it has none here or it lapsed) and write its report."""
+        lease = self._leases.get(node_id)
+        if lease is None or not self.coordinator.keepalive(lease):
+            lease = self._leases[node_id] = self.coordinator.grant(self.ttl_s)
+        self.coordinator.put(self._prefix + str(node_id).encode(), json.dumps(report).encode(), lease)
+
+    def drop(self, node_id: int) -> None:
+        """The node is gone (another registered at its address): its key goes now."""
+        lease = self._leases.pop(node_id, None)
+        if lease is not None:
+            self.coordinator.revoke(lease)
+        self.coordinator.delete(self._prefix + str(node_id).encode())
+
+    def read(self) -> dict[int, dict[str, Any]]:
+        """Every live node's latest report."""
+        live = {}
+        for key, value in self.coordinator.scan(self._prefix):
+            try:
+                live[int(key[len(self._prefix):])] = json.loads(value)
+            except ValueError:
+                log.warning("ignoring a malformed liveness key %r", key)
+        return live
+
+
+class Membership:
+    """The node table, the epoch, the down-detector and the admin states.
+
+    ``live``: the etcd engine's liveness keys (None: LMDB, liveness in memory)."""
+
+    def __init__(self, store: MetaStore, grace_period_s: float, clock: Callable[[], float] = time.monotonic,
+                 live: LiveKeys | None = None) -> None:
         self.store = store
         self.grace_period_s = grace_period_s
         self._clock = clock
+        self.live = live
+        self.evicted: list[int] = []  # etcd: nodes whose live keys the gRPC service must drop
         self.nodes: dict[int, NodeState] = {}
         self.epoch = 0
         # Tells this server process apart from the one before a restart (status, tests).
         self.incarnation = secrets.randbits(63) + 1
 
     def load(self) -> None:
-        """Read known nodes, all down until they check in with this incarnation."""
+        """Read known nodes, all down until they check in with this incarnation (etcd: until
+        ``refresh`` finds their live keys)."""
         now = self._clock()
-        with self.store.read() as txn:
-            self.epoch = int(txn.get_meta(keys.META_EPOCH, 0))
-            for node_id, record in txn.nodes().items():
-                self.nodes[node_id] = NodeState(node_id=node_id, **record, down_since=now)
+        self.epoch, records = self.store.run_sync(self._read_epoch_and_records, write=False)
+        for node_id, record in records.items():
+            self.nodes[node_id] = NodeState(node_id=node_id, **record, down_since=now)
         if self.nodes:
             self._bump_epoch()  # the previous incarnation's map called some of them up
 
@@ -194,28 +252,29 @@ class Membership:
 
         ``key_name``: the authenticated node key registering (None: no authentication). A uuid
         bound to another key, or an up node's address bound to another key: PermissionError."""
+        if self.live is not None and not any(n.uuid == uuid for n in self.nodes.values()):
+            self._take_records(self.store.run_sync(self._read_records, write=False))  # another server's?
         node = next((n for n in self.nodes.values() if n.uuid == uuid), None)
         if key_name is not None:
             self._check_claim(node, uuid, address, key_name)
         changed = False
-        with self.store.write() as txn:
-            if node is None:
-                node_id = txn.add_counter(keys.META_LAST_NODE_ID, 1)  # ids start at 1
-                node = NodeState(node_id, uuid, address, failure_domain, key_name=key_name or "")
-                self.nodes[node_id] = node
-                changed = True
-                log.info("node %d (%s) joined at %s%s", node_id, uuid, address,
-                         f" with key {key_name!r}" if key_name else "")
-            elif (node.address, node.failure_domain) != (address, failure_domain) or not node.up:
-                node.address, node.failure_domain = address, failure_domain
-                changed = True
-            if key_name and not node.key_name:
-                node.key_name = key_name
-                log.info("node %d (%s) is bound to key %r", node.node_id, uuid, key_name)
-            changed |= self._evict_from_address(node)
-            self._apply_usage(node, usage)
-            self._mark_up(node)
-            txn.put_node(node.node_id, node.persistent())
+        if node is None:
+            node_id = self.store.run_sync(self._next_node_id)
+            node = NodeState(node_id, uuid, address, failure_domain, key_name=key_name or "")
+            self.nodes[node_id] = node
+            changed = True
+            log.info("node %d (%s) joined at %s%s", node_id, uuid, address,
+                     f" with key {key_name!r}" if key_name else "")
+        elif (node.address, node.failure_domain) != (address, failure_domain) or not node.up:
+            node.address, node.failure_domain = address, failure_domain
+            changed = True
+        if key_name and not node.key_name:
+            node.key_name = key_name
+            log.info("node %d (%s) is bound to key %r", node.node_id, uuid, key_name)
+        changed |= self._evict_from_address(node)
+        self._apply_usage(node, usage)
+        self._mark_up(node)
+        self._put_node(node)
         if changed:
             self._bump_epoch()
         return node.node_id, self.epoch
@@ -263,11 +322,56 @@ class Membership:
             self._bump_epoch()
         return gone
 
+    async def refresh(self) -> list[int]:
+        """etcd: follow the shared node records and the live keys; the ids of nodes that went down.
+
+        A node is up while its live key exists, or while it heartbeats to this server (its key is
+        being written right after each heartbeat); it goes down when neither holds."""
+        assert self.live is not None
+        live = await trio.to_thread.run_sync(self.live.read)
+        records = await self.store.run(self._read_records, write=False)
+        changed = self._take_records(records)
+        now = self._clock()
+        deadline = now - self.grace_period_s
+        gone = []
+        for node_id, node in self.nodes.items():
+            report = live.get(node_id)
+            if report is not None:
+                if node.last_heartbeat < deadline:  # it reports through another server
+                    _apply_report(node, report)
+                if not node.up and self._up_node_at(node.address, other_than=node_id) is None:
+                    self._mark_up(node)
+                    log.info("node %d is up (its liveness key exists)", node_id)
+                    changed = True
+            elif node.up and node.last_heartbeat < deadline:
+                self._mark_down(node, now)
+                gone.append(node_id)
+                log.warning("node %d's liveness key lapsed: down", node_id)
+                changed = True
+        if changed:
+            self._bump_epoch()
+        return gone
+
     async def run_expiry(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The down-detector (LMDB: ``expire``; etcd: ``refresh``, which every server's map follows)."""
+        interval_s = max(0.05, min(0.5, self.grace_period_s / 4))
+        if self.live is not None:
+            with trio.move_on_after(self.grace_period_s):
+                await self.refresh()  # the map is right before the first request
         task_status.started()
         while True:
-            await trio.sleep(max(0.05, min(0.5, self.grace_period_s / 4)))
-            self.expire()
+            await trio.sleep(interval_s)
+            if self.live is None:
+                self.expire()
+                continue
+            try:
+                await self.refresh()
+            except OSError as exc:
+                log.warning("membership: cannot read liveness from etcd (%s); the map stays as it was", exc)
+
+    def live_report(self, node_id: int) -> dict[str, Any]:
+        """What the node's live key says (its latest usage and scrub progress)."""
+        return _report_of(self.nodes[node_id])
 
     # ------------------------------------------------------------ operator commands
     def drain(self, node_id: int) -> NodeState:
@@ -314,9 +418,45 @@ class Membership:
     def _set_admin_state(self, node: NodeState, admin_state: str) -> None:
         log.warning("node %d (%s): admin state %s -> %s", node.node_id, node.address, node.admin_state, admin_state)
         node.admin_state = admin_state
-        with self.store.write() as txn:
-            txn.put_node(node.node_id, node.persistent())
+        self._put_node(node)
         self._bump_epoch()
+
+    def _next_node_id(self) -> int:
+        with self.store.write() as txn:
+            return txn.add_counter(keys.META_LAST_NODE_ID, 1)  # ids start at 1
+
+    def _put_node(self, node: NodeState) -> None:
+        node_id, record = node.node_id, node.persistent()
+
+        def put() -> None:
+            with self.store.write() as txn:
+                txn.put_node(node_id, record)
+
+        self.store.run_sync(put)
+
+    def _read_epoch_and_records(self) -> tuple[int, dict[int, dict[str, Any]]]:
+        with self.store.read() as txn:
+            return int(txn.get_meta(keys.META_EPOCH, 0)), txn.nodes()
+
+    def _read_records(self) -> dict[int, dict[str, Any]]:
+        with self.store.read() as txn:
+            return txn.nodes()
+
+    def _take_records(self, records: dict[int, dict[str, Any]]) -> bool:
+        """etcd: follow node records other servers wrote (new nodes, moved addresses, admin states);
+        True if the map changed."""
+        changed = False
+        for node_id, record in records.items():
+            node = self.nodes.get(node_id)
+            if node is None:
+                node = self.nodes[node_id] = NodeState(node_id=node_id, **record, down_since=self._clock())
+                changed = True
+            elif (node.address, node.admin_state) != (record["address"], record["admin_state"]):
+                node.address, node.admin_state = record["address"], record["admin_state"]
+                changed = True
+            if record.get("key_name"):
+                node.key_name = record["key_name"]
+        return changed
 
     def _up_node_at(self, address: str, other_than: int) -> NodeState | None:
         return next((n for n in self.nodes.values()
@@ -329,6 +469,8 @@ class Membership:
             log.warning("node %d registered at %s: node %d, known there before, is down", node.node_id,
                         node.address, other.node_id)
             self._mark_down(other, self._clock())
+            if self.live is not None:
+                self.evicted.append(other.node_id)
             evicted = True
         return evicted
 
@@ -344,8 +486,13 @@ class Membership:
 
     def _bump_epoch(self) -> None:
         self.epoch += 1
-        with self.store.write() as txn:
-            txn.put_meta(keys.META_EPOCH, self.epoch)
+        epoch = self.epoch
+
+        def put() -> None:
+            with self.store.write() as txn:
+                txn.put_meta(keys.META_EPOCH, epoch)
+
+        self.store.run_sync(put)
 
     def _apply_usage(self, node: NodeState, usage: Usage) -> None:
         node.capacity_bytes = usage.capacity_bytes
@@ -355,3 +502,26 @@ class Membership:
         node.quarantined = usage.quarantined
         node.last_heartbeat = self._clock()
         node.last_heartbeat_unix = time.time()
+
+
+def _report_of(node: NodeState) -> dict[str, Any]:
+    """What a live key says about its node (usage and scrub progress, as of its last heartbeat)."""
+    return {
+        "capacity_bytes": node.capacity_bytes, "free_bytes": node.free_bytes, "used_bytes": node.used_bytes,
+        "fragments": node.fragments, "quarantined": node.quarantined, "heartbeat_unix": node.last_heartbeat_unix,
+        "scrub_bytes": node.scrub_bytes, "scrub_errors": node.scrub_errors,
+        "scrub_pass_fraction": node.scrub_pass_fraction, "scrub_passes": node.scrub_passes,
+    }
+
+
+def _apply_report(node: NodeState, report: dict[str, Any]) -> None:
+    node.capacity_bytes = int(report.get("capacity_bytes", node.capacity_bytes))
+    node.free_bytes = int(report.get("free_bytes", node.free_bytes))
+    node.used_bytes = int(report.get("used_bytes", node.used_bytes))
+    node.fragments = int(report.get("fragments", node.fragments))
+    node.quarantined = int(report.get("quarantined", node.quarantined))
+    node.last_heartbeat_unix = float(report.get("heartbeat_unix", node.last_heartbeat_unix))
+    node.scrub_bytes = int(report.get("scrub_bytes", node.scrub_bytes))
+    node.scrub_errors = int(report.get("scrub_errors", node.scrub_errors))
+    node.scrub_pass_fraction = float(report.get("scrub_pass_fraction", node.scrub_pass_fraction))
+    node.scrub_passes = int(report.get("scrub_passes", node.scrub_passes))

@@ -30,6 +30,7 @@ then ``await nursery.start(collector.run)`` next to the ``GarbageCollector``
 
 from __future__ import annotations
 
+import functools
 import logging
 
 import trio
@@ -105,7 +106,7 @@ class OrphanCollector:
                 return queued
             old_enough = [key for key, age_s in listing.fragments if age_s >= self.grace_s]
             if old_enough:
-                queued += self._queue_orphans(node_id, old_enough)
+                queued += await self.store.run(functools.partial(self._queue_orphans, node_id, old_enough))
             if listing.done or not listing.fragments:
                 return queued
             after = listing.fragments[-1][0]

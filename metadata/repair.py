@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import collections
 import errno
+import functools
 import logging
 import time
 from collections.abc import Callable, Iterable
@@ -475,13 +476,12 @@ class RepairWorker:
                 writers.start_soon(self._put, nursery, ino, record, slot, plan.targets[slot], data, stored, bucket)
         index, version = record["index"], record["version"]
         if all_or_nothing and len(stored) < len(built):
-            with self.store.write() as txn:  # nothing will point at the copies that did land
-                for slot, (_old, new) in stored.items():
-                    txn.queue_gc(new, FragmentKey(ino, index, version, slot))
+            landed = [(new, FragmentKey(ino, index, version, slot)) for slot, (_old, new) in stored.items()]
+            await self.store.run(functools.partial(self._queue_gc, landed))  # nothing will point at them
             return {}
         if not stored:
             return {}
-        if not self.namespace.replace_fragments(ino, index, version, stored):
+        if not await self.store.run(functools.partial(self.namespace.replace_fragments, ino, index, version, stored)):
             self.dropped_repairs += 1
             log.info("repair of stripe %d of inode %d dropped: the stripe changed meanwhile", index, ino)
             return {}
@@ -500,16 +500,20 @@ class RepairWorker:
         except (OSError, ValueError, trio.TooSlowError) as exc:
             log.warning("repair: node %d did not store %s: %s", node.node_id, key, exc)
             await self._clients.forget(node.address)
-            with self.store.write() as txn:  # it may have landed anyway: nothing will point at it
-                txn.queue_gc(node.node_id, key)
+            await self.store.run(functools.partial(self._queue_gc, [(node.node_id, key)]))  # it may have landed anyway
             return
         if reply.get("crc") not in (None, record["crcs"][slot]):
             log.warning("repair: node %d stored %s with digest %s, not %s", node.node_id, key, reply.get("crc"),
                         record["crcs"][slot])
-            with self.store.write() as txn:
-                txn.queue_gc(node.node_id, key)
+            await self.store.run(functools.partial(self._queue_gc, [(node.node_id, key)]))
             return
         stored[slot] = (record["placement"][slot], node.node_id)
+
+    def _queue_gc(self, fragments: list[tuple[int, FragmentKey]]) -> None:
+        """Queue (node, fragment) pairs for deletion (inside ``store.run``)."""
+        with self.store.write() as txn:
+            for node_id, key in fragments:
+                txn.queue_gc(node_id, key)
 
 
     # ------------------------------------------------------------ rebalancing one stripe

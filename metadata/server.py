@@ -5,11 +5,21 @@
 - the framed namespace protocol (``MetaOps`` on a ``FrameServer``),
 - the gRPC ``Cluster`` service (its own thread pool),
 - the group-commit syncer of the store,
-- the membership down-detector, the garbage collector and the repair worker,
-- the client sessions' lease expiry (``Sessions.run``) and the deep scrub,
+- the membership down-detector (every server),
+- and, only on the server that leads (``metadata/leader.py``): the garbage
+  collector, the repair worker (and rebalancing), the orphan scan, the deep
+  scrub, the namespace's purge jobs and op-result pruning, the sessions'
+  orphan reclaim, and with etcd its compaction and defragmentation,
 
 all over the ``MetaState`` that ``open_meta_state`` opens (which an
 in-process cluster serves without any listener).
+
+Engines (docs/METADATA.md): ``--engine lmdb`` (default) keeps the namespace in
+DATA_DIR; one server, always the leader. ``--engine etcd --etcd H:P,...``
+keeps it in etcd, so any number of servers serve it at once; liveness of the
+storage nodes, client sessions and the leader key live there too, on leases.
+Every server of one cluster must be given the same cluster secret
+(``--secret-file``): keys derive from it.
 
 ``main`` is what ``python -m metadata`` and ``deepfs meta serve`` run. Once
 both servers listen it prints exactly one line to stdout::
@@ -35,7 +45,7 @@ import signal
 import ssl
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -60,16 +70,18 @@ from deepfs.layout import Layout
 from deepfs.rpc import FrameServer, ServerLimits
 from deepfs.tls import client_ssl_context, read_pem, server_ssl_context
 from metadata.control_service import ClusterService, start_grpc_server
+from metadata.coordination import Coordinator
 from metadata.deep_scrub import DeepScrubber
 from metadata.gc import GarbageCollector
-from metadata.membership import Membership
+from metadata.leader import AlwaysLeader, EtcdLeadership, Leadership, every
+from metadata.membership import LiveKeys, Membership
 from metadata.metrics import start_meta_metrics
 from metadata.namespace import Namespace
 from metadata.node_clients import CredentialSource, NodeClients
 from metadata.ops_server import PAYLOAD_LIMITS, MetaOps, ServiceTokens
 from metadata.orphans import OrphanCollector
 from metadata.repair import RepairWorker
-from metadata.sessions import Sessions
+from metadata.sessions import EtcdSessions, Sessions, SessionTable
 from metadata.store import MetaStore
 
 log = logging.getLogger("deepfs.meta")
@@ -79,6 +91,16 @@ NODE_TIMEOUT_S = 10.0  # GC, orphan scan, repair and deep scrub: one request to 
 CLUSTER_SECRET_NAME = "cluster.secret"
 ADMIN_KEY_NAME = "admin.key"
 META_IDENTITY = Identity("meta", ROLE_META)  # what this server presents to storage nodes (never in a key file)
+ENGINES = ("lmdb", "etcd")
+DEFAULT_ETCD_PREFIX = "/deepfs/default"
+FLUSH_COUNTERS_S = 1.0  # every server writes its counter deltas to its shard this often
+PRUNE_OP_RESULTS_S = 60.0
+OP_RESULT_RETENTION_S = 600.0  # a client retries an op within its failover window, far less than this
+PRUNE_BATCHES = 100  # transactions of op-result pruning per round at most
+PURGE_IDLE_S = 0.5  # purge jobs: look again this soon once none is left
+COMPACT_EVERY_S = 600.0  # etcd: compaction this often, keeping this much history
+COMPACT_KEEP_S = 3600.0
+DEFRAGMENT_EVERY_S = 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -115,26 +137,46 @@ class MetaState:
     collector: GarbageCollector
     repair: RepairWorker
     orphans: OrphanCollector
-    sessions: Sessions
+    sessions: SessionTable
     deep_scrub: DeepScrubber
+    coordinator: Coordinator | None = None  # etcd: leases for the leader key, liveness and sessions
+
+    @property
+    def engine(self) -> str:
+        return "etcd" if self.coordinator is not None else "lmdb"
+
+    def leadership(self, server_id: str, grpc_address: str) -> Leadership:
+        """Who runs the background duties: an election over etcd, or this one server."""
+        if self.coordinator is None:
+            return AlwaysLeader(grpc_address)
+        return EtcdLeadership(self.coordinator, server_id, grpc_address)
 
     def frame_handler(self, grpc_address: str, tokens: ServiceTokens | None = None) -> MetaOps:
         """The framed protocol's handler; HELLO tells clients ``grpc_address``; ``tokens`` sign
         the tickets and capabilities of authenticated peers' replies."""
         return MetaOps(self.namespace, self.store, self.membership, grpc_address, self.hello_stats,
-                       on_degraded_commit=self.repair.kick, sessions=self.sessions, tokens=tokens)
+                       on_degraded_commit=_soon_in_trio(self.repair.kick), sessions=self.sessions, tokens=tokens)
 
     def hello_stats(self) -> dict[str, int]:
         """Counters HELLO reports next to the store's (the Status RPC has no fields for these)."""
         return {
             "gc_deleted": self.collector.deleted,
-            "orphan_inodes": self.namespace.counts()["orphans"],
+            "orphan_inodes": self.namespace.counts()["orphans"],  # HELLO runs inside store.run
             "sessions": len(self.sessions),
             "sessions_lapsed": self.sessions.lapsed,
             "orphan_inodes_reclaimed": self.sessions.reclaimed,
             "deep_scrub_passes": self.deep_scrub.stats.passes,
             "deep_scrub_errors": self.deep_scrub.stats.errors,
         }
+
+
+def _soon_in_trio(fn: Callable[[], None]) -> Callable[[], None]:
+    """``fn`` made safe to call from the store's thread (ops run there): it runs soon in the trio thread."""
+    try:
+        token = trio.lowlevel.current_trio_token()
+    except RuntimeError:  # built outside trio (tests): called as it is
+        return fn
+    return lambda: token.run_sync_soon(fn)
 
 
 def load_cluster_secret_of(config: MetaConfig) -> bytes:
@@ -164,43 +206,69 @@ def node_credential(service_secret: bytes, ttl_s: float) -> CredentialSource:
     return credential
 
 
+def etcd_prefix(config: MetaConfig) -> str:
+    return (config.etcd_prefix or DEFAULT_ETCD_PREFIX).rstrip("/")
+
+
+def open_store(config: MetaConfig) -> tuple[MetaStore, Coordinator | None]:
+    """The store of ``config.engine`` and, for etcd, the coordinator of leases next to it."""
+    if config.engine == "etcd":
+        from metadata.engines.etcd_engine import EtcdEngine  # imports etcd's stubs: only when used
+
+        coordinator = Coordinator(config.etcd_endpoints, etcd_prefix(config))
+        return MetaStore(EtcdEngine(config.etcd_endpoints, etcd_prefix(config))), coordinator
+    store = MetaStore.open(config.data_dir, map_size_bytes=config.map_size_bytes,
+                           sync_interval_s=config.sync_interval_s)
+    return store, None
+
+
 @contextmanager
 def open_meta_state(config: MetaConfig, node_credential: CredentialSource | None = None,
                     node_ssl_context: ssl.SSLContext | None = None) -> Iterator[MetaState]:
-    """Open the store in ``config.data_dir`` (bootstrapping a new namespace) and load
+    """Open the store of ``config.engine`` (bootstrapping a new namespace) and load
     the known nodes; the store gets its final sync and closes on exit. ``node_credential``:
     what connections to storage nodes present (None: no handshake, in-process clusters);
-    ``node_ssl_context``: TLS towards the nodes (verifying their certificates)."""
+    ``node_ssl_context``: TLS towards the nodes (verifying their certificates).
+
+    Startup runs before any request, so it uses the store synchronously (``run_sync``)."""
 
     def clients() -> NodeClients | None:
         if node_credential is None:
             return None
         return NodeClients(NODE_TIMEOUT_S, credential=node_credential, ssl_context=node_ssl_context)
 
-    store = MetaStore.open(
-        config.data_dir, map_size_bytes=config.map_size_bytes, sync_interval_s=config.sync_interval_s
-    )
+    store, coordinator = open_store(config)
     try:
         namespace = Namespace(store, config)
-        namespace.bootstrap()
-        membership = Membership(store, config.node_grace_period_s)
+        store.run_sync(namespace.bootstrap)
+        live = LiveKeys(coordinator, config.node_grace_period_s) if coordinator is not None else None
+        membership = Membership(store, config.node_grace_period_s, live=live)
         membership.load()
         collector = GarbageCollector(store, membership, config.gc_interval_s, config.gc_grace_s, clients=clients())
         repair = RepairWorker(store, namespace, membership, config, clients=clients())
         orphans = OrphanCollector(store, membership, config.orphan_grace_s, config.orphan_interval_s,
                                   clients=clients())
-        sessions = Sessions(config.session_lease_s)
+        sessions: SessionTable
+        if coordinator is not None:
+            sessions = EtcdSessions(coordinator, config.session_lease_s)
+        else:
+            sessions = Sessions(config.session_lease_s)
         namespace.is_held = sessions.is_held
         deep_scrub = DeepScrubber(store, membership, repair.report_bad, config, clients=clients())
-        yield MetaState(store, namespace, membership, collector, repair, orphans, sessions, deep_scrub)
+        yield MetaState(store, namespace, membership, collector, repair, orphans, sessions, deep_scrub, coordinator)
     finally:
         store.close()
+        if coordinator is not None:
+            coordinator.close()
 
 
 async def serve_meta(
     config: MetaConfig, *, task_status: trio.TaskStatus[MetaAddresses] = trio.TASK_STATUS_IGNORED
 ) -> None:
     """Run a metadata server until cancelled; reports ``MetaAddresses`` once listening."""
+    if config.engine == "etcd" and not config.secret_file:
+        log.warning("engine etcd without --secret-file: every metadata server of this cluster must use the "
+                    "same cluster secret (DATA_DIR/cluster.secret here); give each one the same --secret-file")
     secret = load_cluster_secret_of(config)
     service_secret = derive_service_secret(secret)
     tokens = ServiceTokens(service_secret, config.ticket_ttl_s, config.capability_ttl_s)
@@ -223,11 +291,14 @@ async def serve_meta(
                 repair=state.repair,
                 orphans=state.orphans,
                 deep_scrub=state.deep_scrub,
+                coordinator=state.coordinator,
             )
             grpc_server, grpc_port = start_grpc_server(service, config.host, config.grpc_port,
                                                        verifier=KeyVerifier(secret), tls=grpc_tls)
             try:
                 addresses = MetaAddresses(config.host, port, grpc_port)
+                leadership = state.leadership(config.server_id or addresses.grpc_address, addresses.grpc_address)
+                service.leadership = leadership
                 limits = ServerLimits(
                     payload_limits=PAYLOAD_LIMITS, idle_timeout_s=config.idle_timeout_s,
                     frame_timeout_s=config.frame_timeout_s, max_connections_per_peer=config.max_connections_per_peer)
@@ -240,11 +311,8 @@ async def serve_meta(
                     log.info("metrics on %s", exporter.url)
                 nursery.start_soon(trio.serve_listeners, frames.serve_connection, listeners)
                 await nursery.start(state.membership.run_expiry)
-                await nursery.start(state.collector.run)
-                await nursery.start(state.repair.run)
-                await nursery.start(state.orphans.run)
-                await nursery.start(state.sessions.run, state.namespace)
-                await nursery.start(state.deep_scrub.run)
+                await nursery.start(leadership.run)
+                start_duties(nursery, state, leadership)
                 task_status.started(addresses)
                 await trio.sleep_forever()
             finally:
@@ -252,6 +320,80 @@ async def serve_meta(
                 stopped = grpc_server.stop(grace=None)
                 with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(stopped.wait, GRPC_STOP_WAIT_S)
+
+
+def start_duties(nursery: trio.Nursery, state: MetaState, leadership: Leadership) -> None:
+    """The background work: counter flushes on every server; the rest only while ``leadership`` leads."""
+    store, namespace = state.store, state.namespace
+    nursery.start_soon(every, FLUSH_COUNTERS_S, lambda: store.run(namespace.flush_counters), "counter flush")
+    leader_duties: list[Callable[[], Awaitable[object]]] = [
+        state.collector.run,
+        state.repair.run,  # rebalancing rides on it
+        state.orphans.run,
+        state.deep_scrub.run,
+        lambda: state.sessions.run(namespace, store),
+        lambda: _work_off_purge_jobs(state),
+        lambda: every(PRUNE_OP_RESULTS_S, lambda: _prune_op_results(state), "op-result pruning"),
+    ]
+    if state.coordinator is not None:
+        compaction = EtcdCompaction(state.coordinator)
+        leader_duties += [compaction.run, lambda: every(DEFRAGMENT_EVERY_S, compaction.defragment, "etcd defragment")]
+    for duty in leader_duties:
+        nursery.start_soon(leadership.while_leading, duty)
+
+
+async def _work_off_purge_jobs(state: MetaState) -> None:
+    """Removed files' stripes, freed in bounded transactions (``Namespace.purge_step``) until none is left."""
+    while True:
+        freed = 0
+        try:
+            freed = await state.store.run(state.namespace.purge_step)
+        except OSError as exc:
+            log.warning("purge jobs: %s; retrying", exc)
+        if not freed:
+            await trio.sleep(PURGE_IDLE_S)
+
+
+async def _prune_op_results(state: MetaState) -> None:
+    """Forget stored replies older than ``OP_RESULT_RETENTION_S``, a bounded batch per transaction."""
+    cutoff_ns = time.time_ns() - int(OP_RESULT_RETENTION_S * 1e9)
+    for _ in range(PRUNE_BATCHES):
+        if not await state.store.run(lambda: state.namespace.prune_op_results(cutoff_ns)):
+            return
+
+
+class EtcdCompaction:
+    """etcd keeps every revision until compacted: every ``COMPACT_EVERY_S`` forget those older than
+    ``COMPACT_KEEP_S``, and give the space back to the file system once a day (defragment)."""
+
+    def __init__(self, coordinator: Coordinator, clock: Callable[[], float] = time.monotonic) -> None:
+        self.coordinator = coordinator
+        self._clock = clock
+        self._seen: list[tuple[float, int]] = []  # (when, revision), oldest first
+        self.compacted_to = 0
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.step()
+            except OSError as exc:
+                log.warning("etcd compaction: %s; retrying in %.0f s", exc, COMPACT_EVERY_S)
+            await trio.sleep(COMPACT_EVERY_S)
+
+    async def step(self) -> None:
+        now = self._clock()
+        self._seen.append((now, await trio.to_thread.run_sync(self.coordinator.revision)))
+        old = [revision for when, revision in self._seen if when <= now - COMPACT_KEEP_S]
+        if old and old[-1] > self.compacted_to:
+            await trio.to_thread.run_sync(self.coordinator.compact, old[-1])
+            self.compacted_to = old[-1]
+            log.info("etcd compacted to revision %d (history of the last %.0f s kept)", old[-1], COMPACT_KEEP_S)
+        self._seen = [(when, revision) for when, revision in self._seen if when > now - COMPACT_KEEP_S] + \
+            ([(now - COMPACT_KEEP_S, old[-1])] if old else [])
+
+    async def defragment(self) -> None:
+        await trio.to_thread.run_sync(self.coordinator.defragment_all)
+        log.info("etcd defragmented")
 
 
 def _tls_of(config: MetaConfig) -> tuple[ssl.SSLContext | None, tuple[bytes, bytes] | None]:
@@ -285,7 +427,12 @@ async def _run_until_signal(config: MetaConfig) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="deepfs-meta", description="DeepFS metadata server")
     parser.add_argument("--config", help="cluster TOML file; its [meta] table is the base configuration")
-    parser.add_argument("--data-dir", help="directory of the LMDB store")
+    parser.add_argument("--data-dir", help="directory of the LMDB store (and, with etcd, of the default secret)")
+    parser.add_argument("--engine", choices=ENGINES,
+                        help="namespace store: lmdb (embedded, one server; default) or etcd (many servers)")
+    parser.add_argument("--etcd", help="etcd endpoints HOST:PORT[,HOST:PORT...] (with --engine etcd)")
+    parser.add_argument("--etcd-prefix", help=f"etcd key prefix of this cluster (default {DEFAULT_ETCD_PREFIX})")
+    parser.add_argument("--server-id", help="this server's name in the leader key (default: its gRPC HOST:PORT)")
     parser.add_argument("--secret-file",
                         help="the cluster secret every key derives from (default DATA_DIR/cluster.secret, "
                              "created with DATA_DIR/admin.key on first start)")
@@ -331,6 +478,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 _FLAG_TO_FIELD = {
     "data_dir": "data_dir",
+    "engine": "engine",
+    "etcd_prefix": "etcd_prefix",
+    "server_id": "server_id",
     "secret_file": "secret_file",
     "host": "host",
     "port": "port",
@@ -365,7 +515,13 @@ def config_from_args(args: argparse.Namespace) -> MetaConfig:
     config = load_cluster_config(args.config).meta if args.config else MetaConfig()
     given = {flag: getattr(args, flag) for flag in _FLAG_TO_FIELD}
     overrides = {_FLAG_TO_FIELD[flag]: value for flag, value in given.items() if value is not None}
+    if args.etcd is not None:
+        overrides["etcd_endpoints"] = [e.strip() for e in args.etcd.split(",") if e.strip()]
     config = replace(config, **overrides)
+    if config.engine not in ENGINES:
+        raise ConfigError(f"engine must be one of {', '.join(ENGINES)}, not {config.engine!r}")
+    if config.engine == "etcd" and not config.etcd_endpoints:
+        raise ConfigError("--engine etcd needs the etcd endpoints (--etcd HOST:PORT[,HOST:PORT...])")
     Layout(config.default_k, config.default_m, config.default_stripe_size, config.default_codec)
     if config.sync_interval_s < 0 or config.node_grace_period_s <= 0 or config.gc_interval_s <= 0 or \
             config.gc_grace_s < 0:

@@ -26,27 +26,81 @@ A client also drops holds as it goes: RELEASE when it closes an inode's
 last file, and the ``released`` list of an UNLINK or RENAME (ops_server calls ``release``).
 
 Use: ``sessions = Sessions(lease_s)``; ``Namespace.is_held = sessions.is_held``;
-``await nursery.start(sessions.run, namespace)`` (``metadata/server.py``).
+``await nursery.start(sessions.run, namespace, store)`` (``metadata/server.py``, on the leader).
+
+Several metadata servers (the etcd engine): ``EtcdSessions``, same interface
+(``SessionTable``). A session is an etcd lease of ``lease_s`` (the session id is
+the lease id), a hold is a key ``<prefix>/holds/<ino>/<session>`` on it, so every
+server sees every hold, a client may renew through any server, and a client that
+dies loses its holds when etcd expires its lease. The leader reclaims orphans.
+
+Every method but ``run`` is synchronous and thread-safe: MetaOps calls them from
+inside ``store.run`` (the store thread, or etcd's worker threads).
 """
 
 from __future__ import annotations
 
+import errno
+import functools
 import logging
 import secrets
+import threading
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Any, Protocol, TypeVar
 
 import trio
+
+from metadata.coordination import Coordinator
+from metadata.store import MetaStore
 
 log = logging.getLogger(__name__)
 
 SESSION_ID_BITS = 63  # fits msgpack's positive ints; 0 means "no session"
 
 
+F = TypeVar("F", bound=Callable[..., Any])
+
+
 class OrphanReclaimer(Protocol):
     def reclaim_orphans(self, is_held: Callable[[int], bool]) -> int: ...
+
+
+class SessionTable(Protocol):
+    """What MetaOps and the server need of the sessions, on either engine."""
+
+    lease_s: float
+    lapsed: int
+    reclaimed: int
+
+    def __len__(self) -> int: ...
+
+    def open_session(self) -> int: ...
+
+    def renew(self, session_id: int, holds: Iterable[int]) -> None: ...
+
+    def end(self, session_id: int) -> None: ...
+
+    def hold(self, session_id: int, ino: int) -> None: ...
+
+    def release(self, session_id: int, ino: int) -> None: ...
+
+    def is_held(self, ino: int) -> bool: ...
+
+    def reclaim(self, namespace: OrphanReclaimer) -> int: ...
+
+    async def run(self, namespace: OrphanReclaimer, store: MetaStore, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None: ...
+
+
+def _locked(method: F) -> F:
+    """Run ``method`` under the instance's lock (MetaOps calls from store threads, expiry from trio's)."""
+    @functools.wraps(method)
+    def locked(self: Any, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+    return locked  # type: ignore[return-value]
 
 
 @dataclass
@@ -69,17 +123,20 @@ class Sessions:
         self._reclaim_after = clock() + lease_s  # clients re-establish their holds within one lease
         self.lapsed = 0  # sessions that lapsed since start
         self.reclaimed = 0  # orphan inodes freed since start
+        self._lock = threading.RLock()
 
     def __len__(self) -> int:
         return len(self._sessions)
 
     # ------------------------------------------------------------ client ops
+    @_locked
     def open_session(self) -> int:
         """A new session (HELLO); its id is what the client renews."""
         session_id = secrets.randbits(SESSION_ID_BITS) or 1
         self._session(session_id)
         return session_id
 
+    @_locked
     def renew(self, session_id: int, holds: Iterable[int]) -> None:
         """RENEW_SESSION: extend the lease; ``holds`` are all inodes the client holds open now.
 
@@ -94,6 +151,7 @@ class Sessions:
             self._take(session_id, session, ino, now)
         session.renewed_at = now
 
+    @_locked
     def end(self, session_id: int) -> None:
         """END_SESSION: a client closing cleanly gives up its holds at once."""
         session = self._sessions.pop(session_id, None)
@@ -101,6 +159,7 @@ class Sessions:
             for ino in list(session.holds):
                 self._unindex(session_id, ino)
 
+    @_locked
     def hold(self, session_id: int, ino: int) -> None:
         """OPEN or CREATE of ``ino`` under ``session_id`` (0: the client has no session)."""
         if session_id:
@@ -108,17 +167,20 @@ class Sessions:
             if ino not in session.holds:
                 self._take(session_id, session, ino, self._clock())
 
+    @_locked
     def release(self, session_id: int, ino: int) -> None:
         """RELEASE: the session's last user of ``ino`` closed it."""
         session = self._sessions.get(session_id)
         if session is not None and ino in session.holds:
             self._drop(session_id, session, ino)
 
+    @_locked
     def is_held(self, ino: int) -> bool:
         """Some live session holds ``ino`` open (so its last unlink must orphan it)."""
         return ino in self._holders
 
     # ------------------------------------------------------------ background
+    @_locked
     def expire(self) -> int:
         """Drop the sessions whose lease ran out; how many."""
         now = self._clock()
@@ -141,12 +203,13 @@ class Sessions:
         self.reclaimed += freed
         return freed
 
-    async def run(self, namespace: OrphanReclaimer, *,
+    async def run(self, namespace: OrphanReclaimer, store: MetaStore, *,
                   task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Reclaim every quarter lease, on the store's thread."""
         task_status.started()
         while True:
             await trio.sleep(self.lease_s / 4)
-            self.reclaim(namespace)
+            await store.run(lambda: self.reclaim(namespace))
 
     # ------------------------------------------------------------ internals
     def _session(self, session_id: int) -> _Session:
@@ -171,3 +234,113 @@ class Sessions:
             holders.discard(session_id)
             if not holders:
                 del self._holders[ino]
+
+
+class EtcdSessions:
+    """Sessions as etcd leases and holds as keys on them, shared by every metadata server."""
+
+    def __init__(self, coordinator: Coordinator, lease_s: float, clock: Callable[[], float] = time.monotonic) -> None:
+        if lease_s <= 0:
+            raise ValueError("the session lease must be > 0 seconds")
+        self.coordinator = coordinator
+        self.lease_s = lease_s
+        self._clock = clock
+        self._prefix = coordinator.key("holds") + b"/"
+        self.lapsed = 0  # etcd expires leases itself: not counted here
+        self.reclaimed = 0
+        self._lock = threading.Lock()
+        # Holds this server took, per session, and when: a renewal keeps those newer than the previous one.
+        self._taken: dict[int, dict[int, float]] = {}
+        self._renewed_at: dict[int, float] = {}
+
+    def __len__(self) -> int:
+        with self._lock:
+            return len(self._renewed_at)
+
+    def _hold_key(self, ino: int, session_id: int) -> bytes:
+        return self._prefix + f"{ino}/{session_id}".encode()
+
+    def open_session(self) -> int:
+        session_id = self.coordinator.grant(self.lease_s)
+        with self._lock:
+            self._renewed_at[session_id] = self._clock()
+        return session_id
+
+    def renew(self, session_id: int, holds: Iterable[int]) -> None:
+        """Keep the lease alive (or start it again under the same id) and make its holds exactly
+        ``holds`` plus those taken through this server since the previous renewal."""
+        now = self._clock()
+        listed = set(holds)
+        existing = self.coordinator.lease_keys(session_id) if self.coordinator.keepalive(session_id) else None
+        if existing is None:
+            self._restart(session_id)
+            existing = []
+        with self._lock:
+            since = self._renewed_at.get(session_id, 0.0)
+            fresh = {ino for ino, at in self._taken.get(session_id, {}).items() if at >= since}
+            self._taken[session_id] = {ino: at for ino, at in self._taken.get(session_id, {}).items() if at >= since}
+            self._renewed_at[session_id] = now
+        keep = listed | fresh
+        held = set()
+        for key in existing:
+            if not key.startswith(self._prefix):
+                continue
+            ino = int(key[len(self._prefix):].split(b"/")[0])
+            if ino in keep:
+                held.add(ino)
+            else:
+                self.coordinator.delete(key)
+        for ino in listed - held:
+            self.coordinator.put(self._hold_key(ino, session_id), b"", session_id)
+
+    def end(self, session_id: int) -> None:
+        self.coordinator.revoke(session_id)
+        with self._lock:
+            self._taken.pop(session_id, None)
+            self._renewed_at.pop(session_id, None)
+
+    def hold(self, session_id: int, ino: int) -> None:
+        if not session_id:
+            return
+        try:
+            self.coordinator.put(self._hold_key(ino, session_id), b"", session_id)
+        except FileNotFoundError:
+            self._restart(session_id)
+            self.coordinator.put(self._hold_key(ino, session_id), b"", session_id)
+        with self._lock:
+            self._taken.setdefault(session_id, {})[ino] = self._clock()
+
+    def release(self, session_id: int, ino: int) -> None:
+        self.coordinator.delete(self._hold_key(ino, session_id))
+        with self._lock:
+            self._taken.get(session_id, {}).pop(ino, None)
+
+    def is_held(self, ino: int) -> bool:
+        """A prefix count in etcd: some live session, through any server, holds ``ino``."""
+        return self.coordinator.count(self._prefix + f"{ino}/".encode()) > 0
+
+    def reclaim(self, namespace: OrphanReclaimer) -> int:
+        """Free every orphan no session holds (the leader calls this, inside ``store.run``)."""
+        freed = namespace.reclaim_orphans(self.is_held)
+        if freed:
+            log.info("sessions: %d unlinked inode(s) nobody holds open any more were freed", freed)
+        self.reclaimed += freed
+        return freed
+
+    async def run(self, namespace: OrphanReclaimer, store: MetaStore, *,
+                  task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        task_status.started()
+        while True:
+            await trio.sleep(self.lease_s / 4)
+            try:
+                await store.run(lambda: self.reclaim(namespace))
+            except OSError as exc:
+                log.warning("sessions: reclaim failed (%s); retrying", exc)
+
+    def _restart(self, session_id: int) -> None:
+        """The session's lease lapsed (or never existed here): start it again under the same id."""
+        try:
+            self.coordinator.grant(self.lease_s, session_id)
+        except OSError as exc:
+            if exc.errno != errno.EEXIST:  # another server restarted it at the same moment
+                raise

@@ -7,6 +7,11 @@ keeps serving fragments and retries with capped, jittered backoff. Logs are
 written once per change of state (registered, unreachable, re-registering),
 not per attempt, so a metadata outage does not flood every node's log.
 
+``meta_grpc`` may list several metadata servers ("h1:p1,h2:p2"): a node that
+cannot reach the one it uses moves to the next and registers there (the
+receiving server grants the node's liveness lease), so a dead metadata server
+costs a node one failed call, not its place in the map.
+
 Each heartbeat also carries the fragments this node quarantined since the
 last one (``bad_fragments``: found by reads, the scrubber or a reader's
 QUARANTINE_FRAGMENT), so the metadata server's repair rebuilds them; a
@@ -81,16 +86,35 @@ class Registration:
         self.heartbeat_interval_s = DEFAULT_HEARTBEAT_S
         self.state = "starting"
         self.refusal = ""  # the metadata server's last reason for refusing this node; "" if none
+        self.meta_addresses = [a.strip() for a in config.meta_grpc.split(",") if a.strip()] or [config.meta_grpc]
+        self._current = 0
+        self._connect()
+
+    @property
+    def meta_address(self) -> str:
+        """The metadata server this node talks to now."""
+        return self.meta_addresses[self._current]
+
+    def _connect(self) -> None:
         # grpc's own reconnect backoff grows to 120 s by default: a metadata
         # server back after a short outage would wait that long for its nodes.
         # (A channel connects lazily, so creating it here does no I/O.)
-        self._channel = authenticated_channel(config.meta_grpc, key, config.tls_ca_file if config.tls else "",
-                                              options=[
+        self._channel = authenticated_channel(self.meta_address, self.key,
+                                              self.config.tls_ca_file if self.config.tls else "", options=[
             ("grpc.initial_reconnect_backoff_ms", int(BACKOFF_FIRST_S * 1000)),
             ("grpc.min_reconnect_backoff_ms", int(BACKOFF_FIRST_S * 1000)),
             ("grpc.max_reconnect_backoff_ms", int(BACKOFF_MAX_S * 1000)),
         ])
         self._stub = control_pb2_grpc.ClusterStub(self._channel)
+
+    def _fail_over(self) -> bool:
+        """Move to the next metadata server of the list; False when there is only one."""
+        if len(self.meta_addresses) < 2:
+            return False
+        self._channel.close()
+        self._current = (self._current + 1) % len(self.meta_addresses)
+        self._connect()
+        return True
 
     async def run(self) -> None:
         try:
@@ -131,7 +155,9 @@ class Registration:
                     registered = False
                     continue
                 self._enter("unreachable", "metadata server %s unreachable (%s); serving data and retrying",
-                            self.config.meta_grpc, code.name if code else exc)
+                            self.meta_address, code.name if code else exc)
+                if self._fail_over():
+                    registered = False  # the next server grants this node's liveness lease at Register
                 await trio.sleep(backoff_s * random.uniform(0.5, 1.0))
                 backoff_s = min(backoff_s * 2, BACKOFF_MAX_S)
 
@@ -151,7 +177,7 @@ class Registration:
         if reply.heartbeat_interval_s > 0:
             self.heartbeat_interval_s = reply.heartbeat_interval_s
         self._enter("registered", "registered with %s as node %d (epoch %d, heartbeat every %.1fs)",
-                    self.config.meta_grpc, reply.node_id, reply.epoch, self.heartbeat_interval_s)
+                    self.meta_address, reply.node_id, reply.epoch, self.heartbeat_interval_s)
 
     async def _heartbeat(self) -> None:
         stats = await trio.to_thread.run_sync(self.store.stats)
@@ -180,7 +206,7 @@ class Registration:
         if bad:
             log.info("reported %d quarantined fragment(s) for repair", len(bad))
         self.epoch = reply.epoch
-        self._enter("registered", "metadata server %s reachable again", self.config.meta_grpc)
+        self._enter("registered", "metadata server %s reachable again", self.meta_address)
 
     async def _call(self, method: Callable[..., Any], request: Any) -> Any:
         # abandon_on_cancel: shutdown must not wait for a call to time out; the
@@ -193,7 +219,7 @@ class Registration:
         """The metadata server refused this node: an error line per new reason, then retry."""
         if reason != self.refusal:
             log.error("metadata server %s refused node %s (%s key %r): %s; check --key and the cluster secret; "
-                      "retrying", self.config.meta_grpc, self.identity.uuid, "with" if self.key else "without",
+                      "retrying", self.meta_address, self.identity.uuid, "with" if self.key else "without",
                       self.key.identity.name if self.key else "", reason)
         self.refusal = reason
         self.state = "refused"

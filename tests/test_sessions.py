@@ -211,7 +211,7 @@ def test_a_metadata_server_restart_keeps_a_live_clients_hold(leased_cluster: Loc
         f = reader.open("/survivor", "rb")
         with deepfs.Client(cluster.meta_address) as other:
             other.unlink("/survivor")
-        cluster.kill_meta(signal.SIGKILL)
+        cluster.kill_meta(0, signal.SIGKILL)
         cluster.start_meta()
         cluster.wait_nodes_up(cluster.node_count)
         time.sleep(3 * LEASE_S)  # past the restarted server's first lease: reclaiming is on

@@ -131,7 +131,7 @@ class StatusRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class StatusReply(_message.Message):
-    __slots__ = ("map", "default_k", "default_m", "default_stripe_size", "files", "directories", "logical_bytes", "gc_pending", "data_address", "degraded_stripes", "stripes_by_lost", "unreadable_stripes", "repair_queue", "repair_bytes_per_s", "repair_eta_s", "repaired_fragments", "incarnation", "scrub_errors", "scrub_progress")
+    __slots__ = ("map", "default_k", "default_m", "default_stripe_size", "files", "directories", "logical_bytes", "gc_pending", "data_address", "degraded_stripes", "stripes_by_lost", "unreadable_stripes", "repair_queue", "repair_bytes_per_s", "repair_eta_s", "repaired_fragments", "incarnation", "scrub_errors", "scrub_progress", "engine", "etcd_members", "leader")
     class StripesByLostEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -158,6 +158,9 @@ class StatusReply(_message.Message):
     INCARNATION_FIELD_NUMBER: _ClassVar[int]
     SCRUB_ERRORS_FIELD_NUMBER: _ClassVar[int]
     SCRUB_PROGRESS_FIELD_NUMBER: _ClassVar[int]
+    ENGINE_FIELD_NUMBER: _ClassVar[int]
+    ETCD_MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    LEADER_FIELD_NUMBER: _ClassVar[int]
     map: ClusterMap
     default_k: int
     default_m: int
@@ -177,7 +180,18 @@ class StatusReply(_message.Message):
     incarnation: int
     scrub_errors: int
     scrub_progress: float
-    def __init__(self, map: _Optional[_Union[ClusterMap, _Mapping]] = ..., default_k: _Optional[int] = ..., default_m: _Optional[int] = ..., default_stripe_size: _Optional[int] = ..., files: _Optional[int] = ..., directories: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., gc_pending: _Optional[int] = ..., data_address: _Optional[str] = ..., degraded_stripes: _Optional[int] = ..., stripes_by_lost: _Optional[_Mapping[int, int]] = ..., unreadable_stripes: _Optional[int] = ..., repair_queue: _Optional[int] = ..., repair_bytes_per_s: _Optional[float] = ..., repair_eta_s: _Optional[float] = ..., repaired_fragments: _Optional[int] = ..., incarnation: _Optional[int] = ..., scrub_errors: _Optional[int] = ..., scrub_progress: _Optional[float] = ...) -> None: ...
+    engine: str
+    etcd_members: _containers.RepeatedCompositeFieldContainer[EtcdMember]
+    leader: str
+    def __init__(self, map: _Optional[_Union[ClusterMap, _Mapping]] = ..., default_k: _Optional[int] = ..., default_m: _Optional[int] = ..., default_stripe_size: _Optional[int] = ..., files: _Optional[int] = ..., directories: _Optional[int] = ..., logical_bytes: _Optional[int] = ..., gc_pending: _Optional[int] = ..., data_address: _Optional[str] = ..., degraded_stripes: _Optional[int] = ..., stripes_by_lost: _Optional[_Mapping[int, int]] = ..., unreadable_stripes: _Optional[int] = ..., repair_queue: _Optional[int] = ..., repair_bytes_per_s: _Optional[float] = ..., repair_eta_s: _Optional[float] = ..., repaired_fragments: _Optional[int] = ..., incarnation: _Optional[int] = ..., scrub_errors: _Optional[int] = ..., scrub_progress: _Optional[float] = ..., engine: _Optional[str] = ..., etcd_members: _Optional[_Iterable[_Union[EtcdMember, _Mapping]]] = ..., leader: _Optional[str] = ...) -> None: ...
+
+class EtcdMember(_message.Message):
+    __slots__ = ("endpoint", "is_leader")
+    ENDPOINT_FIELD_NUMBER: _ClassVar[int]
+    IS_LEADER_FIELD_NUMBER: _ClassVar[int]
+    endpoint: str
+    is_leader: bool
+    def __init__(self, endpoint: _Optional[str] = ..., is_leader: _Optional[bool] = ...) -> None: ...
 
 class NodeRequest(_message.Message):
     __slots__ = ("node_id",)
