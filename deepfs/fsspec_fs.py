@@ -7,7 +7,9 @@ pyproject.toml (importing this module registers it too).
 
 Mental model: one ``DeepFSFileSystem`` per cluster and key (fsspec caches
 instances by their arguments), over the process's shared ``deepfs.Client``
-for them. The key is the storage option ``key`` (a key file's path or a
+for them. A cluster with several metadata servers is named by their list,
+``deepfs://h1:7700,h2:7700/x`` or ``DeepFSFileSystem(address="h1:7700,h2:7700")``:
+the client fails over between them. The key is the storage option ``key`` (a key file's path or a
 ``deepfs.auth.Key``), else ``$DEEPFS_KEY``, else ``~/.config/deepfs/key``:
 ``fsspec.open("deepfs://h:7700/x", key="/etc/deepfs/alice.key")``. Paths inside it
 are absolute DeepFS paths (``/data/part-0.parquet``); ``ls`` and ``info``
@@ -30,26 +32,35 @@ import fsspec
 from fsspec.spec import AbstractBufferedFile, AbstractFileSystem
 
 from deepfs.client import AsyncFile, Client
-from deepfs.url import PREFIX, KeyArg, join_path, parse_url, shared_client
+from deepfs.url import PREFIX, KeyArg, canonical_address, join_path, parse_url, shared_client
 
 DEFAULT_BLOCK_SIZE = 8 << 20
 
 
 class DeepFSFileSystem(AbstractFileSystem):
-    """``DeepFSFileSystem(host="10.0.0.5", port=7700, key=...)``, or ``client=deepfs.Client(...)``."""
+    """``DeepFSFileSystem(host="10.0.0.5", port=7700, key=...)``, ``DeepFSFileSystem(address="h1:7700,h2:7700")``
+    (several metadata servers), or ``client=deepfs.Client(...)``."""
 
     protocol = "deepfs"
     root_marker = "/"
 
     def __init__(self, host: str | None = None, port: int | None = None, *, client: Client | None = None,
-                 block_size: int = DEFAULT_BLOCK_SIZE, key: KeyArg = None, **storage_options: Any) -> None:
-        super().__init__(host=host, port=port, client=client, block_size=block_size, key=key, **storage_options)
+                 block_size: int = DEFAULT_BLOCK_SIZE, key: KeyArg = None, address: str | None = None,
+                 **storage_options: Any) -> None:
+        super().__init__(host=host, port=port, client=client, block_size=block_size, key=key, address=address,
+                         **storage_options)
         self.key = key
-        if client is None and (host is None or port is None):
-            raise ValueError("DeepFSFileSystem needs host and port (or a deepfs://HOST:PORT/ URL), or client=")
+        if client is None and address is None and (host is None or port is None):
+            raise ValueError("DeepFSFileSystem needs host and port, or address= (or a deepfs://HOST:PORT/ URL), "
+                             "or client=")
         self._client = client
-        self.address = (client.meta_address if client is not None
-                        else f"[{host}]:{port}" if ":" in host else f"{host}:{port}")
+        if client is not None:
+            self.address = client.meta_address
+        elif address is not None:
+            self.address = canonical_address(address)
+        else:
+            assert host is not None
+            self.address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
         self.blocksize = block_size
 
     @property
@@ -74,7 +85,10 @@ class DeepFSFileSystem(AbstractFileSystem):
     def _get_kwargs_from_urls(path: str) -> dict[str, Any]:
         if not path.startswith(PREFIX):
             return {}
-        host, _, port = parse_url(path).address.rpartition(":")
+        address = parse_url(path).address
+        if "," in address:
+            return {"address": address}
+        host, _, port = address.rpartition(":")
         return {"host": host.strip("[]"), "port": int(port)}
 
     def unstrip_protocol(self, name: str) -> str:

@@ -1,7 +1,10 @@
 """``deepfs://HOST:PORT/path`` URLs and one shared ``deepfs.Client`` per cluster.
 
 The torch adapter, the fsspec file system and the DCP storage layer all take
-URLs naming a cluster by its metadata server's address. Opening a client
+URLs naming a cluster by its metadata server's address, or by a list of its
+metadata servers: ``deepfs://h1:7700,h2:7700/path`` (the client fails over
+between them; ``deepfs.rpc.parse_addresses``). Addresses are kept in one
+canonical spelling (``canonical_address``), so one cluster is one client. Opening a client
 costs a connection and a background thread, so every surface shares one
 client per address and process: ``shared_client`` hands it out, creates it
 on first use, and closes it at interpreter exit. A forked child (data loader
@@ -25,7 +28,7 @@ from urllib.parse import unquote, urlsplit
 
 from deepfs.auth import Key
 from deepfs.client import Client
-from deepfs.rpc import parse_address
+from deepfs.rpc import format_addresses
 
 SCHEME = "deepfs"
 PREFIX = f"{SCHEME}://"
@@ -33,7 +36,8 @@ PREFIX = f"{SCHEME}://"
 
 @dataclass(frozen=True, slots=True)
 class DeepFSURL:
-    """A parsed ``deepfs://HOST:PORT/path``: the metadata server's address and an absolute path."""
+    """A parsed ``deepfs://HOST:PORT[,HOST:PORT...]/path``: the metadata server address(es), canonical
+    (``canonical_address``), and an absolute path."""
 
     address: str
     path: str
@@ -47,16 +51,33 @@ def is_url(target: object) -> bool:
 
 
 def parse_url(url: str) -> DeepFSURL:
-    """``deepfs://10.0.0.5:7700/ckpt/step100.pt`` → address ``10.0.0.5:7700``, path ``/ckpt/step100.pt``."""
+    """``deepfs://10.0.0.5:7700/ckpt/step100.pt`` → address ``10.0.0.5:7700``, path ``/ckpt/step100.pt``;
+    ``deepfs://a:7700,b:7700/x`` → address ``a:7700,b:7700``."""
     parts = urlsplit(url)
     if parts.scheme != SCHEME or not parts.netloc:
-        raise ValueError(f"{url!r} is not a deepfs URL; expected {PREFIX}HOST:PORT/path")
+        raise ValueError(f"{url!r} is not a deepfs URL; expected {PREFIX}HOST:PORT[,HOST:PORT...]/path")
     if parts.query or parts.fragment:
         raise ValueError(f"{url!r}: deepfs URLs take no query or fragment")
-    host, port = parse_address(parts.netloc)
-    address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+    try:
+        address = canonical_address(parts.netloc)
+    except ValueError as exc:
+        raise ValueError(f"{url!r}: {exc}") from None
     path = "/" + "/".join(p for p in unquote(parts.path).split("/") if p)
     return DeepFSURL(address, path)
+
+
+def canonical_address(address: str) -> str:
+    """``" a:1, b:2"`` → ``"a:1,b:2"``: one spelling per list of metadata servers (ValueError, errno
+    EINVAL, for a malformed one)."""
+    return format_addresses(address)
+
+
+def same_cluster(a: str, b: str) -> bool:
+    """Whether two metadata addresses (or lists) name the same servers, however spelled."""
+    try:
+        return canonical_address(a) == canonical_address(b)
+    except ValueError:
+        return a == b
 
 
 def join_path(base: str, *names: str) -> str:
@@ -82,7 +103,9 @@ def _key_token(key: KeyArg) -> Any:
 
 
 def shared_client(address: str, key: KeyArg = None) -> Client:
-    """The process-wide client of the cluster at ``address`` with ``key`` (created on first use)."""
+    """The process-wide client of the cluster at ``address`` (one or more metadata servers) with
+    ``key`` (created on first use)."""
+    address = canonical_address(address)
     cache_key = (os.getpid(), address, _key_token(key))
     with _lock:
         client = _clients.get(cache_key)

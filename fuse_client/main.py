@@ -33,6 +33,8 @@ def main(argv: list[str] | None = None, prog: str = "deepfs mount") -> int:
         check_allow_other(options, os.geteuid())
         check_mountpoint(options.mountpoint)
         options.key = key_path(options.key)  # one key for parent and daemon, whatever the daemon's env
+        if options.tls_ca is not None:
+            options.tls_ca = options.tls_ca.resolve()  # the background daemon runs elsewhere
         if options.foreground:
             run_foreground(options)
         else:

@@ -30,6 +30,7 @@ from pathlib import Path
 from deepfs.auth import DEFAULT_KEY_PATH, KEY_ENV, AuthError
 from deepfs.client._transport import NO_KEY
 from deepfs.config import ClientConfig
+from deepfs.rpc import format_addresses
 
 DEFAULT_ATTR_TIMEOUT_S = 1.0
 DEFAULT_ENTRY_TIMEOUT_S = 1.0
@@ -89,10 +90,12 @@ class MountOptions:
     debug: bool = False
     extra_fuse_options: list[str] = field(default_factory=list)
     key: Path | None = None  # the key file (None: resolved as deepfs.auth.resolve_key does)
+    tls_ca: Path | None = None  # a TLS cluster: connect with TLS, verifying the servers with this CA
 
     def client_config(self) -> ClientConfig:
         return ClientConfig(meta_address=self.meta_address, readahead_stripes=self.readahead_stripes,
-                            key_file=str(self.key or ""))
+                            key_file=str(self.key or ""), tls=self.tls_ca is not None,
+                            tls_ca_file=str(self.tls_ca or ""))
 
     def fuse_options(self) -> set[str]:
         """libfuse mount options: the kernel checks permissions against our attributes.
@@ -121,6 +124,8 @@ class MountOptions:
             args.append("--debug")
         if self.key is not None:
             args += ["--key", str(self.key)]
+        if self.tls_ca is not None:
+            args += ["--tls-ca", str(self.tls_ca)]
         if self.metrics_port is not None:
             args += ["--metrics-port", str(self.metrics_port), "--metrics-host", self.metrics_host]
         for opt in self.extra_fuse_options:
@@ -142,13 +147,23 @@ class _OneLineErrors(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: {message} (see --help)\n")
 
 
+def _addresses(text: str) -> str:
+    """META_ADDR: one or more HOST:PORT, comma-separated (``deepfs.rpc.parse_addresses``)."""
+    try:
+        return format_addresses(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser(prog: str = "deepfs mount") -> argparse.ArgumentParser:
     parser = _OneLineErrors(
         prog=prog,
         description="Mount a DeepFS cluster as a POSIX file system (FUSE). "
         "Caching rules and consistency between mounts: docs/FUSE.md.",
     )
-    parser.add_argument("meta_address", metavar="META_ADDR", help="metadata server, host:port")
+    parser.add_argument("meta_address", metavar="META_ADDR", type=_addresses,
+                        help="metadata server, host:port; or several of the cluster's, host1:port1,host2:port2 "
+                        "(the mount fails over between them)")
     parser.add_argument("mountpoint", metavar="MOUNTPOINT", type=Path, help="an existing empty directory")
     mode = parser.add_mutually_exclusive_group()
     mode.add_argument("-f", "--foreground", action="store_true", help="stay in the foreground, log to stderr")
@@ -180,6 +195,8 @@ def build_parser(prog: str = "deepfs mount") -> argparse.ArgumentParser:
     parser.add_argument("-d", "--debug", action="store_true", help="log every FUSE request")
     parser.add_argument("--key", type=Path, default=None, metavar="FILE",
                         help=f"key file to authenticate with (default: ${KEY_ENV}, then {DEFAULT_KEY_PATH})")
+    parser.add_argument("--tls-ca", type=Path, default=None, metavar="FILE",
+                        help="the cluster runs TLS: connect with TLS, verifying the servers with this CA (PEM)")
     return parser
 
 

@@ -18,46 +18,89 @@ from deepfs import rpc
 from deepfs.client import Created, DirEntry, MetaClient, StripeRecord
 from deepfs.client._file import fetch_file_state
 from deepfs.config import MetaConfig
+from deepfs.frames import Op
 from deepfs.layout import Layout
 from deepfs.placement import NodeView
 from metadata import files
 from metadata.server import open_meta_state
 
-pytestmark = pytest.mark.unit
+pytestmark = [pytest.mark.unit, pytest.mark.timeout(60)]
 
 ME = {"uid": 1000, "gid": 1000}
 ROOT = 1
 
 
 class PipeTransport:
-    """Dials the one in-process server; refuses the first ``refuse`` dials."""
+    """Dials the one in-process server at any address but those in ``dead``; refuses the first
+    ``refuse`` dials. Records every request the server got (``seen``: op, body) and every dial
+    (``dialled``); ``lose_reply(op)`` makes the server handle the next such request and then break
+    the connection instead of answering (a reply lost with a killed server)."""
 
-    def __init__(self, server: rpc.FrameServer, refuse: int = 0) -> None:
-        self.server = server
+    def __init__(self, handler: rpc.Handler, refuse: int = 0) -> None:
+        self.handler = handler
+        self.server = rpc.FrameServer(self._handle, name="meta")
         self.refuse = refuse
         self.dials = 0
+        self.dialled: list[str] = []
+        self.dead: set[str] = set()
+        self.seen: list[tuple[int, dict]] = []
+        self.connections: set[trio.CancelScope] = set()
+        self._lose: set[int] = set()
+
+    def lose_reply(self, op: Op) -> None:
+        self._lose.add(op)
+
+    def break_connections(self) -> None:
+        for scope in list(self.connections):
+            scope.cancel()
+
+    async def _handle(self, op: int, body: object, payload: memoryview, principal: object) -> tuple[object, list]:
+        self.seen.append((op, dict(body) if isinstance(body, dict) else {}))
+        reply = await self.handler(op, body, payload, None)
+        if op in self._lose:
+            self._lose.discard(op)
+            self.break_connections()
+            await trio.sleep_forever()
+        return reply
+
+    def ops(self, op: Op) -> list[dict]:
+        return [body for seen, body in self.seen if seen == op]
 
     async def dial(self, nursery: trio.Nursery, address: str, timeout_s: float, *,
                    credential: object = None) -> rpc.FrameClient:
         self.dials += 1
-        if self.dials <= self.refuse:
+        self.dialled.append(address)
+        if self.dials <= self.refuse or address in self.dead:
             raise ConnectionRefusedError(errno.ECONNREFUSED, "refused")
         near, far = trio.testing.memory_stream_pair()
-        nursery.start_soon(self.server.serve_connection, far)
+        await nursery.start(self._serve, far)
         return rpc.FrameClient.over_stream(nursery, near, address)
+
+    async def _serve(self, stream: trio.abc.Stream, *, task_status: trio.TaskStatus[None]) -> None:
+        with trio.CancelScope() as scope:
+            self.connections.add(scope)
+            task_status.started()
+            try:
+                await self.server.serve_connection(stream)
+            finally:
+                self.connections.discard(scope)
+                await stream.aclose()
 
     async def fetch_cluster_map(self, grpc_address: str, timeout_s: float) -> tuple[int, list[NodeView]]:
         return 0, []
 
 
 @asynccontextmanager
-async def meta_client(tmp_path: Path, refuse: int = 0) -> AsyncIterator[tuple[MetaClient, PipeTransport]]:
+async def meta_client(tmp_path: Path, refuse: int = 0, address: str = "meta.test:1", failover_s: float = 10.0,
+                      dead: tuple[str, ...] = ()) -> AsyncIterator[tuple[MetaClient, PipeTransport]]:
     config = MetaConfig(data_dir=str(tmp_path / "meta"), default_k=2, default_m=1, default_stripe_size=1 << 16)
     with open_meta_state(config) as state:
-        transport = PipeTransport(rpc.FrameServer(state.frame_handler("grpc.test:1"), name="meta"), refuse)
+        transport = PipeTransport(state.frame_handler("grpc.test:1"), refuse)
+        transport.dead.update(dead)
         async with trio.open_nursery() as nursery:
             await nursery.start(state.store.run_syncer)
-            client = MetaClient(nursery, "meta.test:1", transport, connect_timeout_s=1.0, timeout_s=5.0)
+            client = MetaClient(nursery, address, transport, connect_timeout_s=1.0, timeout_s=5.0,
+                                failover_s=failover_s)
             try:
                 yield client, transport
             finally:
@@ -65,9 +108,9 @@ async def meta_client(tmp_path: Path, refuse: int = 0) -> AsyncIterator[tuple[Me
                 nursery.cancel_scope.cancel()
 
 
-def run(test, tmp_path: Path, refuse: int = 0) -> PipeTransport:
+def run(test, tmp_path: Path, refuse: int = 0, **options: object) -> PipeTransport:
     async def main() -> PipeTransport:
-        async with meta_client(tmp_path, refuse) as (client, transport):
+        async with meta_client(tmp_path, refuse, **options) as (client, transport):  # type: ignore[arg-type]
             await test(client)
             return transport
 
@@ -200,4 +243,106 @@ def test_refused_connections_are_retried_then_eio(tmp_path: Path) -> None:
             await meta.getattr(ROOT)
         assert info.value.errno == errno.EIO
 
-    assert run(fails, tmp_path / "b", refuse=10).dials == 3
+    assert run(fails, tmp_path / "b", refuse=1000, failover_s=0.3).dials > 3  # kept trying for failover_s
+
+
+def test_a_list_of_servers_fails_over_round_robin(tmp_path: Path) -> None:
+    async def test(meta: MetaClient) -> None:
+        assert meta.addresses == ["a.test:1", "b.test:2", "[::1]:3"]
+        await meta.hello()
+        assert meta.address == "b.test:2"  # a is dead: the next one
+        await meta.getattr(ROOT)
+
+    transport = run(test, tmp_path, address="a.test:1, b.test:2,[::1]:3", dead=("a.test:1",))
+    assert transport.dialled == ["a.test:1", "b.test:2"]
+
+
+def test_a_broken_connection_moves_on_and_brings_the_session_back(tmp_path: Path) -> None:
+    async def test(meta: MetaClient) -> None:
+        hello = await meta.hello()
+        assert hello.session
+        created = await meta.create(ROOT, b"held", stat.S_IFREG | 0o644, ME)
+        ino = created.attr["ino"]
+        transport.break_connections()  # the server a.test was using is killed
+        transport.dead.add("a.test:1")
+        await meta.getattr(ino)  # waits, moves to b, and succeeds
+        assert meta.address == "b.test:2"
+        hellos, renewals = transport.ops(Op.HELLO), transport.ops(Op.RENEW_SESSION)
+        assert len(hellos) == 2  # a new session on b
+        assert renewals and renewals[-1]["session"] == meta.session and ino in renewals[-1]["holds"]
+        assert meta.session != hello.session
+
+    async def main() -> None:
+        nonlocal transport
+        async with meta_client(tmp_path, address="a.test:1,b.test:2") as (client, transport):
+            await test(client)
+
+    transport: PipeTransport
+    trio.run(main)
+
+
+def test_mutations_carry_an_op_id_and_a_lost_reply_is_retried_with_it(tmp_path: Path) -> None:
+    """The server made the directory, then the connection broke before its reply: the retry
+    carries the same op_id and gets the first result, not EEXIST."""
+
+    async def test(meta: MetaClient) -> None:
+        await meta.hello()
+        transport.lose_reply(Op.MKDIR)
+        attr = await meta.mkdir(ROOT, b"once", stat.S_IFDIR | 0o755, ME)
+        assert stat.S_ISDIR(attr["mode"]) and attr["ino"] == (await meta.lookup(ROOT, b"once"))["ino"]
+        first, retry = transport.ops(Op.MKDIR)
+        assert len(first["op_id"]) == 16 and first["op_id"] == retry["op_id"]
+        await meta.mkdir(ROOT, b"other", stat.S_IFDIR | 0o755, ME)
+        assert transport.ops(Op.MKDIR)[2]["op_id"] != first["op_id"]  # one per logical operation
+        assert "op_id" not in transport.ops(Op.LOOKUP)[0] and "op_id" not in transport.ops(Op.HELLO)[0]
+
+    async def main() -> None:
+        nonlocal transport
+        async with meta_client(tmp_path) as (client, transport):
+            await test(client)
+
+    transport: PipeTransport
+    trio.run(main)
+
+
+def test_a_big_commit_is_split(tmp_path: Path) -> None:
+    async def test(meta: MetaClient) -> None:
+        created = await meta.create(ROOT, b"big", stat.S_IFREG | 0o644, ME)
+        ino = created.attr["ino"]
+        records = [record(i) for i in reversed(range(150))]
+        size = 150 << 16
+        committed = await meta.commit(ino, records, size, stripe_size=1 << 16)
+        assert committed["attr"]["size"] == size
+        commits = transport.ops(Op.COMMIT)
+        assert [len(c["stripes"]) for c in commits] == [64, 64, 22]
+        assert [c["size"] for c in commits] == [64 << 16, 128 << 16, size]
+        assert len({bytes(c["op_id"]) for c in commits}) == 3
+        assert len(await meta.get_stripes(ino, 0)) == 150
+
+    async def main() -> None:
+        nonlocal transport
+        async with meta_client(tmp_path) as (client, transport):
+            await test(client)
+
+    transport: PipeTransport
+    trio.run(main)
+
+
+@pytest.mark.parametrize(("text", "expected"), [
+    ("h:1", [("h", 1)]),
+    ("h1:1,h2:2", [("h1", 1), ("h2", 2)]),
+    (" h1:1 , [::1]:2 ,h1:1", [("h1", 1), ("::1", 2)]),
+])
+def test_parse_addresses(text: str, expected: list[tuple[str, int]]) -> None:
+    assert rpc.parse_addresses(text) == expected
+    assert rpc.parse_addresses(rpc.format_addresses(text)) == expected
+
+
+@pytest.mark.parametrize(("text", "says"), [
+    ("", "empty"), ("h:1,", "entry 2 is empty"), ("h", "HOST:PORT"), (":7", "HOST:PORT"), ("h:x", "HOST:PORT"),
+    ("h:0", "outside"), ("h:70000", "outside"), ("::1:7", "IPv6"), ("[::1:7", "brackets"),
+])
+def test_parse_addresses_errors(text: str, says: str) -> None:
+    with pytest.raises(ValueError, match=says) as info:
+        rpc.parse_addresses(text)
+    assert info.value.errno == errno.EINVAL  # type: ignore[attr-defined]

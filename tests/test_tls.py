@@ -308,3 +308,16 @@ def test_bench_selects_the_tls_target_beside_the_plain_client() -> None:
 
     assert "deepfs-tls" in TARGET_NAMES
     assert parse_target_names("deepfs-client,deepfs-tls") == ["deepfs-client", "deepfs-tls"]
+
+
+@pytest.mark.fuse
+@pytest.mark.timeout(120)
+def test_a_mount_reaches_a_tls_cluster_with_its_ca(tls_cluster: LocalCluster) -> None:
+    from tests.conftest import mounted
+
+    data = bytes(range(256)) * 1024
+    with mounted(tls_cluster, "tls", extra_args=["--tls-ca", str(tls_cluster.tls_ca_file)]) as mnt:
+        (mnt.path / "through-tls").write_bytes(data)
+        assert (mnt.path / "through-tls").read_bytes() == data
+    with deepfs.Client(tls_cluster.meta_address, config=_tls_config(tls_cluster)) as client:
+        assert client.read_file("/through-tls") == data

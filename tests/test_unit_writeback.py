@@ -102,6 +102,18 @@ def committed_stripes(cluster: MemoryCluster, ino: int) -> dict[int, int]:
     return {s["index"]: s["length"] for s in cluster.meta.namespace.get_stripes(ino, 0, 0)}
 
 
+async def committed_by_now(cluster: MemoryCluster, ino: int, expected: dict[int, int]) -> dict[int, int]:
+    """``committed_stripes`` once the background upload's COMMIT went through: the store runs
+    operations on its own thread, so "every task blocked" no longer means "committed"."""
+    for _ in range(1000):
+        await trio.testing.wait_all_tasks_blocked()
+        found = committed_stripes(cluster, ino)
+        if found == expected:
+            break
+        await trio.sleep(0.01)
+    return found
+
+
 def committed_size(cluster: MemoryCluster, ino: int) -> int:
     return int(cluster.meta.namespace.getattr(ino)["size"])
 
@@ -116,8 +128,8 @@ async def test_small_writes_are_buffered_until_a_stripe_fills_and_flush_commits_
         assert committed_stripes(cluster, f.ino) == {}
         assert f.buffered_bytes > 0
         await f.pwrite(data[STRIPE - 4096 :], STRIPE - 4096)  # fills stripe 0 and starts stripe 1
-        await trio.testing.wait_all_tasks_blocked()
-        assert committed_stripes(cluster, f.ino) == {0: STRIPE}  # stored without a flush; stripe 1 waits
+        assert await committed_by_now(cluster, f.ino, {0: STRIPE}) == {0: STRIPE}  # stored without a flush
+        assert committed_stripes(cluster, f.ino) == {0: STRIPE}  # stripe 1 waits
         await f.flush()
         assert committed_stripes(cluster, f.ino) == {0: STRIPE, 1: 5000}
         assert committed_size(cluster, f.ino) == len(data)
@@ -133,8 +145,7 @@ async def test_a_full_stripe_is_stored_in_the_background_before_any_flush(tmp_pa
         data = os.urandom(STRIPE)
         await f.pwrite(data, 0)
         assert f.buffered_bytes == 0  # in flight at once, not dirty
-        await trio.testing.wait_all_tasks_blocked()  # the upload runs to its end
-        assert committed_stripes(cluster, f.ino) == {0: STRIPE}
+        assert await committed_by_now(cluster, f.ino, {0: STRIPE}) == {0: STRIPE}  # the upload ran to its end
         await f.close()
 
 

@@ -54,6 +54,14 @@ class ClusterView:
         self._suspect_until: dict[int, float] = {}
         self._refresh_lock = trio.Lock()
 
+    def set_control_plane(self, grpc_address: str) -> None:
+        """The metadata server the client now talks to names this control plane: maps come from it."""
+        if grpc_address and grpc_address != self._grpc_address:
+            self._grpc_address = grpc_address
+            if self._status_channel is not None:
+                self._status_channel.close()
+                self._status_channel = None
+
     async def refresh(self) -> None:
         """Fetch the cluster map now, through the transport (TCP: one gRPC call in a worker thread)."""
         async with self._refresh_lock:

@@ -41,7 +41,7 @@ from deepfs.buffers import PoolSet
 from deepfs.client._caps import CapabilityCache
 from deepfs.client._cluster import ClusterView
 from deepfs.client._file import AsyncFile, FileServices, fetch_file_state, open_access
-from deepfs.client._meta import Attr, Created, MetaClient, caller_context
+from deepfs.client._meta import Attr, Created, MetaClient, ServerHello, caller_context
 from deepfs.client._stripes import StripeIO
 from deepfs.client._transport import TcpTransport, Transport, client_key
 from deepfs.concurrency import sole_exception
@@ -90,6 +90,9 @@ def stat_result(attr: Mapping[str, Any]) -> os.stat_result:
 class AsyncClient:
     """Connect with ``async with AsyncClient.connect("127.0.0.1:7700") as client``.
 
+    ``meta_address`` may list several metadata servers of the cluster, "h1:7700,h2:7700": the client
+    uses one and fails over to the next when it dies (``ClientConfig.meta_failover_s``, ``MetaClient``).
+
     ``transport`` (default: TCP) opens every connection the client makes; a
     test harness passes one that reaches in-process servers instead.
 
@@ -132,7 +135,7 @@ class AsyncClient:
         try:
             async with trio.open_nursery() as nursery:
                 meta = MetaClient(nursery, meta_address, transport, config.connect_timeout_s, config.io_timeout_s * 3,
-                                  credential=resolved)
+                                  credential=resolved, failover_s=config.meta_failover_s)
                 client = cls(nursery, meta, config, transport, resolved)
                 try:
                     await client._start()
@@ -164,10 +167,17 @@ class AsyncClient:
         await self.cluster.refresh()
         self._nursery.start_soon(self.cluster.refresh_forever)
         self.meta.open_inodes = self.held_inodes
+        self.meta.reconnected = self._reconnected
         if hello.session and hello.lease_s > 0:
             self._nursery.start_soon(self._renew_session_forever, hello.lease_s)
         elif hello.node_ticket is not None:
             self._nursery.start_soon(self._renew_ticket_forever)
+
+    def _reconnected(self, hello: ServerHello) -> None:
+        """The metadata connection moved (perhaps to another server): follow its control plane."""
+        if hello.default_layout is not None:
+            self.default_layout = hello.default_layout
+        self.cluster.set_control_plane(hello.grpc_address)
 
     def held_inodes(self) -> set[int]:
         """The inodes this client holds open (files not closed yet, and OPENs under way)."""

@@ -10,21 +10,36 @@ operation's path.
 
 The connection is opened lazily through the client's ``Transport`` and
 authenticates with the client's key (``credential``) each time it is opened;
-a refused key is an ``AuthError``, never retried. HELLO hands out the
+a refused key is an ``AuthError``, never retried. The client may be given
+several metadata servers ("h1:p1,h2:p2", ``deepfs.rpc.parse_addresses``): it
+keeps one connection, to one of them. HELLO hands out the
 ``NodeTicket`` that lets the client into storage nodes (``node_ticket``;
 each session renewal replaces it) and the client's root inode (a key limited
 to a subtree sees that subtree as "/"). OPEN and CREATE replies carry a
-capability for the file's fragments (``capability_seen``). A lost
-or refused connection is retried a few times (every operation is idempotent
-or checked by the server); after that the call fails with ``EIO``. An errno
-the server answers is raised as the matching ``OSError`` subclass
-(``FileNotFoundError`` for ENOENT, ...), never retried.
+capability for the file's fragments (``capability_seen``).
+
+Failover: a lost or refused connection, or a request the server does not
+answer within ``timeout_s`` (at most ``failover_s``), moves the client to the next listed server
+(round robin) and the request is sent again, until ``failover_s`` after its
+first failure; then it fails with ``EIO``. A new connection after the first
+HELLOs again (a new session and node ticket on that server; ``reconnected``
+is told) and hands the server the client's holds at once (RENEW_SESSION).
+Retrying is safe: reads are idempotent, and every mutating request carries an
+``op_id`` (16 random bytes, the same in every retry of one call) under which
+the server keeps its reply, so a retry after an ambiguous failure (the reply
+lost, the server killed after it committed) gets the first result, not
+EEXIST or ENOENT. A COMMIT of more than ``MAX_COMMIT_STRIPES`` records is
+sent as several. An errno the server answers is raised as the matching
+``OSError`` subclass (``FileNotFoundError`` for ENOENT, ...), never retried.
 """
 
 from __future__ import annotations
 
 import errno
+import itertools
+import logging
 import os
+import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NamedTuple, TypedDict
@@ -38,7 +53,18 @@ from deepfs.frames import Op
 from deepfs.layout import Layout
 from deepfs.messages import ROOT_INO, StripeRecord
 
-RETRIES = 3
+log = logging.getLogger(__name__)
+
+OP_ID_BYTES = 16
+MUTATING_OPS = frozenset({
+    Op.CREATE, Op.MKNOD, Op.MKDIR, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.LINK, Op.SYMLINK, Op.SETATTR,
+    Op.SETXATTR, Op.REMOVEXATTR, Op.COMMIT, Op.SET_LAYOUT,
+})
+"""Requests that carry an ``op_id``: the server answers a repeated one with the stored first reply."""
+MAX_COMMIT_STRIPES = 64  # stripe records one COMMIT may carry (the server refuses more: EINVAL)
+RETRY_PAUSE_S = 0.05  # after a round over every listed server fails; doubling up to MAX_RETRY_PAUSE_S
+MAX_RETRY_PAUSE_S = 0.5
+DEFAULT_FAILOVER_S = 10.0
 
 
 class Attr(TypedDict):
@@ -132,11 +158,20 @@ class OpenReply(NamedTuple):
 
 
 class MetaClient:
-    """One connection to the metadata server, with a method per operation."""
+    """One connection to a metadata server, with a method per operation.
+
+    ``address``: "host:port" or a comma-separated list of a cluster's metadata servers."""
 
     def __init__(self, nursery: trio.Nursery, address: str, transport: Transport,
-                 connect_timeout_s: float, timeout_s: float, credential: Credential | None = None) -> None:
-        self.address = address
+                 connect_timeout_s: float, timeout_s: float, credential: Credential | None = None,
+                 failover_s: float = DEFAULT_FAILOVER_S) -> None:
+        self.addresses = [rpc.format_address(host, port) for host, port in rpc.parse_addresses(address)]
+        self._index = 0  # the server tried next / connected to now
+        self._generation = 0  # counts connections: a failure of an old one does not move the client again
+        self._connected_once = False
+        self._failover_s = failover_s
+        # one attempt's wait for a reply: a server silent this long counts as failed (the next is tried)
+        self._attempt_timeout_s = min(timeout_s, failover_s) if failover_s > 0 else timeout_s
         self._credential = credential
         self._nursery = nursery
         self._transport = transport
@@ -152,14 +187,19 @@ class MetaClient:
         self.node_ticket: NodeTicket | None = None  # from HELLO, replaced by every session renewal
         # Told every capability an OPEN or CREATE reply carried (its owner keeps them: ``CapabilityCache.put``).
         self.capability_seen: Callable[[int, Capability | None], None] = lambda ino, cap: None
+        # Told what HELLO said each time the client reconnected (perhaps to another server).
+        self.reconnected: Callable[[ServerHello], None] = lambda hello: None
 
     # -------------------------------------------------------------- session
     async def hello(self) -> ServerHello:
         """Also opens this client's session (``session``), if the server keeps sessions."""
         reply = await self._call(Op.HELLO, {})
-        layout = reply.get("default_layout")
         self.session = int(reply.get("session", 0))
         self._take_ticket(reply)
+        return self._hello(reply)
+
+    def _hello(self, reply: dict[str, Any]) -> ServerHello:
+        layout = reply.get("default_layout")
         return ServerHello(
             grpc_address=reply["grpc_address"],
             cluster_id=reply.get("cluster_id", ""),
@@ -329,10 +369,27 @@ class MetaClient:
         reply = await self._call(Op.GET_STRIPES, {"ino": ino, "first": first, "count": count})
         return [StripeRecord.from_wire(s) for s in reply.get("stripes", [])]
 
-    async def commit(self, ino: int, records: Sequence[StripeRecord], size: int) -> Committed:
-        """Make new stripe versions and a size (at least ``size``) visible in one transaction."""
-        body = {"ino": ino, "stripes": [record.to_wire() for record in records], "size": size}
-        return await self._call(Op.COMMIT, body)  # type: ignore[return-value]
+    async def commit(self, ino: int, records: Sequence[StripeRecord], size: int, *,
+                     stripe_size: int = 0) -> Committed:
+        """Make new stripe versions and a size (at least ``size``) visible in one transaction.
+
+        More than ``MAX_COMMIT_STRIPES`` records go as several COMMITs, in stripe order, each with
+        the size its stripes reach (``stripe_size``: the file's; 0: ``size`` with every one), so
+        the file's end moves only as far as what is committed."""
+        ordered = sorted(records, key=lambda record: record.index) if len(records) > MAX_COMMIT_STRIPES else records
+        committed: Committed | None = None
+        for first in range(0, max(len(ordered), 1), MAX_COMMIT_STRIPES):
+            batch = ordered[first:first + MAX_COMMIT_STRIPES]
+            batch_size = size
+            if stripe_size and first + MAX_COMMIT_STRIPES < len(ordered):
+                batch_size = min(size, max(r.index * stripe_size + r.length for r in batch))
+            body = {"ino": ino, "stripes": [record.to_wire() for record in batch], "size": batch_size}
+            reply: Committed = await self._call(Op.COMMIT, body)  # type: ignore[assignment]
+            if committed is not None:
+                reply["min_version"] = max(int(reply["min_version"]), int(committed["min_version"]))
+            committed = reply
+        assert committed is not None
+        return committed
 
     async def release(self, ino: int) -> None:
         """The last local user of ``ino`` is gone: the server drops it if it has no name left
@@ -350,35 +407,114 @@ class MetaClient:
         return {"session": self.session, "released": sorted(released)} if released else {}
 
     # ----------------------------------------------------------- connection
-    async def _connection(self) -> rpc.FrameClient:
-        if self._conn is not None and not self._conn.closed:
-            return self._conn
+    @property
+    def address(self) -> str:
+        """The metadata server this client talks to now (one of ``addresses``)."""
+        return self.addresses[self._index]
+
+    async def _connection(self) -> tuple[rpc.FrameClient, int]:
+        """The open connection and its generation; else a new one, to the current address first, then
+        to the next ones in turn (``_failed`` moved the current address past a server that failed)."""
+        conn = self._conn
+        if conn is not None and not conn.closed:
+            return conn, self._generation
         async with self._lock:
             if self._conn is None or self._conn.closed:
+                index = self._index
+                address = self.addresses[index]
                 try:
-                    self._conn = await self._transport.dial(self._nursery, self.address, self._connect_timeout_s,
-                                                            credential=self._credential)
+                    conn = await self._transport.dial(self._nursery, address, self._connect_timeout_s,
+                                                      credential=self._credential)
                 except AuthError:
                     raise  # a wrong key stays wrong: not retried, not "unreachable"
                 except (OSError, trio.TooSlowError) as exc:
+                    self._advance(index)
                     raise ConnectionRefusedError(
-                        errno.ECONNREFUSED, f"metadata server {self.address} is unreachable: {exc}"
+                        errno.ECONNREFUSED, f"metadata server {address} is unreachable: {exc}"
                     ) from exc
-            return self._conn
+                if self._connected_once:
+                    await self._resume_session(conn, index)
+                self._connected_once = True
+                self._index = index  # (a failure of the previous connection may have moved it meanwhile)
+                self._conn = conn
+                self._generation += 1
+            return self._conn, self._generation
+
+    async def _resume_session(self, conn: rpc.FrameClient, index: int) -> None:
+        """A reconnect (perhaps to another server): HELLO there for a session and a node ticket,
+        and hand it this client's holds at once, so files open here stay held without a gap."""
+        address = self.addresses[index]
+        try:
+            reply, _ = await conn.call(Op.HELLO, {}, timeout_s=self._attempt_timeout_s)
+            reply = reply or {}
+            self._take_ticket(reply)
+            self.session = int(reply.get("session", 0))
+            holds = sorted(self.open_inodes() | self._told_holds)
+            if self.session and holds:
+                renewed, _ = await conn.call(Op.RENEW_SESSION, {"session": self.session, "holds": holds},
+                                             timeout_s=self._attempt_timeout_s)
+                self._take_ticket(renewed or {})
+                self._told_holds = set(holds)
+            self.reconnected(self._hello(reply))
+        except AuthError:
+            await conn.aclose()
+            raise
+        except (OSError, trio.TooSlowError) as exc:
+            await conn.aclose()
+            self._advance(index)
+            raise ConnectionRefusedError(
+                errno.ECONNREFUSED, f"metadata server {address} did not take this client back: {exc}"
+            ) from exc
+        log.info("metadata connection re-established with %s (session %d)", address, self.session)
+
+    def _advance(self, failed: int) -> None:
+        """Round robin: the next listed server after the one that failed."""
+        self._index = (failed + 1) % len(self.addresses)
+
+    async def _failed(self, generation: int) -> None:
+        """The connection of ``generation`` broke or timed out: drop it and move to the next server
+        (once, however many requests saw it fail)."""
+        if generation != self._generation or self._conn is None:
+            return
+        conn, self._conn = self._conn, None
+        self._advance(self._index)
+        await conn.aclose()
 
     async def _call(self, op: Op, request: dict[str, Any]) -> dict[str, Any]:
-        """One request. Connection loss is retried (operations are idempotent
-        or checked by the server); errno answers are raised."""
+        """One request. A lost connection, a server that does not answer within ``timeout_s`` (at most
+        ``failover_s``) or cannot be reached is retried, on the next listed server, until
+        ``failover_s`` after the first failure, then ``EIO``. A mutating request carries an ``op_id``
+        kept across its retries: the server answers a repeat with the first result. Errno answers
+        are raised, never retried."""
+        if op in MUTATING_OPS and "op_id" not in request:
+            request = {**request, "op_id": secrets.token_bytes(OP_ID_BYTES)}
+        deadline: float | None = None
         last: BaseException | None = None
-        for attempt in range(RETRIES):
+        for attempt in itertools.count():
+            generation = -1
+            address = self.address
             try:
-                conn = await self._connection()
-                reply, _ = await conn.call(op, request, timeout_s=self._timeout_s)
+                conn, generation = await self._connection()
+                if request.get("session") and request["session"] != self.session and self.session:
+                    request = {**request, "session": self.session}  # a new session since it was built
+                reply, _ = await conn.call(op, request, timeout_s=self._attempt_timeout_s)
                 return reply or {}
-            except (ConnectionResetError, ConnectionRefusedError, BrokenPipeError, trio.TooSlowError) as exc:
+            except (ConnectionError, trio.TooSlowError) as exc:
                 last = exc
-                await trio.sleep(0.05 * (attempt + 1))
-        raise OSError(errno.EIO, f"metadata server {self.address}: {last}")
+                if generation >= 0:
+                    await self._failed(generation)
+            now = trio.current_time()
+            if deadline is None:
+                deadline = now + self._failover_s
+                log.warning("metadata server %s failed (%s); retrying for up to %.0f s", address, last,
+                            self._failover_s)
+            if now >= deadline:
+                break
+            # the first round over the listed servers at once, then backing off
+            rounds = attempt // len(self.addresses)
+            pause = 0.0 if rounds == 0 else min(RETRY_PAUSE_S * 2 ** (rounds - 1), MAX_RETRY_PAUSE_S)
+            await trio.sleep(min(pause, max(0.0, deadline - now)))
+        raise OSError(errno.EIO, f"metadata server {','.join(self.addresses)}: {last}")
 
     async def aclose(self) -> None:
         if self._conn is not None:

@@ -216,6 +216,8 @@ class StripeIO:
         clients rewriting the same stripe never write the same fragment keys.
         """
         if len(self.cluster.nodes) < layout.width:
+            await self.cluster.refresh()  # a map fetched before the last nodes registered
+        if len(self.cluster.nodes) < layout.width:
             raise OSError(
                 errno.EINVAL,
                 f"layout {layout.k}+{layout.m} needs {layout.width} storage nodes; "

@@ -28,7 +28,9 @@ T = TypeVar("T")
 
 
 class Client:
-    """Connect to the cluster whose metadata server listens on ``meta_address``.
+    """Connect to the cluster whose metadata server listens on ``meta_address``: "host:port", or
+    several of its metadata servers, "h1:7700,h2:7700" (the client fails over between them within
+    ``ClientConfig.meta_failover_s``; mutations are retried idempotently).
 
     >>> with deepfs.Client("127.0.0.1:7700", key="~/alice.key") as fs:
     ...     with fs.open("/data/x.bin", "wb") as f:

@@ -13,7 +13,13 @@ Frames and their errors are ``deepfs.frames``; what goes in their bodies is
 ``deepfs.messages``.
 """
 
-from deepfs.rpc._address import parse_address
+from deepfs.rpc._address import (
+    AddressError,
+    format_address,
+    format_addresses,
+    parse_address,
+    parse_addresses,
+)
 from deepfs.rpc._buffer import READ_BUFFER_SIZE, FrameBuffer
 from deepfs.rpc._client import FrameClient
 from deepfs.rpc._handshake import PRE_AUTH_MAX_BODY, client_handshake, server_handshake
@@ -28,6 +34,7 @@ from deepfs.rpc._pump import (
 from deepfs.rpc._server import FrameServer, Handler, PayloadSent, RefusalLog, ServerLimits
 
 __all__ = [
+    "AddressError",
     "PRE_AUTH_MAX_BODY",
     "READ_BUFFER_SIZE",
     "Buffer",
@@ -43,7 +50,10 @@ __all__ = [
     "Piece",
     "ServerLimits",
     "client_handshake",
+    "format_address",
+    "format_addresses",
     "parse_address",
+    "parse_addresses",
     "send_frame",
     "server_handshake",
 ]

@@ -1,6 +1,7 @@
 """What ``save``/``load`` were pointed at: a DeepFS file, or something for plain torch.
 
-A ``deepfs://HOST:PORT/path`` URL names a file on that cluster (through the
+A ``deepfs://HOST:PORT/path`` URL (or ``deepfs://H1:P1,H2:P2/path``, a cluster's
+metadata servers) names a file on that cluster (through the
 process's shared client); a plain path names a file on the ``client`` the
 caller passed. File-like objects go to ``torch.save``/``torch.load``
 unchanged, so the adapter is a drop-in replacement. A plain path without a
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from deepfs.client import Client
-from deepfs.url import KeyArg, is_url, join_path, parse_url, shared_client
+from deepfs.url import KeyArg, is_url, join_path, parse_url, same_cluster, shared_client
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,7 +58,7 @@ def resolve(f: Any, client: Client | None, key: KeyArg = None) -> Target | None:
         return None
     if is_url(f):
         url = parse_url(f)
-        if client is not None and client.meta_address != url.address:
+        if client is not None and not same_cluster(client.meta_address, url.address):
             raise ValueError(f"{f} names cluster {url.address}, "
                              f"but the client given is connected to {client.meta_address}")
         if url.path == "/":
