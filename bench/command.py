@@ -21,7 +21,7 @@ import click
               help="comma-separated: deepfs (FUSE + client/adapter), deepfs-client, deepfs-tls, local, bindfs, gluster "
                    "[default: deepfs,local,bindfs,gluster; --quick: deepfs,local,bindfs]")
 @click.option("--suites", default=None, metavar="LIST",
-              help="fio,smallfiles,checkpoint,degraded,repair [default: all]")
+              help="fio,smallfiles,checkpoint,degraded,repair,metadata [default: all]")
 @click.option("--jobs", "fio_jobs", default=None, metavar="LIST",
               help="fio jobs to run [default: all eight; quick: five]")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
@@ -41,6 +41,11 @@ import click
               help="data on the repair suite's cluster when it loses a node, MiB [1024; quick 64]")
 @click.option("--repair-mib-s", type=click.FloatRange(1), default=None,
               help="the repair suite's repair bandwidth, MiB/s read + written [50; quick 30]")
+@click.option("--meta-engines", default=None, metavar="LIST",
+              help="metadata suite: lmdb, etcd-1, etcd-3 (1 / 3 metadata servers over etcd) "
+                   "[default: all three; --quick: lmdb]")
+@click.option("--metadata-files", type=click.IntRange(16), default=None,
+              help="metadata suite: files per measurement [400; quick 48]")
 @click.option("--nodes", type=click.IntRange(1), default=6, show_default=True, help="DeepFS storage nodes")
 @click.option("--k", type=click.IntRange(1), default=4, show_default=True)
 @click.option("--m", type=click.IntRange(0), default=2, show_default=True)
@@ -49,8 +54,9 @@ import click
 def bench(quick: bool, targets: str | None, suites: str | None, fio_jobs: str | None, out_dir: str | None,
           reps: int | None, runtime: float | None, ramp: float | None, size_mb: int | None,
           smallfiles_count: int | None, smallfiles_threads: int | None, checkpoint_mb: int | None,
-          drop_caches: bool | None, buffered: bool, repair_mb: int | None, repair_mib_s: float | None, nodes: int,
-          k: int, m: int, work_dir: str | None) -> None:
+          drop_caches: bool | None, buffered: bool, repair_mb: int | None, repair_mib_s: float | None,
+          meta_engines: str | None, metadata_files: int | None, nodes: int, k: int, m: int,
+          work_dir: str | None) -> None:
     """Benchmark DeepFS beside the local disk, bindfs and GlusterFS, side by side in one run.
 
     Starts a local cluster (and the other targets), runs the fio job set, small
@@ -61,6 +67,7 @@ def bench(quick: bool, targets: str | None, suites: str | None, fio_jobs: str | 
     """
     # Imported here so that ``deepfs --help`` and the other commands do not load the harness.
     from bench.fio_runner import JOBS_BY_NAME
+    from bench.metadata_ops import ENGINES
     from bench.runner import SUITES, BenchConfig, command_line, run
     from bench.targets import ClusterSettings, parse_target_names
 
@@ -72,6 +79,8 @@ def bench(quick: bool, targets: str | None, suites: str | None, fio_jobs: str | 
             config.suites = _choices(suites, SUITES, "suite")
         if fio_jobs is not None:
             config.jobs = _choices(fio_jobs, tuple(JOBS_BY_NAME), "fio job")
+        if meta_engines is not None:
+            config.metadata_engines = _choices(meta_engines, tuple(ENGINES), "metadata engine")
         if k + m > nodes:
             raise ValueError(f"RS {k}+{m} needs at least {k + m} storage nodes, --nodes is {nodes}")
     except ValueError as exc:
@@ -80,7 +89,8 @@ def bench(quick: bool, targets: str | None, suites: str | None, fio_jobs: str | 
                  "smallfiles_threads": smallfiles_threads, "drop_caches": drop_caches,
                  "file_size_bytes": size_mb << 20 if size_mb else None,
                  "checkpoint_bytes": checkpoint_mb << 20 if checkpoint_mb else None,
-                 "repair_data_bytes": repair_mb << 20 if repair_mb else None, "repair_mib_s": repair_mib_s}
+                 "repair_data_bytes": repair_mb << 20 if repair_mb else None, "repair_mib_s": repair_mib_s,
+                 "metadata_files": metadata_files}
     for name, value in overrides.items():
         if value is not None:
             setattr(config, name, value)

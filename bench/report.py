@@ -130,6 +130,7 @@ def markdown(data: dict[str, Any], chart_names: list[str]) -> str:
                             "the directories.")
     lines += _degraded_section(idx)
     lines += _repair_section(idx)
+    lines += _metadata_section(idx)
     lines += _engines_section(idx, data)
     if chart_names:
         lines += ["## Charts", ""] + [f"![{Path(n).stem}]({n})" for n in chart_names] + [""]
@@ -194,6 +195,44 @@ def _cell(idx: _Index, suite: str, job: str, target: str, metric: str, ref: floa
     if result and result.get("errors"):
         footnotes.append(f"- {target} / {job}: {len(result['errors'])} failed repetition(s): {result['errors'][0]}")
     return text
+
+
+def _metadata_section(idx: _Index) -> list[str]:
+    """Metadata ops/s per engine (columns: lmdb, etcd-1, etcd-3), then the failover window."""
+    from bench.metadata_ops import ENGINES, job_names
+
+    results = {key: r for key, r in idx.by_key.items() if key[0] == "metadata"}
+    if not results:
+        return []
+    engines = [e for e in ENGINES if any(target == e for _, _, target in results)]
+    lines = ["## Metadata operations (ops/s; failover window in seconds, lower is better)", "",
+             "deepfs.Client, 1 and 16 threads, files in one directory and spread over 16; mount_create_4k: "
+             "4 KiB files created through the FUSE mount (4 threads); failover_window: kill -9 of the "
+             "metadata server a client uses until its next successful create. lmdb: one server; etcd-1 / "
+             "etcd-3: one / three metadata servers over a 3-member etcd (etcd-3: client threads spread "
+             "over the servers). × = that engine ÷ lmdb.", "",
+             "| job | " + " | ".join(engines) + " |", "| --- |" + " --- |" * len(engines)]
+    notes: list[str] = []
+    for job in job_names():
+        if not any(key[1] == job for key in results):
+            continue
+        cells = []
+        for engine in engines:
+            result = results.get(("metadata", job, engine))
+            metric = next(iter(result["metrics"].values()), None) if result else None
+            if metric is None or metric["median"] is None:
+                cells.append("—")
+                continue
+            ref_result = results.get(("metadata", job, "lmdb"))
+            ref = next(iter(ref_result["metrics"].values()))["median"] if ref_result and ref_result["metrics"] else None
+            text = f"{_fmt(metric['median'])} ({_fmt(metric['min'])}–{_fmt(metric['max'])})"
+            if ref and engine != "lmdb" and metric["median"]:
+                text += f" · {metric['median'] / ref:.2f}×"
+            cells.append(text)
+        lines.append(f"| {job} | " + " | ".join(cells) + " |")
+    for (_, job, engine), result in results.items():
+        notes += [f"- {engine} / {job}: {error}" for error in result.get("errors", [])]
+    return lines + [""] + notes + ([""] if notes else [])
 
 
 def _degraded_section(idx: _Index) -> list[str]:

@@ -30,7 +30,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from bench import degraded, fio_runner, pyio, report, smallfiles
+from bench import degraded, fio_runner, metadata_ops, pyio, report, smallfiles
 from bench.fio_runner import JOBS_BY_NAME, JobSpec, MiB, RunParams, Sample
 from bench.repair import RepairParams, RepairRun
 from bench.report import CHECKPOINT_JOBS
@@ -38,7 +38,7 @@ from bench.stats import Result
 from bench.system import PageCache, load_average, machine_info, versions
 from bench.targets import ClusterSettings, Target, open_targets, parse_target_names
 
-SUITES = ("fio", "smallfiles", "checkpoint", "degraded", "repair")
+SUITES = ("fio", "smallfiles", "checkpoint", "degraded", "repair", "metadata")
 TEST_FILE = "bench.dat"
 QUICK_JOBS = ("seqwrite_1m_j1", "seqread_1m_j4", "randread_4k_j1_qd1", "randread_4k_j1_qd32", "randwrite_4k_j1")
 """Every job file, 1 and 4 jobs, both engines: the harness's paths in a fraction of the time."""
@@ -65,6 +65,10 @@ class BenchConfig:
     repair_data_bytes: int = 1 << 30  # what the repair suite's cluster holds when it loses a node
     repair_mib_s: float = 50.0  # its repair bandwidth (bytes read + written; MetaConfig's default is 100)
     repair_reps: int = 3
+    metadata_engines: list[str] = field(default_factory=lambda: list(metadata_ops.ENGINES))
+    metadata_files: int = 400  # files per (threads, directories) combination and repetition
+    metadata_mount_files: int = 300
+    failover_trials: int = 3
     cluster: ClusterSettings = field(default_factory=ClusterSettings)
     out_dir: Path | None = None
     work_dir: Path | None = None  # parent of the scratch directory (must be on the local disk)
@@ -76,7 +80,8 @@ class BenchConfig:
         return cls(quick=True, targets=parse_target_names("deepfs,local,bindfs"), jobs=list(QUICK_JOBS), reps=2,
                    runtime_s=0.25, ramp_s=0.0, file_size_bytes=16 * MiB, smallfiles_count=200,
                    checkpoint_bytes=16 * MiB, drop_caches=False, degraded_wait=False,
-                   repair_data_bytes=64 * MiB, repair_mib_s=30.0, repair_reps=1)
+                   repair_data_bytes=64 * MiB, repair_mib_s=30.0, repair_reps=1, metadata_engines=["lmdb"],
+                   metadata_files=48, metadata_mount_files=48, failover_trials=1)
 
 
 def run(config: BenchConfig, log: Any = None) -> int:
@@ -159,6 +164,9 @@ class Runner:
         if "repair" in suites and any(t.name in ("deepfs", "deepfs-client") for t in ok):
             with self._phase("repair"):
                 self._repair_suite()
+        if "metadata" in suites and any(t.name in ("deepfs", "deepfs-client") for t in ok):
+            with self._phase("metadata"):
+                self._metadata_suite()
 
     @contextlib.contextmanager
     def _phase(self, name: str) -> Iterator[None]:
@@ -304,6 +312,42 @@ class Runner:
         result = self._result("repair", job, _REPAIR_TARGET)
         result.params = self._repair_params
         result.metric(metric, unit, higher).add(value)
+
+    # --------------------------------------------------- metadata suite
+    def _metadata_suite(self) -> None:
+        """``bench.metadata_ops``: one cluster per engine; figures are rows of target = engine name."""
+        config = self.config
+        assert self.work is not None
+        params = metadata_ops.MetadataParams(engines=config.metadata_engines, files=config.metadata_files,
+                                             mount_files=config.metadata_mount_files, reps=config.reps,
+                                             failover_trials=config.failover_trials)
+        described = {"files": params.files, "mount_files": params.mount_files, "threads": list(metadata_ops.THREADS),
+                     "directories": list(metadata_ops.SPREADS), "mount_threads": metadata_ops.MOUNT_THREADS,
+                     "repetitions": params.reps, "failover_trials": params.failover_trials,
+                     "engines": {e: dict(zip(("engine", "metadata_servers"), metadata_ops.ENGINES[e], strict=True))
+                                 for e in params.engines}}
+
+        def figure(job: str, engine: str, metric: str, unit: str, value: float, higher: bool) -> None:
+            result = self._result("metadata", job, engine)
+            result.params = described
+            result.metric(metric, unit, higher).add(value)
+
+        def skip(engine: str, reason: str) -> None:
+            self._result("metadata", "create_1dir_t1", engine).errors.append(f"skipped: {reason}")
+
+        def error(job: str, engine: str, message: str) -> None:
+            result = self._result("metadata", job, engine)
+            result.params = described
+            result.errors.append(message)
+
+        run = metadata_ops.MetadataRun(self.work, config.cluster, params, figure, skip, error, self.log)
+        try:
+            run.run()
+        except (KeyboardInterrupt, _Interrupted):
+            raise
+        except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
+            self._result("metadata", "create_1dir_t1", params.engines[0]).errors.append(repr(exc))
+            self.log(f"[metadata] FAILED: {exc!r}")
 
     # ----------------------------------------------------- small files
     def _smallfiles_suite(self, targets: list[Target]) -> None:

@@ -1,4 +1,4 @@
-"""A whole cluster on one machine: one metadata server, N storage nodes.
+"""A whole cluster on one machine: metadata server(s), N storage nodes, and etcd when asked for.
 
 Used by ``deepfs up``/``down``/``status``, by the test suite and by the
 benchmarks, so all three exercise the same processes users run. Each server
@@ -18,16 +18,28 @@ control-plane calls use the admin key, and ``cluster.json`` names the key
 files so ``deepfs status`` of a cluster started by ``deepfs up`` finds them.
 ``tls=True`` also makes a test CA and a certificate (``DATA/tls``) and
 starts every server with TLS.
+
+Engines (docs/METADATA.md): ``meta_engine="lmdb"`` (the default) is one
+metadata server over ``DATA/meta``. ``meta_engine="etcd"`` first starts a
+three-member etcd cluster under ``DATA/etcd`` (``deepfs.etcd_cluster``), then
+``meta_servers`` stateless metadata servers (``--engine etcd``), each on
+ports of its own and with the shared secret file; ``meta_address`` is then
+the comma-separated list of their framed addresses (what clients accept) and
+nodes get the list of their gRPC addresses. ``kill_meta(i)``/``start_meta(i)``
+act on one server; ``stop`` stops etcd last. ``cluster.json`` records the
+etcd members' pids too, so ``deepfs down`` of an attached cluster stops them.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import signal
 import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlsplit
 
 import grpc
@@ -45,11 +57,13 @@ from deepfs.auth import (
 )
 from deepfs.auth.grpc_auth import authenticated_channel
 from deepfs.errors import ConfigError
-from deepfs.processes import ServerProcess, free_port, ready_line, stop_all
+from deepfs.processes import ServerProcess, free_port, pid_alive, ready_line, stop_all
 from deepfs.proto import control_pb2, control_pb2_grpc
 
 STATE_FILE = "cluster.json"
 READY_TIMEOUT_S = 30.0
+ENGINES = ("lmdb", "etcd")
+ETCD_MEMBERS = 3
 KEYS_DIR = "keys"
 SECRET_NAME = "cluster.secret"
 ADMIN_IDENTITY = Identity("admin", ROLE_ADMIN)
@@ -87,6 +101,12 @@ class ClusterState:
     tls_ca_file: str = ""  # "" : no TLS; else the CA that verifies every server's certificate
     tls_cert_file: str = ""
     tls_key_file: str = ""
+    meta_engine: str = "lmdb"
+    metas: list[ProcessInfo | None] = field(default_factory=list)  # every metadata server; meta is metas[0]
+    meta_addresses: list[str] = field(default_factory=list)  # framed address of each metadata server
+    grpc_addresses: list[str] = field(default_factory=list)  # its control plane (grpc_address: the first)
+    etcd_endpoints: list[str] = field(default_factory=list)  # HOST:PORT of each etcd member
+    etcd: list[ProcessInfo] = field(default_factory=list)  # the etcd member processes this cluster started
 
     def save(self) -> None:
         Path(self.data_dir, STATE_FILE).write_text(json.dumps(asdict(self), indent=2))
@@ -101,7 +121,13 @@ class ClusterState:
         meta_raw = raw.pop("meta", None)
         meta = ProcessInfo(**meta_raw) if meta_raw else None
         nodes = [ProcessInfo(**n) if n else None for n in raw.pop("nodes")]
-        return cls(**raw, meta=meta, nodes=nodes)
+        metas = [ProcessInfo(**n) if n else None for n in raw.pop("metas", [])] or [meta]
+        etcd = [ProcessInfo(**n) for n in raw.pop("etcd", [])]
+        state = cls(**raw, meta=meta, nodes=nodes, metas=metas, etcd=etcd)
+        # A cluster.json from before several metadata servers: one server, its addresses.
+        state.meta_addresses = state.meta_addresses or [state.meta_address]
+        state.grpc_addresses = state.grpc_addresses or [state.grpc_address]
+        return state
 
 
 class LocalCluster:
@@ -110,9 +136,16 @@ class LocalCluster:
     def __init__(self, data_dir: str | Path, nodes: int = 6, k: int = 4, m: int = 2,
                  stripe_size: int = 4 << 20, fsync: bool = True, host: str = "127.0.0.1",
                  extra_meta_args: list[str] | None = None, extra_node_args: list[str] | None = None,
-                 metrics: bool = True, secret_file: str | Path | None = None, tls: bool = False) -> None:
+                 metrics: bool = True, secret_file: str | Path | None = None, tls: bool = False,
+                 meta_engine: str = "lmdb", meta_servers: int = 1) -> None:
         """``secret_file``: an existing cluster secret to use (else ``DATA/keys/cluster.secret``, made
-        on first start); ``tls``: every server on TLS, with a test CA made under ``DATA/tls``."""
+        on first start); ``tls``: every server on TLS, with a test CA made under ``DATA/tls``;
+        ``meta_engine``: "lmdb" (one server) or "etcd" (``meta_servers`` servers over a 3-member etcd)."""
+        if meta_engine not in ENGINES:
+            raise ConfigError(f"unknown metadata engine {meta_engine!r}; choose from {', '.join(ENGINES)}")
+        if meta_servers < 1 or (meta_engine == "lmdb" and meta_servers != 1):
+            raise ConfigError(f"{meta_servers} metadata servers: the lmdb engine runs exactly one "
+                              "(several need --meta-engine etcd)")
         self.data_dir = Path(data_dir).resolve()
         self.host = host
         self.metrics = metrics
@@ -120,7 +153,9 @@ class LocalCluster:
         self.extra_meta_args = extra_meta_args or []
         self.extra_node_args = extra_node_args or []  # e.g. ["--capacity-bytes", "4M"]: a cluster that fills up
         self.procs: dict[str, ServerProcess] = {}  # what this object started; others are adopted by pid
-        self.state = ClusterState(str(self.data_dir), "", "", k, m, stripe_size, fsync, None, [None] * nodes)
+        self.state = ClusterState(str(self.data_dir), "", "", k, m, stripe_size, fsync, None, [None] * nodes,
+                                  meta_engine=meta_engine, metas=[None] * meta_servers)
+        self._etcd: Any = None  # the EtcdCluster this object started
         self.state.secret_file = str(Path(secret_file).resolve() if secret_file else self.keys_dir / SECRET_NAME)
         self.tls = tls
         self._admin: Key | None = None
@@ -129,13 +164,37 @@ class LocalCluster:
     def attach(cls, data_dir: str | Path) -> LocalCluster:
         state = ClusterState.load(data_dir)
         cluster = cls(state.data_dir, len(state.nodes), state.k, state.m, state.stripe_size, state.fsync,
-                      secret_file=state.secret_file or None, tls=bool(state.tls_ca_file))
+                      secret_file=state.secret_file or None, tls=bool(state.tls_ca_file),
+                      meta_engine=state.meta_engine, meta_servers=len(state.metas))
         cluster.state = state
         return cluster
 
     @property
     def meta_address(self) -> str:
+        """Where clients connect: "HOST:PORT", or "H1:P1,H2:P2,..." with several metadata servers."""
         return self.state.meta_address
+
+    @property
+    def meta_addresses(self) -> list[str]:
+        return list(self.state.meta_addresses)
+
+    @property
+    def meta_engine(self) -> str:
+        return self.state.meta_engine
+
+    @property
+    def meta_servers(self) -> int:
+        return len(self.state.metas)
+
+    @property
+    def etcd_endpoints(self) -> list[str]:
+        """HOST:PORT of each etcd member (empty with LMDB)."""
+        return list(self.state.etcd_endpoints)
+
+    @property
+    def grpc_addresses(self) -> str:
+        """Every metadata server's control plane, comma-separated (what nodes register with)."""
+        return ",".join(self.state.grpc_addresses)
 
     # ---------------------------------------------------------------- keys
     @property
@@ -213,8 +272,24 @@ class LocalCluster:
         """The names the servers' certificate must carry."""
         return sorted({self.host, "127.0.0.1", "localhost"})
 
-    def _channel(self) -> grpc.Channel:
-        return authenticated_channel(self.state.grpc_address, self.admin_credential(), self.state.tls_ca_file)
+    def _channel(self, address: str | None = None) -> grpc.Channel:
+        return authenticated_channel(address or self.state.grpc_address, self.admin_credential(),
+                                     self.state.tls_ca_file)
+
+    def _call(self, method: str, request: object, timeout_s: float) -> Any:
+        """A control-plane call to the first metadata server that answers (several: any serves it)."""
+        error: grpc.RpcError | None = None
+        for address in self._live_grpc_addresses():
+            with self._channel(address) as channel:
+                try:
+                    stub: Any = control_pb2_grpc.ClusterStub(channel)  # type: ignore[no-untyped-call]
+                    return getattr(stub, method)(request, timeout=timeout_s)
+                except grpc.RpcError as exc:
+                    if exc.code() not in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED):
+                        raise
+                    error = exc
+        assert error is not None
+        raise error
 
     # --------------------------------------------------------------- start
     def start(self, timeout_s: float = READY_TIMEOUT_S) -> LocalCluster:
@@ -223,10 +298,16 @@ class LocalCluster:
         self._make_keys()
         if self.tls and not self.state.tls_ca_file:
             self._make_tls_files(self.tls_hosts())
-        self.state.meta_address = f"{self.host}:{free_port(self.host)}"
-        self.state.grpc_address = f"{self.host}:{free_port(self.host)}"
+        count = len(self.state.metas)
+        self.state.meta_addresses = [f"{self.host}:{free_port(self.host)}" for _ in range(count)]
+        self.state.grpc_addresses = [f"{self.host}:{free_port(self.host)}" for _ in range(count)]
+        self.state.meta_address = ",".join(self.state.meta_addresses)
+        self.state.grpc_address = self.state.grpc_addresses[0]
         try:
-            self.start_meta(timeout_s)
+            if self.state.meta_engine == "etcd":
+                self.start_etcd(timeout_s)
+            for index in range(count):
+                self.start_meta(index, timeout_s)
             for i in range(self.node_count):
                 self.start_node(i, timeout_s, wait_registered=False)
             self.wait_nodes_up(self.node_count, timeout_s)
@@ -235,21 +316,52 @@ class LocalCluster:
             raise
         return self
 
-    def start_meta(self, timeout_s: float = READY_TIMEOUT_S) -> None:
-        _, port = self.state.meta_address.rsplit(":", 1)
-        _, gport = self.state.grpc_address.rsplit(":", 1)
+    def start_etcd(self, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Start the three etcd members under ``DATA/etcd`` and record their endpoints and pids."""
+        from deepfs.etcd_cluster import EtcdCluster
+
+        etcd_dir = self.data_dir / "etcd"
+        if etcd_dir.exists() and any(etcd_dir.iterdir()):
+            # Members come up on new free ports; etcd's stored peer URLs would not match them.
+            raise ConfigError(f"{etcd_dir} holds an earlier etcd cluster; restarting an etcd-backed local "
+                              "cluster is not supported: remove that directory or use another --data-dir")
+        etcd = EtcdCluster(etcd_dir, ETCD_MEMBERS)
+        self._etcd = etcd
+        etcd.start(timeout_s)
+        self.state.etcd_endpoints = [_host_port(e) for e in etcd.endpoints]
+        self.state.etcd = [ProcessInfo(member.name, process.pid, str(process.log_path), member.endpoint)
+                           for member, process in zip(etcd.members, etcd.processes, strict=True)
+                           if process is not None]
+        self.state.save()
+
+    def meta_name(self, index: int) -> str:
+        """Process (and data directory) name of metadata server ``index``: meta, meta1, meta2, ..."""
+        return "meta" if index == 0 else f"meta{index}"
+
+    def start_meta(self, index: int = 0, timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Start (or restart, on its old ports) metadata server ``index``."""
+        name = self.meta_name(index)
+        _, port = self.state.meta_addresses[index].rsplit(":", 1)
+        _, gport = self.state.grpc_addresses[index].rsplit(":", 1)
         args = [
-            sys.executable, "-m", "metadata", "--data-dir", str(self.data_dir / "meta"),
+            sys.executable, "-m", "metadata", "--data-dir", str(self.data_dir / name),
             "--host", self.host, "--port", port, "--grpc-port", gport,
             "--k", str(self.state.k), "--m", str(self.state.m), "--stripe-size", str(self.state.stripe_size),
-            "--secret-file", str(self.secret_file), *self.tls_args(), *self.extra_meta_args,
+            "--secret-file", str(self.secret_file), *self.tls_args(),
         ]
-        metrics_url = self._metrics_url(self.state.meta)
+        if self.state.meta_engine == "etcd":
+            args += ["--engine", "etcd", "--etcd", ",".join(self.state.etcd_endpoints)]
+        args += self.extra_meta_args
+        previous = self.state.metas[index]
+        metrics_url = self._metrics_url(previous)
         if metrics_url:
             args += ["--metrics-port", str(urlsplit(metrics_url).port)]
-        self.state.meta = self._spawn("meta", args, "deepfs-meta listening", timeout_s)
-        self.state.meta.address = self.state.meta_address
-        self.state.meta.metrics_url = metrics_url
+        info = self._spawn(name, args, "deepfs-meta listening", timeout_s)
+        info.address = self.state.meta_addresses[index]
+        info.metrics_url = metrics_url
+        self.state.metas[index] = info
+        if index == 0:
+            self.state.meta = info
         self.state.save()
 
     def start_node(self, index: int, timeout_s: float = READY_TIMEOUT_S, wait_registered: bool = True,
@@ -259,7 +371,7 @@ class LocalCluster:
         port = previous.address.rsplit(":", 1)[1] if previous and previous.address else "0"
         args = [
             sys.executable, "-m", "storage_node", "--data-dir", str(self.data_dir / f"node{index}"),
-            "--host", self.host, "--port", port, "--meta-grpc", self.state.grpc_address,
+            "--host", self.host, "--port", port, "--meta-grpc", self.grpc_addresses,
             "--failure-domain", f"host{index}", "--key", str(self.ensure_node_key(index)), *self.tls_args(),
         ]
         if not self.state.fsync:
@@ -293,7 +405,7 @@ class LocalCluster:
 
     def metrics_urls(self) -> dict[str, str]:
         """Process name → its metrics URL, for the processes that serve one."""
-        infos = [self.state.meta, *self.state.nodes]
+        infos = [*self.state.metas, *self.state.nodes]
         return {info.name: info.metrics_url for info in infos if info is not None and info.metrics_url}
 
     def _spawn(self, name: str, args: list[str], ready: str, timeout_s: float) -> ProcessInfo:
@@ -304,27 +416,40 @@ class LocalCluster:
         return ProcessInfo(name, process.pid, str(log_path), words[3] if len(words) > 3 else "")
 
     def cluster_map(self, timeout_s: float = 2.0) -> control_pb2.ClusterMap:
-        with self._channel() as channel:
-            return control_pb2_grpc.ClusterStub(channel).GetClusterMap(control_pb2.ClusterMapRequest(),
-                                                                       timeout=timeout_s)
+        reply = self._call("GetClusterMap", control_pb2.ClusterMapRequest(), timeout_s)
+        assert isinstance(reply, control_pb2.ClusterMap)
+        return reply
 
     def status(self, timeout_s: float = 2.0) -> control_pb2.StatusReply:
-        with self._channel() as channel:
-            return control_pb2_grpc.ClusterStub(channel).Status(control_pb2.StatusRequest(), timeout=timeout_s)
+        reply = self._call("Status", control_pb2.StatusRequest(), timeout_s)
+        assert isinstance(reply, control_pb2.StatusReply)
+        return reply
 
     def wait_nodes_up(self, count: int, timeout_s: float = READY_TIMEOUT_S) -> None:
-        """Block until at least ``count`` nodes are registered and up."""
+        """Block until at least ``count`` nodes are registered and up in the map of every running
+        metadata server (with several, a node heartbeating to one must be up on all: a client may
+        ask any of them for the map)."""
         deadline = time.monotonic() + timeout_s
         up = 0
         while time.monotonic() < deadline:
             try:
-                up = sum(1 for n in self.cluster_map().nodes if n.state == "up")
+                up = min(self._nodes_up_at(address) for address in self._live_grpc_addresses())
                 if up >= count:
                     return
             except grpc.RpcError:
                 pass
             time.sleep(0.1)
         raise TimeoutError(f"only {up} of {count} storage nodes came up within {timeout_s:.0f}s")
+
+    def _live_grpc_addresses(self) -> list[str]:
+        return [a for a, info in zip(self.state.grpc_addresses, self.state.metas, strict=False)
+                if info is not None and pid_alive(info.pid)] or self.state.grpc_addresses
+
+    def _nodes_up_at(self, address: str, timeout_s: float = 2.0) -> int:
+        with self._channel(address) as channel:
+            stub: Any = control_pb2_grpc.ClusterStub(channel)  # type: ignore[no-untyped-call]
+            reply = stub.GetClusterMap(control_pb2.ClusterMapRequest(), timeout=timeout_s)
+        return sum(1 for n in reply.nodes if n.state == "up")
 
     def wait_nodes_down(self, node_ids: set[int], timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
@@ -339,8 +464,15 @@ class LocalCluster:
     def kill_node(self, index: int, sig: int = signal.SIGKILL) -> None:
         self._signal(self.state.nodes[index], sig)
 
-    def kill_meta(self, sig: int = signal.SIGKILL) -> None:
-        self._signal(self.state.meta, sig)
+    def kill_meta(self, index: int = 0, sig: int = signal.SIGKILL) -> None:
+        """Signal metadata server ``index`` (kill -9 by default) and wait until it is gone."""
+        self._signal(self.state.metas[index], sig)
+
+    def kill_etcd_leader(self) -> None:
+        """kill -9 the etcd leader (only in the process that started etcd)."""
+        if self._etcd is None:
+            raise RuntimeError("this LocalCluster did not start etcd (attached, or the lmdb engine)")
+        self._etcd.kill_leader()
 
     def node_data_dir(self, index: int) -> Path:
         return self.data_dir / f"node{index}"
@@ -357,12 +489,35 @@ class LocalCluster:
             self.process(info).kill(sig, 10.0)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """SIGTERM everything (nodes first), then SIGKILL what is left."""
-        infos = [n for n in self.state.nodes if n] + ([self.state.meta] if self.state.meta else [])
+        """SIGTERM everything (nodes, then metadata servers, then etcd), then SIGKILL what is left."""
+        infos = [n for n in self.state.nodes if n] + [m for m in self.state.metas if m]
         stop_all([self.process(info) for info in infos], signal.SIGTERM, timeout_s)
+        if self._etcd is not None:
+            self._etcd.stop()
+            self._etcd = None
+        # Attached (deepfs down), or members restarted behind our back: by pid, whatever is left.
+        stop_all([self.process(info) for info in self.state.etcd if _is_etcd(info.pid)], signal.SIGTERM, timeout_s)
 
     def __enter__(self) -> LocalCluster:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+def _host_port(endpoint: str) -> str:
+    """"http://127.0.0.1:2379" or "127.0.0.1:2379" -> "127.0.0.1:2379"."""
+    return endpoint.split("://", 1)[-1].rstrip("/")
+
+
+def _cmdline(pid: int) -> list[str]:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().decode(errors="replace").split("\0")
+    except OSError:
+        return []
+
+
+def _is_etcd(pid: int) -> bool:
+    """``pid`` is still an etcd process (not a pid reused since cluster.json was written)."""
+    args = _cmdline(pid)
+    return bool(args) and os.path.basename(args[0]) == "etcd"

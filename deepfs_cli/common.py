@@ -108,8 +108,14 @@ def control_address(data_dir: str, grpc_address: str | None) -> str:
     if grpc_address:
         return grpc_address
     from deepfs.local_cluster import ClusterState
+    from deepfs.processes import pid_alive
 
-    return ClusterState.load(data_dir).grpc_address
+    state = ClusterState.load(data_dir)
+    # Several metadata servers: the first one still running (any of them serves the control plane).
+    for address, info in zip(state.grpc_addresses, state.metas, strict=False):
+        if info is not None and pid_alive(info.pid):
+            return address
+    return state.grpc_address
 
 
 @contextmanager

@@ -1,9 +1,13 @@
 """``deepfs status``: the cluster at a glance, as rich tables.
 
-Three tables: the storage nodes (liveness, admin state, capacity, scrub),
-the cluster summary (layout, capacity, files), and data health — stripes by
-how many fragments they lost, the repair queue with its rate and ETA, scrub
-progress and the errors it found. Rendering takes a ``StatusReply``, so
+Four tables: the storage nodes (liveness, admin state, capacity, scrub),
+the cluster summary (layout, capacity, files), the metadata service (engine,
+etcd members with the etcd leader marked, the metadata server that leads
+background work), and data health — stripes by how many fragments they lost,
+the repair queue with its rate and ETA, scrub progress and the errors it
+found. The metadata table shows the StatusReply fields ``engine``,
+``etcd_members`` and ``leader`` (for a server from before them: what the
+local cluster's ``cluster.json`` recorded). Rendering takes a ``StatusReply``, so
 ``deepfs run`` and ``deepfs status`` show the same thing. For a local cluster
 a fourth table lists each process's Prometheus endpoint (from its
 ``cluster.json``: the control plane does not know them).
@@ -49,11 +53,14 @@ def wide_console() -> Console:
 
 
 def render_status(reply: control_pb2.StatusReply, console: Console | None = None,
-                  metrics_urls: Mapping[str, str] | None = None) -> None:
-    """``metrics_urls``: process name → its /metrics URL, shown when given."""
+                  metrics_urls: Mapping[str, str] | None = None,
+                  local_engine: tuple[str, list[str]] | None = None) -> None:
+    """``metrics_urls``: process name → its /metrics URL, shown when given; ``local_engine``: (engine,
+    etcd endpoints) of a local cluster, shown where the reply does not say."""
     console = console or wide_console()
     console.print(nodes_table(reply.map.nodes, title=f"DeepFS storage nodes (map epoch {reply.map.epoch})"))
     console.print(_summary_table(reply))
+    console.print(metadata_table(reply, local_engine))
     console.print(_health_table(reply))
     if metrics_urls:
         console.print(metrics_table(metrics_urls))
@@ -100,6 +107,31 @@ def _summary_table(reply: control_pb2.StatusReply) -> Table:
     summary.add_row("logical bytes", human_bytes(reply.logical_bytes))
     summary.add_row("fragments awaiting GC", str(reply.gc_pending))
     return summary
+
+
+def metadata_rows(reply: control_pb2.StatusReply,
+                  local_engine: tuple[str, list[str]] | None = None) -> list[tuple[str, str]]:
+    """("engine" | "etcd members" | "background leader", text): the etcd leader marked "(leader)".
+
+    A server from before these fields sends none of them: the engine is then the local cluster's
+    record, else "lmdb", and the background leader the one server's own address."""
+    local_name, local_endpoints = local_engine or ("", [])
+    engine = reply.engine or local_name or "lmdb"
+    rows = [("engine", engine)]
+    members = [f"{m.endpoint} (leader)" if m.is_leader else m.endpoint for m in reply.etcd_members]
+    if engine == "etcd":
+        rows.append(("etcd members", ", ".join(members or local_endpoints) or "unknown"))
+    rows.append(("background leader", reply.leader or ("unknown" if engine == "etcd" else reply.data_address)))
+    return rows
+
+
+def metadata_table(reply: control_pb2.StatusReply, local_engine: tuple[str, list[str]] | None = None) -> Table:
+    table = Table(title="Metadata", show_header=False)
+    table.add_column("what")
+    table.add_column("value", justify="right")
+    for what, text in metadata_rows(reply, local_engine):
+        table.add_row(what, text)
+    return table
 
 
 def stripe_health_rows(reply: control_pb2.StatusReply) -> list[tuple[str, int]]:

@@ -20,6 +20,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 
@@ -27,6 +28,9 @@ import deepfs
 from deepfs.auth import KEY_ENV, create_cluster_secret, make_key, write_key_file
 from deepfs.local_cluster import ADMIN_IDENTITY, LocalCluster
 from fuse_client.mount_process import MountProcess
+
+if TYPE_CHECKING:
+    from deepfs.testing.etcd import EtcdCluster
 
 # Short grace periods: killed nodes are marked down, and removed files' fragments
 # deleted, within a test's patience.
@@ -58,11 +62,56 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
         raise pytest.UsageError(f"tests need exactly one of the markers {', '.join(LAYERS)}:\n" + "\n".join(wrong))
 
 
+# The engine of every cluster the fixtures start unless a test names one: "lmdb", or "etcd" (three
+# metadata servers), e.g. ``DEEPFS_TEST_META_ENGINE=etcd pytest -m fuse`` runs the FUSE suite on etcd.
+DEFAULT_META_ENGINE = os.environ.get("DEEPFS_TEST_META_ENGINE", "lmdb")
+
+
 def start_cluster(tmp: Path, nodes: int = 6, k: int = 4, m: int = 2, stripe_size: int = 256 << 10,
-                  meta_args: tuple[str, ...] = ()) -> LocalCluster:
-    """``meta_args`` come after (and so override) ``FAST_META_ARGS``."""
+                  meta_args: tuple[str, ...] = (), meta_engine: str | None = None,
+                  meta_servers: int | None = None) -> LocalCluster:
+    """``meta_args`` come after (and so override) ``FAST_META_ARGS``; ``meta_engine="etcd"`` starts a
+    3-member etcd under ``tmp/etcd`` and ``meta_servers`` (default 3) metadata servers over it (skips
+    without etcd); ``None``: ``DEFAULT_META_ENGINE``."""
+    meta_engine = meta_engine or DEFAULT_META_ENGINE
+    if meta_servers is None:
+        meta_servers = 3 if meta_engine == "etcd" else 1
+    if meta_engine == "etcd":
+        require_etcd()
     return LocalCluster(tmp, nodes=nodes, k=k, m=m, stripe_size=stripe_size, fsync=False,
-                        extra_meta_args=[*FAST_META_ARGS, *meta_args], secret_file=SESSION_SECRET).start()
+                        extra_meta_args=[*FAST_META_ARGS, *meta_args], secret_file=SESSION_SECRET,
+                        meta_engine=meta_engine, meta_servers=meta_servers).start()
+
+
+def require_etcd() -> None:
+    """Skip the test when Debian's etcd-server is not installed (``make deps`` installs it)."""
+    from deepfs.testing.etcd import etcd_binary
+
+    if etcd_binary() is None:
+        pytest.skip("etcd is not installed (Debian package etcd-server; make deps)")
+
+
+@pytest.fixture(scope="module")
+def etcd_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EtcdCluster]:
+    """A 3-member etcd cluster on loopback for the module's tests (give each test its own key prefix)."""
+    require_etcd()
+    from deepfs.testing.etcd import EtcdCluster
+
+    etcd = EtcdCluster(tmp_path_factory.mktemp("etcd"), 3).start()
+    try:
+        yield etcd
+    finally:
+        etcd.stop()
+
+
+@pytest.fixture(scope="module")
+def etcd_local_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+    """Like ``cluster``, on etcd with three metadata servers (``meta_address`` lists all three)."""
+    c = start_cluster(tmp_path_factory.mktemp("etcd-cluster"), meta_engine="etcd", meta_servers=3)
+    try:
+        yield c
+    finally:
+        c.stop()
 
 
 @pytest.fixture(scope="module")

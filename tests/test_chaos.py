@@ -194,7 +194,7 @@ class Chaos:
     def crash(self, what: str) -> None:
         self.log.append(f"kill -9 {what}")
         if what == "meta":
-            self.cluster.kill_meta(signal.SIGKILL)
+            self.cluster.kill_meta(0, signal.SIGKILL)
             time.sleep(self.rng.uniform(0.2, 2.0))
             self.cluster.start_meta()
         else:

@@ -220,7 +220,7 @@ def test_kill_meta_and_client_mid_write(fresh_cluster: LocalCluster, tmp_path: P
                                   stderr=subprocess.STDOUT, cwd=str(Path(__file__).parent.parent))
     try:
         wait_for(lambda: out.read_text().count("closed") >= 8, 60, interval_s=0.1, what="the writer to close 8 files")
-        fresh_cluster.kill_meta(signal.SIGKILL)
+        fresh_cluster.kill_meta(0, signal.SIGKILL)
         writer.send_signal(signal.SIGKILL)
         writer.wait(10)
     finally:
