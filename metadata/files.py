@@ -39,6 +39,7 @@ from metadata.store import MetaStore, Txn
 from metadata.stripes import (
     check_record,
     check_version,
+    live_stripes,
     retire_fragments,
     store_stripe,
     truncate_stripes,
@@ -142,8 +143,7 @@ class FileOps:
         """
         with self.store.read() as txn:
             inode = _require_file(txn, ino)
-            stripes = txn.stripes(ino, 0, max_bytes=STRIPE_REPLY_BYTES)
-            complete = not stripes or not txn.stripes(ino, stripes[-1]["index"] + 1, count=1)
+            stripes, complete = live_stripes(txn, inode, 0, max_bytes=STRIPE_REPLY_BYTES)
             return {
                 "attr": inode.attr(),
                 "layout": inode.layout,
@@ -155,8 +155,8 @@ class FileOps:
     def get_stripes(self, ino: int, first: int, count: int) -> list[dict[str, Any]]:
         """Up to ``count`` records from index ``first`` (0: as many as fit one reply)."""
         with self.store.read() as txn:
-            _require_file(txn, ino)
-            return txn.stripes(ino, first, count or None, max_bytes=STRIPE_REPLY_BYTES)
+            inode = _require_file(txn, ino)
+            return live_stripes(txn, inode, first, count or None, max_bytes=STRIPE_REPLY_BYTES)[0]
 
     @replayable()
     def commit(
@@ -180,13 +180,19 @@ class FileOps:
         indexes = [record["index"] for record in stripes]
         if len(set(indexes)) != len(indexes):
             raise os_error(errno.EINVAL, "a commit names a stripe twice")
+        reply: dict[str, Any] | None = None
         with self._write() as txn:
             inode = txn.get_inode(ino)
             if inode is not None:
                 self._commit_into(txn, inode, stripes, size, mtime_ns, truncate)
-                return remember_reply(txn, {"attr": inode.attr(), "min_version": inode.min_version})
-            for record in stripes:
-                retire_fragments(txn, ino, record)
+                reply = remember_reply(txn, {"attr": inode.attr(), "min_version": inode.min_version})
+            else:
+                for record in stripes:
+                    retire_fragments(txn, ino, record)
+        if reply is not None:
+            if truncate:
+                self._purge_now()
+            return reply
         raise os_error(errno.ENOENT, f"inode {ino} no longer exists; its new fragments go to GC")
 
     @staticmethod
@@ -270,7 +276,7 @@ class FileOps:
             elif inode.is_reg:
                 if chosen is None:
                     raise os_error(errno.EINVAL, "a regular file needs a layout")
-                if txn.stripes(ino, 0, 1):
+                if live_stripes(txn, inode, 0, 1)[0]:
                     raise os_error(errno.EBUSY, f"inode {ino} has data; its layout is fixed")
                 inode.layout = chosen
             else:

@@ -185,11 +185,12 @@ def free_inode(txn: Txn, inode: Inode) -> None:
     A file with more than ``INLINE_FREE_STRIPES`` stripes (or
     ``INLINE_FREE_WRITES`` writes to free) keeps its stripe records under a
     ``purge/<ino>`` job: ``Namespace.purge_step`` retires them
-    in transactions of bounded size (etcd takes at most 128 writes in one)."""
+    in transactions of bounded size (etcd takes at most 128 writes in one); so
+    does one with a pending truncation (its job becomes the removal's)."""
     if inode.is_reg:
         records = txn.stripes(inode.ino, 0, count=INLINE_FREE_STRIPES + 1)
         writes = sum(fragment_count(record) + 1 for record in records)
-        if len(records) > INLINE_FREE_STRIPES or writes > INLINE_FREE_WRITES:
+        if len(records) > INLINE_FREE_STRIPES or writes > INLINE_FREE_WRITES or inode.truncs:
             add_purge_job(txn, inode.ino, now_ns())
         else:
             drop_stripes_from(txn, inode, 0, file_removed=True)

@@ -65,10 +65,17 @@ from metadata.inodes import (
     touch_dir,
     touch_dir_entries,
 )
-from metadata.namespace_state import OPRESULTS, count, finish_purge_job, purge_jobs, remember_reply
+from metadata.namespace_state import (
+    OPRESULTS,
+    count,
+    finish_purge_job,
+    purge_jobs,
+    remember_reply,
+    set_truncate_cursor,
+)
 from metadata.records import Inode
 from metadata.store import MetaStore, Txn
-from metadata.stripes import purge_stripes, truncate_stripes
+from metadata.stripes import purge_stripes, purge_truncated, truncate_stripes
 
 READDIR_MAX_ENTRIES = 1024  # 1024 names of 255 bytes stay far below a frame's body limit
 STATFS_BLOCK_SIZE = 4096
@@ -120,9 +127,10 @@ class Namespace(FileOps):
         return self.counters.flush(self.store)
 
     def purge_step(self, limit: int = PURGE_WRITES) -> int:
-        """Free stripes of removed files with pending purge jobs, in one transaction of at most
-        ``limit`` writes; how many stripes (0: nothing left to do). The background leader
-        calls it until it returns 0 (LMDB: also right after the op that queued the job)."""
+        """Free stripes of removed files, or truncated-away stripes of live ones, with pending purge
+        jobs, in one transaction of at most ``limit`` writes; how many stripes (0: nothing left
+        to do). The background leader calls it until it returns 0 (LMDB: also right after the op
+        that queued the job)."""
         with self.store.read() as txn:  # the usual answer is "none": no write transaction for it
             if not purge_jobs(txn, 1):
                 return 0
@@ -130,11 +138,22 @@ class Namespace(FileOps):
             jobs = purge_jobs(txn, 1)
             if not jobs:
                 return 0
-            ino, removed_ns = jobs[0]
-            freed, done = purge_stripes(txn, ino, removed_ns, max(1, limit - 1))
-            if done:
-                finish_purge_job(txn, ino)
-            return max(freed, 1)
+            ino, removed_ns, cursor = jobs[0]
+            if cursor is None:
+                freed, done = purge_stripes(txn, ino, removed_ns, max(1, limit - 1))
+                if done:
+                    finish_purge_job(txn, ino)
+                return max(freed, 1)
+            inode = txn.get_inode(ino)
+            next_cursor = purge_truncated(txn, inode, cursor, max(1, limit - 2))
+            if next_cursor is not None:
+                set_truncate_cursor(txn, ino, next_cursor)
+                return max(next_cursor - cursor, 1)
+            if inode is not None and inode.truncs:
+                inode.truncs = None  # every record the markers cover is gone
+                txn.put_inode(inode)
+            finish_purge_job(txn, ino)
+            return 1
 
     def _purge_now(self) -> None:
         """LMDB: free a removed big file's stripes now, in bounded transactions after the op's."""
@@ -467,27 +486,27 @@ class Namespace(FileOps):
             drop_link(txn, target, keep_open or self.is_held(target.ino), now)
 
     def reclaim_orphans(self, is_held: Callable[[int], bool]) -> int:
-        """Free every unlinked inode that ``is_held`` says nobody holds open; how many."""
+        """Free every unlinked inode that ``is_held`` says nobody holds open; how many.
+
+        One orphan per transaction (a big file's stripes go to a purge job), so
+        any number of orphans fits etcd's limit on operations per transaction."""
         with self.store.read() as txn:  # the usual answer is "none": no write transaction for it
-            if not any(not is_held(ino) for ino in txn.orphan_inos()):
-                return 0
-        freed = self._reclaim(is_held)
-        self._purge_now()
+            candidates = [ino for ino in txn.orphan_inos() if not is_held(ino)]
+        freed = 0
+        for ino in candidates:
+            freed += self._reclaim_one(ino)
+            self._purge_now()
         return freed
 
-    def _reclaim(self, is_held: Callable[[int], bool]) -> int:
+    def _reclaim_one(self, ino: int) -> int:
         with self._write(replayable=False) as txn:
-            freed = 0
-            for ino in txn.orphan_inos():
-                if is_held(ino):
-                    continue
-                inode = txn.get_inode(ino)
-                if inode is not None:
-                    free_inode(txn, inode)
-                    freed += 1
-                else:
-                    txn.remove_orphan(ino)
-            return freed
+            if not txn.remove_orphan(ino):
+                return 0  # freed meanwhile (release, another server)
+            inode = txn.get_inode(ino)
+            if inode is None:
+                return 0
+            free_inode(txn, inode)
+            return 1
 
     # attributes -------------------------------------------------------------
 
@@ -534,7 +553,10 @@ class Namespace(FileOps):
                 inode.mtime_ns = mtime_ns
             inode.ctime_ns = now
             txn.put_inode(inode)
-            return remember_reply(txn, inode.attr())
+            reply = remember_reply(txn, inode.attr())
+        if size is not None:
+            self._purge_now()  # LMDB: a big truncate's dropped stripes reach GC before the reply
+        return reply
 
     @staticmethod
     def _resize(txn: Txn, inode: Inode, size: int) -> None:

@@ -30,7 +30,8 @@ server's memory; here is where each went:
 
 Large frees are split too: a removed file with many stripes leaves a
 ``purge/<ino>`` job that ``Namespace.purge_step`` works off in transactions
-of a bounded number of writes.
+of a bounded number of writes; so does a truncate that drops many stripes
+(the inode marks them dead at once: ``stripes.truncate_stripes``).
 """
 
 from __future__ import annotations
@@ -306,17 +307,35 @@ class OpResultPruner:
 
 
 def add_purge_job(txn: Txn, ino: int, removed_ns: int) -> None:
+    """File ``ino`` is gone: free all its stripe records (replaces a pending truncation job)."""
     txn.raw_put(PURGE, keys.inode_key(ino), keys.pack([removed_ns]))
 
 
-def purge_jobs(txn: Txn, limit: int) -> list[tuple[int, int]]:
-    """Up to ``limit`` (ino, file removed at ns) of files whose stripes are still to be freed."""
-    out = []
+def add_truncate_job(txn: Txn, ino: int, first: int) -> None:
+    """Live file ``ino`` was truncated: free its records that ``inode.truncs`` marks dead, from
+    stripe ``first`` on (merged with a pending job: from the lower stripe)."""
+    raw = txn.raw_get(PURGE, keys.inode_key(ino))
+    if raw is not None:
+        value = keys.unpack(raw)
+        if len(value) > 1:
+            first = min(first, int(value[1]))
+    txn.raw_put(PURGE, keys.inode_key(ino), keys.pack([0, first]))
+
+
+def purge_jobs(txn: Txn, limit: int) -> list[tuple[int, int, int | None]]:
+    """Up to ``limit`` (ino, removed at ns, None) of removed files whose stripes are still to be
+    freed, or (ino, 0, next stripe) of truncated live files whose dropped records are."""
+    out: list[tuple[int, int, int | None]] = []
     for key, raw in txn.raw_scan(PURGE, b"", b""):
-        out.append((keys.decode_inode_key(key), int(keys.unpack(raw)[0])))
+        value = keys.unpack(raw)
+        out.append((keys.decode_inode_key(key), int(value[0]), int(value[1]) if len(value) > 1 else None))
         if len(out) >= limit:
             break
     return out
+
+
+def set_truncate_cursor(txn: Txn, ino: int, cursor: int) -> None:
+    txn.raw_put(PURGE, keys.inode_key(ino), keys.pack([0, cursor]))
 
 
 def finish_purge_job(txn: Txn, ino: int) -> None:

@@ -47,6 +47,8 @@ class Inode:
     parent: int = 0
     next_cookie: int = 1
     min_version: int = 0
+    max_version: int = 0  # highest stripe version ever committed (0: unknown, a store from before)
+    truncs: list[list[int]] | None = None  # pending truncations [first stripe, version floor] (stripes.py)
 
     @property
     def is_dir(self) -> bool:
@@ -97,6 +99,8 @@ class Inode:
             self.parent,
             self.next_cookie,
             self.min_version,
+            self.max_version,
+            self.truncs,
         ]
 
     @classmethod

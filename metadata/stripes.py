@@ -17,9 +17,13 @@ from typing import Any
 from deepfs.errors import os_error
 from deepfs.messages import MISSING_NODE, U32_MAX, FragmentKey
 from metadata import keys
-from metadata.namespace_state import count
+from metadata.namespace_state import add_truncate_job, count
 from metadata.records import Inode, is_degraded
 from metadata.store import Txn
+
+INLINE_DROP_STRIPES = 16  # a truncate drops this many stripe records at once; more go to a purge job
+INLINE_DROP_WRITES = 64
+LIVE_SCAN_PAGE = 256
 
 
 def check_record(record: dict[str, Any], layout: dict[str, Any]) -> None:
@@ -70,7 +74,7 @@ def check_version(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
     version it drops. The rule is per stripe, so writers of different
     stripes never get in each other's way.
     """
-    current = txn.get_stripe(inode.ino, record["index"])
+    current = live_stripe(txn, inode, record["index"])
     if current is not None and current["version"] == record["version"]:
         if current["crcs"] != record["crcs"]:  # same key, other bytes: two writers collided
             raise os_error(errno.ESTALE, f"stripe {record['index']}: version {record['version']} holds other data")
@@ -92,6 +96,7 @@ def store_stripe(txn: Txn, inode: Inode, record: dict[str, Any]) -> None:
         delta -= int(is_degraded(old))
     if delta:
         count(keys.META_DEGRADED_STRIPES, delta)
+    inode.max_version = max(inode.max_version, record["version"])
     txn.put_stripe(inode.ino, record)
 
 
@@ -111,22 +116,109 @@ def drop_stripes_from(txn: Txn, inode: Inode, first: int, file_removed: bool = F
 
 
 def truncate_stripes(txn: Txn, inode: Inode, new_size: int) -> None:
-    """Forget file data at and past ``new_size``.
+    """Forget file data at and past ``new_size``, in a bounded number of writes.
 
-    Whole stripes past the end go to GC. The stripe that now ends the file
-    keeps its fragments but gets a shorter logical length: readers treat
-    bytes past a stripe's length as zeros, so growing the file again later
-    reads zeros, not the old bytes.
+    A few whole stripes past the end go to GC at once. More (etcd takes at
+    most 128 operations per transaction) are only marked: the inode gets a
+    truncation marker [first stripe, version floor] (``inode.truncs``) and
+    its ``min_version`` rises to the floor, so every record at or past the
+    first stripe with a version below the floor is gone for readers
+    (``is_dead``); a ``purge/<ino>`` job deletes those records and queues
+    their fragments for GC in bounded transactions (``purge_truncated``).
+    Commits after the truncate carry versions >= the floor: never purged.
+    The stripe that now ends the file keeps its fragments but gets a shorter
+    logical length: readers treat bytes past a stripe's length as zeros, so
+    growing the file again later reads zeros, not the old bytes.
     """
     assert inode.layout is not None
     stripe_size = inode.layout["stripe_size"]
-    drop_stripes_from(txn, inode, -(-new_size // stripe_size))
+    first = -(-new_size // stripe_size)
+    peek = txn.stripes(inode.ino, first, count=INLINE_DROP_STRIPES + 1)
+    small = len(peek) <= INLINE_DROP_STRIPES and sum(fragment_count(r) + 1 for r in peek) <= INLINE_DROP_WRITES
+    if small or (inode.max_version == 0 and not inode.truncs):  # few, or a store from before: at once
+        drop_stripes_from(txn, inode, first)
+    else:
+        floor = max(inode.min_version, inode.max_version + 1)
+        inode.min_version = floor
+        # a new marker covers every older one that starts at or past its first stripe
+        inode.truncs = [m for m in inode.truncs or [] if m[0] < first] + [[first, floor]]
+        add_truncate_job(txn, inode.ino, first)
     inner = new_size % stripe_size
     if inner:
-        last = txn.get_stripe(inode.ino, new_size // stripe_size)
+        last = live_stripe(txn, inode, new_size // stripe_size)
         if last is not None and last["length"] > inner:
             last["length"] = inner
             txn.put_stripe(inode.ino, last)
+
+
+def is_dead(inode: Inode, record: dict[str, Any]) -> bool:
+    """A record a pending truncation dropped (still stored until its purge job gets to it)."""
+    return any(record["index"] >= first and record["version"] < floor for first, floor in inode.truncs or ())
+
+
+def live_stripe(txn: Txn, inode: Inode, index: int) -> dict[str, Any] | None:
+    """Stripe ``index`` of ``inode`` as readers see it (None: none, or truncated away)."""
+    record = txn.get_stripe(inode.ino, index)
+    return None if record is None or is_dead(inode, record) else record
+
+
+def live_stripes(
+    txn: Txn, inode: Inode, first: int, count: int | None = None, max_bytes: int | None = None
+) -> tuple[list[dict[str, Any]], bool]:
+    """Records from index ``first`` as readers see them (``Txn.stripes`` less truncated ones):
+    (records, whether none follows them)."""
+    if not inode.truncs:
+        records = txn.stripes(inode.ino, first, count, max_bytes)
+        if count is not None and len(records) < count:
+            return records, True
+        return records, not records or not txn.stripes(inode.ino, records[-1]["index"] + 1, count=1)
+    out: list[dict[str, Any]] = []
+    total = 0
+    start = first
+    while True:
+        page = txn.stripes(inode.ino, start, count=LIVE_SCAN_PAGE)
+        for record in page:
+            if is_dead(inode, record):
+                continue
+            size = len(keys.pack(record))
+            full = count is not None and len(out) >= count
+            if full or (max_bytes is not None and out and total + size > max_bytes):
+                return out, False
+            total += size
+            out.append(record)
+        if len(page) < LIVE_SCAN_PAGE:
+            return out, True
+        start = page[-1]["index"] + 1
+
+
+def purge_truncated(txn: Txn, inode: Inode | None, cursor: int, max_writes: int) -> int | None:
+    """Delete truncated records of ``inode`` from index ``cursor`` on and queue their fragments
+    for GC, reading and writing at most about ``max_writes`` keys: the next cursor, or None
+    when none is left (the caller then drops the markers and the job)."""
+    if inode is None or not inode.truncs:
+        return None
+    width = inode.layout["k"] + inode.layout["m"] if inode.layout else 1
+    reads = max(1, max_writes // (width + 1))
+    writes = 0
+    degraded = 0
+    page = txn.stripes(inode.ino, cursor, count=reads)
+    next_cursor = cursor
+    for record in page:
+        if is_dead(inode, record):
+            cost = fragment_count(record) + 1
+            if writes and writes + cost > max_writes:
+                break
+            retire_fragments(txn, inode.ino, record)
+            txn.delete_stripe(inode.ino, record["index"])
+            degraded += int(is_degraded(record))
+            writes += cost
+        next_cursor = record["index"] + 1
+    else:
+        if len(page) < reads:
+            next_cursor = -1
+    if degraded:
+        count(keys.META_DEGRADED_STRIPES, -degraded)
+    return None if next_cursor < 0 else next_cursor
 
 
 def fragment_count(record: dict[str, Any]) -> int:

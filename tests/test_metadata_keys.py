@@ -73,8 +73,9 @@ def test_values_keep_bytes_and_text_apart() -> None:
 def test_inode_record_round_trips_and_reads_shorter_records() -> None:
     inode = Inode(5, 0o100644, 1, 2, 1, 10, 20, 30, size=4096, layout={"k": 4}, target=None, min_version=9)
     assert Inode.from_value(keys.unpack(keys.pack(inode.to_value()))) == inode
-    old = inode.to_value()[:-1]  # a record written before the last field existed
+    old = inode.to_value()[:-3]  # a record written before min_version, max_version, truncs existed
     assert Inode.from_value(old).min_version == 0
+    assert Inode.from_value(inode.to_value()[:-2]).truncs is None
     assert inode.attr()["blocks"] == 8
 
 

@@ -420,3 +420,66 @@ def test_on_lmdb_a_freed_file_reaches_gc_before_the_reply(store: MetaStore, ns: 
     assert sum(1 for _node, key in queued if key.ino == small) == 16 * WIDTH
     assert sum(1 for _node, key in queued if key.ino == big) == 40 * WIDTH
     assert not read(store, lambda txn: purge_pending(txn, big))
+
+
+# bounded truncates ---------------------------------------------------------------
+
+
+def purge_batches(ns: Namespace, limit: int = 100) -> list[int]:
+    steps = []
+    while True:
+        freed = ns.purge_step(limit)
+        if not freed:
+            return steps
+        steps.append(freed)
+
+
+def test_a_big_truncate_marks_stripes_dead_and_purges_them_in_batches(
+        store: MetaStore, ns: Namespace, monkeypatch: pytest.MonkeyPatch) -> None:
+    ns.purge_inline = False  # as on etcd: the leader works the job off
+    f = big_file(ns, b"big", 300)
+    deletes: list[int] = []
+    original = Txn.delete_stripe
+
+    def spy(self: Txn, ino: int, index: int) -> None:
+        deletes.append(index)
+        original(self, ino, index)
+
+    monkeypatch.setattr(Txn, "delete_stripe", spy)
+    ns.setattr(f, size=50 * STRIPE)
+    assert deletes == []  # the op itself drops nothing: a marker in the inode
+    monkeypatch.setattr(Txn, "delete_stripe", original)
+    assert read(store, lambda txn: purge_pending(txn, f))
+    assert [s["index"] for s in ns.open(f)["stripes"]] == list(range(50))
+    floor = ns.open(f)["min_version"]
+    # extend, write stripes 50..59 anew, truncate again to 55: two markers at once
+    ns.commit(f, [record(i, floor) for i in range(50, 60)], 60 * STRIPE)
+    ns.setattr(f, size=55 * STRIPE)
+    assert [s["index"] for s in ns.open(f)["stripes"]] == list(range(55))
+    steps = purge_batches(ns)
+    assert steps and max(steps) <= 100  # bounded transactions
+    assert not read(store, lambda txn: purge_pending(txn, f))
+    assert read(store, lambda txn: [s["index"] for s in txn.stripes(f)]) == list(range(55))
+    assert read(store, lambda txn: txn.get_inode(f).truncs) is None
+    queued = [(node, key) for node, key in read(store, lambda txn: list(txn.all_gc())) if key.ino == f]
+    assert len(queued) == len(set(queued)) == (250 + 5) * WIDTH
+
+
+def test_unlinking_a_file_with_a_pending_truncate_frees_each_fragment_once(store: MetaStore, ns: Namespace) -> None:
+    ns.purge_inline = False
+    f = big_file(ns, b"big", 200)
+    ns.setattr(f, size=100 * STRIPE)
+    ns.purge_step(30)  # part of the truncation's purge
+    ns.unlink(ROOT, b"big")
+    purge_batches(ns)
+    assert not read(store, lambda txn: purge_pending(txn, f) or txn.stripes(f, 0, count=1))
+    queued = [(node, key) for node, key in read(store, lambda txn: list(txn.all_gc())) if key.ino == f]
+    assert len(queued) == len(set(queued)) == 200 * WIDTH
+
+
+def test_on_lmdb_a_big_truncate_reaches_gc_before_the_reply(store: MetaStore, ns: Namespace) -> None:
+    f = big_file(ns, b"big", 100)
+    ns.setattr(f, size=0)
+    assert not read(store, lambda txn: purge_pending(txn, f) or txn.stripes(f, 0, count=1))
+    queued = [key for _node, key in read(store, lambda txn: list(txn.all_gc())) if key.ino == f]
+    assert len(queued) == 100 * WIDTH
