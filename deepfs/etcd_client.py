@@ -46,6 +46,7 @@ MAX_REQUEST_BYTES = 1536 * 1024  # etcd --max-request-bytes default (1.5 MiB)
 REQUEST_MARGIN_BYTES = 4096  # etcd wraps the request in a raft entry a little larger than it
 DEFAULT_TIMEOUT_S = 2.0
 DEFAULT_FAILOVER_S = 5.0
+DEFRAGMENT_TIMEOUT_S = 60.0  # defragmenting rewrites the member's whole database
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 CHANNEL_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),  # a range page can be larger than gRPC's 4 MiB default
@@ -163,6 +164,8 @@ def _translate(exc: grpc.RpcError, what: str) -> OSError:
         return OSError(errno.ENOSPC, message)
     if code == grpc.StatusCode.NOT_FOUND:
         return OSError(errno.ENOENT, message)
+    if code == grpc.StatusCode.FAILED_PRECONDITION and "already exists" in details:
+        return OSError(errno.EEXIST, message)  # a lease granted with an id that is taken
     if code == grpc.StatusCode.INVALID_ARGUMENT:
         too_big = "too many operations" in details or "too large" in details
         return OSError(errno.E2BIG if too_big else errno.EINVAL, message)
@@ -189,23 +192,27 @@ class EtcdClient:
         self.failovers = 0  # times a call moved on to another endpoint
 
     # ----------------------------------------------------------- plumbing
-    def _call(self, what: str, stubs: list[Any], method: str, request: Any, *, endpoint: str | None = None) -> Any:
-        """``stubs[current].method(request)``, failing over on UNAVAILABLE / DEADLINE_EXCEEDED."""
+    def _call(self, what: str, stubs: list[Any], method: str, request: Any, *, endpoint: str | None = None,
+              timeout_s: float | None = None, failover_s: float | None = None) -> Any:
+        """``stubs[current].method(request)``, failing over on UNAVAILABLE / DEADLINE_EXCEEDED.
+
+        ``timeout_s`` / ``failover_s``: this call's own limits (default: the client's)."""
         if request.ByteSize() > MAX_REQUEST_BYTES - REQUEST_MARGIN_BYTES:
             raise OSError(errno.E2BIG, f"etcd {what}: request of {request.ByteSize()} bytes exceeds etcd's "
                                        f"{MAX_REQUEST_BYTES}-byte limit; split it")
         pinned = self.endpoints.index(endpoint) if endpoint is not None else None
-        deadline = time.monotonic() + self.failover_s
+        failover_s = self.failover_s if failover_s is None else failover_s
+        deadline = time.monotonic() + failover_s
         for attempt in itertools.count():
             index = self._current if pinned is None else pinned
             try:
-                return getattr(stubs[index], method)(request, timeout=self.timeout_s)
+                return getattr(stubs[index], method)(request, timeout=timeout_s or self.timeout_s)
             except grpc.RpcError as exc:
                 if exc.code() not in RETRYABLE:
                     raise _translate(exc, what) from exc
                 if time.monotonic() >= deadline:
                     raise OSError(errno.ETIMEDOUT, f"etcd {what}: no member of {self.endpoints} answered within "
-                                                   f"{self.failover_s:g}s ({exc.details()})") from exc
+                                                   f"{failover_s:g}s ({exc.details()})") from exc
                 if pinned is None:
                     self._move_on(index)
                 time.sleep(min(0.01 * (attempt + 1), 0.2, max(0.0, deadline - time.monotonic())))
@@ -253,7 +260,8 @@ class EtcdClient:
 
     def compact(self, revision: int, *, physical: bool = False) -> None:
         """Forget every revision before ``revision`` (reads at older revisions fail afterwards)."""
-        self._call("compact", self._kv, "Compact", rpc_pb2.CompactionRequest(revision=revision, physical=physical))
+        self._call("compact", self._kv, "Compact", rpc_pb2.CompactionRequest(revision=revision, physical=physical),
+                   timeout_s=self.timeout_s * 5)
 
     # -------------------------------------------------------------- leases
     def lease_grant(self, ttl_s: int, lease_id: int = 0) -> int:
@@ -282,6 +290,14 @@ class EtcdClient:
             raise OSError(errno.ENOENT, f"etcd lease {lease_id:x} has expired")
         return int(reply.TTL)
 
+    def lease_time_to_live(self, lease_id: int, *, keys: bool = False) -> tuple[int, list[bytes]] | None:
+        """(remaining TTL, attached keys when ``keys``) of lease ``lease_id``; None once it is gone."""
+        reply = self._call("lease time-to-live", self._lease, "LeaseTimeToLive",
+                           rpc_pb2.LeaseTimeToLiveRequest(ID=lease_id, keys=keys))
+        if reply.TTL <= 0:
+            return None
+        return int(reply.TTL), [bytes(k) for k in reply.keys]
+
     def lease_revoke(self, lease_id: int) -> None:
         """Revoke lease ``lease_id``: every key attached to it is deleted. An unknown lease is fine."""
         try:
@@ -291,23 +307,26 @@ class EtcdClient:
                 raise
 
     # --------------------------------------------------------- maintenance
-    def defragment(self, endpoint: str) -> None:
+    def defragment(self, endpoint: str, *, timeout_s: float = DEFRAGMENT_TIMEOUT_S) -> None:
         """Give the free pages of ``endpoint``'s database back to its file system (blocks that member)."""
         endpoint = _host_port(endpoint)
         if endpoint not in self.endpoints:
             with EtcdClient([endpoint], self.timeout_s, failover_s=self.failover_s) as other:
-                other.defragment(endpoint)
+                other.defragment(endpoint, timeout_s=timeout_s)
             return
-        self._call("defragment", self._maintenance, "Defragment", rpc_pb2.DefragmentRequest(), endpoint=endpoint)
+        self._call("defragment", self._maintenance, "Defragment", rpc_pb2.DefragmentRequest(), endpoint=endpoint,
+                   timeout_s=timeout_s)
 
-    def status(self, endpoint: str) -> EtcdStatus:
+    def status(self, endpoint: str, *, failover_s: float | None = None) -> EtcdStatus:
         """``endpoint``'s view ("host:port" or a client URL): the leader's member id, the store revision,
-        its database size, and its own member id."""
+        its database size, and its own member id. ``failover_s=0``: one try (a status page asking
+        every member does not wait ``failover_s`` on each dead one)."""
         endpoint = _host_port(endpoint)
         if endpoint not in self.endpoints:
             with EtcdClient([endpoint], self.timeout_s, failover_s=self.failover_s) as other:
-                return other.status(endpoint)
-        reply = self._call("status", self._maintenance, "Status", rpc_pb2.StatusRequest(), endpoint=endpoint)
+                return other.status(endpoint, failover_s=failover_s)
+        reply = self._call("status", self._maintenance, "Status", rpc_pb2.StatusRequest(), endpoint=endpoint,
+                           failover_s=failover_s)
         return EtcdStatus(int(reply.leader), int(reply.header.revision), int(reply.dbSize),
                           int(reply.header.member_id))
 

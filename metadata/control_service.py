@@ -26,7 +26,6 @@ nor bound.
 from __future__ import annotations
 
 import errno
-import inspect
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from concurrent import futures
@@ -156,7 +155,7 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
             _abort(context, grpc.StatusCode.INVALID_ARGUMENT, str(exc))
         usage = Usage(request.capacity_bytes, request.free_bytes, request.used_bytes)
         node_id, epoch = self._in_trio(
-            context, _sync(self._membership.register), request.uuid, request.address, request.failure_domain, usage,
+            context, self._membership.register_async, request.uuid, request.address, request.failure_domain, usage,
             _caller_key_name(),
         )
         self._announce(context, node_id)
@@ -171,7 +170,7 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
         scrub = ScrubProgress(request.scrub_bytes, request.scrub_errors, request.scrub_pass_fraction,
                               request.scrub_passes)
         bad = [FragmentKey(f.ino, f.stripe, f.version, f.slot) for f in request.bad_fragments]
-        epoch = self._in_trio(context, _sync(self._heartbeat), request.node_id, usage, scrub, bad,
+        epoch = self._in_trio(context, self._heartbeat, request.node_id, usage, scrub, bad,
                               _caller_key_name())
         if epoch is None:
             _abort(context, grpc.StatusCode.NOT_FOUND, f"unknown node {request.node_id}: register again")
@@ -196,11 +195,11 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
         evicted, self._membership.evicted = self._membership.evicted, []
         return self._membership.live_report(node_id), evicted
 
-    def _heartbeat(self, node_id: int, usage: Usage, scrub: ScrubProgress, bad: list[FragmentKey],
-                   key_name: str | None) -> int | None:
-        epoch = self._membership.heartbeat(node_id, usage, scrub, key_name)
+    async def _heartbeat(self, node_id: int, usage: Usage, scrub: ScrubProgress, bad: list[FragmentKey],
+                         key_name: str | None) -> int | None:
+        epoch = await self._membership.heartbeat_async(node_id, usage, scrub, key_name)
         if epoch is not None and bad and self._repair is not None:
-            self._repair.report_bad(node_id, bad)
+            await self._repair.report_bad_async(node_id, bad)
         return epoch
 
     # ------------------------------------------------------------ clients
@@ -254,7 +253,7 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
         return self._in_trio(context, self._drain, request.node_id)
 
     async def _drain(self, node_id: int) -> control_pb2.NodeInfo:
-        node = self._membership.drain(node_id)
+        node = await self._membership.drain_async(node_id)
         self._kick_repair()
         return _node_info(node)
 
@@ -265,7 +264,7 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
         node = self._membership.nodes.get(node_id)
         # Only a live node's remaining fragments matter (a down one is out at once): scan only then.
         referenced = (await self._scan()).referenced_on_node.get(node_id, 0) if node is not None and node.up else 0
-        node = self._membership.remove(node_id, referenced)
+        node = await self._membership.remove_async(node_id, referenced)
         self._kick_repair()
         return _node_info(node)
 
@@ -285,8 +284,7 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
     async def _scan(self) -> HealthScan:
         """Every stripe classified now, with the fragments known bad (the repair engine's scan when there is one)."""
         if self._repair is not None:
-            scanned = self._repair.scan()
-            return await scanned if inspect.isawaitable(scanned) else scanned
+            return await self._repair.scan_async()
         # Without a repair engine nothing gets rebuilt, whenever a down node counts as lost; the counts are the same.
         store = self._namespace.store
         return await store.run(lambda: scan_health(store, self._membership, math.inf, frozenset()), write=False)

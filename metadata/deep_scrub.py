@@ -41,7 +41,7 @@ import errno
 import functools
 import logging
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,7 +65,8 @@ PAGE_RECORDS = 256  # stripe records per read transaction
 DIGEST_COST_BYTES = 64 << 10
 NODE_TIMEOUT_S = 10.0
 
-ReportBad = Callable[[int, list[FragmentKey]], None]
+# ``RepairWorker.report_bad_async`` (the server); a plain function is accepted too (tests).
+ReportBad = Callable[[int, list[FragmentKey]], Awaitable[None] | None]
 
 
 @dataclass
@@ -162,7 +163,7 @@ class DeepScrubber:
                 bad.append(slot)
         found.skipped += sum(1 for _ in _placed(record)) - len(digests)
         found.digest_errors += len(bad)
-        self._report(ino, record, bad)
+        await self._report(ino, record, bad)
 
     async def _ask_digest(self, nursery: trio.Nursery, ino: int, record: dict[str, Any], slot: int, node_id: int,
                           into: dict[int, int | None]) -> None:
@@ -207,7 +208,7 @@ class DeepScrubber:
         found.parity_errors += len(differing)
         found.digest_errors += len(wrong_digest - differing)
         bad = sorted(wrong_digest | differing)
-        self._report(ino, record, bad)
+        await self._report(ino, record, bad)
 
     async def _read_fragment(self, nursery: trio.Nursery, ino: int, record: dict[str, Any], slot: int, node_id: int,
                              size: int, into: dict[int, memoryview | None]) -> None:
@@ -242,14 +243,16 @@ class DeepScrubber:
             raise _Unavailable("timed out") from exc
         return reply, payload
 
-    def _report(self, ino: int, record: dict[str, Any], slots: Iterable[int]) -> None:
+    async def _report(self, ino: int, record: dict[str, Any], slots: Iterable[int]) -> None:
         by_node: dict[int, list[FragmentKey]] = {}
         for slot in slots:
             by_node.setdefault(record["placement"][slot], []).append(_key(ino, record, slot))
         for node_id, keys in by_node.items():
             log.warning("deep scrub: %d fragment(s) of inode %d on node %d differ from the stripe record",
                         len(keys), ino, node_id)
-            self.report_bad(node_id, keys)
+            reported = self.report_bad(node_id, keys)
+            if reported is not None:
+                await reported
 
     def _add(self, found: DeepScrubStats) -> None:
         for name in DeepScrubStats.__dataclass_fields__:

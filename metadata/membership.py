@@ -50,20 +50,25 @@ up on server B, and a restarted server reports up exactly the nodes whose keys
 live. With LMDB there is one server and liveness stays in memory (above).
 
 All methods run in the trio thread; the gRPC service calls them through
-``trio.from_thread.run_sync`` and talks to etcd (``LiveKeys``) from its own
+``trio.from_thread.run`` and talks to etcd (``LiveKeys``) from its own
 threads. The rare writes (a registration, an admin change, a node back up)
-go through ``store.run_sync``; heartbeats of up nodes write nothing.
+are collected while a method changes the map and written at its end in one
+store operation: the ``*_async`` methods (what the server calls) await
+``store.run``, so the trio thread never blocks on the store (on etcd a store
+call is a gRPC round trip); the plain ones (tests, startup) use
+``store.run_sync``. Heartbeats of up nodes write nothing.
 """
 
 from __future__ import annotations
 
 import errno
+import functools
 import json
 import logging
 import math
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from dataclasses import dataclass
 from typing import Any
 
@@ -198,6 +203,9 @@ class Membership:
         self.evicted: list[int] = []  # etcd: nodes whose live keys the gRPC service must drop
         self.nodes: dict[int, NodeState] = {}
         self.epoch = 0
+        self._dirty_nodes: set[int] = set()  # node records changed in memory, not written yet
+        self._epoch_dirty = False
+        self._flush_lock = trio.Lock()  # async writes go out one at a time, each with the latest values
         # Tells this server process apart from the one before a restart (status, tests).
         self.incarnation = secrets.randbits(63) + 1
 
@@ -210,6 +218,7 @@ class Membership:
             self.nodes[node_id] = NodeState(node_id=node_id, **record, down_since=now)
         if self.nodes:
             self._bump_epoch()  # the previous incarnation's map called some of them up
+        self._flush_sync()
 
     # ------------------------------------------------------------ queries
     def node_state(self, node_id: int) -> str:
@@ -252,14 +261,40 @@ class Membership:
 
         ``key_name``: the authenticated node key registering (None: no authentication). A uuid
         bound to another key, or an up node's address bound to another key: PermissionError."""
+        steps = self._register_steps(uuid, address, failure_domain, usage, key_name)
+        try:
+            operation, write = next(steps)
+            while True:
+                operation, write = steps.send(self.store.run_sync(operation, write=write))
+        except StopIteration as done:
+            result: tuple[int, int] = done.value
+        self._flush_sync()
+        return result
+
+    async def register_async(self, uuid: str, address: str, failure_domain: str, usage: Usage,
+                             key_name: str | None = None) -> tuple[int, int]:
+        """``register`` from the trio thread: its store reads and writes go through ``store.run``."""
+        steps = self._register_steps(uuid, address, failure_domain, usage, key_name)
+        try:
+            operation, write = next(steps)
+            while True:
+                operation, write = steps.send(await self.store.run(operation, write=write))
+        except StopIteration as done:
+            result: tuple[int, int] = done.value
+        await self.flush()
+        return result
+
+    def _register_steps(self, uuid: str, address: str, failure_domain: str, usage: Usage,
+                        key_name: str | None) -> Generator[tuple[Callable[[], Any], bool], Any, tuple[int, int]]:
+        """``register``, yielding each store operation it needs (and whether it writes); sent its result."""
         if self.live is not None and not any(n.uuid == uuid for n in self.nodes.values()):
-            self._take_records(self.store.run_sync(self._read_records, write=False))  # another server's?
+            self._take_records((yield self._read_records, False))  # another server's?
         node = next((n for n in self.nodes.values() if n.uuid == uuid), None)
         if key_name is not None:
             self._check_claim(node, uuid, address, key_name)
         changed = False
         if node is None:
-            node_id = self.store.run_sync(self._next_node_id)
+            node_id = yield self._next_node_id, True
             node = NodeState(node_id, uuid, address, failure_domain, key_name=key_name or "")
             self.nodes[node_id] = node
             changed = True
@@ -281,7 +316,23 @@ class Membership:
 
     def heartbeat(self, node_id: int, usage: Usage, scrub: ScrubProgress | None = None,
                   key_name: str | None = None) -> int | None:
-        """The epoch, or None for a node this server does not know (it must register).
+        """The epoch, or None for a node this server does not know (it must register)."""
+        try:
+            return self._heartbeat(node_id, usage, scrub, key_name)
+        finally:
+            self._flush_sync()
+
+    async def heartbeat_async(self, node_id: int, usage: Usage, scrub: ScrubProgress | None = None,
+                              key_name: str | None = None) -> int | None:
+        """``heartbeat`` from the trio thread (a node back up is written through ``store.run``)."""
+        try:
+            return self._heartbeat(node_id, usage, scrub, key_name)
+        finally:
+            await self.flush()
+
+    def _heartbeat(self, node_id: int, usage: Usage, scrub: ScrubProgress | None,
+                   key_name: str | None) -> int | None:
+        """``heartbeat`` without writing.
 
         ``key_name``: the authenticated node key (None: no authentication). A node bound to
         another key: PermissionError; one not bound yet must register first (None)."""
@@ -312,6 +363,18 @@ class Membership:
 
     def expire(self) -> list[int]:
         """Mark nodes silent for longer than the grace period down; their ids."""
+        try:
+            return self._expire()
+        finally:
+            self._flush_sync()
+
+    async def expire_async(self) -> list[int]:
+        try:
+            return self._expire()
+        finally:
+            await self.flush()
+
+    def _expire(self) -> list[int]:
         now = self._clock()
         deadline = now - self.grace_period_s
         gone = [n.node_id for n in self.nodes.values() if n.up and n.last_heartbeat < deadline]
@@ -350,6 +413,7 @@ class Membership:
                 changed = True
         if changed:
             self._bump_epoch()
+        await self.flush()
         return gone
 
     async def run_expiry(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
@@ -362,7 +426,7 @@ class Membership:
         while True:
             await trio.sleep(interval_s)
             if self.live is None:
-                self.expire()
+                await self.expire_async()
                 continue
             try:
                 await self.refresh()
@@ -376,6 +440,18 @@ class Membership:
     # ------------------------------------------------------------ operator commands
     def drain(self, node_id: int) -> NodeState:
         """Stop placing fragments on the node; repair moves its fragments off while it serves reads."""
+        try:
+            return self._drain(node_id)
+        finally:
+            self._flush_sync()
+
+    async def drain_async(self, node_id: int) -> NodeState:
+        try:
+            return self._drain(node_id)
+        finally:
+            await self.flush()
+
+    def _drain(self, node_id: int) -> NodeState:
         node = self._require(node_id)
         if node.admin_state == "out":
             raise OSError(errno.EINVAL, f"node {node_id} is out already; there is nothing to drain")
@@ -384,6 +460,19 @@ class Membership:
         return node
 
     def remove(self, node_id: int, referenced_fragments: int) -> NodeState:
+        """Mark the node out: its fragments no longer count and are rebuilt elsewhere now (``_remove``)."""
+        try:
+            return self._remove(node_id, referenced_fragments)
+        finally:
+            self._flush_sync()
+
+    async def remove_async(self, node_id: int, referenced_fragments: int) -> NodeState:
+        try:
+            return self._remove(node_id, referenced_fragments)
+        finally:
+            await self.flush()
+
+    def _remove(self, node_id: int, referenced_fragments: int) -> NodeState:
         """Mark the node out: its fragments no longer count and are rebuilt elsewhere now.
 
         A live node must be drained first (``referenced_fragments`` stripe
@@ -426,13 +515,49 @@ class Membership:
             return txn.add_counter(keys.META_LAST_NODE_ID, 1)  # ids start at 1
 
     def _put_node(self, node: NodeState) -> None:
-        node_id, record = node.node_id, node.persistent()
+        self._dirty_nodes.add(node.node_id)  # written by the flush that ends the public method
 
-        def put() -> None:
-            with self.store.write() as txn:
-                txn.put_node(node_id, record)
+    # ------------------------------------------------------------ writes
+    def _take_dirty(self) -> tuple[list[int], bool] | None:
+        if not self._dirty_nodes and not self._epoch_dirty:
+            return None
+        dirty = (sorted(self._dirty_nodes), self._epoch_dirty)
+        self._dirty_nodes, self._epoch_dirty = set(), False
+        return dirty
 
-        self.store.run_sync(put)
+    def _write(self, node_ids: list[int], epoch: bool) -> None:
+        """Write the changed node records and the epoch, as they are now (a store operation)."""
+        with self.store.write() as txn:
+            for node_id in node_ids:
+                node = self.nodes.get(node_id)
+                if node is not None:
+                    txn.put_node(node_id, node.persistent())
+            if epoch:
+                txn.put_meta(keys.META_EPOCH, self.epoch)
+
+    def _flush_sync(self) -> None:
+        """Write what changed, blocking this thread (tests, startup)."""
+        dirty = self._take_dirty()
+        if dirty is not None:
+            try:
+                self.store.run_sync(functools.partial(self._write, *dirty))
+            except BaseException:
+                self._dirty_nodes.update(dirty[0])  # written by the next flush
+                self._epoch_dirty |= dirty[1]
+                raise
+
+    async def flush(self) -> None:
+        """Write what changed through ``store.run`` (durable once it returns). One flush at a time,
+        each writing the latest values: a later change is never overwritten by an earlier one."""
+        async with self._flush_lock:
+            dirty = self._take_dirty()
+            if dirty is not None:
+                try:
+                    await self.store.run(functools.partial(self._write, *dirty))
+                except BaseException:
+                    self._dirty_nodes.update(dirty[0])  # written by the next flush
+                    self._epoch_dirty |= dirty[1]
+                    raise
 
     def _read_epoch_and_records(self) -> tuple[int, dict[int, dict[str, Any]]]:
         with self.store.read() as txn:
@@ -486,13 +611,7 @@ class Membership:
 
     def _bump_epoch(self) -> None:
         self.epoch += 1
-        epoch = self.epoch
-
-        def put() -> None:
-            with self.store.write() as txn:
-                txn.put_meta(keys.META_EPOCH, epoch)
-
-        self.store.run_sync(put)
+        self._epoch_dirty = True  # written by the flush that ends the public method
 
     def _apply_usage(self, node: NodeState, usage: Usage) -> None:
         node.capacity_bytes = usage.capacity_bytes

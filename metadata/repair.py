@@ -75,6 +75,7 @@ from metadata.namespace import Namespace
 from metadata.node_clients import NodeClients
 from metadata.rate_limit import TokenBucket
 from metadata.rebalance import Misplaced, find_misplaced, misplaced_slots, placement_views, writable_signature
+from metadata.records import Inode
 from metadata.store import MetaStore
 
 log = logging.getLogger(__name__)
@@ -156,27 +157,59 @@ class RepairWorker:
     def report_bad(self, node_id: int, keys: Iterable[FragmentKey]) -> None:
         """Node ``node_id`` found these fragments corrupt or missing; rebuild those still referenced there.
 
-        Kept in memory: after a restart of this server the node's scrubber reports them again."""
-        added = 0
+        Reads the store where it is called: for tests and threads that may block (LMDB); the
+        trio thread uses ``report_bad_async``. Kept in memory: after a restart of this server the
+        node's scrubber reports them again."""
+        self._add_bad(node_id, self._still_placed(node_id, list(keys)))
+
+    async def report_bad_async(self, node_id: int, keys: Iterable[FragmentKey]) -> None:
+        """``report_bad`` from the trio thread: the store is read inside ``store.run``."""
+        keys = list(keys)
+        if keys:
+            self._add_bad(node_id, await self.store.run(
+                functools.partial(self._still_placed, node_id, keys), write=False))
+
+    def _still_placed(self, node_id: int, keys: list[FragmentKey]) -> list[BadKey]:
+        """Those of ``keys`` the store still places on ``node_id`` (a store operation)."""
+        if not keys:
+            return []
+        found: list[BadKey] = []
         with self.store.read() as txn:
             for key in keys:
                 record = txn.get_stripe(key.ino, key.stripe)
                 if record is not None and record["version"] == key.version and key.slot < len(record["placement"]) \
                         and record["placement"][key.slot] == node_id:
-                    self._bad.add((key.ino, key.stripe, key.version, key.slot))
-                    added += 1
-        if added:
-            log.warning("node %d reported %d bad fragments: queued for repair", node_id, added)
+                    found.append((key.ino, key.stripe, key.version, key.slot))
+        return found
+
+    def _add_bad(self, node_id: int, found: list[BadKey]) -> None:
+        self._bad.update(found)
+        if found:
+            log.warning("node %d reported %d bad fragments: queued for repair", node_id, len(found))
             self.kick()
 
     def is_bad(self, key: BadKey) -> bool:
         return key in self._bad
 
     def scan(self) -> HealthScan:
-        """Classify every stripe now (also what ``stats`` and fsck report)."""
+        """Classify every stripe now (also what ``stats`` and fsck report). Reads the store where
+        it is called (tests, LMDB); the trio thread uses ``scan_async``."""
         started = self._clock()
         self._scanned_at_kicks_epoch = (self._kicks, self.membership.epoch)
-        self.last_scan = scan_health(self.store, self.membership, self.repair_after_s, self._bad, time.time())
+        return self._scanned(started, scan_health(self.store, self.membership, self.repair_after_s, self._bad,
+                                                  time.time()))
+
+    async def scan_async(self) -> HealthScan:
+        """``scan`` from the trio thread: the walk over the store runs inside ``store.run``."""
+        started = self._clock()
+        self._scanned_at_kicks_epoch = (self._kicks, self.membership.epoch)
+        bad = frozenset(self._bad)  # the store thread gets a snapshot, not the set the trio thread changes
+        found = await self.store.run(functools.partial(scan_health, self.store, self.membership,
+                                                       self.repair_after_s, bad, time.time()), write=False)
+        return self._scanned(started, found)
+
+    def _scanned(self, started: float, found: HealthScan) -> HealthScan:
+        self.last_scan = found
         took = self._clock() - started
         self._next_scan_at = started + took + max(MIN_SCAN_GAP_S, took / SCAN_SHARE)
         self._queue = sum(len(w.health.rebuild) + len(w.health.move) for w in self.last_scan.work)
@@ -208,7 +241,7 @@ class RepairWorker:
 
     async def repair_round(self, nursery: trio.Nursery) -> int:
         """One scan and a pass over its work, worst first; fragments repaired."""
-        scan = self.scan()
+        scan = await self.scan_async()
         before = self.repaired_fragments
         if scan.work:
             log.info("repair: %d stripes need work (%d fragments); by lost: %s", len(scan.work), self._queue,
@@ -234,8 +267,7 @@ class RepairWorker:
         signature = writable_signature(views)
         if signature == self._balanced_for or self._repair_waiting():
             return 0
-        with self.store.read() as txn:
-            pending = find_misplaced(stripes_with_inodes(txn.all_stripes(), txn.get_inode), views)
+        pending = await self.store.run(functools.partial(self._misplaced, views), write=False)
         total = self._rebalance_queue = sum(len(item.moves) for item in pending)
         if pending:
             log.info("rebalance: %d fragments of %d stripes move onto the nodes placement now picks",
@@ -260,6 +292,11 @@ class RepairWorker:
         return moved
 
     # ------------------------------------------------------------ scheduling
+    def _misplaced(self, views: list[NodeView]) -> list[Misplaced]:
+        """Every stripe with fragments placement puts elsewhere now (a store operation)."""
+        with self.store.read() as txn:
+            return find_misplaced(stripes_with_inodes(txn.all_stripes(), txn.get_inode), views)
+
     def _repair_waiting(self) -> bool:
         """Kicked, or the map changed, since the last scan: a scan (and maybe repair) comes first."""
         return (self._kicks, self.membership.epoch) != self._scanned_at_kicks_epoch
@@ -318,15 +355,13 @@ class RepairWorker:
 
     async def repair_stripe(self, nursery: trio.Nursery, ino: int, index: int) -> int:
         """Rebuild or move what stripe ``index`` of ``ino`` needs now; fragments committed."""
-        with self.store.read() as txn:
-            inode = txn.get_inode(ino)
-            record = txn.get_stripe(ino, index)
+        inode, record = await self.store.run(functools.partial(self._inode_and_stripe, ino, index), write=False)
         if inode is None or inode.layout is None or record is None:
             return 0
         layout = Layout.from_dict(inode.layout)
         unusable: set[int] = set()  # survivors that failed during this repair
         for _attempt in range(layout.width):
-            plan = self._plan(ino, record, layout, unusable)
+            plan = await self._plan(ino, record, layout, unusable)
             if plan is None:
                 return 0
             try:
@@ -346,7 +381,11 @@ class RepairWorker:
             return len(stored)
         return 0
 
-    def _plan(self, ino: int, record: dict[str, Any], layout: Layout, unusable: set[int]) -> _Plan | None:
+    def _inode_and_stripe(self, ino: int, index: int) -> tuple[Inode | None, dict[str, Any] | None]:
+        with self.store.read() as txn:
+            return txn.get_inode(ino), txn.get_stripe(ino, index)
+
+    async def _plan(self, ino: int, record: dict[str, Any], layout: Layout, unusable: set[int]) -> _Plan | None:
         health = self._health(ino, layout.k, record)
         placement = record["placement"]
         readable = [s for s in range(layout.width)
@@ -354,7 +393,7 @@ class RepairWorker:
                     and self.membership.node_state(placement[s]) in (UP, DRAINING)]
         copy = tuple(s for s in health.move if s in readable)
         rebuild = tuple(sorted({*health.rebuild, *(s for s in health.move if s not in readable)}))
-        targets = self._choose_nodes(ino, record, [*rebuild, *copy])
+        targets = await self._choose_nodes(ino, record, [*rebuild, *copy])
         rebuild = tuple(s for s in rebuild if s in targets)
         copy = tuple(s for s in copy if s in targets)
         if not rebuild and not copy:
@@ -369,7 +408,7 @@ class RepairWorker:
             sources = tuple(sorted(ranked[: layout.k]))
         return _Plan(sources, rebuild, copy, targets)
 
-    def _choose_nodes(self, ino: int, record: dict[str, Any], slots: list[int]) -> dict[int, NodeState]:
+    async def _choose_nodes(self, ino: int, record: dict[str, Any], slots: list[int]) -> dict[int, NodeState]:
         """A new node for each slot (fewer if the cluster has too few): writable, not holding any
         fragment of this stripe, in a failure domain the stripe's remaining fragments do not use
         when there is one; ranked by ``deepfs.placement`` (rendezvous hashing)."""
@@ -379,10 +418,10 @@ class RepairWorker:
         replaced = {placement[s] for s in slots}
         candidates = {n.node_id: n for n in self.membership.writable_nodes() if n.node_id not in kept}
         keys = [FragmentKey(ino, record["index"], record["version"], s) for s in slots]
-        with self.store.read() as txn:
-            # A node with one of these keys in its GC queue (it held it once) could delete the new
-            # copy right after we store it: the delete may already be on its way.
-            candidates = {i: n for i, n in candidates.items() if not any(txn.gc_queued(i, key) for key in keys)}
+        # A node with one of these keys in its GC queue (it held it once) could delete the new
+        # copy right after we store it: the delete may already be on its way.
+        queued = await self.store.run(functools.partial(self._gc_queued_on, list(candidates), keys), write=False)
+        candidates = {i: n for i, n in candidates.items() if i not in queued}
         chosen: list[int] = []
 
         def take(nodes: Iterable[NodeState]) -> None:
@@ -398,6 +437,11 @@ class RepairWorker:
         take(fresh)
         take(candidates.values())
         return {slot: candidates[node_id] for slot, node_id in zip(slots, chosen, strict=False)}
+
+    def _gc_queued_on(self, node_ids: list[int], keys: list[FragmentKey]) -> set[int]:
+        """Those of ``node_ids`` with one of ``keys`` in their GC queue (a store operation)."""
+        with self.store.read() as txn:
+            return {i for i in node_ids if any(txn.gc_queued(i, key) for key in keys)}
 
     async def _build(self, nursery: trio.Nursery, ino: int, record: dict[str, Any], layout: Layout,
                      plan: _Plan, bucket: TokenBucket) -> dict[int, bytearray]:
@@ -534,23 +578,17 @@ class RepairWorker:
     async def rebalance_stripe(self, nursery: trio.Nursery, item: Misplaced) -> int:
         """Copy the misplaced fragments of one stripe onto the nodes placement picks now and
         commit them all at once; fragments moved (0 when the stripe or the map changed)."""
-        with self.store.read() as txn:
-            inode = txn.get_inode(item.ino)
-            record = txn.get_stripe(item.ino, item.index)
-            if inode is None or inode.layout is None or record is None or record["version"] != item.version:
-                return 0
-            moves = misplaced_slots(record, item.ino, placement_views(self.membership.nodes.values()))
-            # A node with the key in its GC queue (it held the fragment once) could delete the new
-            # copy right after we store it; move once its GC has run.
-            if any(txn.gc_queued(node_id, FragmentKey(item.ino, item.index, item.version, slot))
-                   for slot, node_id in moves.items()):
-                return 0
+        views = placement_views(self.membership.nodes.values())
+        found = await self.store.run(functools.partial(self._moves_of, item, views), write=False)
+        if found is None:
+            return 0
+        layout, record, moves = found
         if not moves:
             return 0
         plan = _Plan((), (), tuple(sorted(moves)), {slot: self.membership.nodes[n] for slot, n in moves.items()})
         assert self._rebalance_bucket is not None
         try:
-            built = await self._build(nursery, item.ino, record, Layout.from_dict(inode.layout), plan,
+            built = await self._build(nursery, item.ino, record, layout, plan,
                                       self._rebalance_bucket)
         except _SourceFailed as exc:
             log.info("rebalance of stripe %d of inode %d: fragment %d unusable (%s)", item.index, item.ino,
@@ -564,6 +602,23 @@ class RepairWorker:
         log.debug("rebalanced stripe %d v%d of inode %d: %s", item.index, item.version, item.ino,
                   ", ".join(f"slot {s}: node {old} -> {new}" for s, (old, new) in sorted(stored.items())))
         return len(stored)
+
+
+    def _moves_of(self, item: Misplaced, views: list[NodeView]) \
+            -> tuple[Layout, dict[str, Any], dict[int, int]] | None:
+        """The stripe's file layout, record and the slots to move now (a store operation); None when the
+        stripe changed, or a target still has the key in its GC queue (it held the fragment once and
+        could delete the new copy right after we store it: move once its GC has run)."""
+        with self.store.read() as txn:
+            inode = txn.get_inode(item.ino)
+            record = txn.get_stripe(item.ino, item.index)
+            if inode is None or inode.layout is None or record is None or record["version"] != item.version:
+                return None
+            moves = misplaced_slots(record, item.ino, views)
+            if any(txn.gc_queued(node_id, FragmentKey(item.ino, item.index, item.version, slot))
+                   for slot, node_id in moves.items()):
+                return None
+        return Layout.from_dict(inode.layout), record, moves
 
 
 def _domain(node: NodeState) -> str:

@@ -215,8 +215,8 @@ def open_store(config: MetaConfig) -> tuple[MetaStore, Coordinator | None]:
     if config.engine == "etcd":
         from metadata.engines.etcd_engine import EtcdEngine  # imports etcd's stubs: only when used
 
-        coordinator = Coordinator(config.etcd_endpoints, etcd_prefix(config))
-        return MetaStore(EtcdEngine(config.etcd_endpoints, etcd_prefix(config))), coordinator
+        engine = EtcdEngine(config.etcd_endpoints, etcd_prefix(config))
+        return MetaStore(engine), Coordinator(engine.client, etcd_prefix(config))  # one etcd client for both
     store = MetaStore.open(config.data_dir, map_size_bytes=config.map_size_bytes,
                            sync_interval_s=config.sync_interval_s)
     return store, None
@@ -254,7 +254,7 @@ def open_meta_state(config: MetaConfig, node_credential: CredentialSource | None
         else:
             sessions = Sessions(config.session_lease_s)
         namespace.is_held = sessions.is_held
-        deep_scrub = DeepScrubber(store, membership, repair.report_bad, config, clients=clients())
+        deep_scrub = DeepScrubber(store, membership, repair.report_bad_async, config, clients=clients())
         yield MetaState(store, namespace, membership, collector, repair, orphans, sessions, deep_scrub, coordinator)
     finally:
         store.close()
