@@ -197,9 +197,7 @@ class Sessions:
         self.expire()
         if self._clock() < self._reclaim_after:
             return 0
-        freed = namespace.reclaim_orphans(self.is_held)
-        if freed:
-            log.info("sessions: %d unlinked inode(s) nobody holds open any more were freed", freed)
+        freed = _reclaim_unheld(namespace, self.is_held)
         self.reclaimed += freed
         return freed
 
@@ -321,9 +319,7 @@ class EtcdSessions:
 
     def reclaim(self, namespace: OrphanReclaimer) -> int:
         """Free every orphan no session holds (the leader calls this, inside ``store.run``)."""
-        freed = namespace.reclaim_orphans(self.is_held)
-        if freed:
-            log.info("sessions: %d unlinked inode(s) nobody holds open any more were freed", freed)
+        freed = _reclaim_unheld(namespace, self.is_held)
         self.reclaimed += freed
         return freed
 
@@ -344,3 +340,11 @@ class EtcdSessions:
         except OSError as exc:
             if exc.errno != errno.EEXIST:  # another server restarted it at the same moment
                 raise
+
+
+def _reclaim_unheld(namespace: OrphanReclaimer, is_held: Callable[[int], bool]) -> int:
+    """Free every orphan ``is_held`` says nobody holds; how many (both session tables end here)."""
+    freed = namespace.reclaim_orphans(is_held)
+    if freed:
+        log.info("sessions: %d unlinked inode(s) nobody holds open any more were freed", freed)
+    return freed
