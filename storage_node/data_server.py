@@ -8,7 +8,10 @@ body EINVAL, and the connection keeps serving. Well-formed requests that
 cannot be served answer an errno (ENOENT, EBADMSG, ENOSPC, EINVAL).
 
 Disk work runs in worker threads, bounded by one ``CapacityLimiter`` for the
-whole node, so the event loop keeps reading requests while disks are busy.
+whole node, so the event loop keeps reading requests while disks are busy;
+PING, STAT and GETs up to ``INLINE_BYTES`` (the page cache serves them in
+microseconds) are answered by the connection's reader itself
+(``handle_inline``: no task, no thread hand-off).
 PUT payloads are received into pooled, page-aligned buffers (see
 ``payload_pool``) so the store can write them with O_DIRECT; large GET
 answers are sent from the pooled buffers the store read them into, or —
@@ -42,7 +45,8 @@ from typing import Any, TypeVar
 
 import trio
 
-from deepfs.auth import READ, ROLE_ADMIN, ROLE_META, WRITE, Identity, TicketVerifier, check_capability
+from deepfs.auth import READ, ROLE_ADMIN, ROLE_META, WRITE, Identity, TicketVerifier
+from deepfs.auth.capabilities import CapabilityVerifier
 from deepfs.config import NodeConfig
 from deepfs.errors import os_error
 from deepfs.frames import FrameHeader, Op
@@ -61,7 +65,8 @@ T = TypeVar("T")
 Reply = tuple[Any, Sequence[Piece]]
 
 INLINE_BYTES = 128 << 10
-"""Requests up to this size are served on the event loop (see ``DataServer._on_disk``).
+"""Requests up to this size are served on the event loop (see ``DataServer._on_disk``); GETs up to
+it by the connection's reader itself (``DataServer.handle_inline``), with no task of their own.
 Below ``DIRECT_MIN_BYTES``: inline work stays buffered, never waiting on the disk for O_DIRECT."""
 assert INLINE_BYTES < DIRECT_MIN_BYTES
 
@@ -99,7 +104,10 @@ class DataServer:
             authenticator=None if service_secret is None else TicketVerifier(service_secret),
             handshake_timeout_s=config.handshake_timeout_s,
             ssl_context=ssl_context,
+            inline=self.handle_inline,
         )
+        self._caps = None if service_secret is None else CapabilityVerifier(service_secret, config.capability_skew_s)
+        self._max_get = min(config.max_payload_bytes, INLINE_BYTES)
         self._checks: dict[int, Callable[[dict, Identity], None]] = {
             Op.PUT_FRAGMENT: self._may_put,
             Op.GET_FRAGMENT: self._may_get,
@@ -168,6 +176,31 @@ class DataServer:
             if len(payload):
                 self.pool.give(payload)
 
+    def handle_inline(self, op: int, body: Any, principal: Identity | None = None) -> Reply | None:
+        """The answer to a cheap request, on the event loop, or None (``handle`` serves it in a task).
+
+        Cheap: PING, and GET (up to ``INLINE_BYTES``) and STAT of a fragment, which the page cache
+        serves in microseconds; the same checks, errors and answers as ``handle``."""
+        if op == Op.GET_FRAGMENT:
+            key, offset, length, with_crcs, cap = requests.get_fragment(validate.body_map(body))
+            if length > self._max_get:  # a large read: a worker thread, or sendfile for with_crcs
+                return None
+            if principal is not None and principal.role != ROLE_META:
+                self._check_read(cap, key.ino)
+            try:
+                got = self.store.read_range(key, offset, length)
+            except ValueError as exc:
+                raise os_error(errno.EINVAL, str(exc)) from None
+            return {"size": got.size, requests.GET_DIGEST: got.digest}, (got.data,)
+        if op == Op.PING:
+            return {"node_id": self.identity.node_id}, ()
+        if op == Op.STAT_FRAGMENT:
+            fields = validate.body_map(body)
+            if principal is not None:
+                self._may_stat(fields, principal)
+            return self.store.stat(requests.stat_fragment(fields).key), ()
+        return None
+
     # ------------------------------------------------------------ access
     def authorize(self, op: int, body: dict, principal: Identity) -> None:
         """OSError EACCES (EKEYEXPIRED for an expired capability) unless ``principal`` may do ``op``.
@@ -178,9 +211,9 @@ class DataServer:
             check(body, principal)
 
     def _check_cap(self, cap: Any, ino: int, op: str, version: int) -> None:
-        if self.service_secret is None:  # never for a served node: its frame server authenticates with it
+        if self._caps is None:  # never for a served node: its frame server authenticates with it
             raise os_error(errno.EACCES, "this node has no service secret to check capabilities with")
-        check_capability(self.service_secret, cap, ino, op, version, time.time(), self.config.capability_skew_s)
+        self._caps.check(cap, ino, op, version, time.time())
 
     def _may_put(self, body: dict, principal: Identity) -> None:
         if principal.role != ROLE_META:

@@ -18,6 +18,12 @@ page cache is ``direct_io``. Rules of the store:
   ``capacity_bytes`` (when that is set).
 - Range reads of at least ``DIRECT_MIN_BYTES`` land in a pooled buffer
   (direct or not), which the caller gives back with ``release``.
+- Small range reads (below ``DIRECT_MIN_BYTES``) and ``stat`` keep the
+  fragment's file open in a bounded LRU (``open_files``) with its checked
+  header and CRC table, so a repeat read costs an ``fstat``, the blocks'
+  read and their CRC check. Every mutation of a key through the store (put
+  over it, delete, quarantine) drops its entry; the ``fstat`` catches a file
+  removed, replaced or rewritten around the store.
 - ``open_span`` is the one read that does not verify all the data: it hands
   out an open file range of whole blocks and their CRCs for a reader that
   checks the bytes itself (the node then sends them with sendfile, unread);
@@ -33,6 +39,7 @@ import os
 import secrets
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import NamedTuple
@@ -88,6 +95,36 @@ class FileSpan(NamedTuple):
     tail: bytearray | memoryview = bytearray()
 
 
+class _OpenFile:
+    """A fragment file kept open with its checked header and CRC table (``FragmentStore``'s cache).
+
+    ``ident`` (linked, size, mtime) is what the file showed when it was opened: a read uses the
+    entry only while ``fstat`` still shows that (see ``FragmentStore._take_open``). ``users``
+    readers hold it now; an entry dropped while held is closed by its last user."""
+
+    __slots__ = ("fd", "header", "prefix", "digest", "ident", "users", "dropped")
+
+    def __init__(self, fd: int, header: FileHeader, prefix: bytes, ident: tuple[int, int, int]) -> None:
+        self.fd = fd
+        self.header = header
+        self.prefix = prefix
+        self.digest = fmt.table_digest(prefix, header.n_blocks)
+        self.ident = ident
+        self.users = 1
+        self.dropped = False
+
+
+def _ident(st: os.stat_result) -> tuple[int, int, int]:
+    return min(st.st_nlink, 1), st.st_size, st.st_mtime_ns
+
+
+def _close_all(files: dict[FragmentKey, _OpenFile]) -> None:
+    for entry in files.values():
+        if not entry.users:
+            os.close(entry.fd)
+    files.clear()
+
+
 def _pread_exactly(fd: int, size: int, offset: int) -> bytes:
     raw = os.pread(fd, size, offset)
     if len(raw) != size:
@@ -139,15 +176,18 @@ class FragmentStore:
         direct_io: bool = True,
         direct_reads: bool = False,
         buffers: PayloadPool | None = None,
+        open_files: int = 256,
     ) -> None:
         """``direct_io=False`` keeps every write in the page cache; ``direct_reads``
         reads large ranges with O_DIRECT too (off by default: on the VMs measured,
         cold reads with the kernel's read-ahead were ~15% faster, and hot ones
         are served from memory);
         ``buffers`` is the pool direct I/O takes its aligned buffers from
-        (the node shares one with its receive path)."""
+        (the node shares one with its receive path); ``open_files``: how many
+        fragments small reads keep open (with their CRC tables), 0: none."""
         self.root = Path(data_dir)
         self.fragments_dir = self.root / fmt.FRAGMENTS_DIR
+        self._fragments_path = str(self.fragments_dir)
         self.quarantine_dir = self.root / fmt.QUARANTINE_DIR
         self.fsync = fsync
         self.reserve_bytes = reserve_bytes
@@ -160,6 +200,11 @@ class FragmentStore:
         self._quarantined = 0
         self._in_flight_bytes = 0  # admitted writes not yet renamed into place
         self._bad_keys: list[FragmentKey] = []  # quarantined, not yet reported to the metadata server
+        # Small reads and STATs: the least recently used fragment files, open (see _OpenFile).
+        self.open_files_max = open_files
+        self._files_lock = threading.Lock()  # taken inside self._lock, never around it
+        self._open_files: dict[FragmentKey, _OpenFile] = {}  # oldest first
+        self._finalizer = weakref.finalize(self, _close_all, self._open_files)
         self.buffers = buffers if buffers is not None else PayloadPool()
         self.direct = DirectIO(self.root, self.buffers, writes=direct_io, reads=direct_reads)
         self._io_counts = dict.fromkeys(
@@ -172,11 +217,21 @@ class FragmentStore:
     def from_config(cls, config: NodeConfig) -> FragmentStore:
         return cls(config.data_dir, fsync=config.fsync, reserve_bytes=config.reserve_bytes,
                    capacity_bytes=config.capacity_bytes, block_size=config.block_size, direct_io=config.direct_io,
-                   direct_reads=config.direct_reads)
+                   direct_reads=config.direct_reads, open_files=config.open_files)
 
     # ------------------------------------------------------------- layout
     def path_of(self, key: FragmentKey) -> Path:
         return self._inode_dir(key) / fmt.file_name(key)
+
+    def _path_str(self, key: FragmentKey) -> str:
+        """``path_of`` as a string, without pathlib's cost (every read builds one)."""
+        return f"{self._fragments_path}/{fmt.inode_dir(key)}/{fmt.file_name(key)}"
+
+    def close(self) -> None:
+        """Close the fragment files kept open for reads (the store stays usable)."""
+        with self._files_lock:
+            for key in list(self._open_files):
+                self._drop_locked(key)
 
     def _inode_dir(self, key: FragmentKey) -> Path:
         return self.fragments_dir / fmt.inode_dir(key)
@@ -264,6 +319,7 @@ class FragmentStore:
                 except FileNotFoundError:
                     replaced = None
                 os.rename(tmp, final)
+                self._forget(key)
                 self._used_bytes += header.file_size - (replaced or 0)
                 self._fragments += replaced is None
                 self._io_counts["direct_writes" if direct else "buffered_writes"] += 1
@@ -322,6 +378,8 @@ class FragmentStore:
         """
         if not (0 <= offset <= U64_MAX and 0 <= length <= _WHOLE_FRAGMENT):
             raise ValueError(f"bad range offset={offset} length={length}")
+        if length < DIRECT_MIN_BYTES and self.open_files_max:
+            return self._read_small(key, offset, length)
         fd = self._open(key)
         try:
             try:
@@ -336,6 +394,93 @@ class FragmentStore:
                 raise self._quarantine(key, fd, str(exc)) from None
         finally:
             os.close(fd)
+
+    def _read_small(self, key: FragmentKey, offset: int, length: int) -> RangeRead:
+        """``read_range`` of a small range through the open-file cache: a stat, the blocks' read and
+        their CRC check (the header and CRC table were read and checked when the file was opened)."""
+        entry = self._take_open(key)
+        try:
+            header = entry.header
+            end = min(offset + length, header.data_len)
+            if offset >= end:
+                return RangeRead(bytearray(), header.data_len, entry.digest)
+            bs = header.block_size
+            first, last = offset // bs, (end - 1) // bs
+            start = first * bs
+            size = min((last + 1) * bs, header.data_len) - start
+            try:
+                blocks = _pread_exactly(entry.fd, size, header.data_offset + start)  # bytes: no zero-fill first
+                fmt.verify_blocks(memoryview(blocks), fmt.unpack_crcs(entry.prefix, last - first + 1,
+                                                                      fmt.crc_table_offset(first)), bs, first)
+            except CorruptFragment as exc:
+                raise self._quarantine(key, entry.fd, str(exc)) from None
+            self._count("buffered_reads")
+            return RangeRead(bytearray(memoryview(blocks)[offset - start : end - start]), header.data_len, entry.digest)
+        finally:
+            self._put_back(entry)
+
+    def _take_open(self, key: FragmentKey) -> _OpenFile:
+        """The fragment's cached open file if it is still that fragment's file, else one opened now
+        (its header and CRC table read and checked: a bad one quarantines the fragment); give it
+        back with ``_put_back``."""
+        with self._files_lock:
+            entry = self._open_files.get(key)
+            if entry is not None:
+                entry.users += 1
+                del self._open_files[key]  # to the young end
+                self._open_files[key] = entry
+        if entry is not None:
+            # Mutations through the store drop the entry; this catches changes made around it
+            # (the file removed or replaced: no links left; rewritten in place: size or mtime).
+            if _ident(os.fstat(entry.fd)) == entry.ident:
+                return entry
+            self._forget(key)
+            self._put_back(entry)
+        path = self._path_str(key)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise os_error(errno.ENOENT, f"no fragment {key}") from None
+        try:
+            try:
+                header, prefix = _read_prefix(fd)
+            except CorruptFragment as exc:
+                raise self._quarantine(key, fd, str(exc)) from None
+            entry = _OpenFile(fd, header, prefix, _ident(os.fstat(fd)))
+        except BaseException:
+            os.close(fd)
+            raise
+        with self._files_lock:
+            if key in self._open_files:  # another reader opened it meanwhile
+                self._drop_locked(key)
+            self._open_files[key] = entry
+            while len(self._open_files) > self.open_files_max:
+                self._drop_locked(next(iter(self._open_files)))
+        return entry
+
+    def _put_back(self, entry: _OpenFile) -> None:
+        with self._files_lock:
+            entry.users -= 1
+            if entry.dropped and not entry.users:
+                os.close(entry.fd)
+
+    def _forget(self, key: FragmentKey) -> None:
+        """Drop the fragment's open file from the cache: it was replaced, removed or quarantined."""
+        if key in self._open_files:
+            with self._files_lock:
+                if key in self._open_files:
+                    self._drop_locked(key)
+
+    def _drop_locked(self, key: FragmentKey) -> None:
+        entry = self._open_files.pop(key)
+        entry.dropped = True
+        if not entry.users:
+            os.close(entry.fd)
+
+    @property
+    def open_file_count(self) -> int:
+        """Fragment files the cache holds open now."""
+        return len(self._open_files)
 
     def open_span(self, key: FragmentKey, offset: int, length: int) -> FileSpan | None:
         """The fragment's bytes [offset, min(offset+length, size)) as a ``FileSpan``: the
@@ -488,16 +633,15 @@ class FragmentStore:
 
     def stat(self, key: FragmentKey) -> dict[str, object]:
         """Size, block size and the CRC table of a stored fragment (checks the header and file length)."""
-        fd = self._open(key)
+        entry = self._take_open(key)
         try:
-            try:
-                header, prefix = _read_prefix(fd)
-                _check_length(fd, header)
-                crcs = list(fmt.unpack_crcs(prefix, header.n_blocks, HEADER_SIZE))
-            except CorruptFragment as exc:
-                raise self._quarantine(key, fd, str(exc)) from None
+            header = entry.header
+            size = entry.ident[1]
+            if size != header.file_size:
+                raise self._quarantine(key, entry.fd, f"file is {size} bytes, header says {header.file_size}")
+            crcs = list(fmt.unpack_crcs(entry.prefix, header.n_blocks, HEADER_SIZE))
         finally:
-            os.close(fd)
+            self._put_back(entry)
         return {"size": header.data_len, "block_size": header.block_size, "crcs": crcs}
 
     def verify_range(self, key: FragmentKey, offset: int, length: int) -> tuple[int, int]:
@@ -567,6 +711,7 @@ class FragmentStore:
             # A concurrent put may have replaced the bad file with a good one: leave that alone.
             if current is not None and (current.st_ino, current.st_dev) == (opened.st_ino, opened.st_dev):
                 os.rename(path, target)
+                self._forget(key)
                 self._used_bytes -= current.st_size
                 self._fragments -= 1
                 self._quarantined += 1
@@ -600,6 +745,8 @@ class FragmentStore:
                     os.unlink(path)
                 except FileNotFoundError:
                     continue
+                finally:
+                    self._forget(key)  # the open file must not hold the space (or serve the bytes)
                 self._used_bytes -= size
                 self._fragments -= 1
             deleted += 1

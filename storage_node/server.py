@@ -23,6 +23,7 @@ import fcntl
 import functools
 import logging
 import os
+import resource
 import signal
 import ssl
 import sys
@@ -185,6 +186,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
     p.add_argument("--capacity-bytes", type=_size,
                    help="store at most this much, e.g. 10G (default 0: the whole file system)")
     p.add_argument("--io-threads", type=int, help="disk worker threads (default 8)")
+    p.add_argument("--open-files", type=int,
+                   help="fragment files small reads keep open with their CRC tables (default 1024; 0: none)")
     p.add_argument("--scrub-mib-s", type=float,
                    help="re-verify stored fragments at this rate in MiB/s, 0 turns scrub off (default 10)")
     p.add_argument("--scrub-interval-s", type=float,
@@ -219,7 +222,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
     overrides = {
         field: getattr(a, field)
         for field in ("data_dir", "host", "port", "metrics_port", "meta_grpc", "failure_domain", "advertise_address",
-                      "reserve_bytes", "capacity_bytes", "io_threads", "scrub_mib_s", "scrub_interval_s",
+                      "reserve_bytes", "capacity_bytes", "io_threads", "open_files", "scrub_mib_s", "scrub_interval_s",
                       "idle_timeout_s", "frame_timeout_s", "max_connections_per_peer", "key_file",
                       "capability_skew_s", "handshake_timeout_s", "tls", "tls_cert_file", "tls_key_file",
                       "tls_ca_file")
@@ -232,6 +235,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
         p.error(f"--port must be in [0, 65535], got {config.port}")
     if config.io_threads < 1:
         p.error("--io-threads must be at least 1")
+    if config.open_files < 0:
+        p.error("--open-files must be at least 0")
     if config.scrub_mib_s < 0 or config.scrub_interval_s < 0:
         p.error("--scrub-mib-s and --scrub-interval-s must not be negative")
     if config.idle_timeout_s <= 0 or config.frame_timeout_s <= 0 or config.max_connections_per_peer < 0:
@@ -252,6 +257,15 @@ async def _run_until_signalled(config: NodeConfig, key: Key) -> None:
                 break
 
 
+def raise_open_file_limit(wanted: int) -> None:
+    """Room for the fragment files small reads keep open plus connections and writes: the soft
+    RLIMIT_NOFILE (often 1,024) is raised towards ``wanted``, never past the hard limit."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+    if soft != resource.RLIM_INFINITY and soft < target:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     config, log_level = parse_args(argv)
     try:
@@ -264,6 +278,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_malloc()
+    raise_open_file_limit(config.open_files + 1024)
     try:
         trio.run(_run_until_signalled, config, key)
     except BaseExceptionGroup as group:

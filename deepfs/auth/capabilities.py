@@ -55,6 +55,42 @@ def check_capability(service_secret: bytes, cap: Any, ino: int, op: str, version
                      skew_s: float) -> None:
     """Refuse (EACCES) a missing, malformed or forged token, another inode, an op not granted or a
     version below ``min_version``; EKEYEXPIRED once ``now > expires + skew_s``."""
+    fields = _fields(cap)
+    if not hmac.compare_digest(fields[4], _mac(service_secret, *fields[:4])):
+        raise os_error(errno.EACCES, "forged capability: its signature does not match")
+    _check_grant(fields, ino, op, version, now, skew_s)
+
+
+class CapabilityVerifier:
+    """``check_capability`` for one service secret, remembering the tokens whose signature it checked.
+
+    A client sends the same token with every request until it expires, so a repeat costs a dict
+    lookup instead of an HMAC; every other check (inode, op, version, expiry) runs each time.
+    At most ``max_tokens`` are remembered (those expired go first, then all), and only tokens
+    whose signature matched: a forged one is checked, and refused, every time it comes."""
+
+    def __init__(self, service_secret: bytes, skew_s: float, max_tokens: int = 4096) -> None:
+        self._secret = service_secret
+        self._skew_s = skew_s
+        self._max_tokens = max_tokens
+        self._signed: dict[tuple[int, str, int, float, bytes], float] = {}  # token -> its expiry
+
+    def check(self, cap: Any, ino: int, op: str, version: int, now: float) -> None:
+        """As ``check_capability(service_secret, cap, ino, op, version, now, skew_s)``."""
+        fields = _fields(cap)
+        if fields not in self._signed:
+            if not hmac.compare_digest(fields[4], _mac(self._secret, *fields[:4])):
+                raise os_error(errno.EACCES, "forged capability: its signature does not match")
+            if len(self._signed) >= self._max_tokens:
+                live = {t: e for t, e in self._signed.items() if now <= e + self._skew_s}
+                self._signed = live if len(live) < self._max_tokens // 2 else {}
+            self._signed[fields] = fields[3]
+        _check_grant(fields, ino, op, version, now, self._skew_s)
+
+
+def _fields(cap: Any) -> tuple[int, str, int, float, bytes]:
+    """The token's fields, their types checked (EACCES when missing or malformed). Types matter beyond
+    equality: ``True == 1`` and ``1.0 == 1``, so only exact types may reach a lookup by value."""
     if cap is None:
         raise os_error(errno.EACCES, "no capability: fragment I/O needs a token from the metadata server")
     if not isinstance(cap, (list, tuple)) or len(cap) != 5:
@@ -64,8 +100,13 @@ def check_capability(service_secret: bytes, cap: Any, ino: int, op: str, version
             and isinstance(expires, float) and math.isfinite(expires)
             and isinstance(mac, bytes) and len(mac) == MAC_BYTES):
         raise os_error(errno.EACCES, "malformed capability")
-    if not hmac.compare_digest(mac, _mac(service_secret, cap_ino, ops, min_version, expires)):
-        raise os_error(errno.EACCES, "forged capability: its signature does not match")
+    return cap_ino, ops, min_version, expires, mac
+
+
+def _check_grant(fields: tuple[int, str, int, float, bytes], ino: int, op: str, version: int, now: float,
+                 skew_s: float) -> None:
+    """What a genuine token grants: this inode, this op, this version, now."""
+    cap_ino, ops, min_version, expires, _mac_bytes = fields
     if cap_ino != ino:
         raise os_error(errno.EACCES, f"capability is for inode {cap_ino}, not {ino}")
     if op not in ops:

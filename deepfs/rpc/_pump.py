@@ -76,6 +76,7 @@ class FrameReader:
         self._stream = stream
         self._lazy = lazy_payloads
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
+        self._waited = False  # this frame has passed a schedule point (see read_frame)
         self._frames = FrameBuffer(max_body, max_payload, buffer_size, payload_limits)
 
     @property
@@ -96,9 +97,15 @@ class FrameReader:
         raw = self._sock._sock  # noqa: SLF001 - zero-copy receive on trio's socket
         while True:
             try:
-                return raw.recv_into(view)
+                got = raw.recv_into(view)
             except BlockingIOError:
                 await trio.lowlevel.wait_readable(self._sock)
+                self._waited = True
+            else:
+                if not self._waited:  # bytes were there at once: let other tasks run first (fairness)
+                    await trio.lowlevel.checkpoint()
+                    self._waited = True
+                return got
 
     async def read_frame(
             self, payload_buffer: PayloadBuffer | None = None,
@@ -109,9 +116,14 @@ class FrameReader:
         Waiting for a frame's first byte is not bounded here (the caller's idle
         timeout); once it came, the rest must arrive within ``frame_timeout_s``
         or ``ProtocolError`` is raised. Frames that arrive whole cost no timer."""
-        await trio.lowlevel.checkpoint()  # a steady stream of frames must not starve other tasks
+        # A steady stream of frames must not starve other tasks: every frame costs a schedule
+        # point, the wait for its bytes where there was one, else a checkpoint.
+        self._waited = self._sock is None  # receive_some is a checkpoint itself
         buf = self._frames
         frame = buf.next_frame()
+        if frame is not None:
+            await trio.lowlevel.checkpoint()
+            self._waited = True
         if frame is None and not buf.in_frame:
             got = await self._recv_into(buf.receive_space())
             if got == 0:
@@ -185,13 +197,20 @@ async def send_frame(
     instead of garbage."""
     payload_len = sum(len(p) for p in payload)
     head = frames.encode_frame(op, request_id, body, payload_len, flags)
-    async with lock:
-        try:
-            await _send_pieces(stream, head, payload)
-        except BaseException:
-            with trio.CancelScope(shield=True):
-                await stream.aclose()
-            raise
+    # An uncontended send takes the lock without a schedule point, so a frame the kernel
+    # takes at once costs no trip through the scheduler (the reply of a small request).
+    try:
+        lock.acquire_nowait()
+    except trio.WouldBlock:
+        await lock.acquire()
+    try:
+        await _send_pieces(stream, head, payload)
+    except BaseException:
+        with trio.CancelScope(shield=True):
+            await stream.aclose()
+        raise
+    finally:
+        lock.release()
 
 
 async def _send_pieces(stream: trio.abc.SendStream, head: bytes, payload: Sequence[Piece]) -> None:

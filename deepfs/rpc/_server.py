@@ -3,8 +3,10 @@
 Mental model: one reader per connection takes requests off the wire and
 starts a task for each (at most ``max_in_flight`` at once), so one slow disk
 read does not hold back the others; answers go back in whatever order they
-finish. What a handler raises decides the answer: an ``OSError`` its errno,
-a ``ProtocolError`` closes the connection, anything else (a bug) ``EIO``.
+finish. Requests the handler declares cheap (``inline``) are answered by the
+reader itself, before it reads on: a task per request costs more than they do.
+What a handler raises decides the answer: an ``OSError`` its errno, a
+``ProtocolError`` closes the connection, anything else (a bug) ``EIO``.
 A malformed frame closes that connection only and is logged; the listener
 keeps serving everybody else (the bad-input policy of
 ``deepfs.messages.validate``).
@@ -54,6 +56,12 @@ server runs without an authenticator (in-process harnesses only).
 Raise OSError to answer with its errno (ENOSYS for an op it does not serve,
 EINVAL for a bad body); raise ProtocolError to close the connection (the
 peer sent something no valid client sends)."""
+
+InlineHandler = Callable[[int, Any, Identity | None], "tuple[Any, Sequence[Piece]] | None"]
+"""``inline(op, body, principal) -> (response_body, response_payload_pieces) | None``: the answer to
+a request without a payload, computed at once on the connection's reader task, or None to serve
+it as usual (``Handler``, a task of its own). Errors as ``Handler``. For requests that cost a few
+microseconds (a ping, a read the page cache serves): the connection reads nothing else meanwhile."""
 
 PayloadSent = Callable[[Sequence[Piece]], None]
 """``payload_sent(pieces)``: the server is done with a response's payload pieces."""
@@ -126,6 +134,11 @@ class FrameServer:
       being sent. It is called exactly once per such response, on the event
       loop; it must be quick and must not raise (an exception is logged).
 
+    ``inline`` (optional) answers the requests it takes on the reader task
+    itself: no task, no nursery, the reply sent at once where the socket
+    takes it; they count against ``max_in_flight`` and keep the connection
+    busy (not idle) like any other request while they are served.
+
     ``request_done`` (optional) is told about every answered request, once
     the handler returned (latency excludes the send); ``connections`` is the
     number of connections open now.
@@ -145,8 +158,10 @@ class FrameServer:
         authenticator: Verifier | None = None,
         handshake_timeout_s: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
+        inline: InlineHandler | None = None,
     ) -> None:
         self.handler = handler
+        self.inline = inline
         self.limits = limits or ServerLimits()
         self.name = name
         self.payload_buffer = payload_buffer
@@ -307,11 +322,15 @@ class FrameServer:
         peer: str,
         principal: Identity | None,
     ) -> None:
-        """Start one task per request until a clean EOF."""
+        """Start one task per request until a clean EOF (or answer it here: ``inline``)."""
         frame_timeout_s = self.limits.frame_timeout_s
         max_bytes = self.limits.max_bytes_in_flight
+        inline = self.inline
         while True:
-            await in_flight.acquire()
+            try:  # read_frame has a schedule point for every frame: no checkpoint needed here
+                in_flight.acquire_nowait()
+            except trio.WouldBlock:
+                await in_flight.acquire()
             while conn.payload_bytes >= max_bytes:  # stop reading until requests give their payloads back
                 conn.payload_freed = trio.Event()
                 await conn.payload_freed.wait()
@@ -328,9 +347,46 @@ class FrameServer:
                 in_flight.release()
                 raise ProtocolError("a client sent a response frame")
             conn.requests += 1
+            if inline is not None and not header.payload_len:
+                try:
+                    served = await self._answer_inline(inline, stream, send_lock, header, body, peer, principal)
+                finally:
+                    in_flight.release()
+                    conn.requests -= 1
+                    if not conn.requests:
+                        conn.idle_since = trio.current_time()
+                if served:
+                    continue
+                in_flight.acquire_nowait()  # released just now: free
+                conn.requests += 1
             conn.payload_bytes += header.payload_len
             nursery.start_soon(self._answer, stream, send_lock, in_flight, conn, header, body, payload, peer,
                                principal)
+
+    async def _answer_inline(self, inline: InlineHandler, stream: trio.abc.Stream, send_lock: trio.Lock,
+                             header: FrameHeader, body: Any, peer: str, principal: Identity | None) -> bool:
+        """Answer a request on the reader task if ``inline`` takes it (True), as ``_answer`` would."""
+        started = time.perf_counter()
+        code = 0
+        try:
+            answer = inline(header.op, body, principal)
+            if answer is None:
+                return False
+            out_body, out_payload = answer
+            flags = FLAG_RESPONSE
+        except ProtocolError:
+            raise  # the reader closes the connection
+        except Exception as exc:  # noqa: BLE001 - OSError: its errno; a bug: EIO, logged (_error_answer)
+            code, out_body = self._error_answer(exc, header.op, peer)
+            out_payload, flags = (), FLAG_RESPONSE | FLAG_ERROR
+        if self.request_done is not None:
+            self._report(header.op, time.perf_counter() - started, code, 0, out_payload)
+        try:
+            await send_frame(stream, send_lock, header.op, header.request_id, out_body, out_payload, flags)
+        finally:  # a broken connection ends the reader (it raises here, or on its next read)
+            if out_payload and self.payload_sent is not None:
+                self._release(out_payload)
+        return True
 
     async def _answer(
         self,
@@ -352,15 +408,9 @@ class FrameServer:
                 flags = FLAG_RESPONSE
             except ProtocolError:
                 raise
-            except OSError as exc:
-                code = exc.errno or errno.EIO
-                out_body, out_payload = {"errno": code, "msg": exc.strerror or str(exc)}, ()
-                flags = FLAG_RESPONSE | FLAG_ERROR
-            except Exception as exc:  # a bug in a handler must not take the server down
-                log.exception("%s: op %s from %s failed", self.name, header.op, peer)
-                code = errno.EIO
-                out_body, out_payload = {"errno": errno.EIO, "msg": f"internal error: {exc}"}, ()
-                flags = FLAG_RESPONSE | FLAG_ERROR
+            except Exception as exc:  # noqa: BLE001 - OSError: its errno; a bug: EIO, logged (_error_answer)
+                code, out_body = self._error_answer(exc, header.op, peer)
+                out_payload, flags = (), FLAG_RESPONSE | FLAG_ERROR
             if self.request_done is not None:
                 self._report(header.op, time.perf_counter() - started, code, header.payload_len, out_payload)
             try:
@@ -384,6 +434,15 @@ class FrameServer:
             if header.payload_len:
                 conn.payload_bytes -= header.payload_len
                 conn.payload_freed.set()
+
+    def _error_answer(self, exc: Exception, op: int, peer: str) -> tuple[int, dict[str, Any]]:
+        """(errno, error body) a handler's exception is answered with: an ``OSError`` its errno,
+        anything else (a bug in a handler, which must not take the server down) EIO, logged."""
+        if isinstance(exc, OSError):
+            code = exc.errno or errno.EIO
+            return code, {"errno": code, "msg": exc.strerror or str(exc)}
+        log.exception("%s: op %s from %s failed", self.name, op, peer, exc_info=exc)
+        return errno.EIO, {"errno": errno.EIO, "msg": f"internal error: {exc}"}
 
     def _report(self, op: int, elapsed_s: float, code: int, bytes_in: int, pieces: Sequence[Piece]) -> None:
         assert self.request_done is not None
