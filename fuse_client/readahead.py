@@ -8,7 +8,10 @@ handle reads sequentially, this fetches the whole stripe under the read and
 the next ``stripes_ahead`` stripes, in parallel and in the background, and
 serves the kernel's requests from those buffers.
 
-Rules: only stripes below the file's size are fetched; a write through the
+Rules: read-ahead starts only at the ``SEQUENTIAL_READS_NEEDED``-th read in a
+row that continues the one before it (``FileHandle.note_read``), so a random
+reader never pulls in whole stripes: its reads go straight to the file, one
+fragment range each. Only stripes below the file's size are fetched; a write through the
 mount, a truncate or a reload drops every buffer (``invalidate``), and a
 fetch that started before the invalidation is thrown away when it lands. A
 failed fetch is forgotten and the read goes straight to the file, so errors
@@ -34,6 +37,14 @@ log = logging.getLogger(__name__)
 # arrive out of order. A random reader jumps further and gets no read-ahead.
 SEQUENTIAL_AHEAD_BYTES = 1 << 20
 SEQUENTIAL_BEHIND_BYTES = 256 << 10
+# Reads smaller than this are the program's own (O_DIRECT, or a page-cache miss
+# of a random reader), not the kernel's read-ahead: they are sequential only if
+# they start exactly where the last one ended, so a random 4 KiB reader landing
+# near its previous read is not taken for a sequential one.
+SMALL_READ_BYTES = 64 << 10
+# Reads in a row that must each continue the one before before read-ahead starts:
+# one that happens to continue its predecessor pulls in no stripes.
+SEQUENTIAL_READS_NEEDED = 2
 
 # Several sequential readers of one file (fio numjobs=4 on quarters, data
 # loaders sharding a file) share the inode's buffers: keep the most recently
@@ -42,7 +53,10 @@ SEQUENTIAL_BEHIND_BYTES = 256 << 10
 STREAMS_KEPT = 8
 
 
-def is_sequential(offset: int, previous_end: int) -> bool:
+def is_sequential(offset: int, previous_end: int, size: int = SMALL_READ_BYTES) -> bool:
+    """Whether a read of ``size`` bytes at ``offset`` continues one that ended at ``previous_end``."""
+    if size < SMALL_READ_BYTES:
+        return offset == previous_end
     return previous_end - SEQUENTIAL_BEHIND_BYTES <= offset <= previous_end + SEQUENTIAL_AHEAD_BYTES
 
 

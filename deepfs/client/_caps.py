@@ -102,14 +102,23 @@ class CapabilityCache:
         held = self._held.get(ino)
         return None if held is None else held.cap
 
-    async def get(self, ino: int, need: str) -> Capability | None:
-        """A capability for ``need`` ("r" or "w") on ``ino``, fetched if the one held will not do."""
-        if not self.enabled:
-            return None
+    def usable(self, ino: int, need: str) -> Capability | None:
+        """The capability held for ``need`` on ``ino`` if it will do as it is, else None (``get``
+        fetches one): the data path's check, with no coroutine in it."""
         held = self._held.get(ino)
         if held is not None and need in held.ops and self._clock() < held.refresh_at:
             self._held.move_to_end(ino)
             return held.cap
+        return None
+
+    async def get(self, ino: int, need: str) -> Capability | None:
+        """A capability for ``need`` ("r" or "w") on ``ino``, fetched if the one held will not do."""
+        if not self.enabled:
+            return None
+        cap = self.usable(ino, need)
+        if cap is not None:
+            return cap
+        held = self._held.get(ino)
         return await self._fetch_once(ino, need, None if held is None else held.cap)
 
     async def refresh(self, ino: int, need: str, refused: Capability | None) -> Capability | None:

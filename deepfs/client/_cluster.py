@@ -118,7 +118,10 @@ class ClusterView:
 
     def is_usable(self, node_id: int) -> bool:
         node = self.nodes.get(node_id)
-        return node is not None and node.up and node_id not in self.suspects()
+        if node is None or not node.up:
+            return False
+        until = self._suspect_until.get(node_id)
+        return until is None or until <= time.monotonic()
 
     def mark_suspect(self, node_id: int, reason: str) -> None:
         if node_id not in self.suspects():
@@ -156,11 +159,12 @@ class ClusterView:
         A connection that was open before may have just been closed by the node as idle
         (its idle timeout) while this request was on its way: the node never read it, so it
         is sent once more on a fresh connection before anything counts as trouble."""
-        cached = self._connections.get(node_id)
-        reused = cached is not None and not cached.closed
+        conn = self._connections.get(node_id)
+        reused = conn is not None and not conn.closed
         timeout_s = timeout_s or self._config.io_timeout_s or math.inf
         try:
-            conn = await self.connection(node_id)
+            if conn is None or not reused:
+                conn = await self.connection(node_id)
             try:
                 return await conn.call(op, body, payload, into, timeout_s)
             except (ConnectionResetError, BrokenPipeError):

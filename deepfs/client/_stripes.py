@@ -59,7 +59,7 @@ from deepfs.client._cluster import ClusterView
 from deepfs.concurrency import run_all
 from deepfs.errors import ChecksumError, UnavailableError
 from deepfs.frames import Op
-from deepfs.layout import ALIGNMENT, Layout, stripe_range_to_fragments
+from deepfs.layout import ALIGNMENT, FragmentRange, Layout, stripe_range_to_fragments
 from deepfs.messages import MISSING_NODE, FragmentKey, StripeRecord
 from deepfs.messages.storage_requests import (
     GET_DIGEST,
@@ -190,7 +190,10 @@ class StripeIO:
 
     # ----------------------------------------------------------- capabilities
     async def _capability(self, ino: int, need: str) -> Capability | None:
-        return None if self.caps is None else await self.caps.get(ino, need)
+        caps = self.caps
+        if caps is None or not caps.enabled:
+            return None
+        return caps.usable(ino, need) or await caps.get(ino, need)
 
     async def fragment_call(self, node_id: int, op: int, ino: int, need: str, body_of: BodyOf,
                              payload: Sequence[Buffer] = (), into: memoryview | None = None) -> tuple[Any, memoryview]:
@@ -349,15 +352,25 @@ class StripeIO:
         if have <= 0:
             return
         await self._capability(ino, READ)  # a refused permission fails here, as EACCES
-        pieces = stripe_range_to_fragments(record.fragment_size, start, have)
         failed: set[int] = set()
-        if all(self.cluster.is_usable(record.placement[p.index]) for p in pieces):
+        slot, inner = divmod(start, record.fragment_size)
+        if inner + have <= record.fragment_size:
+            # The common small read: one range of one data fragment, one request, no tasks.
+            pieces = [FragmentRange(slot, inner, have, start)]
+            usable = self.cluster.is_usable(record.placement[slot])
+        else:
+            pieces = stripe_range_to_fragments(record.fragment_size, start, have)
+            usable = all(self.cluster.is_usable(record.placement[p.index]) for p in pieces)
+        if usable:
             try:
-                await run_all(
-                    functools.partial(self._read_piece, ino, record, p.index, p.start,
-                                      out[p.stripe_offset - start : p.stripe_offset - start + p.length], failed)
-                    for p in pieces
-                )
+                if len(pieces) == 1:
+                    await self._read_piece(ino, record, slot, inner, out if have == want else out[:have], failed)
+                else:
+                    await run_all(
+                        functools.partial(self._read_piece, ino, record, p.index, p.start,
+                                          out[p.stripe_offset - start : p.stripe_offset - start + p.length], failed)
+                        for p in pieces
+                    )
                 self.stats.range_reads += 1
                 return
             except (OSError, trio.TooSlowError) as exc:
