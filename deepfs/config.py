@@ -78,6 +78,9 @@ class MetaConfig:
     etcd_endpoints: list[str] = field(default_factory=list)
     etcd_prefix: str = ""
     server_id: str = ""  # names this server in the leader key and counter shards; empty: its gRPC HOST:PORT
+    # Small files' data in the namespace store (docs/METADATA.md, "Inline files"): stripe 0 of a file up to this
+    # many bytes is kept with its stripe record, no fragments. None: 65536 on LMDB, 8192 on etcd; 0: never.
+    inline_max_bytes: int | None = None
 
 
 @dataclass
@@ -98,6 +101,7 @@ class NodeConfig:
     block_size: int = 64 << 10  # CRC32C granularity of stored fragments
     max_payload_bytes: int = 64 << 20
     io_threads: int = 8  # worker threads for disk I/O; the event loop never blocks on the disk
+    open_files: int = 1024  # fragment files small reads keep open with their CRC tables (0: none)
     direct_io: bool = True  # fragment writes of 256 KiB+ bypass the page cache (O_DIRECT) where the fs allows
     direct_reads: bool = False  # large range reads too (off: read-ahead made cold reads faster on the VMs measured)
     # Scrub: re-verify every stored block at this rate (10 MiB/s: ~6 TiB a week, under 1% of a disk's

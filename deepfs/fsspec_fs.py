@@ -155,7 +155,10 @@ class DeepFSFileSystem(AbstractFileSystem):
                 dst.write(chunk)
 
     def cat_file(self, path: str, start: int | None = None, end: int | None = None, **kwargs: Any) -> bytes:
+        """One OPEN by path (no ``info`` first); a small file's bytes come in its reply."""
         path = self._strip_protocol(path)
+        if start is None and end is None:
+            return self.client.read_file(path)
         handle = self.client.run_async(self.client.aio.open, path, "rb")
         try:
             size = handle.size
@@ -168,7 +171,12 @@ class DeepFSFileSystem(AbstractFileSystem):
             self.client.run_async(handle.close)
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
-        with self.open(path, "xb" if mode == "create" else "wb") as f:
+        """``Client.write_file`` when overwriting: a small file is one CREATE carrying its bytes."""
+        path = self._strip_protocol(path)
+        if mode != "create":
+            self.client.write_file(path, value)
+            return
+        with self.open(path, "xb") as f:
             f.write(value)
 
     def touch(self, path: str, truncate: bool = True, **kwargs: Any) -> None:

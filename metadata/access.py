@@ -21,6 +21,9 @@ gid or one of its groups, else other bits. Root (uid 0) always passes r and
 w, and x when the inode is a directory or has any x bit. Refusals are
 EACCES, ownership refusals EPERM, as a local file system answers:
 
+- OPEN and CREATE naming their file by ``path`` are checked as RESOLVE of
+  that path (of its directory, for CREATE) followed by the numeric OPEN or
+  CREATE, in one request (``Authorizer.numeric_form``).
 - LOOKUP, RESOLVE (every directory walked), CREATE/MKNOD/MKDIR/SYMLINK/
   LINK/UNLINK/RMDIR/RENAME: x (search) on the directory named; READDIR: r.
 - an inode named by number is reached through its recorded parents
@@ -112,6 +115,9 @@ MUTATING_OPS = frozenset({
     Op.CREATE, Op.MKNOD, Op.MKDIR, Op.SYMLINK, Op.LINK, Op.UNLINK, Op.RMDIR, Op.RENAME, Op.SETATTR,
     Op.SETXATTR, Op.REMOVEXATTR, Op.COMMIT, Op.SET_LAYOUT,
 })
+
+PATH_OPS = frozenset({Op.OPEN, Op.CREATE})
+"""Ops that may name their file by ``path`` (``Authorizer.numeric_form``)."""
 
 _ALWAYS_CHECKED = frozenset({Op.SET_LAYOUT, Op.COMMIT})
 """Ops with rules beyond mode bits and subtrees (admin-only "/" layout; commits to inodes never made)."""
@@ -290,8 +296,11 @@ class Authorizer:
             fields = {**fields, "ctx": {"uid": caller.uid, "gid": caller.gid}}
         root = self.subtree_root(identity, refresh=op == Op.HELLO)
         request = Request(identity, caller, root, fields)
+        unchecked = root == ROOT_INO and (caller.is_root or not caller.check_modes)
+        if op in PATH_OPS and "path" in fields:
+            request = replace(request, fields=self.numeric_form(op, fields, root, None if unchecked else request))
         check = self._checks.get(op)
-        if root == ROOT_INO and (caller.is_root or not caller.check_modes) and op not in _ALWAYS_CHECKED:
+        if unchecked and op not in _ALWAYS_CHECKED:
             check = None  # nothing to refuse (the mount's and root's hot path: no read transaction)
         if check is not None:
             with self.store.read() as txn:
@@ -328,6 +337,37 @@ class Authorizer:
             require_dir(txn, ino)
         self._roots[identity] = ino
         return ino
+
+    def numeric_form(self, op: int, fields: dict[str, Any], root: int, request: Request | None,
+                     lenient: bool = False) -> dict[str, Any]:
+        """An OPEN or CREATE that names its file by ``path`` as the numeric request it stands for
+        (OPEN: ``ino``; CREATE: ``parent`` + ``name``), so that resolving and opening cost one round
+        trip. The path is walked from ``root`` exactly as RESOLVE walks it (for CREATE, all but its
+        last part: the directory), with RESOLVE's checks when ``request`` is given (search on every
+        directory walked, the inode found inside the subtree); the numeric form's own checks follow.
+        ``lenient``: a retry of a CREATE that already succeeded (the namespace replays its reply)
+        whose directory cannot be walked any more gets ``root``, not the walk's error."""
+        if op not in PATH_OPS or fields.get("path") is None:
+            return fields
+        path = m.at_path(fields)
+        assert path is not None
+        search = None if request is None else self.resolve_search(request)
+        named = {key: value for key, value in fields.items() if key != "path"}
+        if op == Op.OPEN:
+            ino = int(self.ns.resolve(path, root, search)["ino"])
+            if request is not None:
+                self.check_found(request, ino)
+            return {**named, "ino": ino}
+        directory, _, name = path.rpartition(b"/")
+        try:
+            parent = int(self.ns.resolve(directory, root, search)["ino"])
+            if request is not None:
+                self.check_found(request, parent)
+        except OSError:
+            if not lenient:
+                raise
+            parent = root
+        return {**named, "parent": parent, "name": name}
 
     def resolve_search(self, request: Request) -> Callable[[Txn, Inode], None]:
         """RESOLVE's per-directory check: search permission (the walk starts inside the subtree)."""
@@ -407,7 +447,8 @@ class Authorizer:
         self._inode(txn, request, m.ino(request.fields).ino)
 
     def _release(self, txn: Txn, request: Request) -> None:
-        self._inode(txn, request, m.open_file(request.fields).ino)
+        for ino in m.release(request.fields)[1]:
+            self._inode(txn, request, ino)
 
     def _lookup(self, txn: Txn, request: Request) -> None:
         r = m.entry(request.fields)

@@ -1,7 +1,9 @@
 """File contents and extended attributes: open, commit, release, xattrs.
 
-The server never sees file bytes. It keeps, per regular file, the layout
-and one record per stripe (version, length, placement, CRCs), and commits
+The server sees file bytes only of small files: it keeps, per regular file,
+the layout and one record per stripe (version, length, placement, CRCs;
+stripe 0 of a file up to ``inline_max_bytes`` may hold its bytes instead of
+placement: an *inline* record, ``metadata/stripes.py``), and commits
 new stripe versions atomically with the new size: a reader sees a stripe's
 old version or its new one, never a mix. What a commit replaces goes to the
 GC queue in the same transaction (``metadata/stripes.py``).
@@ -21,7 +23,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from deepfs.errors import ConfigError, os_error
 from deepfs.layout import Layout
-from deepfs.messages import MISSING_NODE, NAME_MAX, FragmentKey
+from deepfs.messages import INLINE_FIELD, MISSING_NODE, NAME_MAX, FragmentKey
 from metadata import keys
 from metadata.inodes import free_inode, now_ns, require_inode, set_size
 from metadata.namespace_state import (
@@ -115,6 +117,7 @@ class FileOps:
         self.inodes = InodeBlocks(store)
         self.counters = Counters(server_id or new_server_id())
         self._pruner = OpResultPruner()
+        self.inline_max_bytes = 0  # the largest inline stripe record accepted (0: none); its server sets it
 
     @contextmanager
     def _write(self, *, replayable: bool = True) -> Iterator[Txn]:
@@ -184,7 +187,7 @@ class FileOps:
         with self._write() as txn:
             inode = txn.get_inode(ino)
             if inode is not None:
-                self._commit_into(txn, inode, stripes, size, mtime_ns, truncate)
+                self._commit_into(txn, inode, stripes, size, mtime_ns, truncate, self.inline_max_bytes)
                 reply = remember_reply(txn, {"attr": inode.attr(), "min_version": inode.min_version})
             else:
                 for record in stripes:
@@ -197,7 +200,8 @@ class FileOps:
 
     @staticmethod
     def _commit_into(
-        txn: Txn, inode: Inode, stripes: list[dict[str, Any]], size: int, mtime_ns: int | None, truncate: bool
+        txn: Txn, inode: Inode, stripes: list[dict[str, Any]], size: int, mtime_ns: int | None, truncate: bool,
+        inline_max_bytes: int,
     ) -> None:
         if inode.is_dir:
             raise os_error(errno.EISDIR, f"inode {inode.ino} is a directory")
@@ -206,7 +210,7 @@ class FileOps:
         layout = inode.layout
         new_size = size if truncate else max(inode.size, size)
         for record in stripes:
-            check_record(record, layout)
+            check_record(record, layout, inline_max_bytes)
             if record["index"] * layout["stripe_size"] + record["length"] > new_size:
                 raise os_error(errno.EINVAL, f"stripe {record['index']} ends past the file size {new_size}")
             check_version(txn, inode, record)
@@ -232,7 +236,7 @@ class FileOps:
         """
         with self._write(replayable=False) as txn:
             record = txn.get_stripe(ino, index)
-            current = record is not None and record["version"] == version
+            current = record is not None and record["version"] == version and INLINE_FIELD not in record
             if record is None or not current or any(record["placement"][s] != old for s, (old, _) in moves.items()):
                 for slot, (_, new) in moves.items():
                     if not (current and record is not None and record["placement"][slot] == new):

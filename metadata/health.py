@@ -28,7 +28,7 @@ from collections.abc import Callable, Container, Iterable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
-from deepfs.messages import MISSING_NODE
+from deepfs.messages import INLINE_FIELD, MISSING_NODE
 from metadata.records import Inode
 from metadata.store import MetaStore
 
@@ -72,6 +72,8 @@ def stripe_health(
     bad: Container[BadKey],
 ) -> StripeHealth:
     """Classify every slot of stripe ``record`` of file ``ino`` (layout with ``k`` data slots)."""
+    if record.get(INLINE_FIELD) is not None:  # its bytes are in the record: no slot, nothing lost
+        return StripeHealth(0, 0, (), (), True)
     healthy = 0
     rebuild: list[int] = []
     move: list[int] = []

@@ -36,7 +36,7 @@ from collections.abc import Callable
 from typing import Any
 
 from deepfs.config import MetaConfig
-from deepfs.errors import os_error
+from deepfs.errors import ConfigError, os_error
 from deepfs.layout import Layout, with_stripes_of_at_least
 from deepfs.messages import (
     PATH_MAX,
@@ -75,13 +75,34 @@ from metadata.namespace_state import (
 )
 from metadata.records import Inode
 from metadata.store import MetaStore, Txn
-from metadata.stripes import purge_stripes, purge_truncated, truncate_stripes
+from metadata.stripes import (
+    check_record,
+    inline_record,
+    live_stripe,
+    purge_stripes,
+    purge_truncated,
+    truncate_stripes,
+)
 
 READDIR_MAX_ENTRIES = 1024  # 1024 names of 255 bytes stay far below a frame's body limit
 STATFS_BLOCK_SIZE = 4096
 STATFS_FREE_INODES = 1 << 32  # inode numbers are 64-bit; report a large, stable number
 _SPECIAL_TYPES = (stat.S_IFREG, stat.S_IFIFO, stat.S_IFCHR, stat.S_IFBLK, stat.S_IFSOCK)
 PURGE_WRITES = 100  # writes per purge transaction (etcd allows 128 operations in one)
+
+INLINE_MAX_LMDB = 64 << 10
+INLINE_MAX_ETCD = 8 << 10  # etcd's whole database is 8 GiB and a request at most 1.5 MiB
+
+
+def inline_max_bytes(config: MetaConfig, embedded: bool) -> int:
+    """The largest inline stripe this server accepts: ``[meta] inline_max_bytes``, by default
+    by engine (LMDB when ``embedded``, else etcd); never above the 1 MiB a frame's body holds."""
+    if config.inline_max_bytes is None:
+        return INLINE_MAX_LMDB if embedded else INLINE_MAX_ETCD
+    if not 0 <= config.inline_max_bytes <= 512 << 10:
+        raise ConfigError(f"[meta] inline_max_bytes must be 0 to {512 << 10}, got {config.inline_max_bytes}")
+    return config.inline_max_bytes
+
 
 def layout_from_config(config: MetaConfig) -> dict[str, Any]:
     return Layout(config.default_k, config.default_m, config.default_stripe_size, config.default_codec).to_dict()
@@ -102,6 +123,7 @@ class Namespace(FileOps):
         # Embedded LMDB: purge jobs are worked off right after the operation that made them, so
         # a removed file's fragments reach the GC queue before the reply, as always.
         self.purge_inline = getattr(getattr(store, "engine", None), "name", "lmdb") == "lmdb"
+        self.inline_max_bytes = inline_max_bytes(config, self.purge_inline)
 
     def bootstrap(self) -> None:
         """Create the root and cluster identity on first start; bump the generation."""
@@ -207,8 +229,11 @@ class Namespace(FileOps):
                 inode = lookup_child(txn, inode, part)
             return dir_aware_attr(txn, inode)
 
-    def readdir(self, ino: int, offset: int, limit: int) -> list[list[Any]]:
+    def readdir(self, ino: int, offset: int, limit: int, attrs: bool = False) -> list[list[Any]]:
         """Entries with cookie > ``offset``: [name, ino, mode, cookie]; no '.' or '..'.
+        With ``attrs``, each entry's attr map (as GETATTR gives it) follows as a fifth item:
+        the inode is loaded anyway, and a client listing for ``ls -l`` or statahead saves
+        one GETATTR per entry.
 
         Listing is in cookie order and a cookie is fixed for as long as its
         entry exists (a hash of the name, probed past collisions), so an
@@ -221,7 +246,11 @@ class Namespace(FileOps):
             out = []
             for cookie, name, child in txn.list_dir(ino, offset, limit):
                 inode = txn.get_inode(child)
-                if inode is not None:
+                if inode is None:
+                    continue
+                if attrs:
+                    out.append([name, child, inode.mode, cookie, dir_aware_attr(txn, inode)])
+                else:
                     out.append([name, child, inode.mode, cookie])
             return out
 
@@ -261,37 +290,65 @@ class Namespace(FileOps):
     @replayable(lambda reply: tuple(reply))
     def create(
         self, parent: int, name: bytes, mode: int, exclusive: bool, ctx: Ctx, layout: dict[str, Any] | None = None,
-        min_stripe_size: int = 0,
+        min_stripe_size: int = 0, data: bytes | None = None,
     ) -> tuple[dict[str, int], dict[str, Any] | None, bool]:
         """Create a regular file, or open the existing one: (attr, layout, created).
 
         Without ``layout`` a new file gets the directory's (or the cluster's)
         layout, its stripes widened to ``min_stripe_size`` if that is larger
-        (the torch adapter asks for wide stripes for checkpoints)."""
+        (the torch adapter asks for wide stripes for checkpoints). ``data``
+        (at most ``inline_max_bytes``) becomes the file's whole content in the
+        same transaction, stored inline: a small file written in one go costs
+        one round trip; an existing file (not ``exclusive``) is truncated to it."""
         if stat.S_IFMT(mode) not in (0, stat.S_IFREG):
             raise os_error(errno.EINVAL, "CREATE makes regular files only")
         check_name(name)
+        if data is not None and len(data) > self.inline_max_bytes:
+            raise os_error(errno.EINVAL, f"CREATE carries at most {self.inline_max_bytes} bytes of data here")
         chosen = checked_layout(layout) if layout is not None else None
         with self._write() as txn:
             require_dir(txn, parent)
             found = txn.get_dentry(parent, name)
-            if found is not None:
-                if exclusive:
-                    raise os_error(errno.EEXIST, f"{name!r} exists")
-                existing = require_inode(txn, found[0])
-                if existing.is_dir:
-                    raise os_error(errno.EISDIR, f"{name!r} is a directory")
-                return remember_reply(txn, (existing.attr(), existing.layout, False))
-            directory = self._parent_for_new(txn, parent, name)
-            file_layout = chosen or directory.dir_layout or self.default_layout
-            if chosen is None and min_stripe_size:
-                file_layout = with_stripes_of_at_least(Layout.from_dict(file_layout), min_stripe_size).to_dict()
-            inode = new_inode(
-                txn, directory, stat.S_IFREG | (mode & 0o7777), ctx, self.generation, layout=file_layout,
-                ino=self._fresh_ino(),
-            )
-            attr = self._link_new(txn, directory, name, inode)
-            return remember_reply(txn, (attr, file_layout, True))
+            if found is None:
+                return self._create_new(txn, parent, name, mode, ctx, chosen, min_stripe_size, data)
+            if exclusive:
+                raise os_error(errno.EEXIST, f"{name!r} exists")
+            existing = require_inode(txn, found[0])
+            if existing.is_dir:
+                raise os_error(errno.EISDIR, f"{name!r} is a directory")
+            if data is not None:
+                self._store_inline(txn, existing, data)
+            reply = remember_reply(txn, (existing.attr(), existing.layout, False))
+        if data is not None:
+            self._purge_now()  # LMDB: what the truncate dropped reaches GC before the reply
+        return reply
+
+    def _create_new(self, txn: Txn, parent: int, name: bytes, mode: int, ctx: Ctx, chosen: dict[str, Any] | None,
+                    min_stripe_size: int, data: bytes | None) -> tuple[dict[str, int], dict[str, Any] | None, bool]:
+        directory = self._parent_for_new(txn, parent, name)
+        file_layout = chosen or directory.dir_layout or self.default_layout
+        if chosen is None and min_stripe_size:
+            file_layout = with_stripes_of_at_least(Layout.from_dict(file_layout), min_stripe_size).to_dict()
+        inode = new_inode(
+            txn, directory, stat.S_IFREG | (mode & 0o7777), ctx, self.generation, layout=file_layout,
+            ino=self._fresh_ino(),
+        )
+        if data:  # before the inode is stored: one write of it
+            record = inline_record(data, max(inode.min_version, inode.max_version + 1))
+            check_record(record, file_layout, self.inline_max_bytes)
+            txn.put_stripe(inode.ino, record)
+            inode.max_version = record["version"]
+            set_size(txn, inode, len(data))
+        attr = self._link_new(txn, directory, name, inode)
+        return remember_reply(txn, (attr, file_layout, True))
+
+    def _store_inline(self, txn: Txn, inode: Inode, data: bytes) -> None:
+        """Make ``data`` the whole content of regular file ``inode``, as an inline stripe 0."""
+        current = live_stripe(txn, inode, 0)
+        # above every version the truncate may mark dead (``truncate_stripes``) and the current one
+        version = max(inode.min_version, inode.max_version + 1, current["version"] + 1 if current is not None else 0)
+        stripes = [inline_record(data, version)] if data else []
+        self._commit_into(txn, inode, stripes, len(data), None, True, self.inline_max_bytes)
 
     @replayable()
     def mknod(self, parent: int, name: bytes, mode: int, rdev: int, ctx: Ctx) -> dict[str, int]:
@@ -344,9 +401,13 @@ class Namespace(FileOps):
 
     # removal ----------------------------------------------------------------
 
-    @replayable()
-    def unlink(self, parent: int, name: bytes, keep_open: bool = False) -> None:
-        """Remove a non-directory name; the last name frees the inode unless it is open."""
+    @replayable(lambda reply: reply or {})
+    def unlink(self, parent: int, name: bytes, keep_open: bool = False) -> dict[str, int]:
+        """Remove a non-directory name; the last name frees the inode unless it is open.
+
+        The reply says what changed, so a client caching attributes updates them instead of
+        asking again: ``time_ns``, the directory's new mtime and ctime and the inode's new
+        ctime; ``ino`` and ``nlink``, the inode the name named and its links left."""
         check_name(name)
         with self._write() as txn:
             directory = require_dir(txn, parent)
@@ -357,11 +418,14 @@ class Namespace(FileOps):
             txn.delete_dentry(parent, name)
             touch_dir_entries(txn, directory, now)
             drop_link(txn, inode, keep_open or self.is_held(inode.ino), now)
-            remember_reply(txn, None)
+            reply = remember_reply(txn, {"time_ns": now, "ino": inode.ino, "nlink": inode.nlink})
         self._purge_now()
+        return reply
 
-    @replayable()
-    def rmdir(self, parent: int, name: bytes) -> None:
+    @replayable(lambda reply: reply or {})
+    def rmdir(self, parent: int, name: bytes) -> dict[str, Any]:
+        """Remove an empty directory. The reply, like UNLINK's: ``time_ns`` (the parent's new
+        times), ``ino`` (the removed directory) and ``dirs``, [[parent, its new link count]]."""
         check_name(name)
         with self._write() as txn:
             directory = require_dir(txn, parent)
@@ -372,12 +436,13 @@ class Namespace(FileOps):
                 raise os_error(errno.ENOTEMPTY, f"{name!r} is not empty")
             txn.delete_dentry(parent, name)
             directory.nlink -= 1
-            touch_dir(directory, now_ns())
+            now = now_ns()
+            touch_dir(directory, now)
             txn.put_inode(directory)
             free_inode(txn, inode)
-            remember_reply(txn, None)
+            return remember_reply(txn, {"time_ns": now, "ino": inode.ino, "dirs": [[directory.ino, directory.nlink]]})
 
-    @replayable()
+    @replayable(lambda reply: reply or {})
     def rename(
         self,
         parent: int,
@@ -386,23 +451,28 @@ class Namespace(FileOps):
         new_name: bytes,
         flags: int = 0,
         keep_open: bool = False,
-    ) -> None:
+    ) -> dict[str, Any]:
         """Move a name atomically, replacing or (RENAME_EXCHANGE) swapping the target.
 
-        ``keep_open`` orphans a replaced file whose last link goes, like UNLINK.
+        ``keep_open`` orphans a replaced file whose last link goes, like UNLINK. The reply
+        says what changed (empty when nothing did: both names were links to one inode):
+        ``time_ns``, the directories' new mtime and ctime and the moved inodes' new ctime;
+        ``ino``, the moved inode; ``dirs``, [[directory, its link count]] for both
+        directories; ``replaced``, [inode, its links left] for the inode the new name
+        named before (RENAME_EXCHANGE: the one moved the other way), if any.
         """
         if flags & ~RENAME_FLAGS or flags == RENAME_NOREPLACE | RENAME_EXCHANGE:
             raise os_error(errno.EINVAL, f"invalid rename flags {flags}")
         check_name(name)
         check_name(new_name)
         with self._write() as txn:
-            self._rename_in(txn, parent, name, new_parent, new_name, flags, keep_open)
-            remember_reply(txn, None)
+            reply = remember_reply(txn, self._rename_in(txn, parent, name, new_parent, new_name, flags, keep_open))
         self._purge_now()
+        return reply
 
     def _rename_in(
         self, txn: Txn, parent: int, name: bytes, new_parent: int, new_name: bytes, flags: int, keep_open: bool
-    ) -> None:
+    ) -> dict[str, Any]:
         src_dir = require_dir(txn, parent)
         dst_dir = src_dir if new_parent == parent else require_dir(txn, new_parent)
         src_entry = txn.get_dentry(parent, name)
@@ -414,7 +484,7 @@ class Namespace(FileOps):
         if dst_entry is None and flags & RENAME_EXCHANGE:
             raise os_error(errno.ENOENT, f"{new_name!r} not found")
         if dst_entry is not None and dst_entry[0] == src_entry[0]:
-            return  # both names are links to one inode: POSIX says do nothing
+            return {}  # both names are links to one inode: POSIX says do nothing
         if dst_dir.nlink == 0:
             raise os_error(errno.ENOENT, f"directory {new_parent} was removed")
         src = require_inode(txn, src_entry[0])
@@ -422,6 +492,7 @@ class Namespace(FileOps):
         if src.is_dir and new_parent != parent and is_ancestor(txn, src.ino, new_parent):
             raise os_error(errno.EINVAL, "cannot move a directory into its own subtree")
         now = now_ns()
+        replaced: list[int] | None = None
         if flags & RENAME_EXCHANGE:
             assert dst_entry is not None
             dst = require_inode(txn, dst_entry[0])
@@ -433,9 +504,11 @@ class Namespace(FileOps):
             self._move_parent(dst, dst_dir, src_dir)
             dst.ctime_ns = now
             txn.put_inode(dst)
+            replaced = [dst.ino, dst.nlink]
         else:
             if dst_entry is not None:
-                self._replace_target(txn, src, dst_dir, new_name, dst_entry[0], keep_open, now)
+                replaced = [dst_entry[0], self._replace_target(txn, src, dst_dir, new_name, dst_entry[0], keep_open,
+                                                               now)]
             txn.delete_dentry(parent, name)
             add_entry(txn, dst_dir.ino, new_name, src.ino)
             self._move_parent(src, src_dir, dst_dir)
@@ -453,6 +526,10 @@ class Namespace(FileOps):
                 txn.put_inode(directory)
             else:
                 touch_dir_entries(txn, directory, now)
+        reply: dict[str, Any] = {"time_ns": now, "ino": src.ino, "dirs": [[d.ino, d.nlink] for d, _ in changed]}
+        if replaced is not None:
+            reply["replaced"] = replaced
+        return reply
 
     @staticmethod
     def _move_parent(inode: Inode, old_dir: Inode, new_dir: Inode) -> None:
@@ -470,7 +547,8 @@ class Namespace(FileOps):
 
     def _replace_target(
         self, txn: Txn, src: Inode, dst_dir: Inode, new_name: bytes, target_ino: int, keep_open: bool, now: int
-    ) -> None:
+    ) -> int:
+        """Unlink the inode a rename's new name named; its links left."""
         target = require_inode(txn, target_ino)
         if src.is_dir and not target.is_dir:
             raise os_error(errno.ENOTDIR, f"{new_name!r} is not a directory")
@@ -482,8 +560,9 @@ class Namespace(FileOps):
                 raise os_error(errno.ENOTEMPTY, f"{new_name!r} is not empty")
             dst_dir.nlink -= 1
             free_inode(txn, target)
-        else:
-            drop_link(txn, target, keep_open or self.is_held(target.ino), now)
+            return 0
+        drop_link(txn, target, keep_open or self.is_held(target.ino), now)
+        return target.nlink
 
     def reclaim_orphans(self, is_held: Callable[[int], bool]) -> int:
         """Free every unlinked inode that ``is_held`` says nobody holds open; how many.

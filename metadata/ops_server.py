@@ -28,7 +28,7 @@ from deepfs.frames import Op
 from deepfs.messages import ROOT_INO, validate
 from deepfs.messages import metadata_requests as m
 from deepfs.rpc import Buffer
-from metadata.access import MUTATING_OPS, Authorizer, Request
+from metadata.access import MUTATING_OPS, PATH_OPS, Authorizer, Request
 from metadata.membership import Membership
 from metadata.namespace import Namespace
 from metadata.namespace_state import serving, stored_reply
@@ -140,6 +140,8 @@ class MetaOps:
             who = "" if principal is None else principal.name
             with serving(op_id, who):
                 if principal is None:
+                    if op in PATH_OPS:
+                        return serve(self.access.numeric_form(op, fields, ROOT_INO, None))
                     return serve(fields)
                 self._local.request = self._authorize(op, fields, principal, op_id, who)
                 try:
@@ -172,7 +174,8 @@ class MetaOps:
         caller = self.access.caller(principal, fields)
         if not principal.acts_for_ctx and "ctx" in fields:
             fields = {**fields, "ctx": {"uid": caller.uid, "gid": caller.gid}}
-        return Request(principal, caller, self.access.subtree_root(principal), fields)
+        root = self.access.subtree_root(principal)
+        return Request(principal, caller, root, self.access.numeric_form(op, fields, root, None, lenient=True))
 
     # tokens -----------------------------------------------------------------
 
@@ -200,6 +203,7 @@ class MetaOps:
             "root": ROOT_INO if self._request is None else self._request.root,
             "cluster_id": self.ns.cluster_id,
             "default_layout": self.ns.default_layout,
+            "inline_max_bytes": self.ns.inline_max_bytes,
             "stats": {**self.store.stats.as_dict(), **self._extra_stats()},
         }
         if self.sessions is not None:
@@ -246,7 +250,7 @@ class MetaOps:
 
     def readdir(self, b: dict[str, Any]) -> Reply:
         r = m.readdir(b)
-        return {"entries": self.ns.readdir(r.ino, r.offset, r.limit)}
+        return {"entries": self.ns.readdir(r.ino, r.offset, r.limit, r.attrs)}
 
     def readlink(self, b: dict[str, Any]) -> Reply:
         return {"target": self.ns.readlink(m.ino(b).ino)}
@@ -255,11 +259,11 @@ class MetaOps:
         r = m.create(b)
         session_id = m.session(b)
         attr, layout, created = self.ns.create(r.parent, r.name, r.mode, r.exclusive, r.ctx, r.layout,
-                                               r.min_stripe_size)
+                                               r.min_stripe_size, r.data)
         if self.sessions is not None and layout is not None:
             self.sessions.hold(session_id, attr["ino"])
         cap = None
-        if layout is not None and self._request is not None:
+        if layout is not None and self._request is not None and r.data is None:  # with data: nothing left to write
             cap = self._cap(attr["ino"], "rw", self._min_version(attr["ino"]))
         return {"attr": attr, "layout": layout, "created": created, "cap": cap}
 
@@ -287,19 +291,16 @@ class MetaOps:
     def unlink(self, b: dict[str, Any]) -> Reply:
         r = m.unlink(b)
         self._let_go(b)
-        self.ns.unlink(r.parent, r.name, r.keep_open)
-        return {}
+        return self.ns.unlink(r.parent, r.name, r.keep_open)
 
     def rmdir(self, b: dict[str, Any]) -> Reply:
         r = m.entry(b)
-        self.ns.rmdir(r.parent, r.name)
-        return {}
+        return self.ns.rmdir(r.parent, r.name)
 
     def rename(self, b: dict[str, Any]) -> Reply:
         r = m.rename(b)
         self._let_go(b)
-        self.ns.rename(r.parent, r.name, r.new_parent, r.new_name, r.flags, r.keep_open)
-        return {}
+        return self.ns.rename(r.parent, r.name, r.new_parent, r.new_name, r.flags, r.keep_open)
 
     def _let_go(self, b: dict[str, Any]) -> None:
         """Drop the holds an UNLINK or RENAME says its session gave up (files it closed since
@@ -374,16 +375,19 @@ class MetaOps:
         return reply
 
     def release(self, b: dict[str, Any]) -> Reply:
-        """The caller's session lets go of ``ino``; an orphan no other session holds is freed."""
-        r = m.open_file(b)
+        """The caller's session lets go of ``ino`` (and of ``inos``: a client batches the releases
+        of the files it closed); an orphan no other session holds is freed."""
+        session_id, inos = m.release(b)
         if self.sessions is not None:
-            self.sessions.release(r.session, r.ino)
-            if self.sessions.is_held(r.ino):
-                return {}
+            for ino in inos:
+                self.sessions.release(session_id, ino)
+            inos = [ino for ino in inos if not self.sessions.is_held(ino)]
+        if not inos:
+            return {}
         with self.store.read() as txn:  # clients release every file they close: most are not orphans
-            orphan = txn.is_orphan(r.ino)
-        if orphan:
-            self.ns.release(r.ino)
+            orphans = [ino for ino in inos if txn.is_orphan(ino)]
+        for ino in orphans:
+            self.ns.release(ino)
         return {}
 
     def set_layout(self, b: dict[str, Any]) -> Reply:

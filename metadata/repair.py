@@ -56,7 +56,7 @@ from deepfs.codec import column_segments, rebuild_columns
 from deepfs.config import MetaConfig
 from deepfs.frames import Op
 from deepfs.layout import Layout
-from deepfs.messages import MISSING_NODE, FragmentKey
+from deepfs.messages import INLINE_FIELD, MISSING_NODE, FragmentKey
 from deepfs.messages.storage_requests import get_fragment_body, put_fragment_body
 from deepfs.placement import NodeView, place_stripe
 from metadata.health import (
@@ -356,8 +356,8 @@ class RepairWorker:
     async def repair_stripe(self, nursery: trio.Nursery, ino: int, index: int) -> int:
         """Rebuild or move what stripe ``index`` of ``ino`` needs now; fragments committed."""
         inode, record = await self.store.run(functools.partial(self._inode_and_stripe, ino, index), write=False)
-        if inode is None or inode.layout is None or record is None:
-            return 0
+        if inode is None or inode.layout is None or record is None or record.get(INLINE_FIELD) is not None:
+            return 0  # gone, or inline (its bytes are in the record: no fragment to rebuild)
         layout = Layout.from_dict(inode.layout)
         unusable: set[int] = set()  # survivors that failed during this repair
         for _attempt in range(layout.width):

@@ -453,6 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
                         help="seconds a node may be down before its fragments are rebuilt elsewhere")
     parser.add_argument("--repair-mib-s", type=float, help="repair bandwidth, MiB/s read + written")
     parser.add_argument("--repair-scan-interval", type=float, help="seconds between full stripe-health scans")
+    parser.add_argument("--inline-max-bytes", type=int,
+                        help="small files up to this size keep their data in the namespace store "
+                             "(default 65536 on lmdb, 8192 on etcd; 0: never)")
     parser.add_argument("--orphan-grace", type=float,
                         help="seconds before a fragment no stripe record references is deleted")
     parser.add_argument("--session-lease", type=float,
@@ -497,6 +500,7 @@ _FLAG_TO_FIELD = {
     "repair_mib_s": "repair_mib_s",
     "repair_scan_interval": "repair_scan_interval_s",
     "orphan_grace": "orphan_grace_s",
+    "inline_max_bytes": "inline_max_bytes",
     "session_lease": "session_lease_s",
     "deep_scrub_interval": "deep_scrub_interval_s",
     "idle_timeout": "idle_timeout_s",

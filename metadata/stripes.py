@@ -6,6 +6,10 @@ at them retires the previous version. Retired fragments are queued per
 storage node in the GC queue of the same transaction, so a fragment is
 either referenced by a stripe record or queued for deletion, never both and
 never neither (except when a node never got it: placement ``MISSING_NODE``).
+
+An *inline* record (``"inline"``: the bytes of a small file's stripe 0, kept
+here instead of in fragments) has no placement: nothing to retire, repair or
+scrub on any node; a truncate cuts its bytes.
 """
 
 from __future__ import annotations
@@ -14,8 +18,10 @@ import errno
 import time
 from typing import Any
 
+import crc32c
+
 from deepfs.errors import os_error
-from deepfs.messages import MISSING_NODE, U32_MAX, FragmentKey
+from deepfs.messages import INLINE_FIELD, MISSING_NODE, U32_MAX, FragmentKey
 from metadata import keys
 from metadata.namespace_state import add_truncate_job, count
 from metadata.records import Inode, is_degraded
@@ -26,8 +32,31 @@ INLINE_DROP_WRITES = 64
 LIVE_SCAN_PAGE = 256
 
 
-def check_record(record: dict[str, Any], layout: dict[str, Any]) -> None:
+def inline_record(data: bytes, version: int) -> dict[str, Any]:
+    """Stripe 0 of a small file holding ``data`` itself."""
+    return {"index": 0, "version": version, "length": len(data), "fragment_size": 0, "placement": [],
+            "crcs": [crc32c.crc32c(data)], INLINE_FIELD: data}
+
+
+def check_inline(record: dict[str, Any], max_bytes: int) -> None:
+    """Refuse (EINVAL) an inline record that is not stripe 0, is over ``max_bytes`` (the server's
+    ``inline_max_bytes``) or whose fields do not describe its bytes."""
+    data = record[INLINE_FIELD]
+    if record["index"] != 0:
+        raise os_error(errno.EINVAL, f"stripe {record['index']}: only stripe 0 may be inline")
+    if len(data) > max_bytes:
+        raise os_error(errno.EINVAL, f"an inline stripe holds at most {max_bytes} bytes here, got {len(data)}")
+    if record["placement"] or record["fragment_size"] or record["length"] != len(data) \
+            or record["crcs"] != [crc32c.crc32c(data)]:
+        raise os_error(errno.EINVAL, "an inline stripe has no placement, fragment_size 0, its length "
+                                     "and [crc32c of its bytes] as crcs")
+
+
+def check_record(record: dict[str, Any], layout: dict[str, Any], inline_max_bytes: int = 0) -> None:
     """Refuse a stripe record that cannot belong to a file of ``layout`` (EINVAL)."""
+    if record.get(INLINE_FIELD) is not None:
+        check_inline(record, min(inline_max_bytes, layout["stripe_size"]))
+        return
     width = layout["k"] + layout["m"]
     if len(record["placement"]) != width or len(record["crcs"]) != width:
         raise os_error(errno.EINVAL, f"stripe {record['index']}: placement and crcs need {width} entries")
@@ -148,6 +177,8 @@ def truncate_stripes(txn: Txn, inode: Inode, new_size: int) -> None:
         last = live_stripe(txn, inode, new_size // stripe_size)
         if last is not None and last["length"] > inner:
             last["length"] = inner
+            if last.get(INLINE_FIELD) is not None:
+                last.update(inline_record(last[INLINE_FIELD][:inner], last["version"]))
             txn.put_stripe(inode.ino, last)
 
 

@@ -143,12 +143,12 @@ def test_superseded_versions_are_garbage_collected(cluster: LocalCluster, client
     import time
 
     base = unique_dir(client, "gc")
-    layout = Layout(4, 2, 64 << 10)
+    layout = Layout(4, 2, 128 << 10)  # files past inline_max_bytes (64 KiB): stored as fragments
     path = f"{base}/g"
-    client.write_file(path, os.urandom(64 << 10), layout=layout)
+    client.write_file(path, os.urandom(128 << 10), layout=layout)
     ino = client.stat(path).st_ino
     for _ in range(3):
-        client.write_file(path, os.urandom(64 << 10), layout=layout)
+        client.write_file(path, os.urandom(128 << 10), layout=layout)
 
     def fragment_files() -> list[str]:
         return [str(p) for p in faults.fragment_files(cluster, ino)]
@@ -169,7 +169,7 @@ def test_layout_wider_than_the_cluster_is_refused(client: deepfs.Client) -> None
 
     base = unique_dir(client, "wide")
     with pytest.raises(OSError) as info:
-        client.write_file(f"{base}/w", b"x" * 100, layout=Layout(4, 3, 256 << 10))
+        client.write_file(f"{base}/w", b"x" * (100 << 10), layout=Layout(4, 3, 256 << 10))  # past inline
     assert info.value.errno == errno.EINVAL and "needs 7 storage nodes" in str(info.value)
 
 

@@ -248,6 +248,58 @@ def test_namespace_ops_over_the_wire(meta: MetaProcess) -> None:
     with_client(meta, body)
 
 
+def test_readdir_attrs_and_what_removals_changed(meta: MetaProcess) -> None:
+    """READDIR with ``attrs`` carries each entry's GETATTR map; UNLINK, RMDIR and RENAME say
+    the time they stamped, the inodes touched and the link counts left (a replay the same)."""
+
+    async def body(c: FrameClient) -> None:
+        top = (await call(c, Op.MKDIR, {"parent": ROOT, "name": b"ra", "mode": 0o755, "ctx": CTX}))["attr"]
+        d = top["ino"]
+        for name in (b"a", b"b", b"c"):
+            await call(c, Op.CREATE, {"parent": d, "name": name, "mode": 0o640, "exclusive": True, "ctx": CTX,
+                                      "data": name * 5})
+        sub = (await call(c, Op.MKDIR, {"parent": d, "name": b"sub", "mode": 0o700, "ctx": CTX}))["attr"]
+        await call(c, Op.LINK, {"ino": (await call(c, Op.LOOKUP, {"parent": d, "name": b"a"}))["attr"]["ino"],
+                                "new_parent": d, "new_name": b"a2"})
+        plain = (await call(c, Op.READDIR, {"ino": d, "offset": 0, "limit": 0}))["entries"]
+        with_attrs = (await call(c, Op.READDIR, {"ino": d, "offset": 0, "limit": 0, "attrs": True}))["entries"]
+        assert [e[:4] for e in with_attrs] == plain and all(len(e) == 4 for e in plain)
+        for name, ino, _mode, _cookie, attr in with_attrs:
+            assert attr == (await call(c, Op.GETATTR, {"ino": ino}))["attr"], name
+        sizes = {e[0]: e[4]["size"] for e in with_attrs}
+        assert sizes[b"b"] == 5 and sizes[b"a2"] == 5 and with_attrs[0][4]["nlink"] >= 1
+        with pytest.raises(OSError) as bad:
+            await call(c, Op.READDIR, {"ino": d, "attrs": 1})
+        assert bad.value.errno == errno.EINVAL
+
+        def dir_times(attr: dict[str, int]) -> tuple[int, int]:
+            return attr["mtime_ns"], attr["ctime_ns"]
+
+        a = (await call(c, Op.LOOKUP, {"parent": d, "name": b"a"}))["attr"]
+        unlink = {"parent": d, "name": b"a2", "keep_open": False, "op_id": b"u" * 16}
+        gone = await call(c, Op.UNLINK, unlink)
+        assert (gone["ino"], gone["nlink"]) == (a["ino"], 1)
+        assert await call(c, Op.UNLINK, unlink) == gone  # replayed: the stored reply
+        assert dir_times((await call(c, Op.GETATTR, {"ino": d}))["attr"]) == (gone["time_ns"], gone["time_ns"])
+        assert (await call(c, Op.GETATTR, {"ino": a["ino"]}))["attr"]["ctime_ns"] == gone["time_ns"]
+        freed = await call(c, Op.UNLINK, {"parent": d, "name": b"c", "keep_open": False})
+        assert freed["nlink"] == 0
+        moved = await call(c, Op.RENAME, {"parent": d, "name": b"a", "new_parent": d, "new_name": b"b", "flags": 0})
+        b_ino = next(e[1] for e in plain if e[0] == b"b")
+        assert moved["ino"] == a["ino"] and moved["replaced"] == [b_ino, 0] and moved["dirs"] == [[d, 3]]
+        assert (await call(c, Op.GETATTR, {"ino": a["ino"]}))["attr"]["ctime_ns"] == moved["time_ns"]
+        out = await call(c, Op.RENAME, {"parent": d, "name": b"b", "new_parent": ROOT, "new_name": b"moved",
+                                        "flags": 0})
+        assert out["dirs"] == [[d, 3], [ROOT, (await call(c, Op.GETATTR, {"ino": ROOT}))["attr"]["nlink"]]]
+        assert "replaced" not in out
+        assert dir_times((await call(c, Op.GETATTR, {"ino": ROOT}))["attr"]) == (out["time_ns"], out["time_ns"])
+        removed = await call(c, Op.RMDIR, {"parent": d, "name": b"sub"})
+        assert removed["ino"] == sub["ino"] and removed["dirs"] == [[d, 2]]
+        assert (await call(c, Op.GETATTR, {"ino": d}))["attr"]["nlink"] == 2
+
+    with_client(meta, body)
+
+
 def test_bad_bodies_answer_einval_unknown_ops_enosys_and_the_connection_keeps_serving(meta: MetaProcess) -> None:
     """The bad-input policy shared with the storage nodes (deepfs.messages.validate):
     out-of-range values, wrong types, missing fields and a body that is not a map

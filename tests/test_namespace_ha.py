@@ -348,8 +348,9 @@ def test_op_ids_through_meta_ops_with_authorization(store: MetaStore, ns: Namesp
     first = call(Op.CREATE, body, alice)
     assert call(Op.CREATE, body, alice)["attr"] == first["attr"]
     unlink = m.unlink_body(home, b"f", op_id=m.new_op_id())
-    assert call(Op.UNLINK, unlink, alice) == {}
-    assert call(Op.UNLINK, unlink, alice) == {}  # the name is gone: authorization fails, the stored reply wins
+    removed = call(Op.UNLINK, unlink, alice)
+    assert (removed["ino"], removed["nlink"]) == (first["attr"]["ino"], 0)
+    assert call(Op.UNLINK, unlink, alice) == removed  # the name is gone: authorization fails, the stored reply wins
     with pytest.raises(OSError) as info:
         call(Op.UNLINK, {**unlink, "op_id": m.new_op_id()}, alice)
     assert info.value.errno == errno.ENOENT

@@ -99,7 +99,8 @@ async def test_fragments_of_a_removed_file_keep_their_gc_grace(tmp_path: Path) -
     """An unlinked file's fragments wait in the GC queue for readers that opened it; the
     collector must not queue them again as orphans (which would drop that grace)."""
     async with memory_client(tmp_path, LAYOUT) as (cluster, client):
-        await client.write_file("/gone.bin", os.urandom(LAYOUT.stripe_size))
+        # one stripe past inline_max_bytes (64 KiB): k+m fragments
+        await client.write_file("/gone.bin", os.urandom(128 << 10), layout=Layout(4, 2, 128 << 10))
         ino = (await client.stat("/gone.bin")).st_ino
         files = fragment_files(cluster.data_dirs, ino)
         await client.unlink("/gone.bin")

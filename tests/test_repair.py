@@ -23,6 +23,7 @@ from deepfs.local_cluster import LocalCluster
 from deepfs.messages import MISSING_NODE
 from deepfs.rpc import FrameClient, parse_address
 from deepfs.testing import flip_bytes, fragment_files, quarantined_files, wait_for
+from metadata.namespace import INLINE_MAX_LMDB
 from tests.conftest import start_cluster
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(180)]
@@ -35,7 +36,7 @@ def write_files(client: deepfs.Client, count: int, seed: int) -> dict[str, bytes
     rng = random.Random(seed)
     files = {}
     for i in range(count):
-        data = rng.randbytes(rng.randint(1, 3 * LAYOUT.stripe_size))
+        data = rng.randbytes(rng.randint(INLINE_MAX_LMDB + 1, 3 * LAYOUT.stripe_size))  # past inline: fragments
         path = f"/r{seed}-{i}"
         client.write_file(path, data, layout=LAYOUT)
         files[path] = data

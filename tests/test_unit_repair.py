@@ -216,7 +216,7 @@ async def test_a_concurrent_truncate_wins_over_a_repair(tmp_path: Path, monkeypa
 def test_replace_fragments_is_a_compare_and_set(tmp_path: Path) -> None:
     async def main() -> None:
         async with repairing(tmp_path) as (cluster, client, _worker, _nursery):
-            ino, _ = await write(client, "/f", 1000)
+            ino, _ = await write(client, "/f", 100_000)  # past inline_max_bytes: fragments
             record = records(cluster, ino)[0]
             ns = cluster.meta.namespace
             old = record["placement"][1]

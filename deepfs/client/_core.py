@@ -1,7 +1,9 @@
 """AsyncClient: the trio-native client library (paths, namespace, open files).
 
 Paths are resolved by the metadata server in one round trip (``RESOLVE``),
-then every operation is addressed by inode. Everything here runs inside one
+then every operation is addressed by inode; opening and creating files name
+the path in the OPEN or CREATE itself, so reading or writing a small file
+whole costs that one request. Everything here runs inside one
 trio loop; ``deepfs.Client`` is the synchronous facade over it.
 
 An ``AsyncClient`` owns the metadata connection (``meta``, a typed
@@ -12,6 +14,7 @@ It also keeps the client's session with the metadata server alive
 (``metadata/sessions.py``): every third of the lease it renews it, listing
 the inodes of its open files, so a file another client unlinks stays
 readable here while this client lives, and is reclaimed once it dies.
+The holds of files it closed are released in batches (``_release_forever``).
 
 Credentials (docs/SECURITY.md): the client presents its ``Key`` to the
 metadata server and the ``NodeTicket`` HELLO handed out to storage nodes;
@@ -40,8 +43,15 @@ from deepfs.auth import Key
 from deepfs.buffers import PoolSet
 from deepfs.client._caps import CapabilityCache
 from deepfs.client._cluster import ClusterView
-from deepfs.client._file import AsyncFile, FileServices, fetch_file_state, open_access
-from deepfs.client._meta import Attr, Created, MetaClient, ServerHello, caller_context
+from deepfs.client._file import (
+    AsyncFile,
+    FileServices,
+    complete_state,
+    fetch_file_state,
+    inline_contents,
+    open_access,
+)
+from deepfs.client._meta import Attr, Created, MetaClient, OpenReply, ServerHello, caller_context
 from deepfs.client._stripes import StripeIO
 from deepfs.client._transport import TcpTransport, Transport, client_key
 from deepfs.concurrency import sole_exception
@@ -57,6 +67,7 @@ RENEWALS_PER_LEASE = 3  # a renewal may fail twice (a server restarting) before 
 END_SESSION_WAIT_S = 1.0  # a clean close tells the server, but never waits long for a dead one
 TICKET_RENEW_FRACTION = 0.5  # a client without a session fetches a new ticket when half of its life is left
 MIN_TICKET_RENEW_S = 1.0
+RELEASE_DELAY_S = 0.5  # a closed file's hold is released at most this much later, batched with others
 
 
 def split_path(path: str) -> tuple[str, bytes]:
@@ -119,6 +130,7 @@ class AsyncClient:
         self.default_layout: Layout | None = None
         self._open_files: weakref.WeakSet[AsyncFile] = weakref.WeakSet()  # the holds each renewal lists
         self._opening: collections.Counter[int] = collections.Counter()  # inodes an OPEN is under way for
+        self._release_wanted = trio.Event()  # set when a file closed: ``_release_forever`` sends its RELEASE
 
     @classmethod
     @asynccontextmanager
@@ -170,6 +182,7 @@ class AsyncClient:
         self.meta.reconnected = self._reconnected
         if hello.session and hello.lease_s > 0:
             self._nursery.start_soon(self._renew_session_forever, hello.lease_s)
+            self._nursery.start_soon(self._release_forever)
         elif hello.node_ticket is not None:
             self._nursery.start_soon(self._renew_ticket_forever)
 
@@ -184,16 +197,27 @@ class AsyncClient:
         return {f.ino for f in self._open_files if not f.closed} | set(self._opening)
 
     def _file_closed(self, ino: int) -> None:
-        """The last file of ``ino`` here closed: tell the server in the background, so this session's
-        hold does not keep the inode alive (and visible) if another client unlinks or replaces it."""
-        if self.meta.session and ino not in self._opening and not self._is_open_here(ino):
-            self._nursery.start_soon(self._release_hold, ino)
+        """A file closed: its hold goes to the server within ``RELEASE_DELAY_S``, so it does not keep
+        the inode alive (and visible) if another client unlinks or replaces it."""
+        self._release_wanted.set()
 
-    async def _release_hold(self, ino: int) -> None:
+    async def _release_forever(self) -> None:
+        """Release the holds of files closed since the last time, together, in one RELEASE at most
+        ``RELEASE_DELAY_S`` after a close (an UNLINK or RENAME in between carries them sooner;
+        ``MetaClient._released``): a file read or written whole costs its OPEN or CREATE alone.
+        An inode open here again by then is not released (``held_inodes``); an unlinked file's
+        data stays until the release arrives, and a crashed client's until its session lapses."""
+        while True:
+            await self._release_wanted.wait()
+            await trio.sleep(RELEASE_DELAY_S)
+            self._release_wanted = trio.Event()
+            await self._release_closed()
+
+    async def _release_closed(self) -> None:
         try:
-            await self.meta.release(ino)
-        except OSError as exc:  # the next renewal drops the hold anyway
-            log.debug("releasing inode %d at the metadata server failed: %s", ino, exc)
+            await self.meta.release_closed()
+        except OSError as exc:  # the next renewal drops the holds anyway
+            log.debug("releasing closed files at the metadata server failed: %s", exc)
 
     async def _renew_session_forever(self, lease_s: float) -> None:
         """Renew the session every lease / 3; a failed renewal (the server restarting) is retried
@@ -225,6 +249,7 @@ class AsyncClient:
     async def _stop(self) -> None:
         if self.meta.session:
             with trio.move_on_after(END_SESSION_WAIT_S):
+                await self._release_closed()  # frees unlinked files now, not at the next orphan reclaim
                 try:
                     await self.meta.end_session()
                 except OSError:
@@ -367,7 +392,7 @@ class AsyncClient:
         stripes of at least ``min_stripe_size`` bytes."""
         readable, writable, append, create, truncate, exclusive = _parse_mode(mode)
         if create:
-            parent, name = await self._parent(path)
+            parent, name = split_path(path)
             try:
                 created = await self.meta.create(parent, name, stat_module.S_IFREG | 0o644, self.ctx,
                                                  exclusive=exclusive, layout=layout, min_stripe_size=min_stripe_size)
@@ -377,7 +402,7 @@ class AsyncClient:
             if created.created and created.layout is not None:
                 return self.open_created(created, readable, writable, append, path)
         else:
-            attr = await self.resolve(path)
+            return await self._open_path(path, readable, writable, append)
         if stat_module.S_ISDIR(attr["mode"]):
             raise os_error(errno.EISDIR, "", path)
         if not stat_module.S_ISREG(attr["mode"]):
@@ -412,6 +437,34 @@ class AsyncClient:
         self._open_files.add(file)
         return file
 
+    async def _open_path(self, path: str, readable: bool, writable: bool, append: bool) -> AsyncFile:
+        """Open an existing file by path: one OPEN naming the path (the server resolves it)."""
+        access = open_access(readable, writable)
+        return await self._file_of(await self._open_state(path, access), path, readable, writable, append, access)
+
+    async def _open_state(self, path: str, access: str) -> OpenReply:
+        """OPEN by path, holding the file for this session; errors name ``path``."""
+        try:
+            return await self.meta.open(path, access)
+        except OSError as exc:
+            raise os_error(exc.errno or errno.EIO, exc.strerror or "", path) from None
+
+    async def _file_of(self, state: OpenReply, path: str, readable: bool, writable: bool, append: bool,
+                       access: str) -> AsyncFile:
+        """The open file of a path OPEN's reply (its further stripe records fetched first)."""
+        ino = int(state.attr["ino"])
+        self._opening[ino] += 1  # held while its records page in: no batched release may drop it
+        try:
+            state = await complete_state(self.meta, state)
+            file = AsyncFile(self._file_services, path, state.attr, state.layout, state.records, readable,
+                             writable, append, state.min_version, access)
+        finally:
+            self._opening[ino] -= 1
+            if not self._opening[ino]:
+                del self._opening[ino]
+        self._open_files.add(file)
+        return file
+
     def _is_open_here(self, ino: int) -> bool:
         return any(f.ino == ino and not f.closed for f in self._open_files)
 
@@ -429,13 +482,32 @@ class AsyncClient:
         return file
 
     async def read_file(self, path: str) -> bytes:
-        f = await self.open(path, "rb")
+        """The whole file, opened by path in one OPEN. A small file's bytes come in its reply
+        (inline): that one round trip is all (the hold it took is released with the next batch)."""
+        state = await self._open_state(path, "r")
+        contents = inline_contents(state, path)
+        if contents is not None:
+            self._release_wanted.set()
+            return contents
+        f = await self._file_of(state, path, True, False, False, "r")
         try:
             return await f.pread(f.size, 0)
         finally:
             await f.close()
 
     async def write_file(self, path: str, data: bytes | bytearray | memoryview, layout: Layout | None = None) -> None:
+        """Create or replace the file with ``data``. Data the server keeps inline goes with the
+        CREATE: one round trip after the path's, no storage node involved."""
+        fits = layout is None or len(data) <= layout.stripe_size
+        if fits and len(data) <= self.meta.inline_max_bytes:
+            parent, name = split_path(path)
+            try:
+                await self.meta.create(parent, name, stat_module.S_IFREG | 0o644, self.ctx, layout=layout,
+                                       data=bytes(data))
+                return
+            except OSError as exc:
+                if exc.errno != errno.EINVAL:  # EINVAL: a layout whose stripes are smaller than data
+                    raise os_error(exc.errno or errno.EIO, exc.strerror or "", path) from None
         f = await self.open(path, "wb", layout=layout)
         try:
             await f.pwrite(data, 0)

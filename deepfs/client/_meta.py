@@ -35,6 +35,7 @@ sent as several. An errno the server answers is raised as the matching
 
 from __future__ import annotations
 
+import collections
 import errno
 import itertools
 import logging
@@ -42,7 +43,7 @@ import os
 import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, NamedTuple, TypedDict
+from typing import Any, NamedTuple, TypedDict, cast
 
 import trio
 
@@ -62,6 +63,7 @@ MUTATING_OPS = frozenset({
 })
 """Requests that carry an ``op_id``: the server answers a repeated one with the stored first reply."""
 MAX_COMMIT_STRIPES = 64  # stripe records one COMMIT may carry (the server refuses more: EINVAL)
+MAX_RELEASE_BATCH = 10_000  # inodes one RELEASE carries (the server takes up to 100,000)
 RETRY_PAUSE_S = 0.05  # after a round over every listed server fails; doubling up to MAX_RETRY_PAUSE_S
 MAX_RETRY_PAUSE_S = 0.5
 DEFAULT_FAILOVER_S = 10.0
@@ -118,6 +120,20 @@ class DirEntry(NamedTuple):
     ino: int
     mode: int
     cookie: int
+
+
+class Removed(TypedDict, total=False):
+    """What an UNLINK, RMDIR or RENAME changed (empty from servers that do not say; see
+    docs/PROTOCOL.md): ``time_ns``, the directories' new mtime and ctime and the touched
+    inodes' new ctime; ``ino``, the inode removed (UNLINK, RMDIR) or moved (RENAME);
+    ``nlink``, its links left (UNLINK); ``dirs``, [[directory, link count]] where those
+    may have changed (RMDIR, RENAME); ``replaced``, [inode, links left] (RENAME)."""
+
+    time_ns: int
+    ino: int
+    nlink: int
+    dirs: list[list[int]]
+    replaced: list[int]
 
 
 @dataclass(frozen=True)
@@ -184,7 +200,18 @@ class MetaClient:
         # inodes the server may think it holds, it tells which holds to drop (``_released``).
         self.open_inodes: Callable[[], set[int]] = set
         self._told_holds: set[int] = set()
+        # Releases (RELEASE, an UNLINK's or RENAME's "released") race OPENs and CREATEs that take a hold
+        # on the same inode: one sent before the hold's reply may reach the server after it and drop
+        # the new hold. Each batch of releases gets a number; a hold-taking request notes the lowest
+        # number it may cross, and takes the hold again if a batch from there on named its inode.
+        self._release_seq = 0
+        self._releasing: dict[int, set[int]] = {}  # batch number -> inodes, while a request may cross it
+        self._release_flights: set[int] = set()  # batches not answered yet
+        self._hold_floors: collections.Counter[int] = collections.Counter()  # of the hold-taking requests in flight
+        self._renewing: collections.Counter[int] = collections.Counter()  # inodes a crossed hold is renewed for
         self.node_ticket: NodeTicket | None = None  # from HELLO, replaced by every session renewal
+        # From HELLO: the largest stripe 0 the server keeps inline (0: an older server, or none)
+        self.inline_max_bytes = 0
         # Told every capability an OPEN or CREATE reply carried (its owner keeps them: ``CapabilityCache.put``).
         self.capability_seen: Callable[[int, Capability | None], None] = lambda ino, cap: None
         # Told what HELLO said each time the client reconnected (perhaps to another server).
@@ -196,6 +223,7 @@ class MetaClient:
         reply = await self._call(Op.HELLO, {})
         self.session = int(reply.get("session", 0))
         self._take_ticket(reply)
+        self.inline_max_bytes = int(reply.get("inline_max_bytes", 0))
         return self._hello(reply)
 
     def _hello(self, reply: dict[str, Any]) -> ServerHello:
@@ -251,23 +279,43 @@ class MetaClient:
         """Entries with a cookie above ``offset`` (no '.' or '..'); ``limit`` 0: the server's maximum."""
         reply = await self._call(Op.READDIR, {"ino": ino, "offset": offset, "limit": limit})
         return [DirEntry(bytes(name), int(ino), int(mode), int(cookie))
-                for name, ino, mode, cookie in reply.get("entries", [])]
+                for name, ino, mode, cookie, *_ in reply.get("entries", [])]
 
-    async def create(self, parent: int, name: bytes, mode: int, caller: Caller, *, exclusive: bool = False,
-                     layout: Layout | None = None, min_stripe_size: int = 0) -> Created:
+    async def readdir_attrs(self, ino: int, offset: int = 0, limit: int = 0) -> list[tuple[DirEntry, Attr | None]]:
+        """``readdir`` with each entry's attributes in the same round trip (None from a server
+        that does not send them: ask GETATTR)."""
+        reply = await self._call(Op.READDIR, {"ino": ino, "offset": offset, "limit": limit, "attrs": True})
+        return [(DirEntry(bytes(e[0]), int(e[1]), int(e[2]), int(e[3])), e[4] if len(e) > 4 else None)
+                for e in reply.get("entries", [])]
+
+    async def create(self, parent: int | str, name: bytes, mode: int, caller: Caller, *, exclusive: bool = False,
+                     layout: Layout | None = None, min_stripe_size: int = 0, data: bytes | None = None) -> Created:
         """A regular file (or the one already there). It gets ``layout``, else
-        its directory's, with stripes of at least ``min_stripe_size`` bytes."""
-        body: dict[str, Any] = {"parent": parent, "name": name, "mode": mode, "exclusive": exclusive, "ctx": caller}
-        if self.session:
+        its directory's, with stripes of at least ``min_stripe_size`` bytes.
+
+        ``parent`` may be the path of the directory (from this client's root; a str): the server
+        resolves it in the same request, as RESOLVE would, so a create by path is one round trip.
+
+        ``data`` (at most ``inline_max_bytes``): the file's whole content, committed inline in
+        the same transaction (an existing file is truncated to it); the file is then not held
+        open: nothing is left to write."""
+        named: dict[str, Any]
+        if isinstance(parent, str):
+            named = {"path": parent.encode("utf-8", "surrogateescape").rstrip(b"/") + b"/" + name}
+        else:
+            named = {"parent": parent, "name": name}
+        body: dict[str, Any] = {**named, "mode": mode, "exclusive": exclusive, "ctx": caller}
+        hold = bool(self.session) and data is None
+        if hold:
             body["session"] = self.session
+        if data is not None:
+            body["data"] = data
         if layout is not None:
             body["layout"] = layout.to_dict()
         if min_stripe_size:
             body["min_stripe_size"] = min_stripe_size
-        reply = await self._call(Op.CREATE, body)
+        reply = await self._holding(Op.CREATE, body) if hold else await self._call(Op.CREATE, body)
         ino = int(reply["attr"]["ino"])
-        if self.session:
-            self._told_holds.add(ino)
         file_layout = reply.get("layout")
         cap = reply.get("cap")
         self.capability_seen(ino, cap)
@@ -289,20 +337,21 @@ class MetaClient:
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         return (await self._call(Op.LINK, {"ino": ino, "new_parent": new_parent, "new_name": new_name}))["attr"]
 
-    async def unlink(self, parent: int, name: bytes, *, keep_open: bool = False) -> None:
+    async def unlink(self, parent: int, name: bytes, *, keep_open: bool = False) -> Removed:
         """``keep_open``: the inode is open here; it outlives its last name until ``release``."""
-        await self._call(Op.UNLINK, {"parent": parent, "name": name, "keep_open": keep_open, **self._released()})
+        body = {"parent": parent, "name": name, "keep_open": keep_open, **self._released()}
+        return cast(Removed, await self._call(Op.UNLINK, body))
 
-    async def rmdir(self, parent: int, name: bytes) -> None:
-        await self._call(Op.RMDIR, {"parent": parent, "name": name})
+    async def rmdir(self, parent: int, name: bytes) -> Removed:
+        return cast(Removed, await self._call(Op.RMDIR, {"parent": parent, "name": name}))
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *, flags: int = 0,
-                     keep_open: bool = False) -> None:
+                     keep_open: bool = False) -> Removed:
         """``flags``: renameat2's RENAME_NOREPLACE (1) and RENAME_EXCHANGE (2);
         ``keep_open`` as for ``unlink``, for the replaced inode."""
         body = {"parent": parent, "name": name, "new_parent": new_parent, "new_name": new_name, "flags": flags,
                 "keep_open": keep_open, **self._released()}
-        await self._call(Op.RENAME, body)
+        return cast(Removed, await self._call(Op.RENAME, body))
 
     async def readlink(self, ino: int) -> bytes:
         target = (await self._call(Op.READLINK, {"ino": ino}))["target"]
@@ -342,12 +391,18 @@ class MetaClient:
         await self._call(Op.SET_LAYOUT, {"ino": ino, "layout": layout.to_dict()})
 
     # ------------------------------------------------------------ file data
-    async def open(self, ino: int, access: str = "r") -> OpenReply:
+    async def open(self, ino: int | str, access: str = "r", *, hold: bool = True) -> OpenReply:
         """``access``: "r", "w" or "rw", what the caller will do (the server checks the
-        file's mode for it and signs a capability covering it)."""
-        if self.session:
-            self._told_holds.add(ino)
-        reply = await self._call(Op.OPEN, {"ino": ino, "session": self.session, "access": access})
+        file's mode for it and signs a capability covering it). ``hold=False``: this
+        session does not hold the file open (a caller that needs nothing past the reply).
+
+        ``ino`` may be a path (from this client's root; a str): the server resolves it as RESOLVE
+        would and opens what it names in the same request (one round trip)."""
+        session = self.session if hold else 0
+        named: dict[str, Any] = {"path": ino} if isinstance(ino, str) else {"ino": ino}
+        body = {**named, "session": session, "access": access}
+        reply = await self._holding(Op.OPEN, body) if session else await self._call(Op.OPEN, body)
+        ino = int(reply["attr"]["ino"])
         cap = reply.get("cap")
         self.capability_seen(ino, cap)
         return OpenReply(
@@ -391,18 +446,79 @@ class MetaClient:
         assert committed is not None
         return committed
 
-    async def release(self, ino: int) -> None:
-        """The last local user of ``ino`` is gone: the server drops it if it has no name left
-        and no other client's session holds it open."""
-        await self._call(Op.RELEASE, {"ino": ino, "session": self.session})
-        self._told_holds.discard(ino)
+    async def release(self, ino: int, *more: int) -> None:
+        """The last local user of ``ino`` (and of ``more``) is gone: the server drops each that has
+        no name left and no other client's session holds open."""
+        self._told_holds.difference_update((ino, *more))
+        body: dict[str, Any] = {"ino": ino, "session": self.session}
+        if more:
+            body["inos"] = list(more)
+        await self._call(Op.RELEASE, body)
+
+    @property
+    def pending_releases(self) -> set[int]:
+        """Inodes the server may think this client holds that it no longer holds open (their
+        RELEASE is batched: ``release_closed``)."""
+        return self._told_holds - self.open_inodes() - self._renewing.keys() if self.session else set()
+
+    async def release_closed(self) -> int:
+        """Release every hold the server may think this client has on inodes it no longer holds
+        open (files closed since), in batched RELEASEs; returns how many."""
+        released = sorted(self.pending_releases)
+        for first in range(0, len(released), MAX_RELEASE_BATCH):
+            batch = released[first:first + MAX_RELEASE_BATCH]
+            await self.release(*batch)
+        return len(released)
+
+    async def _holding(self, op: Op, body: dict[str, Any]) -> dict[str, Any]:
+        """An OPEN or CREATE that takes a hold for this session: the reply's inode becomes one of
+        ``_told_holds``; a release of it that may have crossed the request (sent before the reply,
+        so perhaps served after the hold) is undone by a renewal listing it."""
+        floor = min(self._release_flights, default=self._release_seq)
+        self._hold_floors[floor] += 1
+        try:
+            reply = await self._call(op, body)
+            ino = int(reply["attr"]["ino"])
+            self._told_holds.add(ino)
+            crossed = any(ino in inos for seq, inos in self._releasing.items() if seq >= floor)
+        finally:
+            self._hold_floors[floor] -= 1
+            if not self._hold_floors[floor]:
+                del self._hold_floors[floor]
+            self._prune_releases()
+        if crossed:
+            self._renewing[ino] += 1  # not released while its renewal is under way
+            try:
+                await self.renew_session(sorted(self.open_inodes() | {ino}))
+            finally:
+                self._renewing[ino] -= 1
+                if not self._renewing[ino]:
+                    del self._renewing[ino]
+        return reply
+
+    def _begin_release(self, inos: Sequence[int]) -> int:
+        seq = self._release_seq
+        self._release_seq += 1
+        self._releasing[seq] = set(inos)
+        self._release_flights.add(seq)
+        return seq
+
+    def _end_release(self, seq: int) -> None:
+        self._release_flights.discard(seq)
+        self._prune_releases()
+
+    def _prune_releases(self) -> None:
+        """Forget the batches of releases no hold-taking request in flight may have crossed."""
+        lowest = min(self._hold_floors, default=self._release_seq)
+        for seq in [seq for seq in self._releasing if seq < lowest and seq not in self._release_flights]:
+            del self._releasing[seq]
 
     def _released(self) -> dict[str, Any]:
         """``session`` and ``released`` for an UNLINK or RENAME: the holds of files closed since the
         server last heard, so removing a file this client just wrote and closed frees it at once."""
         if not self.session:
             return {}
-        released = self._told_holds - self.open_inodes()
+        released = self.pending_releases
         self._told_holds -= released
         return {"session": self.session, "released": sorted(released)} if released else {}
 
@@ -449,6 +565,7 @@ class MetaClient:
             reply = reply or {}
             self._take_ticket(reply)
             self.session = int(reply.get("session", 0))
+            self.inline_max_bytes = int(reply.get("inline_max_bytes", 0))
             holds = sorted(self.open_inodes() | self._told_holds)
             if self.session and holds:
                 renewed, _ = await conn.call(Op.RENEW_SESSION, {"session": self.session, "holds": holds},
@@ -488,6 +605,17 @@ class MetaClient:
         are raised, never retried."""
         if op in MUTATING_OPS and "op_id" not in request:
             request = {**request, "op_id": secrets.token_bytes(OP_ID_BYTES)}
+        released = [request["ino"], *request.get("inos", ())] if op == Op.RELEASE else request.get("released")
+        if not released:
+            return await self._call_once(op, request)
+        seq = self._begin_release(released)  # before the first yield: OPENs that follow see it
+        try:
+            return await self._call_once(op, request)
+        finally:
+            self._end_release(seq)
+
+    async def _call_once(self, op: Op, request: dict[str, Any]) -> dict[str, Any]:
+        """``_call`` past the bookkeeping of releases."""
         deadline: float | None = None
         last: BaseException | None = None
         for attempt in itertools.count():

@@ -30,6 +30,7 @@ from deepfs.messages.fragment_key import FragmentKey
 from deepfs.messages.records import (
     ATTR_FIELDS,
     BLOCK_UNIT,
+    INLINE_FIELD,
     STRIPE_FIELDS,
     Ctx,
     StripeRecord,
@@ -39,6 +40,7 @@ from deepfs.messages.records import (
 __all__ = [
     "ATTR_FIELDS",
     "BLOCK_UNIT",
+    "INLINE_FIELD",
     "MISSING_NODE",
     "NAME_MAX",
     "PATH_MAX",

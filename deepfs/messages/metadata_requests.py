@@ -70,6 +70,7 @@ class Readdir(NamedTuple):
     ino: int
     offset: int
     limit: int
+    attrs: bool  # each entry carries its attr map
 
 
 class Create(NamedTuple):
@@ -80,6 +81,7 @@ class Create(NamedTuple):
     ctx: Ctx
     layout: dict[str, Any] | None
     min_stripe_size: int
+    data: bytes | None = None  # the whole content of a new (or truncated) small file: committed inline
 
 
 class Mknod(NamedTuple):
@@ -203,7 +205,9 @@ def _ctx_map(ctx: Ctx) -> dict[str, int]:
 
 def create_body(parent: int, name: bytes, mode: int, ctx: Ctx, *, exclusive: bool = False,
                 layout: dict[str, Any] | None = None, min_stripe_size: int = 0, session: int = 0,
-                op_id: bytes | None = None) -> Body:
+                data: bytes | None = None, op_id: bytes | None = None) -> Body:
+    """``data``: the file's whole content, stored inline with it (at most the server's
+    ``inline_max_bytes``, HELLO's); an existing file (not ``exclusive``) is truncated to it."""
     body: Body = {"parent": parent, "name": name, "mode": mode, "exclusive": exclusive, "ctx": _ctx_map(ctx)}
     if layout is not None:
         body["layout"] = layout
@@ -211,6 +215,8 @@ def create_body(parent: int, name: bytes, mode: int, ctx: Ctx, *, exclusive: boo
         body["min_stripe_size"] = min_stripe_size
     if session:
         body["session"] = session
+    if data is not None:
+        body["data"] = data
     return _with_op_id(body, op_id)
 
 
@@ -292,6 +298,20 @@ def open_file(b: Body) -> OpenFile:
     return OpenFile(v.u64(b, "ino"), v.u64(b, "session", 0))
 
 
+def at_path(b: Body) -> bytes | None:
+    """The optional ``path`` of an OPEN or CREATE that names its file by path instead of ``ino``
+    (OPEN) or ``parent`` + ``name`` (CREATE): '/'-separated from the caller's root, walked as
+    RESOLVE walks it, in the same request. None: the numeric form."""
+    return None if b.get("path") is None else v.path(b)
+
+
+def release(b: Body) -> tuple[int, list[int]]:
+    """RELEASE: the session and the inodes it lets go of (``ino``, plus the optional ``inos``
+    a client that batches its releases sends along)."""
+    more = v.int_list(b.get("inos", []), "inos", 0, U64_MAX, MAX_SESSION_HOLDS)
+    return int(v.u64(b, "session", 0)), [int(v.u64(b, "ino")), *more]
+
+
 def access(b: Body) -> str:
     """OPEN's and CAPABILITY's optional ``access`` (``ACCESS_MODES``; default "r")."""
     value = b.get("access")
@@ -314,11 +334,13 @@ def ctx_groups(b: Body) -> list[int]:
     return v.int_list(ctx.get("groups", []), "ctx groups", 0, U32_MAX, MAX_CTX_GROUPS)
 
 
-def open_body(ino: int, session: int = 0, access: str = "r") -> Body:
-    """An OPEN request: the reply's ``cap`` grants ``access`` ("r": "r"; "w" or "rw": "rw")."""
+def open_body(ino: int | bytes, session: int = 0, access: str = "r") -> Body:
+    """An OPEN request: the reply's ``cap`` grants ``access`` ("r": "r"; "w" or "rw": "rw").
+    ``ino`` may be a path (bytes, from the caller's root): the server resolves it in the same request."""
     if access not in ACCESS_MODES:
         raise ValueError(f"access must be one of {ACCESS_MODES}, got {access!r}")
-    return {"ino": ino, "session": session, "access": access}
+    named: Body = {"path": ino} if isinstance(ino, bytes) else {"ino": ino}
+    return {**named, "session": session, "access": access}
 
 
 def capability_body(ino: int, access: str = "r") -> Body:
@@ -360,12 +382,12 @@ def resolve(b: Body) -> bytes:
 
 
 def readdir(b: Body) -> Readdir:
-    return Readdir(v.u64(b, "ino"), v.u64(b, "offset", 0), v.u32(b, "limit", 0))
+    return Readdir(v.u64(b, "ino"), v.u64(b, "offset", 0), v.u32(b, "limit", 0), v.flag(b, "attrs"))
 
 
 def create(b: Body) -> Create:
     return Create(v.u64(b, "parent"), v.blob(b, "name"), v.mode(b), v.flag(b, "exclusive"), v.ctx(b), v.layout(b),
-                  v.u64(b, "min_stripe_size", 0))
+                  v.u64(b, "min_stripe_size", 0), v.blob(b, "data") if b.get("data") is not None else None)
 
 
 def mknod(b: Body) -> Mknod:

@@ -13,7 +13,12 @@ from dataclasses import dataclass
 from typing import Any
 
 STRIPE_FIELDS = ("index", "version", "length", "fragment_size", "placement", "crcs")
-"""A stripe record on the wire, in this order."""
+"""A stripe record on the wire, in this order (an inline record adds ``"inline"``)."""
+
+INLINE_FIELD = "inline"
+"""An *inline* stripe record carries the stripe's bytes itself (small files: data on the
+metadata server): ``placement`` [], ``crcs`` [crc32c of the bytes], ``fragment_size`` 0,
+``length`` their length; only stripe 0, at most the server's ``inline_max_bytes``."""
 
 ATTR_FIELDS = ("ino", "mode", "uid", "gid", "nlink", "size", "atime_ns", "mtime_ns", "ctime_ns", "rdev",
                "generation", "blocks")
@@ -43,7 +48,8 @@ class StripeRecord:
     ``index`` is the stripe's position in the file; ``placement[slot]`` the
     node holding fragment ``slot`` (``MISSING_NODE`` if none); ``digests``
     each fragment's checksum (``checksums.fragment_digest``), called ``crcs``
-    on the wire."""
+    on the wire. ``inline``: the stripe's bytes when the record holds them
+    itself (no fragments; ``digests`` is then [crc32c of them])."""
 
     index: int
     version: int
@@ -51,6 +57,7 @@ class StripeRecord:
     fragment_size: int
     placement: list[int]
     digests: list[int]
+    inline: bytes | None = None
 
     @classmethod
     def from_wire(cls, data: dict[str, Any]) -> StripeRecord:
@@ -61,10 +68,11 @@ class StripeRecord:
             int(data["fragment_size"]),
             [int(p) for p in data["placement"]],
             [int(c) for c in data["crcs"]],
+            data.get(INLINE_FIELD),
         )
 
     def to_wire(self) -> dict[str, Any]:
-        return {
+        wire = {
             "index": self.index,
             "version": self.version,
             "length": self.length,
@@ -72,3 +80,6 @@ class StripeRecord:
             "placement": self.placement,
             "crcs": self.digests,
         }
+        if self.inline is not None:
+            wire[INLINE_FIELD] = self.inline
+        return wire

@@ -35,7 +35,7 @@ from deepfs.errors import os_error
 from deepfs.layout import MAX_FRAGMENTS
 from deepfs.messages.constants import MISSING_NODE, U32_MAX, U64_MAX
 from deepfs.messages.fragment_key import FragmentKey
-from deepfs.messages.records import STRIPE_FIELDS, Ctx
+from deepfs.messages.records import INLINE_FIELD, STRIPE_FIELDS, Ctx
 
 I64_MIN = -(1 << 63)
 I64_MAX = (1 << 63) - 1
@@ -171,7 +171,8 @@ def int_list(value: Any, what: str, low: int, high: int, max_len: int) -> list[i
 
 
 def stripe_record(value: Any) -> dict[str, Any]:
-    """One stripe record, reduced to exactly the wire fields (``STRIPE_FIELDS``)."""
+    """One stripe record, reduced to exactly the wire fields (``STRIPE_FIELDS``, and ``"inline"``
+    bytes when present: whether they may be inline is the server's check, ``check_record``)."""
     if not isinstance(value, dict):
         invalid("a stripe record must be a map")
     record: dict[str, Any] = {
@@ -184,6 +185,8 @@ def stripe_record(value: Any) -> dict[str, Any]:
         "crcs": list(int_list(_get(value, "crcs", _REQUIRED), "crcs", 0, U32_MAX, MAX_FRAGMENTS)),
     }
     assert tuple(record) == STRIPE_FIELDS
+    if value.get(INLINE_FIELD) is not None:
+        record[INLINE_FIELD] = blob(value, INLINE_FIELD)
     return record
 
 
