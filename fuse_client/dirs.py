@@ -6,11 +6,14 @@ after '..', the server's cookie + 2 after an entry. Server cookies stay
 valid while entries come and go, so a listing interrupted by changes
 resumes without repeating or skipping names.
 
-Every entry goes out with its attributes (readdirplus): a page of names is
-fetched with one READDIR, then their attributes in parallel. A page is kept
+Every entry goes out with its attributes (readdirplus): a page of names and
+their attributes is fetched with one READDIR (``"attrs": true``; from a
+server that sends no attributes, or for inodes the caller wants fetched on
+their own, they are fetched with GETATTR in parallel). A page is kept
 on the handle, because the kernel often stops in the middle of it (its
 buffer is full) and asks again from there. Entries removed between READDIR
-and their attributes are left out.
+and their attributes are left out. The names go to the mount's name cache
+(``note_name``), so a ``stat`` of each after ``ls`` needs no lookup.
 
 '.' and '..' cost no round trip: the kernel takes only their inode number
 and type. The inode of '..' comes from the parents this mount has seen
@@ -34,7 +37,10 @@ MAX_REMEMBERED_PARENTS = 1_000_000
 READDIR_BATCH = 128  # entries fetched per READDIR; their attributes are fetched in parallel
 
 ListPage = Callable[[int, int, int], Awaitable[list[DirEntry]]]  # (ino, after cookie, limit)
+# The same with each entry's attributes (None: fetch them with GetAttr)
+ListPageAttrs = Callable[[int, int, int], Awaitable[list[tuple[DirEntry, Attr | None]]]]
 GetAttr = Callable[[int], Awaitable[Attr]]
+NoteName = Callable[[int, bytes, int], None]  # (directory, name, inode): a name a listing showed
 # (name, inode, attr (None for '.' and '..'), offset of the next entry) -> False when the kernel's buffer is full
 Emit = Callable[[bytes, int, Attr | None, int], bool]
 
@@ -49,9 +55,12 @@ class DirHandle:
 class Directories:
     """The mount's open directories and the parents of directories it has seen."""
 
-    def __init__(self, list_page: ListPage, getattr: GetAttr, root: int = ROOT_INO) -> None:
+    def __init__(self, list_page: ListPage, getattr: GetAttr, root: int = ROOT_INO,
+                 note_name: NoteName | None = None, list_page_attrs: ListPageAttrs | None = None) -> None:
         self._list_page = list_page
+        self._list_page_attrs = list_page_attrs
         self._getattr = getattr
+        self._note_name = note_name
         self._handles: dict[int, DirHandle] = {}
         self._next_fh = 1
         self._root = root  # the client's root (a subtree key's): its '..' is itself
@@ -107,8 +116,12 @@ class Directories:
                 handle.buffered_after = after
         if handle.buffered_after == after and handle.buffered:
             return handle.buffered
-        page = await self._list_page(handle.ino, after, READDIR_BATCH)
-        attrs: dict[int, Attr] = {}
+        if self._list_page_attrs is not None:
+            listed = await self._list_page_attrs(handle.ino, after, READDIR_BATCH)
+        else:
+            listed = [(entry, None) for entry in await self._list_page(handle.ino, after, READDIR_BATCH)]
+        page = [entry for entry, _ in listed]
+        attrs: dict[int, Attr] = {entry.ino: attr for entry, attr in listed if attr is not None}
 
         async def fetch(ino: int) -> None:
             try:
@@ -116,13 +129,17 @@ class Directories:
             except OSError:
                 pass  # removed since the listing: leave it out
 
-        async with trio.open_nursery() as nursery:
-            for entry in page:
-                nursery.start_soon(fetch, entry.ino)
+        missing = [entry.ino for entry in page if entry.ino not in attrs]
+        if missing:
+            async with trio.open_nursery() as nursery:
+                for ino in missing:
+                    nursery.start_soon(fetch, ino)
         entries = [(entry.name, attrs[entry.ino], entry.cookie) for entry in page if entry.ino in attrs]
-        for _name, attr, _cookie in entries:
+        for name, attr, _cookie in entries:
             if stat.S_ISDIR(int(attr["mode"])):
                 self.note_parent(int(attr["ino"]), handle.ino)
+            if self._note_name is not None:
+                self._note_name(handle.ino, name, int(attr["ino"]))
         handle.buffered, handle.buffered_after = entries, after
         if not entries and page:  # every entry vanished: continue after them
             return await self._entries(handle, page[-1].cookie)

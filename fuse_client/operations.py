@@ -34,11 +34,16 @@ import pyfuse3
 import trio
 
 from deepfs.client import AsyncClient, DirEntry
+from deepfs.client._meta import Removed
 from deepfs.concurrency import sole_exception
 from deepfs.messages import NAME_MAX, RENAME_EXCHANGE
 from fuse_client.attr_cache import (
+    ABSENT,
+    STATAHEAD_MAX_ENTRIES,
     Attr,
     AttrCache,
+    NameCache,
+    Statahead,
     XattrCache,
     dot_entry,
     negative_entry,
@@ -88,6 +93,10 @@ def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
             return await _errno_of(fn, *args, **kwargs)
         except pyfuse3.FUSEError as exc:
             code = exc.errno
+            if code == errno.ESTALE:
+                stale_seen: Callable[[], None] | None = getattr(args[0], "stale_seen", None)
+                if stale_seen is not None:
+                    stale_seen()
             raise
         finally:
             request_done: RequestDone | None = getattr(args[0], "request_done", None)
@@ -140,10 +149,15 @@ class DeepFSOperations(pyfuse3.Operations):
         self.options = options
         self.meta = client.meta
         self.attrs = AttrCache(options.attr_timeout_s)
+        self.names = NameCache(options.entry_timeout_s)
         self.xattrs = XattrCache(options.attr_timeout_s)
         self.files = OpenFiles(client, options.readahead_stripes)
         self.inodes = InodeNumbers(client.root)
-        self.dirs = Directories(self._list_page, self._attr, client.root)
+        self.dirs = Directories(self._list_page, self._attr, client.root, self.names.put, self._list_page_attrs)
+        self.statahead = Statahead(min(options.attr_timeout_s, options.entry_timeout_s))
+        # directory → {listing: (names, inodes)} this mount removed while that listing was on its way
+        self._listings: dict[int, dict[int, tuple[set[bytes], set[int]]]] = {}
+        self._next_listing = 0
         self.stats = MountStats()
         self.request_done: RequestDone | None = None  # the mount's metrics, when served (fuse_client/metrics.py)
 
@@ -156,11 +170,58 @@ class DeepFSOperations(pyfuse3.Operations):
         entry.st_ino = self.inodes.to_kernel(entry.st_ino)
         return entry
 
-    def _learned(self, attr: Attr, parent: int | None = None) -> Attr:
-        """Cache an attr a reply carried; note a directory's parent (for '..')."""
-        if parent is not None and stat.S_ISDIR(int(attr["mode"])):
-            self.dirs.note_parent(int(attr["ino"]), parent)
+    def _learned(self, attr: Attr, parent: int | None = None, name: bytes | None = None) -> Attr:
+        """Cache an attr a reply carried, and the name it answered for; note a
+        directory's parent (for '..')."""
+        if parent is not None:
+            if stat.S_ISDIR(int(attr["mode"])):
+                self.dirs.note_parent(int(attr["ino"]), parent)
+            if name is not None:
+                self.names.put(parent, name, int(attr["ino"]))
         return self.attrs.put(attr)
+
+    def _added(self, parent: int, name: bytes, attr: Attr) -> Attr:
+        """This mount made ``name`` in ``parent`` (the reply's ``attr``): cache it, and move the
+        parent's cached times as the server did (to the new inode's ctime; a new directory's
+        '..' also adds a link to the parent)."""
+        self.attrs.entries_changed(parent, int(attr["ctime_ns"]), 1 if stat.S_ISDIR(int(attr["mode"])) else 0)
+        return self._learned(attr, parent, name)
+
+    def _removed(self, parent: int, name: bytes, reply: Removed | None = None) -> None:
+        """This mount removed (or renamed away) ``name`` in ``parent``: forget the name.
+        With the server's account of what changed (``reply``, see ``_apply_removal``) the
+        cached attributes move as the server moved them. Without it (the call failed, or
+        an old server): forget the parent's attributes (new times) and the inode the name
+        named (link count, ctime); if that inode is not known here, every cached attribute
+        (a hard link elsewhere may show the old link count)."""
+        ino = self.names.pop(parent, name)
+        for gone_names, gone_inos in self._listings.get(parent, {}).values():
+            gone_names.add(name)
+            if ino is not None and ino != ABSENT:
+                gone_inos.add(ino)
+            if reply and "ino" in reply:
+                gone_inos.add(reply["ino"])
+        if reply and "time_ns" in reply:
+            self.attrs.entries_changed(parent, reply["time_ns"], nlink=_dir_links(reply, parent))
+            if ino is not None and ino != ABSENT and ino != reply.get("ino"):
+                self.attrs.drop(ino)  # the name named another inode than we thought
+            return
+        self.attrs.drop(parent)
+        if ino is None:
+            self.attrs.clear()
+        elif ino != ABSENT:
+            self.attrs.drop(ino)
+
+    def _apply_removal(self, reply: Removed) -> None:
+        """The inodes an UNLINK, RMDIR or RENAME touched (its reply): their ctime, and the
+        link count the removed or replaced one has left (none left: forgotten)."""
+        if "time_ns" not in reply:
+            return
+        when = reply["time_ns"]
+        if "ino" in reply:
+            self.attrs.touched(reply["ino"], when, reply.get("nlink"))
+        if "replaced" in reply:
+            self.attrs.touched(reply["replaced"][0], when, reply["replaced"][1])
 
     async def _attr(self, ino: int) -> Attr:
         cached = self.attrs.get(ino)
@@ -168,6 +229,10 @@ class DeepFSOperations(pyfuse3.Operations):
             return cached
         with inode_held():
             attr = await self.meta.getattr(ino)
+        if int(attr["nlink"]) == 0 and not stat.S_ISDIR(int(attr["mode"])) and not self.files.is_open(ino):
+            # An orphan that a session still holds (another mount's, or this client's whose
+            # RELEASE is batched): for this mount its name is gone, as if it were freed.
+            raise OSError(errno.ESTALE, "the inode has no name left")
         opened = self.files.inode(ino)
         if opened is not None and not opened.dirty and _changed(opened.file.attr, attr):
             # Another mount committed to a file we hold open: pick its stripes up
@@ -179,12 +244,81 @@ class DeepFSOperations(pyfuse3.Operations):
             attr = opened.file.attr
         return self.attrs.put(attr)
 
+    def stale_seen(self) -> None:
+        """An inode the kernel named is gone (another mount removed or replaced it): forget
+        every cached name and attribute, so the lookup the kernel retries with finds what
+        the name is now, not the removed inode again."""
+        self.names.clear()
+        self.attrs.clear()
+
     async def _list_page(self, ino: int, after: int, limit: int) -> list[DirEntry]:
         with inode_held():
             return await self.meta.readdir(ino, after, limit)
 
-    def _namespace_changed(self) -> None:
-        self.attrs.clear()
+    async def _list_page_attrs(self, ino: int, after: int, limit: int) -> list[tuple[DirEntry, Attr | None]]:
+        """A page of entries with their attributes, which go to the attribute cache. Names this
+        mount removed while the page was on its way are left out (the page may predate the
+        removal), and so are the attributes of the inodes they named (their link counts).
+        Files open here come without attributes: those go through ``_attr`` (reload rule)."""
+        token = self._next_listing
+        self._next_listing += 1
+        gone_names: set[bytes] = set()
+        gone_inos: set[int] = set()
+        watching = self._listings.setdefault(ino, {})
+        watching[token] = (gone_names, gone_inos)
+        try:
+            with inode_held():
+                listed = await self.meta.readdir_attrs(ino, after, limit)
+        finally:
+            del watching[token]
+            if not watching:
+                del self._listings[ino]
+        out: list[tuple[DirEntry, Attr | None]] = []
+        for entry, attr in listed:
+            if entry.name in gone_names:
+                continue
+            if attr is not None and (entry.ino in gone_inos or self.files.inode(entry.ino) is not None):
+                attr = None
+            elif attr is not None:
+                self.attrs.put(attr)
+            out.append((entry, attr))
+        return out
+
+    async def _statahead(self, directory: int) -> None:
+        """List ``directory`` with attributes into the name and attribute caches (when and how
+        much: ``Statahead``); a lookup that finds a listing of it running waits for that."""
+        running = self.statahead.running.get(directory)
+        if running is not None:
+            await running.wait()
+            return
+        self.statahead.started(directory)
+        truncated = False
+        try:
+            after = listed = 0
+            while True:
+                page = await self._list_page_attrs(directory, after, STATAHEAD_PAGE)
+                for entry, _ in page:
+                    self.names.put(directory, entry.name, entry.ino)
+                    if stat.S_ISDIR(entry.mode):
+                        self.dirs.note_parent(entry.ino, directory)
+                listed += len(page)
+                if len(page) < STATAHEAD_PAGE:  # the end (or names removed meanwhile: enough)
+                    break
+                if listed >= STATAHEAD_MAX_ENTRIES:
+                    truncated = True
+                    break
+                after = page[-1][0].cookie
+        except OSError:
+            pass  # the directory is gone or unreadable: each lookup asks the server
+        finally:
+            self.statahead.finished(directory, truncated)
+
+    def _cached_entry(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes | None:
+        known = self.names.get(parent, name)
+        if known is None:
+            return None
+        cached = self.attrs.get(known)
+        return None if cached is None else self._entry(cached)
 
     # ------------------------------------------------------------ inodes
     def init(self) -> None:
@@ -194,13 +328,23 @@ class DeepFSOperations(pyfuse3.Operations):
     async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
+        cached = self._cached_entry(parent_inode, name)
+        if cached is not None:
+            return cached
+        if parent_inode in self.statahead.running or self.statahead.due(parent_inode):
+            await self._statahead(parent_inode)
+            cached = self._cached_entry(parent_inode, name)
+            if cached is not None:
+                return cached
         try:
             attr = await self.meta.lookup(parent_inode, name)
         except FileNotFoundError:
+            self.names.put(parent_inode, name, ABSENT)
             if self.options.negative_timeout_s > 0:
                 return negative_entry(self.options.negative_timeout_s)
             raise
-        return self._entry(self._learned(attr, parent_inode))
+        self.statahead.missed(parent_inode)
+        return self._entry(self._learned(attr, parent_inode, name))
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         # Nothing to free: every operation names its inode, the server keeps no
@@ -255,8 +399,8 @@ class DeepFSOperations(pyfuse3.Operations):
         parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
         attr = await self.meta.mknod(parent_inode, name, mode, rdev, caller(ctx))
-        self._namespace_changed()
-        return self._entry(self._learned(attr, parent_inode))
+        self.xattrs.put_none(int(attr["ino"]))
+        return self._entry(self._added(parent_inode, name, attr))
 
     @fuse_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int,
@@ -264,16 +408,20 @@ class DeepFSOperations(pyfuse3.Operations):
         parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
         attr = await self.meta.mkdir(parent_inode, name, stat.S_IFDIR | (mode & 0o7777), caller(ctx))
-        self._namespace_changed()
-        return self._entry(self._learned(attr, parent_inode))
+        self.xattrs.put_none(int(attr["ino"]))
+        return self._entry(self._added(parent_inode, name, attr))
 
     @fuse_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
         victim = await self._open_victim(parent_inode, name)
-        await self.meta.unlink(parent_inode, name, keep_open=victim is not None)
-        self._namespace_changed()
+        reply: Removed | None = None
+        try:
+            reply = await self.meta.unlink(parent_inode, name, keep_open=victim is not None)
+            self._apply_removal(reply)
+        finally:  # even a failed UNLINK may have removed the name (a lost reply)
+            self._removed(parent_inode, name, reply)
         if victim is not None:
             await self._orphaned(victim)
 
@@ -291,18 +439,24 @@ class DeepFSOperations(pyfuse3.Operations):
         outlive its last name until the last close), else None."""
         if not len(self.files):
             return None
-        try:
-            ino = int((await self.meta.lookup(parent_inode, name))["ino"])
-        except FileNotFoundError:
-            return None
+        ino = self.names.get(parent_inode, name)
+        if ino is None:
+            try:
+                ino = int((await self.meta.lookup(parent_inode, name))["ino"])
+            except FileNotFoundError:
+                return None
         return ino if self.files.is_open(ino) else None
 
     @fuse_errors
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
-        await self.meta.rmdir(parent_inode, name)
-        self._namespace_changed()
+        reply: Removed | None = None
+        try:
+            reply = await self.meta.rmdir(parent_inode, name)
+            self._apply_removal(reply)
+        finally:
+            self._removed(parent_inode, name, reply)
 
     @fuse_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes,
@@ -310,8 +464,7 @@ class DeepFSOperations(pyfuse3.Operations):
         parent_inode = self.inodes.to_server(parent_inode)
         check_name(name)
         attr = await self.meta.symlink(parent_inode, name, target, caller(ctx))
-        self._namespace_changed()
-        return self._entry(self._learned(attr, parent_inode))
+        return self._entry(self._added(parent_inode, name, attr))
 
     @fuse_errors
     async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
@@ -322,9 +475,18 @@ class DeepFSOperations(pyfuse3.Operations):
         check_name(name_new)
         check_rename_flags(flags)
         victim = None if flags & RENAME_EXCHANGE else await self._open_victim(parent_inode_new, name_new)
-        await self.meta.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags=flags,
-                               keep_open=victim is not None)
-        self._namespace_changed()
+        reply: Removed | None = None
+        try:
+            reply = await self.meta.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags=flags,
+                                           keep_open=victim is not None)
+            self._apply_removal(reply)
+        finally:  # both names, both parents, the moved inode (ctime) and the replaced one
+            self._removed(parent_inode_old, name_old, reply)
+            self._removed(parent_inode_new, name_new, reply)
+        if reply and "ino" in reply:  # the names as they are now
+            self.names.put(parent_inode_new, name_new, reply["ino"])
+            if flags & RENAME_EXCHANGE and "replaced" in reply:
+                self.names.put(parent_inode_old, name_old, reply["replaced"][0])
         if victim is not None:
             await self._orphaned(victim)
 
@@ -335,8 +497,7 @@ class DeepFSOperations(pyfuse3.Operations):
         check_name(new_name)
         with inode_held():
             attr = await self.meta.link(inode, new_parent_inode, new_name)
-        self._namespace_changed()
-        return self._entry(self._learned(attr))
+        return self._entry(self._added(new_parent_inode, new_name, attr))
 
     # ------------------------------------------------------------ files
     @fuse_errors
@@ -369,13 +530,15 @@ class DeepFSOperations(pyfuse3.Operations):
         check_name(name)
         created = await self.meta.create(parent_inode, name, stat.S_IFREG | (mode & 0o7777), caller(ctx),
                                          exclusive=bool(flags & os.O_EXCL))
-        self._namespace_changed()
         check_regular_file(int(created.attr["mode"]))
         if created.created:
+            # new: no extended attributes (the kernel asks for security.capability before each write)
+            self.xattrs.put_none(int(created.attr["ino"]))
+            self.attrs.entries_changed(parent_inode, int(created.attr["ctime_ns"]))
             handle = await self.files.adopt(self.client.open_created(created), flags, ctx.uid)
         else:  # raced with another mount's create: open what is there
             handle, _ = await self.files.open(int(created.attr["ino"]), flags, ctx.uid)
-        entry = self._entry(self._learned(handle.inode.file.attr, parent_inode))
+        entry = self._entry(self._learned(handle.inode.file.attr, parent_inode, name))
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False, direct_io=handle.append), entry
 
     @fuse_errors
@@ -387,9 +550,7 @@ class DeepFSOperations(pyfuse3.Operations):
         size = max(0, min(size, opened.file.size - off))
         if size == 0:
             return b""
-        sequential = handle.is_sequential(off)
-        handle.next_offset = off + size
-        if sequential and not opened.dirty:
+        if handle.note_read(off, size) and not opened.dirty:  # a random reader never goes here
             data = await opened.prefetch.read(off, size)
             if data is not None:
                 self.stats.readahead_hits += 1
@@ -441,6 +602,8 @@ class DeepFSOperations(pyfuse3.Operations):
         try:
             await self.files.release(fh)
         finally:
+            # the next stat after a close asks the server (close-to-open: another mount
+            # may have replaced the name meanwhile, and this inode would answer ESTALE)
             self.attrs.drop(ino)
 
     # ------------------------------------------------------------ directories
@@ -548,6 +711,17 @@ class DeepFSOperations(pyfuse3.Operations):
         log.info("FUSE stats: reads=%d largest_read=%d readahead_hits=%d writes=%d largest_write=%d getxattrs=%d",
                  self.stats.reads, self.stats.largest_read, self.stats.readahead_hits,
                  self.stats.writes, self.stats.largest_write, self.stats.getxattrs)
+
+
+STATAHEAD_PAGE = 1024  # entries per READDIR of a statahead (the server's most)
+
+
+def _dir_links(reply: Removed, directory: int) -> int | None:
+    """A directory's link count as a removal's reply gives it (None: unchanged)."""
+    for ino, nlink in reply.get("dirs", ()):
+        if ino == directory:
+            return nlink
+    return None
 
 
 def _changed(old: Attr, new: Attr) -> bool:

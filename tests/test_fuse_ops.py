@@ -133,7 +133,7 @@ def test_a_failed_store_fails_every_later_fsync_and_close_and_commits_no_zeros(
         other.set_layout(in_cluster + "/wide", deepfs.Layout(k=16, m=8, stripe_size=16 * 4096))
         fd = os.open(mnt_dir / "wide" / "f.txt", os.O_CREAT | os.O_WRONLY, 0o644)
         try:
-            assert os.write(fd, b"important") == 9
+            assert os.pwrite(fd, b"important", 64 << 10) == 9  # past inline_max_bytes: stored on the nodes
             assert errno_of(os.fsync, fd) == errno.EINVAL
             assert errno_of(os.fsync, fd) == errno.EINVAL
         finally:

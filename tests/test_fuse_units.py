@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from deepfs.auth import AuthError
-from fuse_client.attr_cache import AttrCache, XattrCache, cache_stamp, to_entry
+from fuse_client.attr_cache import AttrCache, NameCache, XattrCache, cache_stamp, to_entry
 from fuse_client.dirs import Directories
 from fuse_client.main import MountError, check_allow_other
 from fuse_client.mounts import unescape_mount_path
@@ -178,6 +178,51 @@ def test_xattr_cache_remembers_absence_and_forgets_per_inode() -> None:
     short.put(1, b"user.a", b"1")
     time.sleep(0.02)
     assert short.get(1, b"user.a") == (False, None)
+
+
+def test_xattr_cache_of_a_new_inode_says_absent_until_set() -> None:
+    cache = XattrCache(ttl_s=10)
+    cache.put_none(7)
+    assert cache.get(7, b"security.capability") == (True, None)
+    cache.put(7, b"user.a", b"1")
+    assert cache.get(7, b"user.a") == (True, b"1")
+    assert cache.get(7, b"user.b") == (True, None)
+    cache.drop(7)
+    assert cache.get(7, b"user.b") == (False, None)
+
+
+def test_name_cache_expires_and_pops() -> None:
+    names = NameCache(ttl_s=10, max_entries=2)
+    names.put(1, b"a", 7)
+    assert names.get(1, b"a") == 7
+    assert names.get(2, b"a") is None
+    assert names.pop(1, b"a") == 7
+    assert names.get(1, b"a") is None and names.pop(1, b"a") is None
+    names.put(1, b"a", 7)
+    names.put(1, b"b", 8)
+    names.put(1, b"c", 9)  # over the bound: forgotten wholesale first
+    assert (names.get(1, b"a"), names.get(1, b"c")) == (None, 9)
+    short = NameCache(ttl_s=0.01)
+    short.put(1, b"a", 7)
+    time.sleep(0.02)
+    assert short.get(1, b"a") is None
+    NameCache(ttl_s=0).put(1, b"a", 7)  # a zero timeout caches nothing
+    assert NameCache(ttl_s=0).get(1, b"a") is None
+
+
+def test_a_new_name_moves_the_cached_parent_times() -> None:
+    directory = {**ATTR, "ino": 3, "mode": stat.S_IFDIR | 0o755, "nlink": 2, "mtime_ns": 100, "ctime_ns": 100}
+    cache = AttrCache(ttl_s=10)
+    cache.put(directory)
+    cache.entries_changed(3, 500, subdirs_delta=1)
+    got = cache.get(3)
+    assert got is not None and (got["mtime_ns"], got["ctime_ns"], got["nlink"]) == (500, 500, 3)
+    assert directory["nlink"] == 2  # the cached map is replaced, not changed under a holder
+    cache.entries_changed(3, 400)  # times never go back
+    got = cache.get(3)
+    assert got is not None and (got["mtime_ns"], got["nlink"]) == (500, 3)
+    cache.entries_changed(4, 500)  # not cached: stays uncached
+    assert cache.get(4) is None
 
 
 def test_socket_trouble_reaches_programs_as_eio() -> None:
