@@ -40,17 +40,21 @@ from deepfs.client import AsyncClient, AsyncFile
 from deepfs.messages import blocks_of_size
 from fuse_client.attr_cache import Attr, cache_stamp
 from fuse_client.posix import open_flags_access
-from fuse_client.readahead import StripePrefetcher, is_sequential
+from fuse_client.readahead import SEQUENTIAL_READS_NEEDED, StripePrefetcher, is_sequential
 
 log = logging.getLogger(__name__)
 
 MAX_CACHE_STAMPS = 50_000
-# Memory the partially written stripes of one open file may hold before its
-# writes wait for a flush. Small scattered writes are kept as pieces (see
-# deepfs.client._file.SPARSE_LIMIT), so a 4 KiB random writer buffers about
-# 32K writes here, and each flush rewrites a stripe once for all of its pieces
-# instead of once per 32 writes; sequential writers never get near this.
+# Memory the partially written stripes of one open file may hold. Small
+# scattered writes are kept as pieces (see deepfs.client._file.SPARSE_LIMIT),
+# so a 4 KiB random writer buffers about 32K writes here, and a stripe is
+# rewritten once for all of its pieces instead of once per few writes. Past
+# the bound, the stripes holding the most pieces are stored in the background
+# (``AsyncFile.write_back``) until WRITE_BACK_STEP is free again: writes wait
+# only for upload slots, never for every stripe of the file to be rewritten.
+# Sequential writers never get near this.
 MAX_BUFFERED_BYTES = 128 << 20
+WRITE_BACK_STEP = 4 << 20
 
 
 @dataclass
@@ -83,12 +87,23 @@ class FileHandle:
     append: bool
     uid: int  # who opened it: writes through it are theirs (FUSE tells no writer)
     next_offset: int | None = None  # where the last read ended: the sequential-reader test
+    sequential_reads: int = 0  # reads in a row, up to the last, that continued the one before
+    readahead_started: int = 0  # reads sent to read-ahead (tests: random readers never are)
 
-    def is_sequential(self, offset: int) -> bool:
-        """A read that continues the previous one (the first read of a handle is
-        not: a program that reads a header and seeks away should not pull in
-        whole stripes)."""
-        return self.next_offset is not None and is_sequential(offset, self.next_offset)
+    def note_read(self, offset: int, size: int) -> bool:
+        """Note a read of ``size`` bytes at ``offset``; True if read-ahead should serve it: the
+        ``SEQUENTIAL_READS_NEEDED``-th read in a row that continues the one before it (the first
+        read of a handle never does: a program that reads a header and seeks away should not
+        pull in whole stripes, nor a random reader whose read happens to follow its last)."""
+        if self.next_offset is not None and is_sequential(offset, self.next_offset, size):
+            self.sequential_reads += 1
+        else:
+            self.sequential_reads = 0
+        self.next_offset = offset + size
+        if self.sequential_reads < SEQUENTIAL_READS_NEEDED:
+            return False
+        self.readahead_started += 1
+        return True
 
 
 class OpenFiles:
@@ -222,8 +237,8 @@ class OpenFiles:
             inode.prefetch.invalidate()
             written = await inode.file.pwrite(data, offset)
             inode.local_mtime_ns = time.time_ns()
-            if inode.file.buffered_bytes > MAX_BUFFERED_BYTES:
-                await inode.file.flush()
+            if inode.file.buffered_bytes > MAX_BUFFERED_BYTES:  # store the fullest stripes, in the background
+                await inode.file.write_back(MAX_BUFFERED_BYTES - WRITE_BACK_STEP)
             return written
 
     async def flush(self, inode: OpenInode) -> None:

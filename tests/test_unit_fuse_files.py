@@ -22,6 +22,7 @@ from deepfs.testing.memory_cluster import META_ADDRESS, MemoryCluster
 from fuse_client.handles import OpenFiles
 from fuse_client.operations import DeepFSOperations
 from fuse_client.options import MountOptions
+from metadata.namespace import INLINE_MAX_LMDB
 from tests.unit_helpers import memory_client, trio_test
 
 pytestmark = pytest.mark.unit
@@ -88,7 +89,7 @@ async def test_open_with_o_trunc_empties_the_file(tmp_path: Path) -> None:
 @trio_test
 async def test_a_failed_flush_surfaces_and_forgets_the_cached_pages(tmp_path: Path) -> None:
     async with memory_client(tmp_path, Layout(4, 2, STRIPE)) as (cluster, client):
-        await client.write_file("/f", b"stored")
+        await client.write_file("/f", b"stored" + bytes(INLINE_MAX_LMDB))  # past inline_max_bytes: on the nodes
         ino = int((await client.resolve("/f"))["ino"])
         files = OpenFiles(client, readahead_stripes=0)
         handle, _ = await files.open(ino, os.O_RDWR, uid=0)

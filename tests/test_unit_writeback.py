@@ -20,6 +20,7 @@ from deepfs.buffers import BufferPool
 from deepfs.client._file import SPARSE_LIMIT, _DirtyStripe
 from deepfs.layout import Layout
 from deepfs.testing.memory_cluster import MemoryCluster
+from metadata.namespace import INLINE_MAX_LMDB
 from tests.unit_helpers import memory_client, trio_test
 
 pytestmark = pytest.mark.unit
@@ -203,7 +204,7 @@ async def test_an_upload_failure_is_reported_by_every_later_call_and_commits_not
         f = await client.open("/f", "wb")
         for index in range(4):  # two nodes left: fewer than k
             cluster.stop_node(index)
-        await f.pwrite(b"important", 0)
+        await f.pwrite(b"important", INLINE_MAX_LMDB)  # past inline_max_bytes: stored on the nodes
         for call in (f.flush, f.fsync, f.flush):
             with pytest.raises(OSError) as info:
                 await call()
@@ -232,7 +233,7 @@ async def test_a_layout_wider_than_the_cluster_fails_every_fsync_and_close(tmp_p
         await client.mkdir("/wide")
         await client.set_layout("/wide", Layout(k=16, m=8, stripe_size=16 * 4096))
         f = await client.open("/wide/f.txt", "wb")
-        assert await f.pwrite(b"important", 0) == 9
+        assert await f.pwrite(b"important", INLINE_MAX_LMDB) == 9  # past inline_max_bytes: on the nodes
         for call in (f.fsync, f.fsync, f.close):
             with pytest.raises(OSError) as info:
                 await call()

@@ -8,11 +8,19 @@ Mental model: each stripe of the file is in one of three places.
 A read looks in that order. Writes fill stripe buffers; a buffer whose whole
 stripe is written is stored in the background right away (bounded by
 ``max_dirty_stripes``, which is the back-pressure on writers); partial
-stripes are stored at flush/close. A partially written stripe that already
-had data is merged with it (read-modify-write) just before it is stored.
+stripes are stored at flush/close, or earlier when a caller bounds their
+memory (``write_back``). A partially written stripe that already had data is
+merged with it (read-modify-write) by its upload task, before it is stored.
 Each stored stripe is a new version committed in one metadata transaction,
 so readers see the old stripe or the new one, never a mix.
 Errors of background uploads are raised by the next write, flush or close.
+
+Small files skip the nodes: a flush whose only dirty stripe is stripe 0 of a
+file no larger than the server's ``inline_max_bytes`` commits that stripe
+*inline* (its bytes in the record, one COMMIT, durable with the metadata);
+a read of an inline stripe copies from the record after checking its CRC.
+A file growing past the limit stores stripe 0 as fragments again, the inline
+bytes being the base of the dirty stripe like fragments are.
 
 A file needs little of its client: the metadata calls, stripe I/O, buffer
 pools, the configuration and a place to run uploads. ``FileServices`` is that
@@ -21,6 +29,7 @@ set, built once per ``AsyncClient`` and shared by all its files.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
 import logging
@@ -28,6 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import cast
 
+import crc32c
 import trio
 
 from deepfs.buffers import BufferPool, PoolSet
@@ -41,10 +51,11 @@ from deepfs.messages import StripeRecord
 log = logging.getLogger(__name__)
 
 
-SPARSE_LIMIT = 256 << 10
+SPARSE_LIMIT = 1 << 20
 """A dirty stripe keeps up to this many written bytes as pieces before it takes
 a whole stripe buffer: a random writer's 4 KiB writes scattered over hundreds
-of stripes cost their own size in memory, not 4 MiB each."""
+of stripes cost their own size in memory, not 4 MiB each (and no write pays
+for zeroing 4 MiB: a stripe's buffer is taken when it is stored)."""
 
 
 @dataclass(frozen=True)
@@ -65,12 +76,38 @@ def open_access(readable: bool, writable: bool) -> str:
     return ("r" if readable or not writable else "") + ("w" if writable else "")
 
 
+def inline_bytes(record: StripeRecord, path: str) -> bytes:
+    """The bytes of an inline stripe record, checked against its CRC (EIO if they differ)."""
+    data = record.inline
+    assert data is not None
+    if [crc32c.crc32c(data)] != record.digests:
+        raise OSError(errno.EIO, f"stripe {record.index} of {path}: the inline bytes fail their CRC")
+    return data
+
+
+def inline_contents(state: OpenReply, path: str) -> bytes | None:
+    """The whole content of a file from its OPEN reply when all of it is there (inline or holes),
+    else None (fragments to read)."""
+    if not state.complete or any(record.inline is None for record in state.records):
+        return None
+    out = bytearray(int(state.attr["size"]))
+    for record in state.records:
+        start = record.index * state.layout.stripe_size
+        piece = inline_bytes(record, path)[: max(0, min(record.length, len(out) - start))]
+        out[start : start + len(piece)] = piece
+    return bytes(out)
+
+
 async def fetch_file_state(meta: MetaClient, ino: int, access: str = "r") -> OpenReply:
     """OPEN, with every stripe record (paged past OPEN's first batch)."""
-    state = await meta.open(ino, access)
+    return await complete_state(meta, await meta.open(ino, access))
+
+
+async def complete_state(meta: MetaClient, state: OpenReply) -> OpenReply:
+    """An OPEN's reply with every stripe record: those past its first batch fetched (GET_STRIPES)."""
     records, complete = state.records, state.complete
     while not complete and records:
-        batch = await meta.get_stripes(ino, first=records[-1].index + 1, count=2048)
+        batch = await meta.get_stripes(int(state.attr["ino"]), first=records[-1].index + 1, count=2048)
         records.extend(batch)
         complete = not batch
     return state._replace(complete=complete)
@@ -82,12 +119,16 @@ class _DirtyStripe:
     # (offset, bytes) in write order; a memoryview is memory the writer lent (pwrite zero_copy)
     pieces: list[tuple[int, bytes | memoryview]] = field(default_factory=list)
     sparse_bytes: int = 0  # of the pieces copied here
-    written: list[tuple[int, int]] = field(default_factory=list)  # merged [start, end) ranges
+    written: list[tuple[int, int]] = field(default_factory=list)  # merged [start, end) ranges, sorted
+    # ``memory`` changes are added to tally[0]: the file's buffered bytes (one list per file)
+    tally: list[int] = field(default_factory=lambda: [0])
+    queued: bool = False  # its upload started (the stored bytes under it being read)
 
     def write(self, inner: int, data: memoryview, pool: BufferPool) -> None:
         if self.buf is None and self.sparse_bytes + len(data) <= SPARSE_LIMIT:
             self.pieces.append((inner, bytes(data)))
             self.sparse_bytes += len(data)
+            self.tally[0] += len(data)
         else:
             self.materialize(pool)[inner : inner + len(data)] = data
         self.add(inner, inner + len(data))
@@ -116,29 +157,39 @@ class _DirtyStripe:
     def materialize(self, pool: BufferPool) -> bytearray:
         """The whole-stripe buffer, with the pieces written so far applied in order."""
         if self.buf is None:
-            self.buf = pool.take()
-            for start, piece in self.pieces:
-                self.buf[start : start + len(piece)] = piece
-            self.pieces.clear()
-            self.sparse_bytes = 0
+            self.adopt(pool.take())
+        assert self.buf is not None
         return self.buf
+
+    def adopt(self, buf: bytearray) -> None:
+        """Make ``buf`` (the stored bytes, or anything) the stripe buffer, the pieces applied over it."""
+        self.tally[0] += len(buf) - self.sparse_bytes
+        self.buf = buf
+        for start, piece in self.pieces:
+            buf[start : start + len(piece)] = piece
+        self.pieces.clear()
+        self.sparse_bytes = 0
 
     @property
     def memory(self) -> int:
         return len(self.buf) if self.buf is not None else self.sparse_bytes
 
     def add(self, start: int, end: int) -> None:
-        spans = sorted([*self.written, (start, end)])
-        merged: list[tuple[int, int]] = []
-        for s, e in spans:
-            if merged and s <= merged[-1][1]:
-                merged[-1] = (merged[-1][0], max(merged[-1][1], e))
-            else:
-                merged.append((s, e))
-        self.written = merged
+        """Merge [start, end) into ``written`` (bisect: a random writer's stripe has thousands)."""
+        spans = self.written
+        i = bisect.bisect_left(spans, (start,))
+        if i and spans[i - 1][1] >= start:
+            i -= 1
+            start = spans[i][0]
+        j = i
+        while j < len(spans) and spans[j][0] <= end:
+            end = max(end, spans[j][1])
+            j += 1
+        spans[i:j] = [(start, end)]
 
     def covers(self, start: int, end: int) -> bool:
-        return any(s <= start and e >= end for s, e in self.written)
+        i = bisect.bisect_right(self.written, (start, float("inf"))) - 1
+        return i >= 0 and self.written[i][1] >= end
 
     @property
     def end(self) -> int:
@@ -168,12 +219,14 @@ class AsyncFile:
         self._min_version = min_version
         self._unsynced_nodes: set[int] = set()  # nodes holding fragments written since the last fsync
         self._dirty: dict[int, _DirtyStripe] = {}
+        self._buffered = [0]  # memory of the dirty stripes not yet queued for upload (their tally)
         self._in_flight: dict[int, tuple[memoryview | GatheredStripe, trio.Event]] = {}
         self._upload_slots = trio.Semaphore(services.config.max_dirty_stripes)
         self._uploads_done = trio.Event()
         self._uploads_done.set()
         self._uploads_running = 0
         self._write_failure: OSError | None = None  # sticky: see _raise_write_failure
+        self._fill_failure: OSError | None = None  # raised once by the next flush: _fill_and_upload
         self._committed_size = self.size
         self._pool = services.pools.pool(layout.stripe_size)
 
@@ -193,6 +246,10 @@ class AsyncFile:
         """Fill ``out`` from ``offset``; returns the bytes read (short at EOF)."""
         n = max(0, min(len(out), self.size - offset))
         stripe_size = self.layout.stripe_size
+        index, inner = divmod(offset, stripe_size)
+        if 0 < n and inner + n <= stripe_size:  # one stripe's bytes (a small read): no tasks
+            await self._read_stripe_part(index, inner, out if n == len(out) else out[:n])
+            return n
         parts = []
         pos = offset
         while pos < offset + n:
@@ -225,6 +282,9 @@ class AsyncFile:
         if record is None:
             dest[:] = bytes(len(dest))
             return
+        if record.inline is not None:
+            self._copy_inline(record, inner, dest)
+            return
         try:
             await self._stripes.read_into(self.ino, self.layout, record, inner, dest)
         except OSError as exc:
@@ -233,8 +293,16 @@ class AsyncFile:
             newer = await self._newer_record(index, record, exc)
             if newer is None:
                 dest[:] = bytes(len(dest))
-                return
-            await self._stripes.read_into(self.ino, self.layout, newer, inner, dest)
+            elif newer.inline is not None:
+                self._copy_inline(newer, inner, dest)
+            else:
+                await self._stripes.read_into(self.ino, self.layout, newer, inner, dest)
+
+    def _copy_inline(self, record: StripeRecord, inner: int, dest: memoryview) -> None:
+        """``dest`` from ``inner`` of an inline stripe (zeros past its length)."""
+        piece = inline_bytes(record, self.path)[inner : inner + len(dest)]
+        dest[: len(piece)] = piece
+        dest[len(piece) :] = bytes(len(dest) - len(piece))
 
     async def _newer_record(self, index: int, record: StripeRecord, failure: OSError) -> StripeRecord | None:
         """After ``record`` could not be read: the stripe's record now (None: a hole), if another
@@ -254,8 +322,19 @@ class AsyncFile:
     @property
     def buffered_bytes(self) -> int:
         """Memory held by partially written stripes until flush (full ones are
-        stored right away): a caller bounds a random writer with it."""
-        return sum(d.memory for d in self._dirty.values())
+        stored right away): a caller bounds a random writer with it (``write_back``)."""
+        return self._buffered[0]
+
+    async def write_back(self, keep_bytes: int) -> None:
+        """Start storing the dirty stripes holding the most bytes until at most ``keep_bytes``
+        stay buffered (a bound on a random writer's memory that, unlike ``flush``, neither
+        rewrites every stripe nor waits for them: one stripe rewrite frees the most pieces).
+        Waits only for upload slots (``max_dirty_stripes``)."""
+        while self._buffered[0] > keep_bytes:
+            candidates = [(d.memory, i) for i, d in self._dirty.items() if not d.queued]
+            if not candidates:
+                return
+            await self._start_upload(max(candidates)[1])
 
     async def pwrite(self, data: bytes | bytearray | memoryview, offset: int, *, zero_copy: bool = False) -> int:
         """Write ``data`` at ``offset`` (buffered; stored by stripe, see the module docstring).
@@ -302,21 +381,36 @@ class AsyncFile:
                 await flight[1].wait()  # one version of a stripe at a time, in order
             dirty = self._dirty.get(index)
             if dirty is None:
-                dirty = self._dirty[index] = _DirtyStripe()
+                dirty = self._dirty[index] = _DirtyStripe(tally=self._buffered)
         return dirty
 
     async def _fill_gaps(self, index: int, dirty: _DirtyStripe) -> None:
-        """Merge the stripe's stored bytes under the parts this writer has not written."""
+        """Merge the stripe's stored bytes under the parts this writer has not written.
+
+        A stripe still held as pieces (a random writer's) has its stored bytes read straight
+        into a pooled buffer that then becomes the stripe buffer, the pieces applied on top:
+        no second 4 MiB buffer, no copy of the stored bytes."""
         stripe_size = self.layout.stripe_size
         length = min(stripe_size, max(self.size - index * stripe_size, 0))
-        dirty.materialize(self._pool)
         if dirty.covers(0, length):
+            dirty.materialize(self._pool)
             return
-        base = bytearray(stripe_size)
         record = self._records.get(index)
-        if record is not None:
-            await self._stripes.read_into(self.ino, self.layout, record, 0,
-                                          memoryview(base)[: min(length, record.length)])
+        have = 0 if record is None else min(length, record.length)
+        base = self._pool.take()
+        try:
+            if record is not None and record.inline is not None:
+                self._copy_inline(record, 0, memoryview(base)[:have])
+            elif record is not None:
+                await self._stripes.read_into(self.ino, self.layout, record, 0, memoryview(base)[:have])
+        except BaseException:
+            self._pool.give(base)
+            raise
+        memoryview(base)[have:length] = bytes(length - have)
+        if dirty.buf is None:  # (still pieces after the read: else a write materialized it meanwhile)
+            dirty.adopt(base)
+            dirty.written = [(0, max(length, dirty.end))]
+            return
         view = memoryview(dirty.buf)
         pos = 0
         for start, end in [*dirty.written, (length, length)]:
@@ -325,33 +419,76 @@ class AsyncFile:
             pos = max(pos, end)
         if length > pos:
             view[pos:length] = memoryview(base)[pos:length]
+        self._pool.give(base)
         dirty.written = [(0, max(length, dirty.end))]
 
     async def _start_upload(self, index: int) -> None:
+        """Queue dirty stripe ``index`` for storing (once an upload slot is free); its stored
+        bytes are read under it in the background (``_fill_and_upload``), so a flush of many
+        partial stripes reads and writes up to ``max_dirty_stripes`` of them at once."""
+        dirty = self._dirty.get(index)
+        if dirty is None or dirty.queued:
+            return
         await self._upload_slots.acquire()
         dirty = self._dirty.get(index)
-        if dirty is None:
+        if dirty is None or dirty.queued:
             self._upload_slots.release()
             return
         stripe_start = index * self.layout.stripe_size
         length = min(self.layout.stripe_size, self.size - stripe_start)
         pieces = dirty.gathered(length)
+        self._buffered[0] -= dirty.memory
+        dirty.tally = [dirty.memory]  # no longer the file's buffered bytes
+        dirty.queued = True
         if pieces is not None:  # lent memory all of it: stored as it lies, no copy
             del self._dirty[index]
             if length == self.layout.stripe_size:  # (a short last stripe is padded: joined)
                 self._stripes.stats.lent_stripes += 1
             self._begin_upload(index, GatheredStripe(pieces), lambda: None)
             return
+        self._upload_started()
+        self._services.start_soon(self._fill_and_upload, index, dirty)
+
+    async def _fill_and_upload(self, index: int, dirty: _DirtyStripe) -> None:
+        """The background half of ``_start_upload``: merge the stored bytes, then store the
+        stripe buffer itself (reads of the stripe are served from it while in flight, and it
+        goes back to the pool once stored: no copy). Holds an upload slot and counts in
+        ``_uploads_running`` from ``_start_upload`` on."""
         try:
             await self._fill_gaps(index, dirty)
-        except BaseException:
+        except BaseException as exc:
+            # Nothing was stored: the stripe stays dirty (a later flush tries again) and the
+            # flush waiting for this upload raises the error, once (``_take_fill_failure``).
+            if self._dirty.get(index) is dirty:
+                dirty.queued = False
+                dirty.tally = self._buffered
+                self._buffered[0] += dirty.memory
+            if isinstance(exc, OSError):
+                self._fill_failure = self._fill_failure or exc
             self._upload_slots.release()
-            raise
-        del self._dirty[index]
+            self._upload_ended()
+            if not isinstance(exc, Exception):
+                raise
+            if not isinstance(exc, OSError):
+                self._record_failure(index, exc)
+            return
         buf = dirty.buf
-        # The stripe buffer itself goes in flight (reads of the stripe are served
-        # from it) and back to the pool once stored: no copy.
-        self._begin_upload(index, memoryview(buf)[:length], lambda: self._pool.give(buf))
+        assert buf is not None
+        if self._dirty.get(index) is not dirty:  # dropped meanwhile (closed after a failure)
+            self._pool.give(buf)
+            self._upload_slots.release()
+            self._upload_ended()
+            return
+        # Writes that came meanwhile went into this buffer: they are stored with it.
+        del self._dirty[index]
+        length = min(self.layout.stripe_size, self.size - index * self.layout.stripe_size)
+        if not dirty.covers(0, length):  # the file grew past what was filled: zeros in its holes
+            pos = 0
+            for start, end in [*dirty.written, (length, length)]:
+                if start > pos:
+                    memoryview(buf)[pos:start] = bytes(start - pos)
+                pos = max(pos, end)
+        self._begin_upload(index, memoryview(buf)[:length], lambda: self._pool.give(buf), counted=True)
 
     async def _upload_lent(self, index: int, data: memoryview) -> None:
         """Store a whole stripe straight from the caller's memory (``pwrite(zero_copy=True)``)."""
@@ -359,12 +496,14 @@ class AsyncFile:
         self._stripes.stats.lent_stripes += 1
         self._begin_upload(index, data, lambda: None)
 
-    def _begin_upload(self, index: int, data: memoryview | GatheredStripe, release: Callable[[], None]) -> None:
-        """Upload ``data`` in the background; the caller holds one upload slot, released when done."""
+    def _begin_upload(self, index: int, data: memoryview | GatheredStripe, release: Callable[[], None],
+                      counted: bool = False) -> None:
+        """Upload ``data`` in the background; the caller holds one upload slot, released when done
+        (``counted``: and is already counted in ``_uploads_running``)."""
         done = trio.Event()
         self._in_flight[index] = (data, done)
-        self._uploads_running += 1
-        self._uploads_done = trio.Event()
+        if not counted:
+            self._upload_started()
         self._services.start_soon(self._upload, index, data, done, release)
 
     async def _upload(self, index: int, data: memoryview | GatheredStripe, done: trio.Event,
@@ -388,13 +527,8 @@ class AsyncFile:
             self._unsynced_nodes.update(record.placement)
             self.attr = reply["attr"]
             self._committed_size = max(self._committed_size, min(self.size, stripe_end))
-        except BaseException as exc:  # handed to the writer at its next call, and every one after it
-            if self._write_failure is None:
-                code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
-                detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
-                self._write_failure = OSError(code, f"storing stripe {index} of {self.path} failed: {detail}")
-                self._write_failure.__cause__ = exc
-            log.error("storing stripe %s of %s failed: %s", index, self.path, exc)
+        except BaseException as exc:
+            self._record_failure(index, exc)
             if not isinstance(exc, Exception):
                 raise
         finally:
@@ -402,9 +536,29 @@ class AsyncFile:
             release()
             done.set()
             self._upload_slots.release()
-            self._uploads_running -= 1
-            if self._uploads_running == 0:
-                self._uploads_done.set()
+            self._upload_ended()
+
+    def _record_failure(self, index: int, exc: BaseException) -> None:
+        """Keep the first failure to store a stripe: handed to the writer at its next call, and
+        every one after it (``_raise_write_failure``)."""
+        if self._write_failure is None:
+            code = exc.errno if isinstance(exc, OSError) and exc.errno else errno.EIO
+            detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc) or type(exc).__name__
+            self._write_failure = OSError(code, f"storing stripe {index} of {self.path} failed: {detail}")
+            self._write_failure.__cause__ = exc
+        log.error("storing stripe %s of %s failed: %s", index, self.path, exc)
+
+    def _upload_started(self) -> None:
+        """Count an upload; the first of a batch arms a new ``_uploads_done`` (the one flush waits
+        on stays armed until every upload, also those started while it waits, has ended)."""
+        if self._uploads_running == 0:
+            self._uploads_done = trio.Event()
+        self._uploads_running += 1
+
+    def _upload_ended(self) -> None:
+        self._uploads_running -= 1
+        if self._uploads_running == 0:
+            self._uploads_done.set()
 
     def _raise_write_failure(self) -> None:
         """Once a stripe could not be stored, every later write, flush, fsync and
@@ -420,13 +574,69 @@ class AsyncFile:
         """Store every dirty stripe and commit the size; returns when all are committed."""
         self._check_open()
         self._raise_write_failure()  # no further stripes either: their commits would cover the lost one
+        if self._fits_inline():
+            await self._commit_inline()
+        self._fill_failure = None  # (a stripe whose read failed earlier is dirty still: tried again now)
         for index in sorted(self._dirty):
             await self._start_upload(index)
         await self._uploads_done.wait()
         self._raise_write_failure()
+        if self._fill_failure is not None:
+            failure, self._fill_failure = self._fill_failure, None
+            raise failure
         if self.size != self._committed_size and self.writable:
             self.attr = (await self._meta.commit(self.ino, [], self.size))["attr"]
             self._committed_size = self.size
+
+    def _fits_inline(self) -> bool:
+        """Whether the dirty data is all in stripe 0 of a file the server keeps inline whole."""
+        return (list(self._dirty) == [0] and not self._in_flight and not self._dirty[0].queued
+                and self.size <= min(self._meta.inline_max_bytes, self.layout.stripe_size))
+
+    async def _commit_inline(self) -> None:
+        """Commit dirty stripe 0 as an inline record: one COMMIT, no fragments (``_fits_inline``).
+
+        Its bytes are in flight meanwhile, like an upload's: reads see them, a write to the
+        stripe waits, and a concurrent flush waits for the commit."""
+        dirty = self._dirty[0]
+        await self._fill_gaps(0, dirty)
+        if self._dirty.get(0) is not dirty or not self._fits_inline():
+            return  # another flush took it meanwhile, or a write made it too big: uploaded as fragments
+        assert dirty.buf is not None
+        size = self.size
+        data = bytes(memoryview(dirty.buf)[:size])
+        del self._dirty[0]
+        self._buffered[0] -= dirty.memory
+        self._pool.give(dirty.buf)
+        done = trio.Event()
+        self._in_flight[0] = (memoryview(data), done)
+        self._uploads_running += 1
+        self._uploads_done = trio.Event()
+        try:
+            for attempt in range(3):
+                current = self._records.get(0)
+                version = max(self._min_version, current.version + 1 if current else 0)
+                record = StripeRecord(0, version, len(data), 0, [], [crc32c.crc32c(data)], data)
+                try:
+                    reply = await self._meta.commit(self.ino, [record] if data else [], size)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.ESTALE or attempt == 2:
+                        raise
+                    await self.reload()  # our version was retired meanwhile (truncate, another writer)
+            self._min_version = max(self._min_version, reply["min_version"])
+            if data:
+                self._records[0] = record
+            self.attr = reply["attr"]
+            self._committed_size = max(self._committed_size, size)
+        except BaseException as exc:
+            self._record_failure(0, exc)
+            if not isinstance(exc, Exception):
+                raise
+        finally:
+            self._in_flight.pop(0, None)
+            done.set()
+            self._upload_ended()
 
     async def fsync(self) -> None:
         """flush, make the new fragments durable on their nodes, then wait for
@@ -469,9 +679,10 @@ class AsyncFile:
             self.closed = True
             self._services.closed(self.ino)
             for dirty in self._dirty.values():
-                if dirty.buf is not None:
+                if dirty.buf is not None and not dirty.queued:  # (a queued one's upload task gives it back)
                     self._pool.give(dirty.buf)
             self._dirty.clear()
+            self._buffered[0] = 0
 
     def _check_open(self) -> None:
         if self.closed:

@@ -15,6 +15,7 @@ import threading
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
+import outcome
 import trio
 
 from deepfs.auth import Key
@@ -50,6 +51,7 @@ class Client:
         self._stop: trio.Event | None = None
         self._async: AsyncClient | None = None
         self._failure: BaseException | None = None
+        self._dispatcher: _Dispatcher | None = None
         self._thread = threading.Thread(target=self._run, args=(config,), name="deepfs-client", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -59,12 +61,15 @@ class Client:
     def _run(self, config: ClientConfig | None) -> None:
         async def main() -> None:
             try:
-                async with AsyncClient.connect(self.meta_address, config, key=self._key) as client:
+                async with AsyncClient.connect(self.meta_address, config, key=self._key) as client, \
+                        trio.open_nursery() as workers:
                     self._async = client
+                    self._dispatcher = _Dispatcher(workers)
                     self._token = trio.lowlevel.current_trio_token()
                     self._stop = trio.Event()
                     self._ready.set()
                     await self._stop.wait()
+                    self._dispatcher.close()
             except BaseException as exc:
                 if not self._ready.is_set():
                     self._failure = _unwrap(exc)
@@ -80,15 +85,27 @@ class Client:
 
     def run_async(self, fn: Callable[..., Coroutine[Any, Any, T]], *args: Any, **kwargs: Any) -> T:
         """Run ``await fn(*args, **kwargs)`` on the client's trio loop and return
-        its result: the way to use ``Client.aio`` (the AsyncClient) from threads."""
-        if self._token is None or not self._thread.is_alive():
+        its result: the way to use ``Client.aio`` (the AsyncClient) from threads.
+
+        Raises what ``fn`` raises (a lone exception out of an exception group), and like
+        ``trio.from_thread.run``: ``trio.RunFinishedError`` once the client's loop has
+        ended, ``trio.Cancelled`` if the client closes while ``fn`` runs, RuntimeError if
+        called from the client's own trio thread (it would wait for itself)."""
+        token, dispatcher = self._token, self._dispatcher
+        if token is None or dispatcher is None or not self._thread.is_alive():
             raise RuntimeError("the DeepFS client is closed")
-
-        async def run() -> T:
-            return await fn(*args, **kwargs)
-
+        if threading.get_ident() == self._thread.ident:
+            raise RuntimeError("this is a blocking function; call it from a thread")
+        call = _Call(fn, args, kwargs, _thread_signal())
+        token.run_sync_soon(dispatcher.submit, call)
         try:
-            return trio.from_thread.run(run, trio_token=self._token)
+            call.done.acquire()
+        except BaseException:
+            _local.signal = None  # interrupted: the call still releases it later, so not reusable
+            raise
+        assert call.result is not None
+        try:
+            return call.result.unwrap()  # type: ignore[no-any-return]
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
 
@@ -255,6 +272,76 @@ class File(io.RawIOBase):
                 self._client.run_async(self._handle.close)
             finally:
                 super().close()
+
+
+_local = threading.local()
+_MAX_IDLE_WORKERS = 64
+
+
+def _thread_signal() -> threading.Lock:
+    """The calling thread's completion signal: a lock it holds, which the worker that ran its
+    call releases; acquiring it again waits for that and leaves it held for the next call.
+    A thread waits for one call at a time, so one lock per thread serves all its clients."""
+    signal: threading.Lock | None = getattr(_local, "signal", None)
+    if signal is None:
+        signal = _local.signal = threading.Lock()
+        signal.acquire()
+    return signal
+
+
+class _Call:
+    """One ``run_async`` call, handed from its thread to the trio loop and back."""
+
+    __slots__ = ("args", "done", "fn", "kwargs", "result")
+
+    def __init__(self, fn: Callable[..., Coroutine[Any, Any, Any]], args: tuple[Any, ...],
+                 kwargs: dict[str, Any], done: threading.Lock) -> None:
+        self.fn, self.args, self.kwargs, self.done = fn, args, kwargs, done
+        self.result: outcome.Outcome[Any] | None = None
+
+
+class _Dispatcher:
+    """A thread's call hops into the client's trio loop cheaply: ``trio.from_thread.run``
+    spawns a system task and waits on a ``queue.Queue`` per call; here a ``run_sync_soon``
+    callback hands the call to an idle long-lived worker task (``reschedule``, or a new
+    worker when all are busy, so calls from many threads still run concurrently) and the
+    worker releases the caller's own lock when done. What is left of a round trip is the
+    floor of any hop: waking the loop out of epoll and the caller out of its lock."""
+
+    def __init__(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        self._idle: list[trio.lowlevel.Task] = []
+        self._closed = False
+
+    def submit(self, call: _Call) -> None:
+        """In the trio thread (``run_sync_soon``): start ``call``; never raises."""
+        if self._closed:
+            call.result = outcome.Error(trio.RunFinishedError("the DeepFS client is closed"))
+            call.done.release()
+        elif self._idle:
+            trio.lowlevel.reschedule(self._idle.pop(), outcome.Value(call))
+        else:
+            self._nursery.start_soon(self._work, call)
+
+    def close(self) -> None:
+        """Calls submitted from now on fail; those running and idle workers are cancelled."""
+        self._closed = True
+        self._nursery.cancel_scope.cancel()
+
+    async def _work(self, call: _Call) -> None:
+        me = trio.lowlevel.current_task()
+
+        def abort(_: Any) -> trio.lowlevel.Abort:
+            self._idle.remove(me)
+            return trio.lowlevel.Abort.SUCCEEDED
+
+        while True:
+            call.result = await outcome.acapture(call.fn, *call.args, **call.kwargs)
+            call.done.release()
+            if len(self._idle) >= _MAX_IDLE_WORKERS:
+                return
+            self._idle.append(me)
+            call = await trio.lowlevel.wait_task_rescheduled(abort)  # Cancelled when closing
 
 
 def _unwrap(exc: BaseException) -> BaseException:
