@@ -21,7 +21,7 @@ import click
               help="comma-separated: deepfs (FUSE + client/adapter), deepfs-client, deepfs-tls, local, bindfs, gluster "
                    "[default: deepfs,local,bindfs,gluster; --quick: deepfs,local,bindfs]")
 @click.option("--suites", default=None, metavar="LIST",
-              help="fio,smallfiles,checkpoint,degraded,repair,metadata [default: all]")
+              help="fio,smallfiles,dataload,checkpoint,degraded,repair,metadata [default: all]")
 @click.option("--jobs", "fio_jobs", default=None, metavar="LIST",
               help="fio jobs to run [default: all eight; quick: five]")
 @click.option("--out", "out_dir", default=None, type=click.Path(file_okay=False),
@@ -33,6 +33,8 @@ import click
 @click.option("--smallfiles", "smallfiles_count", type=click.IntRange(1), default=None,
               help="small files per run [3000; quick 200]")
 @click.option("--smallfiles-threads", type=click.IntRange(1), default=None, help="threads for small files [4]")
+@click.option("--dataload-files", type=click.IntRange(1), default=None,
+              help="files of 64-256 KiB the DataLoader epoch reads [20000; quick 300]")
 @click.option("--checkpoint-mb", type=click.IntRange(1), default=None, help="state dict size, MiB [1024; quick 16]")
 @click.option("--drop-caches/--no-drop-caches", default=None,
               help="drop the page cache before reads (root) [on; quick off]")
@@ -53,14 +55,15 @@ import click
               help="parent of the scratch directory; must be on the local disk [/var/tmp]")
 def bench(quick: bool, targets: str | None, suites: str | None, fio_jobs: str | None, out_dir: str | None,
           reps: int | None, runtime: float | None, ramp: float | None, size_mb: int | None,
-          smallfiles_count: int | None, smallfiles_threads: int | None, checkpoint_mb: int | None,
+          smallfiles_count: int | None, smallfiles_threads: int | None, dataload_files: int | None,
+          checkpoint_mb: int | None,
           drop_caches: bool | None, buffered: bool, repair_mb: int | None, repair_mib_s: float | None,
           meta_engines: str | None, metadata_files: int | None, nodes: int, k: int, m: int,
           work_dir: str | None) -> None:
     """Benchmark DeepFS beside the local disk, bindfs and GlusterFS, side by side in one run.
 
     Starts a local cluster (and the other targets), runs the fio job set, small
-    files, checkpoints and degraded reads on each, then the repair suite on a
+    files, a PyTorch DataLoader epoch, checkpoints and degraded reads on each, then the repair suite on a
     cluster of its own, writes results.json,
     results.md (ratios to DeepFS) and PNG charts, and stops everything again,
     also on Ctrl-C. See bench/RESULTS.md.
@@ -86,7 +89,8 @@ def bench(quick: bool, targets: str | None, suites: str | None, fio_jobs: str | 
     except ValueError as exc:
         _fail(str(exc))
     overrides = {"reps": reps, "runtime_s": runtime, "ramp_s": ramp, "smallfiles_count": smallfiles_count,
-                 "smallfiles_threads": smallfiles_threads, "drop_caches": drop_caches,
+                 "smallfiles_threads": smallfiles_threads, "dataload_files": dataload_files,
+                 "drop_caches": drop_caches,
                  "file_size_bytes": size_mb << 20 if size_mb else None,
                  "checkpoint_bytes": checkpoint_mb << 20 if checkpoint_mb else None,
                  "repair_data_bytes": repair_mb << 20 if repair_mb else None, "repair_mib_s": repair_mib_s,

@@ -20,6 +20,7 @@ RAND_JOBS = ("randread_4k_j1_qd1", "randread_4k_j4_qd1", "randread_4k_j1_qd32", 
 PHASES = ("create", "stat", "read", "delete")
 CHECKPOINT_JOBS = ("save", "save_durable", "load", "dcp_save", "dcp_load")
 DEGRADED_JOBS = (("seqread_1m_j1", "bw_mib_s", "MiB/s"), ("randread_4k_j1_qd1", "iops", "IOPS"))
+DATALOAD_JOBS = ("epoch",)
 
 # (suite, job, metric, target, baseline, wanted ratio of speeds, what): the issue's goals for DeepFS.
 GOALS = (
@@ -31,16 +32,35 @@ GOALS = (
     ("fio", "seqread_1m_j4", "bw_mib_s", "deepfs", "bindfs", 0.5, "sequential 1 MiB read, 4 jobs"),
     ("fio", "seqwrite_1m_j1", "bw_mib_s", "deepfs", "bindfs", 0.5, "sequential 1 MiB write, 1 job"),
     ("fio", "seqwrite_1m_j4", "bw_mib_s", "deepfs", "bindfs", 0.5, "sequential 1 MiB write, 4 jobs"),
-    ("fio", "randread_4k_j1_qd1", "iops", "deepfs", "gluster", 2.0, "4 KiB random read IOPS, 1 job, QD1"),
+    ("fio", "randread_4k_j1_qd1", "iops", "deepfs", "gluster", 4.0, "4 KiB random read IOPS, 1 job, QD1"),
+    ("fio", "randread_4k_j1_qd1", "iops", "deepfs-client", "gluster", 4.0, "4 KiB random read IOPS, 1 job, QD1"),
     ("fio", "randread_4k_j4_qd1", "iops", "deepfs", "gluster", 2.0, "4 KiB random read IOPS, 4 jobs, QD1"),
     ("fio", "randread_4k_j1_qd32", "iops", "deepfs", "gluster", 2.0, "4 KiB random read IOPS, 1 job, QD32"),
-    ("smallfiles", "create", "files_s", "deepfs", "gluster", 2.0, "small-file creates/s"),
-    ("smallfiles", "read", "files_s", "deepfs", "gluster", 2.0, "small-file reads/s"),
+    ("smallfiles", "create", "files_s", "deepfs", "gluster", 5.0, "small-file creates/s"),
+    ("smallfiles", "read", "files_s", "deepfs", "gluster", 5.0, "small-file reads/s"),
+    ("smallfiles", "stat", "files_s", "deepfs", "gluster", 5.0, "small-file stats/s"),
+    ("smallfiles", "delete", "files_s", "deepfs", "gluster", 5.0, "small-file deletes/s"),
+    ("dataload", "epoch", "files_s", "deepfs", "gluster", 5.0, "DataLoader files/s (mount)"),
+    ("dataload", "epoch", "files_s", "deepfs-client", "gluster", 5.0, "DataLoader files/s (fsspec/deepfs.Client)"),
     ("checkpoint", "save", "seconds", "deepfs-client", "local", 0.8, "adapter save vs torch.save (returned)"),
     ("checkpoint", "save_durable", "seconds", "deepfs-client", "local", 0.8,
      "adapter save vs torch.save + fsync (durable)"),
     ("checkpoint", "load", "seconds", "deepfs-client", "local", 0.8, "adapter load vs torch.load"),
 )
+# (suite, job, metric, target, bound, unit, what): issue 14's absolute goals (≥ bound, or ≤ for latencies).
+ABSOLUTE_GOALS = (
+    ("fio", "randread_4k_j1_qd1", "iops", "deepfs", 8_000, "IOPS", "4 KiB random read, 1 job, QD1"),
+    ("fio", "randread_4k_j1_qd1", "iops", "deepfs-client", 10_000, "IOPS", "4 KiB random read, 1 job, QD1"),
+    ("fio", "randread_4k_j4_qd1", "iops", "deepfs", 12_000, "IOPS", "4 KiB random read, 4 jobs, QD1"),
+    ("fio", "randread_4k_j1_qd32", "iops", "deepfs", 20_000, "IOPS", "4 KiB random read, 1 job, QD32"),
+    ("fio", "randread_4k_j1_qd1", "p99_us", "deepfs", 500, "µs", "p99 of 4 KiB random read, QD1"),
+    ("fio", "randwrite_4k_j1", "iops", "deepfs", 4_000, "IOPS", "4 KiB random write, 1 job"),
+    ("smallfiles", "create", "files_s", "deepfs", 1_500, "files/s", "small-file creates"),
+    ("smallfiles", "read", "files_s", "deepfs", 3_000, "files/s", "small-file reads"),
+    ("smallfiles", "stat", "files_s", "deepfs", 20_000, "files/s", "small-file stats"),
+    ("smallfiles", "delete", "files_s", "deepfs", 5_000, "files/s", "small-file deletes"),
+)
+LOWER_IS_BETTER = ("seconds", "p99_us", "mean_lat_us")
 
 
 def write(out_dir: Path, data: dict[str, Any]) -> dict[str, Path]:
@@ -58,8 +78,8 @@ class _Index:
         self.by_key = {(r["suite"], r["job"], r["target"]): r for r in data.get("results", [])}
         self.status = dict(data.get("targets", {}))
         self.targets = list(self.status)
-        for _, _, target in self.by_key:  # a target with figures always gets its column
-            if target not in self.status:
+        for suite, _, target in self.by_key:  # a target with figures always gets its column
+            if suite != "metadata" and target not in self.status:  # metadata columns are engines (lmdb, ...)
                 self.targets.append(target)
                 self.status[target] = {"status": "ok"}
 
@@ -100,6 +120,7 @@ def markdown(data: dict[str, Any], chart_names: list[str]) -> str:
                    f"{(cfg.get('file_size_bytes') or 0) / 2**20:.0f} MiB, {cfg.get('runtime_s')} s per job after "
                    f"{cfg.get('ramp_s')} s ramp, direct={1 if cfg.get('direct') else 0}; small files: "
                    f"{cfg.get('smallfiles_count')} files of 4–64 KiB, {cfg.get('smallfiles_threads')} threads; "
+                   f"dataload: {cfg.get('dataload_files')} files of 64–256 KiB, 2 workers; "
                    f"checkpoint {(cfg.get('checkpoint_bytes') or 0) / 2**20:.0f} MiB; page cache dropped before "
                    f"reads: {'yes' if cfg.get('page_cache_dropped') else 'no'}; DeepFS cluster: "
                    f"{_cluster(cfg.get('cluster', {}))}")
@@ -120,6 +141,7 @@ def markdown(data: dict[str, Any], chart_names: list[str]) -> str:
     lines += _section(idx, "Random 4 KiB (IOPS)", "fio", RAND_JOBS, "iops")
     lines += _section(idx, "Random 4 KiB, p99 completion latency (µs, lower is better)", "fio", RAND_JOBS, "p99_us")
     lines += _section(idx, "Small files (files/s per phase)", "smallfiles", PHASES, "files_s")
+    lines += _dataload_section(idx)
     lines += _section(idx, "Checkpoint (seconds, lower is better)", "checkpoint", CHECKPOINT_JOBS, "seconds",
                       intro="save: until the call returns; save_durable: until the bytes are on disk "
                             "(torch.save + fsync; the adapter is durable when its save returns). "
@@ -146,19 +168,27 @@ def _targets_table(idx: _Index) -> list[str]:
 
 
 def _goals_table(idx: _Index) -> list[str]:
+    """Ratio goals (DeepFS against a baseline target of the same run), then absolute ones (issue 14)."""
     rows = []
     for suite, job, metric, target, baseline, wanted, what in GOALS:
         a, b = idx.median(suite, job, target, metric), idx.median(suite, job, baseline, metric)
         if a is None or b is None or a <= 0 or b <= 0:
             continue
-        higher = metric != "seconds"
-        ratio = a / b if higher else b / a
+        ratio = b / a if metric in LOWER_IS_BETTER else a / b
         mark = "yes" if ratio >= wanted else "**no**"
         rows.append(f"| {what} | {target} {_fmt(a)} vs {baseline} {_fmt(b)} | {ratio:.2f}× | ≥ {wanted}× | {mark} |")
+    for suite, job, metric, target, bound, unit, what in ABSOLUTE_GOALS:
+        value = idx.median(suite, job, target, metric)
+        if value is None or value <= 0:
+            continue
+        lower = metric in LOWER_IS_BETTER
+        met = value <= bound if lower else value >= bound
+        rows.append(f"| {what} | {target} {_fmt(value)} {unit} | | {'≤' if lower else '≥'} {_fmt(bound)} {unit} "
+                    f"| {'yes' if met else '**no**'} |")
     if not rows:
         return []
     return ["## Where DeepFS stands against its goals", "",
-            "Ratio of speeds (for times: baseline time ÷ DeepFS time).", "",
+            "Ratio of speeds (for times and latencies: baseline ÷ DeepFS), or an absolute figure.", "",
             "| goal | medians | ratio | wanted | met |", "| --- | --- | --- | --- | --- |", *rows, ""]
 
 
@@ -195,6 +225,29 @@ def _cell(idx: _Index, suite: str, job: str, target: str, metric: str, ref: floa
     if result and result.get("errors"):
         footnotes.append(f"- {target} / {job}: {len(result['errors'])} failed repetition(s): {result['errors'][0]}")
     return text
+
+
+def _dataload_section(idx: _Index) -> list[str]:
+    """One DataLoader epoch per repetition: files/s and MiB/s per target (``bench.dataload``)."""
+    if not idx.jobs("dataload", DATALOAD_JOBS):
+        return []
+    p = next((r.get("params") for (suite, _, _), r in idx.by_key.items() if suite == "dataload" and r.get("params")),
+             None) or {}
+    lines = ["## Data loading (PyTorch DataLoader)", ""]
+    if p:
+        lines += [f"One shuffled epoch per repetition over {p.get('files'):,} files of "
+                  f"{(p.get('min_size_bytes') or 0) >> 10}–{(p.get('max_size_bytes') or 0) >> 10} KiB in "
+                  f"{p.get('directories')} directories ({(p.get('total_bytes') or 0) / 2**20:,.0f} MiB), "
+                  f"{p.get('workers')} workers, batch size {p.get('batch_size')}, worker start included. Directories: "
+                  "open/read in `Dataset.__getitem__`; deepfs-client: the `deepfs://` fsspec file system over one "
+                  "`deepfs.Client` per worker.", ""]
+    lines += ["| figure | " + " | ".join(idx.targets) + " |", "| --- |" + " --- |" * len(idx.targets)]
+    footnotes: list[str] = []
+    for metric, label in (("files_s", "files/s"), ("mib_s", "MiB/s")):
+        ref = idx.median("dataload", "epoch", REFERENCE, metric)
+        cells = [_cell(idx, "dataload", "epoch", t, metric, ref, footnotes) for t in idx.targets]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return lines + [""] + footnotes + ([""] if footnotes else [])
 
 
 def _metadata_section(idx: _Index) -> list[str]:
@@ -365,7 +418,8 @@ def _cluster(c: dict[str, Any]) -> str:
 
 # ------------------------------------------------------------------ charts
 def write_charts(out_dir: Path, data: dict[str, Any]) -> dict[str, Path]:
-    """throughput.png, iops.png, p99.png (+ smallfiles.png, checkpoint.png): median bars, min–max whiskers."""
+    """throughput.png, iops.png, p99.png (+ smallfiles.png, checkpoint.png, dataload.png): median bars, min–max
+    whiskers."""
     try:
         import matplotlib
 
@@ -380,6 +434,8 @@ def write_charts(out_dir: Path, data: dict[str, Any]) -> dict[str, Path]:
         ("p99", "fio", RAND_JOBS, "p99_us", "µs (log, lower is better)", "Random 4 KiB p99 completion latency", True),
         ("smallfiles", "smallfiles", PHASES, "files_s", "files/s (log)", "Small files, 4–64 KiB", True),
         ("checkpoint", "checkpoint", CHECKPOINT_JOBS, "gib_s", "GiB/s", "Checkpoint save/load throughput", False),
+        ("dataload", "dataload", DATALOAD_JOBS, "files_s", "files/s (log)", "DataLoader, 64–256 KiB files",
+         True),
     ]
     paths = {}
     for name, suite, order, metric, ylabel, title, log in specs:

@@ -28,7 +28,7 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from bench import degraded, fio_runner, metadata_ops, pyio, report, smallfiles
 from bench.fio_runner import JOBS_BY_NAME, JobSpec, MiB, RunParams, Sample
@@ -38,7 +38,7 @@ from bench.stats import Result
 from bench.system import PageCache, load_average, machine_info, versions
 from bench.targets import ClusterSettings, Target, open_targets, parse_target_names
 
-SUITES = ("fio", "smallfiles", "checkpoint", "degraded", "repair", "metadata")
+SUITES = ("fio", "smallfiles", "dataload", "checkpoint", "degraded", "repair", "metadata")
 TEST_FILE = "bench.dat"
 QUICK_JOBS = ("seqwrite_1m_j1", "seqread_1m_j4", "randread_4k_j1_qd1", "randread_4k_j1_qd32", "randwrite_4k_j1")
 """Every job file, 1 and 4 jobs, both engines: the harness's paths in a fraction of the time."""
@@ -59,6 +59,7 @@ class BenchConfig:
     direct: bool = True
     smallfiles_count: int = 3_000  # sized so a full run stays within ~20 min here
     smallfiles_threads: int = 4
+    dataload_files: int = 20_000  # files of 64-256 KiB one DataLoader epoch reads (bench/dataload.py)
     checkpoint_bytes: int = 1 << 30
     drop_caches: bool = True
     degraded_wait: bool = True  # wait until stopped nodes are marked down (steady state)
@@ -78,7 +79,7 @@ class BenchConfig:
     def quick_preset(cls) -> BenchConfig:
         """Seconds, tiny files: a smoke test of the harness itself (``make test`` runs it)."""
         return cls(quick=True, targets=parse_target_names("deepfs,local,bindfs"), jobs=list(QUICK_JOBS), reps=2,
-                   runtime_s=0.25, ramp_s=0.0, file_size_bytes=16 * MiB, smallfiles_count=200,
+                   runtime_s=0.25, ramp_s=0.0, file_size_bytes=16 * MiB, smallfiles_count=200, dataload_files=300,
                    checkpoint_bytes=16 * MiB, drop_caches=False, degraded_wait=False,
                    repair_data_bytes=64 * MiB, repair_mib_s=30.0, repair_reps=1, metadata_engines=["lmdb"],
                    metadata_files=48, metadata_mount_files=48, failover_trials=1)
@@ -154,6 +155,9 @@ class Runner:
         if "smallfiles" in suites:
             with self._phase("smallfiles"):
                 self._smallfiles_suite(ok)
+        if "dataload" in suites:
+            with self._phase("dataload"):
+                self._dataload_suite(ok)
         if "checkpoint" in suites:
             with self._phase("checkpoint"):
                 self._checkpoint_suite(ok)
@@ -383,6 +387,66 @@ class Runner:
                 self.log(f"[smallfiles] rep {rep + 1}/{self.config.reps} {target.name}: "
                          + ", ".join(f"{p} {r:.0f}/s" for p, r in rates.items()))
 
+    # ------------------------------------------------------ data loading
+    def _dataload_suite(self, targets: list[Target]) -> None:
+        """``bench.dataload``: the dataset written once per target, then one timed epoch per repetition."""
+        from bench import dataload
+
+        tree = dataload.make_tree("dataload", self.config.dataload_files)
+        params: dict[str, Any] = {
+            "files": len(tree.files), "total_bytes": tree.total_bytes, "directories": len(tree.dirs) - 1,
+            "min_size_bytes": dataload.MIN_SIZE, "max_size_bytes": dataload.MAX_SIZE, "workers": dataload.WORKERS,
+            "batch_size": dataload.BATCH_SIZE, "shuffle": True, "repetitions": self.config.reps,
+            "timed": "one epoch: iterator creation (worker start included) to its end",
+            "page_cache_dropped_before": self.page_cache.enabled}
+        ready: list[tuple[Target, smallfiles.Ops, dataload.Files]] = []
+        for target in targets:
+            ops: smallfiles.Ops
+            if target.surface == "client":
+                if target.connect is None:
+                    self._result("dataload", "epoch", target).errors.append("skipped: no way to open a worker client")
+                    continue
+                ops = smallfiles.ClientOps(target.client, str(target.root))
+                dataset = dataload.Files(tree, str(target.root), target.connect)
+                api = "deepfs:// fsspec file system, one deepfs.Client per worker (worker_init_fn)"
+            else:
+                ops = smallfiles.PosixOps(target.root)
+                dataset = dataload.Files(tree, str(target.root))
+                api = "open/read in Dataset.__getitem__"
+            try:
+                seconds = dataload.write(ops, tree)
+            except Exception as exc:  # noqa: BLE001 - recorded; the other targets go on
+                self._result("dataload", "epoch", target).errors.append(f"writing the dataset: {exc!r}")
+                self.log(f"[dataload] {target.name}: writing the dataset FAILED: {exc!r}")
+                continue
+            self._result("dataload", "epoch", target).params = {**params, "api": api, "written_in_s": round(seconds, 2)}
+            self.log(f"[dataload] {target.name}: {len(tree.files)} files, {tree.total_bytes / MiB:.0f} MiB written "
+                     f"in {seconds:.1f}s (not timed)")
+            ready.append((target, ops, dataset))
+        try:
+            for rep in range(self.config.reps):
+                for target, _, dataset in _rotated(ready, rep):
+                    self.page_cache.drop()
+                    result = self._result("dataload", "epoch", target)
+                    try:
+                        files_s, mib_s = dataload.epoch(dataset, seed=rep)
+                    except (KeyboardInterrupt, _Interrupted):
+                        raise
+                    except Exception as exc:  # noqa: BLE001 - recorded; the run goes on
+                        result.errors.append(f"rep {rep + 1}: {exc!r}")
+                        self.log(f"[dataload] rep {rep + 1} {target.name}: FAILED: {exc!r}")
+                        continue
+                    result.metric("files_s", "files/s").add(files_s)
+                    result.metric("mib_s", "MiB/s").add(mib_s)
+                    self.log(f"[dataload] rep {rep + 1}/{self.config.reps} {target.name}: "
+                             f"{files_s:.0f} files/s, {mib_s:.1f} MiB/s")
+        finally:
+            for target, ops, _ in ready:
+                try:
+                    dataload.remove(ops, tree)
+                except Exception as exc:  # noqa: BLE001 - the scratch directory goes at the end anyway
+                    self.log(f"[dataload] {target.name}: removing the dataset failed: {exc!r}")
+
     # ------------------------------------------------------ checkpoints
     def _checkpoint_suite(self, targets: list[Target]) -> None:
         from bench import checkpoint
@@ -477,11 +541,14 @@ class Runner:
 _REPAIR_TARGET = "deepfs-client"
 
 
-def _rotated(targets: list[Target], rep: int) -> list[Target]:
-    if not targets:
-        return targets
-    shift = rep % len(targets)
-    return targets[shift:] + targets[:shift]
+_T = TypeVar("_T")
+
+
+def _rotated(items: list[_T], rep: int) -> list[_T]:
+    if not items:
+        return items
+    shift = rep % len(items)
+    return items[shift:] + items[:shift]
 
 
 def _default_work_parent() -> str:

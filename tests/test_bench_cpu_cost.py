@@ -23,11 +23,16 @@ def run_tool(*args: str, timeout_s: float) -> str:
 @pytest.mark.timeout(120)
 def test_cpu_cost_reports_every_operation() -> None:
     out = run_tool("bench.cpu_cost", "--ops", "5", "--stripes", "2", timeout_s=110)
-    results = json.loads(out.strip().splitlines()[-1])
-    assert set(results) == {"node_ping", "small_file_write_16k", "small_file_read_16k", "stripe_write_4m",
-                            "stripe_read_4m"}
+    lines = out.strip().splitlines()
+    results = json.loads(lines[-1])
+    assert list(results) == ["node_ping", "small_file_write_16k", "small_file_read_16k", "stripe_write_4m",
+                             "stripe_read_4m", "randread_4k", "small_file_create_4k", "small_file_read_4k"]
     for figures in results.values():
         assert figures["wall_ms"] > 0 and all(v >= 0 for v in figures.values())
+    table = {line.split()[0]: line for line in lines[1:-1]}
+    assert set(table) == set(results)
+    assert "<= 0.12: " in table["randread_4k"] and "<= 1.00: " in table["small_file_create_4k"]
+    assert "<=" not in table["node_ping"] and "<=" not in table["small_file_read_4k"]
 
 
 @pytest.mark.timeout(180)

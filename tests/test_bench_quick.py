@@ -42,7 +42,7 @@ def test_quick_run_reports_every_target(tmp_path: Path) -> None:
 
     data = json.loads((out / "results.json").read_text())
     assert data["status"] == "complete"
-    assert data["config"]["reps"] == 2
+    assert data["config"]["reps"] == 2 and data["config"]["dataload_files"] == 300
     for name in TARGETS:
         assert data["targets"][name]["status"] == "ok", data["targets"][name]
 
@@ -53,7 +53,8 @@ def test_quick_run_reports_every_target(tmp_path: Path) -> None:
     checks = [("fio", "seqwrite_1m_j1", "bw_mib_s"), ("fio", "seqread_1m_j4", "bw_mib_s"),  # the quick jobs
               ("fio", "randread_4k_j1_qd1", "iops"), ("fio", "randread_4k_j1_qd32", "iops"),
               ("fio", "randwrite_4k_j1", "iops"), ("smallfiles", "create", "files_s"),
-              ("smallfiles", "read", "files_s"), ("checkpoint", "save", "seconds"),
+              ("smallfiles", "read", "files_s"), ("dataload", "epoch", "files_s"), ("dataload", "epoch", "mib_s"),
+              ("checkpoint", "save", "seconds"),
               ("checkpoint", "load", "seconds"), ("checkpoint", "dcp_save", "seconds"),
               ("checkpoint", "dcp_load", "seconds")]
     for suite, job, metric in checks:
@@ -74,8 +75,9 @@ def test_quick_run_reports_every_target(tmp_path: Path) -> None:
 
     markdown = (out / "results.md").read_text()
     assert "| seqread_1m_j4 |" in markdown and "## Small files" in markdown and "## Checkpoint" in markdown
+    assert "## Data loading (PyTorch DataLoader)" in markdown and "over 300 files of 64–256 KiB" in markdown
     assert "## Repair" in markdown and "column rebuilds (now)" in markdown
-    for name in ("throughput", "iops", "p99"):
+    for name in ("throughput", "iops", "p99", "dataload"):
         png = out / f"{name}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 

@@ -114,6 +114,7 @@ def test_report_ratios_goals_and_skipped_targets(tmp_path: Path) -> None:
     assert "| sequential 1 MiB read, 1 job | deepfs 650 vs gluster 325 | 2.00× | ≥ 2.0× | yes |" in md
     assert "adapter load vs torch.load | deepfs-client 2.00 vs local 1.00 | 0.50× | ≥ 0.8× | **no** |" in md
     assert "failed [1]" in md and "- gluster / randwrite_4k_j1: rep 1: fio exited with 1" in md
+    assert "| 4 KiB random write, 1 job | deepfs 20.0 IOPS | | ≥ 4,000 IOPS | **no** |" in md
     assert json.loads(paths["json"].read_text())["targets"]["bindfs"]["reason"] == "bindfs is not installed"
     assert (tmp_path / "throughput.png").read_bytes()[:4] == b"\x89PNG"
 
@@ -146,3 +147,75 @@ def test_report_repair_section_gives_shares_of_healthy_and_goals() -> None:
     assert "column rebuilds (now) | 800 IOPS vs healthy 1,000 | 80% | ≥ 70%: yes |" in md
     assert "whole-stripe rebuilds (before) | 300 IOPS vs healthy 1,000 | 30% |  |" in md
     assert "seqwrite" not in md  # rows without figures are left out
+
+
+def _merged(first: dict, *more: dict) -> dict:
+    """One job's result with the metrics of several (a Result holds every metric of its job)."""
+    return {**first, "metrics": {k: v for r in (first, *more) for k, v in r["metrics"].items()}}
+
+
+def test_report_issue_14_goals_and_dataload_section(tmp_path: Path) -> None:
+    params = {"files": 20000, "total_bytes": 3 << 30, "directories": 100, "min_size_bytes": 64 << 10,
+              "max_size_bytes": 256 << 10, "workers": 2, "batch_size": 32}
+    data = {
+        "status": "complete", "config": {"dataload_files": 20000}, "machine": {}, "versions": {},
+        "targets": {name: {"status": "ok"} for name in ("deepfs", "deepfs-client", "gluster")},
+        "results": [
+            _merged(_result("fio", "randread_4k_j1_qd1", "deepfs", "iops", [9000, 8000, 8500]),
+                    _result("fio", "randread_4k_j1_qd1", "deepfs", "p99_us", [400], higher=False)),
+            _result("fio", "randread_4k_j1_qd1", "deepfs-client", "iops", [9000]),
+            _merged(_result("fio", "randread_4k_j1_qd1", "gluster", "iops", [2000]),
+                    _result("fio", "randread_4k_j1_qd1", "gluster", "p99_us", [900], higher=False)),
+            _result("smallfiles", "stat", "deepfs", "files_s", [21000]),
+            _result("smallfiles", "stat", "gluster", "files_s", [1000]),
+            {**_merged(_result("dataload", "epoch", "deepfs", "files_s", [1000, 1200]),
+                       _result("dataload", "epoch", "deepfs", "mib_s", [150, 180])), "params": params},
+            _result("dataload", "epoch", "deepfs-client", "files_s", [900]),
+            {**_merged(_result("dataload", "epoch", "gluster", "files_s", [200]),
+                       _result("dataload", "epoch", "gluster", "mib_s", [30])), "errors": ["rep 2: RuntimeError('x')"]},
+        ],
+    }
+    paths = report.write(tmp_path, data)
+    md = paths["markdown"].read_text()
+    goals = md.split("## Where DeepFS stands against its goals")[1].split("\n## ")[0]
+    assert "| 4 KiB random read IOPS, 1 job, QD1 | deepfs 8,500 vs gluster 2,000 | 4.25× | ≥ 4.0× | yes |" in goals
+    assert "| 4 KiB random read IOPS, 1 job, QD1 | deepfs-client 9,000 vs gluster 2,000 | 4.50× | ≥ 4.0× | yes |" \
+        in goals
+    assert "| 4 KiB random read, 1 job, QD1 | deepfs 8,500 IOPS | | ≥ 8,000 IOPS | yes |" in goals
+    assert "| 4 KiB random read, 1 job, QD1 | deepfs-client 9,000 IOPS | | ≥ 10,000 IOPS | **no** |" in goals
+    assert "| p99 of 4 KiB random read, QD1 | deepfs 400 µs | | ≤ 500 µs | yes |" in goals
+    assert "| small-file stats/s | deepfs 21,000 vs gluster 1,000 | 21.00× | ≥ 5.0× | yes |" in goals
+    assert "| small-file stats | deepfs 21,000 files/s | | ≥ 20,000 files/s | yes |" in goals
+    assert "| DataLoader files/s (mount) | deepfs 1,100 vs gluster 200 | 5.50× | ≥ 5.0× | yes |" in goals
+    assert ("| DataLoader files/s (fsspec/deepfs.Client) | deepfs-client 900 vs gluster 200 | 4.50× | ≥ 5.0× "
+            "| **no** |") in goals
+    assert "small-file creates" not in goals  # no figures, no row
+    section = md.split("## Data loading (PyTorch DataLoader)")[1].split("\n## ")[0]
+    assert "over 20,000 files of 64–256 KiB in 100 directories (3,072 MiB), 2 workers, batch size 32" in section
+    assert "| files/s | 1,100 (1,000–1,200) | 900 (900–900) · 0.82× | 200 (200–200) · 0.18× |" in section
+    assert "| MiB/s | 165 (150–180) | — | 30.0 (30.0–30.0) · 0.18× |" in section
+    assert "- gluster / epoch: 1 failed repetition(s): rep 2: RuntimeError('x')" in section
+    assert (tmp_path / "dataload.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_dataload_tree_and_an_epoch_on_a_directory(tmp_path: Path) -> None:
+    from bench import dataload
+
+    tree = dataload.make_tree("dl", 150)
+    assert len(tree.files) == 150 and len(tree.dirs) == 101 and tree.dirs[0] == "dl"
+    assert all(dataload.MIN_SIZE <= size <= dataload.MAX_SIZE for _, size in tree.files)
+    assert {p.rsplit("/", 1)[0] for p, _ in tree.files} == set(tree.dirs[1:])
+    assert tree == dataload.make_tree("dl", 150)  # the same files on every target
+    ops = smallfiles.PosixOps(tmp_path)
+    dataload.write(ops, tree)
+    dataset = dataload.Files(tree, str(tmp_path))
+    files_s, mib_s = dataload.epoch(dataset, seed=0)
+    assert files_s > 0 and mib_s > 0
+    path, size = tree.files[77]  # a file that reads back wrong fails the epoch
+    with open(tmp_path / path, "r+b") as f:
+        f.seek(size - 1)
+        f.write(b"\x00" if f.read(1) != b"\x00" else b"\x01")
+    with pytest.raises(RuntimeError, match="f000077.bin"):
+        dataload.epoch(dataset, seed=1)
+    dataload.remove(ops, tree)
+    assert list(tmp_path.iterdir()) == []

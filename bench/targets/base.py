@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +33,7 @@ class Target:
     description: str = ""
     root: Path | None = None
     client: Any = None
+    connect: Callable[[], Any] | None = None  # opens another client of ``client``'s cluster (data-loader workers)
     direct: bool = True  # O_DIRECT reaches the target's storage (False: the flag is dropped on the way)
     notes: list[str] = field(default_factory=list)
     versions: dict[str, str] = field(default_factory=dict)

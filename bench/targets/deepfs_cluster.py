@@ -98,6 +98,7 @@ class DeepFSCluster(FailureGroup):
             raise TargetSkipped(f"deepfs.Client could not connect: {first_line(exc)}") from exc
         yield Target("deepfs-client", "client", f"deepfs.Client / deepfs.torch adapter ({self._describe()})",
                      root=Path("/bench-client"), client=self.client, versions=_deepfs_versions(),
+                     connect=lambda: deepfs.Client(self.cluster.meta_address, key=self.cluster.admin_key),
                      notes=["fio-style jobs run by bench/pyio.py through deepfs.Client (no fio, no kernel)"],
                      failure_group=self)
 

@@ -63,6 +63,7 @@ class DeepFSTlsCluster(DeepFSCluster):
             raise TargetSkipped(f"deepfs.Client could not connect over TLS: {first_line(exc)}") from exc
         yield Target(TARGET_NAME, "client", f"deepfs.Client / deepfs.torch adapter ({self._describe()})",
                      root=Path("/bench-client"), client=self.client, versions=_deepfs_versions(),
+                     connect=lambda: deepfs.Client(self.cluster.meta_address, self.client_config()),
                      notes=["fio-style jobs run by bench/pyio.py through deepfs.Client over TLS; "
                             "compare with deepfs-client (plain TCP + HMAC)"],
                      failure_group=self)
