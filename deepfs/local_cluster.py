@@ -33,6 +33,7 @@ etcd members' pids too, so ``deepfs down`` of an attached cluster stops them.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import signal
 import sys
@@ -57,11 +58,14 @@ from deepfs.auth import (
 )
 from deepfs.auth.grpc_auth import authenticated_channel
 from deepfs.errors import ConfigError
-from deepfs.processes import ServerProcess, free_port, pid_alive, ready_line, stop_all
+from deepfs.processes import ProcessStartError, ServerProcess, free_port, pid_alive, ready_line, stop_all
 from deepfs.proto import control_pb2, control_pb2_grpc
+
+log = logging.getLogger(__name__)
 
 STATE_FILE = "cluster.json"
 READY_TIMEOUT_S = 30.0
+PORT_ATTEMPTS = 3  # starts of a metadata server on fresh ports when one it was given was taken
 ENGINES = ("lmdb", "etcd")
 ETCD_MEMBERS = 3
 KEYS_DIR = "keys"
@@ -299,15 +303,16 @@ class LocalCluster:
         if self.tls and not self.state.tls_ca_file:
             self._make_tls_files(self.tls_hosts())
         count = len(self.state.metas)
-        self.state.meta_addresses = [f"{self.host}:{free_port(self.host)}" for _ in range(count)]
-        self.state.grpc_addresses = [f"{self.host}:{free_port(self.host)}" for _ in range(count)]
-        self.state.meta_address = ",".join(self.state.meta_addresses)
-        self.state.grpc_address = self.state.grpc_addresses[0]
+        self.state.meta_addresses = [""] * count
+        self.state.grpc_addresses = [""] * count
         try:
             if self.state.meta_engine == "etcd":
                 self.start_etcd(timeout_s)
             for index in range(count):
-                self.start_meta(index, timeout_s)
+                self._start_meta_on_free_ports(index, timeout_s)
+            self.state.meta_address = ",".join(self.state.meta_addresses)
+            self.state.grpc_address = self.state.grpc_addresses[0]
+            self.state.save()
             for i in range(self.node_count):
                 self.start_node(i, timeout_s, wait_registered=False)
             self.wait_nodes_up(self.node_count, timeout_s)
@@ -337,6 +342,24 @@ class LocalCluster:
     def meta_name(self, index: int) -> str:
         """Process (and data directory) name of metadata server ``index``: meta, meta1, meta2, ..."""
         return "meta" if index == 0 else f"meta{index}"
+
+    def _start_meta_on_free_ports(self, index: int, timeout_s: float) -> None:
+        """First start of metadata server ``index`` on ports picked right before it is spawned.
+
+        A free port is a guess (bound to port 0, then closed): any process may take it before the
+        server binds it, an outgoing connection's ephemeral port too (etcd's members start just
+        before). A server that failed to bind is started again on new ports."""
+        for attempt in range(1, PORT_ATTEMPTS + 1):
+            self.state.meta_addresses[index] = f"{self.host}:{free_port(self.host)}"
+            self.state.grpc_addresses[index] = f"{self.host}:{free_port(self.host)}"
+            try:
+                self.start_meta(index, timeout_s)
+                return
+            except ProcessStartError as exc:
+                if "Address already in use" not in str(exc) or attempt == PORT_ATTEMPTS:
+                    raise
+                log.warning("%s: a port was taken before it could bind (attempt %d); trying new ones",
+                            self.meta_name(index), attempt)
 
     def start_meta(self, index: int = 0, timeout_s: float = READY_TIMEOUT_S) -> None:
         """Start (or restart, on its old ports) metadata server ``index``."""

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 import deepfs
+import deepfs.local_cluster as local_cluster
 from deepfs import Layout
 from deepfs.local_cluster import LocalCluster
 from deepfs.processes import pid_alive
@@ -286,3 +287,30 @@ def test_a_filled_node_refuses_new_fragments_and_keeps_serving_old_ones(fresh_cl
         before, after = (client.stat(path).st_ino for path in ("/before", "/after"))
     assert len(fragment_files([fresh_cluster.node_data_dir(0)], before)) == 2  # one per stripe, still there
     assert fragment_files([fresh_cluster.node_data_dir(0)], after) == []  # nothing new fitted
+
+
+def test_a_metadata_server_whose_port_was_taken_is_started_on_new_ports(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A picked free port is a guess; another process may bind it first. LocalCluster starts the
+    metadata server again on new ports instead of failing (seen in CI: an etcd member's connection
+    took the port between the pick and the bind)."""
+    taken = socket.socket()
+    taken.bind(("127.0.0.1", 0))
+    taken.listen()
+    handed_out: list[int] = []
+
+    def first_one_taken(host: str = "127.0.0.1") -> int:
+        port = taken.getsockname()[1] if not handed_out else free_port(host)
+        handed_out.append(port)
+        return port
+
+    monkeypatch.setattr(local_cluster, "free_port", first_one_taken)
+    try:
+        with LocalCluster(tmp_path / "c", 3, 2, 1, 1 << 20, fsync=False).start() as cluster:
+            assert handed_out[0] == taken.getsockname()[1]
+            assert int(cluster.meta_address.rsplit(":", 1)[1]) != handed_out[0]
+            with deepfs.Client(cluster.meta_address, key=cluster.admin_key) as client:
+                client.write_file("/x", b"after a retry")
+                assert client.read_file("/x") == b"after a retry"
+    finally:
+        taken.close()
