@@ -52,12 +52,6 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
         c.stop()
 
 
-@pytest.fixture
-def client(cluster: LocalCluster) -> Iterator[deepfs.Client]:
-    with deepfs.Client(cluster.meta_address) as c:
-        yield c
-
-
 def meta_scrapes(cluster: LocalCluster) -> list[dict[tuple[str, tuple[tuple[str, str], ...]], float]]:
     """The metrics of every metadata server (one on LMDB, several on etcd)."""
     scrapes = []

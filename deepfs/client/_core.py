@@ -27,13 +27,14 @@ paths are resolved from HELLO's ``root``, the subtree the key is limited to.
 from __future__ import annotations
 
 import collections
+import contextlib
 import errno
 import logging
 import os
 import stat as stat_module
 import time
 import weakref
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager
 from typing import Any, cast
 
@@ -420,8 +421,7 @@ class AsyncClient:
         ``readable``/``writable``) is what the metadata server checks the
         file's mode for (the FUSE client passes the open flags' access)."""
         access = access or open_access(readable, writable)
-        self._opening[ino] += 1
-        try:
+        with self._opening_held(ino):
             state = await fetch_file_state(self.meta, ino, access)
             attr, layout, records, min_version = state.attr, state.layout, state.records, state.min_version
             if not attr["nlink"] and not self._is_open_here(ino):
@@ -430,10 +430,6 @@ class AsyncClient:
                 raise os_error(errno.ENOENT, "the file was removed", path or f"<inode {ino}>")
             file = AsyncFile(self._file_services, path or f"<inode {ino}>", attr, layout, records, readable,
                              writable, append, min_version, access)
-        finally:
-            self._opening[ino] -= 1
-            if not self._opening[ino]:
-                del self._opening[ino]
         self._open_files.add(file)
         return file
 
@@ -452,18 +448,24 @@ class AsyncClient:
     async def _file_of(self, state: OpenReply, path: str, readable: bool, writable: bool, append: bool,
                        access: str) -> AsyncFile:
         """The open file of a path OPEN's reply (its further stripe records fetched first)."""
-        ino = int(state.attr["ino"])
-        self._opening[ino] += 1  # held while its records page in: no batched release may drop it
-        try:
+        with self._opening_held(int(state.attr["ino"])):
             state = await complete_state(self.meta, state)
             file = AsyncFile(self._file_services, path, state.attr, state.layout, state.records, readable,
                              writable, append, state.min_version, access)
+        self._open_files.add(file)
+        return file
+
+    @contextlib.contextmanager
+    def _opening_held(self, ino: int) -> Iterator[None]:
+        """Mark ``ino`` as being opened here while its state is fetched: no batched release
+        may drop the hold its OPEN took meanwhile (see ``_opening``)."""
+        self._opening[ino] += 1
+        try:
+            yield
         finally:
             self._opening[ino] -= 1
             if not self._opening[ino]:
                 del self._opening[ino]
-        self._open_files.add(file)
-        return file
 
     def _is_open_here(self, ino: int) -> bool:
         return any(f.ino == ino and not f.closed for f in self._open_files)
