@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import random
 import signal
 import socket
 import subprocess
@@ -83,12 +84,52 @@ def pid_file(path: str | Path) -> ReadyCheck:
     return check
 
 
+FIRST_CHOSEN_PORT = 20000
+"""``free_port`` draws from [FIRST_CHOSEN_PORT, start of the kernel's ephemeral range)."""
+_handed_out: set[int] = set()
+
+
+def _ephemeral_start() -> int:
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 0
+
+
 def free_port(host: str = "127.0.0.1") -> int:
-    """A TCP port nobody listens on right now (another process may take it before you do)."""
+    """A TCP port nobody listens on right now, for a server started next.
+
+    The problem with asking the kernel for one (bind to port 0, close): it
+    comes from the ephemeral range, the same range the kernel draws the
+    source port of every outgoing connection from, so between the pick and
+    the server's bind any connection made meanwhile (an etcd member dialing
+    its peers, a client) can take it: EADDRINUSE, now and then, in CI. Ports
+    below that range are never handed out by the kernel, so a port drawn at
+    random there and found free is only lost to another explicit bind; one
+    process never hands out the same port twice. Falls back to the kernel's
+    pick when the range below is too small. Still a guess: a caller that
+    must not fail retries on EADDRINUSE.
+    """
+    first, end = FIRST_CHOSEN_PORT, _ephemeral_start()
+    if len(_handed_out) > (end - first) // 2:
+        _handed_out.clear()  # long-lived callers: the oldest picks are long since bound or gone
+    for _ in range(100 if end - first >= 1000 else 0):
+        port = random.randrange(first, end)
+        if port in _handed_out:
+            continue
+        with socket.socket() as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the servers bind
+            try:
+                s.bind((host, port))
+            except OSError:
+                continue
+        _handed_out.add(port)
+        return port
     with socket.socket() as s:
         s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
+        chosen: int = s.getsockname()[1]
+        return chosen
 
 
 def pid_alive(pid: int) -> bool:

@@ -18,7 +18,7 @@ import pytest
 
 import deepfs
 import deepfs.local_cluster as local_cluster
-from deepfs import Layout
+from deepfs import Layout, processes
 from deepfs.local_cluster import LocalCluster
 from deepfs.processes import pid_alive
 from deepfs.testing import (
@@ -98,6 +98,21 @@ def test_stop_kills_what_ignores_sigterm(tmp_path: Path) -> None:
         time.sleep(60)
     """), ready_line("up"), tmp_path / "stubborn.log").start(timeout_s=10)
     assert server.stop(timeout_s=0.5) == -signal.SIGKILL
+
+
+def test_free_port_never_hands_out_an_ephemeral_port_or_one_twice() -> None:
+    """Ports the kernel may give an outgoing connection (the ephemeral range) are not handed out,
+    and neither is a port this process handed out before or one a listener holds."""
+    with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+        ephemeral_start = int(f.read().split()[0])
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        ports = [free_port() for _ in range(200)]
+        assert held.getsockname()[1] not in ports
+    assert len(set(ports)) == len(ports)
+    if ephemeral_start - processes.FIRST_CHOSEN_PORT >= 1000:
+        assert all(processes.FIRST_CHOSEN_PORT <= port < ephemeral_start for port in ports)
 
 
 def test_port_and_pid_file_readiness_and_an_adopted_process(tmp_path: Path) -> None:
