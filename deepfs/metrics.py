@@ -5,8 +5,8 @@ kinds of metrics, all named ``deepfs_<role>_…`` with units in the names:
 
 - **events** — requests by op, their latency and bytes, errors by errno —
   counted as they happen by ``RequestMetrics``. The hot path pays one dict
-  lookup and a few counter increments per request, nothing else: the
-  children of every known op are made up front.
+  lookup, a bisect and a few plain-int increments per request, nothing else:
+  the families are made from those ints when Prometheus scrapes.
 - **state** — queue lengths, disk space, stripe health, sessions — read only
   when Prometheus scrapes, by a ``StateCollector`` over a function that
   returns the current values. Nothing is kept up to date between scrapes.
@@ -20,14 +20,31 @@ read). Labels are bounded: op names, errno names, a few fixed words.
 from __future__ import annotations
 
 import errno as errno_module
+import threading
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 import trio
-from prometheus_client import CollectorRegistry, Counter, Histogram, disable_created_metrics, start_http_server
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client import CollectorRegistry, disable_created_metrics, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+"""(sample name, sorted labels) → value: one /metrics page."""
+
+
+def parse_scrape(text: str) -> Scrape:
+    """The samples of a Prometheus text exposition (``deepfs top``, benchmarks and tests read /metrics pages)."""
+    samples: Scrape = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
+    return samples
+
 
 LATENCY_BUCKETS_S = (50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3, 100e-3, 250e-3,
                      0.5, 1.0, 2.5, 5.0, 10.0)
@@ -67,6 +84,16 @@ class RequestMetrics:
     ``ops`` maps the op codes the process serves to their label (``{Op.PING: "PING", …}``);
     an op outside it is counted as ``other``, so a peer cannot grow the label set.
     ``frame_server``: also export its connection counters (``frame_server_samples``).
+
+    The hot path is ``observe``, once per request: prometheus_client's metric objects cost
+    ~7 µs per request there (a lock and a few calls per counter), so requests are counted in
+    plain ints per op (``_OpCounts``) and turned into the usual families (``*_requests_total``,
+    ``*_request_duration_seconds`` histogram, …) only when Prometheus scrapes. ``observe`` runs
+    on the event loop and on a storage node's connection threads: each increment reads and
+    writes one int with no call between, which the GIL keeps whole (the rare error counts
+    take a lock). A scrape from the exporter's thread may see a request counted in one family
+    and not yet in the next, never a histogram whose count and buckets disagree (the count is
+    the sum of the buckets it read).
     """
 
     def __init__(self, registry: CollectorRegistry, role: str, ops: Mapping[Any, str], *,
@@ -77,42 +104,75 @@ class RequestMetrics:
             registry.register(StateCollector(
                 lambda: frame_server_samples(role, server),
                 {f"{prefix}_{name}": text for name, text in FRAME_SERVER_COUNTERS.items()}))
-        self._requests = Counter(f"{prefix}_requests", "Requests served, by op.", ["op"], registry=registry)
-        self._errors = Counter(f"{prefix}_request_errors", "Requests answered with an error, by op and errno.",
-                               ["op", "errno"], registry=registry)
-        self._latency = Histogram(f"{prefix}_request_duration_seconds", "Time to serve a request, by op.", ["op"],
-                                  buckets=LATENCY_BUCKETS_S, registry=registry)
-        self._bytes_in = Counter(f"{prefix}_request_bytes_in", "Payload bytes received with requests, by op.",
-                                 ["op"], registry=registry)
-        self._bytes_out = Counter(f"{prefix}_request_bytes_out", "Payload bytes sent in answers, by op.",
-                                  ["op"], registry=registry)
-        self._by_op: dict[Any, _OpChildren] = {op: self._children(name) for op, name in ops.items()}
-        self._other = self._children(OTHER_OP)
-
-    def _children(self, name: str) -> _OpChildren:
-        return _OpChildren(name, self._requests.labels(name), self._latency.labels(name),
-                           self._bytes_in.labels(name), self._bytes_out.labels(name))
+        self._by_op: dict[Any, _OpCounts] = {op: _OpCounts(name) for op, name in ops.items()}
+        self._other = _OpCounts(OTHER_OP)
+        self._errors: dict[tuple[str, str], int] = {}  # (op label, errno name) -> answers
+        self._errors_lock = threading.Lock()
+        registry.register(_RequestCollector(prefix, self))
 
     def observe(self, op: Any, elapsed_s: float, error: int = 0, bytes_in: int = 0, bytes_out: int = 0) -> None:
         """One request of ``op`` took ``elapsed_s``; ``error`` is the errno it answered (0: success)."""
-        children = self._by_op.get(op, self._other)
-        children.requests.inc()
-        children.latency.observe(elapsed_s)
+        counts = self._by_op.get(op, self._other)
+        counts.buckets[bisect_left(LATENCY_BUCKETS_S, elapsed_s)] += 1  # bucket i: elapsed <= bound i
+        counts.latency_sum_s += elapsed_s
         if bytes_in:
-            children.bytes_in.inc(bytes_in)
+            counts.bytes_in += bytes_in
         if bytes_out:
-            children.bytes_out.inc(bytes_out)
+            counts.bytes_out += bytes_out
         if error:
-            self._errors.labels(children.name, errno_name(error)).inc()
+            label = (counts.name, errno_name(error))
+            with self._errors_lock:
+                self._errors[label] = self._errors.get(label, 0) + 1
+
+    def _op_counts(self) -> list[_OpCounts]:
+        return [*self._by_op.values(), self._other]
 
 
-@dataclass(slots=True)
-class _OpChildren:
+@dataclass(slots=True, eq=False)
+class _OpCounts:
+    """What ``RequestMetrics`` counted of one op label; ``buckets[i]``: requests in
+    (bound i-1, bound i] of ``LATENCY_BUCKETS_S``, the last one above every bound."""
+
     name: str
-    requests: Any
-    latency: Any
-    bytes_in: Any
-    bytes_out: Any
+    buckets: list[int] = field(default_factory=lambda: [0] * (len(LATENCY_BUCKETS_S) + 1))
+    latency_sum_s: float = 0.0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+_BOUND_LABELS = [floatToGoString(bound) for bound in LATENCY_BUCKETS_S] + ["+Inf"]  # type: ignore[no-untyped-call]
+
+
+@dataclass(eq=False)  # registries key collectors by identity
+class _RequestCollector(Collector):
+    """``RequestMetrics``' counts as Prometheus families, made at scrape time."""
+
+    prefix: str
+    metrics: RequestMetrics
+
+    def collect(self) -> Iterable[Any]:
+        p = self.prefix
+        requests = CounterMetricFamily(f"{p}_requests", "Requests served, by op.", labels=["op"])
+        errors = CounterMetricFamily(f"{p}_request_errors", "Requests answered with an error, by op and errno.",
+                                     labels=["op", "errno"])
+        latency = HistogramMetricFamily(f"{p}_request_duration_seconds", "Time to serve a request, by op.",
+                                        labels=["op"])
+        bytes_in = CounterMetricFamily(f"{p}_request_bytes_in", "Payload bytes received with requests, by op.",
+                                       labels=["op"])
+        bytes_out = CounterMetricFamily(f"{p}_request_bytes_out", "Payload bytes sent in answers, by op.",
+                                        labels=["op"])
+        for counts in self.metrics._op_counts():  # noqa: SLF001 - the collector is part of RequestMetrics
+            cumulative, total = [], 0
+            for label, count in zip(_BOUND_LABELS, list(counts.buckets), strict=True):
+                total += count
+                cumulative.append((label, total))
+            requests.add_metric([counts.name], total)
+            latency.add_metric([counts.name], cumulative, counts.latency_sum_s)
+            bytes_in.add_metric([counts.name], counts.bytes_in)
+            bytes_out.add_metric([counts.name], counts.bytes_out)
+        for (op, code), count in list(self.metrics._errors.items()):  # noqa: SLF001
+            errors.add_metric([op, code], count)
+        return [requests, errors, latency, bytes_in, bytes_out]
 
 
 Sample = tuple[str, str, float, dict[str, str]]

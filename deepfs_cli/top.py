@@ -22,28 +22,15 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import click
-from prometheus_client.parser import text_string_to_metric_families
 from rich.console import Console
 from rich.table import Table
 
 from deepfs.errors import ConfigError
+from deepfs.metrics import Scrape, parse_scrape
 from deepfs_cli.common import data_dir_option, fail
 from deepfs_cli.status_view import human_bytes, wide_console
 
 SCRAPE_TIMEOUT_S = 2.0
-
-Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
-"""(sample name, sorted labels) → value: one /metrics page."""
-
-
-def parse_scrape(text: str) -> Scrape:
-    """The samples of a Prometheus text exposition."""
-    samples: Scrape = {}
-    for family in text_string_to_metric_families(text):
-        for sample in family.samples:
-            samples[(sample.name, tuple(sorted(sample.labels.items())))] = sample.value
-    return samples
-
 
 def _sum(scrape: Scrape, suffix: str) -> float:
     """Sum over every deepfs sample whose name ends in ``suffix`` (all ops, all roles)."""

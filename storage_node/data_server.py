@@ -11,7 +11,9 @@ Disk work runs in worker threads, bounded by one ``CapacityLimiter`` for the
 whole node, so the event loop keeps reading requests while disks are busy;
 PING, STAT and GETs up to ``INLINE_BYTES`` (the page cache serves them in
 microseconds) are answered by the connection's reader itself
-(``handle_inline``: no task, no thread hand-off).
+(``handle_inline``: no task, no thread hand-off), and a plain-TCP connection
+sending a run of them by a thread of its own (``INLINE_THREADS``), so
+``handle_inline`` must be thread-safe (the store and the capability cache are).
 PUT payloads are received into pooled, page-aligned buffers (see
 ``payload_pool``) so the store can write them with O_DIRECT; large GET
 answers are sent from the pooled buffers the store read them into, or —
@@ -70,6 +72,10 @@ it by the connection's reader itself (``DataServer.handle_inline``), with no tas
 Below ``DIRECT_MIN_BYTES``: inline work stays buffered, never waiting on the disk for O_DIRECT."""
 assert INLINE_BYTES < DIRECT_MIN_BYTES
 
+INLINE_THREADS = 32
+"""Plain-TCP connections whose run of inline requests is served by a thread of their own, at most
+(``FrameServer(inline_threads=...)``: no event-loop wake-up per request); the others stay on the loop."""
+
 
 class DataServer:
     """Framed-protocol handler of one storage node.
@@ -105,6 +111,7 @@ class DataServer:
             handshake_timeout_s=config.handshake_timeout_s,
             ssl_context=ssl_context,
             inline=self.handle_inline,
+            inline_threads=INLINE_THREADS,
         )
         self._caps = None if service_secret is None else CapabilityVerifier(service_secret, config.capability_skew_s)
         self._max_get = min(config.max_payload_bytes, INLINE_BYTES)

@@ -29,9 +29,9 @@ from deepfs.auth import Identity, Key, load_cluster_secret, make_key
 from deepfs.client import AsyncFile
 from deepfs.fsspec_fs import DeepFSFileSystem
 from deepfs.local_cluster import LocalCluster
+from deepfs.metrics import parse_scrape
 from deepfs.processes import ServerProcess, ready_line
 from deepfs.testing import fragment_files, wait_for
-from deepfs_cli.top import parse_scrape
 from tests.conftest import start_cluster
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]

@@ -73,9 +73,9 @@ from deepfs.local_cluster import LocalCluster, node_identity
 from deepfs.messages.constants import ROOT_INO
 from deepfs.messages.fragment_key import FragmentKey
 from deepfs.messages.storage_requests import delete_fragment_body, get_fragment_body, put_fragment_body
+from deepfs.metrics import parse_scrape
 from deepfs.proto import control_pb2, control_pb2_grpc
 from deepfs.testing import wait_for
-from deepfs_cli.top import parse_scrape
 from tests.conftest import FAST_META_ARGS, SESSION_SECRET
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]

@@ -82,7 +82,9 @@ class CapabilityVerifier:
             if not hmac.compare_digest(fields[4], _mac(self._secret, *fields[:4])):
                 raise os_error(errno.EACCES, "forged capability: its signature does not match")
             if len(self._signed) >= self._max_tokens:
-                live = {t: e for t, e in self._signed.items() if now <= e + self._skew_s}
+                # A snapshot: a storage node checks on several connection threads at once, and
+                # iterating the dict while another thread adds to it would raise.
+                live = {t: e for t, e in list(self._signed.items()) if now <= e + self._skew_s}
                 self._signed = live if len(live) < self._max_tokens // 2 else {}
             self._signed[fields] = fields[3]
         _check_grant(fields, ino, op, version, now, self._skew_s)

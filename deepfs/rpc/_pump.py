@@ -20,6 +20,8 @@ import errno
 import math
 import mmap
 import os
+import select
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +36,13 @@ Buffer = bytes | bytearray | memoryview
 
 _NO_PAYLOAD = memoryview(b"")
 _MAX_IOV = 64  # pieces per sendmsg, well below any IOV_MAX
+WAIT_SLICE_S = 0.25
+"""The blocking functions (``next_frame_blocking``, ``send_frame_blocking``) wake at least this
+often while they wait, to ask ``on_wait`` whether to stop (a thread cannot be cancelled)."""
+
+
+class ConnectionIdle(Exception):
+    """``FrameReader.next_frame_blocking``: no frame started within the idle timeout."""
 
 
 @dataclass(frozen=True)
@@ -77,6 +86,7 @@ class FrameReader:
         self._lazy = lazy_payloads
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._waited = False  # this frame has passed a schedule point (see read_frame)
+        self._poller: select.poll | None = None  # next_frame_blocking's, made on its first call
         self._frames = FrameBuffer(max_body, max_payload, buffer_size, payload_limits)
 
     @property
@@ -152,6 +162,65 @@ class FrameReader:
             return header, body, payload
         raise ProtocolError(f"frame not completed within {frame_timeout_s:g} s")
 
+    async def finish_frame(self, header: FrameHeader, body: Any, payload_buffer: PayloadBuffer | None,
+                           frame_left_s: float) -> memoryview:
+        """The payload of a frame whose header and body ``next_frame_blocking`` returned; the rest
+        must arrive within ``frame_left_s`` (what its frame timeout left), else ``ProtocolError``."""
+        if not header.payload_len:
+            return _NO_PAYLOAD
+        payload = _payload_memory(header, body, payload_buffer, self._lazy)
+        got = self._frames.take_payload(payload)
+        if got == len(payload):
+            return payload
+        self._waited = self._sock is None
+        with trio.move_on_after(frame_left_s):
+            await self._rest_of_payload(payload, got)
+            return payload
+        raise ProtocolError("frame not completed within its frame timeout")
+
+    def next_frame_blocking(self, idle_timeout_s: float, frame_timeout_s: float,
+                            on_wait: Callable[[], None]) -> tuple[FrameHeader, Any, float] | None:
+        """``read_frame`` for a thread of its own on a socket stream, without its payload: header,
+        body and the seconds its frame timeout leaves for the payload (``finish_frame``); None on
+        a clean EOF between frames. Waits in ``poll`` (no event loop): ``ConnectionIdle`` when no
+        frame started within ``idle_timeout_s``, ``ProtocolError`` when one started and was not
+        complete within ``frame_timeout_s``; ``on_wait()`` is called at least every
+        ``WAIT_SLICE_S`` while waiting (it may raise to stop, e.g. ``trio.from_thread.check_cancelled``)."""
+        assert self._sock is not None, "next_frame_blocking needs a socket stream"
+        buf = self._frames
+        started = time.monotonic()
+        frame = buf.next_frame()
+        if frame is not None:
+            return frame[0], frame[1], frame_timeout_s
+        raw = self._sock._sock  # noqa: SLF001 - the socket itself: this thread is its only user meanwhile
+        poller = self._poller
+        if poller is None:
+            poller = self._poller = select.poll()
+            poller.register(raw.fileno(), select.POLLIN)
+        while True:
+            deadline = started + (frame_timeout_s if buf.in_frame else idle_timeout_s)
+            left_s = deadline - time.monotonic()
+            if left_s <= 0:
+                if buf.in_frame:
+                    raise ProtocolError(f"frame not completed within {frame_timeout_s:g} s")
+                raise ConnectionIdle(f"no request for {idle_timeout_s:g} s")
+            if not poller.poll(math.ceil(min(left_s, WAIT_SLICE_S) * 1000)):
+                on_wait()
+                continue
+            try:
+                got = raw.recv_into(buf.receive_space())
+            except BlockingIOError:  # a wake-up without bytes after all
+                continue
+            if got == 0:
+                buf.closed()  # inside a frame: raises
+                return None
+            if not buf.in_frame:
+                started = time.monotonic()  # the first bytes of a frame: its frame timeout runs from here
+            buf.received(got)
+            frame = buf.next_frame()
+            if frame is not None:
+                return frame[0], frame[1], max(0.0, started + frame_timeout_s - time.monotonic())
+
     async def _rest_of_frame(self) -> tuple[FrameHeader, Any]:
         buf = self._frames
         while (frame := buf.next_frame()) is None:
@@ -195,8 +264,23 @@ async def send_frame(
     connection would be parsed as the rest of this frame. So the stream is
     closed before the error goes on, and both ends see a broken connection
     instead of garbage."""
-    payload_len = sum(len(p) for p in payload)
-    head = frames.encode_frame(op, request_id, body, payload_len, flags)
+    payload_len = sum(map(len, payload)) if payload else 0
+    head: Buffer = frames.encode_frame(op, request_id, body, payload_len, flags)
+    if not lock.locked() and isinstance(stream, trio.SocketStream):
+        # Nobody is sending on this connection: hand the whole frame to the kernel with one
+        # sendmsg before taking the lock (taking a trio Lock costs more than sending a small
+        # reply). Nothing awaits between the check and the send, so no other frame can start
+        # meanwhile; what the kernel did not take goes out under the lock as usual.
+        try:
+            rest = _send_at_once(stream, head, payload)
+        except BaseException:
+            with trio.CancelScope(shield=True):
+                await stream.aclose()
+            raise
+        if rest is not None:
+            if not rest:
+                return
+            head, payload = rest[0], rest[1:]
     # An uncontended send takes the lock without a schedule point, so a frame the kernel
     # takes at once costs no trip through the scheduler (the reply of a small request).
     try:
@@ -213,7 +297,62 @@ async def send_frame(
         lock.release()
 
 
-async def _send_pieces(stream: trio.abc.SendStream, head: bytes, payload: Sequence[Piece]) -> None:
+def _send_at_once(stream: trio.SocketStream, head: Buffer, payload: Sequence[Piece]) -> list[Buffer] | None:
+    """One non-blocking sendmsg of the whole frame: the pieces the kernel did not take (all of
+    them if it took nothing), or None, untried, when the frame has a file range or many pieces."""
+    pieces: list[Buffer] = [head]
+    for piece in payload:
+        if isinstance(piece, FileRange):
+            return None
+        pieces.append(piece)
+    if len(pieces) > _MAX_IOV:
+        return None
+    try:
+        sent = stream.socket._sock.sendmsg(pieces)  # noqa: SLF001 - vectored send on trio's socket
+    except BlockingIOError:
+        return pieces
+    while pieces and sent >= len(pieces[0]):
+        sent -= len(pieces.pop(0))
+    if sent:
+        pieces[0] = memoryview(pieces[0]).cast("B")[sent:]
+    return pieces
+
+
+def send_frame_blocking(stream: trio.SocketStream, op: int, request_id: int, body: Any,
+                        payload: Sequence[Piece] = (), flags: int = 0,
+                        on_wait: Callable[[], None] = lambda: None) -> None:
+    """``send_frame`` from a thread of its own, the only sender on the connection meanwhile (so no
+    lock); waits for the socket in ``poll``, calling ``on_wait`` every ``WAIT_SLICE_S`` (it may raise).
+    A frame cut short raises with the stream left to its owner to close (``send_frame``'s reason)."""
+    pieces: list[Buffer] = []
+    for piece in payload:
+        if isinstance(piece, FileRange):  # not worth a sendfile here: read it
+            data = os.pread(piece.fd, piece.length, piece.offset)
+            if len(data) != piece.length:
+                raise OSError(errno.EIO, "file ended before the range sent")
+            piece = data
+        pieces.append(piece)
+    head = frames.encode_frame(op, request_id, body, sum(map(len, pieces)), flags)
+    raw = stream.socket._sock  # noqa: SLF001 - vectored send on trio's socket
+    views: list[Buffer] = [head, *pieces]
+    poller: select.poll | None = None
+    while views:
+        try:
+            sent = raw.sendmsg(views[:_MAX_IOV])
+        except BlockingIOError:
+            if poller is None:
+                poller = select.poll()
+                poller.register(raw.fileno(), select.POLLOUT)
+            if not poller.poll(WAIT_SLICE_S * 1000):
+                on_wait()
+            continue
+        while views and sent >= len(views[0]):
+            sent -= len(views.pop(0))
+        if sent:
+            views[0] = memoryview(views[0]).cast("B")[sent:]
+
+
+async def _send_pieces(stream: trio.abc.SendStream, head: Buffer, payload: Sequence[Piece]) -> None:
     if isinstance(stream, trio.SocketStream):
         pending: list[Buffer] = [head]
         for piece in payload:

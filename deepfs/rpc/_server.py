@@ -43,9 +43,17 @@ from deepfs import frames
 from deepfs.auth import AuthError, Identity, Verifier
 from deepfs.frames import FLAG_ERROR, FLAG_RESPONSE, FrameHeader, ProtocolError
 from deepfs.rpc._handshake import server_handshake
-from deepfs.rpc._pump import FileRange, FrameReader, PayloadBuffer, Piece, send_frame
+from deepfs.rpc._pump import ConnectionIdle, FrameReader, PayloadBuffer, Piece, send_frame, send_frame_blocking
 
 log = logging.getLogger(__name__)
+
+INLINE_THREAD_NAME = "inline-conn"
+"""The thread that serves a connection's inline requests is named this, then the peer's address."""
+
+INLINE_STREAK = 8
+"""With ``inline_threads``, a connection moves to a thread after this many inline requests in a
+row (and back at the first request that is not): a peer that mixes in other requests stays on the
+event loop instead of paying a hand-off to the thread and back every few requests."""
 
 Handler = Callable[[int, Any, memoryview, Identity | None], Awaitable[tuple[Any, Sequence[Piece]]]]
 """``handler(op, body, payload, principal) -> (response_body, response_payload_pieces)``.
@@ -59,16 +67,19 @@ peer sent something no valid client sends)."""
 
 InlineHandler = Callable[[int, Any, Identity | None], "tuple[Any, Sequence[Piece]] | None"]
 """``inline(op, body, principal) -> (response_body, response_payload_pieces) | None``: the answer to
-a request without a payload, computed at once on the connection's reader task, or None to serve
-it as usual (``Handler``, a task of its own). Errors as ``Handler``. For requests that cost a few
-microseconds (a ping, a read the page cache serves): the connection reads nothing else meanwhile."""
+a request without a payload, computed at once on the connection's reader task (or, with
+``inline_threads``, on the connection's own worker thread: it must then be thread-safe), or None
+to serve it as usual (``Handler``, a task of its own). Errors as ``Handler``. For requests that
+cost a few microseconds (a ping, a read the page cache serves): the connection reads nothing else
+meanwhile."""
 
 PayloadSent = Callable[[Sequence[Piece]], None]
 """``payload_sent(pieces)``: the server is done with a response's payload pieces."""
 
 RequestDone = Callable[[int, float, int, int, int], None]
 """``request_done(op, elapsed_s, errno, payload_bytes_in, payload_bytes_out)`` after each answer
-(errno 0: success), e.g. ``deepfs.metrics.RequestMetrics.observe``; called on the event loop."""
+(errno 0: success), e.g. ``deepfs.metrics.RequestMetrics.observe``; called on the event loop, and
+on connections' worker threads for inline requests with ``inline_threads``."""
 
 
 @dataclass
@@ -132,12 +143,17 @@ class FrameServer:
       cancelled (the peer vanished). A handler may thus answer from pooled
       buffers and have them given back here, never while they are still
       being sent. It is called exactly once per such response, on the event
-      loop; it must be quick and must not raise (an exception is logged).
+      loop (or a connection's worker thread, see ``inline_threads``); it
+      must be quick and must not raise (an exception is logged).
 
     ``inline`` (optional) answers the requests it takes on the reader task
     itself: no task, no nursery, the reply sent at once where the socket
     takes it; they count against ``max_in_flight`` and keep the connection
     busy (not idle) like any other request while they are served.
+    ``inline_threads`` (with ``inline``): at most this many plain-TCP
+    connections at once are served by a worker thread of their own after
+    ``INLINE_STREAK`` inline requests in a row (``_serve_on_thread``), until
+    a request ``inline`` does not take; 0: never.
 
     ``request_done`` (optional) is told about every answered request, once
     the handler returned (latency excludes the send); ``connections`` is the
@@ -159,9 +175,11 @@ class FrameServer:
         handshake_timeout_s: float = 10.0,
         ssl_context: ssl.SSLContext | None = None,
         inline: InlineHandler | None = None,
+        inline_threads: int = 0,
     ) -> None:
         self.handler = handler
         self.inline = inline
+        self._threads = trio.CapacityLimiter(inline_threads) if inline and inline_threads else None
         self.limits = limits or ServerLimits()
         self.name = name
         self.payload_buffer = payload_buffer
@@ -326,7 +344,18 @@ class FrameServer:
         frame_timeout_s = self.limits.frame_timeout_s
         max_bytes = self.limits.max_bytes_in_flight
         inline = self.inline
+        # Inline requests served in a row on the event loop; from INLINE_STREAK on, with nothing
+        # else in flight, the connection moves to a thread of its own (``_serve_on_thread``).
+        streak = 0
+        threads = self._threads if isinstance(stream, trio.SocketStream) else None  # not TLS, not in memory
         while True:
+            handed = None
+            if threads is not None and streak >= INLINE_STREAK and not conn.requests and threads.available_tokens:
+                assert isinstance(stream, trio.SocketStream)
+                handed = await self._serve_on_thread(stream, reader, conn, principal, peer)
+                if handed is None:
+                    return
+                streak = 0
             try:  # read_frame has a schedule point for every frame: no checkpoint needed here
                 in_flight.acquire_nowait()
             except trio.WouldBlock:
@@ -335,7 +364,11 @@ class FrameServer:
                 conn.payload_freed = trio.Event()
                 await conn.payload_freed.wait()
             try:
-                frame = await reader.read_frame(self.payload_buffer, frame_timeout_s)
+                if handed is None:
+                    frame = await reader.read_frame(self.payload_buffer, frame_timeout_s)
+                else:  # a frame the thread did not serve: on to a task, with its payload
+                    header, body, frame_left_s = handed
+                    frame = header, body, await reader.finish_frame(header, body, self.payload_buffer, frame_left_s)
             except BaseException:
                 in_flight.release()
                 raise
@@ -347,7 +380,7 @@ class FrameServer:
                 in_flight.release()
                 raise ProtocolError("a client sent a response frame")
             conn.requests += 1
-            if inline is not None and not header.payload_len:
+            if handed is None and inline is not None and not header.payload_len:
                 try:
                     served = await self._answer_inline(inline, stream, send_lock, header, body, peer, principal)
                 finally:
@@ -356,9 +389,11 @@ class FrameServer:
                     if not conn.requests:
                         conn.idle_since = trio.current_time()
                 if served:
+                    streak += 1
                     continue
                 in_flight.acquire_nowait()  # released just now: free
                 conn.requests += 1
+            streak = min(streak, 0)
             conn.payload_bytes += header.payload_len
             nursery.start_soon(self._answer, stream, send_lock, in_flight, conn, header, body, payload, peer,
                                principal)
@@ -366,12 +401,27 @@ class FrameServer:
     async def _answer_inline(self, inline: InlineHandler, stream: trio.abc.Stream, send_lock: trio.Lock,
                              header: FrameHeader, body: Any, peer: str, principal: Identity | None) -> bool:
         """Answer a request on the reader task if ``inline`` takes it (True), as ``_answer`` would."""
+        reply = self._inline_reply(inline, header, body, peer, principal)
+        if reply is None:
+            return False
+        out_body, out_payload, flags = reply
+        try:
+            await send_frame(stream, send_lock, header.op, header.request_id, out_body, out_payload, flags)
+        finally:  # a broken connection ends the reader (it raises here, or on its next read)
+            if out_payload and self.payload_sent is not None:
+                self._release(out_payload)
+        return True
+
+    def _inline_reply(self, inline: InlineHandler, header: FrameHeader, body: Any, peer: str,
+                      principal: Identity | None) -> tuple[Any, Sequence[Piece], int] | None:
+        """(body, payload, flags) of ``inline``'s answer, reported to ``request_done``; None if it
+        does not take the request."""
         started = time.perf_counter()
         code = 0
         try:
             answer = inline(header.op, body, principal)
             if answer is None:
-                return False
+                return None
             out_body, out_payload = answer
             flags = FLAG_RESPONSE
         except ProtocolError:
@@ -381,12 +431,54 @@ class FrameServer:
             out_payload, flags = (), FLAG_RESPONSE | FLAG_ERROR
         if self.request_done is not None:
             self._report(header.op, time.perf_counter() - started, code, 0, out_payload)
+        return out_body, out_payload, flags
+
+    async def _serve_on_thread(self, stream: trio.SocketStream, reader: FrameReader, conn: _Connection,
+                               principal: Identity | None, peer: str) -> tuple[FrameHeader, Any, float] | None:
+        """Serve the connection's inline requests from a worker thread (``inline_threads``) until
+        a frame comes that ``inline`` does not take: its header, body and what its frame timeout
+        leaves for the payload; None once the peer closed the connection or left it idle."""
+        conn.requests += 1  # busy for the idle watchdog: the thread keeps the idle timeout itself
         try:
-            await send_frame(stream, send_lock, header.op, header.request_id, out_body, out_payload, flags)
-        finally:  # a broken connection ends the reader (it raises here, or on its next read)
-            if out_payload and self.payload_sent is not None:
-                self._release(out_payload)
-        return True
+            handed = await trio.to_thread.run_sync(self._inline_thread, stream, reader, principal, peer,
+                                                   thread_name=f"{INLINE_THREAD_NAME} {peer}", limiter=self._threads)
+        except ConnectionIdle:
+            self.connections_idle_closed += 1
+            log.debug("%s: closing connection from %s: idle for %g s", self.name, peer, self.limits.idle_timeout_s)
+            return None
+        finally:
+            conn.requests -= 1
+            conn.idle_since = trio.current_time()
+        return handed
+
+    def _inline_thread(self, stream: trio.SocketStream, reader: FrameReader, principal: Identity | None,
+                       peer: str) -> tuple[FrameHeader, Any, float] | None:
+        """``_serve_on_thread``'s loop, in the worker thread: blocking socket calls, no event loop.
+
+        Why: on the event loop each small request also pays trio's wake-up (epoll, a failed recv,
+        the scheduler, the send lock); a thread blocked in ``poll`` on one socket pays none of it.
+        Nothing else touches the connection meanwhile: no request of it is in flight."""
+        inline = self.inline
+        assert inline is not None
+        check_cancelled = trio.from_thread.check_cancelled
+        while True:
+            frame = reader.next_frame_blocking(self.limits.idle_timeout_s, self.limits.frame_timeout_s,
+                                               check_cancelled)
+            if frame is None:
+                return None
+            header, body, _frame_left_s = frame
+            if header.is_response:
+                raise ProtocolError("a client sent a response frame")
+            reply = None if header.payload_len else self._inline_reply(inline, header, body, peer, principal)
+            if reply is None:
+                return frame
+            out_body, out_payload, flags = reply
+            try:
+                send_frame_blocking(stream, header.op, header.request_id, out_body, out_payload, flags,
+                                    check_cancelled)
+            finally:
+                if out_payload and self.payload_sent is not None:
+                    self._release(out_payload)
 
     async def _answer(
         self,
@@ -446,7 +538,7 @@ class FrameServer:
 
     def _report(self, op: int, elapsed_s: float, code: int, bytes_in: int, pieces: Sequence[Piece]) -> None:
         assert self.request_done is not None
-        bytes_out = sum(piece.length if isinstance(piece, FileRange) else memoryview(piece).nbytes for piece in pieces)
+        bytes_out = sum(map(len, pieces)) if pieces else 0  # what send_frame announces as payload_len
         try:
             self.request_done(op, elapsed_s, code, bytes_in, bytes_out)
         except Exception:  # a metrics bug must not cost an answer
