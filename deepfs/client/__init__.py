@@ -18,14 +18,15 @@ Layers, from the top:
 - **Transport**: ``Transport`` is how the client opens every connection and
   fetches the cluster map; ``TcpTransport`` is the network and the default.
   ``AsyncClient.connect(..., transport=...)`` takes another, e.g. the
-  in-process cluster of ``deepfs.testing``.
+  in-process cluster of ``deepfs.testing``. Over TCP, ``Client``'s small
+  reads of read-only files skip the trio loop (``_direct``).
 - **Credentials**: ``connect(..., key=...)`` / ``Client(..., key=...)`` take
   a ``deepfs.auth.Key`` or a key file (default: ``ClientConfig.key_file``,
   ``$DEEPFS_KEY``, ``~/.config/deepfs/key``). The metadata connection
   presents the key, node connections the ticket HELLO handed out, fragment
   requests the capabilities OPEN and CREATE replies carry (``_caps``).
 
-Everything else (``_stripes``, ``_cluster``, ``_caps``, ``FileServices``) is private.
+Everything else (``_stripes``, ``_cluster``, ``_caps``, ``_direct``, ``FileServices``) is private.
 """
 
 from deepfs.client._core import AsyncClient, stat_result

@@ -105,9 +105,16 @@ class CapabilityCache:
     def usable(self, ino: int, need: str) -> Capability | None:
         """The capability held for ``need`` on ``ino`` if it will do as it is, else None (``get``
         fetches one): the data path's check, with no coroutine in it."""
+        cap = self.peek(ino, need)
+        if cap is not None:
+            self._held.move_to_end(ino)
+        return cap
+
+    def peek(self, ino: int, need: str) -> Capability | None:
+        """``usable`` without touching the cache's order: for threads outside the client's
+        loop (``_direct``), which must not change what the loop owns."""
         held = self._held.get(ino)
         if held is not None and need in held.ops and self._clock() < held.refresh_at:
-            self._held.move_to_end(ino)
             return held.cap
         return None
 

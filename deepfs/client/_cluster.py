@@ -17,6 +17,7 @@ from __future__ import annotations
 import errno
 import logging
 import math
+import ssl
 import time
 from collections.abc import Callable
 from typing import Any
@@ -26,7 +27,7 @@ import trio
 
 from deepfs import rpc
 from deepfs.auth import Credential, Key, authenticated_channel
-from deepfs.client._transport import Transport
+from deepfs.client._transport import TcpTransport, Transport
 from deepfs.config import ClientConfig
 from deepfs.placement import NodeView
 from deepfs.proto import control_pb2, control_pb2_grpc
@@ -107,6 +108,19 @@ class ClusterView:
             self._status_channel = authenticated_channel(self._grpc_address, self._key, ca_file)
         stub = control_pb2_grpc.ClusterStub(self._status_channel)
         return stub.Status(control_pb2.StatusRequest(), timeout=self._config.connect_timeout_s)
+
+    @property
+    def io_timeout_s(self) -> float:
+        """How long a node request may take (0: no limit)."""
+        return self._config.io_timeout_s
+
+    def blocking_dial_args(self) -> tuple[Credential | None, ssl.SSLContext | None, float] | None:
+        """What a blocking connection to a node presents (``rpc.BlockingFrameClient.connect``):
+        the latest node credential, the TLS context and the connect timeout; None when the
+        nodes are not reached over TCP (an in-process transport)."""
+        if not isinstance(self._transport, TcpTransport):
+            return None
+        return self._node_credential(), self._transport.ssl_context, self._config.connect_timeout_s
 
     def live_nodes(self) -> list[NodeView]:
         """Nodes new fragments may go to: up, and not drained or removed by an operator."""

@@ -45,7 +45,7 @@ from deepfs.client._meta import Attr, Caller, MetaClient, OpenReply
 from deepfs.client._stripes import GatheredStripe, StripeIO
 from deepfs.concurrency import run_all
 from deepfs.config import ClientConfig
-from deepfs.layout import Layout
+from deepfs.layout import ALIGNMENT, Layout
 from deepfs.messages import StripeRecord
 
 log = logging.getLogger(__name__)
@@ -297,6 +297,23 @@ class AsyncFile:
                 self._copy_inline(newer, inner, dest)
             else:
                 await self._stripes.read_into(self.ino, self.layout, newer, inner, dest)
+
+    def committed_range(self, offset: int, length: int) -> tuple[StripeRecord, int, int] | None:
+        """Where a read of ``length`` bytes at ``offset`` lies when all of it is stored bytes of
+        one committed stripe on the nodes: (its record, the offset in the stripe, the bytes to
+        read, short at EOF); None for anything else (EOF, holes, inline stripes, a handle that
+        writes, whose stripes may be dirty or in flight). For ``deepfs.Client``'s direct reads
+        from other threads (``_direct``): it only reads the handle, whose records a reload
+        replaces whole."""
+        if self.closed or self.writable or not self.readable:
+            return None
+        n = min(length, self.size - offset)
+        index, start = divmod(offset, self.layout.stripe_size)
+        record = self._records.get(index)
+        if n <= 0 or record is None or record.inline is not None or start + n > record.length \
+                or record.fragment_size % ALIGNMENT:
+            return None
+        return record, start, n
 
     def _copy_inline(self, record: StripeRecord, inner: int, dest: memoryview) -> None:
         """``dest`` from ``inner`` of an inline stripe (zeros past its length)."""
@@ -579,7 +596,8 @@ class AsyncFile:
         self._fill_failure = None  # (a stripe whose read failed earlier is dirty still: tried again now)
         for index in sorted(self._dirty):
             await self._start_upload(index)
-        await self._uploads_done.wait()
+        if self._uploads_running:  # (waiting on a set Event still yields: each close of a clean file paid that)
+            await self._uploads_done.wait()
         self._raise_write_failure()
         if self._fill_failure is not None:
             failure, self._fill_failure = self._fill_failure, None

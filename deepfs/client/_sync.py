@@ -3,6 +3,9 @@
 A trio loop runs on a background thread and owns the AsyncClient; every
 method hands its coroutine to that loop and blocks until it returns. Calls
 from many threads are fine: they run concurrently inside the one loop.
+Small reads of files opened read-only skip the loop: the calling thread sends
+them itself on a blocking connection (``_direct``), and only what that cannot
+serve goes through the loop.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ import trio
 
 from deepfs.auth import Key
 from deepfs.client._core import AsyncClient
+from deepfs.client._direct import MAX_DIRECT_BYTES, DirectReads
 from deepfs.client._file import AsyncFile
 from deepfs.concurrency import sole_exception
 from deepfs.config import ClientConfig
@@ -52,6 +56,7 @@ class Client:
         self._async: AsyncClient | None = None
         self._failure: BaseException | None = None
         self._dispatcher: _Dispatcher | None = None
+        self._direct: DirectReads | None = None
         self._thread = threading.Thread(target=self._run, args=(config,), name="deepfs-client", daemon=True)
         self._thread.start()
         self._ready.wait()
@@ -66,6 +71,7 @@ class Client:
                     self._async = client
                     self._dispatcher = _Dispatcher(workers)
                     self._token = trio.lowlevel.current_trio_token()
+                    self._direct = DirectReads(client.stripes, self._token.run_sync_soon)
                     self._stop = trio.Event()
                     self._ready.set()
                     await self._stop.wait()
@@ -109,6 +115,14 @@ class Client:
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
 
+    def _read_direct(self, handle: AsyncFile, out: memoryview, offset: int) -> int | None:
+        """``handle.pread_into(out, offset)`` from this thread if it is a read the fast path
+        serves (``_direct``): the bytes read; None if it has to go through the loop."""
+        direct = self._direct
+        if direct is None or threading.get_ident() == self._thread.ident:
+            return None
+        return direct.read(handle, out, offset)
+
     @property
     def aio(self) -> AsyncClient:
         assert self._async is not None
@@ -120,6 +134,8 @@ class Client:
         return self.aio.stripes.stats
 
     def close(self) -> None:
+        if self._direct is not None:
+            self._direct.close()
         if self._token is not None and self._thread.is_alive():
             stop = self._stop
             assert stop is not None
@@ -227,7 +243,9 @@ class File(io.RawIOBase):
 
     def readinto(self, buffer: Any) -> int:
         view = memoryview(buffer).cast("B")
-        n = self._client.run_async(self._handle.pread_into, view, self._pos)
+        n = self._client._read_direct(self._handle, view, self._pos)  # noqa: SLF001 - Client's own File
+        if n is None:
+            n = self._client.run_async(self._handle.pread_into, view, self._pos)
         self._pos += n
         return n
 
@@ -242,6 +260,10 @@ class File(io.RawIOBase):
         return self.read(-1)
 
     def pread(self, size: int, offset: int) -> bytes:
+        if size < MAX_DIRECT_BYTES:
+            out = bytearray(max(0, min(size, self._handle.size - offset)))
+            if out and self._client._read_direct(self._handle, memoryview(out), offset) == len(out):  # noqa: SLF001
+                return bytes(out)
         return self._client.run_async(self._handle.pread, size, offset)
 
     def write(self, data: Any) -> int:

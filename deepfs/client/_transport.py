@@ -67,9 +67,9 @@ class TcpTransport:
         self._channels: dict[str, grpc.Channel] = {}
         self.key = key
         self.tls_ca_file = tls_ca_file
-        self._ssl_context: ssl.SSLContext | None = None
+        self.ssl_context: ssl.SSLContext | None = None  # frame connections' TLS (None: plain TCP)
         if tls_ca_file:
-            self._ssl_context = client_ssl_context(tls_ca_file)
+            self.ssl_context = client_ssl_context(tls_ca_file)
 
     @classmethod
     def for_config(cls, config: ClientConfig, key: Key | None) -> TcpTransport:
@@ -79,7 +79,7 @@ class TcpTransport:
                    credential: Credential | None = None) -> rpc.FrameClient:
         host, port = rpc.parse_address(address)
         return await rpc.FrameClient.connect(nursery, host, port, timeout_s=timeout_s, credential=credential,
-                                             ssl_context=self._ssl_context)
+                                             ssl_context=self.ssl_context)
 
     async def fetch_cluster_map(self, grpc_address: str, timeout_s: float) -> tuple[int, list[NodeView]]:
         stub = control_pb2_grpc.ClusterStub(self._channel(grpc_address))

@@ -7,6 +7,7 @@ Layers, from the bottom (each module's docstring has its rules):
   ``FrameReader`` and ``send_frame``, with plain ``trio.abc.Stream`` fallbacks;
 - ``_handshake``: the authentication handshake around ``deepfs.auth.handshake``;
 - ``_client``: ``FrameClient``, many requests pipelined on one connection;
+- ``_blocking``: ``BlockingFrameClient``, one request at a time on a blocking socket;
 - ``_server``: ``FrameServer``, one task per request.
 
 Frames and their errors are ``deepfs.frames``; what goes in their bodies is
@@ -20,6 +21,7 @@ from deepfs.rpc._address import (
     parse_address,
     parse_addresses,
 )
+from deepfs.rpc._blocking import BlockingFrameClient
 from deepfs.rpc._buffer import READ_BUFFER_SIZE, FrameBuffer
 from deepfs.rpc._client import FrameClient
 from deepfs.rpc._handshake import PRE_AUTH_MAX_BODY, client_handshake, server_handshake
@@ -35,6 +37,7 @@ from deepfs.rpc._server import FrameServer, Handler, PayloadSent, RefusalLog, Se
 
 __all__ = [
     "AddressError",
+    "BlockingFrameClient",
     "PRE_AUTH_MAX_BODY",
     "READ_BUFFER_SIZE",
     "Buffer",
