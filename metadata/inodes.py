@@ -23,7 +23,7 @@ from metadata import keys
 from metadata.namespace_state import add_purge_job, count, dir_time, forget_dir_time, touch_dir_blind
 from metadata.records import Inode
 from metadata.store import Txn
-from metadata.stripes import drop_stripes_from, fragment_count
+from metadata.stripes import drop_records, fragment_count
 
 # A removed file with more stripes, or whose freeing takes more writes (a record and its fragments' GC
 # entries each), is freed by a purge job in bounded transactions: etcd takes 128 operations per transaction.
@@ -188,12 +188,12 @@ def free_inode(txn: Txn, inode: Inode) -> None:
     in transactions of bounded size (etcd takes at most 128 writes in one); so
     does one with a pending truncation (its job becomes the removal's)."""
     if inode.is_reg:
-        records = txn.stripes(inode.ino, 0, count=INLINE_FREE_STRIPES + 1)
+        records, complete = txn.stripes_page(inode.ino, 0, count=INLINE_FREE_STRIPES)
         writes = sum(fragment_count(record) + 1 for record in records)
-        if len(records) > INLINE_FREE_STRIPES or writes > INLINE_FREE_WRITES or inode.truncs:
+        if not complete or writes > INLINE_FREE_WRITES or inode.truncs:
             add_purge_job(txn, inode.ino, now_ns())
         else:
-            drop_stripes_from(txn, inode, 0, file_removed=True)
+            drop_records(txn, inode, records, file_removed=True)
         set_size(txn, inode, 0)
     if inode.is_dir:
         count(keys.META_DIRECTORIES, -1)

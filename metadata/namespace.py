@@ -274,8 +274,8 @@ class Namespace(FileOps):
 
     @staticmethod
     def _link_new(txn: Txn, directory: Inode, name: bytes, inode: Inode) -> dict[str, int]:
-        """Store a new inode under ``name``. Only a new directory rewrites its parent (nlink);
-        other creates write the parent's time blind, so they conflict only on the same name."""
+        """Store a new inode under ``name``: its attr. Only a new directory rewrites its parent
+        (nlink); other creates write the parent's time blind, so they conflict only on the same name."""
         now = inode.ctime_ns
         add_entry(txn, directory.ino, name, inode.ino)
         txn.put_inode(inode)
@@ -285,7 +285,7 @@ class Namespace(FileOps):
             txn.put_inode(directory)
         else:
             touch_dir_entries(txn, directory, now)
-        return remember_reply(txn, inode.attr())
+        return inode.attr()
 
     @replayable(lambda reply: tuple(reply))
     def create(
@@ -307,10 +307,10 @@ class Namespace(FileOps):
             raise os_error(errno.EINVAL, f"CREATE carries at most {self.inline_max_bytes} bytes of data here")
         chosen = checked_layout(layout) if layout is not None else None
         with self._write() as txn:
-            require_dir(txn, parent)
+            directory = require_dir(txn, parent)
             found = txn.get_dentry(parent, name)
             if found is None:
-                return self._create_new(txn, parent, name, mode, ctx, chosen, min_stripe_size, data)
+                return self._create_new(txn, directory, name, mode, ctx, chosen, min_stripe_size, data)
             if exclusive:
                 raise os_error(errno.EEXIST, f"{name!r} exists")
             existing = require_inode(txn, found[0])
@@ -323,9 +323,12 @@ class Namespace(FileOps):
             self._purge_now()  # LMDB: what the truncate dropped reaches GC before the reply
         return reply
 
-    def _create_new(self, txn: Txn, parent: int, name: bytes, mode: int, ctx: Ctx, chosen: dict[str, Any] | None,
-                    min_stripe_size: int, data: bytes | None) -> tuple[dict[str, int], dict[str, Any] | None, bool]:
-        directory = self._parent_for_new(txn, parent, name)
+    def _create_new(self, txn: Txn, directory: Inode, name: bytes, mode: int, ctx: Ctx,
+                    chosen: dict[str, Any] | None, min_stripe_size: int,
+                    data: bytes | None) -> tuple[dict[str, int], dict[str, Any] | None, bool]:
+        """A new file ``name`` in ``directory`` (checked: a directory without that name)."""
+        if directory.nlink == 0:
+            raise os_error(errno.ENOENT, f"directory {directory.ino} was removed")
         file_layout = chosen or directory.dir_layout or self.default_layout
         if chosen is None and min_stripe_size:
             file_layout = with_stripes_of_at_least(Layout.from_dict(file_layout), min_stripe_size).to_dict()
@@ -360,7 +363,7 @@ class Namespace(FileOps):
             layout = (directory.dir_layout or self.default_layout) if kind == stat.S_IFREG else None
             inode = new_inode(txn, directory, kind | (mode & 0o7777), ctx, self.generation, rdev=rdev, layout=layout,
                               ino=self._fresh_ino())
-            return self._link_new(txn, directory, name, inode)
+            return remember_reply(txn, self._link_new(txn, directory, name, inode))
 
     @replayable()
     def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> dict[str, int]:
@@ -368,7 +371,7 @@ class Namespace(FileOps):
             directory = self._parent_for_new(txn, parent, name)
             inode = new_inode(txn, directory, stat.S_IFDIR | (mode & 0o7777), ctx, self.generation,
                               ino=self._fresh_ino())
-            return self._link_new(txn, directory, name, inode)
+            return remember_reply(txn, self._link_new(txn, directory, name, inode))
 
     @replayable()
     def symlink(self, parent: int, name: bytes, target: bytes, ctx: Ctx) -> dict[str, int]:
@@ -380,7 +383,7 @@ class Namespace(FileOps):
             directory = self._parent_for_new(txn, parent, name)
             inode = new_inode(txn, directory, stat.S_IFLNK | 0o777, ctx, self.generation, target=target,
                               ino=self._fresh_ino())
-            return self._link_new(txn, directory, name, inode)
+            return remember_reply(txn, self._link_new(txn, directory, name, inode))
 
     @replayable()
     def link(self, ino: int, new_parent: int, new_name: bytes) -> dict[str, int]:

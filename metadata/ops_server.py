@@ -6,8 +6,9 @@ namespace and wraps the answer. It holds no state of its own. A mutating
 request's optional ``op_id`` makes it idempotent: the namespace stores the
 first success with the op's changes and answers a retry with it
 (``metadata/namespace_state.py``). Every
-operation except FSYNC is synchronous and runs without yielding, so each one
-is atomic with respect to the others without locks; FSYNC waits for the
+operation except FSYNC is synchronous and runs without yielding, in one store
+transaction (a read: one snapshot of the committed state, ``MetaStore.run_read``),
+so each one is atomic with respect to the others without locks; FSYNC waits for the
 group commit that covers earlier commits. Bad input gets the answer it gets
 on every server (``deepfs.messages.validate``): an op this server does not
 serve is ENOSYS (a newer client may ask for more), a bad body EINVAL.
@@ -40,7 +41,11 @@ Reply = dict[str, Any]
 
 READ_ONLY_OPS = frozenset({Op.HELLO, Op.LOOKUP, Op.GETATTR, Op.RESOLVE, Op.READDIR, Op.READLINK, Op.STATFS,
                            Op.GETXATTR, Op.LISTXATTR, Op.GET_STRIPES, Op.CAPABILITY})
-"""Ops that change nothing in the store: answered without waiting for a sync (``MetaStore.run``)."""
+"""Ops that change nothing in the store: answered from its last committed state (``MetaStore.run_read``)."""
+
+SETTLED_OPS = frozenset({Op.OPEN, Op.RELEASE})
+"""Ops that usually only read but change the sessions' holds, which must be ordered with writes
+(an UNLINK asks ``is_held``): ``MetaStore.run_settled``. RELEASE writes when it frees an orphan."""
 
 PAYLOAD_LIMITS: dict[int, int] = {}
 """No metadata op carries a payload: a frame announcing one is refused on its header (``ServerLimits``)."""
@@ -130,7 +135,7 @@ class MetaOps:
         fields = validate.body_map(body)
         if handler is None:  # FSYNC
             if principal is not None:
-                await self.store.run(lambda: self.access.authorize(op, fields, principal), write=False)
+                await self.store.run_read(lambda: self.access.authorize(op, fields, principal))
             await self.store.wait_synced()
             return {}, ()
         serve = handler
@@ -149,7 +154,11 @@ class MetaOps:
                 finally:
                     self._local.request = None
 
-        return await self.store.run(operation, write=op not in READ_ONLY_OPS), ()
+        if op in READ_ONLY_OPS:
+            return await self.store.run_read(operation), ()
+        if op in SETTLED_OPS:
+            return await self.store.run_settled(operation), ()
+        return await self.store.run(operation), ()
 
     @property
     def _request(self) -> Request | None:

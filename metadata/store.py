@@ -93,6 +93,10 @@ class Engine(Protocol):
 
     async def run(self, operation: Callable[[], T], *, write: bool = True) -> T: ...
 
+    async def run_read(self, operation: Callable[[], T]) -> T: ...
+
+    async def run_settled(self, operation: Callable[[], T]) -> T: ...
+
     def run_sync(self, operation: Callable[[], T], *, write: bool = True) -> T: ...
 
     async def wait_durable(self) -> None: ...
@@ -209,15 +213,21 @@ class Txn:
         exceed ``max_bytes`` (their msgpack size, which is their size on the
         wire too); at least one record is returned if there is one.
         """
+        return self.stripes_page(ino, first, count, max_bytes)[0]
+
+    def stripes_page(
+        self, ino: int, first: int = 0, count: int | None = None, max_bytes: int | None = None
+    ) -> tuple[list[dict[str, Any]], bool]:
+        """``stripes``, and whether no record follows them (found in the same scan)."""
         out: list[dict[str, Any]] = []
         total = 0
         prefix = keys.dir_prefix(ino)
         for _key, raw in self._scan("stripes", keys.stripe_key(ino, first), prefix):
             total += len(raw)
             if (count is not None and len(out) >= count) or (max_bytes is not None and out and total > max_bytes):
-                break
+                return out, False
             out.append(keys.unpack(raw))
-        return out
+        return out, True
 
     def stripes_from(self, ino: int, index: int, limit: int) -> list[tuple[int, dict[str, Any]]]:
         """Up to ``limit`` (ino, record) pairs from stripe (ino, index) on, across inodes: a
@@ -370,6 +380,17 @@ class MetaStore:
         ``write=False`` promises the operation only reads: it is not made to wait for a sync.
         """
         return await self.engine.run(operation, write=write)
+
+    async def run_read(self, operation: Callable[[], T]) -> T:
+        """``run(operation, write=False)`` for a short read that answers a client (it may run in
+        the calling thread: LMDB runs it at once on the last committed state)."""
+        return await self.engine.run_read(operation)
+
+    async def run_settled(self, operation: Callable[[], T]) -> T:
+        """``run(operation)`` for a short operation that usually only reads (OPEN, RELEASE): LMDB
+        runs it at once in the calling thread while no write is in flight, and again on its store
+        thread if it turns out to write; what it does before its first write must be idempotent."""
+        return await self.engine.run_settled(operation)
 
     def run_sync(self, operation: Callable[[], T], *, write: bool = True) -> T:
         """``run`` for tests and plain threads (never the trio thread of a server): blocks."""

@@ -134,8 +134,13 @@ def drop_stripes_from(txn: Txn, inode: Inode, first: int, file_removed: bool = F
 
     Raises ``inode.min_version`` past the dropped versions (see ``check_version``).
     """
+    drop_records(txn, inode, txn.stripes(inode.ino, first), file_removed)
+
+
+def drop_records(txn: Txn, inode: Inode, records: list[dict[str, Any]], file_removed: bool = False) -> None:
+    """``drop_stripes_from`` for the records the caller already read (all of them from some index on)."""
     degraded = 0
-    for record in txn.stripes(inode.ino, first):
+    for record in records:
         retire_fragments(txn, inode.ino, record, file_removed=file_removed)
         inode.min_version = max(inode.min_version, record["version"] + 1)
         degraded += int(is_degraded(record))
@@ -162,9 +167,10 @@ def truncate_stripes(txn: Txn, inode: Inode, new_size: int) -> None:
     assert inode.layout is not None
     stripe_size = inode.layout["stripe_size"]
     first = -(-new_size // stripe_size)
-    peek = txn.stripes(inode.ino, first, count=INLINE_DROP_STRIPES + 1)
-    small = len(peek) <= INLINE_DROP_STRIPES and sum(fragment_count(r) + 1 for r in peek) <= INLINE_DROP_WRITES
-    if small or (inode.max_version == 0 and not inode.truncs):  # few, or a store from before: at once
+    peek, complete = txn.stripes_page(inode.ino, first, count=INLINE_DROP_STRIPES)
+    if complete and sum(fragment_count(r) + 1 for r in peek) <= INLINE_DROP_WRITES:  # few: at once
+        drop_records(txn, inode, peek)
+    elif inode.max_version == 0 and not inode.truncs:  # a store from before: at once
         drop_stripes_from(txn, inode, first)
     else:
         floor = max(inode.min_version, inode.max_version + 1)
@@ -199,10 +205,7 @@ def live_stripes(
     """Records from index ``first`` as readers see them (``Txn.stripes`` less truncated ones):
     (records, whether none follows them)."""
     if not inode.truncs:
-        records = txn.stripes(inode.ino, first, count, max_bytes)
-        if count is not None and len(records) < count:
-            return records, True
-        return records, not records or not txn.stripes(inode.ino, records[-1]["index"] + 1, count=1)
+        return txn.stripes_page(inode.ino, first, count, max_bytes)
     out: list[dict[str, Any]] = []
     total = 0
     start = first

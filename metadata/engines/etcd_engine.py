@@ -288,6 +288,13 @@ class EtcdEngine:
                 await trio.sleep(_backoff_s(attempt))
         raise OSError(errno.EAGAIN, f"store operation lost to concurrent writers {CONFLICT_RETRIES + 1} times")
 
+    async def run_read(self, operation: Callable[[], T]) -> T:
+        """A read needs etcd round trips: a worker thread, as every operation."""
+        return await self.run(operation, write=False)
+
+    async def run_settled(self, operation: Callable[[], T]) -> T:
+        return await self.run(operation)
+
     def run_sync(self, operation: Callable[[], T], *, write: bool = True) -> T:
         """``run`` for plain threads (tests, gRPC handler threads): blocks this thread."""
         for attempt in range(CONFLICT_RETRIES + 1):
