@@ -5,12 +5,18 @@ CPU time spent per operation (client + metadata server + storage nodes, read
 from /proc/PID/stat) barely does, so this is the figure to compare before
 and after a change to the data path. Run:
 
-    python -m bench.cpu_cost [--ops 300] [--stripes 40]
+    python -m bench.cpu_cost [--ops 300] [--stripes 40] [--mount]
 
 Rows with a goal of issue 14 (CPU ms summed over every process, per
 operation) print it beside them: ``randread_4k`` (a 4 KiB ``pread`` at
 queue depth 1 through ``deepfs.Client``) and ``small_file_create_4k``
 (``write_file`` of a new 4 KiB file).
+
+``--mount`` measures the same cluster through a FUSE mount instead (``mount_*`` rows,
+``mount_cost``): system calls of this process (``app``, the kernel's FUSE side
+included), the mount daemon (``fuse``), metadata server and nodes, and the
+requests each operation cost: FUSE requests the daemon got (its SIGUSR1
+counters) and metadata requests (the server's ``/metrics``).
 """
 
 from __future__ import annotations
@@ -92,7 +98,21 @@ async def run(cluster: LocalCluster, ops: int, stripes: int) -> dict[str, dict[s
         tiny = os.urandom(4096)
         results["small_file_create_4k"] = await measure(pids, ops, lambda i: fs.write_file(f"/cpu/t{i}", tiny))
         results["small_file_read_4k"] = await measure(pids, ops, lambda i: fs.read_file(f"/cpu/t{i}"))
+        results["small_file_stat_4k"] = await measure(pids, ops, lambda i: fs.stat(f"/cpu/t{i}"))
+        results["small_file_unlink_4k"] = await measure(pids, ops, lambda i: fs.unlink(f"/cpu/t{i}"))
     return results
+
+
+def measure_sync(pids: dict[str, list[int]], count: int, work: Callable[[int], object]) -> dict[str, float]:
+    """``measure`` for blocking work (system calls on a mount)."""
+    before = {name: cpu_seconds(p) for name, p in pids.items()}
+    start = time.perf_counter()
+    for i in range(count):
+        work(i)
+    wall = time.perf_counter() - start
+    result = {f"{name}_cpu_ms": (cpu_seconds(p) - before[name]) * 1e3 / count for name, p in pids.items()}
+    result["wall_ms"] = wall * 1e3 / count
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,7 +120,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ops", type=int, default=300, help="small operations per measurement")
     parser.add_argument("--stripes", type=int, default=40, help="4 MiB stripes per measurement")
     parser.add_argument("--fsync", action="store_true", help="storage nodes with fsync on (default off: CPU, not disk)")
+    parser.add_argument("--mount", action="store_true",
+                        help="measure through a FUSE mount of the cluster (bench.mount_cost) instead")
     args = parser.parse_args(argv)
+    if args.mount:
+        from bench.mount_cost import measure_mount  # (it imports this module: here, not at the top)
+        return measure_mount(args.ops, args.fsync)
     with tempfile.TemporaryDirectory(prefix="deepfs-cpu-") as tmp, \
             LocalCluster(tmp, 6, 4, 2, 4 << 20, fsync=args.fsync).start() as cluster:
         results = trio.run(run, cluster, args.ops, args.stripes)

@@ -26,6 +26,10 @@ from fuse_client.options import MountOptions
 log = logging.getLogger(__name__)
 
 READY_LINE = "deepfs-mount ready"
+# Request tasks pyfuse3 keeps waiting for the next request. With one, the kernel's
+# overlapping requests (an asynchronous RELEASE beside the next LOOKUP) had pyfuse3
+# start a task and end it again for about every small file.
+IDLE_READERS = 4
 
 
 async def serve(options: MountOptions) -> None:
@@ -44,7 +48,7 @@ async def serve(options: MountOptions) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, ops)
                 nursery.start_soon(_tune_once_serving, options)
-                await pyfuse3.main(min_tasks=1, max_tasks=options.max_tasks)
+                await pyfuse3.main(min_tasks=min(IDLE_READERS, options.max_tasks), max_tasks=options.max_tasks)
                 nursery.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):

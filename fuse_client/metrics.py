@@ -1,7 +1,7 @@
 """The FUSE daemon's Prometheus metrics (``deepfs.metrics`` has the model).
 
 Requests by FUSE op, their latency and errors by errno come from
-``fuse_errors`` (``DeepFSOperations.request_done``); the daemon's caches
+``fuse_errors`` (``DeepFSOperations.request_metrics``); the daemon's caches
 (attributes, extended attributes) and the read-ahead hits are read at scrape
 time from plain counters the operations keep anyway.
 """
@@ -36,7 +36,7 @@ def fuse_samples(ops: DeepFSOperations) -> Iterator[Sample]:
 def start_fuse_metrics(ops: DeepFSOperations, host: str, port: int) -> MetricsExporter:
     """Count the mount's requests and serve its metrics on ``host:port``."""
     exporter = MetricsExporter()
-    ops.request_done = RequestMetrics(exporter.registry, "fuse", {name: name for name in sorted(FUSE_OPS)}).observe
+    ops.request_metrics = RequestMetrics(exporter.registry, "fuse", {name: name for name in sorted(FUSE_OPS)}).observe
     exporter.registry.register(StateCollector(lambda: fuse_samples(ops), HELP))
     exporter.start(host, port)
     return exporter

@@ -27,7 +27,7 @@ import os
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import ParamSpec, TypeVar
 
 import pyfuse3
@@ -83,47 +83,52 @@ RequestDone = Callable[[str, float, int], None]
 def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
     """Turn whatever a handler raises into the errno the syscall returns; report each
     request to the operations' ``request_done`` when it has one."""
-    FUSE_OPS.add(fn.__name__)
+    name = fn.__name__
+    FUSE_OPS.add(name)
 
     @functools.wraps(fn)
     async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
+        # One coroutine frame per request: every FUSE request passes here.
         started = time.perf_counter()
         code = 0
         try:
-            return await _errno_of(fn, *args, **kwargs)
-        except pyfuse3.FUSEError as exc:
-            code = exc.errno
+            return await fn(*args, **kwargs)
+        except BaseException as exc:
+            error = _fuse_error(name, exc)
+            if error is None:
+                raise  # cancelled, or a KeyboardInterrupt
+            code = error.errno
             if code == errno.ESTALE:
                 stale_seen: Callable[[], None] | None = getattr(args[0], "stale_seen", None)
                 if stale_seen is not None:
                     stale_seen()
-            raise
+            if error is exc:
+                raise
+            raise error from None
         finally:
             request_done: RequestDone | None = getattr(args[0], "request_done", None)
             if request_done is not None:
-                request_done(fn.__name__, time.perf_counter() - started, code)
+                request_done(name, time.perf_counter() - started, code)
 
     return wrapper
 
 
-async def _errno_of(fn: Callable[P, Awaitable[R]], *args: P.args, **kwargs: P.kwargs) -> R:
-    try:
-        return await fn(*args, **kwargs)
-    except pyfuse3.FUSEError:
-        raise
-    except OSError as exc:
-        raise pyfuse3.FUSEError(syscall_errno(exc)) from None
-    except BaseExceptionGroup as group:
-        sole = sole_exception(group)
+def _fuse_error(name: str, exc: BaseException) -> pyfuse3.FUSEError | None:
+    """The FUSEError a handler's exception answers with (None: let it through)."""
+    if isinstance(exc, pyfuse3.FUSEError):
+        return exc
+    if isinstance(exc, OSError):
+        return pyfuse3.FUSEError(syscall_errno(exc))
+    if isinstance(exc, BaseExceptionGroup):
+        sole = sole_exception(exc)
         if isinstance(sole, OSError):
-            raise pyfuse3.FUSEError(syscall_errno(sole)) from None
-        log.exception("%s failed", fn.__name__)
-        raise pyfuse3.FUSEError(errno.EIO) from None
-    except trio.TooSlowError:
-        raise pyfuse3.FUSEError(errno.ETIMEDOUT) from None
-    except Exception:
-        log.exception("%s failed", fn.__name__)
-        raise pyfuse3.FUSEError(errno.EIO) from None
+            return pyfuse3.FUSEError(syscall_errno(sole))
+    elif isinstance(exc, trio.TooSlowError):
+        return pyfuse3.FUSEError(errno.ETIMEDOUT)
+    elif not isinstance(exc, Exception):
+        return None
+    log.error("%s failed", name, exc_info=exc)
+    return pyfuse3.FUSEError(errno.EIO)
 
 
 @dataclass
@@ -136,6 +141,7 @@ class MountStats:
     largest_write: int = 0
     readahead_hits: int = 0
     getxattrs: int = 0
+    requests: dict[str, int] = field(default_factory=dict)  # FUSE requests served, by op
 
 
 class DeepFSOperations(pyfuse3.Operations):
@@ -159,7 +165,7 @@ class DeepFSOperations(pyfuse3.Operations):
         self._listings: dict[int, dict[int, tuple[set[bytes], set[int]]]] = {}
         self._next_listing = 0
         self.stats = MountStats()
-        self.request_done: RequestDone | None = None  # the mount's metrics, when served (fuse_client/metrics.py)
+        self.request_metrics: RequestDone | None = None  # the mount's metrics, when served (fuse_client/metrics.py)
 
     # ------------------------------------------------------------ helpers
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -243,6 +249,12 @@ class DeepFSOperations(pyfuse3.Operations):
                     opened.prefetch.invalidate()
             attr = opened.file.attr
         return self.attrs.put(attr)
+
+    def request_done(self, op: str, elapsed_s: float, code: int) -> None:
+        """A request ended (``fuse_errors``): count it, and tell the metrics when served."""
+        self.stats.requests[op] = self.stats.requests.get(op, 0) + 1
+        if self.request_metrics is not None:
+            self.request_metrics(op, elapsed_s, code)
 
     def stale_seen(self) -> None:
         """An inode the kernel named is gone (another mount removed or replaced it): forget
@@ -707,10 +719,12 @@ class DeepFSOperations(pyfuse3.Operations):
         self.log_stats()
 
     def log_stats(self) -> None:
-        """One parseable line: what the kernel sent (tests read it after SIGUSR1)."""
-        log.info("FUSE stats: reads=%d largest_read=%d readahead_hits=%d writes=%d largest_write=%d getxattrs=%d",
+        """One parseable line: what the kernel sent (tests and bench.mount_cost read it after
+        SIGUSR1); ``op.NAME=N``: N requests of that FUSE op so far."""
+        by_op = "".join(f" op.{op}={n}" for op, n in sorted(self.stats.requests.items()))
+        log.info("FUSE stats: reads=%d largest_read=%d readahead_hits=%d writes=%d largest_write=%d getxattrs=%d%s",
                  self.stats.reads, self.stats.largest_read, self.stats.readahead_hits,
-                 self.stats.writes, self.stats.largest_write, self.stats.getxattrs)
+                 self.stats.writes, self.stats.largest_write, self.stats.getxattrs, by_op)
 
 
 STATAHEAD_PAGE = 1024  # entries per READDIR of a statahead (the server's most)

@@ -26,7 +26,8 @@ def test_cpu_cost_reports_every_operation() -> None:
     lines = out.strip().splitlines()
     results = json.loads(lines[-1])
     assert list(results) == ["node_ping", "small_file_write_16k", "small_file_read_16k", "stripe_write_4m",
-                             "stripe_read_4m", "randread_4k", "small_file_create_4k", "small_file_read_4k"]
+                             "stripe_read_4m", "randread_4k", "small_file_create_4k", "small_file_read_4k",
+                             "small_file_stat_4k", "small_file_unlink_4k"]
     for figures in results.values():
         assert figures["wall_ms"] > 0 and all(v >= 0 for v in figures.values())
     table = {line.split()[0]: line for line in lines[1:-1]}

@@ -1,0 +1,36 @@
+"""``bench.cpu_cost --mount``: CPU and requests per operation through a real mount.
+
+A tiny run of every row; the request counts it reports are the point: through
+the kernel, a small file created, written and closed costs the metadata server
+one CREATE and one COMMIT (besides the LOOKUP of the new name), a read of it
+one OPEN and no COMMIT, an unlink one UNLINK, and each such system call
+reaches the daemon as the FUSE request it is named after, once.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.test_bench_cpu_cost import run_tool
+
+pytestmark = pytest.mark.fuse
+
+
+@pytest.mark.timeout(120)
+def test_mount_rows_report_cpu_and_requests_per_operation() -> None:
+    out = run_tool("bench.cpu_cost", "--mount", "--ops", "4", timeout_s=110)
+    results = json.loads(out.strip().splitlines()[-1])
+    assert list(results) == ["mount_randread_4k", "mount_create_4k", "mount_stat", "mount_read_4k", "mount_unlink"]
+    for row in results.values():
+        assert row["wall_ms"] > 0 and all(row[f"{g}_cpu_ms"] >= 0 for g in ("app", "fuse", "meta", "nodes"))
+    fuse = {name: row["requests"]["fuse"] for name, row in results.items()}
+    meta = {name: row["requests"]["meta"] for name, row in results.items()}
+    assert fuse["mount_randread_4k"]["read"] == 1
+    assert all(n < 1 for n in meta["mount_randread_4k"].values())  # a stray background request at most
+    assert fuse["mount_create_4k"]["create"] == 1 and fuse["mount_create_4k"]["flush"] == 1
+    assert meta["mount_create_4k"]["CREATE"] == 1 and meta["mount_create_4k"]["COMMIT"] == 1
+    assert fuse["mount_read_4k"]["open"] == 1 and fuse["mount_read_4k"]["read"] == 1
+    assert meta["mount_read_4k"]["OPEN"] == 1 and "COMMIT" not in meta["mount_read_4k"]
+    assert meta["mount_unlink"]["UNLINK"] == 1 and fuse["mount_unlink"]["unlink"] == 1
