@@ -519,7 +519,10 @@ class LocalCluster:
             self._etcd.stop()
             self._etcd = None
         # Attached (deepfs down), or members restarted behind our back: by pid, whatever is left.
-        stop_all([self.process(info) for info in self.state.etcd if _is_etcd(info.pid)], signal.SIGTERM, timeout_s)
+        from deepfs.etcd_cluster import stop_members
+
+        stop_members({self.process(info): _host_port(info.address) for info in self.state.etcd if _is_etcd(info.pid)},
+                     timeout_s)
 
     def __enter__(self) -> LocalCluster:
         return self
