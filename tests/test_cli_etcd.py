@@ -117,3 +117,8 @@ def test_down_leaves_no_process_behind(etcd_up: tuple[Path, str]) -> None:
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [name for name, pid in pids.items() if pid_alive(pid)] == []
     assert processes_under(data_dir) == []
+    # Followers stop first: a leader stopped beside its followers waits out etcd's 7 s leadership
+    # transfer to them, and says so in its log (alone, it gives up at once: "unhealthy cluster").
+    logs = sorted((data_dir / "etcd").glob("*.log"))
+    assert len(logs) == 3, logs
+    assert [log.name for log in logs if "leader transfer took too long" in log.read_text()] == []
