@@ -113,7 +113,7 @@ class NodeConfig:
     # must be complete within frame_timeout_s; at most max_connections_per_peer connections per peer IP.
     idle_timeout_s: float = 300.0
     frame_timeout_s: float = 30.0
-    max_connections_per_peer: int = 64
+    max_connections_per_peer: int = 256  # clients on one host share its IP; each has up to 5 (docs/PROTOCOL.md)
     # Security (docs/SECURITY.md): the node's own key file (role node: registers this node, verifies
     # clients' tickets and capabilities); required.
     key_file: str = ""

@@ -196,7 +196,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
     p.add_argument("--frame-timeout-s", type=float,
                    help="close a connection whose frame is not complete this long after it began (default 30)")
     p.add_argument("--max-connections-per-peer", type=int,
-                   help="framed connections one peer IP may hold, 0: no cap (default 64)")
+                   help="framed connections one peer IP may hold, 0: no cap (default 256: one host, one IP)")
     p.add_argument("--key", dest="key_file",
                    help="this node's key file (role node: 'deepfs keys create NAME --node'); required")
     p.add_argument("--capability-skew", dest="capability_skew_s", type=float,

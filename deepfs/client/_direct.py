@@ -56,7 +56,7 @@ from deepfs.rpc import BlockingFrameClient
 
 log = logging.getLogger(__name__)
 
-DIRECT_CONNECTIONS_PER_NODE = 8
+DIRECT_CONNECTIONS_PER_NODE = 4
 """Blocking connections a client keeps per storage node for its threads' direct reads."""
 MAX_DIRECT_BYTES = CHECK_HERE_BYTES
 """Reads from this size go through the loop: there the node sends block CRCs, checked on
