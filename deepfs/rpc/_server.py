@@ -393,7 +393,7 @@ class FrameServer:
                     continue
                 in_flight.acquire_nowait()  # released just now: free
                 conn.requests += 1
-            streak = min(streak, 0)
+            streak = 0  # a request served as a task of its own ends the run of inline ones
             conn.payload_bytes += header.payload_len
             nursery.start_soon(self._answer, stream, send_lock, in_flight, conn, header, body, payload, peer,
                                principal)
