@@ -5,7 +5,7 @@ CPU time spent per operation (client + metadata server + storage nodes, read
 from /proc/PID/stat) barely does, so this is the figure to compare before
 and after a change to the data path. Run:
 
-    python -m bench.cpu_cost [--ops 300] [--stripes 40] [--mount]
+    python -m bench.cpu_cost [--ops 300] [--stripes 40] [--mount [--threads N]]
 
 Rows with a goal of issue 14 (CPU ms summed over every process, per
 operation) print it beside them: ``randread_4k`` (a 4 KiB ``pread`` at
@@ -103,18 +103,6 @@ async def run(cluster: LocalCluster, ops: int, stripes: int) -> dict[str, dict[s
     return results
 
 
-def measure_sync(pids: dict[str, list[int]], count: int, work: Callable[[int], object]) -> dict[str, float]:
-    """``measure`` for blocking work (system calls on a mount)."""
-    before = {name: cpu_seconds(p) for name, p in pids.items()}
-    start = time.perf_counter()
-    for i in range(count):
-        work(i)
-    wall = time.perf_counter() - start
-    result = {f"{name}_cpu_ms": (cpu_seconds(p) - before[name]) * 1e3 / count for name, p in pids.items()}
-    result["wall_ms"] = wall * 1e3 / count
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.cpu_cost", description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", type=int, default=300, help="small operations per measurement")
@@ -122,10 +110,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--fsync", action="store_true", help="storage nodes with fsync on (default off: CPU, not disk)")
     parser.add_argument("--mount", action="store_true",
                         help="measure through a FUSE mount of the cluster (bench.mount_cost) instead")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="--mount: threads sharing each row's operations (default 1)")
     args = parser.parse_args(argv)
     if args.mount:
         from bench.mount_cost import measure_mount  # (it imports this module: here, not at the top)
-        return measure_mount(args.ops, args.fsync)
+        return measure_mount(args.ops, args.fsync, args.threads)
     with tempfile.TemporaryDirectory(prefix="deepfs-cpu-") as tmp, \
             LocalCluster(tmp, 6, 4, 2, 4 << 20, fsync=args.fsync).start() as cluster:
         results = trio.run(run, cluster, args.ops, args.stripes)

@@ -10,7 +10,14 @@ and each may cost the daemon a metadata round trip. Each row therefore also
 lists the FUSE requests the daemon got (its SIGUSR1 counters) and the
 metadata requests the server served (its ``/metrics``), per operation.
 
-Rows (one process, one file at a time, page cache dropped before stat and read):
+Each row also shows the metadata store's durable commits per operation and
+how long each took (``deepfs_meta_store_syncs`` and ``..._sync_seconds``):
+a mutating reply waits for one, so they bound latency, not CPU.
+
+Rows (one process, one file at a time, page cache dropped before stat and read;
+``--threads N``: N threads share each row's operations, and each row also
+shows how busy the machine's CPUs were, so a row that is slow with CPUs idle
+is bound by latency — waits for commits and round trips — not by CPU):
 
 - ``mount_randread_4k``: 4 KiB ``pread`` at random aligned offsets of a 32 MiB file
   opened ``O_DIRECT`` (fio's psync QD1 job);
@@ -27,17 +34,22 @@ import mmap
 import os
 import random
 import tempfile
+import threading
+import time
 import urllib.request
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from bench.cpu_cost import measure_sync
+from bench.cpu_cost import cpu_seconds
 from deepfs.local_cluster import LocalCluster
 from deepfs.metrics import parse_scrape
 from fuse_client.mount_process import MountProcess
 
 BIG_FILE_BYTES = 32 << 20
 BLOCK = 4096
+SYNCS, SYNC_SECONDS = "store syncs", "store sync seconds"
+"""Keys of ``meta_counters`` that are not request counts."""
 DAEMON_OPS_PREFIX = "op."
 """The daemon's SIGUSR1 line counts each FUSE request kind as ``op.NAME=N``."""
 
@@ -53,9 +65,10 @@ def drop_page_cache() -> None:
         pass
 
 
-def meta_requests(cluster: LocalCluster) -> dict[str, float]:
-    """The metadata server's requests served so far, by op."""
-    counts: dict[str, float] = {}
+def meta_counters(cluster: LocalCluster) -> dict[str, float]:
+    """The metadata server's requests served so far, by op, and its store's durable commits
+    (``SYNCS``) and the seconds they took (``SYNC_SECONDS``)."""
+    counts: dict[str, float] = {SYNCS: 0.0, SYNC_SECONDS: 0.0}
     for name, url in cluster.metrics_urls().items():
         if not name.startswith("meta"):
             continue
@@ -65,6 +78,10 @@ def meta_requests(cluster: LocalCluster) -> dict[str, float]:
             if metric == "deepfs_meta_requests_total":
                 op = dict(labels)["op"]
                 counts[op] = counts.get(op, 0) + value
+            elif metric == "deepfs_meta_store_syncs_total":
+                counts[SYNCS] += value
+            elif metric == "deepfs_meta_store_sync_seconds_total":
+                counts[SYNC_SECONDS] += value
     return counts
 
 
@@ -81,8 +98,33 @@ def per_op(before: dict[str, float], after: dict[str, float], count: int) -> dic
             for op in sorted(after) if after[op] != before.get(op, 0)}
 
 
-def measure_mount(ops: int, fsync: bool) -> int:
-    """Mount a fresh local cluster, run every row, print a table and a JSON line."""
+def busy_cpu_seconds() -> float:
+    """CPU seconds the whole machine spent not idle so far (all processes, the kernel too)."""
+    with open("/proc/stat") as f:
+        fields = [int(x) for x in f.readline().split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")  # minus idle and iowait
+
+
+def measure_threads(pids: dict[str, list[int]], count: int, work: Callable[[int], object],
+                    threads: int) -> dict[str, float]:
+    """CPU ms per operation per process group, wall ms per op, and ``busy``: the share of the
+    machine's CPUs in use, while ``threads`` threads share operations 0..count-1."""
+    before = {name: cpu_seconds(p) for name, p in pids.items()}
+    busy_before = busy_cpu_seconds()
+    start = time.perf_counter()
+    with ThreadPoolExecutor(threads, thread_name_prefix="mount-cost") as pool:
+        for future in [pool.submit(lambda t: [work(i) for i in range(t, count, threads)], t)
+                       for t in range(threads)]:
+            future.result()
+    wall = time.perf_counter() - start
+    result = {f"{name}_cpu_ms": (cpu_seconds(p) - before[name]) * 1e3 / count for name, p in pids.items()}
+    result["wall_ms"] = wall * 1e3 / count
+    result["busy"] = (busy_cpu_seconds() - busy_before) / wall / (os.cpu_count() or 1)
+    return result
+
+
+def measure_mount(ops: int, fsync: bool, threads: int = 1) -> int:
+    """Mount a fresh local cluster, run every row (with ``threads`` threads), print a table and a JSON line."""
     results: dict[str, dict[str, float]] = {}
     requests: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory(prefix="deepfs-cpu-") as tmp, \
@@ -104,10 +146,15 @@ def measure_mount(ops: int, fsync: bool) -> int:
         def row(name: str, count: int, work: Callable[[int], object], *, cold: bool = False) -> None:
             if cold:
                 drop_page_cache()
-            fuse_before, meta_before = fuse_requests(mount), meta_requests(cluster)
-            results[name] = measure_sync(pids, count, work)
+            fuse_before, meta_before = fuse_requests(mount), meta_counters(cluster)
+            results[name] = measure_threads(pids, count, work, threads)
+            meta_after = meta_counters(cluster)
+            syncs = meta_after.pop(SYNCS) - meta_before.pop(SYNCS)
+            sync_s = meta_after.pop(SYNC_SECONDS) - meta_before.pop(SYNC_SECONDS)
+            results[name]["syncs_per_op"] = syncs / count
+            results[name]["ms_per_sync"] = sync_s * 1e3 / syncs if syncs else 0.0
             requests[name] = {"fuse": per_op(fuse_before, fuse_requests(mount), count),
-                              "meta": per_op(meta_before, meta_requests(cluster), count)}
+                              "meta": per_op(meta_before, meta_after, count)}
 
         big = root / "big"
         chunk = os.urandom(1 << 20)
@@ -116,10 +163,16 @@ def measure_mount(ops: int, fsync: bool) -> int:
                 f.write(chunk)
         rng = random.Random(14)
         offsets = [rng.randrange(BIG_FILE_BYTES // BLOCK) * BLOCK for _ in range(ops * 4)]
-        aligned = mmap.mmap(-1, BLOCK)  # O_DIRECT wants an aligned buffer
+        buffers = threading.local()  # one page-aligned buffer per thread (O_DIRECT wants aligned ones)
+
+        def randread(i: int) -> None:
+            if not hasattr(buffers, "page"):
+                buffers.page = mmap.mmap(-1, BLOCK)
+            os.preadv(fd, [buffers.page], offsets[i])
+
         fd = os.open(big, os.O_RDONLY | os.O_DIRECT)
         try:
-            row("mount_randread_4k", len(offsets), lambda i: os.preadv(fd, [aligned], offsets[i]))
+            row("mount_randread_4k", len(offsets), randread)
         finally:
             os.close(fd)
 
@@ -146,13 +199,13 @@ def measure_mount(ops: int, fsync: bool) -> int:
         row("mount_read_4k", ops, read, cold=True)
         row("mount_unlink", ops, lambda i: os.unlink(paths[i]))
     groups = ("app", "fuse", "meta", "nodes")
-    print(f"{'operation':<20}" + "".join(f"{g:>8}" for g in groups) + f"{'total':>8}{'wall':>8}   (CPU ms per op)"
-          "   requests per op")
+    print(f"{'operation':<20}" + "".join(f"{g:>8}" for g in groups) + f"{'total':>8}{'wall':>8}{'busy':>6}"
+          f"{'syncs':>7}{'ms/sync':>8}   (CPU ms per op; busy: share of all CPUs in use)   requests per op")
     for name, r in results.items():
         total = sum(r[f"{g}_cpu_ms"] for g in groups)
         asked = "  ".join(f"{side}: " + (" ".join(f"{op}={n:g}" for op, n in counts.items()) or "-")
                           for side, counts in requests[name].items())
         print(f"{name:<20}" + "".join(f"{r[f'{g}_cpu_ms']:8.3f}" for g in groups) + f"{total:8.3f}"
-              f"{r['wall_ms']:8.3f}   {asked}")
+              f"{r['wall_ms']:8.3f}{r['busy']:6.0%}{r['syncs_per_op']:7.2f}{r['ms_per_sync']:8.3f}   {asked}")
     print(json.dumps({name: {**r, "requests": requests[name]} for name, r in results.items()}))
     return 0

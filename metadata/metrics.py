@@ -4,7 +4,7 @@ Requests are counted by the framed server (``RequestMetrics`` as its
 ``request_done``); everything else is state read on the trio loop at scrape
 time: stripe health and the repair queue (``RepairWorker.stats``), the
 namespace's counts (GC backlog, orphan inodes), sessions, storage nodes by
-state and open connections.
+state, open connections and the store's durable commits (how many, how long).
 """
 
 from __future__ import annotations
@@ -43,6 +43,10 @@ HELP = {
     "deepfs_meta_node_free_bytes": "Raw free space of the storage nodes that are up.",
     "deepfs_meta_scrub_errors": "Corrupt fragments found by the nodes' scrubs and the deep scrub.",
     "deepfs_meta_connections": "Framed-protocol connections open now.",
+    "deepfs_meta_store_commits": "Write transactions of operations committed into the store.",
+    "deepfs_meta_store_syncs": "Durable commits (LMDB: group commits, one fdatasync each; etcd: transactions).",
+    "deepfs_meta_store_sync_seconds": "Time spent in those durable commits: divided by syncs, the commit latency "
+                                      "every mutating reply waits for.",
 }
 
 
@@ -78,6 +82,10 @@ def meta_samples(state: MetaState, frames: FrameServer) -> Iterator[Sample]:
     yield gauge("deepfs_meta_node_free_bytes", sum(n.free_bytes for n in nodes if n.up))
     yield counter("deepfs_meta_scrub_errors", sum(n.scrub_errors for n in nodes) + state.deep_scrub.stats.errors)
     yield gauge("deepfs_meta_connections", frames.connections)
+    store = state.store.stats
+    yield counter("deepfs_meta_store_commits", store.commits)
+    yield counter("deepfs_meta_store_syncs", store.syncs)
+    yield counter("deepfs_meta_store_sync_seconds", store.sync_seconds)
 
 
 def start_meta_metrics(state: MetaState, frames: FrameServer, host: str, port: int) -> MetricsExporter:

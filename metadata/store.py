@@ -74,6 +74,7 @@ class StoreStats:
     commits: int = 0  # write transactions committed (one per store.write())
     syncs: int = 0  # durable commits to disk (LMDB: group commits, each one fsync)
     sync_waits: int = 0  # callers of wait_synced (FSYNC)
+    sync_seconds: float = 0.0  # wall time spent in those durable commits (metrics only, not in HELLO)
 
     def as_dict(self) -> dict[str, int]:
         return {"commits": self.commits, "syncs": self.syncs, "sync_waits": self.sync_waits}

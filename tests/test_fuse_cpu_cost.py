@@ -25,6 +25,10 @@ def test_mount_rows_report_cpu_and_requests_per_operation() -> None:
     assert list(results) == ["mount_randread_4k", "mount_create_4k", "mount_stat", "mount_read_4k", "mount_unlink"]
     for row in results.values():
         assert row["wall_ms"] > 0 and all(row[f"{g}_cpu_ms"] >= 0 for g in ("app", "fuse", "meta", "nodes"))
+        assert row["busy"] >= 0 and row["ms_per_sync"] >= 0  # (busy: clock ticks, coarse over 4 ops)
+    # One thread: the CREATE and the COMMIT of a create are two groups, each one durable commit.
+    assert results["mount_create_4k"]["syncs_per_op"] >= 2 and results["mount_create_4k"]["ms_per_sync"] > 0
+    assert results["mount_stat"]["syncs_per_op"] < 1  # reads commit nothing (a background write at most)
     fuse = {name: row["requests"]["fuse"] for name, row in results.items()}
     meta = {name: row["requests"]["meta"] for name, row in results.items()}
     assert fuse["mount_randread_4k"]["read"] == 1

@@ -193,6 +193,9 @@ def test_every_server_serves_metrics_that_moved(metrics_cluster: LocalCluster) -
     assert value(meta, "deepfs_meta_request_errors_total", op="RESOLVE", errno="ENOENT") >= 1
     assert value(meta, "deepfs_meta_nodes", state="up", admin="in") == 3
     assert value(meta, "deepfs_meta_connections") >= 0
+    syncs = value(meta, "deepfs_meta_store_syncs_total")
+    assert 1 <= syncs <= value(meta, "deepfs_meta_store_commits_total")
+    assert 0 < value(meta, "deepfs_meta_store_sync_seconds_total") < syncs  # (each commit well under a second)
     assert {"deepfs_meta_stripes", "deepfs_meta_unreadable_stripes", "deepfs_meta_degraded_stripes",
             "deepfs_meta_repair_queue_fragments", "deepfs_meta_repair_bytes_per_second",
             "deepfs_meta_repaired_fragments_total", "deepfs_meta_gc_pending_fragments", "deepfs_meta_sessions",

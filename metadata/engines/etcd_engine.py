@@ -261,10 +261,12 @@ class EtcdEngine:
             yield txn
         finally:
             stack.pop()
+        started = time.perf_counter()
         try:
             if txn.commit():
                 self.stats.commits += 1
                 self.stats.syncs += 1
+                self.stats.sync_seconds += time.perf_counter() - started
         except Conflict:
             self.conflicts += 1
             raise

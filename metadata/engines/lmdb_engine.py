@@ -319,6 +319,7 @@ class LmdbEngine:
         writers, self._group_writers = self._group_writers, 0
         error: OSError | None = None
         if group is not None and dirty:
+            started = time.perf_counter()
             try:
                 group.commit()
             except lmdb.MapFullError as exc:
@@ -327,6 +328,7 @@ class LmdbEngine:
                 error = os_error(errno.EIO, f"metadata store commit failed: {exc}")
             else:
                 self.stats.syncs += 1
+                self.stats.sync_seconds += time.perf_counter() - started
                 self._last_group_writers = writers
         elif group is not None:
             group.abort()
