@@ -31,8 +31,8 @@ from __future__ import annotations
 
 import enum
 import struct
-from dataclasses import dataclass
-from typing import Any
+import threading
+from typing import Any, NamedTuple
 
 import crc32c
 import msgpack
@@ -42,6 +42,7 @@ PROTOCOL_VERSION = 1
 HEADER = struct.Struct("!IBBHQIII")
 HEADER_SIZE = HEADER.size
 _CRC_COVERED = HEADER_SIZE - 4
+_COVERED = struct.Struct("!IBBHQII")  # the header without its CRC
 
 FLAG_RESPONSE = 0x1
 FLAG_ERROR = 0x2
@@ -101,8 +102,11 @@ class ProtocolError(Exception):
     """The peer sent bytes that are not a valid frame: close that connection."""
 
 
-@dataclass(frozen=True, slots=True)
-class FrameHeader:
+class FrameHeader(NamedTuple):
+    """A frame's fixed header, checked (``parse_header``). A named tuple: one is built per frame
+    received, and a tuple is the cheapest immutable record to build (a frozen dataclass sets
+    each field through ``object.__setattr__``)."""
+
     op: int
     flags: int
     request_id: int
@@ -119,6 +123,12 @@ class FrameHeader:
         return bool(self.flags & FLAG_ERROR)
 
 
+_new_tuple = tuple.__new__
+"""``_new_tuple(FrameHeader, fields)``: ``FrameHeader(*fields)`` without the Python-level ``__new__``."""
+
+_packers = threading.local()  # encode_frame's, one per thread
+
+
 def encode_frame(
     op: int,
     request_id: int,
@@ -127,10 +137,16 @@ def encode_frame(
     flags: int = 0,
 ) -> bytes:
     """Header + msgpack body; the caller sends ``payload_len`` payload bytes after it."""
-    body_bytes: bytes = msgpack.packb(body, use_bin_type=True)
-    head = HEADER.pack(MAGIC, PROTOCOL_VERSION, op, flags, request_id, len(body_bytes), payload_len, 0)
-    crc = crc32c.crc32c(body_bytes, crc32c.crc32c(head[:_CRC_COVERED]))
-    return head[:_CRC_COVERED] + struct.pack("!I", crc) + body_bytes
+    # ``msgpack.packb`` builds a Packer per call, which costs more than packing a small body: one
+    # per thread instead (a Packer is not thread-safe; it resets its buffer after each call or error).
+    try:
+        pack = _packers.pack
+    except AttributeError:
+        pack = _packers.pack = msgpack.Packer(use_bin_type=True).pack
+    body_bytes: bytes = pack(body)
+    covered = _COVERED.pack(MAGIC, PROTOCOL_VERSION, op, flags, request_id, len(body_bytes), payload_len)
+    crc = crc32c.crc32c(body_bytes, crc32c.crc32c(covered))
+    return HEADER.pack(MAGIC, PROTOCOL_VERSION, op, flags, request_id, len(body_bytes), payload_len, crc) + body_bytes
 
 
 def parse_header(
@@ -152,12 +168,14 @@ def parse_header(
         raise ProtocolError(f"body length {body_len} exceeds the maximum {max_body}")
     if payload_len > max_payload:
         raise ProtocolError(f"payload length {payload_len} exceeds the maximum {max_payload}")
-    return FrameHeader(op, flags, request_id, body_len, payload_len, crc)
+    return _new_tuple(FrameHeader, (op, flags, request_id, body_len, payload_len, crc))
 
 
-def decode_body(header_bytes: bytes | bytearray | memoryview, header: FrameHeader, body: bytes) -> Any:
-    """Check the frame CRC and unpack the msgpack body."""
-    crc = crc32c.crc32c(body, crc32c.crc32c(bytes(header_bytes[:_CRC_COVERED])))
+
+def decode_body(header_bytes: bytes | bytearray | memoryview, header: FrameHeader,
+                body: bytes | bytearray | memoryview) -> Any:
+    """Check the frame CRC and unpack the msgpack body (read in place: views are not copied)."""
+    crc = crc32c.crc32c(body, crc32c.crc32c(header_bytes[:_CRC_COVERED]))
     if crc != header.crc:
         raise ProtocolError(f"frame checksum mismatch (got 0x{header.crc:08x}, want 0x{crc:08x})")
     try:

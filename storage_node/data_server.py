@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from deepfs.auth import READ, ROLE_ADMIN, ROLE_META, WRITE, Identity, TicketVerifier
+from deepfs.auth import ROLE_ADMIN, ROLE_META, WRITE, Identity, TicketVerifier
 from deepfs.auth.capabilities import CapabilityVerifier
 from deepfs.config import NodeConfig
 from deepfs.errors import os_error
@@ -189,7 +189,8 @@ class DataServer:
         Cheap: PING, and GET (up to ``INLINE_BYTES``) and STAT of a fragment, which the page cache
         serves in microseconds; the same checks, errors and answers as ``handle``."""
         if op == Op.GET_FRAGMENT:
-            key, offset, length, with_crcs, cap = requests.get_fragment(validate.body_map(body))
+            key, offset, length, _with_crcs, cap = requests.get_fragment(
+                body if type(body) is dict else validate.body_map(body))
             if length > self._max_get:  # a large read: a worker thread, or sendfile for with_crcs
                 return None
             if principal is not None and principal.role != ROLE_META:
@@ -249,9 +250,9 @@ class DataServer:
                 self._check_cap(request.cap, key.ino, WRITE, key.version)
 
     def _check_read(self, cap: Any, ino: int) -> None:
-        # A read may need a committed stripe older than the file's min_version (that floor is
-        # for versions written from now on), so reads are checked at the capability's own floor.
-        self._check_cap(cap, ino, READ, _cap_min_version(cap))
+        if self._caps is None:  # never for a served node: its frame server authenticates with it
+            raise os_error(errno.EACCES, "this node has no service secret to check capabilities with")
+        self._caps.check_read(cap, ino, time.time())
 
     async def _on_disk(self, fn: Callable[..., T], *args: Any, inline: bool = False) -> T:
         """Run blocking store work in a worker thread, at most ``io_threads`` at once.
@@ -361,10 +362,3 @@ def _cluster_only(_body: dict, principal: Identity) -> None:
     """LIST_FRAGMENTS and NODE_STATS show every inode's fragments: the metadata server's and admins' only."""
     if principal.role not in (ROLE_META, ROLE_ADMIN):
         raise os_error(errno.EACCES, f"a {principal.role} key may not list a storage node's fragments or stats")
-
-
-def _cap_min_version(cap: Any) -> int:
-    """The version floor a capability names (0 for a malformed one: ``check_capability`` refuses it anyway)."""
-    if isinstance(cap, list) and len(cap) == 5 and isinstance(cap[2], int) and not isinstance(cap[2], bool):
-        return cap[2]
-    return 0

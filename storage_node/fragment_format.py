@@ -49,6 +49,7 @@ _HEADER = struct.Struct("<4sHHQIIII")
 HEADER_SIZE = _HEADER.size
 _HEADER_CRC_COVERED = HEADER_SIZE - 4
 CRC_ENTRY_SIZE = 4
+_CRC_ENTRY = struct.Struct("<I")
 DATA_ALIGNMENT = 4096
 
 MIN_BLOCK_SIZE = 512
@@ -181,6 +182,17 @@ def verify_blocks(view: memoryview, crcs: Sequence[int], block_size: int, first:
     for i, want in enumerate(crcs):
         if crc32c.crc32c(view[i * block_size : (i + 1) * block_size]) != want:
             raise CorruptFragment(f"block {first + i} failed its crc32c")
+
+
+def verify_blocks_in_table(blocks: bytes, prefix: bytes, block_size: int, first: int) -> None:
+    """``verify_blocks`` against the CRC table in ``prefix`` (the file's start, as read): one block,
+    the usual small read, is checked without unpacking the table or slicing the data."""
+    if len(blocks) <= block_size:
+        if crc32c.crc32c(blocks) != _CRC_ENTRY.unpack_from(prefix, HEADER_SIZE + CRC_ENTRY_SIZE * first)[0]:
+            raise CorruptFragment(f"block {first} failed its crc32c")
+        return
+    count = -(-len(blocks) // block_size)
+    verify_blocks(memoryview(blocks), unpack_crcs(prefix, count, crc_table_offset(first)), block_size, first)
 
 
 def checked_crcs(key: FragmentKey, view: memoryview, crcs: Sequence[int], block_size: int) -> list[int]:

@@ -104,7 +104,7 @@ class _OpenFile:
 
     __slots__ = ("fd", "header", "prefix", "digest", "ident", "users", "dropped")
 
-    def __init__(self, fd: int, header: FileHeader, prefix: bytes, ident: tuple[int, int, int]) -> None:
+    def __init__(self, fd: int, header: FileHeader, prefix: bytes, ident: tuple[bool, int, int]) -> None:
         self.fd = fd
         self.header = header
         self.prefix = prefix
@@ -114,8 +114,8 @@ class _OpenFile:
         self.dropped = False
 
 
-def _ident(st: os.stat_result) -> tuple[int, int, int]:
-    return min(st.st_nlink, 1), st.st_size, st.st_mtime_ns
+def _ident(st: os.stat_result) -> tuple[bool, int, int]:
+    return st.st_nlink > 0, st.st_size, st.st_mtime_ns
 
 
 def _close_all(files: dict[FragmentKey, _OpenFile]) -> None:
@@ -204,6 +204,7 @@ class FragmentStore:
         self.open_files_max = open_files
         self._files_lock = threading.Lock()  # taken inside self._lock, never around it
         self._open_files: dict[FragmentKey, _OpenFile] = {}  # oldest first
+        self._small_reads = 0  # buffered reads through the open files (counted under _files_lock)
         self._finalizer = weakref.finalize(self, _close_all, self._open_files)
         self.buffers = buffers if buffers is not None else PayloadPool()
         self.direct = DirectIO(self.root, self.buffers, writes=direct_io, reads=direct_reads)
@@ -399,25 +400,31 @@ class FragmentStore:
         """``read_range`` of a small range through the open-file cache: a stat, the blocks' read and
         their CRC check (the header and CRC table were read and checked when the file was opened)."""
         entry = self._take_open(key)
+        read = False
         try:
             header = entry.header
-            end = min(offset + length, header.data_len)
+            data_len = header.data_len
+            end = offset + length if offset + length < data_len else data_len  # (min(), a call, costs more)
             if offset >= end:
-                return RangeRead(bytearray(), header.data_len, entry.digest)
+                return RangeRead(bytearray(), data_len, entry.digest)
             bs = header.block_size
-            first, last = offset // bs, (end - 1) // bs
+            first = offset // bs
             start = first * bs
-            size = min((last + 1) * bs, header.data_len) - start
+            blocks_end = ((end - 1) // bs + 1) * bs
+            size = (blocks_end if blocks_end < data_len else data_len) - start
             try:
-                blocks = _pread_exactly(entry.fd, size, header.data_offset + start)  # bytes: no zero-fill first
-                fmt.verify_blocks(memoryview(blocks), fmt.unpack_crcs(entry.prefix, last - first + 1,
-                                                                      fmt.crc_table_offset(first)), bs, first)
+                file_offset = header.data_offset + start
+                blocks = os.pread(entry.fd, size, file_offset)  # bytes: no zero-fill first (_pread_exactly, inline)
+                if len(blocks) != size:
+                    raise CorruptFragment(f"file ends early: {len(blocks)} of {size} bytes at offset {file_offset}")
+                fmt.verify_blocks_in_table(blocks, entry.prefix, bs, first)
             except CorruptFragment as exc:
                 raise self._quarantine(key, entry.fd, str(exc)) from None
-            self._count("buffered_reads")
-            return RangeRead(bytearray(memoryview(blocks)[offset - start : end - start]), header.data_len, entry.digest)
+            read = True
+            data = bytearray(memoryview(blocks)[offset - start : end - start])
+            return tuple.__new__(RangeRead, (data, data_len, entry.digest))  # RangeRead(...), cheaper
         finally:
-            self._put_back(entry)
+            self._put_back(entry, read)
 
     def _take_open(self, key: FragmentKey) -> _OpenFile:
         """The fragment's cached open file if it is still that fragment's file, else one opened now
@@ -432,7 +439,8 @@ class FragmentStore:
         if entry is not None:
             # Mutations through the store drop the entry; this catches changes made around it
             # (the file removed or replaced: no links left; rewritten in place: size or mtime).
-            if _ident(os.fstat(entry.fd)) == entry.ident:
+            st = os.fstat(entry.fd)
+            if (st.st_nlink > 0, st.st_size, st.st_mtime_ns) == entry.ident:  # _ident, inline: every read
                 return entry
             self._forget(key)
             self._put_back(entry)
@@ -458,8 +466,10 @@ class FragmentStore:
                 self._drop_locked(next(iter(self._open_files)))
         return entry
 
-    def _put_back(self, entry: _OpenFile) -> None:
+    def _put_back(self, entry: _OpenFile, read: bool = False) -> None:
+        """Give back ``_take_open``'s entry; ``read``: count a buffered read (under the lock taken anyway)."""
         with self._files_lock:
+            self._small_reads += read
             entry.users -= 1
             if entry.dropped and not entry.users:
                 os.close(entry.fd)
@@ -777,6 +787,7 @@ class FragmentStore:
                 "quarantined": self._quarantined,
                 "direct_io": int(self.direct.enabled),
                 **self._io_counts,
+                "buffered_reads": self._io_counts["buffered_reads"] + self._small_reads,
             }
 
     def _fs_space(self) -> tuple[int, int]:

@@ -120,6 +120,24 @@ def test_frames_the_thread_does_not_serve_go_back_to_the_loop(node: ServerProces
     assert get(sock, key, BS, 4096) == newer[BS:]
 
 
+def test_a_long_pipelined_run_is_answered_whole_before_a_bad_frame_closes(node: ServerProcess) -> None:
+    """Answers to pipelined requests leave together (several ``sendmsg`` calls' worth here: 80
+    pieces, 640 KiB); those before a bad frame all arrive, in order, before the node closes."""
+    key = [905, 0, 1, 0]
+    data = os.urandom(4 * BS)
+    with authed_socket(port_of(node), timeout_s=20.0) as s:
+        put(s, key, data)
+        into_thread(s)
+        offsets = [(i * 7919) % (len(data) - 16384) for i in range(40)]
+        s.sendall(b"".join(frame(Op.GET_FRAGMENT, {"key": key, "offset": off, "length": 16384}, request_id=200 + i)
+                           for i, off in enumerate(offsets)) + b"\xff" * frames.HEADER_SIZE)  # bad magic
+        for i, off in enumerate(offsets):
+            header, body, payload = read_response(s)
+            assert (header.request_id, header.is_error, body["size"]) == (200 + i, False, len(data))
+            assert payload == data[off : off + 16384]
+        assert closed_by_node(s)
+
+
 def test_capabilities_are_checked_on_the_thread(node: ServerProcess) -> None:
     key = [903, 0, 1, 0]
     data = os.urandom(BS)

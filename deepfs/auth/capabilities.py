@@ -79,20 +79,38 @@ class CapabilityVerifier:
         """As ``check_capability(service_secret, cap, ino, op, version, now, skew_s)``."""
         fields = _fields(cap)
         if fields not in self._signed:
-            if not hmac.compare_digest(fields[4], _mac(self._secret, *fields[:4])):
-                raise os_error(errno.EACCES, "forged capability: its signature does not match")
-            if len(self._signed) >= self._max_tokens:
-                # A snapshot: a storage node checks on several connection threads at once, and
-                # iterating the dict while another thread adds to it would raise.
-                live = {t: e for t, e in list(self._signed.items()) if now <= e + self._skew_s}
-                self._signed = live if len(live) < self._max_tokens // 2 else {}
-            self._signed[fields] = fields[3]
+            self._check_signature(fields, now)
         _check_grant(fields, ino, op, version, now, self._skew_s)
+
+    def check_read(self, cap: Any, ino: int, now: float) -> None:
+        """``check`` of a read (op ``READ``) at the token's own ``min_version``: a read may need a
+        committed stripe older than the file's floor, which is for versions written from now on."""
+        fields = _fields(cap)
+        if fields not in self._signed:
+            self._check_signature(fields, now)
+        _check_grant(fields, ino, READ, fields[2], now, self._skew_s)
+
+    def _check_signature(self, fields: tuple[int, str, int, float, bytes], now: float) -> None:
+        """EACCES unless the token's signature matches; remember it if it does."""
+        if not hmac.compare_digest(fields[4], _mac(self._secret, *fields[:4])):
+            raise os_error(errno.EACCES, "forged capability: its signature does not match")
+        if len(self._signed) >= self._max_tokens:
+            # A snapshot: a storage node checks on several connection threads at once, and
+            # iterating the dict while another thread adds to it would raise.
+            live = {t: e for t, e in list(self._signed.items()) if now <= e + self._skew_s}
+            self._signed = live if len(live) < self._max_tokens // 2 else {}
+        self._signed[fields] = fields[3]
 
 
 def _fields(cap: Any) -> tuple[int, str, int, float, bytes]:
     """The token's fields, their types checked (EACCES when missing or malformed). Types matter beyond
     equality: ``True == 1`` and ``1.0 == 1``, so only exact types may reach a lookup by value."""
+    if type(cap) is list and len(cap) == 5:  # as msgpack decodes it: one test per field, exact types
+        cap_ino, ops, min_version, expires, mac = cap
+        if (type(cap_ino) is int and type(min_version) is int and 0 <= cap_ino < 1 << 64 and 0 <= min_version < 1 << 64
+                and type(ops) is str and ops in _OPS and type(expires) is float and math.isfinite(expires)
+                and type(mac) is bytes and len(mac) == MAC_BYTES):
+            return cap_ino, ops, min_version, expires, mac
     if cap is None:
         raise os_error(errno.EACCES, "no capability: fragment I/O needs a token from the metadata server")
     if not isinstance(cap, (list, tuple)) or len(cap) != 5:

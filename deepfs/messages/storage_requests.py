@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 from deepfs.messages import validate as v
+from deepfs.messages.constants import U64_MAX
 from deepfs.messages.fragment_key import FragmentKey
 
 if TYPE_CHECKING:
@@ -54,6 +55,13 @@ def put_fragment(body: dict[str, Any]) -> PutFragment:
 
 
 def get_fragment(body: dict[str, Any]) -> GetFragment:
+    offset, length, with_crcs = body.get("offset"), body.get("length"), body.get("with_crcs")
+    # Every small read comes here: a valid body (with_crcs None: not sent) passes these tests at
+    # once; anything else goes through the validators, which say what is wrong.
+    if (type(offset) is int and type(length) is int and 0 <= offset <= U64_MAX and 0 <= length <= U64_MAX
+            and (with_crcs is None or type(with_crcs) is bool)):
+        fields = (v.fragment_key(body.get("key")), offset, length, with_crcs is True, body.get("cap"))
+        return tuple.__new__(GetFragment, fields)  # GetFragment(*fields) without its Python-level __new__
     return GetFragment(v.fragment_key(body.get("key")), v.u64(body, "offset", 0), v.u64(body, "length"),
                        v.flag(body, "with_crcs"), body.get("cap"))
 

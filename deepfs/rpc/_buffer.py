@@ -67,14 +67,20 @@ class FrameBuffer:
         """Header and decoded body of the next frame, or None until more bytes arrive."""
         header = self._header
         if header is None:
-            if self._end - self._start < HEADER_SIZE:
+            start = self._start
+            if self._end - start < HEADER_SIZE:
                 return None
-            head = bytes(self._view[self._start : self._start + HEADER_SIZE])
-            header = frames.parse_header(head, self._max_body, self._max_payload)
+            view = self._view
+            head_view = view[start : start + HEADER_SIZE]
+            header = frames.parse_header(head_view, self._max_body, self._max_payload)
             if self._payload_limits is not None and header.payload_len:
                 check_payload_allowed(header, self._payload_limits)
+            body_end = start + HEADER_SIZE + header.body_len
+            if body_end <= self._end:  # the whole frame is here (the usual case): decode it in place
+                self._start = body_end
+                return header, frames.decode_body(head_view, header, view[start + HEADER_SIZE : body_end])
             self._start += HEADER_SIZE
-            self._head, self._header = head, header
+            self._head, self._header = bytes(head_view), header
             if header.body_len > len(self._buf):
                 self._big = memoryview(bytearray(header.body_len))
                 self._big_got = self.take_payload(self._big)

@@ -11,18 +11,23 @@ Sockets are tried before waiting for readiness: waiting first costs an
 epoll round trip per call even when data is already queued. Any other
 ``trio.abc.Stream`` (a memory stream in tests, a ``trio.SSLStream``) works too,
 through its ``receive_some`` / ``send_all``, with a copy where the zero-copy
-paths would have none.
+paths would have none. A connection served by a thread of its own is put
+in blocking mode instead (``FrameReader.blocking``): its thread waits in
+``recv`` and ``sendmsg`` themselves, and answers to pipelined requests go
+out together (``BlockingSender``).
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import mmap
 import os
-import select
+import socket
+import struct
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,8 +42,8 @@ Buffer = bytes | bytearray | memoryview
 _NO_PAYLOAD = memoryview(b"")
 _MAX_IOV = 64  # pieces per sendmsg, well below any IOV_MAX
 WAIT_SLICE_S = 0.25
-"""The blocking functions (``next_frame_blocking``, ``send_frame_blocking``) wake at least this
-often while they wait, to ask ``on_wait`` whether to stop (a thread cannot be cancelled)."""
+"""In blocking mode (``FrameReader.blocking``) waits for the socket end at least this often, to
+ask ``on_wait`` whether to stop (a thread cannot be cancelled)."""
 
 
 class ConnectionIdle(Exception):
@@ -86,7 +91,7 @@ class FrameReader:
         self._lazy = lazy_payloads
         self._sock = stream.socket if isinstance(stream, trio.SocketStream) else None
         self._waited = False  # this frame has passed a schedule point (see read_frame)
-        self._poller: select.poll | None = None  # next_frame_blocking's, made on its first call
+        self._recv_wait_s: float | None = None  # the socket's SO_RCVTIMEO once set (``blocking``)
         self._frames = FrameBuffer(max_body, max_payload, buffer_size, payload_limits)
 
     @property
@@ -178,48 +183,78 @@ class FrameReader:
             return payload
         raise ProtocolError("frame not completed within its frame timeout")
 
+    @contextlib.contextmanager
+    def blocking(self, on_wait: Callable[[], None]) -> Iterator[BlockingSender]:
+        """The connection in blocking mode, for a thread of its own that is its only user meanwhile:
+        frames come from ``next_frame_blocking``, answers go out through the ``BlockingSender``
+        yielded. Non-blocking again (as trio needs it) on exit.
+
+        Why blocking: a blocking ``recv``/``sendmsg`` waits in the kernel, one system call per
+        frame where a non-blocking socket needs a ``poll`` first. Waits still end every
+        ``WAIT_SLICE_S`` (the socket's ``SO_RCVTIMEO``/``SO_SNDTIMEO``) so that ``on_wait`` is
+        called (it may raise to stop, e.g. ``trio.from_thread.check_cancelled``)."""
+        assert self._sock is not None, "blocking mode needs a socket stream"
+        raw = self._sock._sock  # noqa: SLF001 - the socket itself: this thread is its only user meanwhile
+        if self._recv_wait_s is None:
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(WAIT_SLICE_S))
+            self._set_recv_wait(raw, WAIT_SLICE_S)
+        raw.setblocking(True)
+        try:
+            yield BlockingSender(raw, on_wait)
+        finally:
+            raw.setblocking(False)
+
+    def _set_recv_wait(self, raw: socket.socket, wait_s: float) -> None:
+        raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, _timeval(wait_s))
+        self._recv_wait_s = wait_s
+
+    def buffered_frame(self) -> tuple[FrameHeader, Any] | None:
+        """Header and body of a frame received whole already (no system call), or None."""
+        return self._frames.next_frame()
+
     def next_frame_blocking(self, idle_timeout_s: float, frame_timeout_s: float,
                             on_wait: Callable[[], None]) -> tuple[FrameHeader, Any, float] | None:
-        """``read_frame`` for a thread of its own on a socket stream, without its payload: header,
-        body and the seconds its frame timeout leaves for the payload (``finish_frame``); None on
-        a clean EOF between frames. Waits in ``poll`` (no event loop): ``ConnectionIdle`` when no
-        frame started within ``idle_timeout_s``, ``ProtocolError`` when one started and was not
-        complete within ``frame_timeout_s``; ``on_wait()`` is called at least every
-        ``WAIT_SLICE_S`` while waiting (it may raise to stop, e.g. ``trio.from_thread.check_cancelled``)."""
-        assert self._sock is not None, "next_frame_blocking needs a socket stream"
+        """``read_frame`` in blocking mode (``blocking``) once ``buffered_frame`` found none, without
+        its payload: header, body and the seconds its frame timeout leaves for the payload
+        (``finish_frame``); None on a clean EOF between frames. ``ConnectionIdle`` when no frame
+        started within ``idle_timeout_s``, ``ProtocolError`` when one started and was not complete
+        within ``frame_timeout_s``; ``on_wait()`` is called at least every ``WAIT_SLICE_S`` while waiting."""
+        assert self._sock is not None and self._recv_wait_s is not None, "next_frame_blocking needs blocking mode"
         buf = self._frames
-        started = time.monotonic()
-        frame = buf.next_frame()
-        if frame is not None:
-            return frame[0], frame[1], frame_timeout_s
         raw = self._sock._sock  # noqa: SLF001 - the socket itself: this thread is its only user meanwhile
-        poller = self._poller
-        if poller is None:
-            poller = self._poller = select.poll()
-            poller.register(raw.fileno(), select.POLLIN)
+        started = time.monotonic()  # of the wait for a frame; of the frame once its first bytes came
+        first_wait_s = frame_timeout_s if buf.in_frame else idle_timeout_s
+        if first_wait_s < self._recv_wait_s:
+            self._set_recv_wait(raw, first_wait_s)
         while True:
-            deadline = started + (frame_timeout_s if buf.in_frame else idle_timeout_s)
-            left_s = deadline - time.monotonic()
-            if left_s <= 0:
-                if buf.in_frame:
-                    raise ProtocolError(f"frame not completed within {frame_timeout_s:g} s")
-                raise ConnectionIdle(f"no request for {idle_timeout_s:g} s")
-            if not poller.poll(math.ceil(min(left_s, WAIT_SLICE_S) * 1000)):
-                on_wait()
-                continue
             try:
                 got = raw.recv_into(buf.receive_space())
-            except BlockingIOError:  # a wake-up without bytes after all
+            except BlockingIOError:  # nothing came within the socket's receive timeout
+                on_wait()
+                left_s = started + (frame_timeout_s if buf.in_frame else idle_timeout_s) - time.monotonic()
+                if left_s <= 0:
+                    if buf.in_frame:
+                        raise ProtocolError(f"frame not completed within {frame_timeout_s:g} s") from None
+                    raise ConnectionIdle(f"no request for {idle_timeout_s:g} s") from None
+                if left_s < self._recv_wait_s:  # wake at the deadline, not a slice later
+                    self._set_recv_wait(raw, left_s)
                 continue
             if got == 0:
                 buf.closed()  # inside a frame: raises
                 return None
-            if not buf.in_frame:
-                started = time.monotonic()  # the first bytes of a frame: its frame timeout runs from here
+            frame_started = not buf.in_frame
             buf.received(got)
             frame = buf.next_frame()
             if frame is not None:
-                return frame[0], frame[1], max(0.0, started + frame_timeout_s - time.monotonic())
+                if self._recv_wait_s != WAIT_SLICE_S:
+                    self._set_recv_wait(raw, WAIT_SLICE_S)
+                if not frame[0].payload_len:  # (all that is left to the caller is the payload)
+                    return frame[0], frame[1], frame_timeout_s
+                if not frame_started:
+                    frame_timeout_s = max(0.0, started + frame_timeout_s - time.monotonic())
+                return frame[0], frame[1], frame_timeout_s
+            if frame_started:  # its frame timeout runs from its first bytes
+                started = time.monotonic()
 
     async def _rest_of_frame(self) -> tuple[FrameHeader, Any]:
         buf = self._frames
@@ -318,38 +353,88 @@ def _send_at_once(stream: trio.SocketStream, head: Buffer, payload: Sequence[Pie
     return pieces
 
 
-def send_frame_blocking(stream: trio.SocketStream, op: int, request_id: int, body: Any,
-                        payload: Sequence[Piece] = (), flags: int = 0,
-                        on_wait: Callable[[], None] = lambda: None) -> None:
-    """``send_frame`` from a thread of its own, the only sender on the connection meanwhile (so no
-    lock); waits for the socket in ``poll``, calling ``on_wait`` every ``WAIT_SLICE_S`` (it may raise).
+SEND_BATCH_BYTES = 256 << 10
+"""``BlockingSender`` sends what it holds once this many bytes are queued (or ``_MAX_IOV`` pieces)."""
+
+
+class BlockingSender:
+    """Answers sent from a connection's own thread (``FrameReader.blocking``), the only sender
+    meanwhile (so no lock): ``add`` queues a frame, ``flush`` sends what is queued with as few
+    ``sendmsg`` calls as the kernel allows. A run of pipelined requests is answered with one
+    system call instead of one per answer; the serving loop flushes before it waits for more
+    requests, and once ``full``, so nothing waits on a request that has not arrived.
+
     A frame cut short raises with the stream left to its owner to close (``send_frame``'s reason)."""
-    pieces: list[Buffer] = []
-    for piece in payload:
-        if isinstance(piece, FileRange):  # not worth a sendfile here: read it
-            data = os.pread(piece.fd, piece.length, piece.offset)
-            if len(data) != piece.length:
-                raise OSError(errno.EIO, "file ended before the range sent")
-            piece = data
-        pieces.append(piece)
-    head = frames.encode_frame(op, request_id, body, sum(map(len, pieces)), flags)
-    raw = stream.socket._sock  # noqa: SLF001 - vectored send on trio's socket
-    views: list[Buffer] = [head, *pieces]
-    poller: select.poll | None = None
-    while views:
+
+    def __init__(self, raw: socket.socket, on_wait: Callable[[], None]) -> None:
+        self._raw = raw
+        self._on_wait = on_wait
+        self._views: list[Buffer] = []
+        self._queued = 0  # bytes
+
+    def add(self, op: int, request_id: int, body: Any, payload: Sequence[Piece] = (), flags: int = 0) -> bool:
+        """Queue one frame (a file range is read now: not worth a sendfile here); True once
+        enough is queued to ``flush`` now."""
+        pieces: list[Buffer] = []
+        size = 0
+        for piece in payload:
+            if isinstance(piece, FileRange):
+                piece = _read_range(piece)
+            pieces.append(piece)
+            size += len(piece)
+        head = frames.encode_frame(op, request_id, body, size, flags)
+        views = self._views
+        views.append(head)
+        views += pieces
+        self._queued += len(head) + size
+        return self._queued >= SEND_BATCH_BYTES or len(views) >= _MAX_IOV
+
+    def flush(self) -> None:
+        """Send everything queued, waiting for the peer to read as long as it takes (``on_wait``
+        is called every ``WAIT_SLICE_S`` meanwhile, and may raise)."""
+        views = self._views
         try:
-            sent = raw.sendmsg(views[:_MAX_IOV])
-        except BlockingIOError:
-            if poller is None:
-                poller = select.poll()
-                poller.register(raw.fileno(), select.POLLOUT)
-            if not poller.poll(WAIT_SLICE_S * 1000):
-                on_wait()
-            continue
-        while views and sent >= len(views[0]):
-            sent -= len(views.pop(0))
-        if sent:
-            views[0] = memoryview(views[0]).cast("B")[sent:]
+            while views:
+                try:
+                    sent = self._raw.sendmsg(views[:_MAX_IOV] if len(views) > _MAX_IOV else views)
+                except BlockingIOError:  # nothing taken within the socket's send timeout
+                    self._on_wait()
+                    continue
+                if sent == self._queued:  # all of it (the usual case)
+                    views.clear()
+                else:
+                    _drop_sent(views, sent)
+                    self._queued -= sent
+        except BaseException:
+            views.clear()  # the caller gives the payloads back: nothing may send them later
+            raise
+        finally:
+            self._queued = 0
+
+
+def _drop_sent(views: list[Buffer], sent: int) -> None:
+    """Remove the first ``sent`` bytes from ``views`` (whole pieces, then the front of one)."""
+    done = 0
+    while done < len(views) and sent >= len(views[done]):
+        sent -= len(views[done])
+        done += 1
+    del views[:done]
+    if sent:
+        views[0] = memoryview(views[0]).cast("B")[sent:]
+
+
+def _read_range(piece: FileRange) -> bytes:
+    """A file range's bytes, read now (where no sendfile can send it); EIO if the file ends first."""
+    data = os.pread(piece.fd, piece.length, piece.offset)
+    if len(data) != piece.length:
+        raise OSError(errno.EIO, "file ended before the range sent")
+    return data
+
+
+def _timeval(seconds: float) -> bytes:
+    """A ``struct timeval`` for SO_RCVTIMEO/SO_SNDTIMEO; never zero (zero means: wait forever)."""
+    micros = max(1000, round(seconds * 1e6))
+    return struct.pack("@ll", micros // 1_000_000, micros % 1_000_000)
 
 
 async def _send_pieces(stream: trio.abc.SendStream, head: Buffer, payload: Sequence[Piece]) -> None:
@@ -367,10 +452,7 @@ async def _send_pieces(stream: trio.abc.SendStream, head: Buffer, payload: Seque
         await stream.send_all(head)
         for piece in payload:
             if isinstance(piece, FileRange):
-                data = os.pread(piece.fd, piece.length, piece.offset)
-                if len(data) != piece.length:
-                    raise OSError(errno.EIO, "file ended before the range sent")
-                piece = data
+                piece = _read_range(piece)
             await stream.send_all(piece)
 
 

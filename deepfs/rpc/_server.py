@@ -28,6 +28,7 @@ handshake under the same timeout.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import math
@@ -43,7 +44,7 @@ from deepfs import frames
 from deepfs.auth import AuthError, Identity, Verifier
 from deepfs.frames import FLAG_ERROR, FLAG_RESPONSE, FrameHeader, ProtocolError
 from deepfs.rpc._handshake import server_handshake
-from deepfs.rpc._pump import ConnectionIdle, FrameReader, PayloadBuffer, Piece, send_frame, send_frame_blocking
+from deepfs.rpc._pump import BlockingSender, ConnectionIdle, FrameReader, PayloadBuffer, Piece, send_frame
 
 log = logging.getLogger(__name__)
 
@@ -351,8 +352,7 @@ class FrameServer:
         while True:
             handed = None
             if threads is not None and streak >= INLINE_STREAK and not conn.requests and threads.available_tokens:
-                assert isinstance(stream, trio.SocketStream)
-                handed = await self._serve_on_thread(stream, reader, conn, principal, peer)
+                handed = await self._serve_on_thread(reader, conn, principal, peer)
                 if handed is None:
                     return
                 streak = 0
@@ -433,14 +433,14 @@ class FrameServer:
             self._report(header.op, time.perf_counter() - started, code, 0, out_payload)
         return out_body, out_payload, flags
 
-    async def _serve_on_thread(self, stream: trio.SocketStream, reader: FrameReader, conn: _Connection,
-                               principal: Identity | None, peer: str) -> tuple[FrameHeader, Any, float] | None:
+    async def _serve_on_thread(self, reader: FrameReader, conn: _Connection, principal: Identity | None,
+                               peer: str) -> tuple[FrameHeader, Any, float] | None:
         """Serve the connection's inline requests from a worker thread (``inline_threads``) until
         a frame comes that ``inline`` does not take: its header, body and what its frame timeout
         leaves for the payload; None once the peer closed the connection or left it idle."""
         conn.requests += 1  # busy for the idle watchdog: the thread keeps the idle timeout itself
         try:
-            handed = await trio.to_thread.run_sync(self._inline_thread, stream, reader, principal, peer,
+            handed = await trio.to_thread.run_sync(self._inline_thread, reader, principal, peer,
                                                    thread_name=f"{INLINE_THREAD_NAME} {peer}", limiter=self._threads)
         except ConnectionIdle:
             self.connections_idle_closed += 1
@@ -451,34 +451,61 @@ class FrameServer:
             conn.idle_since = trio.current_time()
         return handed
 
-    def _inline_thread(self, stream: trio.SocketStream, reader: FrameReader, principal: Identity | None,
+    def _inline_thread(self, reader: FrameReader, principal: Identity | None,
                        peer: str) -> tuple[FrameHeader, Any, float] | None:
         """``_serve_on_thread``'s loop, in the worker thread: blocking socket calls, no event loop.
 
         Why: on the event loop each small request also pays trio's wake-up (epoll, a failed recv,
-        the scheduler, the send lock); a thread blocked in ``poll`` on one socket pays none of it.
-        Nothing else touches the connection meanwhile: no request of it is in flight."""
+        the scheduler, the send lock); a thread blocked in ``recv`` on one socket pays none of it.
+        Nothing else touches the connection meanwhile: no request of it is in flight. Answers to
+        requests that arrived together (pipelined) go out together (``BlockingSender``)."""
         inline = self.inline
         assert inline is not None
         check_cancelled = trio.from_thread.check_cancelled
-        while True:
-            frame = reader.next_frame_blocking(self.limits.idle_timeout_s, self.limits.frame_timeout_s,
-                                               check_cancelled)
-            if frame is None:
-                return None
-            header, body, _frame_left_s = frame
-            if header.is_response:
-                raise ProtocolError("a client sent a response frame")
-            reply = None if header.payload_len else self._inline_reply(inline, header, body, peer, principal)
-            if reply is None:
-                return frame
-            out_body, out_payload, flags = reply
+        idle_timeout_s, frame_timeout_s = self.limits.idle_timeout_s, self.limits.frame_timeout_s
+        queued: list[Sequence[Piece]] = []  # payloads of the queued answers, given back once sent
+        with reader.blocking(check_cancelled) as sender:
             try:
-                send_frame_blocking(stream, header.op, header.request_id, out_body, out_payload, flags,
-                                    check_cancelled)
+                while True:
+                    frame = reader.buffered_frame()
+                    if frame is None:
+                        self._flush(sender, queued)
+                        handed = reader.next_frame_blocking(idle_timeout_s, frame_timeout_s, check_cancelled)
+                        if handed is None:
+                            return None
+                        header, body = handed[0], handed[1]
+                    else:
+                        header, body = frame
+                        handed = header, body, frame_timeout_s
+                    if header.flags & FLAG_RESPONSE:
+                        raise ProtocolError("a client sent a response frame")
+                    reply = None if header.payload_len else self._inline_reply(inline, header, body, peer, principal)
+                    if reply is None:  # answered in order: what is queued goes first
+                        self._flush(sender, queued)
+                        return handed
+                    out_body, out_payload, flags = reply
+                    if out_payload and self.payload_sent is not None:
+                        queued.append(out_payload)
+                    if sender.add(header.op, header.request_id, out_body, out_payload, flags):
+                        self._flush(sender, queued)
+            except Exception:
+                # The answers to the requests before the failing frame go out first, as they did
+                # when each was sent at once (a broken connection takes them nowhere).
+                with contextlib.suppress(OSError):
+                    self._flush(sender, queued)
+                raise
             finally:
-                if out_payload and self.payload_sent is not None:
-                    self._release(out_payload)
+                for payload in queued:  # not sent: the connection is closing
+                    self._release(payload)
+
+    def _flush(self, sender: BlockingSender, queued: list[Sequence[Piece]]) -> None:
+        """Send the queued answers, then give their payloads back."""
+        try:
+            sender.flush()
+        finally:
+            for payload in queued:
+                self._release(payload)
+            queued.clear()
 
     async def _answer(
         self,
