@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import random
+import signal
 import socket
 import threading
 import zlib
@@ -28,6 +29,7 @@ import trio.testing
 import deepfs
 from deepfs import frames
 from deepfs.client import AsyncClient
+from deepfs.config import ClientConfig
 from deepfs.frames import Op
 from deepfs.local_cluster import LocalCluster
 from deepfs.rpc import FrameBuffer, FrameClient, FrameServer
@@ -174,6 +176,42 @@ def test_a_payload_whose_waiter_left_is_finished_by_the_next_reader_elsewhere() 
     run(main)
 
 
+def test_requests_of_one_scheduler_batch_go_out_in_one_send_and_callers_may_leave() -> None:
+    """Callers starting together (a burst of answers woke them) send their frames in one batch
+    (``_send_batch``); callers that leave while their frame is queued get nothing in their
+    memory, and every other caller gets its own bytes."""
+
+    async def main() -> None:
+        client_end, server_end = socket_streams()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(FrameServer(delayed_echo).serve_connection, server_end)
+            client = FrameClient.over_stream(nursery, client_end, "pair")
+            async def one(i: int, into: memoryview, answered: set[int]) -> None:
+                with trio.CancelScope() as scope:
+                    if i % 4 == 3:
+                        scope.cancel()  # leaves at its first wait: its frame is queued or sent
+                    body, payload = await client.call(Op.PING, {"i": i, "size": 4096}, into=into, timeout_s=30)
+                    assert body == {"i": i} and payload.obj is into.obj
+                    answered.add(i)
+
+            for _ in range(3):
+                memory = {i: memoryview(bytearray(b"\xee" * 4096)) for i in range(40)}
+                answered: set[int] = set()
+                async with trio.open_nursery() as calls:
+                    for i in range(40):
+                        calls.start_soon(one, i, memory[i], answered)
+                assert answered == {i for i in range(40) if i % 4 != 3}
+                for i in range(40):
+                    assert bytes(memory[i]) == (bytes([i]) * 4096 if i in answered else b"\xee" * 4096), i
+            assert client.batched_sends > 0 and client.batched_frames >= 2 * client.batched_sends
+            assert not client.closed
+            assert (await client.call(Op.PING, {"i": 5}, timeout_s=10))[0] == {"i": 5}
+            await client.aclose()
+            nursery.cancel_scope.cancel()
+
+    run(main)
+
+
 def test_an_idle_connection_the_server_closes_is_known_closed(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(rpc_client, "IDLE_WATCH_S", 0.05)
 
@@ -269,6 +307,54 @@ def test_small_reads_go_degraded_around_a_killed_node(fresh_cluster: LocalCluste
             for offset in range(0, len(data), 37 * 1024):
                 assert f.pread(4096, offset) == data[offset : offset + 4096]
         assert client.stats.degraded_reads > 0 and client.stats.column_reads > 0
+
+
+def test_reads_at_queue_depth_32_go_degraded_around_a_paused_then_killed_node(fresh_cluster: LocalCluster) -> None:
+    """32 tasks reading 4 KiB each (their requests batched per connection) while the node
+    holding fragment 0 of stripe 0 is paused (its requests time out) and then killed: every
+    read returns the file's bytes."""
+
+    async def main() -> None:
+        config = ClientConfig(meta_address=fresh_cluster.meta_address, io_timeout_s=1.0)
+        async with AsyncClient.connect(fresh_cluster.meta_address, config) as client:
+            data = os.urandom(2 * STRIPE)
+            await client.write_file("/f", data)
+            f = await client.open("/f", "rb")
+            node_id = f._records[0].placement[0]  # noqa: SLF001 - where fragment 0 of stripe 0 is
+            address = {n.node_id: n.address for n in fresh_cluster.cluster_map().nodes}[node_id]
+            victim = next(i for i, n in enumerate(fresh_cluster.state.nodes) if n and n.address == address)
+            process = fresh_cluster.process(fresh_cluster.state.nodes[victim])
+            done = [0]
+
+            async def reader(seed: int) -> None:
+                rng = random.Random(seed)
+                buf = memoryview(bytearray(4096))
+                for _ in range(60):
+                    offset = rng.randrange(len(data) // 4096) * 4096
+                    if rng.random() < 0.5:
+                        offset = rng.randrange(FRAGMENT // 4096) * 4096  # fragment 0: the victim's
+                    assert await f.pread_into(buf, offset) == 4096
+                    assert bytes(buf) == data[offset : offset + 4096], offset
+                    done[0] += 1
+
+            try:
+                async with trio.open_nursery() as nursery:
+                    for seed in range(32):
+                        nursery.start_soon(reader, seed)
+                    while done[0] < 200:  # noqa: ASYNC110 - the readers' own count
+                        await trio.sleep(0.01)
+                    process.send_signal(signal.SIGSTOP)
+                    while done[0] < 1000:  # noqa: ASYNC110
+                        await trio.sleep(0.01)
+                    process.send_signal(signal.SIGKILL)
+            finally:
+                process.send_signal(signal.SIGCONT)
+            assert done[0] == 32 * 60
+            assert client.stripes.stats.degraded_reads > 0
+            assert any(c.batched_sends for c in client.cluster._connections.values())  # noqa: SLF001
+            await f.close()
+
+    run(main)
 
 
 # ------------------------------------------------------------------ the mount

@@ -200,14 +200,19 @@ class StripeIO:
         """One fragment request with ``ino``'s capability for ``need``; sent once more with a
         fresh capability if the node refuses the one it got (see the module docstring)."""
         cap = await self._capability(ino, need)
+        return await self._call_with(node_id, op, ino, need, body_of, cap, tuple(payload), into)
+
+    async def _call_with(self, node_id: int, op: int, ino: int, need: str, body_of: BodyOf, cap: Capability | None,
+                         payload: tuple = (), into: memoryview | None = None) -> tuple[Any, memoryview]:
+        """``fragment_call`` with the capability at hand (a read fetched it for all its pieces)."""
         try:
-            return await self.cluster.call_node(node_id, op, body_of(cap), tuple(payload), into)
+            return await self.cluster.call_node(node_id, op, body_of(cap), payload, into)
         except OSError as exc:
             if self.caps is None or cap is None or exc.errno not in REFUSED_ERRNOS:
                 raise
             log.info("node %s refused the capability of inode %s (%s); fetching a fresh one", node_id, ino, exc)
         cap = await self.caps.refresh(ino, need, cap)
-        return await self.cluster.call_node(node_id, op, body_of(cap), tuple(payload), into)
+        return await self.cluster.call_node(node_id, op, body_of(cap), payload, into)
 
     # ------------------------------------------------------------------ write
     async def write_stripe(self, ino: int, index: int, layout: Layout, data: StripeData,
@@ -349,43 +354,54 @@ class StripeIO:
         have = max(0, min(want, record.length - start))
         if have < want:
             out[have:] = bytes(want - have)
+            out = out[:have]
         if have <= 0:
             return
-        await self._capability(ino, READ)  # a refused permission fails here, as EACCES
-        failed: set[int] = set()
+        caps = self.caps
+        if caps is None or not caps.enabled:
+            cap = None
+        else:  # a refused permission fails here, as EACCES (no coroutine while one is held)
+            cap = caps.usable(ino, READ) or await caps.get(ino, READ)
         slot, inner = divmod(start, record.fragment_size)
-        if inner + have <= record.fragment_size:
-            # The common small read: one range of one data fragment, one request, no tasks.
-            pieces = [FragmentRange(slot, inner, have, start)]
-            usable = self.cluster.is_usable(record.placement[slot])
-        else:
-            pieces = stripe_range_to_fragments(record.fragment_size, start, have)
-            usable = all(self.cluster.is_usable(record.placement[p.index]) for p in pieces)
-        if usable:
+        single = inner + have <= record.fragment_size
+        failed: set[int] = set()
+        if single and self.cluster.is_usable(record.placement[slot]):
+            # The common small read: one range of one data fragment, one request, no tasks
+            # and nothing built for the degraded paths unless it fails.
             try:
-                if len(pieces) == 1:
-                    await self._read_piece(ino, record, slot, inner, out if have == want else out[:have], failed)
-                else:
-                    await run_all(
-                        functools.partial(self._read_piece, ino, record, p.index, p.start,
-                                          out[p.stripe_offset - start : p.stripe_offset - start + p.length], failed)
-                        for p in pieces
-                    )
+                await self._read_piece(ino, record, slot, inner, out, failed, cap)
                 self.stats.range_reads += 1
                 return
             except (OSError, trio.TooSlowError) as exc:
                 log.info("range read of stripe %s/%s failed (%s); reading degraded", ino, record.index, exc)
+            pieces = [FragmentRange(slot, inner, have, start)]
+        elif single:
+            pieces = [FragmentRange(slot, inner, have, start)]
+        else:
+            pieces = stripe_range_to_fragments(record.fragment_size, start, have)
+            if all(self.cluster.is_usable(record.placement[p.index]) for p in pieces):
+                try:
+                    await run_all(
+                        functools.partial(self._read_piece, ino, record, p.index, p.start,
+                                          out[p.stripe_offset - start : p.stripe_offset - start + p.length],
+                                          failed, cap)
+                        for p in pieces
+                    )
+                    self.stats.range_reads += 1
+                    return
+                except (OSError, trio.TooSlowError) as exc:
+                    log.info("range read of stripe %s/%s failed (%s); reading degraded", ino, record.index, exc)
         if self._by_columns(ino, record, start, have):
             await run_all(
                 functools.partial(self._read_or_rebuild_piece, ino, layout, record, p.index, p.start,
-                                  out[p.stripe_offset - start : p.stripe_offset - start + p.length], failed)
+                                  out[p.stripe_offset - start : p.stripe_offset - start + p.length], failed, cap)
                 for p in pieces
             )
             self.stats.degraded_reads += 1
             self.stats.column_reads += 1
             return
         stripe = await self.read_degraded(ino, layout, record)
-        out[:have] = stripe[start : start + have]
+        out[:] = stripe[start : start + have]
 
     def _by_columns(self, ino: int, record: StripeRecord, start: int, length: int) -> bool:
         """Whether a degraded read of stripe bytes [start, start+length) rebuilds just its columns
@@ -399,15 +415,15 @@ class StripeIO:
                 and (ino, record.index, record.version) not in self._rebuilt)
 
     async def _read_piece(self, ino: int, record: StripeRecord, slot: int, start: int, dest: memoryview,
-                          failed: set[int] | None = None) -> None:
-        """Fragment ``slot``'s bytes [start, start+len(dest)) into ``dest``, checked; a slot
-        that fails goes into ``failed``, so a degraded read does not ask it again."""
+                          failed: set[int], cap: Capability | None) -> None:
+        """Fragment ``slot``'s bytes [start, start+len(dest)) into ``dest``, checked, asked with
+        ``cap``; a slot that fails goes into ``failed``, so a degraded read does not ask it again."""
         node_id = record.placement[slot]
         key = FragmentKey(ino, record.index, record.version, slot)
         body_of = functools.partial(get_fragment_body, key, start, len(dest), len(dest) >= CHECK_HERE_BYTES)
         try:
             try:
-                reply, payload = await self.fragment_call(node_id, Op.GET_FRAGMENT, ino, READ, body_of, into=dest)
+                reply, payload = await self._call_with(node_id, Op.GET_FRAGMENT, ino, READ, body_of, cap, (), dest)
             except OSError as exc:
                 if exc.errno == errno.EBADMSG:
                     self._report_bad(ino, record, slot, node_id)
@@ -421,17 +437,16 @@ class StripeIO:
             if "crcs" in reply:  # the node sent the blocks unread: check them here
                 _check_blocks(dest, reply, f"fragment {slot} of stripe {ino}/{record.index} from node {node_id}")
         except (OSError, trio.TooSlowError):
-            if failed is not None:
-                failed.add(slot)
+            failed.add(slot)
             raise
 
     async def _read_or_rebuild_piece(self, ino: int, layout: Layout, record: StripeRecord, slot: int, start: int,
-                                     dest: memoryview, failed: set[int]) -> None:
+                                     dest: memoryview, failed: set[int], cap: Capability | None) -> None:
         """Data fragment ``slot``'s bytes [start, start+len(dest)): read as they are when its node
         is usable and did not fail already, else rebuilt from the same columns of k other fragments."""
         if slot not in failed and self.cluster.is_usable(record.placement[slot]):
             try:
-                await self._read_piece(ino, record, slot, start, dest, failed)
+                await self._read_piece(ino, record, slot, start, dest, failed, cap)
                 return
             except (OSError, trio.TooSlowError) as exc:
                 log.info("range read of fragment %s of stripe %s/%s failed (%s); rebuilding its columns",
@@ -442,7 +457,7 @@ class StripeIO:
         async def fetch(source: int) -> bytearray | None:
             piece = bytearray(length)
             try:
-                await self._read_piece(ino, record, source, start, memoryview(piece), failed)
+                await self._read_piece(ino, record, source, start, memoryview(piece), failed, cap)
             except OSError as exc:
                 errors.append(f"node {record.placement[source]}: {exc.strerror or exc}")
                 return None

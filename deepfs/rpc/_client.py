@@ -3,7 +3,10 @@
 Mental model: one connection is a pipe many requests share; answers come back
 in any order, matched by ``request_id``. A request is written whole: tried at
 once with one ``sendmsg``, finished under the send lock if the kernel took
-only part of it (requests behind it wait for the lock).
+only part of it (requests behind it wait for the lock). On a busy connection
+(more than ``BATCH_FROM`` requests waiting) requests without payload that
+tasks ask in one scheduler batch go out together, in one send at its end: the
+tasks a burst of answers wakes ask their next requests all at once.
 
 Over a TCP socket the task waiting for an answer reads the connection itself:
 one waiter at a time is the *reader*; it takes frames off the wire, hands each
@@ -41,7 +44,7 @@ import math
 import socket
 import ssl
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NoReturn
 
 import trio
 
@@ -60,6 +63,9 @@ IDLE_WATCH_S = 1.0
 
 _NO_PAYLOAD = memoryview(b"")
 _MAX_IOV = 64  # pieces per sendmsg, well below any IOV_MAX
+BATCH_FROM = 2
+"""A request without payload that finds more requests than this waiting on its connection
+is sent with the others of its scheduler batch (``FrameClient._send_batch``)."""
 _BROKEN = (ProtocolError, trio.BrokenResourceError, trio.ClosedResourceError, OSError)
 """What reading or writing a broken connection raises."""
 
@@ -115,6 +121,9 @@ class FrameClient:
         self._raw: socket.socket | None = None if self._sock is None else self._sock._sock  # type: ignore[attr-defined]  # noqa: SLF001
         self._send_lock = trio.Lock()
         self._slow_sends = 0  # sends holding or waiting for the send lock: none may be tried past them
+        self._outbox: list[bytes] | None = None  # frames of a batch waiting to be sent (_send_batch)
+        self.batched_sends = 0  # sends of batched requests, and the requests they carried (tests, benchmarks)
+        self.batched_frames = 0
         self._ids = itertools.count(1)
         self._pending: dict[int, _Pending] = {}
         self._frames = FrameBuffer(frames.DEFAULT_MAX_BODY, max_payload, READ_BUFFER_SIZE)
@@ -209,7 +218,27 @@ class FrameClient:
         if pending.deadline < self._timer_at or self._watching:
             self._timer.cancel()  # the background task would sleep past this deadline, or reads
         try:
-            await self._send(op, request_id, body, payload, pending)
+            raw = self._raw
+            if raw is not None and not payload and not self._slow_sends:
+                # A request without payload (a read, a ping) over a socket: its frame is one
+                # send, tried here (``_send`` does the same for any request, in more steps),
+                # or one of a batch (``_send_batch``).
+                head = frames.encode_frame(op, request_id, body)
+                if self._outbox is not None:
+                    self._outbox.append(head)  # the batch's sender sends it
+                elif len(self._pending) > BATCH_FROM:
+                    await self._send_batch(head, pending)
+                else:
+                    try:
+                        sent = raw.send(head)
+                    except BlockingIOError:
+                        sent = 0
+                    except OSError as exc:
+                        await self._send_failed(exc)
+                    if sent != len(head):
+                        await self._send_waiting([head], sent, pending)
+            else:
+                await self._send(op, request_id, body, payload, pending)
             while not pending.done:
                 if self._reading or self._raw is None:
                     await self._park(pending)  # answered, timed out, or handed the reading
@@ -245,11 +274,51 @@ class FrameClient:
             except BlockingIOError:
                 pass
             except OSError as exc:
-                await self._fail_all(exc)
-                raise ConnectionResetError(errno.ECONNRESET, f"send to {self.address} failed: {exc}") from exc
+                await self._send_failed(exc)
             if sent == len(head) + payload_len:
                 return
         await self._send_waiting(pieces, sent, pending)
+
+    async def _send_batch(self, head: bytes, pending: _Pending) -> None:
+        """Send ``head`` with the frames other tasks queue until the scheduler's next batch.
+
+        Many requests waiting means their answers arrive in bursts, and the tasks a burst
+        wakes ask their next requests in the same scheduler batch: this task's frame waits
+        for the end of it, and one send carries them all. A task whose frame was queued may
+        leave (cancelled, timed out): its frame still goes out whole and its answer is
+        dropped, as for any waiter that left. This task leaves only once it sent them."""
+        outbox = self._outbox = [head]
+        await trio.lowlevel.cancel_shielded_checkpoint()
+        self._outbox = None
+        self.batched_sends += 1
+        self.batched_frames += len(outbox)
+        data = b"".join(outbox) if len(outbox) > 1 else head
+        sent = 0
+        if not self._slow_sends:  # (else a frame is under way: this one goes behind it)
+            assert self._raw is not None
+            try:
+                sent = self._raw.send(data)
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                await self._send_failed(exc)
+            if sent == len(data):
+                return
+        # The rest waits for the socket (or the lock) within this request's deadline, and
+        # not for this task's cancellation: the frames of the others are in it. Frames not
+        # sent in time fail the connection, so their tasks know at once.
+        with trio.CancelScope(shield=True):
+            try:
+                await self._send_waiting([data], sent, pending)
+            except trio.TooSlowError:
+                if len(outbox) > 1:
+                    await self._fail_all(ConnectionResetError("a batch of requests could not be sent in time"))
+                raise
+
+    async def _send_failed(self, exc: OSError) -> NoReturn:
+        """A send the kernel refused (not for a full buffer): the connection is broken."""
+        await self._fail_all(exc)
+        raise ConnectionResetError(errno.ECONNRESET, f"send to {self.address} failed: {exc}") from exc
 
     async def _send_frame(self, op: int, request_id: int, body: Any, payload: Sequence[Buffer],
                           pending: _Pending) -> None:
