@@ -16,7 +16,9 @@ are absolute DeepFS paths (``/data/part-0.parquet``); ``ls`` and ``info``
 return those, and ``unstrip_protocol`` turns them back into full URLs.
 Files are fsspec buffered files: reads fetch byte ranges (which the client
 maps onto data fragments, many stripes in parallel for big ranges) through
-fsspec's read caches; writes go out in blocks into the client's stripe
+fsspec's read caches (``Client.pread``: a range under 256 KiB of one stripe,
+such as a whole small file, is read from the caller's thread, without a hop
+into the client's loop); writes go out in blocks into the client's stripe
 buffers and are committed at ``close``. ``mv`` is the metadata server's
 atomic rename.
 """
@@ -166,7 +168,7 @@ class DeepFSFileSystem(AbstractFileSystem):
             stop = size if end is None else (min(end, size) if end >= 0 else max(0, size + end))
             if stop <= begin:
                 return b""
-            return self.client.run_async(handle.pread, stop - begin, begin)
+            return self.client.pread(handle, stop - begin, begin)
         finally:
             self.client.run_async(handle.close)
 
@@ -213,7 +215,7 @@ class DeepFSFile(AbstractBufferedFile):
         super().__init__(fs, path, mode, block_size, autocommit, cache_type, cache_options, size=size, **kwargs)
 
     def _fetch_range(self, start: int, end: int) -> bytes:
-        return self.fs.client.run_async(self.handle.pread, end - start, start)
+        return self.fs.client.pread(self.handle, end - start, start)
 
     def _upload_chunk(self, final: bool = False) -> bool:
         data = self.buffer.getbuffer()

@@ -1,8 +1,10 @@
 """``rpc.BlockingFrameClient``, the blocking connection of ``deepfs.Client``'s direct reads.
 
 Over a socketpair whose other end a test thread plays: an answer and its payload
-land in the caller's buffer; an error answer is the errno's ``OSError``; a peer that
-does not answer in time is a ``TimeoutError``, an answer to another request a
+land in the caller's buffer; requests to several peers all go out before the
+answers are collected (``send_request``/``receive_answer``, the halves of
+``call``); an error answer is the errno's ``OSError``; a peer that does not
+answer in time is a ``TimeoutError``, an answer to another request a
 ``ProtocolError``, a peer that hangs up a ``ConnectionError``, and each of those
 leaves the connection closed; a peer that refuses the handshake is an ``AuthError``.
 """
@@ -69,6 +71,39 @@ def test_an_answer_and_its_payload_land_in_the_callers_buffer(pair: tuple[Blocki
         thread.join()
         assert reply == {"ok": n} and payload.obj is out.obj and bytes(payload) == bytes(range(256)) * (n // 256)
     assert not client.closed
+
+
+def test_requests_to_several_peers_go_out_before_the_first_answer_is_awaited() -> None:
+    """``send_request`` then ``receive_answer`` is ``call`` in two halves, the same bytes on the
+    wire: a thread sends to every peer, then collects the answers (each into its own buffer)."""
+    pairs = [socket.socketpair() for _ in range(3)]
+    clients = [BlockingFrameClient(mine, f"peer{i}") for i, (mine, _) in enumerate(pairs)]
+    try:
+        asked = []
+        for i, client in enumerate(clients):
+            client.send_request(frames.Op.GET_FRAGMENT, {"n": i}, 5.0)
+            assert client.answer_pending
+            asked.append(pairs[i][1].recv(4096))  # the peer has it before any answer exists
+            assert asked[i] == frames.encode_frame(frames.Op.GET_FRAGMENT, 1, {"n": i})  # the one frame
+        with pytest.raises(RuntimeError):  # one request at a time per connection
+            clients[0].send_request(frames.Op.GET_FRAGMENT, {}, 5.0)
+        for i in reversed(range(3)):  # answers in any order across connections
+            header = frames.parse_header(asked[i][:HEADER_SIZE])
+            data = bytes([i]) * 1000
+            pairs[i][1].sendall(frames.encode_frame(header.op, header.request_id, {"i": i}, len(data),
+                                                    FLAG_RESPONSE) + data)
+        for i, client in enumerate(clients):
+            out = memoryview(bytearray(1000))
+            reply, payload = client.receive_answer(out)
+            assert reply == {"i": i} and payload.obj is out.obj and bytes(payload) == bytes([i]) * 1000
+            assert not client.answer_pending and not client.closed
+        with pytest.raises(RuntimeError):  # nothing asked
+            clients[0].receive_answer(None)
+    finally:
+        for client in clients:
+            client.close()
+        for _, peer in pairs:
+            peer.close()
 
 
 def test_an_error_answer_is_its_errno(pair: tuple[BlockingFrameClient, socket.socket]) -> None:

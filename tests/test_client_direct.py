@@ -1,13 +1,15 @@
 """``deepfs.Client``'s direct reads (``deepfs.client._direct``): small reads without the loop.
 
-A read-only handle's reads of one fragment range go from the calling thread to the
-node; everything else (ranges across fragments, EOF, holes, inline files, handles
-that write) and every failure of the fast path go through the client's trio loop.
-These tests count the hops into the loop (``Client.run_async``) and check the bytes:
-reads served directly, the ones that must not be, many threads sharing a bounded
-pool, pooled connections the node closed (retried on a fresh one), a capability the
-node refuses (the loop's read fetches a fresh one) and a paused node (one timeout,
-then degraded reads around it).
+A read-only handle's small reads within one stripe go from the calling thread to
+the nodes of the data fragments they touch; everything else (ranges across stripes,
+EOF, holes, inline files, handles that write, 256 KiB and up) and every failure of
+the fast path go through the client's trio loop. These tests count the hops into
+the loop (``Client.run_async``) and check the bytes: reads served directly, whole
+small files (``File``, ``read_file``, fsspec), the ones that must not be, corrupt
+fragments (never served), many threads sharing a bounded pool, pooled connections
+the node closed (retried on a fresh one), a capability the node refuses (the loop's
+read fetches a fresh one) and a paused node (one timeout, then degraded reads
+around it).
 """
 
 from __future__ import annotations
@@ -23,8 +25,9 @@ import pytest
 import deepfs
 from deepfs.client._direct import DIRECT_CONNECTIONS_PER_NODE
 from deepfs.config import ClientConfig
+from deepfs.fsspec_fs import DeepFSFileSystem
 from deepfs.local_cluster import LocalCluster
-from deepfs.testing import pause, resume
+from deepfs.testing import flip_bytes, forge_fragment, fragment_files, pause, resume
 from tests.conftest import unique_dir
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
@@ -34,15 +37,17 @@ FRAGMENT = STRIPE // 4
 
 
 class Hops:
-    """Counts a client's calls into its trio loop."""
+    """Counts a client's calls into its trio loop, and names the functions it ran there."""
 
     def __init__(self, client: deepfs.Client) -> None:
         self.count = 0
+        self.names: list[str] = []
         original = client.run_async
 
-        def counted(*args: Any, **kwargs: Any) -> Any:
+        def counted(fn: Any, *args: Any, **kwargs: Any) -> Any:
             self.count += 1
-            return original(*args, **kwargs)
+            self.names.append(getattr(fn, "__name__", repr(fn)))
+            return original(fn, *args, **kwargs)
 
         client.run_async = counted  # type: ignore[method-assign]
 
@@ -70,15 +75,72 @@ def test_small_reads_skip_the_loop_and_the_others_do_not(client: deepfs.Client, 
         buf = bytearray(4096)
         f.seek(100)
         assert f.readinto(buf) == 4096 and bytes(buf) == data[100:4196] and f.tell() == 4196
-        assert hops.count == 0
-        for offset, size in [(FRAGMENT - 100, 4096), (STRIPE - 10, 20), (STRIPE + 5, 4096), (len(data) - 10, 4096),
-                             (len(data), 4096)]:  # across fragments or stripes, a hole, EOF
+        # across fragments of one stripe (each fragment asked), up to EOF: direct too
+        for offset, size in [(FRAGMENT - 100, 4096), (100, STRIPE - 4096), (len(data) - 10, 4096)]:
             assert f.pread(size, offset) == data[offset : offset + size], (offset, size)
-        assert hops.count == 4  # all but the last (nothing to read)
+        assert hops.count == 0
+        for offset, size in [(STRIPE - 10, 20), (0, STRIPE), (STRIPE + 5, 4096), (len(data), 4096)]:
+            # across stripes, MAX_DIRECT_BYTES, a hole, EOF (nothing to read)
+            assert f.pread(size, offset) == data[offset : offset + size], (offset, size)
+        assert hops.count == 4
     with client.open(path, "r+b") as f:  # a handle that writes: its stripes may be dirty
         before = hops.count
         assert f.pread(4096, 0) == data[:4096]
         assert hops.count == before + 1
+
+
+WHOLE_SIZES = [(64 << 10) + 1, 160 << 10, 255 << 10]  # one stripe each, all 4 data fragments
+
+
+def all_given_back(client: deepfs.Client) -> bool:
+    """Every direct connection the client counts is idle in its pool (none leaked or lost)."""
+    pools = client._direct._pools.values()  # noqa: SLF001
+    return all(p.open == len(p.idle) for p in pools)
+
+
+def test_whole_small_files_are_read_directly_from_all_their_fragments(client: deepfs.Client) -> None:
+    """A whole file of one stripe: one request per data fragment, sent from the caller's thread,
+    by ``File.read``, ``Client.read_file`` and the fsspec file system alike."""
+    fs = DeepFSFileSystem(client=client, skip_instance_cache=True)
+    top = unique_dir(client, "whole")
+    for size in WHOLE_SIZES:
+        path, data = f"{top}/f{size}", os.urandom(size)
+        client.write_file(path, data)
+        hops, served = Hops(client), client.stats.range_reads
+        with client.open(path, "rb") as f:
+            assert f.read() == data
+        assert client.read_file(path) == data
+        with fs.open(path, "rb") as g:
+            assert g.read() == data
+        assert fs.cat_file(path) == data
+        assert fs.cat_file(path, start=1, end=-1) == data[1:-1]
+        # no read went through the loop (only opens and closes did), and each was one stripe's read
+        assert not [name for name in hops.names if "read" in name and name != "read_or_open"], hops.names
+        assert client.stats.range_reads == served + 5, size
+    pools = client._direct._pools  # noqa: SLF001 - a connection to each data fragment's node
+    assert len(pools) >= 4 and all_given_back(client)
+
+
+def test_a_corrupt_fragment_is_never_served_directly(cluster: LocalCluster, client: deepfs.Client) -> None:
+    """A fragment whose bytes no longer match the stripe record's digest (the node's own CRCs
+    match: only the reader can tell), or whose block fails the node's CRC: the direct read gives
+    up and the loop reads around it; the right bytes either way."""
+    top = unique_dir(client, "corrupt")
+    for slot, harm in [(1, "forge"), (2, "flip")]:
+        path, data = f"{top}/{harm}", os.urandom(160 << 10)
+        client.write_file(path, data)
+        ino = client.stat(path).st_ino
+        [victim] = fragment_files(cluster, ino, slot=slot)
+        if harm == "forge":
+            forge_fragment(victim, os.urandom(40 << 10))
+        else:
+            flip_bytes(victim)
+        hops, checksum_errors = Hops(client), client.stats.checksum_errors
+        assert client.read_file(path) == data
+        assert "pread" in hops.names  # the loop read it
+        if harm == "forge":
+            assert client.stats.checksum_errors > checksum_errors
+        assert all_given_back(client)
 
 
 def test_threads_share_a_bounded_pool(client: deepfs.Client, written: tuple[str, bytes]) -> None:
@@ -141,24 +203,30 @@ async def _put(caps: Any, ino: int, cap: list[Any]) -> None:
 
 
 def test_a_paused_node_is_read_around_after_one_timeout(fresh_cluster: LocalCluster) -> None:
-    """The direct read times out and marks the node suspect before it goes through the loop,
-    which then reads degraded around it; so do the reads after it."""
+    """The direct read of a whole file times out on the paused node's fragment and marks it
+    suspect before it goes through the loop, which then reads degraded around it; so do the
+    reads after it. The other fragments' connections, their answers unread, are dropped."""
     config = ClientConfig(meta_address=fresh_cluster.meta_address, io_timeout_s=0.5)
     with deepfs.Client(fresh_cluster.meta_address, config) as client:
-        data = os.urandom(STRIPE)
+        data = os.urandom(STRIPE - 4096)  # under MAX_DIRECT_BYTES: read whole directly
         client.write_file("/f", data)
         with client.open("/f", "rb") as f:
-            assert f.pread(4096, 0) == data[:4096]
+            hops = Hops(client)
+            assert f.pread(len(data), 0) == data
+            assert hops.count == 0  # a connection to each data fragment's node now idles in its pool
             node_id = f._handle._records[0].placement[0]  # noqa: SLF001 - the node of fragment 0
             address = client.aio.cluster.nodes[node_id].address
             info = next(n for n in fresh_cluster.state.nodes if n and n.address == address)
             pause(info.pid)
             try:
+                assert f.pread(len(data), 0) == data
+                assert hops.count == 1 and not client.aio.cluster.is_usable(node_id)
                 for offset in range(0, FRAGMENT, 16384):
                     assert f.pread(4096, offset) == data[offset : offset + 4096]
             finally:
                 resume(info.pid)
         assert client.stats.degraded_reads > 0 and not client.aio.cluster.is_usable(node_id)
+        assert all_given_back(client)
 
 
 def test_a_forked_child_does_not_use_the_parents_connections(client: deepfs.Client,

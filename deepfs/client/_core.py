@@ -486,16 +486,24 @@ class AsyncClient:
     async def read_file(self, path: str) -> bytes:
         """The whole file, opened by path in one OPEN. A small file's bytes come in its reply
         (inline): that one round trip is all (the hold it took is released with the next batch)."""
+        opened = await self.read_or_open(path)
+        if isinstance(opened, bytes):
+            return opened
+        try:
+            return await opened.pread(opened.size, 0)
+        finally:
+            await opened.close()
+
+    async def read_or_open(self, path: str) -> bytes | AsyncFile:
+        """``read_file``'s one OPEN: the whole file when its bytes came inline in the reply, else
+        the file opened read-only, for the caller to read and close (``deepfs.Client`` reads it
+        from its own thread when it can)."""
         state = await self._open_state(path, "r")
         contents = inline_contents(state, path)
         if contents is not None:
             self._release_wanted.set()
             return contents
-        f = await self._file_of(state, path, True, False, False, "r")
-        try:
-            return await f.pread(f.size, 0)
-        finally:
-            await f.close()
+        return await self._file_of(state, path, True, False, False, "r")
 
     async def write_file(self, path: str, data: bytes | bytearray | memoryview, layout: Layout | None = None) -> None:
         """Create or replace the file with ``data``. Data the server keeps inline goes with the

@@ -5,13 +5,16 @@ the client's trio loop and back. For a 4 KiB read at queue depth 1 that hop
 (two thread wake-ups, the loop's epoll, a lock) costs more CPU and latency
 than the request itself.
 
-The fast path: a read that is one range of one data fragment of a committed
-stripe (``AsyncFile.committed_range``: a file opened read-only), whose node
-is usable and whose inode's capability is held and fresh, is sent from the
-caller's own thread on a blocking connection (``rpc.BlockingFrameClient``)
-taken from a small per-node pool, and answered there, checked the same way
-(the fragment digest against the stripe record's). Everything else goes
-through the ``AsyncClient`` as before.
+The fast path: a read under ``MAX_DIRECT_BYTES`` within one committed stripe
+(``AsyncFile.committed_range``: a file opened read-only), whose data
+fragments' nodes are usable and whose inode's capability is held and fresh,
+is sent from the caller's own thread on blocking connections
+(``rpc.BlockingFrameClient``) taken from small per-node pools, one request
+per data fragment it touches (a whole small file: k of them), and answered
+there, checked the same way (each fragment's digest against the stripe
+record's, its length). Every request goes out before the first answer is
+awaited, so the nodes work in parallel as the loop's tasks would. Everything
+else goes through the ``AsyncClient`` as before.
 
 Failures: the fast path never decides anything. Whatever goes wrong (an
 error answer, a refused capability, a digest mismatch, a broken connection,
@@ -19,7 +22,8 @@ a timeout) makes the read go the ordinary way, which asks the node again and
 then does what it always does: fresh capability, quarantine and degraded
 read, failover, reload after EIO. A connection that broke is dropped (and a
 reused one, perhaps closed by the node as idle, is retried once on a fresh
-one first, as ``ClusterView.call_node`` does); a node that timed out is first
+one first, as ``ClusterView.call_node`` does), and so is one whose answer
+was still on its way when another fragment's failed; a node that timed out is first
 marked suspect in the loop, so the ordinary read goes around it instead of
 waiting a second time.
 
@@ -36,12 +40,14 @@ fail the way ``deepfs.Client``'s always did (its loop did not come along).
 
 from __future__ import annotations
 
+import errno
 import logging
 import math
 import os
 import threading
 import weakref
 from collections.abc import Callable
+from typing import Any
 
 from deepfs import rpc
 from deepfs.auth import READ
@@ -50,6 +56,7 @@ from deepfs.client._file import AsyncFile
 from deepfs.client._stripes import CHECK_HERE_BYTES, StripeIO
 from deepfs.errors import ChecksumError
 from deepfs.frames import Op, ProtocolError
+from deepfs.layout import stripe_range_to_fragments
 from deepfs.messages import FragmentKey
 from deepfs.messages.storage_requests import GET_DIGEST, get_fragment_body
 from deepfs.rpc import BlockingFrameClient
@@ -90,6 +97,23 @@ class _NodePool:
         self.open = 0
 
 
+class _Leg:
+    """One fragment range of a direct read: its node, the connection taken for it (None once
+    that broke and no new one came), the request and where its bytes go."""
+
+    __slots__ = ("body", "conn", "dest", "node_id", "pool", "reused", "slot")
+
+    def __init__(self, node_id: int, pool: _NodePool, conn: BlockingFrameClient, reused: bool, slot: int,
+                 body: dict[str, Any], dest: memoryview) -> None:
+        self.node_id = node_id
+        self.pool = pool
+        self.conn: BlockingFrameClient | None = conn
+        self.reused = reused
+        self.slot = slot
+        self.body = body
+        self.dest = dest
+
+
 class DirectReads:
     """The fast path of one ``deepfs.Client`` (module docstring). ``read`` runs in the
     caller's thread; ``call_soon`` runs a function in the client's trio loop."""
@@ -113,9 +137,8 @@ class DirectReads:
         if planned is None:
             return None
         record, start, n = planned
-        slot, inner = divmod(start, record.fragment_size)
-        node_id = record.placement[slot]
-        if inner + n > record.fragment_size or not self._cluster.is_usable(node_id):
+        pieces = stripe_range_to_fragments(record.fragment_size, start, n)
+        if not all(self._cluster.is_usable(record.placement[p.index]) for p in pieces):
             return None
         caps = self._stripes.caps
         cap = None
@@ -123,40 +146,75 @@ class DirectReads:
             cap = caps.peek(handle.ino, READ)
             if cap is None:
                 return None
-        body = get_fragment_body(FragmentKey(handle.ino, record.index, record.version, slot), inner, n, False, cap)
-        dest = out if n == len(out) else out[:n]
-        conn, pool, reused = self._take(node_id)
-        if conn is None or pool is None:
-            return None
         timeout_s = self._cluster.io_timeout_s or math.inf
+        legs: list[_Leg] = []
+        current: _Leg | None = None
         try:
-            try:
-                reply, payload = conn.call(Op.GET_FRAGMENT, body, dest, timeout_s)
-            except (ConnectionError, ProtocolError):
-                if not reused:
-                    raise
-                fresh = self._dial(node_id, pool)  # the node may have closed it as idle: once more, on a new one
-                if fresh is None:
+            for piece in pieces:  # every connection first: a full pool leaves nothing half sent
+                node_id = record.placement[piece.index]
+                conn, pool, reused = self._take(node_id)
+                if conn is None or pool is None:
                     return None
-                conn = fresh
-                reply, payload = conn.call(Op.GET_FRAGMENT, body, dest, timeout_s)
-            if reply.get(GET_DIGEST) != record.digests[slot]:
-                raise ChecksumError(f"fragment {slot} of stripe {handle.ino}/{record.index}: digest mismatch")
-            if len(payload) != n:
-                raise ProtocolError(f"node {node_id} returned {len(payload)} of {n} bytes")
-            if payload.obj is not dest.obj:
-                dest[:] = payload
+                key = FragmentKey(handle.ino, record.index, record.version, piece.index)
+                at = piece.stripe_offset - start
+                legs.append(_Leg(node_id, pool, conn, reused, piece.index,
+                                 get_fragment_body(key, piece.start, piece.length, False, cap),
+                                 out[at : at + piece.length]))
+            for current in legs:  # every request out before the first answer: the nodes work together
+                self._send(current, timeout_s)
+            for current in legs:
+                reply, payload = self._receive(current, timeout_s)
+                slot = current.slot
+                if reply.get(GET_DIGEST) != record.digests[slot]:
+                    raise ChecksumError(f"fragment {slot} of stripe {handle.ino}/{record.index}: digest mismatch")
+                if len(payload) != len(current.dest):
+                    raise ProtocolError(f"node {current.node_id} returned {len(payload)} of {len(current.dest)} bytes")
+                if payload.obj is not current.dest.obj:
+                    current.dest[:] = payload
         except TimeoutError:
-            self._call_soon(self._cluster.mark_suspect, node_id, "TooSlowError")
-            self._give(pool, conn)
+            assert current is not None
+            self._call_soon(self._cluster.mark_suspect, current.node_id, "TooSlowError")
             return None
         except (OSError, ProtocolError) as exc:
-            log.debug("direct read from node %s failed (%s); reading through the client's loop", node_id, exc)
-            self._give(pool, conn)
+            node = current.node_id if current is not None else None
+            log.debug("direct read from node %s failed (%s); reading through the client's loop", node, exc)
             return None
-        self._give(pool, conn)
+        finally:
+            for leg in legs:
+                if leg.conn is not None:
+                    self._give(leg.pool, leg.conn)
         self._stripes.stats.range_reads += 1  # (racing the loop's count may lose one, never a read)
         return n
+
+    def _send(self, leg: _Leg, timeout_s: float) -> None:
+        """``leg``'s request out; on a fresh connection when a reused one fails (``_retry``)."""
+        assert leg.conn is not None
+        try:
+            leg.conn.send_request(Op.GET_FRAGMENT, leg.body, timeout_s)
+        except (ConnectionError, ProtocolError) as exc:
+            self._retry(leg, exc).send_request(Op.GET_FRAGMENT, leg.body, timeout_s)
+
+    def _receive(self, leg: _Leg, timeout_s: float) -> tuple[Any, memoryview]:
+        """``leg``'s answer (body, payload), its payload in ``leg.dest`` when it fits; asked again
+        on a fresh connection when a reused one turns out broken (``_retry``)."""
+        assert leg.conn is not None
+        try:
+            return leg.conn.receive_answer(leg.dest)
+        except (ConnectionError, ProtocolError) as exc:
+            conn = self._retry(leg, exc)
+            conn.send_request(Op.GET_FRAGMENT, leg.body, timeout_s)
+            return conn.receive_answer(leg.dest)
+
+    def _retry(self, leg: _Leg, broke: Exception) -> BlockingFrameClient:
+        """After ``leg``'s connection broke (and closed): a fresh one in its place when it was a
+        reused one, which the node may have closed as idle; else ``broke`` is the read's failure."""
+        if not leg.reused:
+            raise broke
+        leg.reused = False
+        leg.conn = self._dial(leg.node_id, leg.pool)  # (it takes over the broken one's count)
+        if leg.conn is None:
+            raise ConnectionResetError(errno.ECONNRESET, f"no new connection to node {leg.node_id}")
+        return leg.conn
 
     def _take(self, node_id: int) -> tuple[BlockingFrameClient | None, _NodePool | None, bool]:
         """An idle connection to the node (reused: True), else a new one while the pool has room;
@@ -199,9 +257,10 @@ class DirectReads:
             return None
 
     def _give(self, pool: _NodePool, conn: BlockingFrameClient) -> None:
-        """Back to ``pool`` after a read; closed (and uncounted) if it broke, or the pool is gone."""
+        """Back to ``pool`` after a read; closed (and uncounted) if it broke, if an answer is still
+        on its way (a read that failed on another leg), or if the pool is gone."""
         with self._lock:
-            if conn.closed or self._closed or self._pools.get(pool.node_id) is not pool:
+            if conn.closed or conn.answer_pending or self._closed or self._pools.get(pool.node_id) is not pool:
                 pool.open -= 1
                 conn.close()
                 return

@@ -3,9 +3,10 @@
 A trio loop runs on a background thread and owns the AsyncClient; every
 method hands its coroutine to that loop and blocks until it returns. Calls
 from many threads are fine: they run concurrently inside the one loop.
-Small reads of files opened read-only skip the loop: the calling thread sends
-them itself on a blocking connection (``_direct``), and only what that cannot
-serve goes through the loop.
+Small reads of files opened read-only (``File.read``/``pread``/``readinto``,
+``Client.pread``, the bytes of ``read_file``) skip the loop: the calling
+thread sends them itself on blocking connections (``_direct``), and only what
+that cannot serve goes through the loop.
 """
 
 from __future__ import annotations
@@ -202,7 +203,25 @@ class Client:
         return File(self, handle)
 
     def read_file(self, path: str) -> bytes:
-        return self.run_async(self.aio.read_file, path)
+        """``AsyncClient.read_file``; the bytes of a file not inline in the OPEN's reply are read
+        by ``pread`` (from this thread when it can)."""
+        opened = self.run_async(self.aio.read_or_open, path)
+        if isinstance(opened, bytes):
+            return opened
+        try:
+            return self.pread(opened, opened.size, 0)
+        finally:
+            self.run_async(opened.close)
+
+    def pread(self, handle: AsyncFile, size: int, offset: int) -> bytes:
+        """``await handle.pread(size, offset)`` for a file this client opened (``File.pread``,
+        the fsspec file system): from this thread when it is a small read of a file opened
+        read-only (``_direct``), else through the loop."""
+        if size < MAX_DIRECT_BYTES:
+            out = bytearray(max(0, min(size, handle.size - offset)))
+            if out and self._read_direct(handle, memoryview(out), offset) == len(out):
+                return bytes(out)
+        return self.run_async(handle.pread, size, offset)
 
     def write_file(self, path: str, data: bytes | bytearray | memoryview, layout: Layout | None = None) -> None:
         self.run_async(self.aio.write_file, path, data, layout)
@@ -260,11 +279,7 @@ class File(io.RawIOBase):
         return self.read(-1)
 
     def pread(self, size: int, offset: int) -> bytes:
-        if size < MAX_DIRECT_BYTES:
-            out = bytearray(max(0, min(size, self._handle.size - offset)))
-            if out and self._client._read_direct(self._handle, memoryview(out), offset) == len(out):  # noqa: SLF001
-                return bytes(out)
-        return self._client.run_async(self._handle.pread, size, offset)
+        return self._client.pread(self._handle, size, offset)
 
     def write(self, data: Any) -> int:
         if self._handle.append:

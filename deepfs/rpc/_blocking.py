@@ -4,8 +4,11 @@ The problem: ``deepfs.Client`` runs its requests in a trio loop on a thread of
 its own, and a call from the user's thread hops into that loop and back
 (two thread wake-ups, the loop's epoll, a lock): at queue depth 1 that hop
 costs more than the request itself. A thread that needs a single small
-answer (``deepfs.client._direct``: a 4 KiB read of one fragment) can instead
-send it on a plain blocking socket of its own and wait for the answer there.
+answer (``deepfs.client._direct``: a small read of one stripe's fragments) can
+instead send it on a plain blocking socket of its own and wait for the answer
+there. ``call`` is ``send_request`` then ``receive_answer``; a thread asking
+several peers sends every request before it waits for the first answer, so
+the peers work at the same time.
 
 Rules: one request at a time per connection, so the answer that comes back
 is the one asked for (anything else is the peer's error: ``ProtocolError``).
@@ -18,9 +21,9 @@ caller's buffer.
 
 Timeouts are the kernel's (``SO_RCVTIMEO`` / ``SO_SNDTIMEO`` on a blocking
 socket), set to the request's whole timeout before its first send and
-shortened to what is left only for a further receive: a request answered in
-one receive costs one ``send`` and one ``recv``, with no ``poll`` and no
-timeout change around them.
+shortened to what is left before a receive only when that is clearly less
+(``TIMEOUT_SLACK_S``): a request answered in one receive costs one ``send``
+and one ``recv``, with no ``poll`` and no timeout change around them.
 """
 
 from __future__ import annotations
@@ -41,14 +44,17 @@ from deepfs.rpc._buffer import FrameBuffer
 
 RECEIVE_BUFFER_SIZE = 64 << 10
 """A blocking connection's receive buffer: its answers are one small frame at a time."""
+TIMEOUT_SLACK_S = 0.01
+"""How far past its deadline a receive may wait: kernel timeouts are only shortened to the
+time left when they are longer than that by more than this (each change is two syscalls)."""
 
 
 class BlockingFrameClient:
     """One authenticated connection, used by one thread at a time; see the module docstring.
 
-    ``call`` raises the errno the peer answered with as an ``OSError``, ``TimeoutError``
-    past the deadline, ``ConnectionError`` or ``ProtocolError`` if the connection broke
-    (``closed`` is then True)."""
+    ``call`` and ``receive_answer`` raise the errno the peer answered with as an ``OSError``,
+    ``TimeoutError`` past the deadline, ``ConnectionError`` or ``ProtocolError`` if the
+    connection broke (``closed`` is then True); ``send_request`` the last three."""
 
     def __init__(self, sock: socket.socket, address: str) -> None:
         self.address = address
@@ -56,6 +62,8 @@ class BlockingFrameClient:
         self._frames = FrameBuffer(size=RECEIVE_BUFFER_SIZE)
         self._next_id = 1
         self._timeout_s = -1.0  # what the kernel timeouts are set to now
+        self._asked: tuple[int, int] | None = None  # (op, request id) sent and not yet answered
+        self._deadline = math.inf  # of that request
         self.closed = False
 
     @classmethod
@@ -101,15 +109,36 @@ class BlockingFrameClient:
         """Send one request (no payload) and wait up to ``timeout_s`` for its answer: (body,
         payload). The payload lands in ``into`` when it fits, else in a fresh buffer; the view
         returned says which."""
+        self.send_request(op, body, timeout_s)
+        return self.receive_answer(into)
+
+    def send_request(self, op: int, body: Any, timeout_s: float) -> None:
+        """The first half of ``call``: send the request, whose answer ``receive_answer`` waits
+        for, within ``timeout_s`` from now. In between, a thread can send requests on other
+        connections, so that their peers work at the same time."""
         if self.closed:
             raise ConnectionResetError(errno.ECONNRESET, f"connection to {self.address} is closed")
+        if self._asked is not None:
+            raise RuntimeError(f"a request to {self.address} is still unanswered")
         request_id = self._next_id
         self._next_id += 1
-        deadline = time.monotonic() + timeout_s
+        self._deadline = time.monotonic() + timeout_s
         try:
             self._set_timeout(timeout_s)
             self._send(frames.encode_frame(op, request_id, body))
-            header, reply, payload = self._receive(into, deadline)
+        except BaseException:
+            self.close()
+            raise
+        self._asked = (op, request_id)
+
+    def receive_answer(self, into: memoryview | None) -> tuple[Any, memoryview]:
+        """The second half of ``call``: the answer to the request ``send_request`` sent."""
+        if self._asked is None:
+            raise RuntimeError(f"no request to {self.address} awaits an answer")
+        op, request_id = self._asked
+        self._asked = None
+        try:
+            header, reply, payload = self._receive(into, self._deadline)
         except BaseException:
             self.close()
             raise
@@ -122,6 +151,12 @@ class BlockingFrameClient:
                 reply = {}
             raise os_error(int(reply.get("errno", errno.EIO)), str(reply.get("msg") or ""))
         return reply, payload
+
+    @property
+    def answer_pending(self) -> bool:
+        """A request was sent and its answer not received: the connection is mid-exchange, so
+        only its sender may use it (or close it)."""
+        return self._asked is not None
 
     def _set_timeout(self, timeout_s: float) -> None:
         """Kernel timeouts of ``timeout_s`` (``math.inf``: none) on sends and receives."""
@@ -138,6 +173,13 @@ class BlockingFrameClient:
             self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
             self._timeout_s = timeout_s
 
+    def _shorten_timeout(self, deadline: float) -> None:
+        """Before a receive: the kernel timeouts cut to the time left when it is shorter by more
+        than ``TIMEOUT_SLACK_S`` (so the first receive right after a send changes nothing)."""
+        left = deadline - time.monotonic()
+        if left < self._timeout_s - TIMEOUT_SLACK_S:
+            self._set_timeout(left)
+
     def _send(self, data: bytes) -> None:
         try:
             self._sock.sendall(data)
@@ -149,11 +191,8 @@ class BlockingFrameClient:
     def _receive(self, into: memoryview | None, deadline: float) -> tuple[frames.FrameHeader, Any, memoryview]:
         buf = self._frames
         frame = buf.next_frame()
-        first = True
         while frame is None:
-            if not first:
-                self._set_timeout(deadline - time.monotonic())
-            first = False
+            self._shorten_timeout(deadline)
             count = self._recv_into(buf.receive_space())
             if not count:
                 buf.closed()  # inside a frame: ProtocolError
@@ -167,7 +206,7 @@ class BlockingFrameClient:
         dest = into[:size] if into is not None and len(into) >= size else memoryview(bytearray(size))
         got = buf.take_payload(dest)
         while got < size:
-            self._set_timeout(deadline - time.monotonic())
+            self._shorten_timeout(deadline)
             count = self._recv_into(dest[got:])
             if not count:
                 raise ProtocolError(f"connection closed after {got} of {size} payload bytes")
