@@ -270,21 +270,25 @@ _NONE_OTHER = b""
 
 
 def to_entry(attr: Attr, attr_timeout_s: float, entry_timeout_s: float) -> pyfuse3.EntryAttributes:
-    """The kernel's ``struct fuse_entry_param`` for a metadata attr map."""
+    """The kernel's ``struct fuse_entry_param`` for a metadata attr map.
+
+    Built for nearly every reply, so the values go in as they are (msgpack decoded them as
+    ints already) and only the fields a server may leave out are looked up with defaults."""
     entry = pyfuse3.EntryAttributes()
-    entry.st_ino = int(attr["ino"])
-    entry.generation = int(attr.get("generation", 0))
-    entry.st_mode = int(attr["mode"])
-    entry.st_nlink = int(attr["nlink"])
-    entry.st_uid = int(attr["uid"])
-    entry.st_gid = int(attr["gid"])
-    entry.st_rdev = int(attr.get("rdev", 0))
-    entry.st_size = int(attr["size"])
+    entry.st_ino = attr["ino"]
+    entry.generation = attr.get("generation", 0)
+    entry.st_mode = attr["mode"]
+    entry.st_nlink = attr["nlink"]
+    entry.st_uid = attr["uid"]
+    entry.st_gid = attr["gid"]
+    entry.st_rdev = attr.get("rdev", 0)
+    entry.st_size = size = attr["size"]
     entry.st_blksize = PREFERRED_IO_SIZE
-    entry.st_blocks = int(attr.get("blocks", blocks_of_size(int(attr["size"]))))
-    entry.st_atime_ns = int(attr["atime_ns"])
-    entry.st_mtime_ns = int(attr["mtime_ns"])
-    entry.st_ctime_ns = int(attr["ctime_ns"])
+    blocks = attr.get("blocks")
+    entry.st_blocks = blocks_of_size(size) if blocks is None else blocks
+    entry.st_atime_ns = attr["atime_ns"]
+    entry.st_mtime_ns = attr["mtime_ns"]
+    entry.st_ctime_ns = attr["ctime_ns"]
     entry.attr_timeout = attr_timeout_s
     entry.entry_timeout = entry_timeout_s
     return entry

@@ -57,34 +57,45 @@ WRITE_BACK_STEP = 4 << 20
 
 
 class QuickLock:
-    """A ``trio.Lock`` that takes a free lock without a trip through the scheduler.
+    """A lock for trio tasks that costs next to nothing while nobody contends for it.
 
-    ``trio.Lock.acquire`` always yields, even when nobody holds the lock: a
-    scheduler pass (an ``epoll_wait`` and a task switch) for each of the
-    several locks a FUSE request takes, which is a good part of the daemon's
-    CPU per small request. A free lock with nobody waiting is taken at once
-    here; otherwise this waits in line as ``trio.Lock`` does. The caller loses
-    only the checkpoint (a cancel arriving then is seen at its next await)."""
+    ``trio.Lock.acquire`` always yields, even when nobody holds the lock: a scheduler pass
+    (an ``epoll_wait`` and a task switch) for each of the several locks a FUSE request takes,
+    which is a good part of the daemon's CPU per small request; and even its ``acquire_nowait``
+    records an owner and registers the task with trio's deadlock detection. This one is a
+    flag while free: taking it is setting the flag, and the ``ParkingLot`` that contended
+    takers wait in is made only when the first one has to wait. Release hands the lock
+    straight to the first waiter (fair, as ``trio.Lock``), so a lock with waiters is never
+    free. The caller loses only the checkpoint (a cancel arriving then is seen at its next
+    await) and ``trio.Lock``'s checks of its owner: that the releasing task took it, and
+    that no task takes it twice (here that would wait forever)."""
+
+    __slots__ = ("_held", "_waiting")
 
     def __init__(self) -> None:
-        self._lock = trio.Lock()
+        self._held = False
+        self._waiting: trio.lowlevel.ParkingLot | None = None
 
     async def __aenter__(self) -> None:
-        try:
-            self._lock.acquire_nowait()
-        except trio.WouldBlock:
-            await self._lock.acquire()
+        if not self._held:
+            self._held = True
+            return
+        if self._waiting is None:
+            self._waiting = trio.lowlevel.ParkingLot()
+        await self._waiting.park()  # woken by __aexit__ holding the lock (still _held)
 
     async def __aexit__(self, *exc: object) -> None:
-        self._lock.release()
+        if self._waiting is not None and self._waiting.unpark(count=1):
+            return  # handed over: the first waiter holds it now
+        self._held = False
 
     def locked(self) -> bool:
-        return self._lock.locked()
+        return self._held
 
     def idle(self) -> bool:
         """Nobody holds it and nobody waits for it (a release hands a lock with waiters
         straight to the first of them, so a free lock has none)."""
-        return not self._lock.locked()
+        return not self._held
 
 
 @dataclass
@@ -193,13 +204,18 @@ class OpenFiles:
 
     async def adopt(self, file: AsyncFile, flags: int, uid: int) -> FileHandle:
         """A handle of a file this mount just created, without another OPEN."""
+        if file.ino not in self._transitions:  # nothing to wait for, and nothing below awaits
+            return self._adopted(file, flags, uid)
         async with self._transition_lock(file.ino):
-            inode = self._by_ino.get(file.ino)
-            if inode is None:
-                prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.start_background)
-                inode = self._by_ino[file.ino] = OpenInode(file.ino, file, prefetch)
-            # else: another process found the new name and opened it first; share that one
-            return self._new_handle(inode, flags, uid)
+            return self._adopted(file, flags, uid)
+
+    def _adopted(self, file: AsyncFile, flags: int, uid: int) -> FileHandle:
+        inode = self._by_ino.get(file.ino)
+        if inode is None:
+            prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.start_background)
+            inode = self._by_ino[file.ino] = OpenInode(file.ino, file, prefetch)
+        # else: another process found the new name and opened it first; share that one
+        return self._new_handle(inode, flags, uid)
 
     def _new_handle(self, inode: OpenInode, flags: int, uid: int) -> FileHandle:
         fh = next(self._next_fh)
@@ -225,6 +241,9 @@ class OpenFiles:
         if handle is None:
             return
         inode = handle.inode
+        if len(inode.handles) > 1 and inode.ino not in self._transitions:
+            inode.handles.discard(fh)  # not the last, and no open running: nothing else to do
+            return
         async with self._transition_lock(inode.ino):
             inode.handles.discard(fh)
             if inode.handles:

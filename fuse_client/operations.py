@@ -28,12 +28,12 @@ import stat
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import ParamSpec, TypeVar
+from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 import pyfuse3
 import trio
 
-from deepfs.client import AsyncClient, DirEntry
+from deepfs.client import AsyncClient, AsyncFile, DirEntry
 from deepfs.client._meta import Removed
 from deepfs.concurrency import sole_exception
 from deepfs.messages import NAME_MAX, RENAME_EXCHANGE
@@ -77,38 +77,48 @@ FUSE_OPS: set[str] = set()
 """Names of the FUSE operations ``fuse_errors`` wraps: the request metrics' op labels."""
 
 RequestDone = Callable[[str, float, int], None]
-"""``request_done(op, elapsed_s, errno)`` (``DeepFSOperations.request_done``, the mount's metrics)."""
+"""``(op, elapsed_s, errno)`` of each request: the mount's metrics (``DeepFSOperations.request_metrics``)."""
 
 
-def fuse_errors(fn: Callable[P, Awaitable[R]]) -> Callable[P, Awaitable[R]]:
-    """Turn whatever a handler raises into the errno the syscall returns; report each
-    request to the operations' ``request_done`` when it has one."""
+class Served(Protocol):
+    """What ``fuse_errors`` reports each request to (``DeepFSOperations``)."""
+
+    request_metrics: RequestDone | None
+
+    def request_done(self, op: str, started: float, code: int) -> None: ...
+
+    def stale_seen(self) -> None: ...
+
+
+S = TypeVar("S", bound=Served)
+
+
+def fuse_errors(fn: Callable[Concatenate[S, P], Awaitable[R]]) -> Callable[Concatenate[S, P], Awaitable[R]]:
+    """Turn whatever a handler raises into the errno the syscall returns, and report
+    each request to the operations' ``request_done``.
+
+    Every FUSE request passes here, so the wrapper does the least it can: the clock is
+    read only while metrics (which want the latency) are served."""
     name = fn.__name__
     FUSE_OPS.add(name)
 
     @functools.wraps(fn)
-    async def wrapper(*args: P.args, **kwargs: P.kwargs) -> R:
-        # One coroutine frame per request: every FUSE request passes here.
-        started = time.perf_counter()
-        code = 0
+    async def wrapper(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
+        started = 0.0 if self.request_metrics is None else time.perf_counter()
         try:
-            return await fn(*args, **kwargs)
+            result = await fn(self, *args, **kwargs)
         except BaseException as exc:
             error = _fuse_error(name, exc)
+            self.request_done(name, started, 0 if error is None else error.errno)
             if error is None:
                 raise  # cancelled, or a KeyboardInterrupt
-            code = error.errno
-            if code == errno.ESTALE:
-                stale_seen: Callable[[], None] | None = getattr(args[0], "stale_seen", None)
-                if stale_seen is not None:
-                    stale_seen()
+            if error.errno == errno.ESTALE:
+                self.stale_seen()
             if error is exc:
                 raise
             raise error from None
-        finally:
-            request_done: RequestDone | None = getattr(args[0], "request_done", None)
-            if request_done is not None:
-                request_done(name, time.perf_counter() - started, code)
+        self.request_done(name, started, 0)
+        return result
 
     return wrapper
 
@@ -250,11 +260,13 @@ class DeepFSOperations(pyfuse3.Operations):
             attr = opened.file.attr
         return self.attrs.put(attr)
 
-    def request_done(self, op: str, elapsed_s: float, code: int) -> None:
-        """A request ended (``fuse_errors``): count it, and tell the metrics when served."""
-        self.stats.requests[op] = self.stats.requests.get(op, 0) + 1
+    def request_done(self, op: str, started: float, code: int) -> None:
+        """A request that began at ``started`` (``time.perf_counter``, read only while metrics
+        are served) ended (``fuse_errors``): count it, and tell the metrics when served."""
+        requests = self.stats.requests
+        requests[op] = requests.get(op, 0) + 1
         if self.request_metrics is not None:
-            self.request_metrics(op, elapsed_s, code)
+            self.request_metrics(op, time.perf_counter() - started, code)
 
     def stale_seen(self) -> None:
         """An inode the kernel named is gone (another mount removed or replaced it): forget
@@ -521,10 +533,33 @@ class DeepFSOperations(pyfuse3.Operations):
             await self._drop_set_id_bits(inode)
         if not keep_cache:
             self._kernel_forget_attrs(inode)
+        elif flags & (os.O_ACCMODE | os.O_DIRECT | os.O_TRUNC) == os.O_RDONLY and len(handle.inode.handles) == 1:
+            self._fill_kernel_pages(inode, handle.inode.file)
         self.attrs.put(handle.inode.file.attr)
         # O_APPEND writes go where this mount knows the end is, which can differ
         # from the kernel's idea; direct I/O keeps its page cache out of that.
         return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache, direct_io=handle.append)
+
+    def _fill_kernel_pages(self, inode: int, file: AsyncFile) -> None:
+        """A small file opened for reading whose OPEN reply brought all of its bytes (inline):
+        put them in the kernel's page cache now, so the read that follows is served there
+        instead of costing a READ request (``notify_store``).
+
+        Only where the kernel keeps its cached pages (``keep_cache``: unchanged since this mount
+        last closed it, so the bytes are the ones it may already hold; otherwise it drops its
+        pages after this OPEN, ours with them), for a plain read-only open (O_DIRECT reads skip
+        the cache; O_TRUNC may await above), and only when this open is the inode's one handle. The store locks each
+        page, and a page is locked while a READ of it waits for this daemon: with another
+        handle open, a READ through it may be queued or half served, and the store, which
+        runs on this loop's thread, would wait for it forever. With no other handle, no READ
+        of the inode can be pending (the kernel reads through open files only, and nothing
+        awaits between ``files.open`` and here)."""
+        try:
+            data = file.inline_contents()
+            if data is not None:
+                pyfuse3.notify_store(self.inodes.to_kernel(inode), 0, data)
+        except OSError:
+            pass  # a bad CRC, or a kernel without the store: the READ will come (and report it)
 
     def _kernel_forget_attrs(self, inode: int) -> None:
         """Make the kernel fetch size and mtime again (its cached ones may

@@ -5,6 +5,7 @@ any node) until it grows past ``inline_max_bytes``; appends, reads and truncates
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import pytest
@@ -67,3 +68,32 @@ def test_many_small_files_list_and_read_back(mnt_dir: Path) -> None:
     for name, blob in blobs.items():
         assert (mnt_dir / name).stat().st_size == len(blob)
         assert (mnt_dir / name).read_bytes() == blob
+
+
+def test_an_unchanged_inline_file_is_read_from_the_page_cache(fuse_mount: Mounted, mnt_dir: Path) -> None:
+    """The OPEN of an inline file unchanged since this mount closed it brings its bytes, which the
+    daemon puts in the kernel's page cache (notify_store): the read after its pages were dropped
+    sends no READ and returns those bytes."""
+    path = mnt_dir / "small"
+    data = os.urandom(6000)
+    released = fuse_mount.process.request_stats().get("op.release", 0)
+    path.write_bytes(data)
+    path.stat()  # the times its close committed (seen later, they would drop the cached pages)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the pages the write left
+    finally:
+        os.close(fd)
+    before = wait_released(fuse_mount, released + 2)  # (an open beside another handle stores nothing)
+    assert path.read_bytes() == data
+    assert fuse_mount.process.request_stats()["reads"] == before["reads"], "the OPEN's bytes were not used"
+
+
+def wait_released(mount: Mounted, releases: int) -> dict[str, int]:
+    """The daemon's statistics once it has served ``releases`` RELEASE requests in all (the
+    kernel sends them after close(2) returns)."""
+    deadline = time.monotonic() + 10
+    while (stats := mount.process.request_stats()).get("op.release", 0) < releases:
+        assert time.monotonic() < deadline, stats
+        time.sleep(0.05)
+    return stats

@@ -4,7 +4,7 @@ Without a kernel mount (``OpenFiles`` and ``DeepFSOperations`` over a
 ``MemoryCluster``, as in test_unit_fuse_files.py): the close of a file with
 nothing written sends no metadata request, yet a close after a failed store
 still tries (and fails) again; the open-file locks are taken without a scheduler pass when free
-and still queue when held; every request is counted by op for the SIGUSR1
+and still queue when held (a waiter that gives up leaves the line); every request is counted by op for the SIGUSR1
 statistics line (``bench.cpu_cost --mount`` reads it).
 """
 
@@ -123,6 +123,28 @@ async def test_a_free_lock_is_taken_at_once_and_a_held_one_queues() -> None:
             await trio.testing.wait_all_tasks_blocked()
             assert order == [] and not lock.idle()
     assert order == ["first", "second"] and lock.idle()
+
+
+@trio_test
+async def test_a_waiter_cancelled_in_line_does_not_keep_the_lock() -> None:
+    lock = QuickLock()
+    got: list[str] = []
+
+    async def waiter(name: str, scope: trio.CancelScope) -> None:
+        with scope:
+            async with lock:
+                got.append(name)
+
+    given_up = trio.CancelScope()
+    async with trio.open_nursery() as nursery:
+        async with lock:
+            nursery.start_soon(waiter, "given up", given_up)
+            await trio.testing.wait_all_tasks_blocked()
+            nursery.start_soon(waiter, "served", trio.CancelScope())
+            await trio.testing.wait_all_tasks_blocked()
+            given_up.cancel()
+            await trio.testing.wait_all_tasks_blocked()
+    assert got == ["served"] and lock.idle()
 
 
 @trio_test

@@ -315,6 +315,18 @@ class AsyncFile:
             return None
         return record, start, n
 
+    def inline_contents(self) -> bytes | None:
+        """The whole file when this handle holds all of it without I/O (one stripe, inline in
+        its record, nothing written through the handle since), else None. The FUSE daemon puts
+        such a file in the kernel's page cache at open, so no READ request follows."""
+        if self._dirty or self._in_flight or not 0 < self.size <= self.layout.stripe_size:
+            return None
+        record = self._records.get(0)
+        if record is None or record.inline is None:
+            return None
+        data = inline_bytes(record, self.path)[: self.size]
+        return data + bytes(self.size - len(data))  # zeros past the record (a truncate that grew it)
+
     def _copy_inline(self, record: StripeRecord, inner: int, dest: memoryview) -> None:
         """``dest`` from ``inner`` of an inline stripe (zeros past its length)."""
         piece = inline_bytes(record, self.path)[inner : inner + len(dest)]
