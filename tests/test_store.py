@@ -59,6 +59,7 @@ def test_the_environment_syncs_every_commit(store: MetaStore) -> None:
     assert isinstance(store.engine, LmdbEngine)
     flags = store.engine.flags()
     assert flags["sync"] and not flags["metasync"]  # no MDB_NOSYNC; MDB_NOMETASYNC keeps integrity (FSYNC flushes)
+    assert flags["readahead"]  # no MDB_NORDAHEAD: a cold inline record is one read, not a fault per page
 
 
 @pytest.mark.unit
