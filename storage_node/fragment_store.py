@@ -404,25 +404,21 @@ class FragmentStore:
         try:
             header = entry.header
             data_len = header.data_len
-            end = offset + length if offset + length < data_len else data_len  # (min(), a call, costs more)
+            end = min(offset + length, data_len)
             if offset >= end:
                 return RangeRead(bytearray(), data_len, entry.digest)
             bs = header.block_size
             first = offset // bs
             start = first * bs
-            blocks_end = ((end - 1) // bs + 1) * bs
-            size = (blocks_end if blocks_end < data_len else data_len) - start
+            size = min(((end - 1) // bs + 1) * bs, data_len) - start
             try:
-                file_offset = header.data_offset + start
-                blocks = os.pread(entry.fd, size, file_offset)  # bytes: no zero-fill first (_pread_exactly, inline)
-                if len(blocks) != size:
-                    raise CorruptFragment(f"file ends early: {len(blocks)} of {size} bytes at offset {file_offset}")
+                blocks = _pread_exactly(entry.fd, size, header.data_offset + start)  # bytes: no zero-fill first
                 fmt.verify_blocks_in_table(blocks, entry.prefix, bs, first)
             except CorruptFragment as exc:
                 raise self._quarantine(key, entry.fd, str(exc)) from None
             read = True
             data = bytearray(memoryview(blocks)[offset - start : end - start])
-            return tuple.__new__(RangeRead, (data, data_len, entry.digest))  # RangeRead(...), cheaper
+            return RangeRead(data, data_len, entry.digest)
         finally:
             self._put_back(entry, read)
 
@@ -439,8 +435,7 @@ class FragmentStore:
         if entry is not None:
             # Mutations through the store drop the entry; this catches changes made around it
             # (the file removed or replaced: no links left; rewritten in place: size or mtime).
-            st = os.fstat(entry.fd)
-            if (st.st_nlink > 0, st.st_size, st.st_mtime_ns) == entry.ident:  # _ident, inline: every read
+            if _ident(os.fstat(entry.fd)) == entry.ident:
                 return entry
             self._forget(key)
             self._put_back(entry)

@@ -34,10 +34,6 @@ def _mac(service_secret: bytes, ino: int, ops: str, min_version: int, expires: f
     return hmac_sha256(service_secret, _CAP_LABEL + signed)[:MAC_BYTES]
 
 
-def _is_count(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value < 1 << 64
-
-
 def issue_capability(service_secret: bytes, ino: int, ops: str, min_version: int, ttl_s: float,
                      now: float) -> Capability:
     """A token granting ``ops`` ("r", "w" or "rw") on ``ino``'s fragments until ``now + ttl_s``."""
@@ -77,21 +73,20 @@ class CapabilityVerifier:
 
     def check(self, cap: Any, ino: int, op: str, version: int, now: float) -> None:
         """As ``check_capability(service_secret, cap, ino, op, version, now, skew_s)``."""
-        fields = _fields(cap)
-        if fields not in self._signed:
-            self._check_signature(fields, now)
-        _check_grant(fields, ino, op, version, now, self._skew_s)
+        _check_grant(self._genuine(cap, now), ino, op, version, now, self._skew_s)
 
     def check_read(self, cap: Any, ino: int, now: float) -> None:
         """``check`` of a read (op ``READ``) at the token's own ``min_version``: a read may need a
         committed stripe older than the file's floor, which is for versions written from now on."""
-        fields = _fields(cap)
-        if fields not in self._signed:
-            self._check_signature(fields, now)
+        fields = self._genuine(cap, now)
         _check_grant(fields, ino, READ, fields[2], now, self._skew_s)
 
-    def _check_signature(self, fields: tuple[int, str, int, float, bytes], now: float) -> None:
-        """EACCES unless the token's signature matches; remember it if it does."""
+    def _genuine(self, cap: Any, now: float) -> tuple[int, str, int, float, bytes]:
+        """The token's fields once its signature is known good (EACCES if malformed or forged);
+        a genuine one is remembered, so its next check skips the HMAC."""
+        fields = _fields(cap)
+        if fields in self._signed:
+            return fields
         if not hmac.compare_digest(fields[4], _mac(self._secret, *fields[:4])):
             raise os_error(errno.EACCES, "forged capability: its signature does not match")
         if len(self._signed) >= self._max_tokens:
@@ -100,25 +95,21 @@ class CapabilityVerifier:
             live = {t: e for t, e in list(self._signed.items()) if now <= e + self._skew_s}
             self._signed = live if len(live) < self._max_tokens // 2 else {}
         self._signed[fields] = fields[3]
+        return fields
 
 
 def _fields(cap: Any) -> tuple[int, str, int, float, bytes]:
     """The token's fields, their types checked (EACCES when missing or malformed). Types matter beyond
     equality: ``True == 1`` and ``1.0 == 1``, so only exact types may reach a lookup by value."""
-    if type(cap) is list and len(cap) == 5:  # as msgpack decodes it: one test per field, exact types
-        cap_ino, ops, min_version, expires, mac = cap
-        if (type(cap_ino) is int and type(min_version) is int and 0 <= cap_ino < 1 << 64 and 0 <= min_version < 1 << 64
-                and type(ops) is str and ops in _OPS and type(expires) is float and math.isfinite(expires)
-                and type(mac) is bytes and len(mac) == MAC_BYTES):
-            return cap_ino, ops, min_version, expires, mac
     if cap is None:
         raise os_error(errno.EACCES, "no capability: fragment I/O needs a token from the metadata server")
-    if not isinstance(cap, (list, tuple)) or len(cap) != 5:
+    if type(cap) not in (list, tuple) or len(cap) != 5:
         raise os_error(errno.EACCES, "malformed capability")
     cap_ino, ops, min_version, expires, mac = cap
-    if not (_is_count(cap_ino) and isinstance(ops, str) and ops in _OPS and _is_count(min_version)
-            and isinstance(expires, float) and math.isfinite(expires)
-            and isinstance(mac, bytes) and len(mac) == MAC_BYTES):
+    # Exact types, as msgpack decodes them (``type(x) is int`` also refuses bools): one test per field.
+    if not (type(cap_ino) is int and 0 <= cap_ino < 1 << 64 and type(min_version) is int and 0 <= min_version < 1 << 64
+            and type(ops) is str and ops in _OPS and type(expires) is float and math.isfinite(expires)
+            and type(mac) is bytes and len(mac) == MAC_BYTES):
         raise os_error(errno.EACCES, "malformed capability")
     return cap_ino, ops, min_version, expires, mac
 

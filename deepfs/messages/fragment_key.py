@@ -36,7 +36,7 @@ class FragmentKey(NamedTuple):
         if (type(ino) is int and type(stripe) is int and type(version) is int and type(slot) is int
                 and 0 <= ino <= U64_MAX and 0 <= stripe <= U64_MAX and 0 <= version <= U64_MAX
                 and 0 <= slot < MAX_FRAGMENTS):
-            return tuple.__new__(cls, (ino, stripe, version, slot))
+            return cls(ino, stripe, version, slot)
         for value in values:
             if type(value) is not int or not 0 <= value <= U64_MAX:
                 raise ValueError(f"fragment key parts must be integers in [0, 2**64), got {value!r:.40}")

@@ -60,8 +60,7 @@ def get_fragment(body: dict[str, Any]) -> GetFragment:
     # once; anything else goes through the validators, which say what is wrong.
     if (type(offset) is int and type(length) is int and 0 <= offset <= U64_MAX and 0 <= length <= U64_MAX
             and (with_crcs is None or type(with_crcs) is bool)):
-        fields = (v.fragment_key(body.get("key")), offset, length, with_crcs is True, body.get("cap"))
-        return tuple.__new__(GetFragment, fields)  # GetFragment(*fields) without its Python-level __new__
+        return GetFragment(v.fragment_key(body.get("key")), offset, length, with_crcs is True, body.get("cap"))
     return GetFragment(v.fragment_key(body.get("key")), v.u64(body, "offset", 0), v.u64(body, "length"),
                        v.flag(body, "with_crcs"), body.get("cap"))
 

@@ -218,27 +218,7 @@ class FrameClient:
         if pending.deadline < self._timer_at or self._watching:
             self._timer.cancel()  # the background task would sleep past this deadline, or reads
         try:
-            raw = self._raw
-            if raw is not None and not payload and not self._slow_sends:
-                # A request without payload (a read, a ping) over a socket: its frame is one
-                # send, tried here (``_send`` does the same for any request, in more steps),
-                # or one of a batch (``_send_batch``).
-                head = frames.encode_frame(op, request_id, body)
-                if self._outbox is not None:
-                    self._outbox.append(head)  # the batch's sender sends it
-                elif len(self._pending) > BATCH_FROM:
-                    await self._send_batch(head, pending)
-                else:
-                    try:
-                        sent = raw.send(head)
-                    except BlockingIOError:
-                        sent = 0
-                    except OSError as exc:
-                        await self._send_failed(exc)
-                    if sent != len(head):
-                        await self._send_waiting([head], sent, pending)
-            else:
-                await self._send(op, request_id, body, payload, pending)
+            await self._send(op, request_id, body, payload, pending)
             while not pending.done:
                 if self._reading or self._raw is None:
                     await self._park(pending)  # answered, timed out, or handed the reading
@@ -260,12 +240,21 @@ class FrameClient:
 
     # ---------------------------------------------------------------- send
     async def _send(self, op: int, request_id: int, body: Any, payload: Sequence[Buffer], pending: _Pending) -> None:
+        """One request's frame out: tried at once with one ``sendmsg``, queued into a batch on a
+        busy connection (``_send_batch``), or finished under the send lock (``_send_waiting``)."""
         raw = self._raw
         if raw is None or (payload and any(isinstance(p, FileRange) for p in payload)):
             await self._send_frame(op, request_id, body, payload, pending)
             return
         payload_len = sum(len(p) for p in payload) if payload else 0
         head = frames.encode_frame(op, request_id, body, payload_len)
+        if not payload and not self._slow_sends:  # a read, a ping: perhaps one of a batch
+            if self._outbox is not None:
+                self._outbox.append(head)  # the batch's sender sends it
+                return
+            if len(self._pending) > BATCH_FROM:
+                await self._send_batch(head, pending)
+                return
         pieces: list[Buffer] = [head, *payload] if payload else [head]
         sent = 0
         if not self._slow_sends and len(pieces) <= _MAX_IOV:
