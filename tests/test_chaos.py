@@ -5,10 +5,11 @@ at most m storage nodes at a time are faulty: killed (-9) and restarted
 later, paused (SIGSTOP) and resumed, or given a flipped byte in one of their
 fragments. The metadata server and the mount daemon are each killed -9 and
 restarted too. Every acknowledged write (close returned; fsync first on the
-mount) is in a ledger. At the end, with every process back and repair done
-(status: no degraded stripe, empty repair queue), every acknowledged file
-must be byte-exact, every stripe must have all k+m fragments on distinct
-nodes of the map, and reading everything again must need no degraded read.
+mount) is in a ledger. At the end, with every process back, every flipped
+fragment repaired and repair done (status: no degraded stripe, empty repair
+queue), every acknowledged file must be byte-exact, every stripe must have
+all k+m fragments on distinct nodes of the map, and reading everything again
+must need no degraded read.
 
 The short run (fixed seed) is part of ``make test``; ``make chaos`` runs it
 for minutes: ``DEEPFS_CHAOS_SECONDS=300 DEEPFS_CHAOS_SEED=7``. A failure prints
@@ -19,11 +20,12 @@ of the load around it differs).
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import random
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -170,16 +172,18 @@ class Chaos:
         key = key_of(fault.fragment)
 
         def moved(client: deepfs.Client) -> bool:
-            record = next(r for r in stripe_records(client, fault.path) if r.index == key.stripe)
-            return record.version != key.version or record.placement[key.slot] != self.node_ids().get(index)
+            record = next((r for r in stripe_records(client, fault.path) if r.index == key.stripe), None)
+            return record is None or record.version != key.version \
+                or record.placement[key.slot] != self.node_ids().get(index)
 
         return bool(self.looked_up(moved))
 
     def end_faults(self, final: bool) -> None:
-        """End the faults whose time has come (every one when ``final``)."""
+        """End the faults whose time has come (every kill and pause when ``final``); a flip ends
+        only once repaired (``wait_flips_repaired``)."""
         for index, fault in list(self.faults.items()):
             if fault.kind == "flip":
-                if not (final or self.repaired(index, fault)):
+                if not self.repaired(index, fault):
                     continue
             elif fault.until > time.monotonic() and not final:
                 continue
@@ -205,10 +209,40 @@ class Chaos:
                                               ["--key", str(self.cluster.mount_key), "--allow-other"],
                                               log_path=self.mount.process.log_path).start()
 
+    def wait_flips_repaired(self) -> str:
+        """Until every flipped fragment is repaired. Found by a read or the scrubber, a flip is
+        quarantined at once but reported with the node's next heartbeat: until then the cluster's
+        status looks healthy while a fragment is gone."""
+        def repaired() -> str | None:
+            self.end_faults(final=True)
+            return None if self.faults else "every flipped fragment repaired"
+        return wait_for(repaired, RECOVERY_TIMEOUT_S, interval_s=0.5, what="the flipped fragments to be repaired")
+
     def close(self) -> None:
         self.end_faults(final=True)
         if self.client is not None:
             self.client.close()
+
+
+@contextlib.contextmanager
+def client_log() -> Iterator[list[str]]:
+    """What the client library logs meanwhile, down to debug: why a read went degraded."""
+    said: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            said.append(f"{record.levelname} {record.name}: {record.getMessage()}")
+
+    handler = Keep(logging.DEBUG)
+    logger = logging.getLogger("deepfs.client")
+    level = logger.level
+    logger.addHandler(handler)
+    logger.setLevel(logging.DEBUG)
+    try:
+        yield said
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
 
 
 def repair_done(cluster: LocalCluster) -> str | None:
@@ -246,15 +280,16 @@ def run_chaos(tmp_path: Path, seconds: float, seed: int) -> None:
         with deepfs.Client(cluster.meta_address, CLIENT) as client:
             # Reading everything also finds flipped data fragments that no reader came across yet.
             assert verify_files(client, files) == []
+            print(chaos.wait_flips_repaired())
             print(wait_for(lambda: repair_done(cluster), RECOVERY_TIMEOUT_S, interval_s=0.5,
                            what="repair to restore every stripe to k+m fragments"),
                   f"{time.monotonic() - faults_ended:.1f} s after the last fault")
             nodes = {node.node_id for node in cluster.cluster_map().nodes if node.state == "up"}
             assert len(nodes) == NODES
             assert placement_problems(client, files, nodes, require_complete=True) == []
-        with deepfs.Client(cluster.meta_address, CLIENT) as client:
+        with deepfs.Client(cluster.meta_address, CLIENT) as client, client_log() as said:
             assert verify_files(client, files) == []
-            assert client.stats.degraded_reads == 0 and client.stats.checksum_errors == 0
+            assert client.stats.degraded_reads == 0 and client.stats.checksum_errors == 0, said
         through_mount = {path: digest for path, digest in files.items() if "/mnt" in path}
         assert through_mount and all(sha256((mount.path / path.lstrip("/")).read_bytes()) == digest
                                      for path, digest in through_mount.items())

@@ -85,6 +85,11 @@ def _forked() -> None:
 os.register_at_fork(after_in_child=_forked)
 
 
+def _node_quarantined(exc: Exception) -> bool:
+    """A node's EBADMSG answer (it quarantined the fragment), not this side's digest check."""
+    return isinstance(exc, OSError) and not isinstance(exc, ChecksumError) and exc.errno == errno.EBADMSG
+
+
 class _NodePool:
     """A node's blocking connections: idle ones, and how many exist."""
 
@@ -178,6 +183,10 @@ class DirectReads:
         except (OSError, ProtocolError) as exc:
             node = current.node_id if current is not None else None
             log.debug("direct read from node %s failed (%s); reading through the client's loop", node, exc)
+            if current is not None and _node_quarantined(exc):
+                # The node found a block failing its CRC and quarantined the fragment: the loop's
+                # read now finds it gone, so the finding is counted and logged here.
+                self._call_soon(self._stripes.report_bad, handle.ino, record, current.slot, current.node_id)
             return None
         finally:
             for leg in legs:

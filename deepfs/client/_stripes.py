@@ -426,7 +426,7 @@ class StripeIO:
                 reply, payload = await self._call_with(node_id, Op.GET_FRAGMENT, ino, READ, body_of, cap, (), dest)
             except OSError as exc:
                 if exc.errno == errno.EBADMSG:
-                    self._report_bad(ino, record, slot, node_id)
+                    self.report_bad(ino, record, slot, node_id)
                 raise
             if reply.get(GET_DIGEST) != record.digests[slot]:
                 raise ChecksumError(await self._digest_mismatch(ino, record, slot, node_id, reply))
@@ -575,7 +575,7 @@ class StripeIO:
             reply, payload = await self.fragment_call(node_id, Op.GET_FRAGMENT, ino, READ, body_of)
         except OSError as exc:
             if exc.errno == errno.EBADMSG:  # the node found it corrupt and quarantined it
-                self._report_bad(ino, record, slot, node_id)
+                self.report_bad(ino, record, slot, node_id)
             errors.append(f"node {node_id}: {exc.strerror or exc}")
             return None
         except trio.TooSlowError:
@@ -590,7 +590,7 @@ class StripeIO:
             verify_fragment(data, record.digests[slot],
                             f"fragment {slot} of stripe {ino}/{record.index} on node {node_id}")
         except ChecksumError as exc:
-            self._report_bad(ino, record, slot, node_id)
+            self.report_bad(ino, record, slot, node_id)
             errors.append(str(exc))
             return None
         return data
@@ -598,14 +598,14 @@ class StripeIO:
     async def _digest_mismatch(self, ino: int, record: StripeRecord, slot: int, node_id: int, reply: dict) -> str:
         """The node holds other bytes than the stripe record's writer stored: count it and ask
         the node to quarantine it (it then reports it for repair). Returns what went wrong."""
-        self._report_bad(ino, record, slot, node_id)
+        self.report_bad(ino, record, slot, node_id)
         body_of = functools.partial(quarantine_fragment_body, FragmentKey(ino, record.index, record.version, slot),
                                     record.digests[slot])
         await self._quiet_call(node_id, Op.QUARANTINE_FRAGMENT, ino, READ, body_of)
         return (f"fragment {slot} of stripe {ino}/{record.index} on node {node_id}: digest "
                 f"{reply.get(GET_DIGEST)!r:.12}, the stripe record says {record.digests[slot]}")
 
-    def _report_bad(self, ino: int, record: StripeRecord, slot: int, node_id: int) -> None:
+    def report_bad(self, ino: int, record: StripeRecord, slot: int, node_id: int) -> None:
         self.stats.checksum_errors += 1
         self.stats.bad_fragments.append((ino, record.index, record.version, slot, node_id))
         log.error(
