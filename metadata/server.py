@@ -445,6 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--m", type=int, help="default parity fragments per stripe")
     parser.add_argument("--stripe-size", type=int, help="default stripe size in bytes")
     parser.add_argument("--sync-interval", type=float, help="group commit: longest wait for a disk sync, seconds")
+    parser.add_argument("--heartbeat-interval", type=float, help="seconds between a storage node's heartbeats")
     parser.add_argument("--grace-period", type=float, help="seconds without heartbeat before a node is down")
     parser.add_argument("--gc-interval", type=float, help="seconds between garbage-collection rounds")
     parser.add_argument("--gc-grace", type=float,
@@ -493,6 +494,7 @@ _FLAG_TO_FIELD = {
     "m": "default_m",
     "stripe_size": "default_stripe_size",
     "sync_interval": "sync_interval_s",
+    "heartbeat_interval": "heartbeat_interval_s",
     "grace_period": "node_grace_period_s",
     "gc_interval": "gc_interval_s",
     "gc_grace": "gc_grace_s",

@@ -40,7 +40,7 @@ import secrets
 import threading
 import time
 import weakref
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
@@ -200,6 +200,8 @@ class FragmentStore:
         self._quarantined = 0
         self._in_flight_bytes = 0  # admitted writes not yet renamed into place
         self._bad_keys: list[FragmentKey] = []  # quarantined, not yet reported to the metadata server
+        # Called (from any thread) after a fragment was quarantined: the node reports it at once.
+        self.on_quarantine: Callable[[], None] | None = None
         # Small reads and STATs: the least recently used fragment files, open (see _OpenFile).
         self.open_files_max = open_files
         self._files_lock = threading.Lock()  # taken inside self._lock, never around it
@@ -724,6 +726,8 @@ class FragmentStore:
                 log.error("fragment %s failed verification (%s); quarantined as %s", key, reason, target.name)
         if current is not None and self.fsync:
             fsync_dir(self.quarantine_dir)
+        if current is not None and self.on_quarantine is not None:
+            self.on_quarantine()
         return ChecksumError(f"fragment {key} is corrupt ({reason}); quarantined")
 
     def take_bad_fragments(self) -> list[FragmentKey]:

@@ -16,6 +16,10 @@ Each heartbeat also carries the fragments this node quarantined since the
 last one (``bad_fragments``: found by reads, the scrubber or a reader's
 QUARANTINE_FRAGMENT), so the metadata server's repair rebuilds them; a
 heartbeat that fails hands them to the next one. And the scrubber's counters.
+A quarantine does not wait for the next heartbeat that is due: it brings the
+next one forward (``REPORT_BATCH_S`` later, so a burst goes in one report).
+Until the metadata server hears of it, its status and repair see a stripe as
+whole while one of its fragments is gone.
 
 gRPC's synchronous stub runs in a worker thread with a deadline per call:
 grpc's own event loop does not mix with trio's.
@@ -30,6 +34,7 @@ or the metadata server sees the node recover without restarting it.
 
 from __future__ import annotations
 
+import functools
 import logging
 import random
 from collections.abc import Callable
@@ -52,6 +57,7 @@ RPC_TIMEOUT_S = 3.0
 BACKOFF_FIRST_S = 0.2
 BACKOFF_MAX_S = 5.0
 DEFAULT_HEARTBEAT_S = 1.0
+REPORT_BATCH_S = 0.05  # after a quarantine: the wait for more before the early heartbeat
 _REFUSED = (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED)
 
 
@@ -88,6 +94,7 @@ class Registration:
         self.refusal = ""  # the metadata server's last reason for refusing this node; "" if none
         self.meta_addresses = [a.strip() for a in config.meta_grpc.split(",") if a.strip()] or [config.meta_grpc]
         self._current = 0
+        self._quarantined = trio.Event()  # set (via the trio token) when the store quarantines a fragment
         self._connect()
 
     @property
@@ -117,10 +124,22 @@ class Registration:
         return True
 
     async def run(self) -> None:
+        token = trio.lowlevel.current_trio_token()
+        self.store.on_quarantine = functools.partial(_run_soon, token, self._report_soon)
         try:
             await self._loop()
         finally:
+            self.store.on_quarantine = None
             self._channel.close()
+
+    def _report_soon(self) -> None:
+        self._quarantined.set()
+
+    async def _until_next_heartbeat(self) -> None:
+        """Sleep until the next heartbeat is due, or until shortly after a fragment was quarantined."""
+        with trio.move_on_after(self.heartbeat_interval_s):
+            await self._quarantined.wait()
+            await trio.sleep(REPORT_BATCH_S)
 
     async def _loop(self) -> None:
         backoff_s = BACKOFF_FIRST_S
@@ -133,7 +152,7 @@ class Registration:
                 else:
                     await self._heartbeat()
                 backoff_s = BACKOFF_FIRST_S
-                await trio.sleep(self.heartbeat_interval_s)
+                await self._until_next_heartbeat()
             except PermissionError as exc:  # the metadata server failed to prove it knows our key
                 self._refused(f"{exc.strerror or exc}")
                 await trio.sleep(backoff_s * random.uniform(0.5, 1.0))
@@ -180,6 +199,7 @@ class Registration:
                     self.meta_address, reply.node_id, reply.epoch, self.heartbeat_interval_s)
 
     async def _heartbeat(self) -> None:
+        self._quarantined = trio.Event()  # what is quarantined from now on brings the next one forward
         stats = await trio.to_thread.run_sync(self.store.stats)
         bad = self.store.take_bad_fragments()
         scrub = self.scrub_stats
@@ -233,3 +253,11 @@ class Registration:
         self.state = state
         level = logging.WARNING if state in ("unreachable", "re-registering") else logging.INFO
         log.log(level, message, *args)
+
+
+def _run_soon(token: trio.lowlevel.TrioToken, function: Callable[[], object]) -> None:
+    """``function`` in the node's trio loop, from any thread; nothing once the loop has ended."""
+    try:
+        token.run_sync_soon(function)
+    except trio.RunFinishedError:
+        pass

@@ -135,6 +135,29 @@ def test_stripes_written_short_are_repaired_when_a_node_returns(tmp_path: Path) 
         cluster.stop()
 
 
+def test_a_quarantine_is_reported_without_waiting_for_the_next_heartbeat(tmp_path: Path) -> None:
+    """Heartbeats a minute apart: a fragment the node quarantines on a read is still reported,
+    and rebuilt, within seconds (until the report, status would call the stripe whole)."""
+    slow_heartbeats = (*REPAIR_ARGS, "--heartbeat-interval", "60", "--grace-period", "180")
+    cluster = start_cluster(tmp_path / "c", nodes=6, meta_args=slow_heartbeats)
+    try:
+        with deepfs.Client(cluster.meta_address) as client:
+            files = write_files(client, 1, seed=5)
+            [(path, data)] = files.items()
+            ino = client.stat(path).st_ino
+            victim = fragment_files(cluster, ino, stripe=0, slot=1)[0]
+            flip_bytes(victim)
+            before = cluster.status().repaired_fragments
+            assert client.read_file(path) == data  # read around it; the node quarantines it
+            assert quarantined_files(cluster)
+            wait_for(lambda: cluster.status().repaired_fragments > before and fragment_files(cluster, ino, stripe=0,
+                                                                                             slot=1),
+                     20, interval_s=0.2, what="the quarantined fragment reported and rebuilt")
+            wait_for(lambda: fully_redundant(cluster), 10, interval_s=0.2, what="status: every stripe whole")
+    finally:
+        cluster.stop()
+
+
 def test_a_corrupt_fragment_found_by_a_read_is_rebuilt(tmp_path: Path) -> None:
     cluster = start_cluster(tmp_path / "c", nodes=6, meta_args=REPAIR_ARGS)
     try:
