@@ -18,9 +18,9 @@ Files are fsspec buffered files: reads fetch byte ranges (which the client
 maps onto data fragments, many stripes in parallel for big ranges) through
 fsspec's read caches (``Client.pread``: a range under 256 KiB of one stripe,
 such as a whole small file, is read from the caller's thread, without a hop
-into the client's loop); writes go out in blocks into the client's stripe
-buffers and are committed at ``close``. ``mv`` is the metadata server's
-atomic rename.
+into the client's loop, and a reader's close does not wait for the loop
+either); writes go out in blocks into the client's stripe buffers and are
+committed at ``close``. ``mv`` is the metadata server's atomic rename.
 """
 
 from __future__ import annotations
@@ -170,7 +170,7 @@ class DeepFSFileSystem(AbstractFileSystem):
                 return b""
             return self.client.pread(handle, stop - begin, begin)
         finally:
-            self.client.run_async(handle.close)
+            self.client.close_file(handle)
 
     def pipe_file(self, path: str, value: bytes, mode: str = "overwrite", **kwargs: Any) -> None:
         """``Client.write_file`` when overwriting: a small file is one CREATE carrying its bytes."""
@@ -237,7 +237,7 @@ class DeepFSFile(AbstractBufferedFile):
             with contextlib.suppress(Exception):
                 self.fs.client.run_async(self.handle.close)
             raise
-        self.fs.client.run_async(self.handle.close)  # readers; a no-op for a committed writer
+        self.fs.client.close_file(self.handle)  # readers (not waited for); a no-op for a committed writer
 
 
 fsspec.register_implementation(DeepFSFileSystem.protocol, DeepFSFileSystem, clobber=True)

@@ -121,6 +121,43 @@ def test_whole_small_files_are_read_directly_from_all_their_fragments(client: de
     assert len(pools) >= 4 and all_given_back(client)
 
 
+def test_closing_a_reader_or_a_committed_writer_waits_for_no_hop(client: deepfs.Client) -> None:
+    """A handle that cannot write has nothing to flush: ``Client.close_file`` hands its close to the
+    loop without waiting (``File``, ``read_file``, fsspec's files and ``cat_file``), and the loop
+    has run it before any later call; a committed fsspec writer's close is no call at all."""
+    fs = DeepFSFileSystem(client=client, skip_instance_cache=True)
+    path, data = unique_dir(client, "close") + "/f", os.urandom(100 << 10)
+    with fs.open(path, "wb") as w:
+        hops = Hops(client)
+        w.write(data)
+    assert hops.names == ["pwrite", "close"], hops.names  # the final flush commits; then nothing
+    hops = Hops(client)
+    with client.open(path, "rb") as f:
+        assert f.read() == data
+    for read in (f.read, lambda: f.pread(10, 0), lambda: f.readinto(bytearray(10))):
+        with pytest.raises(ValueError, match="closed file"):
+            read()  # at once, not only once the loop has run the close
+    assert client.read_file(path) == data
+    with fs.open(path, "rb") as g:
+        assert g.read() == data
+    assert fs.cat_file(path, start=5) == data[5:]
+    assert len(hops.names) == 4 and "close" not in hops.names, hops.names  # the four opens alone
+    with pytest.raises(ValueError, match="closed file"):
+        g.read()
+    with client.open(path, "rb") as f:
+        ino = f._handle.ino  # noqa: SLF001
+
+    async def held() -> set[int]:
+        return client.aio.held_inodes()
+
+    assert ino not in client.run_async(held)  # the close ran first: the hold is released with the next batch
+    with client.open(path, "r+b") as f:  # a handle that writes still closes through the loop (it flushes)
+        f.pwrite(b"x", 0)
+        hops = Hops(client)
+    assert hops.names == ["close"], hops.names
+    assert client.read_file(path) == b"x" + data[1:]
+
+
 def test_a_corrupt_fragment_is_never_served_directly(cluster: LocalCluster, client: deepfs.Client) -> None:
     """A fragment whose bytes no longer match the stripe record's digest (the node's own CRCs
     match: only the reader can tell), or whose block fails the node's CRC: the direct read gives

@@ -706,13 +706,23 @@ class AsyncFile:
             if self.writable:
                 await self.flush()
         finally:
-            self.closed = True
-            self._services.closed(self.ino)
-            for dirty in self._dirty.values():
-                if dirty.buf is not None and not dirty.queued:  # (a queued one's upload task gives it back)
-                    self._pool.give(dirty.buf)
-            self._dirty.clear()
-            self._buffered[0] = 0
+            self._closed_now()
+
+    def close_unwritable(self) -> None:
+        """``close`` of a handle that cannot write, which has nothing to flush, without awaiting:
+        ``deepfs.Client`` hands it to the loop (``run_sync_soon``) instead of waiting a thread hop
+        for it. Runs in the loop; never raises (a ``run_sync_soon`` callback must not)."""
+        if not self.closed and not self.writable:
+            self._closed_now()
+
+    def _closed_now(self) -> None:
+        self.closed = True
+        self._services.closed(self.ino)
+        for dirty in self._dirty.values():
+            if dirty.buf is not None and not dirty.queued:  # (a queued one's upload task gives it back)
+                self._pool.give(dirty.buf)
+        self._dirty.clear()
+        self._buffered[0] = 0
 
     def _check_open(self) -> None:
         if self.closed:

@@ -6,7 +6,9 @@ from many threads are fine: they run concurrently inside the one loop.
 Small reads of files opened read-only (``File.read``/``pread``/``readinto``,
 ``Client.pread``, the bytes of ``read_file``) skip the loop: the calling
 thread sends them itself on blocking connections (``_direct``), and only what
-that cannot serve goes through the loop.
+that cannot serve goes through the loop. Closing a file opened read-only
+(``File.close``, ``read_file``, fsspec's files) has nothing to flush: the close
+is handed to the loop without waiting for it (``close_file``).
 """
 
 from __future__ import annotations
@@ -116,6 +118,22 @@ class Client:
         except BaseExceptionGroup as group:
             raise _unwrap(group) from None
 
+    def close_file(self, handle: AsyncFile) -> None:
+        """``await handle.close()`` for a file this client opened. A handle that cannot write has
+        nothing to flush: its close is handed to the loop without waiting for it (a thread hop less
+        per file read; the loop runs it before any call made after it, ``run_sync_soon`` being in order)."""
+        if handle.closed:  # (only the loop sets it): a writer that committed, as fsspec's do
+            return
+        token = self._token
+        if handle.writable or token is None or not self._thread.is_alive() \
+                or threading.get_ident() == self._thread.ident:
+            self.run_async(handle.close)  # (and its errors: a closed client, a call from the loop)
+            return
+        try:
+            token.run_sync_soon(handle.close_unwritable)
+        except trio.RunFinishedError:
+            pass  # the loop ended meanwhile: it holds nothing open any more
+
     def _read_direct(self, handle: AsyncFile, out: memoryview, offset: int) -> int | None:
         """``handle.pread_into(out, offset)`` from this thread if it is a read the fast path
         serves (``_direct``): the bytes read; None if it has to go through the loop."""
@@ -211,7 +229,7 @@ class Client:
         try:
             return self.pread(opened, opened.size, 0)
         finally:
-            self.run_async(opened.close)
+            self.close_file(opened)
 
     def pread(self, handle: AsyncFile, size: int, offset: int) -> bytes:
         """``await handle.pread(size, offset)`` for a file this client opened (``File.pread``,
@@ -260,7 +278,14 @@ class File(io.RawIOBase):
         self._pos = base + offset
         return self._pos
 
+    def _check_open(self) -> None:
+        """Reads after ``close``: its hand-off to the loop may not have run yet (``Client.close_file``),
+        so the handle alone would still let the direct path read."""
+        if self.closed:
+            raise ValueError("I/O operation on closed file")
+
     def readinto(self, buffer: Any) -> int:
+        self._check_open()
         view = memoryview(buffer).cast("B")
         n = self._client._read_direct(self._handle, view, self._pos)  # noqa: SLF001 - Client's own File
         if n is None:
@@ -279,6 +304,7 @@ class File(io.RawIOBase):
         return self.read(-1)
 
     def pread(self, size: int, offset: int) -> bytes:
+        self._check_open()
         return self._client.pread(self._handle, size, offset)
 
     def write(self, data: Any) -> int:
@@ -306,7 +332,7 @@ class File(io.RawIOBase):
     def close(self) -> None:
         if not self.closed:
             try:
-                self._client.run_async(self._handle.close)
+                self._client.close_file(self._handle)
             finally:
                 super().close()
 
