@@ -47,3 +47,24 @@ def sole_exception(group: BaseExceptionGroup) -> BaseException | None:
 
     walk(group)
     return leaves[0] if len(leaves) == 1 else None
+
+
+def soon_in_trio(fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` made safe to call from any thread: it runs soon in the trio thread that called
+    ``soon_in_trio`` (in order, ``run_sync_soon``), and not at all once that loop has ended
+    (nobody is left to tell). Built outside trio (tests), ``fn`` is called as it is."""
+    try:
+        token = trio.lowlevel.current_trio_token()
+    except RuntimeError:
+        token = None
+
+    def soon() -> None:
+        if token is None:
+            fn()
+            return
+        try:
+            token.run_sync_soon(fn)
+        except trio.RunFinishedError:
+            pass
+
+    return soon

@@ -64,6 +64,7 @@ from deepfs.auth import (
     make_key,
     write_key_file,
 )
+from deepfs.concurrency import soon_in_trio
 from deepfs.config import MetaConfig, load_cluster_config
 from deepfs.errors import ConfigError
 from deepfs.layout import Layout
@@ -155,7 +156,7 @@ class MetaState:
         """The framed protocol's handler; HELLO tells clients ``grpc_address``; ``tokens`` sign
         the tickets and capabilities of authenticated peers' replies."""
         return MetaOps(self.namespace, self.store, self.membership, grpc_address, self.hello_stats,
-                       on_degraded_commit=_soon_in_trio(self.repair.kick), sessions=self.sessions, tokens=tokens)
+                       on_degraded_commit=soon_in_trio(self.repair.kick), sessions=self.sessions, tokens=tokens)
 
     def hello_stats(self) -> dict[str, int]:
         """Counters HELLO reports next to the store's (the Status RPC has no fields for these)."""
@@ -168,15 +169,6 @@ class MetaState:
             "deep_scrub_passes": self.deep_scrub.stats.passes,
             "deep_scrub_errors": self.deep_scrub.stats.errors,
         }
-
-
-def _soon_in_trio(fn: Callable[[], None]) -> Callable[[], None]:
-    """``fn`` made safe to call from the store's thread (ops run there): it runs soon in the trio thread."""
-    try:
-        token = trio.lowlevel.current_trio_token()
-    except RuntimeError:  # built outside trio (tests): called as it is
-        return fn
-    return lambda: token.run_sync_soon(fn)
 
 
 def load_cluster_secret_of(config: MetaConfig) -> bytes:

@@ -34,7 +34,6 @@ or the metadata server sees the node recover without restarting it.
 
 from __future__ import annotations
 
-import functools
 import logging
 import random
 from collections.abc import Callable
@@ -45,6 +44,7 @@ import trio
 
 from deepfs.auth import Key
 from deepfs.auth.grpc_auth import authenticated_channel
+from deepfs.concurrency import soon_in_trio
 from deepfs.config import NodeConfig
 from deepfs.proto import control_pb2, control_pb2_grpc
 from storage_node.fragment_store import FragmentStore
@@ -94,7 +94,7 @@ class Registration:
         self.refusal = ""  # the metadata server's last reason for refusing this node; "" if none
         self.meta_addresses = [a.strip() for a in config.meta_grpc.split(",") if a.strip()] or [config.meta_grpc]
         self._current = 0
-        self._quarantined = trio.Event()  # set (via the trio token) when the store quarantines a fragment
+        self._quarantined = trio.Event()  # set (soon_in_trio) when the store quarantines a fragment
         self._connect()
 
     @property
@@ -124,8 +124,7 @@ class Registration:
         return True
 
     async def run(self) -> None:
-        token = trio.lowlevel.current_trio_token()
-        self.store.on_quarantine = functools.partial(_run_soon, token, self._report_soon)
+        self.store.on_quarantine = soon_in_trio(self._report_soon)
         try:
             await self._loop()
         finally:
@@ -254,10 +253,3 @@ class Registration:
         level = logging.WARNING if state in ("unreachable", "re-registering") else logging.INFO
         log.log(level, message, *args)
 
-
-def _run_soon(token: trio.lowlevel.TrioToken, function: Callable[[], object]) -> None:
-    """``function`` in the node's trio loop, from any thread; nothing once the loop has ended."""
-    try:
-        token.run_sync_soon(function)
-    except trio.RunFinishedError:
-        pass

@@ -150,9 +150,12 @@ def test_a_quarantine_is_reported_without_waiting_for_the_next_heartbeat(tmp_pat
             before = cluster.status().repaired_fragments
             assert client.read_file(path) == data  # read around it; the node quarantines it
             assert quarantined_files(cluster)
-            wait_for(lambda: cluster.status().repaired_fragments > before and fragment_files(cluster, ino, stripe=0,
-                                                                                             slot=1),
-                     20, interval_s=0.2, what="the quarantined fragment reported and rebuilt")
+
+            def rebuilt() -> bool:
+                back = fragment_files(cluster, ino, stripe=0, slot=1)
+                return bool(back) and cluster.status().repaired_fragments > before
+
+            wait_for(rebuilt, 20, interval_s=0.2, what="the quarantined fragment reported and rebuilt")
             wait_for(lambda: fully_redundant(cluster), 10, interval_s=0.2, what="status: every stripe whole")
     finally:
         cluster.stop()
