@@ -25,7 +25,7 @@ import os
 import random
 import signal
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -224,27 +224,6 @@ class Chaos:
             self.client.close()
 
 
-@contextlib.contextmanager
-def client_log() -> Iterator[list[str]]:
-    """What the client library logs meanwhile, down to debug: why a read went degraded."""
-    said: list[str] = []
-
-    class Keep(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            said.append(f"{record.levelname} {record.name}: {record.getMessage()}")
-
-    handler = Keep(logging.DEBUG)
-    logger = logging.getLogger("deepfs.client")
-    level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.DEBUG)
-    try:
-        yield said
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(level)
-
-
 def repair_done(cluster: LocalCluster) -> str | None:
     """Evidence that the cluster has healed itself: no stripe below k+m and nothing left to repair."""
     status = cluster.status()
@@ -253,7 +232,7 @@ def repair_done(cluster: LocalCluster) -> str | None:
     return f"0 degraded stripes, empty repair queue ({status.repaired_fragments} fragments repaired)"
 
 
-def run_chaos(tmp_path: Path, seconds: float, seed: int) -> None:
+def run_chaos(tmp_path: Path, seconds: float, seed: int, caplog: pytest.LogCaptureFixture) -> None:
     print(f"chaos: {seconds:g} s, seed {seed} (DEEPFS_CHAOS_SECONDS={seconds:g} DEEPFS_CHAOS_SEED={seed})")
     cluster = LocalCluster(tmp_path / "cluster", nodes=NODES, k=K, m=M, stripe_size=256 << 10, fsync=False,
                            extra_meta_args=META_ARGS, extra_node_args=NODE_ARGS,
@@ -287,8 +266,12 @@ def run_chaos(tmp_path: Path, seconds: float, seed: int) -> None:
             nodes = {node.node_id for node in cluster.cluster_map().nodes if node.state == "up"}
             assert len(nodes) == NODES
             assert placement_problems(client, files, nodes, require_complete=True) == []
-        with deepfs.Client(cluster.meta_address, CLIENT) as client, client_log() as said:
+        # Down to debug, what the client logs while reading it all again: why a read went degraded.
+        with deepfs.Client(cluster.meta_address, CLIENT) as client, \
+                caplog.at_level(logging.DEBUG, logger="deepfs.client"):
+            seen = len(caplog.records)
             assert verify_files(client, files) == []
+            said = [f"{r.levelname} {r.name}: {r.getMessage()}" for r in caplog.records[seen:]]
             assert client.stats.degraded_reads == 0 and client.stats.checksum_errors == 0, said
         through_mount = {path: digest for path, digest in files.items() if "/mnt" in path}
         assert through_mount and all(sha256((mount.path / path.lstrip("/")).read_bytes()) == digest
@@ -305,11 +288,11 @@ def run_chaos(tmp_path: Path, seconds: float, seed: int) -> None:
 
 
 @pytest.mark.timeout(SHORT_SECONDS + 150)
-def test_chaos_short(tmp_path: Path) -> None:
-    run_chaos(tmp_path, SHORT_SECONDS, SHORT_SEED)
+def test_chaos_short(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_chaos(tmp_path, SHORT_SECONDS, SHORT_SEED, caplog)
 
 
 @pytest.mark.skipif(not LONG_SECONDS, reason="the long chaos run: make chaos (sets DEEPFS_CHAOS_SECONDS)")
 @pytest.mark.timeout(LONG_SECONDS + 300)
-def test_chaos_long(tmp_path: Path) -> None:
-    run_chaos(tmp_path, LONG_SECONDS, LONG_SEED)
+def test_chaos_long(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    run_chaos(tmp_path, LONG_SECONDS, LONG_SEED, caplog)
