@@ -199,7 +199,7 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
                          key_name: str | None) -> int | None:
         epoch = await self._membership.heartbeat_async(node_id, usage, scrub, key_name)
         if epoch is not None and bad and self._repair is not None:
-            await self._repair.report_bad_async(node_id, bad)
+            await self._repair.report_quarantined_async(node_id, bad)
         return epoch
 
     # ------------------------------------------------------------ clients

@@ -224,6 +224,28 @@ class FileOps:
         inode.ctime_ns = now
         txn.put_inode(inode)
 
+    def lose_fragments(self, node_id: int, lost: list[FragmentKey]) -> list[tuple[int, int, int, int]]:
+        """Node ``node_id`` no longer serves these fragments (it quarantined them): each slot a
+        stripe record still places there (same version) becomes ``MISSING_NODE``, in one
+        transaction, so the loss outlives a restart of this server (the node reports it once).
+        Returns the (ino, stripe, version, slot) of the slots changed."""
+        changed: list[tuple[int, int, int, int]] = []
+        if not lost:
+            return changed
+        with self._write(replayable=False) as txn:
+            for key in lost:
+                record = txn.get_stripe(key.ino, key.stripe)
+                if record is None or record["version"] != key.version or INLINE_FIELD in record \
+                        or key.slot >= len(record["placement"]) or record["placement"][key.slot] != node_id:
+                    continue
+                was_degraded = is_degraded(record)
+                record["placement"][key.slot] = MISSING_NODE
+                if not was_degraded:
+                    count(keys.META_DEGRADED_STRIPES, 1)
+                txn.put_stripe(key.ino, record)
+                changed.append((key.ino, key.stripe, key.version, key.slot))
+        return changed
+
     def replace_fragments(self, ino: int, index: int, version: int, moves: dict[int, tuple[int, int]]) -> bool:
         """Point slots of a stripe at repaired copies: ``moves`` maps slot -> (old node, new node).
 

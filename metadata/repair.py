@@ -159,7 +159,7 @@ class RepairWorker:
 
         Reads the store where it is called: for tests and threads that may block (LMDB); the
         trio thread uses ``report_bad_async``. Kept in memory: after a restart of this server the
-        node's scrubber reports them again."""
+        deep scrub finds them again (a quarantine a node reported: ``report_quarantined_async``)."""
         self._add_bad(node_id, self._still_placed(node_id, list(keys)))
 
     async def report_bad_async(self, node_id: int, keys: Iterable[FragmentKey]) -> None:
@@ -168,6 +168,16 @@ class RepairWorker:
         if keys:
             self._add_bad(node_id, await self.store.run(
                 functools.partial(self._still_placed, node_id, keys), write=False))
+
+    async def report_quarantined_async(self, node_id: int, keys: Iterable[FragmentKey]) -> None:
+        """Node ``node_id`` moved these fragments to its quarantine (its heartbeat says so, once):
+        unlike a finding of the deep scrub, which finds the file again after a restart of this
+        server, nothing would tell it again. So the loss is stored, not only remembered: the
+        slots become ``MISSING_NODE`` (``FileOps.lose_fragments``; no GC, the file is gone)."""
+        keys = list(keys)
+        if keys:
+            self._add_bad(node_id, await self.store.run(
+                functools.partial(self.namespace.lose_fragments, node_id, keys)))
 
     def _still_placed(self, node_id: int, keys: list[FragmentKey]) -> list[BadKey]:
         """Those of ``keys`` the store still places on ``node_id`` (a store operation)."""

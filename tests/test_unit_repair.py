@@ -153,6 +153,24 @@ async def test_corrupt_fragments_reported_bad_are_rebuilt(tmp_path: Path) -> Non
 
 
 @trio_test
+async def test_a_quarantine_a_node_reports_is_stored_not_only_remembered(tmp_path: Path) -> None:
+    """A node reports a quarantine once: the slot becomes MISSING_NODE in the store, so a
+    restart of the metadata server (a new RepairWorker) still rebuilds it."""
+    async with repairing(tmp_path) as (cluster, client, worker, nursery):
+        ino, _data = await write(client, "/f", LAYOUT.stripe_size)
+        record = records(cluster, ino)[0]
+        key = FragmentKey(ino, 0, record["version"], 2)
+        await worker.report_quarantined_async(record["placement"][0], [key])  # not that slot's node: ignored
+        assert records(cluster, ino)[0]["placement"] == record["placement"]
+        await worker.report_quarantined_async(record["placement"][2], [key])
+        assert records(cluster, ino)[0]["placement"][2] == MISSING_NODE
+        worker._bad.clear()  # noqa: SLF001 - what a restart forgets
+        assert worker.scan().stripes_by_lost == {1: 1}
+        assert await worker.repair_round(nursery) == 1
+        assert MISSING_NODE not in records(cluster, ino)[0]["placement"]
+
+
+@trio_test
 async def test_a_forged_survivor_is_caught_by_its_digest_and_another_used(tmp_path: Path) -> None:
     async with repairing(tmp_path) as (cluster, client, worker, nursery):
         ino, data = await write(client, "/f", LAYOUT.stripe_size)
