@@ -81,6 +81,10 @@ class MetaConfig:
     # Small files' data in the namespace store (docs/METADATA.md, "Inline files"): stripe 0 of a file up to this
     # many bytes is kept with its stripe record, no fragments. None: 65536 on LMDB, 8192 on etcd; 0: never.
     inline_max_bytes: int | None = None
+    # Small files replicated (docs/METADATA.md, "Replicated small files"): a file whose whole content, when first
+    # stored, is at most this many bytes (and above inline_max_bytes) gets k=1 with the default m, i.e. m+1 copies,
+    # instead of RS k+m: one fragment to read instead of k. 0: never.
+    small_file_max_bytes: int = 256 << 10
 
 
 @dataclass

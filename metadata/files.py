@@ -94,6 +94,16 @@ def checked_layout(raw: dict[str, Any]) -> dict[str, Any]:
         raise os_error(errno.EINVAL, str(exc)) from exc
 
 
+def replicated_form(layout: dict[str, Any]) -> dict[str, Any]:
+    """``layout`` as replication: one data fragment and the same m parity fragments (m+1 copies
+    of the bytes, as many losses survived), the same stripes (a file's geometry never changes)."""
+    return {**layout, "k": 1}
+
+
+def _same_scheme(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    return (a["k"], a["m"], a.get("codec")) == (b["k"], b["m"], b.get("codec"))
+
+
 def _require_file(txn: Txn, ino: int) -> Inode:
     inode = require_inode(txn, ino)
     if inode.is_dir:
@@ -118,6 +128,10 @@ class FileOps:
         self.counters = Counters(server_id or new_server_id())
         self._pruner = OpResultPruner()
         self.inline_max_bytes = 0  # the largest inline stripe record accepted (0: none); its server sets it
+        # Files stored whole at up to this size may switch to the replicated form of the default
+        # layout in their first COMMIT (0: never; ``_replicate_small``); its server sets both.
+        self.small_file_max_bytes = 0
+        self.default_layout: dict[str, Any] = Layout().to_dict()
 
     @contextmanager
     def _write(self, *, replayable: bool = True) -> Iterator[Txn]:
@@ -169,6 +183,7 @@ class FileOps:
         size: int,
         mtime_ns: int | None = None,
         truncate: bool = False,
+        layout: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
         """Store new stripe versions and the new size in one transaction: {attr, min_version}.
 
@@ -176,7 +191,8 @@ class FileOps:
         stripes may arrive in any order; ``truncate`` sets it exactly and
         drops what lies past it. Committing to an inode that is gone queues
         the new fragments for GC (nobody will ever read them) and fails with
-        ENOENT.
+        ENOENT. ``layout``: the records were cut by this layout, which the
+        file takes first (only a small file's replicated form: ``_replicate_small``).
         """
         if len(stripes) > MAX_COMMIT_STRIPES:
             raise os_error(errno.EINVAL, f"a commit carries at most {MAX_COMMIT_STRIPES} stripe records")
@@ -187,6 +203,8 @@ class FileOps:
         with self._write() as txn:
             inode = txn.get_inode(ino)
             if inode is not None:
+                if layout is not None:
+                    self._replicate_small(txn, inode, layout, size if truncate else max(inode.size, size))
                 self._commit_into(txn, inode, stripes, size, mtime_ns, truncate, self.inline_max_bytes)
                 reply = remember_reply(txn, {"attr": inode.attr(), "min_version": inode.min_version})
             else:
@@ -197,6 +215,33 @@ class FileOps:
                 self._purge_now()
             return reply
         raise os_error(errno.ENOENT, f"inode {ino} no longer exists; its new fragments go to GC")
+
+    def _replicate_small(self, txn: Txn, inode: Inode, layout: dict[str, Any], new_size: int) -> None:
+        """Give an empty file of the default layout its replicated form, for its first stripe.
+
+        Why: a small file in RS k+m is k fragments on k nodes, so reading it costs k requests;
+        replicated it costs one, for m+1 times its size on disk instead of (k+m)/k times. The
+        client cuts the fragments and asks in the COMMIT that stores
+        them; only the form of the server's default layout (``replicated_form``), a new size of
+        at most ``small_file_max_bytes`` and a file without stripes qualify (EINVAL, EBUSY)."""
+        if inode.is_dir:
+            raise os_error(errno.EISDIR, f"inode {inode.ino} is a directory")
+        if not inode.is_reg or inode.layout is None:
+            raise os_error(errno.EINVAL, f"inode {inode.ino} is not a regular file")
+        current = inode.layout
+        if checked_layout(layout) == current:
+            return  # (a retried commit, or another writer asked first)
+        if not self.small_file_max_bytes:
+            raise os_error(errno.EINVAL, "this server keeps small files erasure-coded (small_file_max_bytes = 0)")
+        if not _same_scheme(current, self.default_layout) or current["k"] == 1 \
+                or checked_layout(layout) != replicated_form(current):
+            raise os_error(errno.EINVAL, f"a COMMIT may only give inode {inode.ino} the replicated form "
+                                         f"{replicated_form(current)} of the default layout")
+        if new_size > self.small_file_max_bytes:
+            raise os_error(errno.EINVAL, f"only files up to {self.small_file_max_bytes} bytes are replicated")
+        if live_stripes(txn, inode, 0, 1)[0]:
+            raise os_error(errno.EBUSY, f"inode {inode.ino} has data; its layout is fixed")
+        inode.layout = replicated_form(current)
 
     @staticmethod
     def _commit_into(

@@ -37,7 +37,7 @@ from typing import Any
 
 from deepfs.config import MetaConfig
 from deepfs.errors import ConfigError, os_error
-from deepfs.layout import Layout, with_stripes_of_at_least
+from deepfs.layout import MAX_STRIPE_SIZE, Layout, with_stripes_of_at_least
 from deepfs.messages import (
     PATH_MAX,
     RENAME_EXCHANGE,
@@ -124,6 +124,10 @@ class Namespace(FileOps):
         # a removed file's fragments reach the GC queue before the reply, as always.
         self.purge_inline = getattr(getattr(store, "engine", None), "name", "lmdb") == "lmdb"
         self.inline_max_bytes = inline_max_bytes(config, self.purge_inline)
+        if not 0 <= config.small_file_max_bytes <= MAX_STRIPE_SIZE:
+            raise ConfigError(f"[meta] small_file_max_bytes must be 0 to {MAX_STRIPE_SIZE}, "
+                              f"got {config.small_file_max_bytes}")
+        self.small_file_max_bytes = config.small_file_max_bytes
 
     def bootstrap(self) -> None:
         """Create the root and cluster identity on first start; bump the generation."""

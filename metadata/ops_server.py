@@ -213,6 +213,7 @@ class MetaOps:
             "cluster_id": self.ns.cluster_id,
             "default_layout": self.ns.default_layout,
             "inline_max_bytes": self.ns.inline_max_bytes,
+            "small_file_max_bytes": self.ns.small_file_max_bytes,
             "stats": {**self.store.stats.as_dict(), **self._extra_stats()},
         }
         if self.sessions is not None:
@@ -378,7 +379,7 @@ class MetaOps:
 
     def commit(self, b: dict[str, Any]) -> Reply:
         r = m.commit(b)
-        reply = self.ns.commit(r.ino, r.stripes, r.size, r.mtime_ns, r.truncate)
+        reply = self.ns.commit(r.ino, r.stripes, r.size, r.mtime_ns, r.truncate, r.layout)
         if self._on_degraded_commit is not None and any(is_degraded(record) for record in r.stripes):
             self._on_degraded_commit()
         return reply

@@ -449,6 +449,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--inline-max-bytes", type=int,
                         help="small files up to this size keep their data in the namespace store "
                              "(default 65536 on lmdb, 8192 on etcd; 0: never)")
+    parser.add_argument("--small-file-max-bytes", type=int,
+                        help="files stored whole at up to this size get m+1 copies instead of RS k+m "
+                             "(default 262144; 0: never)")
     parser.add_argument("--orphan-grace", type=float,
                         help="seconds before a fragment no stripe record references is deleted")
     parser.add_argument("--session-lease", type=float,
@@ -495,6 +498,7 @@ _FLAG_TO_FIELD = {
     "repair_scan_interval": "repair_scan_interval_s",
     "orphan_grace": "orphan_grace_s",
     "inline_max_bytes": "inline_max_bytes",
+    "small_file_max_bytes": "small_file_max_bytes",
     "session_lease": "session_lease_s",
     "deep_scrub_interval": "deep_scrub_interval_s",
     "idle_timeout": "idle_timeout_s",

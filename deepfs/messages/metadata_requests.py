@@ -165,6 +165,7 @@ class Commit(NamedTuple):
     size: int
     mtime_ns: int | None
     truncate: bool
+    layout: dict[str, Any] | None  # the layout the records were cut by, which the file takes first
 
 
 class SetLayout(NamedTuple):
@@ -280,13 +281,15 @@ def removexattr_body(ino: int, name: bytes, *, op_id: bytes | None = None) -> Bo
 
 
 def commit_body(ino: int, stripes: list[dict[str, Any]], size: int, *, mtime_ns: int | None = None,
-                truncate: bool = False, op_id: bytes | None = None) -> Body:
+                truncate: bool = False, layout: dict[str, Any] | None = None, op_id: bytes | None = None) -> Body:
     """A COMMIT of at most ``MAX_COMMIT_STRIPES`` records (ValueError above: split it)."""
     if len(stripes) > MAX_COMMIT_STRIPES:
         raise ValueError(f"a COMMIT carries at most {MAX_COMMIT_STRIPES} stripe records")
     body: Body = {"ino": ino, "stripes": stripes, "size": size, "truncate": truncate}
     if mtime_ns is not None:
         body["mtime_ns"] = mtime_ns
+    if layout is not None:
+        body["layout"] = layout
     return _with_op_id(body, op_id)
 
 
@@ -438,7 +441,8 @@ def commit(b: Body) -> Commit:
     stripes = v.stripe_records(b)
     if len(stripes) > MAX_COMMIT_STRIPES:
         v.invalid(f"a COMMIT carries at most {MAX_COMMIT_STRIPES} stripe records")
-    return Commit(v.u64(b, "ino"), stripes, v.offset(b, "size"), v.time_ns(b, "mtime_ns"), v.flag(b, "truncate"))
+    return Commit(v.u64(b, "ino"), stripes, v.offset(b, "size"), v.time_ns(b, "mtime_ns"), v.flag(b, "truncate"),
+                  v.layout(b))
 
 
 def set_layout(b: Body) -> SetLayout:
