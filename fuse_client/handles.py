@@ -291,8 +291,9 @@ class OpenFiles:
                     await inode.file.write_back(MAX_BUFFERED_BYTES - WRITE_BACK_STEP)
             return written
 
-    async def flush(self, inode: OpenInode) -> None:
-        """Store and commit what this mount buffered for ``inode`` (every close(2) asks).
+    async def flush(self, inode: OpenInode, *, closing: bool = False) -> None:
+        """Store and commit what this mount buffered for ``inode`` (every close(2) asks:
+        ``closing``, see ``AsyncFile.flush``).
 
         Nothing written since the last flush (``dirty`` unset: every read-only close, the
         second close of a file written through two descriptors) means nothing to store and
@@ -302,7 +303,7 @@ class OpenFiles:
             return
         async with inode.lock:
             with _NotingFailure(inode):
-                await inode.file.flush()
+                await inode.file.flush(closing=closing)
             inode.dirty = False
             inode.local_mtime_ns = 0
 

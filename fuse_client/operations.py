@@ -634,7 +634,7 @@ class DeepFSOperations(pyfuse3.Operations):
     @fuse_errors
     async def flush(self, fh: int) -> None:
         opened = self.files.handle(fh).inode
-        await self.files.flush(opened)
+        await self.files.flush(opened, closing=True)
         self.attrs.drop(opened.ino)  # the commits moved size and times on the server
 
     @fuse_errors

@@ -90,6 +90,7 @@ def test_small_reads_skip_the_loop_and_the_others_do_not(client: deepfs.Client, 
 
 
 WHOLE_SIZES = [(64 << 10) + 1, 160 << 10, 255 << 10]  # one stripe each, all 4 data fragments
+ERASURE_CODED = deepfs.Layout(4, 2, STRIPE)  # asked for: files this small are replicated by default
 
 
 def all_given_back(client: deepfs.Client) -> bool:
@@ -105,7 +106,7 @@ def test_whole_small_files_are_read_directly_from_all_their_fragments(client: de
     top = unique_dir(client, "whole")
     for size in WHOLE_SIZES:
         path, data = f"{top}/f{size}", os.urandom(size)
-        client.write_file(path, data)
+        client.write_file(path, data, layout=ERASURE_CODED)
         hops, served = Hops(client), client.stats.range_reads
         with client.open(path, "rb") as f:
             assert f.read() == data
@@ -165,7 +166,7 @@ def test_a_corrupt_fragment_is_never_served_directly(cluster: LocalCluster, clie
     top = unique_dir(client, "corrupt")
     for slot, harm in [(1, "forge"), (2, "flip")]:
         path, data = f"{top}/{harm}", os.urandom(160 << 10)
-        client.write_file(path, data)
+        client.write_file(path, data, layout=ERASURE_CODED)
         ino = client.stat(path).st_ino
         [victim] = fragment_files(cluster, ino, slot=slot)
         if harm == "forge":

@@ -57,7 +57,8 @@ def records(cluster: MemoryCluster, ino: int) -> list[dict[str, Any]]:
 
 async def write(client: AsyncClient, path: str, size: int) -> tuple[int, bytes]:
     data = random.Random(size).randbytes(size)
-    await client.write_file(path, data)
+    # the cluster's default layout, asked for: these files are about erasure-coded stripes (not replicated)
+    await client.write_file(path, data, layout=client.meta.default_layout)
     return int((await client.resolve(path))["ino"]), data
 
 

@@ -85,7 +85,7 @@ def test_a_forged_fragment_with_valid_crcs_is_read_around_quarantined_and_report
 def test_scrub_finds_a_flipped_byte_nobody_reads_and_reports_it(cluster: LocalCluster) -> None:
     data = os.urandom(STRIPE)
     with deepfs.Client(cluster.meta_address) as writer:
-        writer.write_file("/cold.bin", data)
+        writer.write_file("/cold.bin", data, layout=deepfs.Layout(4, 2, STRIPE))  # parity, not copies
         ino = writer.stat("/cold.bin").st_ino
     [path] = fragment_files(cluster, ino, stripe=0, slot=5)  # parity: no healthy read touches it
     index = node_index_of(cluster, path)

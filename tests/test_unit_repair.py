@@ -63,7 +63,8 @@ def gc_queue(cluster: MemoryCluster) -> set[tuple[int, tuple[int, int, int, int]
 
 async def write(client: AsyncClient, path: str, size: int, seed: int = 1) -> tuple[int, bytes]:
     data = random.Random(seed).randbytes(size)
-    await client.write_file(path, data)
+    # the cluster's default layout, asked for: these files are about erasure-coded stripes (not replicated)
+    await client.write_file(path, data, layout=client.meta.default_layout)
     return int((await client.resolve(path))["ino"]), data
 
 

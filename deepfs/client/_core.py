@@ -401,7 +401,9 @@ class AsyncClient:
                 raise os_error(exc.errno or errno.EIO, exc.strerror or "", path) from None
             attr = created.attr
             if created.created and created.layout is not None:
-                return self.open_created(created, readable, writable, append, path)
+                file = self.open_created(created, readable, writable, append, path)
+                file.may_replicate = layout is None  # a layout the caller chose is kept
+                return file
         else:
             return await self._open_path(path, readable, writable, append)
         if stat_module.S_ISDIR(attr["mode"]):
@@ -480,6 +482,7 @@ class AsyncClient:
         ino = created.attr["ino"]
         file = AsyncFile(self._file_services, path or f"<inode {ino}>", created.attr, created.layout, [],
                          readable, writable, append, 0)
+        file.may_replicate = True  # stored whole at its close and small: replicated (``AsyncFile.flush``)
         self._open_files.add(file)
         return file
 

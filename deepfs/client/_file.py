@@ -229,6 +229,13 @@ class AsyncFile:
         self._fill_failure: OSError | None = None  # raised once by the next flush: _fill_and_upload
         self._committed_size = self.size
         self._pool = services.pools.pool(layout.stripe_size)
+        # A small file created and written in one go is stored replicated (``_replicate_stripe_0``): set
+        # for a file its opener just created without choosing a layout (``AsyncClient.open_created``).
+        self.may_replicate = False
+        self._replicate_asked = False  # by a closing flush, for the upload of stripe 0 it starts
+        self._replicating: Layout | None = None  # the layout before the switch, until the COMMIT took it
+        self._layout_settled = trio.Event()  # set whenever no switch is pending: other stripes wait for it
+        self._layout_settled.set()
 
     # ----------------------------------------------------------------- reads
     async def pread(self, size: int, offset: int) -> bytes:
@@ -538,19 +545,36 @@ class AsyncFile:
     async def _upload(self, index: int, data: memoryview | GatheredStripe, done: trio.Event,
                       release: Callable[[], None]) -> None:
         try:
+            if index == 0:
+                self._replicate_stripe_0()
+            elif not self._layout_settled.is_set():
+                await self._layout_settled.wait()  # stripe 0's COMMIT decides the layout this one is cut by
             stripe_end = index * self.layout.stripe_size + len(data)
-            for attempt in range(3):
+            stale = 0
+            while True:
                 current = self._records.get(index)
                 floor = max(self._min_version, current.version + 1 if current else 0)
-                record = await self._stripes.write_stripe(self.ino, index, self.layout, data, floor)
+                layout = self.layout
+                asked = layout if self._replicating is not None and index == 0 else None
+                record = await self._stripes.write_stripe(self.ino, index, layout, data, floor)
                 try:
-                    reply = await self._meta.commit(self.ino, [record], min(self.size, stripe_end))
+                    reply = await self._meta.commit(self.ino, [record], min(self.size, stripe_end), layout=asked)
                     break
                 except OSError as exc:
-                    if exc.errno != errno.ESTALE or attempt == 2:
+                    if asked is not None and exc.errno in (errno.EBUSY, errno.EINVAL):
+                        # Another writer stored stripes first, or the server keeps this file as it is: store
+                        # it in its own layout (the fragments just written are orphans, collected later).
+                        log.info("%s keeps its layout: %s", self.path, exc.strerror)
+                        self._settle_layout(taken=False)
+                        await self.reload()
+                        continue
+                    if exc.errno != errno.ESTALE or stale == 2:
                         raise
                     # Our version was retired meanwhile (truncate, another writer): pick a newer one.
+                    stale += 1
                     await self.reload()
+            if index == 0:
+                self._settle_layout(taken=True)
             self._min_version = max(self._min_version, reply["min_version"])
             self._records[index] = record
             self._unsynced_nodes.update(record.placement)
@@ -561,6 +585,8 @@ class AsyncFile:
             if not isinstance(exc, Exception):
                 raise
         finally:
+            if index == 0:
+                self._settle_layout(taken=False)  # (a no-op once settled)
             self._in_flight.pop(index, None)
             release()
             done.set()
@@ -599,17 +625,22 @@ class AsyncFile:
         if failure is not None:
             raise OSError(failure.errno, f"an earlier write to {self.path} failed: {failure.strerror}") from failure
 
-    async def flush(self) -> None:
-        """Store every dirty stripe and commit the size; returns when all are committed."""
+    async def flush(self, *, closing: bool = False) -> None:
+        """Store every dirty stripe and commit the size; returns when all are committed.
+
+        ``closing``: the flush of a close(2) (the file is written for now): a small file stored
+        whole by it may take the replicated layout (``_replicate_stripe_0``)."""
         self._check_open()
         self._raise_write_failure()  # no further stripes either: their commits would cover the lost one
         if self._fits_inline():
             await self._commit_inline()
+        self._replicate_asked = closing and self.may_replicate
         self._fill_failure = None  # (a stripe whose read failed earlier is dirty still: tried again now)
         for index in sorted(self._dirty):
             await self._start_upload(index)
         if self._uploads_running:  # (waiting on a set Event still yields: each close of a clean file paid that)
             await self._uploads_done.wait()
+        self._replicate_asked = False
         self._raise_write_failure()
         if self._fill_failure is not None:
             failure, self._fill_failure = self._fill_failure, None
@@ -617,6 +648,35 @@ class AsyncFile:
         if self.size != self._committed_size and self.writable:
             self.attr = (await self._meta.commit(self.ino, [], self.size))["attr"]
             self._committed_size = self.size
+
+    def _replicate_stripe_0(self) -> None:
+        """Store a small file written in one go replicated: one fragment of m+1 copies instead of
+        RS k+m, so a reader makes one request instead of k (``MetaClient.replicated_layout``).
+        Decided as stripe 0's upload starts; its COMMIT asks the server for the layout, and
+        uploads of other stripes wait for that answer (``_settle_layout``).
+
+        Only for a file this client created (``may_replicate``: an existing file rewritten keeps
+        the layout it has, perhaps one its creator chose), after a closing flush asked
+        (``flush``), with nothing stored and no other stripe on its way: a file the server has
+        stripes of keeps its layout (they were cut by it), and one flushed early (an fsync) may
+        well be growing. A file that grows after this keeps the replicated layout."""
+        asked, self._replicate_asked = self._replicate_asked, False
+        if not asked or self._records or self._committed_size or set(self._in_flight) != {0} \
+                or self.size > self.layout.stripe_size:
+            return
+        replicated = self._meta.replicated_layout(self.layout, self.size)
+        if replicated is not None:
+            self._replicating, self.layout = self.layout, replicated
+            self._layout_settled = trio.Event()
+
+    def _settle_layout(self, taken: bool) -> None:
+        """Stripe 0's COMMIT answered (``taken``: the server took the replicated layout), or its
+        upload ended without one: back to the file's own layout unless taken; other stripes go on."""
+        if self._replicating is not None:
+            if not taken:
+                self.layout = self._replicating
+            self._replicating = None
+        self._layout_settled.set()
 
     def _fits_inline(self) -> bool:
         """Whether the dirty data is all in stripe 0 of a file the server keeps inline whole."""
@@ -704,7 +764,7 @@ class AsyncFile:
             return
         try:
             if self.writable:
-                await self.flush()
+                await self.flush(closing=True)
         finally:
             self._closed_now()
 

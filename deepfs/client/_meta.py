@@ -210,8 +210,11 @@ class MetaClient:
         self._hold_floors: collections.Counter[int] = collections.Counter()  # of the hold-taking requests in flight
         self._renewing: collections.Counter[int] = collections.Counter()  # inodes a crossed hold is renewed for
         self.node_ticket: NodeTicket | None = None  # from HELLO, replaced by every session renewal
-        # From HELLO: the largest stripe 0 the server keeps inline (0: an older server, or none)
+        # From HELLO: the largest stripe 0 the server keeps inline (0: an older server, or none), the
+        # largest file it keeps replicated (``replicated_layout``) and the layout files get by default.
         self.inline_max_bytes = 0
+        self.small_file_max_bytes = 0
+        self.default_layout: Layout | None = None
         # Told every capability an OPEN or CREATE reply carried (its owner keeps them: ``CapabilityCache.put``).
         self.capability_seen: Callable[[int, Capability | None], None] = lambda ino, cap: None
         # Told what HELLO said each time the client reconnected (perhaps to another server).
@@ -223,7 +226,7 @@ class MetaClient:
         reply = await self._call(Op.HELLO, {})
         self.session = int(reply.get("session", 0))
         self._take_ticket(reply)
-        self.inline_max_bytes = int(reply.get("inline_max_bytes", 0))
+        self._take_file_limits(reply)
         return self._hello(reply)
 
     def _hello(self, reply: dict[str, Any]) -> ServerHello:
@@ -238,6 +241,23 @@ class MetaClient:
             root=int(reply.get("root", ROOT_INO)),
             node_ticket=self.node_ticket,
         )
+
+    def _take_file_limits(self, reply: dict[str, Any]) -> None:
+        self.inline_max_bytes = int(reply.get("inline_max_bytes", 0))
+        self.small_file_max_bytes = int(reply.get("small_file_max_bytes", 0))
+        layout = reply.get("default_layout")
+        self.default_layout = Layout.from_dict(layout) if layout else None
+
+    def replicated_layout(self, layout: Layout, size: int) -> Layout | None:
+        """The layout a file of ``layout`` holding ``size`` bytes, stored whole in one go, is to
+        be stored in instead: the replicated form of the server's default layout (k = 1, the same
+        m and stripes) for a file of at most ``small_file_max_bytes``; None: keep ``layout``.
+        The server takes it with the COMMIT of those fragments (docs/PROTOCOL.md, COMMIT)."""
+        default = self.default_layout
+        if default is None or not 0 < size <= self.small_file_max_bytes or layout.k == 1 \
+                or (layout.k, layout.m, layout.codec) != (default.k, default.m, default.codec):
+            return None
+        return Layout(1, layout.m, layout.stripe_size, layout.codec)
 
     def _take_ticket(self, reply: dict[str, Any]) -> None:
         wire = reply.get("node_ticket")
@@ -425,12 +445,13 @@ class MetaClient:
         return [StripeRecord.from_wire(s) for s in reply.get("stripes", [])]
 
     async def commit(self, ino: int, records: Sequence[StripeRecord], size: int, *,
-                     stripe_size: int = 0) -> Committed:
+                     stripe_size: int = 0, layout: Layout | None = None) -> Committed:
         """Make new stripe versions and a size (at least ``size``) visible in one transaction.
 
         More than ``MAX_COMMIT_STRIPES`` records go as several COMMITs, in stripe order, each with
         the size its stripes reach (``stripe_size``: the file's; 0: ``size`` with every one), so
-        the file's end moves only as far as what is committed."""
+        the file's end moves only as far as what is committed. ``layout``: the records were cut
+        by this layout (``replicated_layout``), which the empty file takes first."""
         ordered = sorted(records, key=lambda record: record.index) if len(records) > MAX_COMMIT_STRIPES else records
         committed: Committed | None = None
         for first in range(0, max(len(ordered), 1), MAX_COMMIT_STRIPES):
@@ -439,6 +460,8 @@ class MetaClient:
             if stripe_size and first + MAX_COMMIT_STRIPES < len(ordered):
                 batch_size = min(size, max(r.index * stripe_size + r.length for r in batch))
             body = {"ino": ino, "stripes": [record.to_wire() for record in batch], "size": batch_size}
+            if layout is not None:
+                body["layout"] = layout.to_dict()
             reply: Committed = await self._call(Op.COMMIT, body)  # type: ignore[assignment]
             if committed is not None:
                 reply["min_version"] = max(int(reply["min_version"]), int(committed["min_version"]))
@@ -565,7 +588,7 @@ class MetaClient:
             reply = reply or {}
             self._take_ticket(reply)
             self.session = int(reply.get("session", 0))
-            self.inline_max_bytes = int(reply.get("inline_max_bytes", 0))
+            self._take_file_limits(reply)
             holds = sorted(self.open_inodes() | self._told_holds)
             if self.session and holds:
                 renewed, _ = await conn.call(Op.RENEW_SESSION, {"session": self.session, "holds": holds},
