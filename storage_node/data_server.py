@@ -66,10 +66,11 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 Reply = tuple[Any, Sequence[Piece]]
 
-INLINE_BYTES = 128 << 10
+INLINE_BYTES = DIRECT_MIN_BYTES - 4096
 """Requests up to this size are served on the event loop (see ``DataServer._on_disk``); GETs up to
-it by the connection's reader itself (``DataServer.handle_inline``), with no task of their own.
-Below ``DIRECT_MIN_BYTES``: inline work stays buffered, never waiting on the disk for O_DIRECT."""
+it by the connection's reader itself (``DataServer.handle_inline``), with no task of their own:
+a replicated small file (docs/METADATA.md) is one such GET of the whole file. Below
+``DIRECT_MIN_BYTES``: inline work stays buffered, never waiting on the disk for O_DIRECT."""
 assert INLINE_BYTES < DIRECT_MIN_BYTES
 
 INLINE_THREADS = 32
