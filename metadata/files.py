@@ -52,6 +52,9 @@ XATTR_REPLACE = 2
 XATTR_SIZE_MAX = 64 << 10  # Linux's XATTR_SIZE_MAX
 STRIPE_REPLY_BYTES = 768 << 10  # records per OPEN/GET_STRIPES reply: well below a frame's 1 MiB body limit
 MAX_COMMIT_STRIPES = 64  # stripe records one COMMIT may carry (the client splits bigger ones): bounded transactions
+LAYOUT_XATTR = b"deepfs.layout"
+"""A read-only virtual attribute: a regular file's layout, or a directory's own one, as text
+(``getfattr -n deepfs.layout FILE`` on a mount; CephFS's ``ceph.file.layout`` is the model)."""
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -113,9 +116,19 @@ def _require_file(txn: Txn, ino: int) -> Inode:
     return inode
 
 
-def _check_xattr_name(name: bytes) -> None:
+def _check_xattr_name(name: bytes, write: bool = False) -> None:
     if not name or len(name) > NAME_MAX:
         raise os_error(errno.ERANGE, f"xattr names are 1 to {NAME_MAX} bytes")
+    if write and name == LAYOUT_XATTR:
+        raise os_error(errno.EPERM, f"{LAYOUT_XATTR.decode()} is read-only; a layout is set with SET_LAYOUT")
+
+
+def _layout_text(inode: Inode) -> bytes:
+    """``LAYOUT_XATTR``'s value: "k=4 m=2 stripe_size=4194304 codec=isa_l_rs_cauchy" (ENODATA: none)."""
+    layout = inode.layout if inode.is_reg else inode.dir_layout if inode.is_dir else None
+    if layout is None:
+        raise os_error(errno.ENODATA, "no layout of its own (a directory without one, or not a file)")
+    return " ".join(f"{key}={layout[key]}" for key in ("k", "m", "stripe_size", "codec") if key in layout).encode()
 
 
 class FileOps:
@@ -361,7 +374,9 @@ class FileOps:
     def getxattr(self, ino: int, name: bytes) -> bytes:
         _check_xattr_name(name)
         with self.store.read() as txn:
-            require_inode(txn, ino)
+            inode = require_inode(txn, ino)
+            if name == LAYOUT_XATTR:
+                return _layout_text(inode)
             value = txn.get_xattr(ino, name)
             if value is None:
                 raise os_error(errno.ENODATA, f"no attribute {name!r}")
@@ -369,7 +384,7 @@ class FileOps:
 
     @replayable()
     def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
-        _check_xattr_name(name)
+        _check_xattr_name(name, write=True)
         if flags & ~(XATTR_CREATE | XATTR_REPLACE) or flags == XATTR_CREATE | XATTR_REPLACE:
             raise os_error(errno.EINVAL, f"invalid xattr flags {flags}")
         if len(value) > XATTR_SIZE_MAX:
@@ -393,7 +408,7 @@ class FileOps:
 
     @replayable()
     def removexattr(self, ino: int, name: bytes) -> None:
-        _check_xattr_name(name)
+        _check_xattr_name(name, write=True)
         with self._write() as txn:
             inode = require_inode(txn, ino)
             if not txn.delete_xattr(ino, name):

@@ -6,7 +6,8 @@ Checked against real clusters (6 nodes, RS 4+2, 256 KiB stripes): which files sw
 their layout (inline, over the limit, a layout the caller or the directory chose, a rewrite, a file flushed
 early by fsync, the feature turned off), bytes after growing past the limit, the server's checks
 of COMMIT's ``layout`` (EBUSY, EINVAL), a writer that loses the race to another writer's stripes,
-the mount's files, and every byte read while a node holding copies is killed -9, then repaired.
+the mount's files, the layout as a read-only attribute (``deepfs.layout``), and every byte read
+while a node holding copies is killed -9, then repaired.
 """
 
 from __future__ import annotations
@@ -200,6 +201,32 @@ def test_the_mount_replicates_small_files_and_reads_mixed_layouts(cluster: Local
     assert fragment_count(cluster, client, f"{base}/replicated") == 3
     for name, data in files.items():
         assert client.read_file(f"{base}/{name}") == data, name
+
+
+def test_the_layout_is_a_read_only_attribute(cluster: LocalCluster, client: deepfs.Client) -> None:
+    base = unique_dir(client, "xattr")
+    client.write_file(f"{base}/small", os.urandom(100 << 10))
+    client.write_file(f"{base}/big", os.urandom(SMALL_MAX + 1))
+    def text(k: int) -> bytes:
+        return f"k={k} m=2 stripe_size={STRIPE} codec=isa_l_rs_cauchy".encode()
+
+    with mounted(cluster, "xattr") as mount:
+        top = mount.path / base.lstrip("/")
+        assert os.getxattr(top / "small", "deepfs.layout") == text(1)
+        assert os.getxattr(top / "big", "deepfs.layout") == text(4)
+        assert "deepfs.layout" not in os.listxattr(top / "small")  # virtual: never listed, never copied
+        with pytest.raises(OSError) as info:
+            os.getxattr(top, "deepfs.layout")  # a directory without a layout of its own
+        assert info.value.errno == errno.ENODATA
+        for change in (lambda: os.setxattr(top / "small", "deepfs.layout", b"k=4"),
+                       lambda: os.removexattr(top / "small", "deepfs.layout")):
+            with pytest.raises(OSError) as info:
+                change()
+            assert info.value.errno == errno.EPERM
+    client.set_layout(base, Layout(2, 1, STRIPE))
+    ino = client.stat(base).st_ino
+    assert client.run_async(client.aio.meta.getxattr, ino, b"deepfs.layout") == \
+        f"k=2 m=1 stripe_size={STRIPE} codec=isa_l_rs_cauchy".encode()
 
 
 def test_turned_off_small_files_stay_erasure_coded(tmp_path: Path) -> None:
