@@ -85,6 +85,16 @@ def with_stripes_of_at_least(layout: Layout, least_bytes: int) -> Layout:
     return Layout(layout.k, layout.m, stripe, layout.codec)
 
 
+def replicated_form(layout: Layout, default: Layout) -> Layout | None:
+    """The layout a small file of ``layout`` is stored in instead (docs/METADATA.md, "Replicated
+    small files"): k = 1 with the same m, stripes and codec (m+1 copies, as many losses survived),
+    for a layout of the cluster default's scheme (k, m, codec); None for any other layout, and
+    for one that is replicated already. Clients ask for it, the metadata server checks it."""
+    if layout.k == 1 or (layout.k, layout.m, layout.codec) != (default.k, default.m, default.codec):
+        return None
+    return Layout(1, layout.m, layout.stripe_size, layout.codec)
+
+
 def padded_length(layout: Layout, length: int) -> int:
     """Bytes actually encoded for a stripe holding ``length`` bytes (>= 1 unit)."""
     unit = layout.k * ALIGNMENT

@@ -22,7 +22,7 @@ from contextlib import contextmanager
 from typing import Any, ParamSpec, TypeVar
 
 from deepfs.errors import ConfigError, os_error
-from deepfs.layout import Layout
+from deepfs.layout import Layout, replicated_form
 from deepfs.messages import INLINE_FIELD, MISSING_NODE, NAME_MAX, FragmentKey
 from metadata import keys
 from metadata.inodes import free_inode, now_ns, require_inode, set_size
@@ -95,16 +95,6 @@ def checked_layout(raw: dict[str, Any]) -> dict[str, Any]:
         return Layout.from_dict(raw).to_dict()
     except ConfigError as exc:
         raise os_error(errno.EINVAL, str(exc)) from exc
-
-
-def replicated_form(layout: dict[str, Any]) -> dict[str, Any]:
-    """``layout`` as replication: one data fragment and the same m parity fragments (m+1 copies
-    of the bytes, as many losses survived), the same stripes (a file's geometry never changes)."""
-    return {**layout, "k": 1}
-
-
-def _same_scheme(a: dict[str, Any], b: dict[str, Any]) -> bool:
-    return (a["k"], a["m"], a.get("codec")) == (b["k"], b["m"], b.get("codec"))
 
 
 def _require_file(txn: Txn, ino: int) -> Inode:
@@ -234,27 +224,27 @@ class FileOps:
 
         Why: a small file in RS k+m is k fragments on k nodes, so reading it costs k requests;
         replicated it costs one, for m+1 times its size on disk instead of (k+m)/k times. The
-        client cuts the fragments and asks in the COMMIT that stores
-        them; only the form of the server's default layout (``replicated_form``), a new size of
+        client cuts the fragments and asks in the COMMIT that stores them; only
+        ``deepfs.layout.replicated_form`` of the file's layout, a new size of
         at most ``small_file_max_bytes`` and a file without stripes qualify (EINVAL, EBUSY)."""
         if inode.is_dir:
             raise os_error(errno.EISDIR, f"inode {inode.ino} is a directory")
         if not inode.is_reg or inode.layout is None:
             raise os_error(errno.EINVAL, f"inode {inode.ino} is not a regular file")
-        current = inode.layout
-        if checked_layout(layout) == current:
+        asked = checked_layout(layout)
+        if asked == inode.layout:
             return  # (a retried commit, or another writer asked first)
         if not self.small_file_max_bytes:
             raise os_error(errno.EINVAL, "this server keeps small files erasure-coded (small_file_max_bytes = 0)")
-        if not _same_scheme(current, self.default_layout) or current["k"] == 1 \
-                or checked_layout(layout) != replicated_form(current):
+        wanted = replicated_form(Layout.from_dict(inode.layout), Layout.from_dict(self.default_layout))
+        if wanted is None or asked != wanted.to_dict():
             raise os_error(errno.EINVAL, f"a COMMIT may only give inode {inode.ino} the replicated form "
-                                         f"{replicated_form(current)} of the default layout")
+                                         f"of a layout of the default's scheme, not {asked}")
         if new_size > self.small_file_max_bytes:
             raise os_error(errno.EINVAL, f"only files up to {self.small_file_max_bytes} bytes are replicated")
         if live_stripes(txn, inode, 0, 1)[0]:
             raise os_error(errno.EBUSY, f"inode {inode.ino} has data; its layout is fixed")
-        inode.layout = replicated_form(current)
+        inode.layout = asked
 
     @staticmethod
     def _commit_into(

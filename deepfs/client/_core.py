@@ -401,9 +401,8 @@ class AsyncClient:
                 raise os_error(exc.errno or errno.EIO, exc.strerror or "", path) from None
             attr = created.attr
             if created.created and created.layout is not None:
-                file = self.open_created(created, readable, writable, append, path)
-                file.may_replicate = layout is None  # a layout the caller chose is kept
-                return file
+                # (a layout the caller chose is kept)
+                return self.open_created(created, readable, writable, append, path, may_replicate=layout is None)
         else:
             return await self._open_path(path, readable, writable, append)
         if stat_module.S_ISDIR(attr["mode"]):
@@ -473,16 +472,17 @@ class AsyncClient:
         return any(f.ino == ino and not f.closed for f in self._open_files)
 
     def open_created(self, created: Created, readable: bool = True, writable: bool = True,
-                     append: bool = False, path: str = "") -> AsyncFile:
+                     append: bool = False, path: str = "", *, may_replicate: bool = True) -> AsyncFile:
         """Open the file a ``meta.create`` just made (``created.created`` and a
         layout): it has no stripes and the lowest version floor, so this
-        skips OPEN's round trip."""
+        skips OPEN's round trip. ``may_replicate``: stored whole at its first close and small,
+        it is replicated (``AsyncFile.flush``); False for a layout its creator chose."""
         if not created.created or created.layout is None:
             raise ValueError("open_created takes a file CREATE made, not one that was there")
         ino = created.attr["ino"]
         file = AsyncFile(self._file_services, path or f"<inode {ino}>", created.attr, created.layout, [],
                          readable, writable, append, 0)
-        file.may_replicate = True  # stored whole at its close and small: replicated (``AsyncFile.flush``)
+        file.may_replicate = may_replicate
         self._open_files.add(file)
         return file
 

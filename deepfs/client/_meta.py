@@ -51,7 +51,7 @@ from deepfs import rpc
 from deepfs.auth import AuthError, Capability, Credential, NodeTicket
 from deepfs.client._transport import Transport
 from deepfs.frames import Op
-from deepfs.layout import Layout
+from deepfs.layout import Layout, replicated_form
 from deepfs.messages import ROOT_INO, StripeRecord
 
 log = logging.getLogger(__name__)
@@ -253,11 +253,9 @@ class MetaClient:
         be stored in instead: the replicated form of the server's default layout (k = 1, the same
         m and stripes) for a file of at most ``small_file_max_bytes``; None: keep ``layout``.
         The server takes it with the COMMIT of those fragments (docs/PROTOCOL.md, COMMIT)."""
-        default = self.default_layout
-        if default is None or not 0 < size <= self.small_file_max_bytes or layout.k == 1 \
-                or (layout.k, layout.m, layout.codec) != (default.k, default.m, default.codec):
+        if self.default_layout is None or not 0 < size <= self.small_file_max_bytes:
             return None
-        return Layout(1, layout.m, layout.stripe_size, layout.codec)
+        return replicated_form(layout, self.default_layout)
 
     def _take_ticket(self, reply: dict[str, Any]) -> None:
         wire = reply.get("node_ticket")
