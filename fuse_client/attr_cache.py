@@ -161,6 +161,9 @@ ABSENT = 0  # NameCache: the name was looked up and did not exist (no inode is 0
 STATAHEAD_MISSES = 4  # lookups of existing names the caches could not answer, in one directory ...
 STATAHEAD_WINDOW_S = 1.0  # ... within this long, start a statahead of that directory
 STATAHEAD_MAX_ENTRIES = 4096  # names one statahead lists at most (huge directories: the first ones)
+STATAHEAD_MIN_YIELD = 8  # a listing of more names than this many times the lookups it answered ...
+STATAHEAD_BACKOFF_TTLS = 30  # ... keeps its directory from being listed again for this many TTLs
+STATAHEAD_JUDGED_FROM = 64  # listings of fewer names are always worth it (one READDIR page is cheap)
 
 
 class Statahead:
@@ -176,6 +179,15 @@ class Statahead:
     names never count (a create storm does not list the directory it fills). A directory
     is listed again only after ``ttl_s`` (its names are still cached until then), or ten
     times that if the last listing stopped at the bound (the names wanted may lie beyond).
+
+    A listing that answered few of the lookups that followed it was wasted: a data loader
+    opening random files of directories of hundreds of names finds a few of each listing's
+    names before their attributes expire, and paid the server and this daemon for all of
+    them (a 20,000-file DataLoader epoch read 16 listed names per file opened). So each
+    listing's answers are counted (``hit``); a directory whose last listing of at least
+    ``STATAHEAD_JUDGED_FROM`` names answered fewer than one lookup per ``STATAHEAD_MIN_YIELD``
+    of them is not listed again for ``STATAHEAD_BACKOFF_TTLS`` TTLs (its lookups go to the
+    server one by one, as without statahead), then gets another try.
     Bounded: the counters are forgotten wholesale at ``max_dirs`` directories."""
 
     def __init__(self, ttl_s: float, max_dirs: int = 10_000) -> None:
@@ -184,7 +196,9 @@ class Statahead:
         self._misses: dict[int, tuple[float, int]] = {}  # directory → (first miss of the window, count)
         self._quiet_until: dict[int, float] = {}  # directory → no listing before then
         self.running: dict[int, trio.Event] = {}  # directory → set when its listing ends
+        self._yield: dict[int, list[int]] = {}  # directory → [names its last listing cached, lookups they answered]
         self.listings = 0  # statahead listings done (the mount's metrics read this)
+        self.backoffs = 0  # listings skipped because the directory's last one was mostly wasted
 
     def missed(self, directory: int) -> None:
         if self.ttl_s <= 0:
@@ -205,7 +219,20 @@ class Statahead:
         if now - found[0] > STATAHEAD_WINDOW_S:
             del self._misses[directory]
             return False
-        return self._quiet_until.get(directory, 0.0) <= now
+        if self._quiet_until.get(directory, 0.0) > now:
+            return False
+        last = self._yield.pop(directory, None)
+        if last is not None and last[0] >= STATAHEAD_JUDGED_FROM and last[1] * STATAHEAD_MIN_YIELD < last[0]:
+            self._quiet_until[directory] = now + self.ttl_s * STATAHEAD_BACKOFF_TTLS
+            self.backoffs += 1
+            return False
+        return True
+
+    def hit(self, directory: int) -> None:
+        """A lookup in ``directory`` was answered from the caches (a listing's, most often)."""
+        counts = self._yield.get(directory)
+        if counts is not None:
+            counts[1] += 1
 
     def started(self, directory: int) -> trio.Event:
         self._misses.pop(directory, None)
@@ -213,9 +240,12 @@ class Statahead:
         self.listings += 1
         return event
 
-    def finished(self, directory: int, truncated: bool) -> None:
+    def finished(self, directory: int, truncated: bool, listed: int = 0) -> None:
         if len(self._quiet_until) >= self.max_dirs:
             self._quiet_until = {}
+        if len(self._yield) >= self.max_dirs:
+            self._yield = {}
+        self._yield[directory] = [listed, 0]
         self._quiet_until[directory] = time.monotonic() + self.ttl_s * (10 if truncated else 1)
         self.running.pop(directory).set()
 

@@ -20,6 +20,8 @@ HELP = {
     "deepfs_fuse_read_requests": "Read requests the kernel sent.",
     "deepfs_fuse_write_requests": "Write requests the kernel sent.",
     "deepfs_fuse_open_files": "Files open through the mount now.",
+    "deepfs_fuse_statahead_listings": "Directories listed with attributes: their names were looked up one by one.",
+    "deepfs_fuse_statahead_backoffs": "Statahead listings skipped: the directory's last one answered few lookups.",
 }
 
 
@@ -31,6 +33,8 @@ def fuse_samples(ops: DeepFSOperations) -> Iterator[Sample]:
     yield counter("deepfs_fuse_read_requests", ops.stats.reads)
     yield counter("deepfs_fuse_write_requests", ops.stats.writes)
     yield gauge("deepfs_fuse_open_files", len(ops.files))
+    yield counter("deepfs_fuse_statahead_listings", ops.statahead.listings)
+    yield counter("deepfs_fuse_statahead_backoffs", ops.statahead.backoffs)
 
 
 def start_fuse_metrics(ops: DeepFSOperations, host: str, port: int) -> MetricsExporter:

@@ -317,8 +317,8 @@ class DeepFSOperations(pyfuse3.Operations):
             return
         self.statahead.started(directory)
         truncated = False
+        after = listed = 0
         try:
-            after = listed = 0
             while True:
                 page = await self._list_page_attrs(directory, after, STATAHEAD_PAGE)
                 for entry, _ in page:
@@ -335,7 +335,7 @@ class DeepFSOperations(pyfuse3.Operations):
         except OSError:
             pass  # the directory is gone or unreadable: each lookup asks the server
         finally:
-            self.statahead.finished(directory, truncated)
+            self.statahead.finished(directory, truncated, listed)
 
     def _cached_entry(self, parent: int, name: bytes) -> pyfuse3.EntryAttributes | None:
         known = self.names.get(parent, name)
@@ -354,6 +354,7 @@ class DeepFSOperations(pyfuse3.Operations):
         check_name(name)
         cached = self._cached_entry(parent_inode, name)
         if cached is not None:
+            self.statahead.hit(parent_inode)
             return cached
         if parent_inode in self.statahead.running or self.statahead.due(parent_inode):
             await self._statahead(parent_inode)

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import os
 import re
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -322,6 +323,28 @@ def test_statahead_shows_other_mounts_changes_within_the_timeout(
 
     wait_for(caught_up, timeout_s=2 * TIMEOUT_S + 3)
     assert (d / "g4").read_bytes() == b"x" * 4
+
+
+def test_statahead_backs_off_from_a_directory_whose_listing_went_unused(
+        two_mounts: tuple[Mounted, Mounted], server: deepfs.Client, cluster: LocalCluster) -> None:
+    """A data loader's pattern: a few random names of a large directory per timeout. The first
+    listing answers almost none of the lookups that follow it, so once it expired the directory
+    is not listed again (each lookup asks the server); names are still right."""
+    a, _ = two_mounts
+    d = a.subdir("statahead-wasted")
+    for i in range(200):
+        server.write_file(f"/{d.name}/f{i}", b"w" * (i % 7))
+    forget_kernel_entries()
+    before = meta_requests(cluster)
+    assert [os.stat(d / f"f{i}").st_size for i in range(5)] == [i % 7 for i in range(5)]
+    first = meta_requests(cluster)
+    assert served(before, first, "READDIR") == 1  # the fifth lookup listed the directory
+    time.sleep(TIMEOUT_S + 0.3)  # the listing's names expire, unused
+    forget_kernel_entries()
+    assert [os.stat(d / f"f{i}").st_size for i in range(100, 110)] == [i % 7 for i in range(100, 110)]
+    after = meta_requests(cluster)
+    assert served(first, after, "READDIR") == 0
+    assert served(first, after, "LOOKUP") >= 10
 
 
 def test_statahead_pages_through_a_directory_larger_than_one_listing(

@@ -26,7 +26,7 @@ from deepfs.metrics import RequestMetrics, StateCollector, counter, errno_name, 
 from deepfs.processes import free_port
 from deepfs_cli.main import main as cli
 from deepfs_cli.top import Scrape, interval_rates, parse_scrape, quantile_from_buckets
-from fuse_client.attr_cache import AttrCache
+from fuse_client.attr_cache import AttrCache, Statahead
 from fuse_client.metrics import fuse_samples
 from tests.conftest import SESSION_SECRET, mounted, start_cluster
 
@@ -134,7 +134,7 @@ def test_fuse_samples_report_cache_hits_and_misses() -> None:
     attrs.put({"ino": 5})
     attrs.get(5)
     attrs.get(6)
-    ops = SimpleNamespace(attrs=attrs, xattrs=AttrCache(ttl_s=60), files=[],
+    ops = SimpleNamespace(attrs=attrs, xattrs=AttrCache(ttl_s=60), files=[], statahead=Statahead(1),
                           stats=SimpleNamespace(readahead_hits=1, reads=2, writes=0))
     samples = {(name, tuple(labels.items())): v for _, name, v, labels in fuse_samples(ops)}  # type: ignore[arg-type]
     assert samples[("deepfs_fuse_cache_hits", (("cache", "attr"),))] == 1
@@ -259,7 +259,7 @@ def test_dashboard_exprs_use_only_exported_metrics(metrics_cluster: LocalCluster
         exported |= exported_names(scrape_text(url))
     registry = CollectorRegistry()
     RequestMetrics(registry, "fuse", {"read": "read"})
-    ops = SimpleNamespace(attrs=AttrCache(1), xattrs=AttrCache(1), files=[],
+    ops = SimpleNamespace(attrs=AttrCache(1), xattrs=AttrCache(1), files=[], statahead=Statahead(1),
                           stats=SimpleNamespace(readahead_hits=0, reads=0, writes=0))
     registry.register(StateCollector(lambda: fuse_samples(ops)))  # type: ignore[arg-type]
     exported |= exported_names(generate_latest(registry).decode())
