@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from stat import S_ISREG
 from typing import Any
 
 from deepfs.auth import Capability, Identity, issue_capability, issue_ticket
@@ -29,7 +30,7 @@ from deepfs.frames import Op
 from deepfs.messages import ROOT_INO, validate
 from deepfs.messages import metadata_requests as m
 from deepfs.rpc import Buffer
-from metadata.access import MUTATING_OPS, PATH_OPS, Authorizer, Request
+from metadata.access import MUTATING_OPS, PATH_OPS, READ, Authorizer, Request, permits
 from metadata.membership import Membership
 from metadata.namespace import Namespace
 from metadata.namespace_state import serving, stored_reply
@@ -45,7 +46,8 @@ READ_ONLY_OPS = frozenset({Op.HELLO, Op.LOOKUP, Op.GETATTR, Op.RESOLVE, Op.READD
 
 SETTLED_OPS = frozenset({Op.OPEN, Op.RELEASE})
 """Ops that usually only read but change the sessions' holds, which must be ordered with writes
-(an UNLINK asks ``is_held``): ``MetaStore.run_settled``. RELEASE writes when it frees an orphan."""
+(an UNLINK asks ``is_held``): ``MetaStore.run_settled``. RELEASE writes when it frees an orphan.
+A LOOKUP with ``open_below`` may take a hold too: it is served as these are."""
 
 PAYLOAD_LIMITS: dict[int, int] = {}
 """No metadata op carries a payload: a frame announcing one is refused on its header (``ServerLimits``)."""
@@ -154,7 +156,7 @@ class MetaOps:
                 finally:
                     self._local.request = None
 
-        if op in READ_ONLY_OPS:
+        if op in READ_ONLY_OPS and not (op == Op.LOOKUP and fields.get("open_below")):
             return await self.store.run_read(operation), ()
         if op in SETTLED_OPS:
             return await self.store.run_settled(operation), ()
@@ -245,7 +247,34 @@ class MetaOps:
 
     def lookup(self, b: dict[str, Any]) -> Reply:
         r = m.entry(b)
-        return {"attr": self.ns.lookup(r.parent, r.name)}
+        attr = self.ns.lookup(r.parent, r.name)
+        wanted = m.lookup_open(b)
+        if wanted is not None and S_ISREG(attr["mode"]) and attr["nlink"] and attr["size"] <= wanted.ino:
+            opened = self._open_looked_up(int(attr["ino"]), wanted.session)
+            if opened is not None:
+                return {"attr": opened.pop("attr"), "open": opened}
+        return {"attr": attr}
+
+    def _open_looked_up(self, ino: int, session: int) -> dict[str, Any] | None:
+        """A LOOKUP's ``open_below``: OPEN's reply for reading ``ino`` (held by ``session``), or
+        None where OPEN would fail or need more than one reply (the LOOKUP itself still answers).
+        The caller's open that follows the lookup then needs no OPEN of its own."""
+        request = self._request
+        try:
+            if request is not None and request.caller.check_modes:
+                with self.store.read() as txn:
+                    inode = txn.get_inode(ino)
+                    if inode is None or not permits(inode, request.caller, READ):
+                        return None
+            reply = self.ns.open(ino)
+        except OSError:
+            return None  # removed or replaced meanwhile: the caller's OPEN will say what it is
+        if not reply["stripes_complete"] or not reply["attr"]["nlink"]:
+            return None
+        if self.sessions is not None:
+            self.sessions.hold(session, ino)
+        reply["cap"] = self._cap(ino, "r", reply["min_version"])
+        return reply
 
     def getattr(self, b: dict[str, Any]) -> Reply:
         return {"attr": self.ns.getattr(m.ino(b).ino)}
