@@ -177,13 +177,14 @@ class OpenFiles:
         self._stamps.pop(ino, None)
 
     # --------------------------------------------------------- open/close
-    async def open(self, ino: int, flags: int, uid: int) -> tuple[FileHandle, bool]:
-        """A new handle of ``ino``, and whether the kernel may keep its cached pages."""
+    async def open(self, ino: int, flags: int, uid: int, looked_up: bool = False) -> tuple[FileHandle, bool]:
+        """A new handle of ``ino``, and whether the kernel may keep its cached pages. ``looked_up``:
+        the kernel looked the name up just for this open (``AsyncClient.open_inode``)."""
         async with self._transition_lock(ino):
             inode = self._by_ino.get(ino)
             if inode is None:
                 file = await self._client.open_inode(ino, readable=True, writable=True, append=False,
-                                                     access=open_flags_access(flags))
+                                                     access=open_flags_access(flags), looked_up=looked_up)
                 prefetch = StripePrefetcher(file, self._readahead_stripes, self._client.start_background)
                 inode = self._by_ino[ino] = OpenInode(ino, file, prefetch)
                 keep_cache = self._stamps.get(ino) == cache_stamp(file.attr)

@@ -173,6 +173,7 @@ class DeepFSOperations(pyfuse3.Operations):
         self.statahead = Statahead(min(options.attr_timeout_s, options.entry_timeout_s))
         # directory → {listing: (names, inodes)} this mount removed while that listing was on its way
         self._listings: dict[int, dict[int, tuple[set[bytes], set[int]]]] = {}
+        self._open_lookups: dict[int, int] = {}  # inode -> pid whose LOOKUP fetched its open state
         self._next_listing = 0
         self.stats = MountStats()
         self.request_metrics: RequestDone | None = None  # the mount's metrics, when served (fuse_client/metrics.py)
@@ -341,6 +342,8 @@ class DeepFSOperations(pyfuse3.Operations):
         known = self.names.get(parent, name)
         if known is None:
             return None
+        if self._open_lookups and self._open_lookups.pop(known, None) is not None:
+            self.client.forget_looked_up(known)  # a later path walk: an OPEN now is not the lookup's
         cached = self.attrs.get(known)
         return None if cached is None else self._entry(cached)
 
@@ -362,14 +365,38 @@ class DeepFSOperations(pyfuse3.Operations):
             if cached is not None:
                 return cached
         try:
-            attr = await self.meta.lookup(parent_inode, name)
+            attr = await self.client.lookup_for_open(parent_inode, name, LOOKUP_OPEN_MAX_BYTES)
         except FileNotFoundError:
             self.names.put(parent_inode, name, ABSENT)
             if self.options.negative_timeout_s > 0:
                 return negative_entry(self.options.negative_timeout_s)
             raise
         self.statahead.missed(parent_inode)
-        return self._entry(self._learned(attr, parent_inode, name))
+        entry = self._entry(self._learned(attr, parent_inode, name))
+        ino = int(attr["ino"])
+        if self.client.has_looked_up(ino):
+            self._note_open_lookup(ino, ctx.pid)
+            entry.entry_timeout = 0  # any later path walk to it looks it up again (see _note_open_lookup)
+        return entry
+
+    def _note_open_lookup(self, ino: int, pid: int) -> None:
+        """The server opened ``ino`` for reading with this lookup (``AsyncClient.lookup_for_open``).
+
+        The kernel sends no intent with a LOOKUP: it may be the path walk of an open(2), whose
+        OPEN follows at once, or of a stat. Close-to-open consistency lets the OPEN use the
+        lookup's state only if the lookup was part of the same open(2) — a state fetched before
+        the open(2) began might miss a close that came in between. So the entry goes to the
+        kernel with no validity (``entry_timeout`` 0: every later path walk to the name sends a
+        LOOKUP again, and one answered from this daemon's caches drops the state), and the OPEN
+        uses it only when it comes from the thread that made the lookup (``_open_uses_lookup``)."""
+        if len(self._open_lookups) >= MAX_OPEN_LOOKUPS:
+            self._open_lookups.clear()  # stats that were never opens: their states expire on their own
+        self._open_lookups[ino] = pid
+
+    def _open_uses_lookup(self, ino: int, flags: int, pid: int) -> bool:
+        """Does this OPEN follow, in the same open(2), the LOOKUP that fetched its state for reading?"""
+        return (self._open_lookups.pop(ino, None) == pid
+                and flags & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY)
 
     async def forget(self, inode_list: list[tuple[int, int]]) -> None:
         # Nothing to free: every operation names its inode, the server keeps no
@@ -528,8 +555,12 @@ class DeepFSOperations(pyfuse3.Operations):
     @fuse_errors
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         inode = self.inodes.to_server(inode)
-        with inode_held():
-            handle, keep_cache = await self.files.open(inode, flags, ctx.uid)
+        looked_up = bool(self._open_lookups) and self._open_uses_lookup(inode, flags, ctx.pid)
+        try:
+            with inode_held():
+                handle, keep_cache = await self.files.open(inode, flags, ctx.uid, looked_up)
+        finally:
+            self.client.forget_looked_up(inode)  # (used by now, or not to be used)
         if flags & os.O_TRUNC and ctx.uid != 0:
             await self._drop_set_id_bits(inode)
         if not keep_cache:
@@ -764,6 +795,8 @@ class DeepFSOperations(pyfuse3.Operations):
 
 
 STATAHEAD_PAGE = 1024  # entries per READDIR of a statahead (the server's most)
+LOOKUP_OPEN_MAX_BYTES = 1 << 20  # LOOKUPs that reach the server open files up to this size for reading too
+MAX_OPEN_LOOKUPS = 10_000  # lookups' open states awaiting their OPEN (forgotten wholesale past this)
 
 
 def _dir_links(reply: Removed, directory: int) -> int | None:

@@ -69,6 +69,9 @@ END_SESSION_WAIT_S = 1.0  # a clean close tells the server, but never waits long
 TICKET_RENEW_FRACTION = 0.5  # a client without a session fetches a new ticket when half of its life is left
 MIN_TICKET_RENEW_S = 1.0
 RELEASE_DELAY_S = 0.5  # a closed file's hold is released at most this much later, batched with others
+LOOKED_UP_TTL_S = 0.5
+"""How long a lookup's open state is kept for the open that follows it (``lookup_for_open``). That
+open comes within microseconds; the bound only limits how long an unused state holds its file."""
 
 
 def split_path(path: str) -> tuple[str, bytes]:
@@ -132,6 +135,9 @@ class AsyncClient:
         self._open_files: weakref.WeakSet[AsyncFile] = weakref.WeakSet()  # the holds each renewal lists
         self._opening: collections.Counter[int] = collections.Counter()  # inodes an OPEN is under way for
         self._release_wanted = trio.Event()  # set when a file closed: ``_release_forever`` sends its RELEASE
+        # inode -> (its open state from a LOOKUP with open_below, when it stops being usable): held
+        # by this session for an open that usually follows at once (``lookup_for_open``)
+        self._looked_up: dict[int, tuple[OpenReply, float]] = {}
 
     @classmethod
     @asynccontextmanager
@@ -194,8 +200,46 @@ class AsyncClient:
         self.cluster.set_control_plane(hello.grpc_address)
 
     def held_inodes(self) -> set[int]:
-        """The inodes this client holds open (files not closed yet, and OPENs under way)."""
-        return {f.ino for f in self._open_files if not f.closed} | set(self._opening)
+        """The inodes this client holds open (files not closed yet, OPENs under way, and
+        lookups' open states not used or expired yet)."""
+        self._expire_looked_up()
+        return {f.ino for f in self._open_files if not f.closed} | set(self._opening) | self._looked_up.keys()
+
+    async def lookup_for_open(self, parent: int, name: bytes, open_below: int) -> Attr:
+        """``meta.lookup``, and where the server opened what it found for reading (a regular file
+        of at most ``open_below`` bytes), its open state kept for ``LOOKED_UP_TTL_S`` for
+        ``open_inode(looked_up=True)``: the FUSE daemon's open that follows the kernel's
+        lookup of a name then costs no OPEN round trip."""
+        attr, state = await self.meta.lookup_open(parent, name, open_below)
+        if state is not None:
+            self._expire_looked_up()
+            ino = int(attr["ino"])
+            self._looked_up.pop(ino, None)  # to the young end
+            self._looked_up[ino] = (state, time.monotonic() + LOOKED_UP_TTL_S)
+            self._release_wanted.set()  # (``_release_forever`` lets go of it if it expires unused)
+        return attr
+
+    def has_looked_up(self, ino: int) -> bool:
+        """Is a lookup's open state of ``ino`` kept (``lookup_for_open``)?"""
+        return ino in self._looked_up
+
+    def forget_looked_up(self, ino: int) -> None:
+        """Drop a lookup's open state of ``ino``: its hold goes with the next batched RELEASE."""
+        if self._looked_up.pop(ino, None) is not None:
+            self._release_wanted.set()
+
+    def _expire_looked_up(self) -> None:
+        """Drop the lookups' open states past their time (oldest first: kept in order of arrival)."""
+        now = time.monotonic()
+        expired = False
+        while self._looked_up:
+            ino, (_, until) = next(iter(self._looked_up.items()))
+            if until > now:
+                break
+            del self._looked_up[ino]
+            expired = True
+        if expired:
+            self._release_wanted.set()
 
     def _file_closed(self, ino: int) -> None:
         """A file closed: its hold goes to the server within ``RELEASE_DELAY_S``, so it does not keep
@@ -207,11 +251,15 @@ class AsyncClient:
         ``RELEASE_DELAY_S`` after a close (an UNLINK or RENAME in between carries them sooner;
         ``MetaClient._released``): a file read or written whole costs its OPEN or CREATE alone.
         An inode open here again by then is not released (``held_inodes``); an unlinked file's
-        data stays until the release arrives, and a crashed client's until its session lapses."""
+        data stays until the release arrives, and a crashed client's until its session lapses.
+        While lookups' open states are kept, it looks again every ``RELEASE_DELAY_S``: one that
+        expired unused lets go of its hold then."""
         while True:
             await self._release_wanted.wait()
             await trio.sleep(RELEASE_DELAY_S)
             self._release_wanted = trio.Event()
+            if self._looked_up:
+                self._release_wanted.set()
             await self._release_closed()
 
     async def _release_closed(self) -> None:
@@ -414,16 +462,23 @@ class AsyncClient:
         return await self.open_inode(int(attr["ino"]), readable, writable, append, path)
 
     async def open_inode(self, ino: int, readable: bool = True, writable: bool = False,
-                         append: bool = False, path: str = "", *, access: str | None = None) -> AsyncFile:
+                         append: bool = False, path: str = "", *, access: str | None = None,
+                         looked_up: bool = False) -> AsyncFile:
         """Open an inode directly (the FUSE client addresses files by inode).
 
         Fetches the layout and every stripe record once: close-to-open
         consistency, like NFS. ``access`` ("r", "w", "rw"; default from
         ``readable``/``writable``) is what the metadata server checks the
-        file's mode for (the FUSE client passes the open flags' access)."""
+        file's mode for (the FUSE client passes the open flags' access).
+        ``looked_up``: this open follows the lookup of its name at once (the caller knows), so
+        for reading it uses the state that lookup fetched (``lookup_for_open``) if still kept."""
         access = access or open_access(readable, writable)
         with self._opening_held(ino):
-            state = await fetch_file_state(self.meta, ino, access)
+            found = self._looked_up.pop(ino, None) if looked_up and access == "r" else None
+            if found is not None and found[1] > time.monotonic():
+                state = found[0]  # fetched by the lookup of this open's name, for reading
+            else:
+                state = await fetch_file_state(self.meta, ino, access)
             attr, layout, records, min_version = state.attr, state.layout, state.records, state.min_version
             if not attr["nlink"] and not self._is_open_here(ino):
                 # Unlinked, and kept only for clients that had it open (a stale mapping led here, like a

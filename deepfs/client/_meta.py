@@ -289,6 +289,25 @@ class MetaClient:
     async def lookup(self, parent: int, name: bytes) -> Attr:
         return (await self._call(Op.LOOKUP, {"parent": parent, "name": name}))["attr"]
 
+    async def lookup_open(self, parent: int, name: bytes, open_below: int) -> tuple[Attr, OpenReply | None]:
+        """LOOKUP that also opens what it finds for reading, held by this session, when that is a
+        regular file of at most ``open_below`` bytes the caller may read (one round trip for a
+        lookup and the open that usually follows it); else (attr, None), as ``lookup``."""
+        if not self.session:
+            return await self.lookup(parent, name), None
+        body = {"parent": parent, "name": name, "open_below": open_below, "session": self.session}
+        reply = await self._holding(Op.LOOKUP, body, took_hold=lambda answer: "open" in answer)
+        attr = reply["attr"]
+        opened = reply.get("open")
+        if opened is None:
+            return attr, None
+        ino = int(attr["ino"])
+        self.capability_seen(ino, opened.get("cap"))
+        return attr, OpenReply(attr, Layout.from_dict(opened["layout"]),
+                               [StripeRecord.from_wire(s) for s in opened.get("stripes", [])],
+                               bool(opened.get("stripes_complete", True)), int(opened.get("min_version", 0)),
+                               opened.get("cap"))
+
     async def resolve(self, path: str) -> Attr:
         """The attributes of the inode ``path`` names (one round trip, however deep)."""
         return (await self._call(Op.RESOLVE, {"path": path}))["attr"]
@@ -491,14 +510,18 @@ class MetaClient:
             await self.release(*batch)
         return len(released)
 
-    async def _holding(self, op: Op, body: dict[str, Any]) -> dict[str, Any]:
+    async def _holding(self, op: Op, body: dict[str, Any],
+                       took_hold: Callable[[dict[str, Any]], bool] | None = None) -> dict[str, Any]:
         """An OPEN or CREATE that takes a hold for this session: the reply's inode becomes one of
         ``_told_holds``; a release of it that may have crossed the request (sent before the reply,
-        so perhaps served after the hold) is undone by a renewal listing it."""
+        so perhaps served after the hold) is undone by a renewal listing it. ``took_hold``: does
+        this reply say the server took one (a LOOKUP's ``open``)? Else nothing is noted."""
         floor = min(self._release_flights, default=self._release_seq)
         self._hold_floors[floor] += 1
         try:
             reply = await self._call(op, body)
+            if took_hold is not None and not took_hold(reply):
+                return reply
             ino = int(reply["attr"]["ino"])
             self._told_holds.add(ino)
             crossed = any(ino in inos for seq, inos in self._releasing.items() if seq >= floor)
