@@ -488,7 +488,15 @@ class DeepFSOperations(pyfuse3.Operations):
 
     async def _open_victim(self, parent_inode: int, name: bytes) -> int | None:
         """The inode ``name`` names if this mount holds it open (it must then
-        outlive its last name until the last close), else None."""
+        outlive its last name until the last close), else None.
+
+        A lookup's open state of it (the kernel looked the name up to remove it) is dropped
+        first: its hold then goes out with the removal (``released``), which frees the file at
+        once instead of leaving an orphan for a later RELEASE to free."""
+        if self._open_lookups:
+            known = self.names.get(parent_inode, name)
+            if known is not None and self._open_lookups.pop(known, None) is not None:
+                self.client.forget_looked_up(known)
         if not len(self.files):
             return None
         ino = self.names.get(parent_inode, name)

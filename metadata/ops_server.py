@@ -44,10 +44,15 @@ READ_ONLY_OPS = frozenset({Op.HELLO, Op.LOOKUP, Op.GETATTR, Op.RESOLVE, Op.READD
                            Op.GETXATTR, Op.LISTXATTR, Op.GET_STRIPES, Op.CAPABILITY})
 """Ops that change nothing in the store: answered from its last committed state (``MetaStore.run_read``)."""
 
+class _OpenNeedsSettling(Exception):
+    """A LOOKUP with ``open_below`` answered unsettled found a file to open and hold: serve it again
+    settled."""
+
+
 SETTLED_OPS = frozenset({Op.OPEN, Op.RELEASE})
 """Ops that usually only read but change the sessions' holds, which must be ordered with writes
 (an UNLINK asks ``is_held``): ``MetaStore.run_settled``. RELEASE writes when it frees an orphan.
-A LOOKUP with ``open_below`` may take a hold too: it is served as these are."""
+A LOOKUP with ``open_below`` that finds a file to open and hold is served again as these are."""
 
 PAYLOAD_LIMITS: dict[int, int] = {}
 """No metadata op carries a payload: a frame announcing one is refused on its header (``ServerLimits``)."""
@@ -156,7 +161,18 @@ class MetaOps:
                 finally:
                     self._local.request = None
 
-        if op in READ_ONLY_OPS and not (op == Op.LOOKUP and fields.get("open_below")):
+        if op == Op.LOOKUP and fields.get("open_below"):
+            try:  # most lookups find nothing to open (a name being created, a directory): no settling
+                return await self.store.run_read(operation), ()
+            except _OpenNeedsSettling:
+                def settled() -> Reply:
+                    self._local.settled = True
+                    try:
+                        return operation()
+                    finally:
+                        self._local.settled = False
+                return await self.store.run_settled(settled), ()
+        if op in READ_ONLY_OPS:
             return await self.store.run_read(operation), ()
         if op in SETTLED_OPS:
             return await self.store.run_settled(operation), ()
@@ -250,6 +266,8 @@ class MetaOps:
         attr = self.ns.lookup(r.parent, r.name)
         wanted = m.lookup_open(b)
         if wanted is not None and S_ISREG(attr["mode"]) and attr["nlink"] and attr["size"] <= wanted.ino:
+            if not getattr(self._local, "settled", False):
+                raise _OpenNeedsSettling  # the hold must be ordered with UNLINKs (see SETTLED_OPS)
             opened = self._open_looked_up(int(attr["ino"]), wanted.session)
             if opened is not None:
                 return {"attr": opened.pop("attr"), "open": opened}

@@ -116,6 +116,26 @@ def test_a_lookup_that_no_open_followed_lets_go_of_its_hold(
     wait_for(lambda: orphans(cluster) == base, timeout_s=10)
 
 
+def test_removing_a_name_just_looked_up_frees_the_file_at_once(
+        mount: Mounted, server: deepfs.Client, cluster: LocalCluster) -> None:
+    """rm looks the name up (the server opens and holds the small file for the lookup) and then
+    unlinks it: the hold goes out with the UNLINK, so the file is freed, not left an orphan."""
+    d = mount.subdir("rm")
+    for name in ("a", "b"):
+        server.write_file(f"/{d.name}/{name}", b"r" * 3000)
+    forget_kernel_entries()
+    base = orphans(cluster)
+    os.unlink(d / "a")
+    assert orphans(cluster) == base
+    os.rename(d / "b", d / "a2")  # a rename's source keeps its inode: nothing to free
+    server.write_file(f"/{d.name}/c", b"c" * 3000)
+    forget_kernel_entries()
+    os.stat(d / "c")  # looked up (held), then replaced by a rename over it
+    os.rename(d / "a2", d / "c")
+    assert orphans(cluster) == base
+    assert (d / "c").read_bytes() == b"r" * 3000
+
+
 @pytest.fixture
 def leased(tmp_path: Path) -> Iterator[tuple[LocalCluster, Mounted]]:
     """Its own cluster with a short session lease, and a mount of it."""
