@@ -265,7 +265,7 @@ class MetaOps:
         r = m.entry(b)
         attr = self.ns.lookup(r.parent, r.name)
         wanted = m.lookup_open(b)
-        if wanted is not None and S_ISREG(attr["mode"]) and attr["nlink"] and attr["size"] <= wanted.ino:
+        if wanted is not None and S_ISREG(attr["mode"]) and attr["nlink"] and attr["size"] <= wanted.max_bytes:
             if not getattr(self._local, "settled", False):
                 raise _OpenNeedsSettling  # the hold must be ordered with UNLINKs (see SETTLED_OPS)
             opened = self._open_looked_up(int(attr["ino"]), wanted.session)

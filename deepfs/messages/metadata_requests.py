@@ -380,12 +380,18 @@ def entry(b: Body) -> Entry:
     return Entry(v.u64(b, "parent"), v.blob(b, "name"))
 
 
-def lookup_open(b: Body) -> OpenFile | None:
-    """LOOKUP's optional ``open_below``: a regular file smaller than or as large as this, which the
-    caller may read, comes opened for reading as OPEN would open it (held by ``session``);
-    None when not asked (0 or absent). ``OpenFile.ino`` carries the bound here."""
+class LookupOpen(NamedTuple):
+    """LOOKUP's optional ``open_below``: a regular file of at most ``max_bytes`` that the caller
+    may read comes opened for reading as OPEN would open it, held by ``session``."""
+
+    max_bytes: int
+    session: int
+
+
+def lookup_open(b: Body) -> LookupOpen | None:
+    """LOOKUP's ``open_below`` and ``session``; None when not asked (0 or absent)."""
     below = v.u64(b, "open_below", 0)
-    return OpenFile(below, v.u64(b, "session", 0)) if below else None
+    return LookupOpen(below, v.u64(b, "session", 0)) if below else None
 
 
 def resolve(b: Body) -> bytes:
