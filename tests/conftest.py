@@ -30,6 +30,8 @@ from deepfs.local_cluster import ADMIN_IDENTITY, LocalCluster
 from fuse_client.mount_process import MountProcess
 
 if TYPE_CHECKING:
+    from deepfs import Layout
+    from deepfs.client._meta import OpenReply
     from deepfs.testing.etcd import EtcdCluster
 
 # Short grace periods: killed nodes are marked down, and removed files' fragments
@@ -145,6 +147,19 @@ def unique_dir(client: deepfs.Client, name: str) -> str:
     client.mkdir(path)
     return path
 
+
+
+def open_state(client: deepfs.Client, path: str) -> OpenReply:
+    """``path``'s layout and stripe records as an OPEN gives them (taking no hold)."""
+    return client.run_async(client.aio.meta.open, client.stat(path).st_ino, "r", hold=False)
+
+
+def write_in_two(client: deepfs.Client, path: str, data: bytes, layout: Layout | None = None) -> None:
+    """Through a file handle in two writes, so that the flush at close stores and commits the
+    file (``write_file`` instead sends it whole with its CREATE)."""
+    with client.open(path, "wb", layout=layout) as f:
+        f.write(data[: len(data) // 2])
+        f.write(data[len(data) // 2 :])
 
 # ------------------------------------------------------------------ FUSE mounts
 # Mount points live under a world-traversable directory (pytest's tmp dirs are

@@ -28,7 +28,7 @@ from deepfs.proto import control_pb2
 from deepfs.testing import faults, wait_for
 from metadata.namespace import INLINE_MAX_ETCD, INLINE_MAX_LMDB
 from metadata.store import MetaStore
-from tests.conftest import start_cluster, unique_dir
+from tests.conftest import open_state, start_cluster, unique_dir, write_in_two
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
@@ -40,15 +40,7 @@ def fragments(cluster: LocalCluster, client: deepfs.Client, path: str) -> list[P
 
 
 def records(client: deepfs.Client, path: str) -> list[StripeRecord]:
-    state = client.run_async(client.aio.meta.open, client.stat(path).st_ino, "r", hold=False)
-    return state.records
-
-
-def write_streamed(client: deepfs.Client, path: str, data: bytes, layout: Layout | None = None) -> None:
-    """Through a file handle in two writes: the flush at close commits."""
-    with client.open(path, "wb", layout=layout) as f:
-        f.write(data[: len(data) // 2])
-        f.write(data[len(data) // 2 :])
+    return open_state(client, path).records
 
 
 def test_round_trips_on_both_sides_of_the_threshold(cluster: LocalCluster, client: deepfs.Client) -> None:
@@ -59,7 +51,7 @@ def test_round_trips_on_both_sides_of_the_threshold(cluster: LocalCluster, clien
         data = rng.randbytes(size)
         for how in ("create", "stream"):
             path = f"{base}/{how}-{size}"
-            client.write_file(path, data) if how == "create" else write_streamed(client, path, data)
+            client.write_file(path, data) if how == "create" else write_in_two(client, path, data)
             assert client.stat(path).st_size == size
             assert client.read_file(path) == data, (how, size)
             with client.open(path, "rb") as f:
@@ -200,7 +192,7 @@ def test_inline_files_survive_kill_9_and_corruption_is_eio(own_cluster: LocalClu
     created, streamed = os.urandom(3000), os.urandom(9000)
     with deepfs.Client(own_cluster.meta_address) as client:
         client.write_file("/created", created)
-        write_streamed(client, "/streamed", streamed)
+        write_in_two(client, "/streamed", streamed)
         client.write_file("/replaced", os.urandom(10))
         client.write_file("/replaced", b"second")
         inos = {name: client.stat(f"/{name}").st_ino for name in ("created", "streamed", "replaced")}
@@ -245,7 +237,7 @@ def test_the_etcd_engine_keeps_smaller_files_inline(etcd_local_cluster: LocalClu
             data = os.urandom(size)
             for how in ("create", "stream"):
                 path = f"{base}/{how}-{size}"
-                client.write_file(path, data) if how == "create" else write_streamed(client, path, data)
+                client.write_file(path, data) if how == "create" else write_in_two(client, path, data)
                 assert client.read_file(path) == data
                 inline = records(client, path)[0].inline
                 assert (inline == data) if size <= INLINE_MAX_ETCD else inline is None

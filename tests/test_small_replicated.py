@@ -26,7 +26,7 @@ import deepfs
 from deepfs import Layout
 from deepfs.local_cluster import LocalCluster
 from deepfs.testing import faults, wait_for
-from tests.conftest import mounted, start_cluster, unique_dir
+from tests.conftest import mounted, open_state, start_cluster, unique_dir, write_in_two
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(180)]
 
@@ -47,19 +47,11 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
 
 
 def layout_of(client: deepfs.Client, path: str) -> Layout:
-    state = client.run_async(client.aio.meta.open, client.stat(path).st_ino, "r", hold=False)
-    return state.layout
+    return open_state(client, path).layout
 
 
 def fragment_count(cluster: LocalCluster, client: deepfs.Client, path: str) -> int:
     return len(faults.fragment_files(cluster, client.stat(path).st_ino))
-
-
-def write(client: deepfs.Client, path: str, data: bytes, layout: Layout | None = None) -> None:
-    """In two writes through a handle: the flush at close stores the file."""
-    with client.open(path, "wb", layout=layout) as f:
-        f.write(data[: len(data) // 3])
-        f.write(data[len(data) // 3 :])
 
 
 def test_files_stored_whole_up_to_the_limit_are_replicated(cluster: LocalCluster, client: deepfs.Client) -> None:
@@ -72,7 +64,7 @@ def test_files_stored_whole_up_to_the_limit_are_replicated(cluster: LocalCluster
                                     (SMALL_MAX + 1, DEFAULT, 6), (STRIPE + 5, DEFAULT, 12)):
         path = f"{base}/f{size}"
         data = rng.randbytes(size)
-        write(client, path, data)
+        write_in_two(client, path, data)
         assert layout_of(client, path) == layout, size
         assert fragment_count(cluster, client, path) == fragments, size
         assert client.read_file(path) == data, size
@@ -98,14 +90,14 @@ def test_a_replicated_file_is_read_whole_with_one_request_to_one_node(cluster: L
 def test_chosen_layouts_and_early_flushes_are_kept(cluster: LocalCluster, client: deepfs.Client) -> None:
     base = unique_dir(client, "kept")
     data = os.urandom(100 << 10)
-    write(client, f"{base}/explicit", data, layout=DEFAULT)  # the caller's layout, even the default
+    write_in_two(client, f"{base}/explicit", data, layout=DEFAULT)  # the caller's layout, even the default
     assert layout_of(client, f"{base}/explicit") == DEFAULT
-    write(client, f"{base}/explicit", data)  # rewritten (O_TRUNC): an existing file keeps its layout
+    write_in_two(client, f"{base}/explicit", data)  # rewritten (O_TRUNC): an existing file keeps its layout
     assert layout_of(client, f"{base}/explicit") == DEFAULT
 
     client.mkdir(f"{base}/narrow")
     client.set_layout(f"{base}/narrow", Layout(2, 1, STRIPE))
-    write(client, f"{base}/narrow/f", data)
+    write_in_two(client, f"{base}/narrow/f", data)
     assert layout_of(client, f"{base}/narrow/f") == Layout(2, 1, STRIPE)
 
     with client.open(f"{base}/synced", "wb") as f:  # stored before its close: it may be growing
@@ -123,7 +115,7 @@ def test_a_replicated_file_grows_and_shrinks_in_its_layout(cluster: LocalCluster
     base = unique_dir(client, "grow")
     path = f"{base}/g"
     small = os.urandom(90 << 10)
-    write(client, path, small)
+    write_in_two(client, path, small)
     more = os.urandom(3 * STRIPE)
     with client.open(path, "ab") as f:
         f.write(more)
@@ -132,7 +124,7 @@ def test_a_replicated_file_grows_and_shrinks_in_its_layout(cluster: LocalCluster
     # four stripes of three copies, once GC took the first version of stripe 0
     wait_for(lambda: fragment_count(cluster, client, path) == 4 * 3, 20, what="4 stripes x 3 copies")
     client.truncate(path, 0)  # empty again, and written whole: still replicated, and correct
-    write(client, path, small)
+    write_in_two(client, path, small)
     assert client.read_file(path) == small and layout_of(client, path) == REPLICATED
 
 
@@ -150,13 +142,13 @@ def test_the_server_checks_the_layout_a_commit_asks_for(cluster: LocalCluster, c
     assert commit_asking(f"{base}/empty", Layout(2, 2, STRIPE), 1000) == errno.EINVAL  # not the replicated form
     assert commit_asking(f"{base}/empty", Layout(1, 1, STRIPE), 1000) == errno.EINVAL
     assert commit_asking(f"{base}/empty", REPLICATED, SMALL_MAX + 1) == errno.EINVAL  # too big
-    write(client, f"{base}/stored", os.urandom(100 << 10), layout=DEFAULT)
+    write_in_two(client, f"{base}/stored", os.urandom(100 << 10), layout=DEFAULT)
     assert commit_asking(f"{base}/stored", REPLICATED, 1000) == errno.EBUSY  # has stripes
     client.set_layout(f"{base}/empty", Layout(2, 1, STRIPE))
     assert commit_asking(f"{base}/empty", Layout(1, 1, STRIPE), 1000) == errno.EINVAL  # not the default's
     assert layout_of(client, f"{base}/empty") == Layout(2, 1, STRIPE)
     # asking again for the layout a file has is a no-op (a retried COMMIT)
-    write(client, f"{base}/small", os.urandom(100 << 10))
+    write_in_two(client, f"{base}/small", os.urandom(100 << 10))
     ino = client.stat(f"{base}/small").st_ino
     client.run_async(meta.commit, ino, [], 0, layout=REPLICATED)
     assert layout_of(client, f"{base}/small") == REPLICATED
@@ -235,7 +227,7 @@ def test_turned_off_small_files_stay_erasure_coded(tmp_path: Path) -> None:
         with deepfs.Client(cluster.meta_address) as client:
             assert client.aio.meta.small_file_max_bytes == 0
             data = os.urandom(100 << 10)
-            write(client, "/f", data)
+            write_in_two(client, "/f", data)
             assert layout_of(client, "/f") == DEFAULT and client.read_file("/f") == data
             client.write_file("/e", b"")
             with pytest.raises(OSError) as info:
@@ -254,7 +246,7 @@ def test_every_byte_is_read_while_a_node_holding_copies_is_killed_then_repaired(
             files = {f"/d/f{i}": rng.randbytes(rng.randint(70 << 10, 250 << 10)) for i in range(60)}
             client.mkdir("/d")
             for path, data in files.items():
-                write(client, path, data)
+                write_in_two(client, path, data)
             assert {layout_of(client, path) for path in files} == {REPLICATED}
             victim = 2
             victim_dir = cluster.node_data_dir(victim)
