@@ -299,14 +299,7 @@ class MetaClient:
         reply = await self._holding(Op.LOOKUP, body, took_hold=lambda answer: "open" in answer)
         attr = reply["attr"]
         opened = reply.get("open")
-        if opened is None:
-            return attr, None
-        ino = int(attr["ino"])
-        self.capability_seen(ino, opened.get("cap"))
-        return attr, OpenReply(attr, Layout.from_dict(opened["layout"]),
-                               [StripeRecord.from_wire(s) for s in opened.get("stripes", [])],
-                               bool(opened.get("stripes_complete", True)), int(opened.get("min_version", 0)),
-                               opened.get("cap"))
+        return attr, None if opened is None else self._opened(attr, opened)
 
     async def resolve(self, path: str) -> Attr:
         """The attributes of the inode ``path`` names (one round trip, however deep)."""
@@ -439,17 +432,16 @@ class MetaClient:
         named: dict[str, Any] = {"path": ino} if isinstance(ino, str) else {"ino": ino}
         body = {**named, "session": session, "access": access}
         reply = await self._holding(Op.OPEN, body) if session else await self._call(Op.OPEN, body)
-        ino = int(reply["attr"]["ino"])
-        cap = reply.get("cap")
-        self.capability_seen(ino, cap)
-        return OpenReply(
-            reply["attr"],
-            Layout.from_dict(reply["layout"]),
-            [StripeRecord.from_wire(s) for s in reply.get("stripes", [])],
-            reply.get("stripes_complete", True),
-            int(reply.get("min_version", 0)),
-            cap,
-        )
+        return self._opened(reply["attr"], reply)
+
+    def _opened(self, attr: Attr, state: dict[str, Any]) -> OpenReply:
+        """An OPEN's reply (or a LOOKUP's ``open``, with the LOOKUP's ``attr``) as an OpenReply;
+        its capability goes to the cache."""
+        cap = state.get("cap")
+        self.capability_seen(int(attr["ino"]), cap)
+        return OpenReply(attr, Layout.from_dict(state["layout"]),
+                         [StripeRecord.from_wire(s) for s in state.get("stripes", [])],
+                         bool(state.get("stripes_complete", True)), int(state.get("min_version", 0)), cap)
 
     async def capability(self, ino: int, access: str) -> Capability | None:
         """A fresh capability for ``ino``'s fragments (permission checked again); None when
