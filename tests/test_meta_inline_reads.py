@@ -1,9 +1,9 @@
 """Reads the LMDB engine answers in the caller's thread (``run_read``, ``run_settled``).
 
 A read answered from the last committed state never sees a write that is not
-acknowledged yet; ``run_settled`` (OPEN, RELEASE) runs inline only while no
-write is in flight, so an OPEN queued behind an UNLINK is ordered after it, and
-an op that turns out to write is rerun on the store thread.
+acknowledged yet; ``run_settled`` (OPEN, RELEASE, a LOOKUP that opens) runs
+inline only while no write is in flight, so an OPEN queued behind an UNLINK is
+ordered after it, and an op that turns out to write is rerun on the store thread.
 """
 
 from __future__ import annotations
@@ -158,6 +158,10 @@ def test_an_open_queued_behind_an_unlink_is_ordered_after_it(tmp_path: Path) -> 
             opened = await call(Op.OPEN, {"path": b"/f", "session": session})  # nothing in flight: inline
             assert opened["stripes"][0]["inline"] == b"hello"
             await call(Op.RELEASE, {"session": session, "ino": ino})
+            lookup_open = {"parent": ROOT_INO, "name": b"f", "open_below": 1 << 20, "session": session}
+            looked_up = await call(Op.LOOKUP, lookup_open)  # nothing in flight: opened and held
+            assert looked_up["open"]["stripes"][0]["inline"] == b"hello" and sessions.is_held(ino)
+            await call(Op.RELEASE, {"session": session, "ino": ino})
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(store.run, hold_the_store_thread)
                 await trio.to_thread.run_sync(started.wait)
@@ -165,10 +169,13 @@ def test_an_open_queued_behind_an_unlink_is_ordered_after_it(tmp_path: Path) -> 
                                                                    "op_id": os.urandom(16)})
                 await trio.testing.wait_all_tasks_blocked()
                 nursery.start_soon(record, "open", Op.OPEN, {"path": b"/f", "session": session})
+                # finds the name unsettled, then waits to open it settled: behind the UNLINK
+                nursery.start_soon(record, "lookup", Op.LOOKUP, lookup_open)
                 await trio.testing.wait_all_tasks_blocked()
                 assert results == {}, "an op answered while a write ahead of it was in flight"
                 go.set()
             assert results["unlink"]["ino"] == ino and results["open"] == errno.ENOENT
+            assert results["lookup"] == errno.ENOENT
             assert not sessions.is_held(ino)
 
         trio.run(main)
