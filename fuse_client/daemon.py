@@ -33,6 +33,9 @@ IDLE_READERS = 4
 
 
 async def serve(options: MountOptions) -> None:
+    if not getattr(pyfuse3, "deepfs_request_loop", 0):
+        log.warning("pyfuse3 without DeepFS's request-loop patch: every FUSE request costs more CPU "
+                    "(install it with third_party/pyfuse3/install.py, as make venv does)")
     async with AsyncClient.connect(options.meta_address, options.client_config()) as client:
         ops = DeepFSOperations(client, options)
         fuse_options = options.fuse_options()
