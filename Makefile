@@ -22,9 +22,9 @@ deps:
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
 	fi
 
-# pyfuse3 is built from its source release with DeepFS's request-loop patch first
+# pyfuse3 is built from its source release with DeepFS's patch first
 # (third_party/pyfuse3/README.md); the project's own install then finds it in place.
-$(STAMP): pyproject.toml third_party/pyfuse3/install.py third_party/pyfuse3/request-loop.patch
+$(STAMP): pyproject.toml third_party/pyfuse3/install.py third_party/pyfuse3/deepfs.patch
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) third_party/pyfuse3/install.py

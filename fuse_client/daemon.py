@@ -20,7 +20,7 @@ import trio
 from deepfs.client import AsyncClient
 from fuse_client.metrics import start_fuse_metrics
 from fuse_client.mounts import mount_device
-from fuse_client.operations import DeepFSOperations
+from fuse_client.operations import PATCHED_PYFUSE3, DeepFSOperations
 from fuse_client.options import MountOptions
 
 log = logging.getLogger(__name__)
@@ -33,9 +33,9 @@ IDLE_READERS = 4
 
 
 async def serve(options: MountOptions) -> None:
-    if not getattr(pyfuse3, "deepfs_request_loop", 0):
-        log.warning("pyfuse3 without DeepFS's request-loop patch: every FUSE request costs more CPU "
-                    "(install it with third_party/pyfuse3/install.py, as make venv does)")
+    if not PATCHED_PYFUSE3:
+        log.warning("pyfuse3 without DeepFS's patch: every FUSE request costs more CPU and read-only "
+                    "closes send a FLUSH (install it with third_party/pyfuse3/install.py, as make venv does)")
     async with AsyncClient.connect(options.meta_address, options.client_config()) as client:
         ops = DeepFSOperations(client, options)
         fuse_options = options.fuse_options()

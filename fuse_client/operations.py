@@ -578,7 +578,12 @@ class DeepFSOperations(pyfuse3.Operations):
         self.attrs.put(handle.inode.file.attr)
         # O_APPEND writes go where this mount knows the end is, which can differ
         # from the kernel's idea; direct I/O keeps its page cache out of that.
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache, direct_io=handle.append)
+        info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache, direct_io=handle.append)
+        if PATCHED_PYFUSE3 and flags & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY:
+            # Nothing is written through this handle, so its close has nothing to store:
+            # the kernel skips the FLUSH request (writers' closes still flush their data).
+            info.noflush = True
+        return info
 
     def _fill_kernel_pages(self, inode: int, file: AsyncFile) -> None:
         """A small file opened for reading whose OPEN reply brought all of its bytes (inline):
@@ -802,6 +807,8 @@ class DeepFSOperations(pyfuse3.Operations):
                  self.stats.writes, self.stats.largest_write, self.stats.getxattrs, by_op)
 
 
+# pyfuse3 built with third_party/pyfuse3's patch (level 2: the lean request loop and FileInfo.noflush).
+PATCHED_PYFUSE3 = getattr(pyfuse3, "deepfs_patch_level", 0) >= 2
 STATAHEAD_PAGE = 1024  # entries per READDIR of a statahead (the server's most)
 LOOKUP_OPEN_MAX_BYTES = 1 << 20  # LOOKUPs that reach the server open files up to this size for reading too
 MAX_OPEN_LOOKUPS = 10_000  # lookups' open states awaiting their OPEN (forgotten wholesale past this)

@@ -193,7 +193,7 @@ def test_containerfile_builds_the_project_on_debian_12() -> None:
     assert entrypoint == [INSTALLED_DEEPFS]
     assert Path(INSTALLED_DEEPFS).name in pyproject["project"]["scripts"]
     assert any(keyword == "RUN" and "venv /opt/deepfs" in args for keyword, args in instructions)
-    # pyfuse3 with DeepFS's request-loop patch goes in before the project (which would pull upstream's).
+    # pyfuse3 with DeepFS's patch goes in before the project (which would pull upstream's).
     runs = [args for keyword, args in instructions if keyword == "RUN"]
     patched = next(i for i, args in enumerate(runs) if "third_party/pyfuse3/install.py" in args)
     project = next(i for i, args in enumerate(runs) if re.search(r"pip install .*\.(\s|$)", args))

@@ -1,10 +1,11 @@
-"""Install pyfuse3 with DeepFS's request-loop patch into the Python that runs this script.
+"""Install pyfuse3 with DeepFS's patch into the Python that runs this script.
 
 The problem: upstream pyfuse3 makes every FUSE request wait for a trio lock and an epoll
-wake-up, even when the kernel has the next request queued already; that was a fifth of
-the mount daemon's CPU per small file (bench/RESULTS.md, "Eighth round"). The patch
-(``request-loop.patch`` beside this file) lets a request task that has just answered take
-the next queued request at once, and marks the build with ``pyfuse3.deepfs_request_loop``.
+wake-up, even when the kernel has the next request queued already (a fifth of the mount
+daemon's CPU per small file, bench/RESULTS.md "Eighth round"), and cannot tell the kernel
+that closing a read-only handle needs no FLUSH. The patch (``deepfs.patch`` beside this
+file) lets a request task that has just answered take the next queued request at once,
+adds ``FileInfo.noflush``, and marks the build with ``pyfuse3.deepfs_patch_level``.
 
 Usage: ``<venv>/bin/python third_party/pyfuse3/install.py`` (``make venv`` and the
 Containerfile run it). It does nothing when the patched build is installed already;
@@ -24,8 +25,8 @@ from pathlib import Path
 
 PYFUSE3_VERSION = "3.5.0"
 # Raise together with the level the patch sets, so that an older patched build is replaced.
-PATCH_LEVEL = 1
-PATCH = Path(__file__).with_name("request-loop.patch")
+PATCH_LEVEL = 2
+PATCH = Path(__file__).with_name("deepfs.patch")
 
 
 class PatchError(Exception):
@@ -34,7 +35,7 @@ class PatchError(Exception):
 
 def installed_level(python: str = sys.executable) -> int | None:
     """The patch level of the pyfuse3 ``python`` imports: None without pyfuse3, 0 for upstream."""
-    probe = "import pyfuse3; print(getattr(pyfuse3, 'deepfs_request_loop', 0))"
+    probe = "import pyfuse3; print(getattr(pyfuse3, 'deepfs_patch_level', 0))"
     done = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=False)
     return int(done.stdout.strip()) if done.returncode == 0 else None
 
@@ -107,9 +108,9 @@ def build_and_install(python: str = sys.executable) -> None:
 
 def main() -> int:
     if installed_level() == PATCH_LEVEL:
-        print(f"pyfuse3 {PYFUSE3_VERSION} with DeepFS's request-loop patch is installed")
+        print(f"pyfuse3 {PYFUSE3_VERSION} with DeepFS's patch is installed")
         return 0
-    print(f"building pyfuse3 {PYFUSE3_VERSION} with DeepFS's request-loop patch ({PATCH.name})")
+    print(f"building pyfuse3 {PYFUSE3_VERSION} with DeepFS's patch ({PATCH.name})")
     try:
         build_and_install()
     except (subprocess.CalledProcessError, PatchError, ValueError) as exc:

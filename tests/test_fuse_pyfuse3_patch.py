@@ -1,12 +1,13 @@
-"""The mount daemon's FUSE request loop: pyfuse3 with DeepFS's request-loop patch.
+"""pyfuse3 with DeepFS's patch: the mount daemon's request loop and read-only closes.
 
 ``third_party/pyfuse3/install.py`` builds pyfuse3 with a patch that lets a request task
-take the next queued request without a lock and an epoll wait. These tests check that
-the environment carries that build, that the running daemon uses it (its /dev/fuse
-descriptor is non-blocking), that a burst of requests from many threads is answered
-byte for byte, that the daemon's other tasks still run during a burst of requests
-answered without a checkpoint, and that the patch applier refuses sources it does not
-match.
+take the next queued request without a lock and an epoll wait, and that lets an OPEN's
+reply tell the kernel to send no FLUSH at close. These tests check that the environment
+carries that build, that the running daemon uses it (its /dev/fuse descriptor is
+non-blocking), that a burst of requests from many threads is answered byte for byte,
+that the daemon's other tasks still run during a burst of requests answered without a
+checkpoint, that closing a read-only handle sends no FLUSH while a writer's close still
+stores its bytes, and that the patch applier refuses sources it does not match.
 """
 
 from __future__ import annotations
@@ -34,8 +35,8 @@ pytestmark = pytest.mark.timeout(120)
 
 @pytest.mark.unit
 def test_the_environment_has_the_patched_pyfuse3() -> None:
-    assert getattr(pyfuse3, "deepfs_request_loop", 0) == pyfuse3_install.PATCH_LEVEL, (
-        "pyfuse3 lacks DeepFS's request-loop patch: run third_party/pyfuse3/install.py (make venv does)")
+    assert getattr(pyfuse3, "deepfs_patch_level", 0) == pyfuse3_install.PATCH_LEVEL, (
+        "pyfuse3 lacks DeepFS's patch: run third_party/pyfuse3/install.py (make venv does)")
 
 
 @pytest.mark.unit
@@ -55,9 +56,10 @@ def test_the_patch_applies_hunk_by_hunk_and_refuses_what_it_does_not_match(tmp_p
 
 
 @pytest.mark.unit
-def test_the_shipped_patch_parses_into_hunks_of_the_two_files_it_changes() -> None:
+def test_the_shipped_patch_parses_into_hunks_of_the_files_it_changes() -> None:
     files = pyfuse3_install._parse(pyfuse3_install.PATCH.read_text())  # noqa: SLF001
-    assert [path for path, _ in files] == ["src/pyfuse3/__init__.pyx", "src/pyfuse3/internal.pxi"]
+    assert [path for path, _ in files] == ["Include/fuse_common.pxd", "src/pyfuse3/__init__.pyi",
+                                           "src/pyfuse3/__init__.pyx", "src/pyfuse3/internal.pxi"]
     for _, hunks in files:
         assert hunks and all(old and new and old != new for old, new in hunks)
 
@@ -155,3 +157,25 @@ def test_the_daemons_other_tasks_run_during_a_burst_answered_without_checkpoints
         assert [process.exitcode for process in stormers] == [0] * len(stormers)
         assert stats["getxattrs"] > 0
         assert during > 0, "the storm paused while the statistics were asked for: the test proved nothing"
+
+
+@pytest.mark.fuse
+def test_a_read_only_close_sends_no_flush_and_a_writers_close_stores_its_bytes(cluster, client) -> None:
+    with mounted(cluster) as mount:
+        path = mount.subdir("noflush") / "f"
+        path.write_bytes(b"x" * 1000)
+        before = mount.process.request_stats()
+        for _ in range(5):
+            with open(path, "rb") as reader:
+                assert reader.read() == b"x" * 1000
+        read_only = mount.process.request_stats()
+        assert read_only["op.open"] - before.get("op.open", 0) == 5, "the opens did not reach the daemon"
+        assert read_only.get("op.flush", 0) == before.get("op.flush", 0)
+
+        with open(path, "rb") as reader, open(path, "r+b") as writer:
+            writer.write(b"y")
+        written = mount.process.request_stats()
+        assert written["op.flush"] == read_only.get("op.flush", 0) + 1  # the writer's, not the reader's
+        # The writer's close stored the byte: the server has it, not just this mount.
+        server_path = "/" + str(path.relative_to(mount.path))
+        assert client.read_file(server_path) == b"y" + b"x" * 999
