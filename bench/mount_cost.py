@@ -24,7 +24,9 @@ is bound by latency — waits for commits and round trips — not by CPU):
 - ``mount_create_4k``: ``open(O_CREAT|O_EXCL)``, write 4 KiB, close;
 - ``mount_stat``: ``stat`` of each file just created;
 - ``mount_read_4k``: open, read 4 KiB, close;
-- ``mount_unlink``: ``unlink`` of each.
+- ``mount_unlink``: ``unlink`` of each;
+- ``mount_read_64_256k``: open, read whole, close of files of 64–256 KiB in directories
+  of 200 (the ``dataload`` suite's shape; ``--threads 2`` for its two workers).
 """
 
 from __future__ import annotations
@@ -198,6 +200,24 @@ def measure_mount(ops: int, fsync: bool, threads: int = 1) -> int:
         row("mount_stat", ops, lambda i: os.stat(paths[i]), cold=True)
         row("mount_read_4k", ops, read, cold=True)
         row("mount_unlink", ops, lambda i: os.unlink(paths[i]))
+
+        rng = random.Random(64)
+        sample = os.urandom(256 << 10)
+        images = [(str(root / f"d{i // 200}" / f"i{i}"), rng.randint(64 << 10, 256 << 10)) for i in range(ops)]
+        for i in range(0, ops, 200):
+            os.mkdir(root / f"d{i // 200}")
+        for path, size in images:
+            with open(path, "wb") as f:
+                f.write(sample[:size])
+        order = rng.sample(range(ops), ops)
+
+        def read_image(i: int) -> None:
+            path, size = images[order[i]]
+            with open(path, "rb") as f:
+                if len(f.read()) != size:
+                    raise AssertionError(f"{path} is not {size} bytes long")
+
+        row("mount_read_64_256k", ops, read_image, cold=True)
     groups = ("app", "fuse", "meta", "nodes")
     print(f"{'operation':<20}" + "".join(f"{g:>8}" for g in groups) + f"{'total':>8}{'wall':>8}{'busy':>6}"
           f"{'syncs':>7}{'ms/sync':>8}   (CPU ms per op; busy: share of all CPUs in use)   requests per op")
