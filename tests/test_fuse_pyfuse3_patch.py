@@ -12,6 +12,7 @@ stores its bytes, and that the patch applier refuses sources it does not match.
 
 from __future__ import annotations
 
+import importlib.util
 import multiprocessing
 import multiprocessing.sharedctypes
 import multiprocessing.synchronize
@@ -20,6 +21,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from types import ModuleType
 
 import pyfuse3
 import pytest
@@ -27,8 +29,19 @@ import pytest
 from tests.conftest import mounted
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "third_party" / "pyfuse3"))
-import install as pyfuse3_install  # noqa: E402 - third_party/pyfuse3/install.py, stdlib only
+
+
+def load_installer() -> ModuleType:
+    """third_party/pyfuse3/install.py (a script, not a package), under a name of its own."""
+    spec = importlib.util.spec_from_file_location("pyfuse3_install", ROOT / "third_party" / "pyfuse3" / "install.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+pyfuse3_install = load_installer()
 
 pytestmark = pytest.mark.timeout(120)
 
