@@ -53,6 +53,20 @@ def test_the_environment_has_the_patched_pyfuse3() -> None:
 
 
 @pytest.mark.unit
+def test_the_installed_level_is_read_past_what_an_import_prints(tmp_path: Path) -> None:
+    """A Python whose start-up prints a line of its own (a site hook, a warning on stdout)
+    still reports the level it has; one without pyfuse3 reports None (build it)."""
+    noisy = tmp_path / "noisy-python"
+    noisy.write_text(f"#!/bin/sh\necho 'a site hook says hello'\nexec {sys.executable} \"$@\"\n")
+    noisy.chmod(0o755)
+    assert pyfuse3_install.installed_level(str(noisy)) == pyfuse3_install.PATCH_LEVEL
+    bare = tmp_path / "python-without-pyfuse3"
+    bare.write_text(f"#!/bin/sh\nexec {sys.executable} -I -S \"$@\"\n")
+    bare.chmod(0o755)
+    assert pyfuse3_install.installed_level(str(bare)) is None
+
+
+@pytest.mark.unit
 def test_the_patch_applies_hunk_by_hunk_and_refuses_what_it_does_not_match(tmp_path: Path) -> None:
     source = tmp_path / "src" / "mod.py"
     source.parent.mkdir()

@@ -37,7 +37,11 @@ def installed_level(python: str = sys.executable) -> int | None:
     """The patch level of the pyfuse3 ``python`` imports: None without pyfuse3, 0 for upstream."""
     probe = "import pyfuse3; print(getattr(pyfuse3, 'deepfs_patch_level', 0))"
     done = subprocess.run([python, "-c", probe], capture_output=True, text=True, check=False)
-    return int(done.stdout.strip()) if done.returncode == 0 else None
+    if done.returncode != 0:
+        return None
+    # The level is the last line: an import that prints something of its own must not stop the build.
+    lines = done.stdout.strip().splitlines()
+    return int(lines[-1]) if lines and lines[-1].strip().isdigit() else 0
 
 
 def apply_patch(diff: str, root: Path) -> list[Path]:
