@@ -294,7 +294,8 @@ async def serve_meta(
                 limits = ServerLimits(
                     payload_limits=PAYLOAD_LIMITS, idle_timeout_s=config.idle_timeout_s,
                     frame_timeout_s=config.frame_timeout_s, max_connections_per_peer=config.max_connections_per_peer)
-                frames = FrameServer(state.frame_handler(addresses.grpc_address, tokens), limits, name="meta",
+                ops = state.frame_handler(addresses.grpc_address, tokens)
+                frames = FrameServer(ops, limits, name="meta", inline=ops.inline,
                                      authenticator=KeyVerifier(secret), handshake_timeout_s=config.handshake_timeout_s,
                                      ssl_context=ssl_context)
                 if config.metrics_port is not None:

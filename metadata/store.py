@@ -80,6 +80,11 @@ class StoreStats:
         return {"commits": self.commits, "syncs": self.syncs, "sync_waits": self.sync_waits}
 
 
+class NotNow(Exception):
+    """The engine cannot answer this operation at once in the calling thread (``Engine.read_now``,
+    ``Engine.settled_now``): serve it with ``run_read`` / ``run_settled`` instead."""
+
+
 class Engine(Protocol):
     """What a storage engine gives ``MetaStore``."""
 
@@ -97,6 +102,15 @@ class Engine(Protocol):
     async def run_read(self, operation: Callable[[], T]) -> T: ...
 
     async def run_settled(self, operation: Callable[[], T]) -> T: ...
+
+    def read_now(self, operation: Callable[[], T]) -> T:
+        """``run_read``'s answer computed at once in the calling thread, or ``NotNow``."""
+        ...
+
+    def settled_now(self, operation: Callable[[], T]) -> T:
+        """``run_settled``'s answer computed at once in the calling thread, or ``NotNow``
+        (nothing written)."""
+        ...
 
     def run_sync(self, operation: Callable[[], T], *, write: bool = True) -> T: ...
 
@@ -392,6 +406,16 @@ class MetaStore:
         runs it at once in the calling thread while no write is in flight, and again on its store
         thread if it turns out to write; what it does before its first write must be idempotent."""
         return await self.engine.run_settled(operation)
+
+    def read_now(self, operation: Callable[[], T]) -> T:
+        """``run_read`` without an await, for a server that answers on the connection's reader
+        task: ``NotNow`` where the engine needs a round trip (etcd)."""
+        return self.engine.read_now(operation)
+
+    def settled_now(self, operation: Callable[[], T]) -> T:
+        """``run_settled`` without an await: ``NotNow`` while a write is in flight, once the
+        operation turns out to write (nothing written), or where the engine needs a round trip."""
+        return self.engine.settled_now(operation)
 
     def run_sync(self, operation: Callable[[], T], *, write: bool = True) -> T:
         """``run`` for tests and plain threads (never the trio thread of a server): blocks."""

@@ -105,8 +105,9 @@ class MemoryCluster:
         self._nursery = nursery
         self.meta = meta
         self.meta_address = META_ADDRESS
-        self._endpoints: dict[str, _Endpoint] = {
-            META_ADDRESS: _Endpoint(META_ADDRESS, rpc.FrameServer(meta.frame_handler(GRPC_ADDRESS), name="meta"))
+        ops = meta.frame_handler(GRPC_ADDRESS)
+        self._endpoints: dict[str, _Endpoint] = {  # served as metadata/server.py serves them
+            META_ADDRESS: _Endpoint(META_ADDRESS, rpc.FrameServer(ops, name="meta", inline=ops.inline))
         }
         self.nodes: list[MemoryNode] = []
         self.transport = MemoryTransport(self)

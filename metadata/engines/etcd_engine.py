@@ -51,7 +51,7 @@ from deepfs.etcd_client import (
     op_put,
     prefix_end,
 )
-from metadata.store import Conflict, StoreStats
+from metadata.store import Conflict, NotNow, StoreStats
 
 T = TypeVar("T")
 
@@ -296,6 +296,12 @@ class EtcdEngine:
 
     async def run_settled(self, operation: Callable[[], T]) -> T:
         return await self.run(operation)
+
+    def read_now(self, operation: Callable[[], T]) -> T:
+        raise NotNow  # every read is an etcd round trip, made from a worker thread
+
+    def settled_now(self, operation: Callable[[], T]) -> T:
+        raise NotNow
 
     def run_sync(self, operation: Callable[[], T], *, write: bool = True) -> T:
         """``run`` for plain threads (tests, gRPC handler threads): blocks this thread."""

@@ -67,7 +67,7 @@ import outcome
 import trio
 
 from deepfs.errors import os_error
-from metadata.store import StoreStats
+from metadata.store import NotNow, StoreStats
 
 T = TypeVar("T")
 Outcome = tuple[bool, Any]  # (True, result) or (False, exception)
@@ -365,18 +365,27 @@ class LmdbEngine:
         """Run a read-only ``operation`` now, in this thread, on the last committed state."""
         return self._run_inline(operation)
 
+    def read_now(self, operation: Callable[[], T]) -> T:
+        return self._run_inline(operation)
+
     async def run_settled(self, operation: Callable[[], T]) -> T:
         """Run ``operation`` now in this thread if no write is in flight (it then sees what the store
         thread would see); else, or if it turns out to write, as ``run(operation)``. Whatever it
         does before its first write must be safe to do twice."""
-        if self._writing.acquire(blocking=False):
-            try:
-                return self._run_inline(operation)
-            except _MustWrite:
-                pass
-            finally:
-                self._writing.release()
-        return await self.run(operation)
+        try:
+            return self.settled_now(operation)
+        except NotNow:
+            return await self.run(operation)
+
+    def settled_now(self, operation: Callable[[], T]) -> T:
+        if not self._writing.acquire(blocking=False):
+            raise NotNow
+        try:
+            return self._run_inline(operation)
+        except _MustWrite:
+            raise NotNow from None
+        finally:
+            self._writing.release()
 
     def _run_inline(self, operation: Callable[[], T]) -> T:
         if self._on_store_thread() or getattr(self._inline, "txn", None) is not None:
