@@ -45,3 +45,17 @@ def test_checkpoint_cpu_reports_saves_and_loads_of_both_sides() -> None:
     for row in rows:  # 8 MiB costs a few clock ticks at most: the figures exist, nothing more to say
         assert row["wall_s"] > 0
         assert all(row[f"{g}_{kind}_s"] >= 0 for g in groups for kind in ("user", "sys"))
+
+
+@pytest.mark.timeout(60)
+def test_floor_reports_the_round_trips_and_the_commit(tmp_path: Path) -> None:
+    out = run_tool("bench.floor", "--rounds", "40", "--dir", str(tmp_path), timeout_s=50)
+    lines = out.strip().splitlines()
+    figures = json.loads(lines[-1])
+    assert list(figures) == ["echo_tcp_us", "echo_unix_us", "lmdb_commit_us", "lmdb_commit_cpu_us",
+                             "lmdb_commit_switches"]
+    assert figures["echo_tcp_us"] > 0 and figures["echo_unix_us"] > 0 and figures["lmdb_commit_us"] > 0
+    assert {line.split()[0] for line in lines[:-1]} == set(figures)
+    assert not list(tmp_path.iterdir())  # its LMDB directory is gone again
+    assert subprocess.run([sys.executable, "-m", "bench.floor", "--rounds", "0"], capture_output=True,
+                          cwd=Path(__file__).parent.parent, timeout=30).returncode == 2
