@@ -20,10 +20,12 @@ unexpected → ``EIO`` with a logged traceback.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import functools
 import logging
 import os
+import select
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -34,6 +36,7 @@ import pyfuse3
 import trio
 
 from deepfs.client import AsyncClient, AsyncFile, DirEntry
+from deepfs.client._direct import MAX_DIRECT_BYTES, DirectReads
 from deepfs.client._meta import Removed
 from deepfs.concurrency import sole_exception
 from deepfs.messages import NAME_MAX, RENAME_EXCHANGE
@@ -84,6 +87,7 @@ class Served(Protocol):
     """What ``fuse_errors`` reports each request to (``DeepFSOperations``)."""
 
     request_metrics: RequestDone | None
+    requests_in_flight: int  # FUSE requests begun and not answered yet
 
     def request_done(self, op: str, started: float, code: int) -> None: ...
 
@@ -105,6 +109,7 @@ def fuse_errors(fn: Callable[Concatenate[S, P], Awaitable[R]]) -> Callable[Conca
     @functools.wraps(fn)
     async def wrapper(self: S, *args: P.args, **kwargs: P.kwargs) -> R:
         started = 0.0 if self.request_metrics is None else time.perf_counter()
+        self.requests_in_flight += 1
         try:
             result = await fn(self, *args, **kwargs)
         except BaseException as exc:
@@ -117,6 +122,8 @@ def fuse_errors(fn: Callable[Concatenate[S, P], Awaitable[R]]) -> Callable[Conca
             if error is exc:
                 raise
             raise error from None
+        finally:
+            self.requests_in_flight -= 1
         self.request_done(name, started, 0)
         return result
 
@@ -150,6 +157,7 @@ class MountStats:
     largest_read: int = 0
     largest_write: int = 0
     readahead_hits: int = 0
+    loop_reads: int = 0  # small reads served on the event loop's blocking connections (``_read_on_loop``)
     getxattrs: int = 0
     requests: dict[str, int] = field(default_factory=dict)  # FUSE requests served, by op
 
@@ -177,6 +185,9 @@ class DeepFSOperations(pyfuse3.Operations):
         self._next_listing = 0
         self.stats = MountStats()
         self.request_metrics: RequestDone | None = None  # the mount's metrics, when served (fuse_client/metrics.py)
+        self.requests_in_flight = 0
+        self._kernel_queue = KernelQueue()
+        self._direct: DirectReads | None = None  # made on the first lone small read (it needs the loop)
 
     # ------------------------------------------------------------ helpers
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -648,8 +659,33 @@ class DeepFSOperations(pyfuse3.Operations):
                 self.stats.readahead_hits += 1
                 return data
         buf = bytearray(size)
+        if self.requests_in_flight == 1 and size < MAX_DIRECT_BYTES and self._kernel_queue.empty():
+            got = self._read_on_loop(opened.file, memoryview(buf), off)
+            if got is not None:
+                return memoryview(buf)[:got]
         got = await opened.file.pread_into(memoryview(buf), off)
         return memoryview(buf)[:got]
+
+    def _read_on_loop(self, file: AsyncFile, out: memoryview, offset: int) -> int | None:
+        """A small read asked of the nodes on blocking connections, the event loop waiting for
+        it (``DirectReads`` with ``loop_wait_s``); None: read it the ordinary way.
+
+        The problem: a lone 4 KiB read through the mount cost the daemon ~200 µs of CPU, against
+        ~75 µs for the same read by ``deepfs.Client`` from a thread: the loop's way to a node
+        (a task waiting on the socket, epoll, the wake-up, the scheduler) was most of the
+        difference. The loop does nothing else meanwhile, so this is only for a read that is the
+        daemon's only request: none other is being served (``requests_in_flight``) and none
+        waits in the kernel (``KernelQueue``; pyfuse3's workers take one request each, so a
+        burst waits there while a handler runs). It waits at most ``LOOP_READ_WAIT_S`` for a
+        node before the ordinary path takes over (a paused node stops the mount for that long,
+        once: meanwhile the ordinary read is in flight, so no read waits on the loop, and it
+        marks the node suspect). bench/RESULTS.md, "Tenth round", has the measurements."""
+        if self._direct is None:
+            self._direct = DirectReads(self.client.stripes, trio.lowlevel.current_trio_token().run_sync_soon)
+        got = self._direct.read(file, out, offset, loop_wait_s=LOOP_READ_WAIT_S)
+        if got is not None:
+            self.stats.loop_reads += 1
+        return got
 
     @fuse_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
@@ -796,22 +832,60 @@ class DeepFSOperations(pyfuse3.Operations):
     # ------------------------------------------------------------ unmount
     async def shutdown(self) -> None:
         await self.files.close_all()
+        if self._direct is not None:
+            self._direct.close()
         self.log_stats()
 
     def log_stats(self) -> None:
         """One parseable line: what the kernel sent (tests and bench.mount_cost read it after
         SIGUSR1); ``op.NAME=N``: N requests of that FUSE op so far."""
         by_op = "".join(f" op.{op}={n}" for op, n in sorted(self.stats.requests.items()))
-        log.info("FUSE stats: reads=%d largest_read=%d readahead_hits=%d writes=%d largest_write=%d getxattrs=%d%s",
-                 self.stats.reads, self.stats.largest_read, self.stats.readahead_hits,
-                 self.stats.writes, self.stats.largest_write, self.stats.getxattrs, by_op)
+        log.info("FUSE stats: reads=%d largest_read=%d readahead_hits=%d loop_reads=%d writes=%d largest_write=%d "
+                 "getxattrs=%d%s", self.stats.reads, self.stats.largest_read, self.stats.readahead_hits,
+                 self.stats.loop_reads, self.stats.writes, self.stats.largest_write, self.stats.getxattrs, by_op)
 
 
 # pyfuse3 built with third_party/pyfuse3's patch (level 2: the lean request loop and FileInfo.noflush).
 PATCHED_PYFUSE3 = getattr(pyfuse3, "deepfs_patch_level", 0) >= 2
 STATAHEAD_PAGE = 1024  # entries per READDIR of a statahead (the server's most)
+LOOP_READ_WAIT_S = 0.02
+"""The longest the event loop waits for a node in a lone small read (``_read_on_loop``): a
+hundred times a healthy node's answer here, short enough that a paused node stalls the mount
+only briefly before the ordinary read, which waits the I/O timeout, takes over."""
 LOOKUP_OPEN_MAX_BYTES = 1 << 20  # LOOKUPs that reach the server open files up to this size for reading too
 MAX_OPEN_LOOKUPS = 10_000  # lookups' open states awaiting their OPEN (forgotten wholesale past this)
+
+
+class KernelQueue:
+    """Whether the kernel holds FUSE requests this daemon has not taken yet.
+
+    pyfuse3 keeps its ``/dev/fuse`` descriptor to itself; the daemon holds exactly one, found
+    once in ``/proc/self/fd``. A poll with no timeout costs a system call of ~2 µs, where a pass
+    of trio's scheduler to let other workers take requests costs as much as the blocking read
+    saves. Without a mount (tests that call the handlers directly) there is none: never empty."""
+
+    def __init__(self) -> None:
+        self._poll: select.poll | None = None
+        self._looked = False
+
+    def empty(self) -> bool:
+        if not self._looked:
+            self._looked = True
+            fds = _fuse_device_fds()
+            if len(fds) == 1:
+                self._poll = select.poll()
+                self._poll.register(fds[0], select.POLLIN)
+        return self._poll is not None and not self._poll.poll(0)
+
+
+def _fuse_device_fds() -> list[int]:
+    """This process's descriptors open on ``/dev/fuse``."""
+    found = []
+    for name in os.listdir("/proc/self/fd"):
+        with contextlib.suppress(OSError):
+            if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
+                found.append(int(name))
+    return found
 
 
 def _dir_links(reply: Removed, directory: int) -> int | None:

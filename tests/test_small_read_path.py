@@ -12,11 +12,13 @@ a row, never for a random reader.
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import signal
 import socket
 import threading
+import time
 import zlib
 from pathlib import Path
 from typing import Any
@@ -34,6 +36,7 @@ from deepfs.frames import Op
 from deepfs.local_cluster import LocalCluster
 from deepfs.rpc import FrameBuffer, FrameClient, FrameServer
 from deepfs.rpc import _client as rpc_client
+from fuse_client.mount_process import MountProcess
 from fuse_client.operations import DeepFSOperations
 from fuse_client.options import MountOptions
 from tests.conftest import unique_dir
@@ -392,3 +395,114 @@ async def fuse_reads(cluster: LocalCluster) -> None:
 
 def test_read_ahead_starts_after_sequential_reads_in_a_row_never_for_random_ones(cluster: LocalCluster) -> None:
     run(fuse_reads, cluster)
+
+
+def test_a_lone_mount_read_waits_on_the_loop_and_a_paused_node_stalls_the_mount_briefly(
+        fresh_cluster: LocalCluster, tmp_path: Path) -> None:
+    """Lone 4 KiB reads through a real mount are asked of the nodes on the event loop's blocking
+    connections (``loop_reads``). When the node holding the bytes is paused (SIGSTOP), the read
+    still returns them (the ordinary path goes degraded after the I/O timeout), and meanwhile the
+    mount answers other requests at once: the loop waited for the paused node only
+    ``LOOP_READ_WAIT_S``, never the I/O timeout."""
+    data = os.urandom(2 * STRIPE)
+    with MountProcess(fresh_cluster.meta_address, tmp_path / "mnt",
+                      ["--key", str(fresh_cluster.mount_key), "--no-allow-other"],
+                      log_path=tmp_path / "mount.log") as mount:
+        mount.start()
+        (mount.mountpoint / "f").write_bytes(data)
+        (mount.mountpoint / "other").write_bytes(b"o")
+        with deepfs.Client(fresh_cluster.meta_address, key=fresh_cluster.admin_key) as client, \
+                client.open("/f", "rb") as f:
+            node_id = f._handle._records[0].placement[0]  # noqa: SLF001 - fragment 0 of stripe 0
+        address = {n.node_id: n.address for n in fresh_cluster.cluster_map().nodes}[node_id]
+        victim = next(i for i, n in enumerate(fresh_cluster.state.nodes) if n and n.address == address)
+        process = fresh_cluster.process(fresh_cluster.state.nodes[victim])
+        buf = mmap.mmap(-1, 4096)
+        fd = os.open(mount.mountpoint / "f", os.O_RDONLY | os.O_DIRECT)
+        try:
+            before = mount.request_stats()["loop_reads"]
+            for offset in range(0, len(data), 12 * 4096):
+                assert os.preadv(fd, [buf], offset) == 4096 and buf[:] == data[offset : offset + 4096]
+            assert mount.request_stats()["loop_reads"] - before == len(range(0, len(data), 12 * 4096))
+
+            stalled: list[float] = []
+            done = threading.Event()
+
+            def stat_meanwhile() -> None:  # other requests while the paused node's read waits
+                while not done.is_set():
+                    started = time.monotonic()
+                    os.stat(mount.mountpoint / "other")
+                    os.listdir(mount.mountpoint)
+                    stalled.append(time.monotonic() - started)
+                    time.sleep(0.01)
+
+            process.send_signal(signal.SIGSTOP)
+            try:
+                thread = threading.Thread(target=stat_meanwhile)
+                thread.start()
+                try:
+                    for offset in (8192, 3 * 4096, FRAGMENT - 4096):  # fragment 0: the paused node's
+                        assert os.preadv(fd, [buf], offset) == 4096 and buf[:] == data[offset : offset + 4096]
+                finally:
+                    done.set()
+                    thread.join(30)
+            finally:
+                process.send_signal(signal.SIGCONT)
+            assert len(stalled) > 20 and max(stalled) < 1.0, f"the mount stalled {max(stalled):.2f} s"
+            for offset in range(0, len(data), 20 * 4096):  # the node is back
+                assert os.preadv(fd, [buf], offset) == 4096 and buf[:] == data[offset : offset + 4096]
+        finally:
+            os.close(fd)
+
+
+
+def test_reads_that_come_together_go_the_ordinary_way(cluster: LocalCluster, tmp_path: Path) -> None:
+    """Only a lone read waits on the loop: reads from eight threads at once find others queued in
+    the kernel or in flight and go side by side (not one blocking read after another); every
+    byte is right either way. Without a mount (handlers called directly) the loop never waits."""
+    data = os.urandom(2 * STRIPE)
+    with MountProcess(cluster.meta_address, tmp_path / "mnt", ["--key", str(cluster.mount_key), "--no-allow-other"],
+                      log_path=tmp_path / "mount.log") as mount:
+        mount.start()
+        path = mount.mountpoint / f"together-{os.urandom(3).hex()}"
+        path.write_bytes(data)
+        failures: list[str] = []
+        start = threading.Barrier(8)
+
+        def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            buf = mmap.mmap(-1, 4096)
+            fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+            try:
+                start.wait(10)
+                for _ in range(60):
+                    offset = rng.randrange(len(data) // 4096) * 4096
+                    if os.preadv(fd, [buf], offset) != 4096 or buf[:] != data[offset : offset + 4096]:
+                        failures.append(f"wrong bytes at {offset}")
+            finally:
+                os.close(fd)
+
+        before = mount.request_stats()
+        threads = [threading.Thread(target=reader, args=(seed,)) for seed in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        after = mount.request_stats()
+        assert not failures, failures[:3]
+        reads, on_loop = after["reads"] - before["reads"], after["loop_reads"] - before["loop_reads"]
+        assert reads >= 8 * 60 and on_loop < reads // 2, f"{on_loop} of {reads} reads waited on the loop"
+
+    async def without_a_mount() -> None:
+        async with AsyncClient.connect(cluster.meta_address) as client:
+            ops = DeepFSOperations(client, MountOptions(cluster.meta_address, Path("/not-mounted")))
+            info, _ = await ops.create(pyfuse3.ROOT_INODE, f"nomount-{os.urandom(3).hex()}".encode(), 0o644,
+                                       os.O_RDWR, ROOT_CTX)
+            await ops.write(info.fh, 0, data)
+            await ops.flush(info.fh)
+            assert bytes(await ops.read(info.fh, 8192, 4096)) == data[8192:12288]
+            assert ops.stats.loop_reads == 0
+            await ops.release(info.fh)
+            await ops.shutdown()
+
+    run(without_a_mount)

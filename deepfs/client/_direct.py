@@ -104,12 +104,13 @@ class _NodePool:
 
 class _Leg:
     """One fragment range of a direct read: its node, the connection taken for it (None once
-    that broke and no new one came), the request and where its bytes go."""
+    that broke and no new one came), the request, where its bytes go, and the loop's patience
+    (``DirectReads.read``'s ``loop_wait_s``)."""
 
-    __slots__ = ("body", "conn", "dest", "node_id", "pool", "reused", "slot")
+    __slots__ = ("body", "conn", "dest", "loop_wait_s", "node_id", "pool", "reused", "slot")
 
     def __init__(self, node_id: int, pool: _NodePool, conn: BlockingFrameClient, reused: bool, slot: int,
-                 body: dict[str, Any], dest: memoryview) -> None:
+                 body: dict[str, Any], dest: memoryview, loop_wait_s: float | None) -> None:
         self.node_id = node_id
         self.pool = pool
         self.conn: BlockingFrameClient | None = conn
@@ -117,6 +118,7 @@ class _Leg:
         self.slot = slot
         self.body = body
         self.dest = dest
+        self.loop_wait_s = loop_wait_s
 
 
 class DirectReads:
@@ -133,12 +135,18 @@ class DirectReads:
         self.enabled = self._cluster.blocking_dial_args() is not None
         _ALL.add(self)
 
-    def read(self, handle: AsyncFile, out: memoryview, offset: int) -> int | None:
+    def read(self, handle: AsyncFile, out: memoryview, offset: int, *, loop_wait_s: float | None = None
+             ) -> int | None:
         """Fill ``out`` from ``offset`` of ``handle`` on the fast path: the bytes read, or None
-        when the read has to go the ordinary way."""
+        when the read has to go the ordinary way.
+
+        ``loop_wait_s``: the caller is the client's own event loop (the FUSE daemon), which
+        stops while it waits here. It waits at most this long for a node, connecting included;
+        a node slower than that is not marked suspect (the loop's patience is not the I/O
+        timeout): the ordinary read asks it again and judges it."""
         if not self.enabled or len(out) >= MAX_DIRECT_BYTES:
             return None
-        planned = handle.committed_range(offset, len(out))
+        planned = handle.committed_range(offset, len(out), on_loop=loop_wait_s is not None)
         if planned is None:
             return None
         record, start, n = planned
@@ -151,20 +159,20 @@ class DirectReads:
             cap = caps.peek(handle.ino, READ)
             if cap is None:
                 return None
-        timeout_s = self._cluster.io_timeout_s or math.inf
+        timeout_s = (self._cluster.io_timeout_s or math.inf) if loop_wait_s is None else loop_wait_s
         legs: list[_Leg] = []
         current: _Leg | None = None
         try:
             for piece in pieces:  # every connection first: a full pool leaves nothing half sent
                 node_id = record.placement[piece.index]
-                conn, pool, reused = self._take(node_id)
+                conn, pool, reused = self._take(node_id, loop_wait_s)
                 if conn is None or pool is None:
                     return None
                 key = FragmentKey(handle.ino, record.index, record.version, piece.index)
                 at = piece.stripe_offset - start
                 legs.append(_Leg(node_id, pool, conn, reused, piece.index,
                                  get_fragment_body(key, piece.start, piece.length, False, cap),
-                                 out[at : at + piece.length]))
+                                 out[at : at + piece.length], loop_wait_s))
             for current in legs:  # every request out before the first answer: the nodes work together
                 self._send(current, timeout_s)
             for current in legs:
@@ -178,7 +186,8 @@ class DirectReads:
                     current.dest[:] = payload
         except TimeoutError:
             assert current is not None
-            self._call_soon(self._cluster.mark_suspect, current.node_id, "TooSlowError")
+            if loop_wait_s is None:
+                self._call_soon(self._cluster.mark_suspect, current.node_id, "TooSlowError")
             return None
         except (OSError, ProtocolError) as exc:
             node = current.node_id if current is not None else None
@@ -220,14 +229,15 @@ class DirectReads:
         if not leg.reused:
             raise broke
         leg.reused = False
-        leg.conn = self._dial(leg.node_id, leg.pool)  # (it takes over the broken one's count)
+        leg.conn = self._dial(leg.node_id, leg.pool, leg.loop_wait_s)  # (it takes over the broken one's count)
         if leg.conn is None:
             raise ConnectionResetError(errno.ECONNRESET, f"no new connection to node {leg.node_id}")
         return leg.conn
 
-    def _take(self, node_id: int) -> tuple[BlockingFrameClient | None, _NodePool | None, bool]:
-        """An idle connection to the node (reused: True), else a new one while the pool has room;
-        and the pool it counts in."""
+    def _take(self, node_id: int, connect_wait_s: float | None
+              ) -> tuple[BlockingFrameClient | None, _NodePool | None, bool]:
+        """An idle connection to the node (reused: True), else a new one while the pool has room
+        (``_dial``); and the pool it counts in."""
         node = self._cluster.nodes.get(node_id)
         if node is None:
             return None, None, False
@@ -245,21 +255,24 @@ class DirectReads:
             if self._closed or pool.open >= DIRECT_CONNECTIONS_PER_NODE:
                 return None, None, False
             pool.open += 1
-        return self._dial(node_id, pool), pool, False
+        return self._dial(node_id, pool, connect_wait_s), pool, False
 
-    def _dial(self, node_id: int, pool: _NodePool) -> BlockingFrameClient | None:
+    def _dial(self, node_id: int, pool: _NodePool, wait_s: float | None) -> BlockingFrameClient | None:
         """Open a connection counted in ``pool`` (uncounted again if that fails): a new one, or
-        one in place of a connection that broke."""
+        one in place of a connection that broke. ``wait_s``: the loop's patience (``read``'s
+        ``loop_wait_s``), else the cluster's connect timeout, which marks the node suspect."""
         dial = self._cluster.blocking_dial_args()
         assert dial is not None
         host, port = rpc.parse_address(pool.address)
         credential, ssl_context, timeout_s = dial
+        if wait_s is not None:
+            timeout_s = min(timeout_s, wait_s)
         try:
             return BlockingFrameClient.connect(host, port, timeout_s, credential=credential,
                                                ssl_context=ssl_context)
         except (OSError, ProtocolError) as exc:  # (AuthError too): the ordinary path reports it
             log.debug("direct connection to node %s failed: %s", node_id, exc)
-            if isinstance(exc, TimeoutError):  # as the loop's connect would: no second wait
+            if isinstance(exc, TimeoutError) and wait_s is None:  # as the loop's connect would: no second wait
                 self._call_soon(self._cluster.mark_suspect, node_id, "TooSlowError")
             with self._lock:
                 pool.open -= 1

@@ -305,14 +305,19 @@ class AsyncFile:
             else:
                 await self._stripes.read_into(self.ino, self.layout, newer, inner, dest)
 
-    def committed_range(self, offset: int, length: int) -> tuple[StripeRecord, int, int] | None:
+    def committed_range(self, offset: int, length: int, *, on_loop: bool = False
+                        ) -> tuple[StripeRecord, int, int] | None:
         """Where a read of ``length`` bytes at ``offset`` lies when all of it is stored bytes of
         one committed stripe on the nodes: (its record, the offset in the stripe, the bytes to
         read, short at EOF); None for anything else (EOF, holes, inline stripes, a handle that
-        writes, whose stripes may be dirty or in flight). For ``deepfs.Client``'s direct reads
-        from other threads (``_direct``): it only reads the handle, whose records a reload
-        replaces whole."""
-        if self.closed or self.writable or not self.readable:
+        writes, whose stripes may be dirty or in flight). For direct reads (``_direct``) from
+        other threads: it only reads the handle, whose records a reload replaces whole.
+        ``on_loop``: the caller is this handle's own event loop and reads before it yields, so a
+        handle that writes is read too while nothing of it is dirty or in flight (the FUSE
+        daemon's handles are shared by its readers and writers)."""
+        if self.closed or not self.readable:
+            return None
+        if self.writable and (not on_loop or self._dirty or self._in_flight):
             return None
         n = min(length, self.size - offset)
         index, start = divmod(offset, self.layout.stripe_size)
