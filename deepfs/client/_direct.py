@@ -234,7 +234,7 @@ class DirectReads:
             raise ConnectionResetError(errno.ECONNRESET, f"no new connection to node {leg.node_id}")
         return leg.conn
 
-    def _take(self, node_id: int, connect_wait_s: float | None
+    def _take(self, node_id: int, loop_wait_s: float | None
               ) -> tuple[BlockingFrameClient | None, _NodePool | None, bool]:
         """An idle connection to the node (reused: True), else a new one while the pool has room
         (``_dial``); and the pool it counts in."""
@@ -255,24 +255,24 @@ class DirectReads:
             if self._closed or pool.open >= DIRECT_CONNECTIONS_PER_NODE:
                 return None, None, False
             pool.open += 1
-        return self._dial(node_id, pool, connect_wait_s), pool, False
+        return self._dial(node_id, pool, loop_wait_s), pool, False
 
-    def _dial(self, node_id: int, pool: _NodePool, wait_s: float | None) -> BlockingFrameClient | None:
+    def _dial(self, node_id: int, pool: _NodePool, loop_wait_s: float | None) -> BlockingFrameClient | None:
         """Open a connection counted in ``pool`` (uncounted again if that fails): a new one, or
-        one in place of a connection that broke. ``wait_s``: the loop's patience (``read``'s
-        ``loop_wait_s``), else the cluster's connect timeout, which marks the node suspect."""
+        one in place of a connection that broke, within ``read``'s ``loop_wait_s`` when given
+        (else the cluster's connect timeout, which marks the node suspect when it runs out)."""
         dial = self._cluster.blocking_dial_args()
         assert dial is not None
         host, port = rpc.parse_address(pool.address)
         credential, ssl_context, timeout_s = dial
-        if wait_s is not None:
-            timeout_s = min(timeout_s, wait_s)
+        if loop_wait_s is not None:
+            timeout_s = min(timeout_s, loop_wait_s)
         try:
             return BlockingFrameClient.connect(host, port, timeout_s, credential=credential,
                                                ssl_context=ssl_context)
         except (OSError, ProtocolError) as exc:  # (AuthError too): the ordinary path reports it
             log.debug("direct connection to node %s failed: %s", node_id, exc)
-            if isinstance(exc, TimeoutError) and wait_s is None:  # as the loop's connect would: no second wait
+            if isinstance(exc, TimeoutError) and loop_wait_s is None:  # as the loop's connect would: no second wait
                 self._call_soon(self._cluster.mark_suspect, node_id, "TooSlowError")
             with self._lock:
                 pool.open -= 1
