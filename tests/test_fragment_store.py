@@ -7,6 +7,7 @@ import fcntl
 import logging
 import os
 import subprocess
+import tempfile
 import tracemalloc
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -20,7 +21,7 @@ from deepfs.errors import ChecksumError
 from deepfs.messages import FragmentKey
 from storage_node import fragment_format as fmt
 from storage_node.direct_io import DIRECT_MIN_BYTES
-from storage_node.fragment_store import FragmentStore
+from storage_node.fragment_store import FragmentStore, open_to_read
 from storage_node.payload_pool import PayloadPool
 
 pytestmark = [pytest.mark.unit, pytest.mark.timeout(30)]
@@ -545,3 +546,61 @@ def test_a_small_fragment_read_cold_costs_one_request_to_the_disk(tmp_path: Path
     requests, count = (_device_read_requests(root) or 0) - before, len(fragments)
     assert requests <= 1.5 * count, f"{requests} read requests to the disk for {count} cold fragments"
 
+
+
+def _atime_is_kept_by_this_file_system(directory: Path) -> bool:
+    """Does a plain read update the access time of a file read since it was last changed
+    (relatime, strictatime), so that a test of not touching it can fail? Not under noatime."""
+    probe = directory / "atime-probe"
+    probe.write_bytes(b"x")
+    stat = probe.stat()
+    os.utime(probe, ns=(stat.st_mtime_ns - 10**11, stat.st_mtime_ns))
+    probe.read_bytes()
+    return probe.stat().st_atime_ns != stat.st_mtime_ns - 10**11
+
+
+def test_reading_a_fragment_leaves_its_access_time_alone(tmp_path: Path) -> None:
+    """The first read of a fragment written since its last read would, under relatime, rewrite
+    the fragment's inode: an inode write for every fragment an epoch reads cold. Every read
+    path of the store opens with O_NOATIME (the file is the node's own)."""
+    store = make_store(tmp_path / "node")
+    if not _atime_is_kept_by_this_file_system(tmp_path):
+        pytest.skip("this file system does not update access times on reads (noatime)")
+    keys = [FragmentKey(9, 0, 1, slot) for slot in range(3)]
+    for key in keys:
+        store.put(key, memoryview(DATA), block_crcs(DATA), BS)
+        stat = store.path_of(key).stat()
+        os.utime(store.path_of(key), ns=(stat.st_mtime_ns - 10**11, stat.st_mtime_ns))
+    assert store.read_range(keys[0], 0, len(DATA)).data == DATA  # small: the open-file cache
+    assert store.read_range(keys[1], BS, 100).data == DATA[BS:BS + 100]
+    assert store.read(keys[2]) == DATA  # whole, as the scrubber and repair read
+    for key in keys:
+        stat = store.path_of(key).stat()
+        assert stat.st_atime_ns == stat.st_mtime_ns - 10**11, f"reading {key} changed its access time"
+
+
+def test_a_fragment_file_the_node_does_not_own_still_opens_for_reading() -> None:
+    """The kernel refuses O_NOATIME (EPERM) to a process that does not own the file (a data
+    directory restored by root, say): the file then opens the ordinary way."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to read as another user")
+    with tempfile.TemporaryDirectory(prefix="deepfs-noatime-") as directory:
+        os.chmod(directory, 0o755)
+        path = os.path.join(directory, "owned-by-root")
+        with open(path, "wb") as f:
+            f.write(b"fragment")
+        os.chmod(path, 0o644)
+        child = os.fork()
+        if child == 0:  # the child reads as nobody, reports by its exit status, and never returns
+            code = 3
+            try:
+                os.setegid(65534)
+                os.seteuid(65534)
+                fd = open_to_read(path)
+                code = 0 if os.read(fd, 100) == b"fragment" else 2
+            except BaseException:  # noqa: BLE001 - reported as the exit status
+                code = 1
+            finally:
+                os._exit(code)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
