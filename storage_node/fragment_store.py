@@ -62,6 +62,8 @@ from storage_node.payload_pool import PayloadPool
 
 log = logging.getLogger(__name__)
 
+MOVE_PROGRESS_EVERY = 100_000
+"""Moving an old store to the flat layout logs its progress every this many fragments."""
 _WHOLE_FRAGMENT = U64_MAX + 1  # a read length past the end of any fragment
 
 
@@ -255,6 +257,7 @@ class FragmentStore:
             ("direct_writes", "buffered_writes", "direct_reads", "buffered_reads", "spans_sent_unread"), 0)
         for folder in (self.root, self.fragments_dir, self.quarantine_dir):
             folder.mkdir(parents=True, exist_ok=True)
+        self.lister = fragment_listing.FragmentLister(self.fragments_dir)
         self._scan()
 
     @classmethod
@@ -265,11 +268,11 @@ class FragmentStore:
 
     # ------------------------------------------------------------- layout
     def path_of(self, key: FragmentKey) -> Path:
-        return self._inode_dir(key) / fmt.file_name(key)
+        return self.fragments_dir / fmt.relative_path(key)
 
     def _path_str(self, key: FragmentKey) -> str:
         """``path_of`` as a string, without pathlib's cost (every read builds one)."""
-        return f"{self._fragments_path}/{fmt.inode_dir(key)}/{fmt.file_name(key)}"
+        return f"{self._fragments_path}/{fmt.relative_path(key)}"
 
     def close(self) -> None:
         """Close the fragment files kept open for reads (the store stays usable)."""
@@ -277,14 +280,27 @@ class FragmentStore:
             for key in list(self._open_files):
                 self._drop_locked(key)
 
-    def _inode_dir(self, key: FragmentKey) -> Path:
-        return self.fragments_dir / fmt.inode_dir(key)
-
     def _scan(self) -> None:
-        """Count what is stored and remove temp files a crash left behind."""
-        removed = 0
-        for inode_dir in self._inode_dirs():
-            with os.scandir(inode_dir) as entries:
+        """Count what is stored, remove temp files a crash left behind, and move the fragments of
+        a store written with a folder per inode into the flat layout (``fragment_format``)."""
+        removed = moved = 0
+        announced = False
+        with os.scandir(self.fragments_dir) as prefixes:
+            prefix_paths = sorted(p.path for p in prefixes if p.is_dir(follow_symlinks=False))
+        for prefix in prefix_paths:
+            with os.scandir(prefix) as entries:
+                inode_folders = [e.name for e in entries if e.is_dir(follow_symlinks=False) and e.name.isdigit()]
+            for name in inode_folders:  # before the count: a folder's files are then in the prefix
+                if not announced:
+                    announced = True
+                    log.info("%s holds a folder per inode (the layout before the flat one): moving its "
+                             "fragments to the flat layout, once", self.fragments_dir)
+                before = moved
+                moved += self._flatten_inode_folder(prefix, int(name))
+                if moved // MOVE_PROGRESS_EVERY > before // MOVE_PROGRESS_EVERY:
+                    log.info("moved %d fragment(s) to the flat layout so far (prefix folder %s of ff)",
+                             moved, os.path.basename(prefix))
+            with os.scandir(prefix) as entries:
                 for entry in entries:
                     if fmt.is_temp_name(entry.name):
                         os.unlink(entry.path)
@@ -296,13 +312,44 @@ class FragmentStore:
             self._quarantined = sum(1 for e in entries if e.is_file(follow_symlinks=False))
         if removed:
             log.info("removed %d temp file(s) left by an interrupted write", removed)
+        if moved:
+            log.info("moved %d fragment(s) from folders per inode to the flat layout", moved)
 
-    def _inode_dirs(self) -> Iterator[str]:
-        with os.scandir(self.fragments_dir) as prefixes:
-            prefix_paths = [p.path for p in prefixes if p.is_dir(follow_symlinks=False)]
-        for prefix in prefix_paths:
-            with os.scandir(prefix) as inodes:
-                yield from [i.path for i in inodes if i.is_dir(follow_symlinks=False)]
+    def _flatten_inode_folder(self, prefix: str, ino: int) -> int:
+        """Move the fragments of inode folder ``<prefix>/<ino>`` (the layout before the flat one)
+        up into ``prefix`` under their flat names, then remove the folder; how many moved.
+
+        Each move is one rename, so a crash leaves every fragment in exactly one of the two
+        places and the next open goes on where this one stopped. A flat file of the same key
+        already there (nothing writes both) is kept; the folder's copy goes to quarantine,
+        never deleted."""
+        folder = os.path.join(prefix, str(ino))
+        moved = 0
+        with os.scandir(folder) as entries:
+            names = [e.name for e in entries if e.is_file(follow_symlinks=False)]
+        for name in names:
+            source = os.path.join(folder, name)
+            key = fmt.key_in_inode_folder(ino, name)
+            if key is None:
+                if fmt.is_temp_name(name):
+                    os.unlink(source)
+                continue  # not ours: left in place (the folder then stays too)
+            target = self._path_str(key)
+            if os.path.dirname(target) != prefix:
+                continue  # an inode folder under the wrong prefix: not the store's, left alone
+            if os.path.lexists(target):
+                os.rename(source, self.quarantine_dir / fmt.quarantine_name(key, time.time_ns()))
+                log.warning("fragment %s was stored twice (%s and %s): kept the second, quarantined the "
+                            "first", key, source, target)
+                continue
+            os.rename(source, target)
+            moved += 1
+        if self.fsync:
+            fsync_dir(prefix)  # the new names are durable before the old folder goes
+            fsync_dir(self.quarantine_dir)
+        with contextlib.suppress(OSError):  # not empty: something not ours is left in it
+            os.rmdir(folder)
+        return moved
 
     # --------------------------------------------------------------- write
     def put(self, key: FragmentKey, data: bytes | bytearray | memoryview, crcs: list[int],
@@ -347,7 +394,7 @@ class FragmentStore:
 
     def _write_file(self, key: FragmentKey, header: FileHeader, prefix: memoryview, data: memoryview,
                     durable: bool) -> None:
-        folder = self._inode_dir(key)
+        folder = self.fragments_dir / fmt.prefix_dir(key)
         final = folder / fmt.file_name(key)
         tmp, fd = self._create_temp(folder, key, durable)
         try:
@@ -385,26 +432,12 @@ class FragmentStore:
             os.close(fd)
 
     def _create_temp(self, folder: Path, key: FragmentKey, durable: bool = True) -> tuple[Path, int]:
-        # A concurrent delete may remove an empty inode directory between our
-        # mkdir and open; try again then.
-        for _ in range(3):
-            self._make_inode_dir(folder, durable)
-            tmp = folder / fmt.temp_name(key, secrets.token_hex(6))
-            try:
-                return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
-            except FileNotFoundError:
-                continue
-        raise os_error(errno.EIO, f"cannot create a temp file in {folder}")
-
-    def _make_inode_dir(self, folder: Path, durable: bool = True) -> None:
-        if folder.is_dir():
-            return
-        prefix_existed = folder.parent.is_dir()
-        folder.mkdir(parents=True, exist_ok=True)
-        if durable:  # the new directory entries must survive a crash too
-            fsync_dir(folder.parent)
-            if not prefix_existed:
+        if not folder.is_dir():  # prefix folders are made once and never removed
+            folder.mkdir(exist_ok=True)
+            if durable:  # the new directory entry must survive a crash too
                 fsync_dir(self.fragments_dir)
+        tmp = folder / fmt.temp_name(key, secrets.token_hex(6))
+        return tmp, os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o644)
 
     # ---------------------------------------------------------------- read
     def read(self, key: FragmentKey, offset: int = 0, length: int = _WHOLE_FRAGMENT) -> bytearray | memoryview:
@@ -740,8 +773,8 @@ class FragmentStore:
             os.close(fd)
 
     def list_fragments(self, after: FragmentKey | None, limit: int) -> tuple[list[tuple[FragmentKey, int]], bool]:
-        """A page of what is stored (``fragment_listing.list_fragments``)."""
-        return fragment_listing.list_fragments(self.fragments_dir, after, limit)
+        """A page of what is stored (``fragment_listing.FragmentLister``)."""
+        return self.lister.page(after, limit)
 
     def _open(self, key: FragmentKey) -> int:
         try:
@@ -804,15 +837,9 @@ class FragmentStore:
                 self._fragments -= 1
             deleted += 1
             folders.add(path.parent)
-        for folder in folders:
-            try:
-                folder.rmdir()  # only succeeds once the inode has no fragments left here
-            except OSError:
-                if self.fsync:
-                    fsync_dir(folder)
-            else:
-                if self.fsync:
-                    fsync_dir(folder.parent)
+        if self.fsync:
+            for folder in folders:
+                fsync_dir(folder)
         return deleted
 
     # --------------------------------------------------------------- stats

@@ -15,11 +15,22 @@ KEY = FragmentKey(ino=300, stripe=3, version=123456789, slot=2)
 
 
 def test_names_are_built_from_the_key_only() -> None:
-    assert fmt.inode_dir(KEY) == "2c/300"  # 300 % 256 == 0x2c
-    assert fmt.file_name(KEY) == "3.123456789.2"
+    assert fmt.prefix_dir(KEY) == "2c"  # 300 % 256 == 0x2c
+    assert fmt.file_name(KEY) == "300.3.123456789.2"
+    assert fmt.relative_path(KEY) == "2c/300.3.123456789.2"
     temp = fmt.temp_name(KEY, "abc")
-    assert temp.startswith(".3.123456789.2.") and fmt.is_temp_name(temp) and not fmt.is_temp_name(fmt.file_name(KEY))
+    assert temp.startswith(".300.3.123456789.2.") and fmt.is_temp_name(temp)
+    assert not fmt.is_temp_name(fmt.file_name(KEY))
     assert fmt.quarantine_name(KEY, 42) == "300.3.123456789.2.42"
+
+
+def test_a_name_is_a_key_only_as_the_store_writes_it() -> None:
+    assert fmt.key_of_name("300.3.123456789.2") == KEY
+    assert fmt.key_in_inode_folder(300, "3.123456789.2") == KEY  # the layout before the flat one
+    for name in ("300.3.123456789", "300.3.123456789.2.1", "0300.3.123456789.2", "300.3.123456789.32",
+                 "300.-3.1.2", "300.3.1.\u0662", fmt.temp_name(KEY, "abc"), "..", "300.3.1.2 "):
+        assert fmt.key_of_name(name) is None, name
+    assert fmt.key_of_name(f"{2**64}.0.0.0") is None
 
 
 @pytest.mark.parametrize(("data_len", "block_size", "n_blocks", "data_offset"), [

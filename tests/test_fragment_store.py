@@ -7,7 +7,9 @@ import fcntl
 import logging
 import os
 import subprocess
+import sys
 import tempfile
+import time
 import tracemalloc
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -51,7 +53,7 @@ def test_round_trip(store: FragmentStore) -> None:
     assert digest == fragment_digest(block_crcs(DATA))
     assert store.read(KEY) == DATA
     assert store.stat(KEY) == {"size": len(DATA), "block_size": BS, "crcs": block_crcs(DATA)}
-    assert store.path_of(KEY) == store.root / "fragments" / "07" / "7" / "3.123456789.2"
+    assert store.path_of(KEY) == store.root / "fragments" / "07" / "7.3.123456789.2"
     stats = store.stats()
     assert stats["fragments"] == 1 and stats["quarantined"] == 0
     assert stats["used_bytes"] == store.path_of(KEY).stat().st_size > len(DATA)
@@ -237,9 +239,9 @@ def test_delete(store: FragmentStore) -> None:
     store.put(KEY, DATA, block_crcs(DATA), BS)
     store.put(other, DATA, block_crcs(DATA), BS)
     assert store.delete([KEY, FragmentKey(99, 0, 0, 0)]) == 1
-    assert store.path_of(other).parent.is_dir()
+    assert not store.path_of(KEY).exists() and store.read(other) == DATA
     assert store.delete([other, other]) == 1
-    assert not store.path_of(other).parent.exists()  # the empty inode directory went too
+    assert list(store.fragments_dir.rglob("*")) == [store.path_of(other).parent]  # prefix folders stay
     assert store.stats()["fragments"] == 0 and store.stats()["used_bytes"] == 0
 
 
@@ -604,3 +606,105 @@ def test_a_fragment_file_the_node_does_not_own_still_opens_for_reading() -> None
                 os._exit(code)
         _, status = os.waitpid(child, 0)
         assert os.waitstatus_to_exitcode(status) == 0
+
+
+# ------------------------------------------------ the layout before the flat one
+def _to_a_folder_per_inode(store: FragmentStore) -> None:
+    """Rewrite ``store``'s files as a node before the flat layout kept them:
+    ``fragments/<prefix>/<ino>/<stripe>.<version>.<slot>``."""
+    for path in sorted(store.fragments_dir.glob("*/*")):
+        key = fmt.key_of_name(path.name)
+        assert key is not None, path
+        folder = path.parent / str(key.ino)
+        folder.mkdir(exist_ok=True)
+        path.rename(folder / f"{key.stripe}.{key.version}.{key.slot}")
+
+
+def _stored(count: int, root: Path) -> dict[FragmentKey, bytes]:
+    """``count`` fragments over a few inodes (several per inode, several inodes per prefix)."""
+    store = FragmentStore(root, fsync=False, block_size=BS)
+    fragments = {}
+    for i in range(count):
+        key = FragmentKey(1 + (i // 4) * 129, i % 4, 5, i % 3)
+        fragments[key] = os.urandom(100 + 37 * i)
+        store.put(key, fragments[key], block_crcs(fragments[key]), BS)
+    store.close()
+    return fragments
+
+
+def _check_all_there(root: Path, fragments: dict[FragmentKey, bytes]) -> FragmentStore:
+    store = FragmentStore(root, fsync=False, block_size=BS)
+    for key, data in fragments.items():
+        assert store.read(key) == data, key
+    assert store.stats()["fragments"] == len(fragments)
+    assert store.stats()["used_bytes"] == sum(p.stat().st_size for p in store.fragments_dir.glob("*/*") if p.is_file())
+    listed, done = store.list_fragments(None, 10_000)
+    assert done and [key for key, _ in listed] == sorted(fragments, key=fmt.list_order)
+    return store
+
+
+def test_a_store_with_a_folder_per_inode_moves_to_the_flat_layout_when_opened(tmp_path: Path,
+                                                                            caplog: pytest.LogCaptureFixture) -> None:
+    """A node upgraded from the layout with a folder per inode reads everything it stored, and
+    from then on has one layout: each fragment renamed into its prefix folder, temp files of
+    interrupted writes removed, files that are not the store's left alone (with their folder),
+    and a key found in both layouts kept once, the other copy quarantined, not deleted."""
+    root = tmp_path / "node"
+    fragments = _stored(24, root)
+    old = FragmentStore(root, fsync=False, block_size=BS)
+    _to_a_folder_per_inode(old)
+    first = next(iter(fragments))
+    folder = old.fragments_dir / fmt.prefix_dir(first) / str(first.ino)
+    (folder / f".{first.stripe}.{first.version}.{first.slot}.abc.tmp").write_bytes(b"half")
+    (folder / "notes.txt").write_bytes(b"an operator's file")
+    twice = FragmentKey(first.ino, 0, 5, 2)  # not among the 24: stored in both layouts
+    newer, older = os.urandom(500), os.urandom(400)
+    old.put(twice, newer, block_crcs(newer), BS)
+    (folder / "0.5.2").write_bytes(_fragment_file_bytes(twice, older))
+    fragments[twice] = newer
+    with caplog.at_level(logging.INFO, logger="storage_node.fragment_store"):
+        store = _check_all_there(root, fragments)
+    assert "moved 24 fragment(s)" in caplog.text and "stored twice" in caplog.text
+    assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
+    assert [p for p in store.fragments_dir.glob("*/*") if p.is_dir()] == [folder]
+    assert store.stats()["quarantined"] == 1
+    assert [FragmentKey.of([int(x) for x in p.name.split(".")[:4]]) for p in store.quarantine_dir.iterdir()] == [twice]
+    _check_all_there(root, fragments)  # and a second open finds nothing to move
+
+
+def _fragment_file_bytes(key: FragmentKey, data: bytes) -> bytes:
+    with tempfile.TemporaryDirectory(prefix="deepfs-fragment-") as scratch:
+        store = FragmentStore(scratch, fsync=False, block_size=BS)
+        store.put(key, data, block_crcs(data), BS)
+        return store.path_of(key).read_bytes()
+
+
+def test_a_node_killed_while_it_moves_to_the_flat_layout_goes_on_at_its_next_open(tmp_path: Path) -> None:
+    """SIGKILL in the middle of the move (a process opening the store, synced renames), then an
+    open: every fragment is there once, in the flat layout, and reads back whole."""
+    root = tmp_path / "node"
+    fragments = _stored(1200, root)
+    _to_a_folder_per_inode(FragmentStore(root, fsync=False, block_size=BS))
+    opener = ("import sys; from storage_node.fragment_store import FragmentStore; "
+              "print('opening', flush=True); FragmentStore(sys.argv[1], fsync=True); print('opened', flush=True)")
+    repo = Path(__file__).resolve().parent.parent
+    interrupted = False
+    for delay_s in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
+        if not [p for p in (root / fmt.FRAGMENTS_DIR).glob("*/*") if p.is_dir()]:  # the last try finished
+            _to_a_folder_per_inode(FragmentStore(root, fsync=False, block_size=BS))
+        proc = subprocess.Popen([sys.executable, "-c", opener, str(root)], cwd=repo, stdout=subprocess.PIPE,
+                                text=True)
+        try:
+            assert proc.stdout is not None and proc.stdout.readline() == "opening\n"
+            time.sleep(delay_s)
+            proc.kill()
+        finally:
+            output = proc.communicate(timeout=20)[0]
+        folders = [p for p in (root / fmt.FRAGMENTS_DIR).glob("*/*") if p.is_dir()]
+        flat = [p for p in (root / fmt.FRAGMENTS_DIR).glob("*/*") if p.is_file()]
+        if "opened" not in output and folders and flat:
+            interrupted = True
+            break
+    assert interrupted, "no kill landed in the middle of the move"
+    store = _check_all_there(root, fragments)
+    assert not [p for p in store.fragments_dir.glob("*/*") if p.is_dir()]

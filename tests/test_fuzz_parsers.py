@@ -210,9 +210,12 @@ def fuzz_fragment_header(data: bytes) -> None:
 
 
 def fuzz_fragment_name(data: bytes) -> None:
+    name = data.decode("utf-8", "replace")
+    key = fmt.key_of_name(name)
+    assert key is None or fmt.file_name(key) == name  # one name per key, and back
     ino = int.from_bytes(data[:8], "little")
-    key = fmt.key_of_name(ino, data[8:].decode("utf-8", "replace"))
-    assert key is None or key.ino == ino
+    old = fmt.key_in_inode_folder(ino, data[8:].decode("utf-8", "replace"))
+    assert old is None or old.ino == ino
 
 
 # ------------------------------------------------------- authentication

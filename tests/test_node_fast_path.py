@@ -112,7 +112,7 @@ def get_errno(s: socket.socket, key: list[int], offset: int = 0, length: int = 4
 
 def fragment_path(data_dir: Path, key: list[int]) -> Path:
     ino, stripe, version, slot = key
-    return data_dir / "fragments" / f"{ino % 256:02x}" / str(ino) / f"{stripe}.{version}.{slot}"
+    return data_dir / "fragments" / f"{ino % 256:02x}" / f"{ino}.{stripe}.{version}.{slot}"
 
 
 def open_fds(node: ServerProcess) -> int:

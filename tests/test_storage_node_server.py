@@ -181,7 +181,7 @@ def test_corruption_on_disk_is_quarantined(node: ServerProcess, node_data_dir: P
 
     async def scenario(c: FrameClient) -> None:
         await put(c, key, data)
-        path = data_dir / "fragments" / f"{13:02x}" / "13" / "4.9.1"
+        path = data_dir / "fragments" / f"{13:02x}" / "13.4.9.1"
         raw = bytearray(path.read_bytes())
         raw[-10] ^= 0x40  # a byte of the last block
         path.write_bytes(raw)
@@ -694,7 +694,7 @@ def test_large_gets_with_crcs_are_sent_unread_for_the_reader_to_check(node: Serv
     with_client(port_of(node), scenario)
     # Spans are closed once sent; the small reads leave this fragment's file open (one, cached).
     wait_for(lambda: len(os.listdir(f"/proc/{node.proc.pid}/fd")) <= open_fds + 1, timeout_s=5)
-    path = next(node_data_dir.glob("**/fragments/*/91/0.1.0"))
+    path = next(node_data_dir.glob("**/fragments/*/91.0.1.0"))
     raw = bytearray(path.read_bytes())
     raw[-5000] ^= 0xFF
     path.write_bytes(raw)
@@ -706,7 +706,7 @@ def test_large_gets_with_crcs_are_sent_unread_for_the_reader_to_check(node: Serv
         with pytest.raises(OSError) as failure:  # the bad block is a partial one here: the node's check
             await client.call(Op.GET_FRAGMENT, {**body, "offset": 100, "length": len(data) - 200}, timeout_s=10)
         assert failure.value.errno == errno.EBADMSG
-        assert not list(await trio.Path(node_data_dir).glob("**/fragments/*/91/0.1.0"))  # quarantined
+        assert not list(await trio.Path(node_data_dir).glob("**/fragments/*/91.0.1.0"))  # quarantined
 
     with_client(port_of(node), after_corruption)
     assert_serving(node)

@@ -278,7 +278,7 @@ def test_fragments_are_found_rotted_removed_and_forged(fresh_cluster: LocalClust
     assert len(fragment_files(fresh_cluster, ino, stripe=1)) == LAYOUT.width - 2
 
     forged = fragment_files(fresh_cluster, ino, stripe=2, slot=3)[0]
-    node_dir = forged.parents[3]
+    node_dir = forged.parents[2]
     fake = os.urandom(forged.stat().st_size - 4096)
     forge_fragment(forged, fake)
     index = next(i for i in range(fresh_cluster.node_count) if fresh_cluster.node_data_dir(i) == node_dir)

@@ -191,7 +191,7 @@ async def test_list_fragments_pages_through_everything_once_in_order(tmp_path: P
                   key=lambda k: (k[0] % 256, *k))
     for key in keys:
         await put(server, list(key), b"x" * 100)
-    (server.store.fragments_dir / "01" / "1" / ".0.7.9.abc.tmp").write_bytes(b"")  # a write in progress
+    (server.store.fragments_dir / "01" / ".1.0.7.9.abc.tmp").write_bytes(b"")  # a write in progress
     seen: list[tuple[int, ...]] = []
     after = None
     while True:

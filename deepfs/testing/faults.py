@@ -47,13 +47,10 @@ def _node_dirs(where: LocalCluster | Iterable[str | Path]) -> list[Path]:
 def key_of(path: Path) -> FragmentKey:
     """The key of a fragment file: the inverse of the store's naming (``fragment_format``);
     ValueError for any other file."""
-    try:
-        stripe, version, slot = (int(part) for part in path.name.split("."))
-        key = FragmentKey(int(path.parent.name), stripe, version, slot)
-    except ValueError:
-        raise ValueError(f"{path} is not named like a fragment file") from None
-    where = f"{path.parent.parent.name}/{path.parent.name}/{path.name}"
-    if where != f"{fragment_format.inode_dir(key)}/{fragment_format.file_name(key)}":
+    key = fragment_format.key_of_name(path.name)
+    if key is None:
+        raise ValueError(f"{path} is not named like a fragment file")
+    if f"{path.parent.name}/{path.name}" != fragment_format.relative_path(key):
         raise ValueError(f"{path} is not where the store keeps fragment {key}")
     return key
 
@@ -65,18 +62,17 @@ def fragment_files(where: LocalCluster | Iterable[str | Path], ino: int, *, stri
     narrow the search."""
     found = []
     for node_dir in _node_dirs(where):
-        inode_dir = node_dir / fragment_format.FRAGMENTS_DIR / fragment_format.inode_dir(FragmentKey(ino, 0, 0, 0))
+        folder = node_dir / fragment_format.FRAGMENTS_DIR / fragment_format.prefix_dir(FragmentKey(ino, 0, 0, 0))
         try:
-            names = os.listdir(inode_dir)
+            names = os.listdir(folder)
         except FileNotFoundError:
             continue
         for name in names:
-            if fragment_format.is_temp_name(name):
-                continue  # a write in progress
-            key = key_of(inode_dir / name)
-            if all(want is None or want == got for want, got in
-                   ((stripe, key.stripe), (version, key.version), (slot, key.slot))):
-                found.append(inode_dir / name)
+            key = fragment_format.key_of_name(name)  # None: a write in progress, not a fragment
+            if key is not None and key.ino == ino and all(
+                    want is None or want == got
+                    for want, got in ((stripe, key.stripe), (version, key.version), (slot, key.slot))):
+                found.append(folder / name)
     return sorted(found, key=lambda path: (key_of(path), path))
 
 
