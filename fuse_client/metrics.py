@@ -2,7 +2,7 @@
 
 Requests by FUSE op, their latency and errors by errno come from
 ``fuse_errors`` (``DeepFSOperations.request_metrics``); the daemon's caches
-(attributes, extended attributes) and the read-ahead hits are read at scrape
+(attributes, extended attributes), the read-ahead hits and the loop's reads are read at scrape
 time from plain counters the operations keep anyway.
 """
 
@@ -17,6 +17,7 @@ HELP = {
     "deepfs_fuse_cache_hits": "Lookups the daemon answered from its cache, by cache.",
     "deepfs_fuse_cache_misses": "Lookups the daemon's cache could not answer, by cache.",
     "deepfs_fuse_readahead_hits": "Reads served from stripes fetched ahead.",
+    "deepfs_fuse_loop_reads": "Lone small reads the event loop waited for on blocking node connections.",
     "deepfs_fuse_read_requests": "Read requests the kernel sent.",
     "deepfs_fuse_write_requests": "Write requests the kernel sent.",
     "deepfs_fuse_open_files": "Files open through the mount now.",
@@ -30,6 +31,7 @@ def fuse_samples(ops: DeepFSOperations) -> Iterator[Sample]:
         yield counter("deepfs_fuse_cache_hits", source.hits, cache=cache)
         yield counter("deepfs_fuse_cache_misses", source.misses, cache=cache)
     yield counter("deepfs_fuse_readahead_hits", ops.stats.readahead_hits)
+    yield counter("deepfs_fuse_loop_reads", ops.stats.loop_reads)
     yield counter("deepfs_fuse_read_requests", ops.stats.reads)
     yield counter("deepfs_fuse_write_requests", ops.stats.writes)
     yield gauge("deepfs_fuse_open_files", len(ops.files))

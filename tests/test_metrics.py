@@ -8,6 +8,8 @@ does the same through a mount started with ``--metrics-port``.
 from __future__ import annotations
 
 import json
+import mmap
+import os
 import re
 import signal
 import urllib.request
@@ -135,7 +137,7 @@ def test_fuse_samples_report_cache_hits_and_misses() -> None:
     attrs.get(5)
     attrs.get(6)
     ops = SimpleNamespace(attrs=attrs, xattrs=AttrCache(ttl_s=60), files=[], statahead=Statahead(1),
-                          stats=SimpleNamespace(readahead_hits=1, reads=2, writes=0))
+                          stats=SimpleNamespace(readahead_hits=1, reads=2, writes=0, loop_reads=0))
     samples = {(name, tuple(labels.items())): v for _, name, v, labels in fuse_samples(ops)}  # type: ignore[arg-type]
     assert samples[("deepfs_fuse_cache_hits", (("cache", "attr"),))] == 1
     assert samples[("deepfs_fuse_cache_misses", (("cache", "attr"),))] == 1
@@ -260,7 +262,7 @@ def test_dashboard_exprs_use_only_exported_metrics(metrics_cluster: LocalCluster
     registry = CollectorRegistry()
     RequestMetrics(registry, "fuse", {"read": "read"})
     ops = SimpleNamespace(attrs=AttrCache(1), xattrs=AttrCache(1), files=[], statahead=Statahead(1),
-                          stats=SimpleNamespace(readahead_hits=0, reads=0, writes=0))
+                          stats=SimpleNamespace(readahead_hits=0, reads=0, writes=0, loop_reads=0))
     registry.register(StateCollector(lambda: fuse_samples(ops)))  # type: ignore[arg-type]
     exported |= exported_names(generate_latest(registry).decode())
     dashboard = json.loads(DASHBOARD.read_text())
@@ -288,6 +290,12 @@ def test_mount_serves_request_and_cache_metrics(metrics_cluster: LocalCluster) -
         assert path.read_bytes() == b"f" * (256 << 10)
         for _ in range(3):
             path.stat()
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)  # past the page cache: a lone 4 KiB read, on the loop
+        try:
+            aligned = mmap.mmap(-1, 4096)
+            assert os.preadv(fd, [aligned], 8192) == 4096 and aligned[:] == b"f" * 4096
+        finally:
+            os.close(fd)
         scrape = parse_scrape(scrape_text(f"http://127.0.0.1:{port}/metrics"))
     assert value(scrape, "deepfs_fuse_requests_total", op="write") >= 1
     assert value(scrape, "deepfs_fuse_requests_total", op="create") >= 1
@@ -295,3 +303,4 @@ def test_mount_serves_request_and_cache_metrics(metrics_cluster: LocalCluster) -
     assert ("deepfs_fuse_cache_hits_total", (("cache", "attr"),)) in scrape
     assert ("deepfs_fuse_cache_misses_total", (("cache", "xattr"),)) in scrape
     assert "deepfs_fuse_readahead_hits_total" in names_in(scrape)
+    assert value(scrape, "deepfs_fuse_loop_reads_total") >= 1
