@@ -290,16 +290,18 @@ class FragmentStore:
         for prefix in prefix_paths:
             with os.scandir(prefix) as entries:
                 inode_folders = [e.name for e in entries if e.is_dir(follow_symlinks=False) and e.name.isdigit()]
+            if inode_folders and not announced:
+                announced = True
+                log.info("%s holds a folder per inode (the layout before the flat one): moving its "
+                         "fragments to the flat layout, once", self.fragments_dir)
+            before = moved
             for name in inode_folders:  # before the count: a folder's files are then in the prefix
-                if not announced:
-                    announced = True
-                    log.info("%s holds a folder per inode (the layout before the flat one): moving its "
-                             "fragments to the flat layout, once", self.fragments_dir)
-                before = moved
                 moved += self._flatten_inode_folder(prefix, int(name))
-                if moved // MOVE_PROGRESS_EVERY > before // MOVE_PROGRESS_EVERY:
-                    log.info("moved %d fragment(s) to the flat layout so far (prefix folder %s of ff)",
-                             moved, os.path.basename(prefix))
+            if inode_folders:
+                self._remove_inode_folders(prefix, inode_folders)
+            if moved // MOVE_PROGRESS_EVERY > before // MOVE_PROGRESS_EVERY:
+                log.info("moved %d fragment(s) to the flat layout so far (prefix folder %s of ff)",
+                         moved, os.path.basename(prefix))
             with os.scandir(prefix) as entries:
                 for entry in entries:
                     if fmt.is_temp_name(entry.name):
@@ -317,7 +319,7 @@ class FragmentStore:
 
     def _flatten_inode_folder(self, prefix: str, ino: int) -> int:
         """Move the fragments of inode folder ``<prefix>/<ino>`` (the layout before the flat one)
-        up into ``prefix`` under their flat names, then remove the folder; how many moved.
+        up into ``prefix`` under their flat names; how many moved.
 
         Each move is one rename, so a crash leaves every fragment in exactly one of the two
         places and the next open goes on where this one stopped. A flat file of the same key
@@ -344,12 +346,17 @@ class FragmentStore:
                 continue
             os.rename(source, target)
             moved += 1
-        if self.fsync:
-            fsync_dir(prefix)  # the new names are durable before the old folder goes
-            fsync_dir(self.quarantine_dir)
-        with contextlib.suppress(OSError):  # not empty: something not ours is left in it
-            os.rmdir(folder)
         return moved
+
+    def _remove_inode_folders(self, prefix: str, names: list[str]) -> None:
+        """Remove the inode folders of ``prefix`` emptied by ``_flatten_inode_folder``, once the
+        names moved out of them are durable: one fsync per prefix folder, not per inode."""
+        if self.fsync:
+            fsync_dir(prefix)
+            fsync_dir(self.quarantine_dir)
+        for name in names:
+            with contextlib.suppress(OSError):  # not empty: something not ours is left in it
+                os.rmdir(os.path.join(prefix, name))
 
     # --------------------------------------------------------------- write
     def put(self, key: FragmentKey, data: bytes | bytearray | memoryview, crcs: list[int],

@@ -683,13 +683,13 @@ def test_a_node_killed_while_it_moves_to_the_flat_layout_goes_on_at_its_next_ope
     """SIGKILL in the middle of the move (a process opening the store, synced renames), then an
     open: every fragment is there once, in the flat layout, and reads back whole."""
     root = tmp_path / "node"
-    fragments = _stored(1200, root)
+    fragments = _stored(2000, root)
     _to_a_folder_per_inode(FragmentStore(root, fsync=False, block_size=BS))
     opener = ("import sys; from storage_node.fragment_store import FragmentStore; "
               "print('opening', flush=True); FragmentStore(sys.argv[1], fsync=True); print('opened', flush=True)")
     repo = Path(__file__).resolve().parent.parent
     interrupted = False
-    for delay_s in (0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
+    for delay_s in (0.001, 0.003, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.4):
         if not [p for p in (root / fmt.FRAGMENTS_DIR).glob("*/*") if p.is_dir()]:  # the last try finished
             _to_a_folder_per_inode(FragmentStore(root, fsync=False, block_size=BS))
         proc = subprocess.Popen([sys.executable, "-c", opener, str(root)], cwd=repo, stdout=subprocess.PIPE,
