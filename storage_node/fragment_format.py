@@ -121,6 +121,11 @@ def key_in_inode_folder(ino: int, name: str) -> FragmentKey | None:
     return _key_of_parts([str(ino), *name.split(".")])
 
 
+def inode_of_folder(name: str) -> int | None:
+    """The inode of a folder of the layout before the flat one; None for any other name."""
+    return int(name) if _canonical_number(name) else None
+
+
 def _key_of_parts(parts: list[str]) -> FragmentKey | None:
     if len(parts) != 4 or not all(_canonical_number(part) for part in parts):
         return None

@@ -289,14 +289,15 @@ class FragmentStore:
             prefix_paths = sorted(p.path for p in prefixes if p.is_dir(follow_symlinks=False))
         for prefix in prefix_paths:
             with os.scandir(prefix) as entries:
-                inode_folders = [e.name for e in entries if e.is_dir(follow_symlinks=False) and e.name.isdigit()]
+                inode_folders = [e.name for e in entries
+                                 if e.is_dir(follow_symlinks=False) and fmt.inode_of_folder(e.name) is not None]
             if inode_folders and not announced:
                 announced = True
                 log.info("%s holds a folder per inode (the layout before the flat one): moving its "
                          "fragments to the flat layout, once", self.fragments_dir)
             before = moved
             for name in inode_folders:  # before the count: a folder's files are then in the prefix
-                moved += self._flatten_inode_folder(prefix, int(name))
+                moved += self._flatten_inode_folder(prefix, int(name))  # canonical: str(int(name)) == name
             if inode_folders:
                 self._remove_inode_folders(prefix, inode_folders)
             if moved // MOVE_PROGRESS_EVERY > before // MOVE_PROGRESS_EVERY:

@@ -657,6 +657,9 @@ def test_a_store_with_a_folder_per_inode_moves_to_the_flat_layout_when_opened(tm
     folder = old.fragments_dir / fmt.prefix_dir(first) / str(first.ino)
     (folder / f".{first.stripe}.{first.version}.{first.slot}.abc.tmp").write_bytes(b"half")
     (folder / "notes.txt").write_bytes(b"an operator's file")
+    junk = old.fragments_dir / fmt.prefix_dir(first) / f"0{first.ino + 256}"  # not a name the store writes
+    junk.mkdir()
+    (junk / "0.5.2").write_bytes(b"not a fragment of the store")
     twice = FragmentKey(first.ino, 0, 5, 2)  # not among the 24: stored in both layouts
     newer, older = os.urandom(500), os.urandom(400)
     old.put(twice, newer, block_crcs(newer), BS)
@@ -666,7 +669,8 @@ def test_a_store_with_a_folder_per_inode_moves_to_the_flat_layout_when_opened(tm
         store = _check_all_there(root, fragments)
     assert "moved 24 fragment(s)" in caplog.text and "stored twice" in caplog.text
     assert sorted(p.name for p in folder.iterdir()) == ["notes.txt"]
-    assert [p for p in store.fragments_dir.glob("*/*") if p.is_dir()] == [folder]
+    assert sorted(p for p in store.fragments_dir.glob("*/*") if p.is_dir()) == sorted([folder, junk])
+    assert (junk / "0.5.2").read_bytes() == b"not a fragment of the store"
     assert store.stats()["quarantined"] == 1
     assert [FragmentKey.of([int(x) for x in p.name.split(".")[:4]]) for p in store.quarantine_dir.iterdir()] == [twice]
     _check_all_there(root, fragments)  # and a second open finds nothing to move
