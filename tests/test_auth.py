@@ -530,8 +530,8 @@ def test_tls_then_handshake(tmp_path: Path) -> None:
             _, payload = await client.call(Op.GET_FRAGMENT, {})
             assert bytes(payload) == b"head" + data_file.read_bytes()[1000:251_000]
             await client.aclose()
-            # Plain TCP to a TLS port: refused by the TLS handshake, counted.
-            with pytest.raises((ConnectionError, trio.TooSlowError)):
+            # Plain TCP to a TLS port: told so in one clear-text frame, refused for good, counted.
+            with pytest.raises(AuthError, match="takes TLS connections only"):
                 await FrameClient.connect(nursery, "127.0.0.1", port, credential=auth.make_key(SECRET, ALICE),
                                           timeout_s=3.0)
             await until(lambda: server.connections_unauthenticated == 1)

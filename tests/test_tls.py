@@ -7,9 +7,12 @@ process tests start a LocalCluster(tls=True) and use it as a user would.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import errno
 import random
 import socket
 import ssl
+import struct
 from collections.abc import Iterator
 from concurrent import futures
 from pathlib import Path
@@ -26,6 +29,7 @@ from deepfs.config import ClientConfig
 from deepfs.errors import ConfigError
 from deepfs.local_cluster import LocalCluster
 from deepfs.proto import control_pb2, control_pb2_grpc
+from deepfs.rpc._handshake import tls_failure_is_permanent
 from deepfs.tls import (
     TlsFiles,
     client_ssl_context,
@@ -260,34 +264,78 @@ def test_files_round_trip_through_a_tls_cluster(tls_cluster: LocalCluster) -> No
 
 @process
 @pytest.mark.timeout(60)
-def test_plain_tcp_peer_is_closed_by_a_tls_port(tls_cluster: LocalCluster) -> None:
-    """Frames in the clear are not TLS: the server drops the connection at once instead of waiting."""
+def test_plain_tcp_peer_is_told_in_one_clear_frame_that_the_port_takes_tls_only(tls_cluster: LocalCluster) -> None:
+    """Frames in the clear are not TLS: the server answers the first one with EACCES and why, in
+    the clear (nothing else), and closes, instead of dropping the peer without a word."""
     host, port = tls_cluster.meta_address.rsplit(":", 1)
-    hello = frames.encode_frame(frames.Op.AUTH, 1, {"v": 1, "nonce": bytes(16), "identity": []})
+    hello = frames.encode_frame(frames.Op.AUTH, 7, {"v": 1, "nonce": bytes(16), "identity": []})
+    received = b""
     with socket.create_connection((host, int(port)), timeout=20) as sock:
         sock.sendall(hello)
-        try:
-            answer = sock.recv(4096)
-        except ConnectionResetError:
-            answer = b""
-    assert answer == b"" or answer[:1] == b"\x15"  # closed, or a TLS alert record, never a frame
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(4096):
+                received += chunk
+    header = frames.parse_header(received[:frames.HEADER_SIZE])
+    body = frames.decode_body(received[:frames.HEADER_SIZE], header,
+                              received[frames.HEADER_SIZE:frames.HEADER_SIZE + header.body_len])
+    assert (header.op, header.request_id, header.is_response, header.is_error) == (frames.Op.AUTH, 7, True, True)
+    assert body["errno"] == errno.EACCES and "TLS connections only" in body["msg"]
+    assert len(received) == frames.HEADER_SIZE + header.body_len  # one frame, then the close
 
 
 @process
 @pytest.mark.timeout(60)
-def test_plain_tcp_client_gets_a_clear_error(tls_cluster: LocalCluster) -> None:
-    with pytest.raises(OSError) as info:
-        deepfs.Client(tls_cluster.meta_address, _tls_config(tls_cluster, tls=False)).close()
+def test_a_tls_port_still_serves_tls_clients_after_refusing_plain_ones(tls_cluster: LocalCluster) -> None:
+    host, port = tls_cluster.meta_address.rsplit(":", 1)
+    for _ in range(3):
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(b"GET / HTTP/1.0\r\n\r\n")  # not even a frame: refused the same way
+            assert b"TLS connections only" in sock.recv(4096)
+        with socket.create_connection((host, int(port)), timeout=20):
+            pass  # a port probe: connects and leaves
+        for first_bytes in (b"\xdf_", b"\x16\x03", b"\x00"):  # part of a header, of a ClientHello; one byte
+            with socket.create_connection((host, int(port)), timeout=20) as sock:
+                sock.sendall(first_bytes)
+        with socket.create_connection((host, int(port)), timeout=20) as sock:
+            sock.sendall(frames.encode_frame(frames.Op.AUTH, 1, {}))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # leaves with a reset
+    with deepfs.Client(tls_cluster.meta_address, _tls_config(tls_cluster)) as client:
+        assert client.stat("/").st_ino
+
+
+@process
+@pytest.mark.timeout(60)
+def test_plain_tcp_client_fails_at_once_with_a_clear_error(tls_cluster: LocalCluster) -> None:
+    """No retries: with an hour of failover allowed, the client still stops at its first refusal
+    (else the test's timeout fails it)."""
+    config = dataclasses.replace(_tls_config(tls_cluster, tls=False), meta_failover_s=3600.0)
+    with pytest.raises(PermissionError) as info:
+        deepfs.Client(tls_cluster.meta_address, config).close()
     message = str(info.value).strip()
     assert tls_cluster.meta_address in message and "\n" not in message
+    assert "TLS connections only" in message and "tls_ca_file" in message
 
 
 @process
 @pytest.mark.timeout(60)
-def test_client_with_another_ca_refuses_the_cluster(tls_cluster: LocalCluster, other_ca: TlsFiles) -> None:
-    with pytest.raises(OSError) as info:
-        deepfs.Client(tls_cluster.meta_address, _tls_config(tls_cluster, other_ca.ca)).close()
-    assert "certificate" in str(info.value).lower()
+def test_client_with_another_ca_fails_at_once_naming_the_certificate(tls_cluster: LocalCluster,
+                                                                     other_ca: TlsFiles) -> None:
+    config = dataclasses.replace(_tls_config(tls_cluster, other_ca.ca), meta_failover_s=3600.0)
+    with pytest.raises(ConnectionRefusedError) as info:
+        deepfs.Client(tls_cluster.meta_address, config).close()
+    message = str(info.value)
+    assert "certificate verify failed" in message.lower() and tls_cluster.meta_address in message
+    assert "\n" not in message
+
+
+@unit
+@pytest.mark.timeout(30)
+def test_which_tls_failures_are_worth_a_retry() -> None:
+    assert tls_failure_is_permanent(ssl.SSLCertVerificationError(1, "certificate verify failed"))
+    assert tls_failure_is_permanent(ssl.SSLError(1, "wrong version number"))
+    for passing in (ssl.SSLEOFError(8, "EOF"), ssl.SSLZeroReturnError(6, "closed"), ssl.SSLSyscallError(5, "x"),
+                    ConnectionResetError(104, "reset"), None):
+        assert not tls_failure_is_permanent(passing)
 
 
 @process

@@ -10,7 +10,9 @@ operation's path.
 
 The connection is opened lazily through the client's ``Transport`` and
 authenticates with the client's key (``credential``) each time it is opened;
-a refused key is an ``AuthError``, never retried. The client may be given
+a refused key is an ``AuthError``, and a TLS handshake that would fail again
+(an untrusted certificate: ``rpc.TlsRefused``) an ``ECONNREFUSED``; neither is
+retried. The client may be given
 several metadata servers ("h1:p1,h2:p2", ``deepfs.rpc.parse_addresses``): it
 keeps one connection, to one of them. HELLO hands out the
 ``NodeTicket`` that lets the client into storage nodes (``node_ticket``;
@@ -577,8 +579,8 @@ class MetaClient:
                 try:
                     conn = await self._transport.dial(self._nursery, address, self._connect_timeout_s,
                                                       credential=self._credential)
-                except AuthError:
-                    raise  # a wrong key stays wrong: not retried, not "unreachable"
+                except (AuthError, rpc.TlsRefused):
+                    raise  # a wrong key or an untrusted certificate stays so: not retried, not "unreachable"
                 except (OSError, trio.TooSlowError) as exc:
                     self._advance(index)
                     raise ConnectionRefusedError(
@@ -663,6 +665,8 @@ class MetaClient:
                     request = {**request, "session": self.session}  # a new session since it was built
                 reply, _ = await conn.call(op, request, timeout_s=self._attempt_timeout_s)
                 return reply or {}
+            except rpc.TlsRefused:
+                raise  # the next try would fail the same way: say so now, not after ``failover_s``
             except (ConnectionError, trio.TooSlowError) as exc:
                 last = exc
                 if generation >= 0:

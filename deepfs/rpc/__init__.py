@@ -24,7 +24,7 @@ from deepfs.rpc._address import (
 from deepfs.rpc._blocking import BlockingFrameClient
 from deepfs.rpc._buffer import READ_BUFFER_SIZE, FrameBuffer
 from deepfs.rpc._client import FrameClient
-from deepfs.rpc._handshake import PRE_AUTH_MAX_BODY, client_handshake, server_handshake
+from deepfs.rpc._handshake import PRE_AUTH_MAX_BODY, TlsRefused, client_handshake, server_handshake
 from deepfs.rpc._pump import (
     Buffer,
     FileRange,
@@ -52,6 +52,7 @@ __all__ = [
     "RefusalLog",
     "Piece",
     "ServerLimits",
+    "TlsRefused",
     "client_handshake",
     "format_address",
     "format_addresses",

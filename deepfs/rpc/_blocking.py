@@ -41,6 +41,7 @@ from deepfs.auth import AuthError, ClientHandshake, Credential
 from deepfs.errors import os_error
 from deepfs.frames import Op, ProtocolError
 from deepfs.rpc._buffer import FrameBuffer
+from deepfs.rpc._handshake import TlsRefused, tls_failure_is_permanent
 
 RECEIVE_BUFFER_SIZE = 64 << 10
 """A blocking connection's receive buffer: its answers are one small frame at a time."""
@@ -70,14 +71,19 @@ class BlockingFrameClient:
     def connect(cls, host: str, port: int, timeout_s: float, *, credential: Credential | None = None,
                 ssl_context: ssl.SSLContext | None = None) -> BlockingFrameClient:
         """Connect, then TLS and the handshake, all within ``timeout_s`` (``TimeoutError`` past it,
-        ``AuthError`` if the peer refused ``credential``)."""
+        ``AuthError`` if the peer refused ``credential``, ``TlsRefused`` if TLS failed for good)."""
         deadline = time.monotonic() + timeout_s
         address = f"{host}:{port}"
         sock = socket.create_connection((host, port), timeout=timeout_s)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if ssl_context is not None:
-                sock = ssl_context.wrap_socket(sock, server_hostname=host)
+                try:
+                    sock = ssl_context.wrap_socket(sock, server_hostname=host)
+                except ssl.SSLError as exc:
+                    if tls_failure_is_permanent(exc):
+                        raise TlsRefused(address, exc) from None
+                    raise
             sock.settimeout(None)  # blocking: the kernel keeps the time (module docstring)
             client = cls(sock, address)
             if credential is not None:

@@ -53,7 +53,7 @@ from deepfs.auth import Credential
 from deepfs.errors import os_error
 from deepfs.frames import FrameHeader, ProtocolError
 from deepfs.rpc._buffer import READ_BUFFER_SIZE, FrameBuffer
-from deepfs.rpc._handshake import client_handshake
+from deepfs.rpc._handshake import TlsRefused, client_handshake, tls_failure_is_permanent
 from deepfs.rpc._pump import Buffer, FileRange, send_frame
 
 log = logging.getLogger(__name__)
@@ -153,7 +153,8 @@ class FrameClient:
         handshake (``credential``), all within ``timeout_s``.
 
         ``AuthError`` ("authentication with H:P failed: <reason>") if the server refused the
-        credential or could not prove it knows the secret; ``trio.TooSlowError`` past ``timeout_s``."""
+        credential or could not prove it knows the secret; ``TlsRefused`` if TLS failed in a way a
+        retry would repeat (``tls_failure_is_permanent``); ``trio.TooSlowError`` past ``timeout_s``."""
         address = f"{host}:{port}"
         with trio.fail_after(timeout_s):
             sock_stream = await trio.open_tcp_stream(host, port)
@@ -165,6 +166,8 @@ class FrameClient:
                     try:
                         await stream.do_handshake()
                     except trio.BrokenResourceError as exc:
+                        if tls_failure_is_permanent(exc.__cause__):  # retrying would fail the same way
+                            raise TlsRefused(address, exc.__cause__) from None
                         raise ConnectionResetError(
                             errno.ECONNRESET, f"TLS handshake with {address} failed: {exc.__cause__ or exc}") from exc
                 if credential is not None:

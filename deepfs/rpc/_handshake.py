@@ -8,13 +8,25 @@ header, before anything is allocated) and whose bodies are at most
 one-line reason. Either way the server then closes the connection. A peer
 must wait for the handshake's last reply before it sends anything else:
 bytes already buffered past it close the connection.
+
+On a TLS port the TLS handshake comes first. A peer that speaks our frames in
+clear text there is answered, in clear text, with one ``EACCES`` frame saying
+the port takes TLS only (``refuse_plaintext_peer``), so its client stops at
+once with that line instead of retrying a connection that closes without a
+word. A TLS handshake that fails the same way every time (a certificate the
+client does not trust, a peer that does not speak TLS) raises ``TlsRefused``
+on the client (``tls_failure_is_permanent``): still a connection error, so a
+storage node that fails it is gone around like an unreachable one, but one the
+metadata client does not retry.
 """
 
 from __future__ import annotations
 
 import errno
+import socket
+import ssl
 import time
-from typing import Any
+from typing import Any, TypeGuard
 
 import trio
 
@@ -24,6 +36,49 @@ from deepfs.frames import FLAG_ERROR, FLAG_RESPONSE, HEADER_SIZE, Op, ProtocolEr
 from deepfs.rpc._pump import FrameReader, send_frame
 
 PRE_AUTH_MAX_BODY = 4096
+TLS_HANDSHAKE_RECORD = 0x16
+"""The first byte a TLS client sends: the record type of its ClientHello."""
+PLAINTEXT_ON_TLS_PORT = ("this port takes TLS connections only: connect with TLS and the cluster's CA "
+                         "(tls = true and tls_ca_file in the client's config)")
+
+
+class TlsRefused(ConnectionRefusedError):
+    """A TLS handshake failed in a way a retry would repeat ("TLS handshake with H:P failed: reason")."""
+
+    def __init__(self, address: str, cause: BaseException) -> None:
+        super().__init__(errno.ECONNREFUSED, " ".join(f"TLS handshake with {address} failed: {cause}".split()))
+
+    def __str__(self) -> str:
+        return str(self.strerror)
+
+
+def tls_failure_is_permanent(cause: BaseException | None) -> TypeGuard[ssl.SSLError]:
+    """Will a TLS handshake that failed with ``cause`` fail again if retried? Yes for an SSL
+    error proper: a certificate the client does not trust or that names another host, a peer
+    that does not speak TLS, no common protocol version. No for a connection that ended or
+    broke during the handshake (EOF, a reset): that may be the network or a restarting server."""
+    return isinstance(cause, ssl.SSLError) and not isinstance(
+        cause, ssl.SSLEOFError | ssl.SSLZeroReturnError | ssl.SSLSyscallError)
+
+
+async def refuse_plaintext_peer(transport: trio.SocketStream, lock: trio.Lock) -> bool:
+    """On a TLS port, before its TLS handshake: if the peer's first bytes are a frame in clear
+    text rather than a TLS record, answer its first request with ``EACCES`` and
+    ``PLAINTEXT_ON_TLS_PORT``, in clear text, and return True (the caller closes). False for
+    a peer that speaks TLS, or that closed without sending anything. Only peeks: the bytes
+    stay for the TLS handshake. The caller bounds the time."""
+    peeked = await transport.socket.recv(frames.HEADER_SIZE, socket.MSG_PEEK)
+    if not peeked or peeked[0] == TLS_HANDSHAKE_RECORD:
+        return False
+    request_id = 1  # what both clients number their first AUTH with
+    try:
+        header = frames.parse_header(peeked)
+    except ProtocolError:
+        pass  # not a frame, or only part of its header so far: the reason is the same
+    else:
+        request_id = header.request_id
+    await _send_error(transport, lock, request_id, PLAINTEXT_ON_TLS_PORT)
+    return True
 
 
 def pre_auth_reader(stream: trio.abc.ReceiveStream) -> FrameReader:

@@ -43,7 +43,7 @@ import trio
 from deepfs import frames
 from deepfs.auth import AuthError, Identity, Verifier
 from deepfs.frames import FLAG_ERROR, FLAG_RESPONSE, FrameHeader, ProtocolError
-from deepfs.rpc._handshake import server_handshake
+from deepfs.rpc._handshake import refuse_plaintext_peer, server_handshake
 from deepfs.rpc._pump import BlockingSender, ConnectionIdle, FrameReader, PayloadBuffer, Piece, send_frame
 
 log = logging.getLogger(__name__)
@@ -244,6 +244,9 @@ class FrameServer:
         try:
             with trio.fail_after(self.handshake_timeout_s):
                 if isinstance(stream, trio.SSLStream):
+                    transport = stream.transport_stream
+                    if isinstance(transport, trio.SocketStream) and await refuse_plaintext_peer(transport, send_lock):
+                        raise _TlsFailed("the peer spoke without TLS (told so)")
                     try:
                         await stream.do_handshake()
                     except trio.BrokenResourceError as exc:
@@ -584,11 +587,18 @@ class _TlsFailed(Exception):
 
 
 async def _close(stream: trio.abc.Stream) -> None:
-    """Close a connection even while cancelled; TLS's goodbye gets a second at most (the peer may not read)."""
+    """Close a connection even while cancelled; TLS's goodbye gets a second at most (the peer may
+    not read). A TLS stream whose handshake never ran (a plaintext peer refused before it) runs
+    it to say goodbye, and fails (the peer's bytes are not TLS, or it reset the connection): its
+    socket is then closed without one. Nothing a peer does here may escape: it would end the listener."""
+    broken = False
     with trio.CancelScope(shield=True) as scope:
         scope.deadline = trio.current_time() + 1.0
-        await stream.aclose()
-    if scope.cancelled_caught and isinstance(stream, trio.SSLStream):
+        try:
+            await stream.aclose()
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            broken = True
+    if (scope.cancelled_caught or broken) and isinstance(stream, trio.SSLStream):
         with trio.CancelScope(shield=True):
             await stream.transport_stream.aclose()
 
