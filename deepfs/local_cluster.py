@@ -38,6 +38,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -313,9 +314,7 @@ class LocalCluster:
             self.state.meta_address = ",".join(self.state.meta_addresses)
             self.state.grpc_address = self.state.grpc_addresses[0]
             self.state.save()
-            for i in range(self.node_count):
-                self.start_node(i, timeout_s, wait_registered=False)
-            self.wait_nodes_up(self.node_count, timeout_s)
+            self.start_nodes(range(self.node_count), timeout_s)
         except BaseException:
             self.stop()
             raise
@@ -390,6 +389,34 @@ class LocalCluster:
     def start_node(self, index: int, timeout_s: float = READY_TIMEOUT_S, wait_registered: bool = True,
                    extra_args: list[str] | None = None) -> None:
         """Start (or restart, on its old port) node ``index``; ``extra_args`` go after the cluster's own."""
+        self.start_nodes([index], timeout_s, wait_registered, extra_args)
+
+    def start_nodes(self, indexes: Iterable[int], timeout_s: float = READY_TIMEOUT_S, wait_registered: bool = True,
+                    extra_args: list[str] | None = None) -> None:
+        """``start_node`` for several nodes side by side: all are spawned before any is waited for,
+        so their seconds of imports overlap (a 6-node cluster started ~1 s sooner here). If one
+        fails to start, those not yet ready are stopped too."""
+        launched: list[tuple[int, str, ServerProcess]] = []
+        try:
+            for index in indexes:
+                args, metrics_url = self._node_args(index, extra_args)
+                launched.append((index, metrics_url, self._launch(f"node{index}", args, "deepfs-node listening")))
+            while launched:
+                index, metrics_url, process = launched[0]
+                info = self._ready(f"node{index}", process, timeout_s)
+                launched.pop(0)
+                info.metrics_url = metrics_url
+                self.state.nodes[index] = info
+                self.state.save()
+        except BaseException:
+            for _index, _url, process in launched:
+                process.stop()
+            raise
+        if wait_registered:
+            self.wait_nodes_up(sum(1 for n in self.state.nodes if n and self.process(n).alive()), timeout_s)
+
+    def _node_args(self, index: int, extra_args: list[str] | None) -> tuple[list[str], str]:
+        """The command line of node ``index`` and its metrics URL."""
         previous = self.state.nodes[index]
         port = previous.address.rsplit(":", 1)[1] if previous and previous.address else "0"
         args = [
@@ -403,12 +430,7 @@ class LocalCluster:
         if metrics_url:
             args += ["--metrics-port", str(urlsplit(metrics_url).port)]
         args += self.extra_node_args + (extra_args or [])
-        info = self._spawn(f"node{index}", args, "deepfs-node listening", timeout_s)
-        info.metrics_url = metrics_url
-        self.state.nodes[index] = info
-        self.state.save()
-        if wait_registered:
-            self.wait_nodes_up(sum(1 for n in self.state.nodes if n and self.process(n).alive()), timeout_s)
+        return args, metrics_url
 
     def ensure_node_key(self, index: int) -> Path:
         """Node ``index``'s key file, written first if this cluster has none yet (e.g. after ``attach``)."""
@@ -432,11 +454,18 @@ class LocalCluster:
         return {info.name: info.metrics_url for info in infos if info is not None and info.metrics_url}
 
     def _spawn(self, name: str, args: list[str], ready: str, timeout_s: float) -> ProcessInfo:
+        return self._ready(name, self._launch(name, args, ready), timeout_s)
+
+    def _launch(self, name: str, args: list[str], ready: str) -> ServerProcess:
+        """Spawn process ``name``; ``_ready`` waits for its line starting with ``ready``."""
         log_path = self.data_dir / "logs" / f"{name}.log"
-        process = ServerProcess(args, ready_line(ready), log_path, name=name).start(timeout_s)
+        return ServerProcess(args, ready_line(ready), log_path, name=name).spawn()
+
+    def _ready(self, name: str, process: ServerProcess, timeout_s: float) -> ProcessInfo:
+        process.wait_ready(timeout_s)
         self.procs[name] = process
         words = process.ready_line.split()  # "<server> listening on HOST:PORT ..."
-        return ProcessInfo(name, process.pid, str(log_path), words[3] if len(words) > 3 else "")
+        return ProcessInfo(name, process.pid, str(process.log_path), words[3] if len(words) > 3 else "")
 
     def cluster_map(self, timeout_s: float = 2.0) -> control_pb2.ClusterMap:
         reply = self._call("GetClusterMap", control_pb2.ClusterMapRequest(), timeout_s)
