@@ -416,7 +416,8 @@ class LocalCluster:
             self.wait_nodes_up(sum(1 for n in self.state.nodes if n and self.process(n).alive()), timeout_s)
 
     def _node_args(self, index: int, extra_args: list[str] | None) -> tuple[list[str], str]:
-        """The command line of node ``index`` and its metrics URL."""
+        """The command line of node ``index`` and its metrics URL (a cluster whose nodes run elsewhere,
+        ``testing.netns.NetnsCluster``, overrides this, and every start goes through it)."""
         previous = self.state.nodes[index]
         port = previous.address.rsplit(":", 1)[1] if previous and previous.address else "0"
         args = [

@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Self
 
-from deepfs.local_cluster import READY_TIMEOUT_S, LocalCluster
+from deepfs.local_cluster import LocalCluster
 
 SUBNET_PREFIX = "10.211"
 NODE_PORT = 7710  # every node has an IP of its own, so all use the same port (and keep it across restarts)
@@ -218,8 +218,9 @@ class NetnsCluster(LocalCluster):
         """Registered address -> node id, from the cluster map."""
         return {node.address: node.node_id for node in self.cluster_map().nodes}
 
-    def start_node(self, index: int, timeout_s: float = READY_TIMEOUT_S, wait_registered: bool = True,
-                   extra_args: list[str] | None = None) -> None:
+    def _node_args(self, index: int, extra_args: list[str] | None) -> tuple[list[str], str]:
+        """Node ``index`` runs in its namespace, on its host's address (``LocalCluster.start_node``
+        and ``start_nodes`` start it); no metrics port."""
         args = [
             *self.network.exec_prefix(index), sys.executable, "-m", "storage_node",
             "--data-dir", str(self.node_data_dir(index)), "--host", self.network.host_ip(index),
@@ -228,7 +229,4 @@ class NetnsCluster(LocalCluster):
             *([] if self.state.fsync else ["--no-fsync"]),
             *self.extra_node_args, *self.node_args.get(index, []), *(extra_args or []),
         ]
-        self.state.nodes[index] = self._spawn(f"node{index}", args, "deepfs-node listening", timeout_s)
-        self.state.save()
-        if wait_registered:
-            self.wait_nodes_up(sum(1 for n in self.state.nodes if n and self.process(n).alive()), timeout_s)
+        return args, ""
