@@ -587,9 +587,7 @@ class DeepFSOperations(pyfuse3.Operations):
         elif flags & (os.O_ACCMODE | os.O_DIRECT | os.O_TRUNC) == os.O_RDONLY and len(handle.inode.handles) == 1:
             self._fill_kernel_pages(inode, handle.inode.file)
         self.attrs.put(handle.inode.file.attr)
-        # O_APPEND writes go where this mount knows the end is, which can differ
-        # from the kernel's idea; direct I/O keeps its page cache out of that.
-        info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache, direct_io=handle.append)
+        info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache, direct_io=_direct_io(flags))
         if PATCHED_PYFUSE3 and flags & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY:
             # Nothing is written through this handle, so its close has nothing to store:
             # the kernel skips the FLUSH request (writers' closes still flush their data).
@@ -642,7 +640,7 @@ class DeepFSOperations(pyfuse3.Operations):
         else:  # raced with another mount's create: open what is there
             handle, _ = await self.files.open(int(created.attr["ino"]), flags, ctx.uid)
         entry = self._entry(self._learned(handle.inode.file.attr, parent_inode, name))
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False, direct_io=handle.append), entry
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False, direct_io=_direct_io(flags)), entry
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
@@ -886,6 +884,15 @@ def _fuse_device_fds() -> list[int]:
             if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
                 found.append(int(name))
     return found
+
+
+def _direct_io(flags: int) -> bool:
+    """Does a handle opened with ``flags`` bypass the kernel's page cache (``FOPEN_DIRECT_IO``)?
+    O_APPEND: its writes go where this mount knows the end is, which can differ from the
+    kernel's idea, so no cached page may hold bytes at the offset the kernel guessed. O_DIRECT:
+    what the caller asked for; and without the cache the kernel stops sending a GETXATTR of
+    ``security.capability`` before every write (docs/FUSE.md)."""
+    return bool(flags & (os.O_APPEND | os.O_DIRECT))
 
 
 def _dir_links(reply: Removed, directory: int) -> int | None:

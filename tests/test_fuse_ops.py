@@ -6,6 +6,7 @@ One cluster and one mount for the module; each test works in its own directory.
 from __future__ import annotations
 
 import errno
+import mmap
 import os
 import stat
 import subprocess
@@ -554,3 +555,41 @@ def test_page_cache_kept_for_unchanged_files(mnt_dir: Path, fuse_mount: Mounted)
     with open(mnt_dir / "cached", "r+b") as f:
         f.write(b"changed")
     assert (mnt_dir / "cached").read_bytes() == b"changed" + data[7:]
+
+
+def test_o_direct_writes_skip_the_capability_check_and_stay_coherent(fuse_mount: Mounted, mnt_dir: Path) -> None:
+    """An O_DIRECT descriptor is a direct-I/O handle: its writes cost no GETXATTR of
+    security.capability each (a cached handle's do), a reader holding the file's pages in the
+    kernel's cache sees them at once, and they are there after close and in a fresh open. A
+    shared mmap of such a descriptor is refused (ENODEV, docs/FUSE.md); a private one works."""
+    path = mnt_dir / "direct"
+    old, new = os.urandom(1 << 20), os.urandom(16 * 4096)
+    path.write_bytes(old)
+    reader = os.open(path, os.O_RDONLY)
+    writer = os.open(path, os.O_RDWR | os.O_DIRECT)
+    try:
+        assert os.pread(reader, 1 << 20, 0) == old  # now in the kernel's page cache
+        offsets = [i * 61_440 for i in range(16)]  # 15 pages apart: 16 writes into cached pages
+        aligned = mmap.mmap(-1, 4096)
+        before = fuse_mount.process.request_stats()
+        for i, offset in enumerate(offsets):
+            aligned[:] = new[i * 4096:(i + 1) * 4096]
+            assert os.pwrite(writer, aligned, offset) == 4096
+        after = fuse_mount.process.request_stats()
+        assert after["op.write"] - before["op.write"] == len(offsets)
+        assert after.get("op.getxattr", 0) == before.get("op.getxattr", 0)
+        expected = bytearray(old)
+        for i, offset in enumerate(offsets):
+            expected[offset:offset + 4096] = new[i * 4096:(i + 1) * 4096]
+        assert os.pread(reader, 1 << 20, 0) == expected  # before the writer's close
+        with pytest.raises(OSError) as refused:
+            mmap.mmap(writer, 4096)
+        assert refused.value.errno == errno.ENODEV
+        private = mmap.mmap(writer, 4096, flags=mmap.MAP_PRIVATE)
+        assert private[:4096] == expected[:4096]
+        private.close()
+        os.fsync(writer)
+    finally:
+        os.close(writer)
+        os.close(reader)
+    assert path.read_bytes() == expected
