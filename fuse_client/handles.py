@@ -121,12 +121,23 @@ class OpenInode:
         return merged
 
 
+def is_direct_io(flags: int) -> bool:
+    """Does a handle opened with ``flags`` bypass the kernel's page cache (``FOPEN_DIRECT_IO``)?
+    O_APPEND: its writes go where this mount knows the end is, which can differ from the
+    kernel's idea, so no cached page may hold bytes at the offset the kernel guessed. O_DIRECT:
+    what the caller asked for; and without the cache the kernel stops sending a GETXATTR of
+    ``security.capability`` before every write (docs/FUSE.md). The kernel then no longer drops
+    file capabilities on such writes either: the daemon does (``DeepFSOperations.write``)."""
+    return bool(flags & (os.O_APPEND | os.O_DIRECT))
+
+
 @dataclass
 class FileHandle:
     fh: int
     inode: OpenInode
     append: bool
     uid: int  # who opened it: writes through it are theirs (FUSE tells no writer)
+    direct: bool = False  # ``is_direct_io``: the kernel's page cache (and its privilege checks) stay out
     next_offset: int | None = None  # where the last read ended: the sequential-reader test
     sequential_reads: int = 0  # reads in a row, up to the last, that continued the one before
     readahead_started: int = 0  # reads sent to read-ahead (tests: random readers never are)
@@ -220,7 +231,8 @@ class OpenFiles:
 
     def _new_handle(self, inode: OpenInode, flags: int, uid: int) -> FileHandle:
         fh = next(self._next_fh)
-        handle = self._handles[fh] = FileHandle(fh, inode, append=bool(flags & os.O_APPEND), uid=uid)
+        handle = self._handles[fh] = FileHandle(fh, inode, append=bool(flags & os.O_APPEND), uid=uid,
+                                                direct=is_direct_io(flags))
         inode.handles.add(fh)
         return handle
 

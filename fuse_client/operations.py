@@ -53,7 +53,7 @@ from fuse_client.attr_cache import (
     to_entry,
 )
 from fuse_client.dirs import Directories
-from fuse_client.handles import OpenFiles
+from fuse_client.handles import OpenFiles, is_direct_io
 from fuse_client.options import MountOptions
 from fuse_client.posix import (
     InodeNumbers,
@@ -587,7 +587,7 @@ class DeepFSOperations(pyfuse3.Operations):
         elif flags & (os.O_ACCMODE | os.O_DIRECT | os.O_TRUNC) == os.O_RDONLY and len(handle.inode.handles) == 1:
             self._fill_kernel_pages(inode, handle.inode.file)
         self.attrs.put(handle.inode.file.attr)
-        info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache, direct_io=_direct_io(flags))
+        info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache, direct_io=is_direct_io(flags))
         if PATCHED_PYFUSE3 and flags & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY:
             # Nothing is written through this handle, so its close has nothing to store:
             # the kernel skips the FLUSH request (writers' closes still flush their data).
@@ -640,7 +640,7 @@ class DeepFSOperations(pyfuse3.Operations):
         else:  # raced with another mount's create: open what is there
             handle, _ = await self.files.open(int(created.attr["ino"]), flags, ctx.uid)
         entry = self._entry(self._learned(handle.inode.file.attr, parent_inode, name))
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False, direct_io=_direct_io(flags)), entry
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False, direct_io=is_direct_io(flags)), entry
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
@@ -692,7 +692,37 @@ class DeepFSOperations(pyfuse3.Operations):
         self.stats.largest_write = max(self.stats.largest_write, len(buf))
         if handle.uid != 0:
             await self._drop_set_id_bits(handle.inode.ino)
+        if handle.direct:
+            await self._drop_file_capabilities(handle.inode.ino)
         return await self.files.write(handle, off, buf)
+
+    async def _drop_file_capabilities(self, ino: int) -> None:
+        """A write removes the file's capabilities (``security.capability``), whoever writes. The
+        kernel does it itself before each write through a cached handle (a GETXATTR, then a
+        REMOVEXATTR if there are some); a direct-I/O handle's writes skip that, so the daemon
+        looks here, in its xattr cache (a metadata round trip once per ``attr_timeout``)."""
+        found, value = self.xattrs.get(ino, FILE_CAPABILITIES)
+        if not found:
+            try:
+                with inode_held():
+                    value = await self.meta.getxattr(ino, FILE_CAPABILITIES)
+            except OSError as exc:
+                if exc.errno != errno.ENODATA:
+                    raise
+                value = None
+            self.xattrs.put(ino, FILE_CAPABILITIES, value)
+        if value is None:
+            return
+        self.xattrs.drop(ino)
+        try:
+            with inode_held():
+                await self.meta.removexattr(ino, FILE_CAPABILITIES)
+        except OSError as exc:
+            if exc.errno != errno.ENODATA:  # (another mount removed them first)
+                raise
+        finally:
+            self.xattrs.drop(ino)
+            self.attrs.drop(ino)
 
     async def _drop_set_id_bits(self, ino: int) -> None:
         """A write or truncate by an unprivileged caller clears set-id bits
@@ -846,6 +876,7 @@ class DeepFSOperations(pyfuse3.Operations):
 # pyfuse3 built with third_party/pyfuse3's patch (level 2: the lean request loop and FileInfo.noflush).
 PATCHED_PYFUSE3 = getattr(pyfuse3, "deepfs_patch_level", 0) >= 2
 STATAHEAD_PAGE = 1024  # entries per READDIR of a statahead (the server's most)
+FILE_CAPABILITIES = b"security.capability"  # what a write removes (``_drop_file_capabilities``)
 LOOP_READ_WAIT_S = 0.02
 """The longest the event loop waits for a node in a lone small read (``_read_on_loop``): a
 hundred times a healthy node's answer here, short enough that a paused node stalls the mount
@@ -884,15 +915,6 @@ def _fuse_device_fds() -> list[int]:
             if os.readlink(f"/proc/self/fd/{name}") == "/dev/fuse":
                 found.append(int(name))
     return found
-
-
-def _direct_io(flags: int) -> bool:
-    """Does a handle opened with ``flags`` bypass the kernel's page cache (``FOPEN_DIRECT_IO``)?
-    O_APPEND: its writes go where this mount knows the end is, which can differ from the
-    kernel's idea, so no cached page may hold bytes at the offset the kernel guessed. O_DIRECT:
-    what the caller asked for; and without the cache the kernel stops sending a GETXATTR of
-    ``security.capability`` before every write (docs/FUSE.md)."""
-    return bool(flags & (os.O_APPEND | os.O_DIRECT))
 
 
 def _dir_links(reply: Removed, directory: int) -> int | None:

@@ -9,6 +9,7 @@ import errno
 import mmap
 import os
 import stat
+import struct
 import subprocess
 import threading
 import time
@@ -593,3 +594,23 @@ def test_o_direct_writes_skip_the_capability_check_and_stay_coherent(fuse_mount:
         os.close(writer)
         os.close(reader)
     assert path.read_bytes() == expected
+
+
+@pytest.mark.parametrize("flags", [os.O_WRONLY, os.O_WRONLY | os.O_DIRECT, os.O_WRONLY | os.O_APPEND],
+                         ids=["cached", "o_direct", "o_append"])
+def test_a_write_drops_file_capabilities_through_every_kind_of_handle(mnt_dir: Path, flags: int) -> None:
+    """A write removes security.capability. The kernel does it for a cached handle; for a
+    direct-I/O one (O_DIRECT, O_APPEND) it leaves it to the daemon."""
+    path = mnt_dir / "capable"
+    path.write_bytes(b"\x7fELF" + bytes(4092))
+    caps_v2 = struct.pack("<IIIII", 0x02000001, 1 << 10, 0, 0, 0)  # effective CAP_NET_BIND_SERVICE
+    os.setxattr(path, "security.capability", caps_v2)
+    assert os.getxattr(path, "security.capability") == caps_v2
+    fd = os.open(path, flags)
+    try:
+        block = mmap.mmap(-1, 4096)
+        block[:4] = b"\x7fELF"
+        assert os.pwrite(fd, block, 0) == 4096 if not flags & os.O_APPEND else os.write(fd, block) == 4096
+    finally:
+        os.close(fd)
+    assert errno_of(os.getxattr, path, "security.capability") == errno.ENODATA
