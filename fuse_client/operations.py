@@ -701,17 +701,7 @@ class DeepFSOperations(pyfuse3.Operations):
         kernel does it itself before each write through a cached handle (a GETXATTR, then a
         REMOVEXATTR if there are some); a direct-I/O handle's writes skip that, so the daemon
         looks here, in its xattr cache (a metadata round trip once per ``attr_timeout``)."""
-        found, value = self.xattrs.get(ino, FILE_CAPABILITIES)
-        if not found:
-            try:
-                with inode_held():
-                    value = await self.meta.getxattr(ino, FILE_CAPABILITIES)
-            except OSError as exc:
-                if exc.errno != errno.ENODATA:
-                    raise
-                value = None
-            self.xattrs.put(ino, FILE_CAPABILITIES, value)
-        if value is None:
+        if await self._cached_xattr(ino, FILE_CAPABILITIES) is None:
             return
         self.xattrs.drop(ino)
         try:
@@ -825,18 +815,24 @@ class DeepFSOperations(pyfuse3.Operations):
         inode = self.inodes.to_server(inode)
         self.stats.getxattrs += 1
         refuse_acl(name)
-        found, value = self.xattrs.get(inode, name)
+        value = await self._cached_xattr(inode, name)
+        if value is None:
+            raise OSError(errno.ENODATA, "no such attribute")
+        return value
+
+    async def _cached_xattr(self, ino: int, name: bytes) -> bytes | None:
+        """Extended attribute ``name`` of ``ino`` (None: it has none), from the xattr cache, else
+        asked of the server and cached, absence too."""
+        found, value = self.xattrs.get(ino, name)
         if not found:
             try:
                 with inode_held():
-                    value = await self.meta.getxattr(inode, name)
+                    value = await self.meta.getxattr(ino, name)
             except OSError as exc:
                 if exc.errno != errno.ENODATA:
                     raise
                 value = None
-            self.xattrs.put(inode, name, value)
-        if value is None:
-            raise OSError(errno.ENODATA, "no such attribute")
+            self.xattrs.put(ino, name, value)
         return value
 
     @fuse_errors
