@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import mmap
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -153,6 +155,20 @@ def test_kill_9_of_the_mount_daemon_loses_no_closed_file(fresh_cluster: LocalClu
         (mountpoint / "dir").mkdir()
         os.rename(mountpoint / "closed0", mountpoint / "dir" / "closed0")
         closed["dir/closed0"] = closed.pop("closed0")
+        # O_DIRECT writes (direct-I/O handles) into a closed file, fsynced, the handle still open
+        # when the daemon dies: every fsynced byte must be there after the remount.
+        direct = bytearray(os.urandom(1 << 20))
+        (mountpoint / "direct").write_bytes(direct)
+        direct_fd = os.open(mountpoint / "direct", os.O_RDWR | os.O_DIRECT)
+        block = mmap.mmap(-1, 4096)
+        rng = random.Random(9)
+        for _ in range(32):
+            offset = rng.randrange(256) * 4096
+            block[:] = os.urandom(4096)
+            assert os.pwrite(direct_fd, block, offset) == 4096
+            direct[offset:offset + 4096] = block[:]
+        os.fsync(direct_fd)
+        closed["direct"] = hashlib.sha256(direct).hexdigest()
         in_progress = open(mountpoint / "in-progress", "wb")  # dies with the daemon
         in_progress.write(os.urandom(700_000))
         in_progress.flush()
@@ -161,10 +177,11 @@ def test_kill_9_of_the_mount_daemon_loses_no_closed_file(fresh_cluster: LocalClu
         with pytest.raises(OSError) as info:
             os.listdir(mountpoint)
         assert info.value.errno == errno.ENOTCONN
-        try:
-            in_progress.close()
-        except OSError:
-            pass
+        for close in (in_progress.close, lambda: os.close(direct_fd)):
+            try:
+                close()
+            except OSError:
+                pass
         result = deepfs_cli("umount", mountpoint)
         assert result.returncode == 0, result.stderr
         assert not is_mounted(mountpoint)
@@ -172,7 +189,7 @@ def test_kill_9_of_the_mount_daemon_loses_no_closed_file(fresh_cluster: LocalClu
         for name, digest in closed.items():
             assert sha(mountpoint / name) == digest, name
         assert sorted(os.listdir(mountpoint)) == ["closed1", "closed2", "closed3", "closed4", "closed5",
-                                                  "closed6", "closed7", "dir", "in-progress"]
+                                                  "closed6", "closed7", "dir", "direct", "in-progress"]
     finally:
         first.stop()
         if second is not None:
