@@ -53,7 +53,7 @@ from fuse_client.attr_cache import (
     to_entry,
 )
 from fuse_client.dirs import Directories
-from fuse_client.handles import OpenFiles, is_direct_io
+from fuse_client.handles import OpenFiles
 from fuse_client.options import MountOptions
 from fuse_client.posix import (
     InodeNumbers,
@@ -587,7 +587,7 @@ class DeepFSOperations(pyfuse3.Operations):
         elif flags & (os.O_ACCMODE | os.O_DIRECT | os.O_TRUNC) == os.O_RDONLY and len(handle.inode.handles) == 1:
             self._fill_kernel_pages(inode, handle.inode.file)
         self.attrs.put(handle.inode.file.attr)
-        info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache, direct_io=is_direct_io(flags))
+        info = pyfuse3.FileInfo(fh=handle.fh, keep_cache=keep_cache, direct_io=handle.direct)
         if PATCHED_PYFUSE3 and flags & (os.O_ACCMODE | os.O_TRUNC) == os.O_RDONLY:
             # Nothing is written through this handle, so its close has nothing to store:
             # the kernel skips the FLUSH request (writers' closes still flush their data).
@@ -640,7 +640,7 @@ class DeepFSOperations(pyfuse3.Operations):
         else:  # raced with another mount's create: open what is there
             handle, _ = await self.files.open(int(created.attr["ino"]), flags, ctx.uid)
         entry = self._entry(self._learned(handle.inode.file.attr, parent_inode, name))
-        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False, direct_io=is_direct_io(flags)), entry
+        return pyfuse3.FileInfo(fh=handle.fh, keep_cache=False, direct_io=handle.direct), entry
 
     @fuse_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
@@ -703,16 +703,11 @@ class DeepFSOperations(pyfuse3.Operations):
         looks here, in its xattr cache (a metadata round trip once per ``attr_timeout``)."""
         if await self._cached_xattr(ino, FILE_CAPABILITIES) is None:
             return
-        self.xattrs.drop(ino)
         try:
-            with inode_held():
-                await self.meta.removexattr(ino, FILE_CAPABILITIES)
+            await self._remove_xattr(ino, FILE_CAPABILITIES)
         except OSError as exc:
             if exc.errno != errno.ENODATA:  # (another mount removed them first)
                 raise
-        finally:
-            self.xattrs.drop(ino)
-            self.attrs.drop(ino)
 
     async def _drop_set_id_bits(self, ino: int) -> None:
         """A write or truncate by an unprivileged caller clears set-id bits
@@ -845,13 +840,17 @@ class DeepFSOperations(pyfuse3.Operations):
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         inode = self.inodes.to_server(inode)
         refuse_acl(name)
-        self.xattrs.drop(inode)
+        await self._remove_xattr(inode, name)
+
+    async def _remove_xattr(self, ino: int, name: bytes) -> None:
+        """REMOVEXATTR on the server, this mount's cached xattrs and attributes of ``ino`` dropped."""
+        self.xattrs.drop(ino)
         try:
             with inode_held():
-                await self.meta.removexattr(inode, name)
+                await self.meta.removexattr(ino, name)
         finally:
-            self.xattrs.drop(inode)
-            self.attrs.drop(inode)
+            self.xattrs.drop(ino)
+            self.attrs.drop(ino)
 
     # ------------------------------------------------------------ unmount
     async def shutdown(self) -> None:
