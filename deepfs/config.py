@@ -97,6 +97,7 @@ class NodeConfig:
     metrics_port: int | None = None  # Prometheus /metrics on host:metrics_port; None: not served (0: any free port)
     meta_grpc: str = "127.0.0.1:7701"  # "HOST:PORT[,HOST:PORT...]": several metadata servers, tried in turn
     failure_domain: str = ""  # empty: the node's own address
+    preferred_id: int = 0  # the node id asked for when this node first joins (granted if no node had it); 0: any
     advertise_address: str = ""  # HOST:PORT registered for clients (a proxy or NAT in front); empty: host:port
     fsync: bool = True  # make fragments durable: at once for PUTs asking for it, else at SYNC / every flush_interval_s
     flush_interval_s: float = 2.0  # unsynced fragments are made durable at least this often

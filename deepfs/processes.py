@@ -177,6 +177,11 @@ class ServerProcess:
     # ------------------------------------------------------------- start
     def start(self, timeout_s: float = 30.0) -> Self:
         """Spawn the process and wait until ``ready`` reports it ready; stopped again if it is not."""
+        return self.spawn().wait_ready(timeout_s)
+
+    def spawn(self) -> Self:
+        """The first half of ``start``: the process runs, not yet known to be ready. Several
+        processes spawned before any is waited for start side by side (their imports overlap)."""
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         env = {**os.environ, **SERVER_ENV, "PYTHONUNBUFFERED": "1", **self.env}
         with open(self.log_path, "ab") as log:
@@ -184,6 +189,11 @@ class ServerProcess:
             self.proc = subprocess.Popen(self.args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          env=env, cwd=self.cwd, start_new_session=True)
         self._pid = self.proc.pid
+        return self
+
+    def wait_ready(self, timeout_s: float = 30.0) -> Self:
+        """The second half of ``start``: wait until ``ready`` reports the spawned process ready;
+        stopped again if it is not."""
         try:
             self.ready_line = self._wait_ready(timeout_s)
         except BaseException:

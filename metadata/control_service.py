@@ -156,7 +156,7 @@ class ClusterService(control_pb2_grpc.ClusterServicer):
         usage = Usage(request.capacity_bytes, request.free_bytes, request.used_bytes)
         node_id, epoch = self._in_trio(
             context, self._membership.register_async, request.uuid, request.address, request.failure_domain, usage,
-            _caller_key_name(),
+            _caller_key_name(), request.preferred_id,
         )
         self._announce(context, node_id)
         return control_pb2.RegisterReply(node_id=node_id, epoch=epoch, heartbeat_interval_s=self._heartbeat_interval_s)

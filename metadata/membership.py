@@ -6,7 +6,10 @@ persisted in the ``nodes`` database: the same uuid registering again keeps
 its id and may change its address. A fresh data directory is a new uuid and
 so a new node, even at a dead node's address: the dead one stays known (as
 down) until its fragments are rebuilt elsewhere. Stripe placements name
-nodes by id.
+nodes by id, so an id is never handed out twice. A new node may ask for an
+id (``--preferred-id``); it gets it when no node ever had it, else the next
+one: a launcher starting several new nodes side by side numbers them in its
+own order, not in the order they happen to register.
 
 Each node has two independent states:
 
@@ -77,6 +80,8 @@ import trio
 from metadata import keys
 from metadata.coordination import Coordinator
 from metadata.store import MetaStore
+
+MAX_NODE_ID = 0xFFFF_FFFF  # a u32 in keys and on the wire
 
 log = logging.getLogger(__name__)
 
@@ -256,12 +261,13 @@ class Membership:
 
     # ------------------------------------------------------------ node reports
     def register(self, uuid: str, address: str, failure_domain: str, usage: Usage,
-                 key_name: str | None = None) -> tuple[int, int]:
-        """(node_id, epoch) for the node with ``uuid``; new uuids get the next id.
+                 key_name: str | None = None, preferred_id: int = 0) -> tuple[int, int]:
+        """(node_id, epoch) for the node with ``uuid``; a new uuid gets ``preferred_id`` if no node
+        ever had it, else the next id (``_claim_node_id``). A known uuid keeps its id.
 
         ``key_name``: the authenticated node key registering (None: no authentication). A uuid
         bound to another key, or an up node's address bound to another key: PermissionError."""
-        steps = self._register_steps(uuid, address, failure_domain, usage, key_name)
+        steps = self._register_steps(uuid, address, failure_domain, usage, key_name, preferred_id)
         try:
             operation, write = next(steps)
             while True:
@@ -272,9 +278,9 @@ class Membership:
         return result
 
     async def register_async(self, uuid: str, address: str, failure_domain: str, usage: Usage,
-                             key_name: str | None = None) -> tuple[int, int]:
+                             key_name: str | None = None, preferred_id: int = 0) -> tuple[int, int]:
         """``register`` from the trio thread: its store reads and writes go through ``store.run``."""
-        steps = self._register_steps(uuid, address, failure_domain, usage, key_name)
+        steps = self._register_steps(uuid, address, failure_domain, usage, key_name, preferred_id)
         try:
             operation, write = next(steps)
             while True:
@@ -285,7 +291,8 @@ class Membership:
         return result
 
     def _register_steps(self, uuid: str, address: str, failure_domain: str, usage: Usage,
-                        key_name: str | None) -> Generator[tuple[Callable[[], Any], bool], Any, tuple[int, int]]:
+                        key_name: str | None, preferred_id: int = 0
+                        ) -> Generator[tuple[Callable[[], Any], bool], Any, tuple[int, int]]:
         """``register``, yielding each store operation it needs (and whether it writes); sent its result."""
         if self.live is not None and not any(n.uuid == uuid for n in self.nodes.values()):
             self._take_records((yield self._read_records, False))  # another server's?
@@ -294,12 +301,17 @@ class Membership:
             self._check_claim(node, uuid, address, key_name)
         changed = False
         if node is None:
-            node_id = yield self._next_node_id, True
-            node = NodeState(node_id, uuid, address, failure_domain, key_name=key_name or "")
-            self.nodes[node_id] = node
+            node = NodeState(0, uuid, address, failure_domain, key_name=key_name or "")
+            node.node_id = yield functools.partial(self._claim_node_id, node, preferred_id), True
+            self.nodes[node.node_id] = node
             changed = True
-            log.info("node %d (%s) joined at %s%s", node_id, uuid, address,
-                     f" with key {key_name!r}" if key_name else "")
+            log.info("node %d (%s) joined at %s%s%s", node.node_id, uuid, address,
+                     f" with key {key_name!r}" if key_name else "",
+                     f" (it asked for id {preferred_id}, which a node had before)"
+                     if preferred_id and preferred_id != node.node_id else "")
+        elif preferred_id and preferred_id != node.node_id:
+            log.warning("node %d (%s) asked for id %d: a node keeps the id it joined with", node.node_id, uuid,
+                        preferred_id)
         elif (node.address, node.failure_domain) != (address, failure_domain) or not node.up:
             node.address, node.failure_domain = address, failure_domain
             changed = True
@@ -510,9 +522,23 @@ class Membership:
         self._put_node(node)
         self._bump_epoch()
 
-    def _next_node_id(self) -> int:
+    def _claim_node_id(self, node: NodeState, preferred_id: int) -> int:
+        """The id of a node joining now: ``preferred_id`` when no node ever had it, else the next
+        one after every id handed out (ids start at 1 and are never reused: stripe records name
+        nodes by id). Its record is written in the same transaction, so a claim on another server
+        (etcd) conflicts with it instead of handing the same id out twice.
+
+        A preferred id is how a launcher that starts several new nodes at once (``LocalCluster``,
+        ``deepfs up``) numbers them in its own order rather than in the order they registered."""
         with self.store.write() as txn:
-            return txn.add_counter(keys.META_LAST_NODE_ID, 1)  # ids start at 1
+            last = int(txn.get_meta(keys.META_LAST_NODE_ID, 0))
+            if 0 < preferred_id <= MAX_NODE_ID and preferred_id not in txn.nodes():
+                node_id = preferred_id
+                txn.put_meta(keys.META_LAST_NODE_ID, max(last, node_id))
+            else:
+                node_id = txn.add_counter(keys.META_LAST_NODE_ID, 1)
+            txn.put_node(node_id, node.persistent())
+            return node_id
 
     def _put_node(self, node: NodeState) -> None:
         self._dirty_nodes.add(node.node_id)  # written by the flush that ends the public method

@@ -86,6 +86,7 @@ class Registration:
         self.store = store
         self.address = address
         self.failure_domain = config.failure_domain or address
+        self.preferred_id = config.preferred_id
         self.rpc_timeout_s = rpc_timeout_s
         self.scrub_stats = scrub_stats or ScrubStats()
         self.epoch = 0
@@ -185,6 +186,7 @@ class Registration:
             uuid=self.identity.uuid,
             address=self.address,
             failure_domain=self.failure_domain,
+            preferred_id=self.preferred_id,
             capacity_bytes=stats["capacity_bytes"],
             free_bytes=stats["free_bytes"],
             used_bytes=stats["used_bytes"],

@@ -178,6 +178,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
                    help="serve Prometheus /metrics on this port (0: any free port; default: not served)")
     p.add_argument("--meta-grpc", help="metadata server control plane (default 127.0.0.1:7701)")
     p.add_argument("--failure-domain", help="rack or host name (default: HOST:PORT)")
+    p.add_argument("--preferred-id", type=int,
+                   help="the node id to ask for when this node first joins (granted if no node ever had it, "
+                        "else the next free one; a node keeps its id for life)")
     p.add_argument("--advertise", dest="advertise_address",
                    help="HOST:PORT clients reach this node at, e.g. a proxy in front of it (default: HOST:PORT)")
     p.add_argument("--no-fsync", action="store_true", help="do not fsync fragments (tests, benchmarks)")
@@ -221,7 +224,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
         base = nodes[a.node_index]
     overrides = {
         field: getattr(a, field)
-        for field in ("data_dir", "host", "port", "metrics_port", "meta_grpc", "failure_domain", "advertise_address",
+        for field in ("data_dir", "host", "port", "metrics_port", "meta_grpc", "failure_domain", "preferred_id",
+                      "advertise_address",
                       "reserve_bytes", "capacity_bytes", "io_threads", "open_files", "scrub_mib_s", "scrub_interval_s",
                       "idle_timeout_s", "frame_timeout_s", "max_connections_per_peer", "key_file",
                       "capability_skew_s", "handshake_timeout_s", "tls", "tls_cert_file", "tls_key_file",
@@ -233,6 +237,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
     config = replace(base, **overrides)
     if not 0 <= config.port < 65536:
         p.error(f"--port must be in [0, 65535], got {config.port}")
+    if not 0 <= config.preferred_id <= 0xFFFF_FFFF:
+        p.error(f"--preferred-id must be in [0, 4294967295] (0: any), got {config.preferred_id}")
     if config.io_threads < 1:
         p.error("--io-threads must be at least 1")
     if config.open_files < 0:

@@ -209,3 +209,45 @@ def test_records_from_before_bindings_are_bound_at_the_next_registration(store: 
     assert membership.register("uuid-1", address(1), "host1", Usage())[0] == 1
     assert membership.register("uuid-new", address(5), "host5", Usage())[0] == 2
     assert membership.nodes[2].key_name == ""
+
+
+def test_new_nodes_get_the_ids_they_ask_for_in_whatever_order_they_register(store: MetaStore) -> None:
+    """A launcher starting nodes side by side numbers them itself: registration order does not matter."""
+    membership = Membership(store, GRACE_S, clock=FakeClock())
+    membership.load()
+    for n in (3, 1, 6, 2, 5, 4):
+        assert membership.register(f"uuid-{n}", address(n), f"host{n}", Usage(), preferred_id=n)[0] == n
+    # One that asks for nothing gets the id after every id handed out; so does one whose id was taken.
+    assert membership.register("uuid-any", address(7), "host7", Usage())[0] == 7
+    assert membership.register("uuid-late", address(8), "host8", Usage(), preferred_id=2)[0] == 8
+    # A known uuid keeps its id, whatever it asks for.
+    assert membership.register("uuid-1", address(1), "host1", Usage(), preferred_id=9)[0] == 1
+    reloaded = Membership(store, GRACE_S, clock=FakeClock())
+    reloaded.load()
+    assert {n: reloaded.nodes[n].uuid for n in reloaded.nodes} == {
+        1: "uuid-1", 2: "uuid-2", 3: "uuid-3", 4: "uuid-4", 5: "uuid-5", 6: "uuid-6", 7: "uuid-any", 8: "uuid-late"}
+    assert reloaded.register("uuid-next", address(9), "host9", Usage())[0] == 9
+
+
+def test_an_id_a_removed_node_had_is_never_handed_out_again(store: MetaStore) -> None:
+    """Stripe records name nodes by id: a new node asking for a removed one's id gets a fresh one."""
+    clock = FakeClock()
+    membership = cluster_of(store, clock)
+    clock.advance(GRACE_S + 1)
+    for n in range(2, 7):
+        membership.heartbeat(n, Usage())
+    membership.expire()
+    membership.remove(1, referenced_fragments=0)
+    assert membership.register("uuid-new", address(1), "host1", Usage(), preferred_id=1)[0] == 7
+
+
+def test_a_preferred_id_another_server_granted_is_not_granted_twice(store: MetaStore) -> None:
+    """The claim reads the store, not this server's map: a second server that has not seen the first's
+    new node still does not hand its id out again."""
+    first = Membership(store, GRACE_S, clock=FakeClock())
+    first.load()
+    second = Membership(store, GRACE_S, clock=FakeClock())
+    second.load()
+    assert first.register("uuid-a", address(1), "host1", Usage(), preferred_id=3)[0] == 3
+    assert second.register("uuid-b", address(2), "host2", Usage(), preferred_id=3)[0] == 4
+    assert second.register("uuid-c", address(3), "host3", Usage())[0] == 5

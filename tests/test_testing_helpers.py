@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import socket
+import subprocess
 import sys
 import textwrap
 import threading
@@ -332,8 +333,8 @@ def test_a_metadata_server_whose_port_was_taken_is_started_on_new_ports(tmp_path
 
 
 def test_a_cluster_whose_node_cannot_start_stops_every_process_it_started(tmp_path: Path) -> None:
-    """A node that fails to start takes down the cluster start, and no process of this cluster
-    (the nodes started before it, the metadata server) is left."""
+    """Nodes are spawned side by side, then waited for: one that fails takes down the cluster
+    start, and no process of this cluster (the others still starting, the metadata server) is left."""
     (tmp_path / "node2").write_text("a file where node 2's data directory goes")
     cluster = LocalCluster(tmp_path, 4, 2, 1, 256 << 10)
     with pytest.raises(ProcessStartError, match="node2 exited"):
@@ -352,4 +353,28 @@ def test_a_cluster_whose_node_cannot_start_stops_every_process_it_started(tmp_pa
         return found
 
     assert ours() == []
-    assert {p.name for p in (tmp_path / "logs").iterdir()} >= {"meta.log", "node0.log", "node1.log"}
+    assert {p.name for p in (tmp_path / "logs").iterdir()} >= {"meta.log", "node0.log", "node3.log"}
+
+
+def test_nodes_started_side_by_side_are_numbered_by_index_and_keep_their_ids(tmp_path: Path) -> None:
+    """A fresh cluster's nodes register in whatever order they come up (the metadata server's log
+    shows it) and still get ids index + 1 (``--preferred-id``); a restarted one keeps its id, and a
+    wiped one, whose id is taken, gets the next free one."""
+    with LocalCluster(tmp_path, 4, 2, 1, 256 << 10).start() as cluster:
+        assert [(n.node_id, n.failure_domain) for n in cluster.cluster_map().nodes] == [
+            (1, "host0"), (2, "host1"), (3, "host2"), (4, "host3")]
+        cluster.kill_node(1, signal.SIGTERM)
+        cluster.start_node(1)
+        (cluster.node_data_dir(2) / "node.uuid").unlink()
+        cluster.kill_node(2)
+        cluster.start_node(2)
+        ids = {n.node_id: n.failure_domain for n in cluster.cluster_map().nodes if n.state == "up"}
+        assert ids == {1: "host0", 2: "host1", 4: "host3", 5: "host2"}
+
+
+def test_a_node_refuses_a_preferred_id_out_of_range(tmp_path: Path) -> None:
+    """One line and exit status 2, before anything starts."""
+    proc = subprocess.run([sys.executable, "-m", "storage_node", "--data-dir", str(tmp_path / "n"),
+                           "--preferred-id", "-1"], capture_output=True, text=True, timeout=60, check=False)
+    assert proc.returncode == 2
+    assert "--preferred-id must be in [0, 4294967295]" in proc.stderr

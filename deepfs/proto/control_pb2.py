@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65\x65pfs/proto/control.proto\x12\x0e\x64\x65\x65pfs.control\"\xd9\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x16\n\x0e\x66\x61ilure_domain\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\x12\x12\n\nused_bytes\x18\x07 \x01(\x04\x12\r\n\x05state\x18\x08 \x01(\t\x12\x1b\n\x13last_heartbeat_unix\x18\t \x01(\x01\x12\x11\n\tfragments\x18\n \x01(\x04\x12\x13\n\x0bquarantined\x18\x0b \x01(\x04\x12\x13\n\x0b\x61\x64min_state\x18\x0c \x01(\t\x12\x13\n\x0bscrub_bytes\x18\r \x01(\x04\x12\x14\n\x0cscrub_errors\x18\x0e \x01(\x04\x12\x1b\n\x13scrub_pass_fraction\x18\x0f \x01(\x01\x12\x14\n\x0cscrub_passes\x18\x10 \x01(\x04\"I\n\x0b\x46ragmentRef\x12\x0b\n\x03ino\x18\x01 \x01(\x04\x12\x0e\n\x06stripe\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0c\n\x04slot\x18\x04 \x01(\r\"\x88\x01\n\x0fRegisterRequest\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0e\x66\x61ilure_domain\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x12\n\nfree_bytes\x18\x05 \x01(\x04\x12\x12\n\nused_bytes\x18\x06 \x01(\x04\"M\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\"\x9d\x02\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x11\n\tfragments\x18\x05 \x01(\x04\x12\x13\n\x0bquarantined\x18\x06 \x01(\x04\x12\x32\n\rbad_fragments\x18\x07 \x03(\x0b\x32\x1b.deepfs.control.FragmentRef\x12\x13\n\x0bscrub_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cscrub_errors\x18\t \x01(\x04\x12\x1b\n\x13scrub_pass_fraction\x18\n \x01(\x01\x12\x14\n\x0cscrub_passes\x18\x0b \x01(\x04\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x13\n\x11\x43lusterMapRequest\"\\\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\'\n\x05nodes\x18\x02 \x03(\x0b\x32\x18.deepfs.control.NodeInfo\x12\x16\n\x0egrace_period_s\x18\x03 \x01(\x01\"\x0f\n\rStatusRequest\"\x8c\x05\n\x0bStatusReply\x12\'\n\x03map\x18\x01 \x01(\x0b\x32\x1a.deepfs.control.ClusterMap\x12\x11\n\tdefault_k\x18\x02 \x01(\r\x12\x11\n\tdefault_m\x18\x03 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_stripe_size\x18\x04 \x01(\x04\x12\r\n\x05\x66iles\x18\x05 \x01(\x04\x12\x13\n\x0b\x64irectories\x18\x06 \x01(\x04\x12\x15\n\rlogical_bytes\x18\x07 \x01(\x04\x12\x12\n\ngc_pending\x18\x08 \x01(\x04\x12\x14\n\x0c\x64\x61ta_address\x18\t \x01(\t\x12\x18\n\x10\x64\x65graded_stripes\x18\n \x01(\x04\x12G\n\x0fstripes_by_lost\x18\x0b \x03(\x0b\x32..deepfs.control.StatusReply.StripesByLostEntry\x12\x1a\n\x12unreadable_stripes\x18\x0c \x01(\x04\x12\x14\n\x0crepair_queue\x18\r \x01(\x04\x12\x1a\n\x12repair_bytes_per_s\x18\x0e \x01(\x01\x12\x14\n\x0crepair_eta_s\x18\x0f \x01(\x01\x12\x1a\n\x12repaired_fragments\x18\x10 \x01(\x04\x12\x13\n\x0bincarnation\x18\x11 \x01(\x04\x12\x14\n\x0cscrub_errors\x18\x12 \x01(\x04\x12\x16\n\x0escrub_progress\x18\x13 \x01(\x01\x12\x0e\n\x06\x65ngine\x18\x14 \x01(\t\x12\x30\n\x0c\x65tcd_members\x18\x15 \x03(\x0b\x32\x1a.deepfs.control.EtcdMember\x12\x0e\n\x06leader\x18\x16 \x01(\t\x1a\x34\n\x12StripesByLostEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"1\n\nEtcdMember\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x11\n\tis_leader\x18\x02 \x01(\x08\"\x1e\n\x0bNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\"0\n\x0b\x46sckRequest\x12\x0e\n\x06repair\x18\x01 \x01(\x08\x12\x11\n\tmax_files\x18\x02 \x01(\r\"J\n\x08\x46sckFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0b\n\x03ino\x18\x02 \x01(\x04\x12\x0f\n\x07stripes\x18\x03 \x01(\r\x12\x12\n\nworst_lost\x18\x04 \x01(\r\"\xf6\x02\n\tFsckReply\x12\r\n\x05\x66iles\x18\x01 \x01(\x04\x12\x0f\n\x07stripes\x18\x02 \x01(\x04\x12\x18\n\x10\x64\x65graded_stripes\x18\x03 \x01(\x04\x12\x1a\n\x12unreadable_stripes\x18\x04 \x01(\x04\x12\x1a\n\x12orphaned_fragments\x18\x05 \x01(\x04\x12\x30\n\x0e\x64\x65graded_files\x18\x06 \x03(\x0b\x32\x18.deepfs.control.FsckFile\x12\x32\n\x10unreadable_files\x18\x07 \x03(\x0b\x32\x18.deepfs.control.FsckFile\x12\x14\n\x0crepair_queue\x18\x08 \x01(\x04\x12\x45\n\x0fstripes_by_lost\x18\t \x03(\x0b\x32,.deepfs.control.FsckReply.StripesByLostEntry\x1a\x34\n\x12StripesByLostEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\x83\x04\n\x07\x43luster\x12J\n\x08Register\x12\x1f.deepfs.control.RegisterRequest\x1a\x1d.deepfs.control.RegisterReply\x12M\n\tHeartbeat\x12 .deepfs.control.HeartbeatRequest\x1a\x1e.deepfs.control.HeartbeatReply\x12N\n\rGetClusterMap\x12!.deepfs.control.ClusterMapRequest\x1a\x1a.deepfs.control.ClusterMap\x12\x44\n\x06Status\x12\x1d.deepfs.control.StatusRequest\x1a\x1b.deepfs.control.StatusReply\x12\x42\n\tDrainNode\x12\x1b.deepfs.control.NodeRequest\x1a\x18.deepfs.control.NodeInfo\x12\x43\n\nRemoveNode\x12\x1b.deepfs.control.NodeRequest\x1a\x18.deepfs.control.NodeInfo\x12>\n\x04\x46sck\x12\x1b.deepfs.control.FsckRequest\x1a\x19.deepfs.control.FsckReplyb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1a\x64\x65\x65pfs/proto/control.proto\x12\x0e\x64\x65\x65pfs.control\"\xd9\x02\n\x08NodeInfo\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x0c\n\x04uuid\x18\x02 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x03 \x01(\t\x12\x16\n\x0e\x66\x61ilure_domain\x18\x04 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x05 \x01(\x04\x12\x12\n\nfree_bytes\x18\x06 \x01(\x04\x12\x12\n\nused_bytes\x18\x07 \x01(\x04\x12\r\n\x05state\x18\x08 \x01(\t\x12\x1b\n\x13last_heartbeat_unix\x18\t \x01(\x01\x12\x11\n\tfragments\x18\n \x01(\x04\x12\x13\n\x0bquarantined\x18\x0b \x01(\x04\x12\x13\n\x0b\x61\x64min_state\x18\x0c \x01(\t\x12\x13\n\x0bscrub_bytes\x18\r \x01(\x04\x12\x14\n\x0cscrub_errors\x18\x0e \x01(\x04\x12\x1b\n\x13scrub_pass_fraction\x18\x0f \x01(\x01\x12\x14\n\x0cscrub_passes\x18\x10 \x01(\x04\"I\n\x0b\x46ragmentRef\x12\x0b\n\x03ino\x18\x01 \x01(\x04\x12\x0e\n\x06stripe\x18\x02 \x01(\x04\x12\x0f\n\x07version\x18\x03 \x01(\x04\x12\x0c\n\x04slot\x18\x04 \x01(\r\"\x9e\x01\n\x0fRegisterRequest\x12\x0c\n\x04uuid\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x16\n\x0e\x66\x61ilure_domain\x18\x03 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x04 \x01(\x04\x12\x12\n\nfree_bytes\x18\x05 \x01(\x04\x12\x12\n\nused_bytes\x18\x06 \x01(\x04\x12\x14\n\x0cpreferred_id\x18\x07 \x01(\r\"M\n\rRegisterReply\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\x12\x1c\n\x14heartbeat_interval_s\x18\x03 \x01(\x01\"\x9d\x02\n\x10HeartbeatRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nfree_bytes\x18\x03 \x01(\x04\x12\x12\n\nused_bytes\x18\x04 \x01(\x04\x12\x11\n\tfragments\x18\x05 \x01(\x04\x12\x13\n\x0bquarantined\x18\x06 \x01(\x04\x12\x32\n\rbad_fragments\x18\x07 \x03(\x0b\x32\x1b.deepfs.control.FragmentRef\x12\x13\n\x0bscrub_bytes\x18\x08 \x01(\x04\x12\x14\n\x0cscrub_errors\x18\t \x01(\x04\x12\x1b\n\x13scrub_pass_fraction\x18\n \x01(\x01\x12\x14\n\x0cscrub_passes\x18\x0b \x01(\x04\"\x1f\n\x0eHeartbeatReply\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\"\x13\n\x11\x43lusterMapRequest\"\\\n\nClusterMap\x12\r\n\x05\x65poch\x18\x01 \x01(\x04\x12\'\n\x05nodes\x18\x02 \x03(\x0b\x32\x18.deepfs.control.NodeInfo\x12\x16\n\x0egrace_period_s\x18\x03 \x01(\x01\"\x0f\n\rStatusRequest\"\x8c\x05\n\x0bStatusReply\x12\'\n\x03map\x18\x01 \x01(\x0b\x32\x1a.deepfs.control.ClusterMap\x12\x11\n\tdefault_k\x18\x02 \x01(\r\x12\x11\n\tdefault_m\x18\x03 \x01(\r\x12\x1b\n\x13\x64\x65\x66\x61ult_stripe_size\x18\x04 \x01(\x04\x12\r\n\x05\x66iles\x18\x05 \x01(\x04\x12\x13\n\x0b\x64irectories\x18\x06 \x01(\x04\x12\x15\n\rlogical_bytes\x18\x07 \x01(\x04\x12\x12\n\ngc_pending\x18\x08 \x01(\x04\x12\x14\n\x0c\x64\x61ta_address\x18\t \x01(\t\x12\x18\n\x10\x64\x65graded_stripes\x18\n \x01(\x04\x12G\n\x0fstripes_by_lost\x18\x0b \x03(\x0b\x32..deepfs.control.StatusReply.StripesByLostEntry\x12\x1a\n\x12unreadable_stripes\x18\x0c \x01(\x04\x12\x14\n\x0crepair_queue\x18\r \x01(\x04\x12\x1a\n\x12repair_bytes_per_s\x18\x0e \x01(\x01\x12\x14\n\x0crepair_eta_s\x18\x0f \x01(\x01\x12\x1a\n\x12repaired_fragments\x18\x10 \x01(\x04\x12\x13\n\x0bincarnation\x18\x11 \x01(\x04\x12\x14\n\x0cscrub_errors\x18\x12 \x01(\x04\x12\x16\n\x0escrub_progress\x18\x13 \x01(\x01\x12\x0e\n\x06\x65ngine\x18\x14 \x01(\t\x12\x30\n\x0c\x65tcd_members\x18\x15 \x03(\x0b\x32\x1a.deepfs.control.EtcdMember\x12\x0e\n\x06leader\x18\x16 \x01(\t\x1a\x34\n\x12StripesByLostEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"1\n\nEtcdMember\x12\x10\n\x08\x65ndpoint\x18\x01 \x01(\t\x12\x11\n\tis_leader\x18\x02 \x01(\x08\"\x1e\n\x0bNodeRequest\x12\x0f\n\x07node_id\x18\x01 \x01(\r\"0\n\x0b\x46sckRequest\x12\x0e\n\x06repair\x18\x01 \x01(\x08\x12\x11\n\tmax_files\x18\x02 \x01(\r\"J\n\x08\x46sckFile\x12\x0c\n\x04path\x18\x01 \x01(\t\x12\x0b\n\x03ino\x18\x02 \x01(\x04\x12\x0f\n\x07stripes\x18\x03 \x01(\r\x12\x12\n\nworst_lost\x18\x04 \x01(\r\"\xf6\x02\n\tFsckReply\x12\r\n\x05\x66iles\x18\x01 \x01(\x04\x12\x0f\n\x07stripes\x18\x02 \x01(\x04\x12\x18\n\x10\x64\x65graded_stripes\x18\x03 \x01(\x04\x12\x1a\n\x12unreadable_stripes\x18\x04 \x01(\x04\x12\x1a\n\x12orphaned_fragments\x18\x05 \x01(\x04\x12\x30\n\x0e\x64\x65graded_files\x18\x06 \x03(\x0b\x32\x18.deepfs.control.FsckFile\x12\x32\n\x10unreadable_files\x18\x07 \x03(\x0b\x32\x18.deepfs.control.FsckFile\x12\x14\n\x0crepair_queue\x18\x08 \x01(\x04\x12\x45\n\x0fstripes_by_lost\x18\t \x03(\x0b\x32,.deepfs.control.FsckReply.StripesByLostEntry\x1a\x34\n\x12StripesByLostEntry\x12\x0b\n\x03key\x18\x01 \x01(\r\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\x32\x83\x04\n\x07\x43luster\x12J\n\x08Register\x12\x1f.deepfs.control.RegisterRequest\x1a\x1d.deepfs.control.RegisterReply\x12M\n\tHeartbeat\x12 .deepfs.control.HeartbeatRequest\x1a\x1e.deepfs.control.HeartbeatReply\x12N\n\rGetClusterMap\x12!.deepfs.control.ClusterMapRequest\x1a\x1a.deepfs.control.ClusterMap\x12\x44\n\x06Status\x12\x1d.deepfs.control.StatusRequest\x1a\x1b.deepfs.control.StatusReply\x12\x42\n\tDrainNode\x12\x1b.deepfs.control.NodeRequest\x1a\x18.deepfs.control.NodeInfo\x12\x43\n\nRemoveNode\x12\x1b.deepfs.control.NodeRequest\x1a\x18.deepfs.control.NodeInfo\x12>\n\x04\x46sck\x12\x1b.deepfs.control.FsckRequest\x1a\x19.deepfs.control.FsckReplyb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -40,35 +40,35 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_FRAGMENTREF']._serialized_start=394
   _globals['_FRAGMENTREF']._serialized_end=467
   _globals['_REGISTERREQUEST']._serialized_start=470
-  _globals['_REGISTERREQUEST']._serialized_end=606
-  _globals['_REGISTERREPLY']._serialized_start=608
-  _globals['_REGISTERREPLY']._serialized_end=685
-  _globals['_HEARTBEATREQUEST']._serialized_start=688
-  _globals['_HEARTBEATREQUEST']._serialized_end=973
-  _globals['_HEARTBEATREPLY']._serialized_start=975
-  _globals['_HEARTBEATREPLY']._serialized_end=1006
-  _globals['_CLUSTERMAPREQUEST']._serialized_start=1008
-  _globals['_CLUSTERMAPREQUEST']._serialized_end=1027
-  _globals['_CLUSTERMAP']._serialized_start=1029
-  _globals['_CLUSTERMAP']._serialized_end=1121
-  _globals['_STATUSREQUEST']._serialized_start=1123
-  _globals['_STATUSREQUEST']._serialized_end=1138
-  _globals['_STATUSREPLY']._serialized_start=1141
-  _globals['_STATUSREPLY']._serialized_end=1793
-  _globals['_STATUSREPLY_STRIPESBYLOSTENTRY']._serialized_start=1741
-  _globals['_STATUSREPLY_STRIPESBYLOSTENTRY']._serialized_end=1793
-  _globals['_ETCDMEMBER']._serialized_start=1795
-  _globals['_ETCDMEMBER']._serialized_end=1844
-  _globals['_NODEREQUEST']._serialized_start=1846
-  _globals['_NODEREQUEST']._serialized_end=1876
-  _globals['_FSCKREQUEST']._serialized_start=1878
-  _globals['_FSCKREQUEST']._serialized_end=1926
-  _globals['_FSCKFILE']._serialized_start=1928
-  _globals['_FSCKFILE']._serialized_end=2002
-  _globals['_FSCKREPLY']._serialized_start=2005
-  _globals['_FSCKREPLY']._serialized_end=2379
-  _globals['_FSCKREPLY_STRIPESBYLOSTENTRY']._serialized_start=1741
-  _globals['_FSCKREPLY_STRIPESBYLOSTENTRY']._serialized_end=1793
-  _globals['_CLUSTER']._serialized_start=2382
-  _globals['_CLUSTER']._serialized_end=2897
+  _globals['_REGISTERREQUEST']._serialized_end=628
+  _globals['_REGISTERREPLY']._serialized_start=630
+  _globals['_REGISTERREPLY']._serialized_end=707
+  _globals['_HEARTBEATREQUEST']._serialized_start=710
+  _globals['_HEARTBEATREQUEST']._serialized_end=995
+  _globals['_HEARTBEATREPLY']._serialized_start=997
+  _globals['_HEARTBEATREPLY']._serialized_end=1028
+  _globals['_CLUSTERMAPREQUEST']._serialized_start=1030
+  _globals['_CLUSTERMAPREQUEST']._serialized_end=1049
+  _globals['_CLUSTERMAP']._serialized_start=1051
+  _globals['_CLUSTERMAP']._serialized_end=1143
+  _globals['_STATUSREQUEST']._serialized_start=1145
+  _globals['_STATUSREQUEST']._serialized_end=1160
+  _globals['_STATUSREPLY']._serialized_start=1163
+  _globals['_STATUSREPLY']._serialized_end=1815
+  _globals['_STATUSREPLY_STRIPESBYLOSTENTRY']._serialized_start=1763
+  _globals['_STATUSREPLY_STRIPESBYLOSTENTRY']._serialized_end=1815
+  _globals['_ETCDMEMBER']._serialized_start=1817
+  _globals['_ETCDMEMBER']._serialized_end=1866
+  _globals['_NODEREQUEST']._serialized_start=1868
+  _globals['_NODEREQUEST']._serialized_end=1898
+  _globals['_FSCKREQUEST']._serialized_start=1900
+  _globals['_FSCKREQUEST']._serialized_end=1948
+  _globals['_FSCKFILE']._serialized_start=1950
+  _globals['_FSCKFILE']._serialized_end=2024
+  _globals['_FSCKREPLY']._serialized_start=2027
+  _globals['_FSCKREPLY']._serialized_end=2401
+  _globals['_FSCKREPLY_STRIPESBYLOSTENTRY']._serialized_start=1763
+  _globals['_FSCKREPLY_STRIPESBYLOSTENTRY']._serialized_end=1815
+  _globals['_CLUSTER']._serialized_start=2404
+  _globals['_CLUSTER']._serialized_end=2919
 # @@protoc_insertion_point(module_scope)

@@ -55,20 +55,22 @@ class FragmentRef(_message.Message):
     def __init__(self, ino: _Optional[int] = ..., stripe: _Optional[int] = ..., version: _Optional[int] = ..., slot: _Optional[int] = ...) -> None: ...
 
 class RegisterRequest(_message.Message):
-    __slots__ = ("uuid", "address", "failure_domain", "capacity_bytes", "free_bytes", "used_bytes")
+    __slots__ = ("uuid", "address", "failure_domain", "capacity_bytes", "free_bytes", "used_bytes", "preferred_id")
     UUID_FIELD_NUMBER: _ClassVar[int]
     ADDRESS_FIELD_NUMBER: _ClassVar[int]
     FAILURE_DOMAIN_FIELD_NUMBER: _ClassVar[int]
     CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
     FREE_BYTES_FIELD_NUMBER: _ClassVar[int]
     USED_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PREFERRED_ID_FIELD_NUMBER: _ClassVar[int]
     uuid: str
     address: str
     failure_domain: str
     capacity_bytes: int
     free_bytes: int
     used_bytes: int
-    def __init__(self, uuid: _Optional[str] = ..., address: _Optional[str] = ..., failure_domain: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ...) -> None: ...
+    preferred_id: int
+    def __init__(self, uuid: _Optional[str] = ..., address: _Optional[str] = ..., failure_domain: _Optional[str] = ..., capacity_bytes: _Optional[int] = ..., free_bytes: _Optional[int] = ..., used_bytes: _Optional[int] = ..., preferred_id: _Optional[int] = ...) -> None: ...
 
 class RegisterReply(_message.Message):
     __slots__ = ("node_id", "epoch", "heartbeat_interval_s")

@@ -225,7 +225,7 @@ class NetnsCluster(LocalCluster):
             *self.network.exec_prefix(index), sys.executable, "-m", "storage_node",
             "--data-dir", str(self.node_data_dir(index)), "--host", self.network.host_ip(index),
             "--port", str(NODE_PORT), "--meta-grpc", self.state.grpc_address, "--failure-domain", f"host{index}",
-            "--key", str(self.ensure_node_key(index)), *self.tls_args(),
+            "--key", str(self.ensure_node_key(index)), *self.tls_args(), *self.preferred_id_args(index),
             *([] if self.state.fsync else ["--no-fsync"]),
             *self.extra_node_args, *self.node_args.get(index, []), *(extra_args or []),
         ]
