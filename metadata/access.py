@@ -116,7 +116,7 @@ MUTATING_OPS = frozenset({
     Op.SETXATTR, Op.REMOVEXATTR, Op.COMMIT, Op.SET_LAYOUT,
 })
 
-PATH_OPS = frozenset({Op.OPEN, Op.CREATE})
+PATH_OPS = frozenset({Op.OPEN, Op.CREATE, Op.UNLINK, Op.RMDIR})
 """Ops that may name their file by ``path`` (``Authorizer.numeric_form``)."""
 
 _ALWAYS_CHECKED = frozenset({Op.SET_LAYOUT, Op.COMMIT})
@@ -340,13 +340,14 @@ class Authorizer:
 
     def numeric_form(self, op: int, fields: dict[str, Any], root: int, request: Request | None,
                      lenient: bool = False) -> dict[str, Any]:
-        """An OPEN or CREATE that names its file by ``path`` as the numeric request it stands for
-        (OPEN: ``ino``; CREATE: ``parent`` + ``name``), so that resolving and opening cost one round
-        trip. The path is walked from ``root`` exactly as RESOLVE walks it (for CREATE, all but its
-        last part: the directory), with RESOLVE's checks when ``request`` is given (search on every
-        directory walked, the inode found inside the subtree); the numeric form's own checks follow.
-        ``lenient``: a retry of a CREATE that already succeeded (the namespace replays its reply)
-        whose directory cannot be walked any more gets ``root``, not the walk's error."""
+        """An OPEN, CREATE, UNLINK or RMDIR that names its file by ``path`` as the numeric request it
+        stands for (OPEN: ``ino``; the others: ``parent`` + ``name``), so that resolving and acting
+        cost one round trip. The path is walked from ``root`` exactly as RESOLVE walks it (but for
+        OPEN, all but its last part: the directory), with RESOLVE's checks when ``request`` is given
+        (search on every directory walked, the inode found inside the subtree); the numeric form's
+        own checks follow. ``lenient``: a retry of an op that already succeeded (the namespace
+        replays its reply) whose directory cannot be walked any more gets ``root``, not the walk's
+        error."""
         if op not in PATH_OPS or fields.get("path") is None:
             return fields
         path = m.at_path(fields)

@@ -130,6 +130,14 @@ def test_small_files_cost_one_metadata_request_each(cluster: LocalCluster, clien
                                                         what="the closed files released")).get("RELEASE", 0)
     assert releases + delta.get("RELEASE", 0) < files
 
+    def unlink_all() -> None:
+        for path in paths:
+            client.unlink(path)
+
+    assert own_requests(requests_during(cluster, unlink_all)) == {"UNLINK": files}
+    assert own_requests(requests_during(cluster, lambda: client.rmdir("/one/deep"))) == {"RMDIR": 1}
+    assert not client.exists("/one/deep")
+
 
 def test_a_closed_files_hold_is_released_in_one_batch(cluster: LocalCluster, client: deepfs.Client) -> None:
     client.mkdir("/batch")
@@ -290,6 +298,27 @@ def test_open_and_create_by_path_keep_resolves_permission_checks(cluster: LocalC
         sub.write_file("/sub/made", b"inside")
         assert client.read_file("/perm/home/sub/made") == b"inside"
         assert errno_of(sub.write_file, "/perm/open/x", b"x") == errno.ENOENT
+    # UNLINK and RMDIR by path: the directory walked with the same checks, then their own.
+    client.makedirs("/perm/home/gone/dir")
+    client.write_file("/perm/home/gone/f", b"f")
+    chown(client, "/perm/home/gone", ALICE, 0o755)
+    with deepfs.Client(cluster.meta_address, key=key_of(cluster)) as alice:
+        assert errno_of(alice.unlink, secret) == errno.EACCES  # no search on /perm/open/closed
+        assert errno_of(alice.unlink, "/perm/open/readable") == errno.EACCES  # no w on /perm/open
+        assert errno_of(alice.rmdir, "/perm/open/closed/inner") == errno.EACCES
+        assert errno_of(alice.unlink, "/perm/home/gone/missing") == errno.ENOENT
+        assert errno_of(alice.unlink, "/perm/home/gone/f/x") == errno.ENOTDIR
+        assert errno_of(alice.unlink, "/perm/dirlink/readable") == errno.ENOTDIR  # a symlink is not followed
+        assert errno_of(alice.unlink, "/perm/home/gone/dir") == errno.EISDIR
+        assert errno_of(alice.rmdir, "/perm/home/gone/f") == errno.ENOTDIR
+        assert errno_of(alice.rmdir, "/perm/home/gone") == errno.ENOTEMPTY
+        alice.unlink("/perm/home/gone/f")
+        alice.rmdir("/perm/home/gone/dir")
+        assert client.listdir("/perm/home/gone") == []
+    with deepfs.Client(cluster.meta_address, key=key_of(cluster, path="/perm/home")) as sub:
+        assert errno_of(sub.unlink, "/perm/open/readable") == errno.ENOENT  # paths start at its root
+        sub.rmdir("/gone")
+    assert client.read_file("/perm/open/readable") == b"r"
     # A hard link into the subtree of a file outside it: RESOLVE refuses it, so does OPEN by path.
     client.link("/perm/open/readable", "/perm/home/alias")
     with deepfs.Client(cluster.meta_address, key=key_of(cluster, path="/perm/home")) as sub:

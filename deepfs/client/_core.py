@@ -364,10 +364,21 @@ class AsyncClient:
                     raise os_error(errno.ENOTDIR, "", sub) from None
 
     async def unlink(self, path: str) -> None:
-        await self._named(self.meta.unlink, path)
+        """One round trip: the server walks the directory's path and removes the name in the same
+        request (as ``write_file``'s create)."""
+        await self._in_directory_path(self.meta.unlink, path)
 
     async def rmdir(self, path: str) -> None:
-        await self._named(self.meta.rmdir, path)
+        await self._in_directory_path(self.meta.rmdir, path)
+
+    async def _in_directory_path(self, op: Callable[[str, bytes], Awaitable[Any]], path: str) -> None:
+        """``op(directory path, name)`` for ``path``, which the server resolves itself; errors name
+        ``path``."""
+        parent, name = split_path(path)
+        try:
+            await op(parent, name)
+        except OSError as exc:
+            raise os_error(exc.errno or errno.EIO, exc.strerror or "", path) from None
 
     async def rename(self, src: str, dst: str, flags: int = 0) -> None:
         parent, name = await self._parent(src)

@@ -331,12 +331,7 @@ class MetaClient:
         ``data`` (at most ``inline_max_bytes``): the file's whole content, committed inline in
         the same transaction (an existing file is truncated to it); the file is then not held
         open: nothing is left to write."""
-        named: dict[str, Any]
-        if isinstance(parent, str):
-            named = {"path": parent.encode("utf-8", "surrogateescape").rstrip(b"/") + b"/" + name}
-        else:
-            named = {"parent": parent, "name": name}
-        body: dict[str, Any] = {**named, "mode": mode, "exclusive": exclusive, "ctx": caller}
+        body: dict[str, Any] = {**_named(parent, name), "mode": mode, "exclusive": exclusive, "ctx": caller}
         hold = bool(self.session) and data is None
         if hold:
             body["session"] = self.session
@@ -369,13 +364,15 @@ class MetaClient:
     async def link(self, ino: int, new_parent: int, new_name: bytes) -> Attr:
         return (await self._call(Op.LINK, {"ino": ino, "new_parent": new_parent, "new_name": new_name}))["attr"]
 
-    async def unlink(self, parent: int, name: bytes, *, keep_open: bool = False) -> Removed:
-        """``keep_open``: the inode is open here; it outlives its last name until ``release``."""
-        body = {"parent": parent, "name": name, "keep_open": keep_open, **self._released()}
+    async def unlink(self, parent: int | str, name: bytes, *, keep_open: bool = False) -> Removed:
+        """``keep_open``: the inode is open here; it outlives its last name until ``release``.
+        ``parent`` may be the directory's path (a str), resolved in the same request (as ``create``)."""
+        body = {**_named(parent, name), "keep_open": keep_open, **self._released()}
         return cast(Removed, await self._call(Op.UNLINK, body))
 
-    async def rmdir(self, parent: int, name: bytes) -> Removed:
-        return cast(Removed, await self._call(Op.RMDIR, {"parent": parent, "name": name}))
+    async def rmdir(self, parent: int | str, name: bytes) -> Removed:
+        """``parent`` may be the directory's path (a str), resolved in the same request."""
+        return cast(Removed, await self._call(Op.RMDIR, _named(parent, name)))
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *, flags: int = 0,
                      keep_open: bool = False) -> Removed:
@@ -692,3 +689,12 @@ class MetaClient:
 def caller_context() -> Caller:
     """This process's uid/gid, the owner of the inodes it creates."""
     return {"uid": os.geteuid(), "gid": os.getegid()}
+
+
+def _named(parent: int | str, name: bytes) -> dict[str, Any]:
+    """How a request names ``name`` in ``parent``: ``parent`` + ``name``, or for a directory given by
+    its path (a str, from this client's root) the whole ``path``, which the server walks in the same
+    request (``metadata.access.Authorizer.numeric_form``)."""
+    if isinstance(parent, str):
+        return {"path": parent.encode("utf-8", "surrogateescape").rstrip(b"/") + b"/" + name}
+    return {"parent": parent, "name": name}

@@ -302,9 +302,9 @@ def open_file(b: Body) -> OpenFile:
 
 
 def at_path(b: Body) -> bytes | None:
-    """The optional ``path`` of an OPEN or CREATE that names its file by path instead of ``ino``
-    (OPEN) or ``parent`` + ``name`` (CREATE): '/'-separated from the caller's root, walked as
-    RESOLVE walks it, in the same request. None: the numeric form."""
+    """The optional ``path`` of an OPEN, CREATE, UNLINK or RMDIR that names its file by path instead
+    of ``ino`` (OPEN) or ``parent`` + ``name`` (the others): '/'-separated from the caller's root,
+    walked as RESOLVE walks it, in the same request. None: the numeric form."""
     return None if b.get("path") is None else v.path(b)
 
 
