@@ -87,6 +87,11 @@ class MetaConfig:
     small_file_max_bytes: int = 256 << 10
 
 
+NODE_UUID_FILE = "node.uuid"
+"""The file in a node's ``data_dir`` holding its identity (``storage_node.identity``): a launcher
+tells a node that never ran by its absence (``LocalCluster.preferred_id_args``)."""
+
+
 @dataclass
 class NodeConfig:
     """Storage node (``deepfs node serve``)."""

@@ -58,6 +58,7 @@ from deepfs.auth import (
     write_key_file,
 )
 from deepfs.auth.grpc_auth import authenticated_channel
+from deepfs.config import NODE_UUID_FILE
 from deepfs.errors import ConfigError
 from deepfs.processes import ProcessStartError, ServerProcess, free_port, pid_alive, ready_line, stop_all
 from deepfs.proto import control_pb2, control_pb2_grpc
@@ -421,9 +422,7 @@ class LocalCluster:
         """``--preferred-id index+1`` for a node that never ran (no uuid in its data directory yet),
         nothing for one that did: it keeps the id it has. A wiped node asks too, and gets the next free
         id when a node had that one."""
-        from storage_node.identity import UUID_FILE  # (the launcher reads the node's layout; no import cycle)
-
-        if (self.node_data_dir(index) / UUID_FILE).exists():
+        if (self.node_data_dir(index) / NODE_UUID_FILE).exists():
             return []
         return ["--preferred-id", str(index + 1)]
 

@@ -13,7 +13,9 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
-UUID_FILE = "node.uuid"
+from deepfs.config import NODE_UUID_FILE
+
+UUID_FILE = NODE_UUID_FILE
 
 
 @dataclass
