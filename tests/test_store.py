@@ -205,6 +205,42 @@ def test_wait_synced_returns_once_earlier_writes_are_committed(store: MetaStore)
     assert store.stats.sync_waits == 1
 
 
+@pytest.mark.unit
+def test_a_cancelled_run_still_waits_for_its_operation(store: MetaStore) -> None:
+    """A caller never goes on while its write is in flight, even cancelled; every answer (a value, an
+    exception) reaches its task, also with many in flight at once."""
+    release = threading.Event()
+
+    def slow() -> str:
+        release.wait(10)
+        put(store, b"slow", 1)
+        return "stored"
+
+    def failing() -> None:
+        with store.write() as txn:
+            txn.put_meta(b"half", 1)
+            raise OSError(errno.EEXIST, "refused")  # (its nested transaction is aborted)
+
+    async def main() -> None:
+        threading.Timer(0.3, release.set).start()
+        started = trio.current_time()
+        with trio.move_on_after(0.05):
+            assert await store.run(slow) == "stored"
+        assert trio.current_time() - started >= 0.25  # the cancel came at 0.05: run waited anyway
+        assert await store.run(functools.partial(get, store, b"slow"), write=False) == 1
+        with pytest.raises(OSError) as caught:
+            await store.run(failing)
+        assert caught.value.errno == errno.EEXIST
+        async with trio.open_nursery() as nursery:
+            for i in range(200):
+                nursery.start_soon(store.run, functools.partial(put, store, b"k%d" % (i % 7), i))
+        for i in range(300):
+            await store.run(functools.partial(put, store, b"n", i))
+
+    trio.run(main)
+    assert store.run_sync(lambda: (get(store, b"half"), get(store, b"n"))) == (None, 299)
+
+
 # a real server killed under load ------------------------------------------------------
 
 
