@@ -701,3 +701,36 @@ def test_200_orphans_are_reclaimed_in_bounded_transactions(ns: Ops) -> None:
         fails(errno.ENOENT, ns.getattr, f)
     assert {key.ino for _node, key in gc_entries(ns)} >= set(inos)
     assert ns.counts()["orphans"] == 0
+
+
+def test_two_servers_never_hand_out_one_node_id_twice(etcd_engines: Engines) -> None:
+    """New nodes registering through two servers at the same moment, each pair asking for the same
+    id: every node gets an id of its own (the claim and the node's record are one transaction, so a
+    second claim conflicts, is retried and sees the first), and each asked-for id goes to one node."""
+    from metadata.membership import Membership, Usage
+
+    servers = [Membership(loop.store, 5.0) for loop in (etcd_engines.open_store(), etcd_engines.open_store())]
+    for server in servers:
+        server.load()
+    together = threading.Barrier(2, timeout=30)
+
+    def join(k: int) -> list[tuple[str, int]]:
+        joined = []
+        for i in range(12):
+            together.wait()
+            uuid_ = f"uuid-{k}-{i}"
+            joined.append((uuid_, servers[k].register(uuid_, f"127.0.0.1:{7000 + 100 * k + i}", f"h{k}", Usage(),
+                                                      preferred_id=100 + i)[0]))
+        return joined
+
+    with ThreadPoolExecutor(2) as pool:
+        joined = dict(pair for pairs in pool.map(join, range(2)) for pair in pairs)
+    assert len(set(joined.values())) == len(joined) == 24
+    assert set(range(100, 112)) <= set(joined.values())
+    loop = etcd_engines.loops[0]
+
+    def records() -> dict[int, dict[str, Any]]:
+        with loop.store.read() as txn:
+            return txn.nodes()
+
+    assert {record["uuid"]: node_id for node_id, record in loop.call(records, write=False).items()} == joined
