@@ -34,6 +34,7 @@ from deepfs.rpc import format_addresses
 
 DEFAULT_ATTR_TIMEOUT_S = 1.0
 DEFAULT_ENTRY_TIMEOUT_S = 1.0
+DEFAULT_FAILOVER_TIMEOUT_S = ClientConfig.meta_failover_s
 FUSE_CONF = Path("/etc/fuse.conf")
 
 
@@ -79,6 +80,9 @@ class MountOptions:
     attr_timeout_s: float = DEFAULT_ATTR_TIMEOUT_S  # kernel and daemon attribute cache
     entry_timeout_s: float = DEFAULT_ENTRY_TIMEOUT_S  # kernel name → inode cache
     negative_timeout_s: float = 0.0  # kernel cache of "no such name"; 0 = never cached
+    # how long a metadata request keeps trying unreachable servers (the next listed one each time) before
+    # EIO; also how long the mount itself waits for the cluster at start
+    failover_timeout_s: float = DEFAULT_FAILOVER_TIMEOUT_S
     # let users other than the mounting one in (needs root or user_allow_other); on for root
     allow_other: bool = field(default_factory=lambda: default_allow_other(os.geteuid()))
     readahead_stripes: int = 2  # whole stripes fetched ahead of a sequential reader; 0 = off
@@ -94,6 +98,7 @@ class MountOptions:
 
     def client_config(self) -> ClientConfig:
         return ClientConfig(meta_address=self.meta_address, readahead_stripes=self.readahead_stripes,
+                            meta_failover_s=self.failover_timeout_s,
                             key_file=str(self.key or ""), tls=self.tls_ca is not None,
                             tls_ca_file=str(self.tls_ca or ""))
 
@@ -114,7 +119,7 @@ class MountOptions:
         args = [
             self.meta_address, str(self.mountpoint), "--foreground",
             "--attr-timeout", str(self.attr_timeout_s), "--entry-timeout", str(self.entry_timeout_s),
-            "--negative-timeout", str(self.negative_timeout_s),
+            "--negative-timeout", str(self.negative_timeout_s), "--failover-timeout", str(self.failover_timeout_s),
             "--readahead-stripes", str(self.readahead_stripes),
             "--kernel-readahead-kb", str(self.kernel_readahead_kb),
             "--max-tasks", str(self.max_tasks),
@@ -137,6 +142,13 @@ def _non_negative(text: str) -> float:
     value = float(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -176,6 +188,10 @@ def build_parser(prog: str = "deepfs mount") -> argparse.ArgumentParser:
                         help="seconds name lookups are cached (default %(default)s)")
     parser.add_argument("--negative-timeout", dest="negative_timeout_s", type=_non_negative, default=0.0,
                         metavar="S", help="seconds a missing name is cached (default 0: not cached)")
+    parser.add_argument("--failover-timeout", dest="failover_timeout_s", type=_positive,
+                        default=DEFAULT_FAILOVER_TIMEOUT_S, metavar="S",
+                        help="seconds a metadata request keeps trying unreachable servers before it fails "
+                        "with EIO; also how long mounting waits for the cluster (default %(default)s)")
     parser.add_argument("--allow-other", action=argparse.BooleanOptionalAction, default=None,
                         help="let other users use the mount, the kernel checking mode bits "
                         "(default: on when mounting as root, off otherwise)")

@@ -220,9 +220,11 @@ def test_cli_mount_background_and_umount(cluster: LocalCluster) -> None:
         assert result.returncode == 1 and "not mounted" in result.stderr
         wait_for(lambda: not processes_mentioning(f"fuse_client {cluster.meta_address} {mountpoint} "),
                  what="the daemon to exit")
-        result = deepfs_cli("mount", "127.0.0.1:1", mountpoint, "--log-file", log)
+        started = time.monotonic()
+        result = deepfs_cli("mount", "127.0.0.1:1", mountpoint, "--log-file", log, "--failover-timeout", "1")
         assert result.returncode == 1 and "unreachable" in result.stderr
         assert len(result.stderr.strip().splitlines()) == 1
+        assert time.monotonic() - started < 8  # it gave up after its --failover-timeout, not the default 10 s
     finally:
         if is_mounted(mountpoint):
             subprocess.run(["fusermount3", "-uz", str(mountpoint)], check=False)

@@ -76,14 +76,19 @@ def test_mount_paths_with_odd_characters() -> None:
 
 
 def test_options_round_trip() -> None:
-    options = parse_args(["127.0.0.1:7700", "/mnt/x", "--attr-timeout", "0.5", "--allow-other", "-o", "ro"])
+    options = parse_args(["127.0.0.1:7700", "/mnt/x", "--attr-timeout", "0.5", "--allow-other", "-o", "ro",
+                          "--failover-timeout", "2.5"])
     assert (options.meta_address, options.mountpoint, options.foreground) == ("127.0.0.1:7700", Path("/mnt/x"), False)
     again = parse_args(options.to_args())
     assert again.foreground and again.attr_timeout_s == 0.5 and again.allow_other
+    assert again.client_config().meta_failover_s == 2.5
+    assert parse_args(["127.0.0.1:7700", "/mnt/x"]).client_config().meta_failover_s == 10.0
     assert again.extra_fuse_options == ["ro"]
     assert "default_permissions" in again.fuse_options() and "allow_other" in again.fuse_options()
     with pytest.raises(SystemExit):
         parse_args(["127.0.0.1:7700", "/mnt/x", "--attr-timeout", "-1"])
+    with pytest.raises(SystemExit):
+        parse_args(["127.0.0.1:7700", "/mnt/x", "--failover-timeout", "0"])
 
 
 def test_the_key_goes_to_the_daemon_as_an_absolute_path(tmp_path: Path) -> None:
