@@ -43,6 +43,16 @@ def cluster_of(store: MetaStore, clock: FakeClock, nodes: int = 6) -> Membership
     return membership
 
 
+def remove_dead_node_1(membership: Membership, clock: FakeClock, referenced_fragments: int) -> None:
+    """Node 1 of ``cluster_of`` goes silent past its grace period (the others keep heartbeating)
+    and the operator removes it."""
+    clock.advance(GRACE_S + 1)
+    for n in range(2, 7):
+        membership.heartbeat(n, Usage())
+    membership.expire()
+    membership.remove(1, referenced_fragments=referenced_fragments)
+
+
 def test_after_a_restart_nodes_are_down_until_they_check_in_with_the_new_incarnation(store: MetaStore) -> None:
     clock = FakeClock()
     before = cluster_of(store, clock)
@@ -116,11 +126,7 @@ def test_drain_keeps_reads_and_stops_writes_and_remove_refuses_a_live_node_with_
 def test_a_dead_node_is_removed_at_once_whatever_it_held_and_stays_out_when_it_returns(store: MetaStore) -> None:
     clock = FakeClock()
     membership = cluster_of(store, clock)
-    clock.advance(GRACE_S + 1)
-    for n in range(2, 7):
-        membership.heartbeat(n, Usage())
-    membership.expire()
-    membership.remove(1, referenced_fragments=500)
+    remove_dead_node_1(membership, clock, referenced_fragments=500)
     assert membership.node_state(1) == "out"
     membership.register("uuid-1", address(1), "host1", Usage())  # the old disk comes back
     assert membership.node_state(1) == "out" and membership.nodes[1].up
@@ -233,11 +239,7 @@ def test_an_id_a_removed_node_had_is_never_handed_out_again(store: MetaStore) ->
     """Stripe records name nodes by id: a new node asking for a removed one's id gets a fresh one."""
     clock = FakeClock()
     membership = cluster_of(store, clock)
-    clock.advance(GRACE_S + 1)
-    for n in range(2, 7):
-        membership.heartbeat(n, Usage())
-    membership.expire()
-    membership.remove(1, referenced_fragments=0)
+    remove_dead_node_1(membership, clock, referenced_fragments=0)
     assert membership.register("uuid-new", address(1), "host1", Usage(), preferred_id=1)[0] == 7
 
 
