@@ -309,12 +309,13 @@ class Membership:
                      f" with key {key_name!r}" if key_name else "",
                      f" (it asked for id {preferred_id}, which a node had before)"
                      if preferred_id and preferred_id != node.node_id else "")
-        elif preferred_id and preferred_id != node.node_id:
-            log.warning("node %d (%s) asked for id %d: a node keeps the id it joined with", node.node_id, uuid,
-                        preferred_id)
-        elif (node.address, node.failure_domain) != (address, failure_domain) or not node.up:
-            node.address, node.failure_domain = address, failure_domain
-            changed = True
+        else:
+            if preferred_id and preferred_id != node.node_id:
+                log.info("node %d (%s) asked for id %d: a node keeps the id it joined with", node.node_id, uuid,
+                         preferred_id)
+            if (node.address, node.failure_domain) != (address, failure_domain) or not node.up:
+                node.address, node.failure_domain = address, failure_domain
+                changed = True
         if key_name and not node.key_name:
             node.key_name = key_name
             log.info("node %d (%s) is bound to key %r", node.node_id, uuid, key_name)

@@ -226,12 +226,14 @@ def test_new_nodes_get_the_ids_they_ask_for_in_whatever_order_they_register(stor
     # One that asks for nothing gets the id after every id handed out; so does one whose id was taken.
     assert membership.register("uuid-any", address(7), "host7", Usage())[0] == 7
     assert membership.register("uuid-late", address(8), "host8", Usage(), preferred_id=2)[0] == 8
-    # A known uuid keeps its id, whatever it asks for.
-    assert membership.register("uuid-1", address(1), "host1", Usage(), preferred_id=9)[0] == 1
+    # A known uuid keeps its id, whatever it asks for, and its move to a new address still counts.
+    assert membership.register("uuid-1", address(11), "host1", Usage(), preferred_id=9)[0] == 1
+    assert membership.nodes[1].address == address(11)
     reloaded = Membership(store, GRACE_S, clock=FakeClock())
     reloaded.load()
     assert {n: reloaded.nodes[n].uuid for n in reloaded.nodes} == {
         1: "uuid-1", 2: "uuid-2", 3: "uuid-3", 4: "uuid-4", 5: "uuid-5", 6: "uuid-6", 7: "uuid-any", 8: "uuid-late"}
+    assert reloaded.nodes[1].address == address(11)
     assert reloaded.register("uuid-next", address(9), "host9", Usage())[0] == 9
 
 
