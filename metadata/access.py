@@ -342,8 +342,8 @@ class Authorizer:
                      lenient: bool = False) -> dict[str, Any]:
         """An OPEN, CREATE, UNLINK or RMDIR that names its file by ``path`` as the numeric request it
         stands for (OPEN: ``ino``; the others: ``parent`` + ``name``), so that resolving and acting
-        cost one round trip. The path is walked from ``root`` exactly as RESOLVE walks it (but for
-        OPEN, all but its last part: the directory), with RESOLVE's checks when ``request`` is given
+        cost one round trip. The path is walked from ``root`` exactly as RESOLVE walks it (for all
+        but OPEN, all but its last part: the directory), with RESOLVE's checks when ``request`` is given
         (search on every directory walked, the inode found inside the subtree); the numeric form's
         own checks follow. ``lenient``: a retry of an op that already succeeded (the namespace
         replays its reply) whose directory cannot be walked any more gets ``root``, not the walk's
