@@ -289,7 +289,7 @@ def _lost_reply(cluster: LocalCluster, op: str) -> None:
         directory = f"/lost-{op}-{time.monotonic_ns()}"
         observer.mkdir(directory)
         parent = observer.stat(directory).st_ino
-        if op != "create":
+        if op != "create":  # (rename, unlink, unlink_path)
             observer.write_file(f"{directory}/src", b"payload")
         client.listdir(directory)  # the client is connected and has its session
 
@@ -302,6 +302,9 @@ def _lost_reply(cluster: LocalCluster, op: str) -> None:
                        lambda: observer.exists(f"{directory}/dst")),
             "unlink": (lambda: client.run_async(lambda: client.aio.meta.unlink(parent, b"src")),
                        lambda: not observer.exists(f"{directory}/src")),
+            # By path (deepfs.Client.unlink): the retry's walk and check meet a name already gone.
+            "unlink_path": (lambda: client.unlink(f"{directory}/src"),
+                            lambda: not observer.exists(f"{directory}/src")),
         }
         call, applied = calls[op]
         accepted = proxy.connections_accepted
@@ -319,17 +322,17 @@ def _lost_reply(cluster: LocalCluster, op: str) -> None:
         assert proxy.connections_accepted > accepted, "the client did not come back on a new connection"
 
         listed = sorted(observer.listdir(directory))
-        assert listed == {"create": ["new"], "rename": ["dst"], "unlink": []}[op]
+        assert listed == {"create": ["new"], "rename": ["dst"], "unlink": [], "unlink_path": []}[op]
         if op == "rename":
             assert observer.read_file(f"{directory}/dst") == b"payload"
         client.listdir(directory)  # and the client goes on working
 
 
-@pytest.mark.parametrize("op", ["create", "rename", "unlink"])
+@pytest.mark.parametrize("op", ["create", "rename", "unlink", "unlink_path"])
 def test_a_lost_reply_is_retried_with_the_same_op_id_etcd(etcd_cluster: LocalCluster, op: str) -> None:
     _lost_reply(etcd_cluster, op)
 
 
-@pytest.mark.parametrize("op", ["create", "rename", "unlink"])
+@pytest.mark.parametrize("op", ["create", "rename", "unlink", "unlink_path"])
 def test_a_lost_reply_is_retried_with_the_same_op_id_lmdb(lmdb_cluster: LocalCluster, op: str) -> None:
     _lost_reply(lmdb_cluster, op)
