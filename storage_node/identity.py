@@ -15,8 +15,6 @@ from pathlib import Path
 
 from deepfs.config import NODE_UUID_FILE
 
-UUID_FILE = NODE_UUID_FILE
-
 
 @dataclass
 class NodeIdentity:
@@ -26,7 +24,7 @@ class NodeIdentity:
 
 def load_or_create_uuid(data_dir: str | os.PathLike[str]) -> str:
     """Read ``<data_dir>/node.uuid``, creating it (atomically, durably) on first start."""
-    path = Path(data_dir) / UUID_FILE
+    path = Path(data_dir) / NODE_UUID_FILE
     try:
         return str(uuid.UUID(path.read_text().strip()))
     except FileNotFoundError:
@@ -35,7 +33,7 @@ def load_or_create_uuid(data_dir: str | os.PathLike[str]) -> str:
         raise ValueError(f"{path} does not hold a uuid; refusing to invent a new identity") from exc
     path.parent.mkdir(parents=True, exist_ok=True)
     value = str(uuid.uuid4())
-    tmp = path.with_name(f".{UUID_FILE}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".{NODE_UUID_FILE}.{os.getpid()}.tmp")
     with open(tmp, "w") as f:
         f.write(value + "\n")
         f.flush()

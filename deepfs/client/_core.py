@@ -328,9 +328,16 @@ class AsyncClient:
             raise os_error(errno.ENOTDIR, "", parent)
         return int(attr["ino"]), name
 
-    async def _named(self, op: Callable[[int, bytes], Awaitable[Any]], path: str) -> None:
-        """``op(parent, name)`` on the parent directory of ``path``; errors name ``path``."""
-        parent, name = await self._parent(path)
+    async def _named(self, op: Callable[[Any, bytes], Awaitable[Any]], path: str, *,
+                     server_walks: bool = False) -> None:
+        """``op(parent, name)`` on the parent directory of ``path``; errors name ``path``.
+        ``parent`` is the directory's inode, resolved first, or with ``server_walks`` its path,
+        which the server walks in the same request (one round trip instead of two)."""
+        parent: int | str
+        if server_walks:
+            parent, name = split_path(path)
+        else:
+            parent, name = await self._parent(path)
         try:
             await op(parent, name)
         except OSError as exc:
@@ -366,19 +373,10 @@ class AsyncClient:
     async def unlink(self, path: str) -> None:
         """One round trip: the server walks the directory's path and removes the name in the same
         request (as ``write_file``'s create)."""
-        await self._in_directory_path(self.meta.unlink, path)
+        await self._named(self.meta.unlink, path, server_walks=True)
 
     async def rmdir(self, path: str) -> None:
-        await self._in_directory_path(self.meta.rmdir, path)
-
-    async def _in_directory_path(self, op: Callable[[str, bytes], Awaitable[Any]], path: str) -> None:
-        """``op(directory path, name)`` for ``path``, which the server resolves itself; errors name
-        ``path``."""
-        parent, name = split_path(path)
-        try:
-            await op(parent, name)
-        except OSError as exc:
-            raise os_error(exc.errno or errno.EIO, exc.strerror or "", path) from None
+        await self._named(self.meta.rmdir, path, server_walks=True)
 
     async def rename(self, src: str, dst: str, flags: int = 0) -> None:
         parent, name = await self._parent(src)

@@ -331,7 +331,7 @@ class MetaClient:
         ``data`` (at most ``inline_max_bytes``): the file's whole content, committed inline in
         the same transaction (an existing file is truncated to it); the file is then not held
         open: nothing is left to write."""
-        body: dict[str, Any] = {**_named(parent, name), "mode": mode, "exclusive": exclusive, "ctx": caller}
+        body: dict[str, Any] = {**_name_fields(parent, name), "mode": mode, "exclusive": exclusive, "ctx": caller}
         hold = bool(self.session) and data is None
         if hold:
             body["session"] = self.session
@@ -367,12 +367,12 @@ class MetaClient:
     async def unlink(self, parent: int | str, name: bytes, *, keep_open: bool = False) -> Removed:
         """``keep_open``: the inode is open here; it outlives its last name until ``release``.
         ``parent`` may be the directory's path (a str), resolved in the same request (as ``create``)."""
-        body = {**_named(parent, name), "keep_open": keep_open, **self._released()}
+        body = {**_name_fields(parent, name), "keep_open": keep_open, **self._released()}
         return cast(Removed, await self._call(Op.UNLINK, body))
 
     async def rmdir(self, parent: int | str, name: bytes) -> Removed:
         """``parent`` may be the directory's path (a str), resolved in the same request."""
-        return cast(Removed, await self._call(Op.RMDIR, _named(parent, name)))
+        return cast(Removed, await self._call(Op.RMDIR, _name_fields(parent, name)))
 
     async def rename(self, parent: int, name: bytes, new_parent: int, new_name: bytes, *, flags: int = 0,
                      keep_open: bool = False) -> Removed:
@@ -691,7 +691,7 @@ def caller_context() -> Caller:
     return {"uid": os.geteuid(), "gid": os.getegid()}
 
 
-def _named(parent: int | str, name: bytes) -> dict[str, Any]:
+def _name_fields(parent: int | str, name: bytes) -> dict[str, Any]:
     """How a request names ``name`` in ``parent``: ``parent`` + ``name``, or for a directory given by
     its path (a str, from this client's root) the whole ``path``, which the server walks in the same
     request (``metadata.access.Authorizer.numeric_form``)."""
