@@ -52,9 +52,20 @@ def pytest_unconfigure(config: pytest.Config) -> None:
     shutil.rmtree(_SESSION_KEYS, ignore_errors=True)
 
 
+# The modules that take longest (a minute or more with two workers: durations of ``make test``), run
+# first: ``make test`` spreads whole modules over its workers (pytest-xdist ``--dist loadfile`` with
+# ``--no-loadscope-reorder``) in collection order, and one of these started last would leave the other
+# worker idle for its length.
+LONGEST_MODULES = ("test_bench_quick.py", "test_fuse_etcd.py", "test_meta_ha.py", "test_chaos.py",
+                   "test_failures.py", "test_torch_adapter.py", "test_small_read_path.py", "test_fuse_multi.py")
+
+
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Every test belongs to exactly one layer (usually its module's ``pytestmark``), so
-    ``-m unit`` / ``-m process`` / ``-m fuse`` together run the whole suite, each test once."""
+    ``-m unit`` / ``-m process`` / ``-m fuse`` together run the whole suite, each test once.
+    The longest modules go first (``LONGEST_MODULES``); each module's tests stay in order."""
+    first = {name: rank for rank, name in enumerate(LONGEST_MODULES)}
+    items.sort(key=lambda item: first.get(item.path.name, len(first)))
     wrong = []
     for item in items:
         layers = sorted({mark.name for mark in item.iter_markers() if mark.name in LAYERS})
