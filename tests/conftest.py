@@ -13,6 +13,7 @@ passes ``key=``**: tests of permissions make a key of their own with
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import os
 import shutil
 import tempfile
@@ -73,6 +74,26 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             wrong.append(f"  {item.nodeid}: {layers or 'no layer'}")
     if wrong:
         raise pytest.UsageError(f"tests need exactly one of the markers {', '.join(LAYERS)}:\n" + "\n".join(wrong))
+
+
+KERNEL_CACHES_LOCK = Path(tempfile.gettempdir()) / "deepfs-tests-kernel-caches.lock"
+
+
+@pytest.fixture(autouse=True)
+def _kernel_caches_alone(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test marked ``kernel_caches`` runs while no other such test runs, in any worker.
+
+    The kernel's page, dentry and inode caches are shared by the whole machine: a test
+    that drops them (``/proc/sys/vm/drop_caches``) in one pytest worker would make a
+    test in the other that counts on cached pages (no READ reaches the daemon) or counts
+    the LOOKUPs after its own drop see requests it did not cause. An exclusive ``flock``
+    held for the test's length keeps such tests apart; the others run as before."""
+    if request.node.get_closest_marker("kernel_caches") is None:
+        yield
+        return
+    with open(KERNEL_CACHES_LOCK, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
 
 
 # The engine of every cluster the fixtures start unless a test names one: "lmdb", or "etcd" (three

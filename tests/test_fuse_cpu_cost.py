@@ -18,7 +18,8 @@ import pytest
 
 from tests.test_bench_cpu_cost import run_tool
 
-pytestmark = pytest.mark.fuse
+# kernel_caches: its cold rows drop the page cache (conftest)
+pytestmark = [pytest.mark.fuse, pytest.mark.kernel_caches]
 
 
 @pytest.mark.timeout(120)

@@ -70,6 +70,7 @@ def test_many_small_files_list_and_read_back(mnt_dir: Path) -> None:
         assert (mnt_dir / name).read_bytes() == blob
 
 
+@pytest.mark.kernel_caches  # counts on the kernel's cached pages: alone among such tests (conftest)
 def test_an_unchanged_inline_file_is_read_from_the_page_cache(fuse_mount: Mounted, mnt_dir: Path) -> None:
     """The OPEN of an inline file unchanged since this mount closed it brings its bytes, which the
     daemon puts in the kernel's page cache (notify_store): the read after its pages were dropped

@@ -24,7 +24,8 @@ from deepfs.testing import wait_for
 from tests.conftest import Mounted, mounted, start_cluster
 from tests.test_fuse_metadata_cache import forget_kernel_entries, meta_requests, served
 
-pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
+# kernel_caches: they drop the kernel's dentries and count what reaches the daemon (conftest)
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120), pytest.mark.kernel_caches]
 
 LEASE_S = 1.5  # the session lease of ``leased``'s metadata server
 

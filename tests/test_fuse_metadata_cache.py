@@ -25,7 +25,8 @@ from deepfs.local_cluster import LocalCluster
 from deepfs.testing import wait_for
 from tests.conftest import Mounted, mounted
 
-pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
+# kernel_caches: they drop the kernel's dentries and count what reaches the daemon (conftest)
+pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120), pytest.mark.kernel_caches]
 
 TIMEOUT_S = 1.0  # the mounts' --attr-timeout and --entry-timeout (the defaults)
 

@@ -98,6 +98,7 @@ def test_two_mounts_see_each_other(cluster: LocalCluster) -> None:
             assert reader.read() == b"one\ntwo\n"
 
 
+@pytest.mark.kernel_caches  # drops the kernel's caches: alone among such tests (conftest)
 def test_reads_byte_exact_with_m_nodes_down(fresh_cluster: LocalCluster) -> None:
     with mounted(fresh_cluster, "writer") as writer:
         files = {}

@@ -529,6 +529,7 @@ def test_reading_does_not_update_atime(mnt_dir: Path) -> None:
     assert os.stat(mnt_dir / "f").st_atime_ns == 10**9
 
 
+@pytest.mark.kernel_caches  # drops the kernel's caches: alone among such tests (conftest)
 def test_large_requests_and_byte_exact_round_trip(mnt_dir: Path, fuse_mount: Mounted) -> None:
     """The kernel sends 1 MiB writes (max_write) and, with the mount's read-ahead
     window raised, 1 MiB reads; sequential reads come from whole-stripe read-ahead."""
@@ -545,6 +546,7 @@ def test_large_requests_and_byte_exact_round_trip(mnt_dir: Path, fuse_mount: Mou
     assert stats["readahead_hits"] - before["readahead_hits"] >= (stats["reads"] - before["reads"]) // 2
 
 
+@pytest.mark.kernel_caches  # counts on the kernel's cached pages: alone among such tests (conftest)
 def test_page_cache_kept_for_unchanged_files(mnt_dir: Path, fuse_mount: Mounted) -> None:
     data = os.urandom(3 << 20)
     (mnt_dir / "cached").write_bytes(data)
