@@ -212,6 +212,22 @@ class Mounted:
         return path
 
 
+def processes_mentioning(text: str | os.PathLike[str]) -> list[str]:
+    """``PID: command line`` of each running process (this one excepted) whose command line
+    contains ``text``, e.g. a test's temporary directory: what a test left running (pgrep -af,
+    without procps)."""
+    wanted = os.fspath(text)
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if wanted in cmdline and int(pid) != os.getpid():
+            found.append(f"{pid}: {cmdline}")
+    return found
+
+
 def mount_base() -> Path:
     base = Path(tempfile.gettempdir()) / "deepfs-fuse-tests"
     base.mkdir(mode=0o755, exist_ok=True)

@@ -18,6 +18,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import processes_mentioning
+
 TARGETS = ("deepfs", "deepfs-client", "local", "bindfs")
 
 pytestmark = [
@@ -86,19 +88,6 @@ def test_quick_run_reports_every_target(tmp_path: Path) -> None:
     assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
-def _processes_under(path: Path) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(path) in cmdline:
-                found.append(f"{entry.name}: {cmdline}")
-    return found
-
-
 @pytest.mark.timeout(120)
 def test_sigterm_mid_run_stops_and_unmounts_everything(tmp_path: Path) -> None:
     out = tmp_path / "out"
@@ -120,5 +109,5 @@ def test_sigterm_mid_run_stops_and_unmounts_everything(tmp_path: Path) -> None:
     data = json.loads((out / "results.json").read_text())
     assert data["status"] == "interrupted"
     assert str(tmp_path) not in _mounts()
-    assert _processes_under(tmp_path) == []
+    assert processes_mentioning(tmp_path) == []
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bench.log", "out"]

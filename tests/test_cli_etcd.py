@@ -21,7 +21,7 @@ import pytest
 import deepfs
 from deepfs.local_cluster import LocalCluster
 from deepfs.processes import pid_alive
-from tests.conftest import SESSION_SECRET, require_etcd
+from tests.conftest import SESSION_SECRET, processes_mentioning, require_etcd
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(240)]
 
@@ -38,19 +38,6 @@ def recorded_pids(data_dir: Path) -> dict[str, int]:
     raw = json.loads((data_dir / "cluster.json").read_text())
     infos = [*raw["metas"], *raw["nodes"], *raw["etcd"]]
     return {info["name"]: info["pid"] for info in infos if info}
-
-
-def processes_under(path: Path) -> list[str]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except OSError:
-                continue
-            if str(path) in cmdline:
-                found.append(f"{entry.name}: {cmdline[:200]}")
-    return found
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +103,7 @@ def test_down_leaves_no_process_behind(etcd_up: tuple[Path, str]) -> None:
     proc = deepfs_cmd("down", "--data-dir", str(data_dir))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert [name for name, pid in pids.items() if pid_alive(pid)] == []
-    assert processes_under(data_dir) == []
+    assert processes_mentioning(data_dir) == []
     # Followers stop first: a leader stopped beside its followers waits out etcd's 7 s leadership
     # transfer to them, and says so in its log (alone, it gives up at once: "unhealthy cluster").
     logs = sorted((data_dir / "etcd").glob("*.log"))

@@ -22,7 +22,7 @@ import pytest
 from deepfs.local_cluster import LocalCluster
 from deepfs.testing import wait_for
 from fuse_client.mount_process import MountProcess, is_mounted
-from tests.conftest import mount_base, mounted
+from tests.conftest import mount_base, mounted, processes_mentioning
 
 pytestmark = [pytest.mark.fuse, pytest.mark.timeout(120)]
 
@@ -34,19 +34,6 @@ def sha(path: Path) -> str:
 def deepfs_cli(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run([sys.executable, "-m", "deepfs_cli", *map(str, args)], capture_output=True, text=True,
                           timeout=timeout)
-
-
-def processes_mentioning(text: str) -> list[str]:
-    """Command lines of running processes that contain ``text`` (pgrep -af, without procps)."""
-    found = []
-    for pid in filter(str.isdigit, os.listdir("/proc")):
-        try:
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        if text in cmdline and int(pid) != os.getpid():
-            found.append(cmdline)
-    return found
 
 
 def test_two_mounts_see_each_other(cluster: LocalCluster) -> None:

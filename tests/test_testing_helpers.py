@@ -43,6 +43,7 @@ from deepfs.testing import (
 )
 from deepfs.testing.faults import key_of
 from storage_node.fragment_store import FragmentStore
+from tests.conftest import processes_mentioning
 
 pytestmark = [pytest.mark.process, pytest.mark.timeout(120)]
 
@@ -332,6 +333,19 @@ def test_a_metadata_server_whose_port_was_taken_is_started_on_new_ports(tmp_path
         taken.close()
 
 
+def test_processes_mentioning_finds_a_running_process_and_not_a_stopped_one(tmp_path: Path) -> None:
+    """The leak checks of several tests (``processes_mentioning(tmp_path) == []``) rest on it."""
+    marker = tmp_path / "sleeper"
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(marker)])
+    try:
+        found = processes_mentioning(marker)
+        assert len(found) == 1 and found[0].startswith(f"{sleeper.pid}: ") and str(marker) in found[0]
+    finally:
+        sleeper.kill()
+        sleeper.wait(timeout=10)
+    assert processes_mentioning(marker) == []
+
+
 def test_a_cluster_whose_node_cannot_start_stops_every_process_it_started(tmp_path: Path) -> None:
     """Nodes are spawned side by side, then waited for: one that fails takes down the cluster
     start, and no process of this cluster (the others still starting, the metadata server) is left."""
@@ -340,19 +354,7 @@ def test_a_cluster_whose_node_cannot_start_stops_every_process_it_started(tmp_pa
     with pytest.raises(ProcessStartError, match="node2 exited"):
         cluster.start(timeout_s=30)
 
-    def ours() -> list[int]:
-        found = []
-        for entry in Path("/proc").iterdir():
-            if entry.name.isdigit():
-                try:
-                    cmdline = (entry / "cmdline").read_bytes()
-                except OSError:
-                    continue
-                if str(tmp_path).encode() in cmdline:
-                    found.append(int(entry.name))
-        return found
-
-    assert ours() == []
+    assert processes_mentioning(tmp_path) == []
     assert {p.name for p in (tmp_path / "logs").iterdir()} >= {"meta.log", "node0.log", "node3.log"}
 
 
