@@ -338,7 +338,8 @@ def test_processes_mentioning_finds_a_running_process_and_not_a_stopped_one(tmp_
     marker = tmp_path / "sleeper"
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", str(marker)])
     try:
-        found = processes_mentioning(marker)
+        # (a process in the middle of its exec shows an empty command line for a moment)
+        found = wait_for(lambda: processes_mentioning(marker), what="the sleeper in /proc")
         assert len(found) == 1 and found[0].startswith(f"{sleeper.pid}: ") and str(marker) in found[0]
     finally:
         sleeper.kill()
