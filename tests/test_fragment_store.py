@@ -505,51 +505,6 @@ def test_large_buffered_reads_land_in_reused_pool_buffers(direct_dir: Path) -> N
     assert io_counts(store)[3:] == (0, 3)  # no direct reads, three buffered
 
 
-
-def _device_read_requests(path: Path) -> int | None:
-    """Read requests the block device holding ``path`` completed so far (None: no block device,
-    e.g. tmpfs or overlayfs)."""
-    dev = os.stat(path).st_dev
-    stat = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat")
-    if os.major(dev) == 0 or not stat.exists():
-        return None
-    return int(stat.read_text().split()[0])
-
-
-def _evict(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)  # dirty pages are not dropped
-        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-    finally:
-        os.close(fd)
-
-
-def test_a_small_fragment_read_cold_costs_one_request_to_the_disk(tmp_path: Path) -> None:
-    """A small fragment opened for a read and not in the page cache is asked of the disk whole,
-    in one request (``_read_ahead_on_open``), not as the header page first and then the data.
-    Measured on this machine's disk: 2.8 read requests per fragment without the hint, 1.0 with it."""
-    root = tmp_path / "node"
-    writer = FragmentStore(root, fsync=False, block_size=64 << 10)
-    fragments = []
-    for i in range(40):
-        data = os.urandom((64 << 10) + i * 1400)  # 64-118 KiB: one request on any disk
-        key = FragmentKey(100 + i, 0, 1, 0)
-        writer.put(key, memoryview(data), block_crcs(data, 64 << 10), 64 << 10)
-        fragments.append((key, data))
-    if _device_read_requests(root) is None:
-        pytest.skip("the test directory is on no block device: no read requests to count")
-    for key, _ in fragments:
-        _evict(writer.path_of(key))
-    reader = FragmentStore(root, fsync=False, block_size=64 << 10)  # no open files yet
-    before = _device_read_requests(root) or 0
-    for key, data in fragments:
-        assert reader.read_range(key, 0, len(data)).data == data
-    requests, count = (_device_read_requests(root) or 0) - before, len(fragments)
-    assert requests <= 1.5 * count, f"{requests} read requests to the disk for {count} cold fragments"
-
-
-
 def _atime_is_kept_by_this_file_system(directory: Path) -> bool:
     """Does a plain read update the access time of a file read since it was last changed
     (relatime, strictatime), so that a test of not touching it can fail? Not under noatime."""
