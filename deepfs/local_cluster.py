@@ -400,6 +400,7 @@ class LocalCluster:
         cluster's node i is id i + 1 all the same. If one fails to start, those not yet ready are
         stopped too."""
         launched: list[tuple[int, str, ServerProcess]] = []
+        uuids: set[str] = set()
         try:
             for index in indexes:
                 args, metrics_url = self._node_args(index, extra_args)
@@ -407,6 +408,8 @@ class LocalCluster:
             while launched:
                 index, metrics_url, process = launched[0]
                 info = self._ready(f"node{index}", process, timeout_s)
+                uuids.update(word.removeprefix("node_uuid=") for word in process.ready_line.split()
+                             if word.startswith("node_uuid="))
                 launched.pop(0)
                 info.metrics_url = metrics_url
                 self.state.nodes[index] = info
@@ -416,6 +419,7 @@ class LocalCluster:
                 process.stop()
             raise
         if wait_registered:
+            self.wait_nodes_registered(uuids, timeout_s)
             self.wait_nodes_up(sum(1 for n in self.state.nodes if n and self.process(n).alive()), timeout_s)
 
     def preferred_id_args(self, index: int) -> list[str]:
@@ -506,15 +510,39 @@ class LocalCluster:
             time.sleep(0.1)
         raise TimeoutError(f"only {up} of {count} storage nodes came up within {timeout_s:.0f}s")
 
+    def wait_nodes_registered(self, uuids: set[str], timeout_s: float = READY_TIMEOUT_S) -> None:
+        """Block until every node of ``uuids`` (the ids in their ``node_uuid=`` ready lines) is up in
+        the map of every running metadata server. Counting up nodes is not enough after a restart:
+        the killed process's record still counts as up until its death is noticed, so the count is
+        reached before the new process has registered."""
+        deadline = time.monotonic() + timeout_s
+        missing = set(uuids)
+        while time.monotonic() < deadline:
+            try:
+                missing = set()
+                for address in self._live_grpc_addresses():
+                    missing |= uuids - {n.uuid for n in self._map_at(address).nodes if n.state == "up"}
+                if not missing:
+                    return
+            except grpc.RpcError:
+                missing = set(uuids)
+            time.sleep(0.1)
+        raise TimeoutError(f"storage nodes {sorted(missing)} did not register within {timeout_s:.0f}s")
+
     def _live_grpc_addresses(self) -> list[str]:
         return [a for a, info in zip(self.state.grpc_addresses, self.state.metas, strict=False)
                 if info is not None and pid_alive(info.pid)] or self.state.grpc_addresses
 
-    def _nodes_up_at(self, address: str, timeout_s: float = 2.0) -> int:
+    def _nodes_up_at(self, address: str) -> int:
+        return sum(1 for n in self._map_at(address).nodes if n.state == "up")
+
+    def _map_at(self, address: str, timeout_s: float = 2.0) -> control_pb2.ClusterMap:
+        """The cluster map as the metadata server at gRPC ``address`` has it."""
         with self._channel(address) as channel:
             stub: Any = control_pb2_grpc.ClusterStub(channel)  # type: ignore[no-untyped-call]
             reply = stub.GetClusterMap(control_pb2.ClusterMapRequest(), timeout=timeout_s)
-        return sum(1 for n in reply.nodes if n.state == "up")
+        assert isinstance(reply, control_pb2.ClusterMap)
+        return reply
 
     def wait_nodes_down(self, node_ids: set[int], timeout_s: float = 30.0) -> None:
         deadline = time.monotonic() + timeout_s
