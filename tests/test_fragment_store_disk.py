@@ -42,7 +42,11 @@ def own_disk(tmp_path: Path) -> Iterator[Path]:
     try:
         yield mountpoint
     finally:
-        subprocess.run(["umount", str(mountpoint)], check=False, timeout=COMMAND_TIMEOUT_S)
+        unmounted = subprocess.run(["umount", str(mountpoint)], capture_output=True, text=True, check=False,
+                                   timeout=COMMAND_TIMEOUT_S)
+        if unmounted.returncode != 0:  # something still holds a file there: detach it anyway, then fail
+            subprocess.run(["umount", "--lazy", str(mountpoint)], check=False, timeout=COMMAND_TIMEOUT_S)
+            pytest.fail(f"the test's disk was still busy at its end: {unmounted.stderr.strip()}")
 
 
 def _device_read_requests(path: Path) -> int:
@@ -75,9 +79,13 @@ def test_a_small_fragment_read_cold_costs_one_request_to_the_disk(own_disk: Path
         fragments.append((key, data))
     for key, _ in fragments:
         _evict(writer.path_of(key))
+    writer.close()
     reader = FragmentStore(root, fsync=False, block_size=64 << 10)  # no open files yet
-    before = _device_read_requests(root)
-    for key, data in fragments:
-        assert reader.read_range(key, 0, len(data)).data == data
-    requests, count = _device_read_requests(root) - before, len(fragments)
+    try:
+        before = _device_read_requests(root)
+        for key, data in fragments:
+            assert reader.read_range(key, 0, len(data)).data == data
+        requests, count = _device_read_requests(root) - before, len(fragments)
+    finally:
+        reader.close()  # its cache of open fragment files would keep the disk busy
     assert requests <= 1.5 * count, f"{requests} read requests to the disk for {count} cold fragments"
