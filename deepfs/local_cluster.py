@@ -38,7 +38,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -401,6 +401,7 @@ class LocalCluster:
         stopped too."""
         launched: list[tuple[int, str, ServerProcess]] = []
         uuids: set[str] = set()
+        spawned_unix = time.time()
         try:
             for index in indexes:
                 args, metrics_url = self._node_args(index, extra_args)
@@ -419,8 +420,7 @@ class LocalCluster:
                 process.stop()
             raise
         if wait_registered:
-            self.wait_nodes_registered(uuids, timeout_s)
-            self.wait_nodes_up(sum(1 for n in self.state.nodes if n and self.process(n).alive()), timeout_s)
+            self.wait_nodes_registered(uuids, spawned_unix, timeout_s)
 
     def preferred_id_args(self, index: int) -> list[str]:
         """``--preferred-id index+1`` for a node that never ran (no uuid in its data directory yet),
@@ -498,43 +498,45 @@ class LocalCluster:
         """Block until at least ``count`` nodes are registered and up in the map of every running
         metadata server (with several, a node heartbeating to one must be up on all: a client may
         ask any of them for the map)."""
-        deadline = time.monotonic() + timeout_s
-        up = 0
-        while time.monotonic() < deadline:
-            try:
-                up = min(self._nodes_up_at(address) for address in self._live_grpc_addresses())
-                if up >= count:
-                    return
-            except grpc.RpcError:
-                pass
-            time.sleep(0.1)
-        raise TimeoutError(f"only {up} of {count} storage nodes came up within {timeout_s:.0f}s")
+        def short(cluster_map: control_pb2.ClusterMap) -> str:
+            up = sum(1 for n in cluster_map.nodes if n.state == "up")
+            return "" if up >= count else f"only {up} of {count} storage nodes came up"
 
-    def wait_nodes_registered(self, uuids: set[str], timeout_s: float = READY_TIMEOUT_S) -> None:
+        self._until_every_map(short, timeout_s)
+
+    def wait_nodes_registered(self, uuids: set[str], since_unix: float,
+                              timeout_s: float = READY_TIMEOUT_S) -> None:
         """Block until every node of ``uuids`` (the ids in their ``node_uuid=`` ready lines) is up in
-        the map of every running metadata server. Counting up nodes is not enough after a restart:
+        the map of every running metadata server, registered or heard from at ``since_unix`` or
+        later (when its processes were started). Counting up nodes is not enough after a restart:
         the killed process's record still counts as up until its death is noticed, so the count is
-        reached before the new process has registered."""
+        reached before the new process has registered; a node restarted with its old uuid has
+        that old record too."""
+        def missing(cluster_map: control_pb2.ClusterMap) -> str:
+            absent = uuids - {n.uuid for n in cluster_map.nodes
+                              if n.state == "up" and n.last_heartbeat_unix >= since_unix}
+            return f"storage nodes {sorted(absent)} did not register" if absent else ""
+
+        self._until_every_map(missing, timeout_s)
+
+    def _until_every_map(self, unmet: Callable[[control_pb2.ClusterMap], str], timeout_s: float) -> None:
+        """Poll the cluster map of every running metadata server until ``unmet`` finds nothing
+        wanting in any of them (it says what is, or ""); TimeoutError with its last word."""
         deadline = time.monotonic() + timeout_s
-        missing = set(uuids)
+        problem = "no metadata server answered"
         while time.monotonic() < deadline:
             try:
-                missing = set()
-                for address in self._live_grpc_addresses():
-                    missing |= uuids - {n.uuid for n in self._map_at(address).nodes if n.state == "up"}
-                if not missing:
+                problem = next((p for a in self._live_grpc_addresses() if (p := unmet(self._map_at(a)))), "")
+                if not problem:
                     return
-            except grpc.RpcError:
-                missing = set(uuids)
+            except grpc.RpcError as exc:
+                problem = f"no cluster map ({exc.code() if hasattr(exc, 'code') else exc})"
             time.sleep(0.1)
-        raise TimeoutError(f"storage nodes {sorted(missing)} did not register within {timeout_s:.0f}s")
+        raise TimeoutError(f"{problem} within {timeout_s:.0f}s")
 
     def _live_grpc_addresses(self) -> list[str]:
         return [a for a, info in zip(self.state.grpc_addresses, self.state.metas, strict=False)
                 if info is not None and pid_alive(info.pid)] or self.state.grpc_addresses
-
-    def _nodes_up_at(self, address: str) -> int:
-        return sum(1 for n in self._map_at(address).nodes if n.state == "up")
 
     def _map_at(self, address: str, timeout_s: float = 2.0) -> control_pb2.ClusterMap:
         """The cluster map as the metadata server at gRPC ``address`` has it."""

@@ -363,12 +363,16 @@ def test_a_cluster_whose_node_cannot_start_stops_every_process_it_started(tmp_pa
 def test_nodes_started_side_by_side_are_numbered_by_index_and_keep_their_ids(tmp_path: Path) -> None:
     """A fresh cluster's nodes register in whatever order they come up (the metadata server's log
     shows it) and still get ids index + 1 (``--preferred-id``); a restarted one keeps its id, and a
-    wiped one, whose id is taken, gets the next free one."""
+    wiped one, whose id is taken, gets the next free one. ``start_node`` returns once the new
+    process itself has registered, not while the old one's record still reads as up."""
     with LocalCluster(tmp_path, 4, 2, 1, 256 << 10).start() as cluster:
         assert [(n.node_id, n.failure_domain) for n in cluster.cluster_map().nodes] == [
             (1, "host0"), (2, "host1"), (3, "host2"), (4, "host3")]
         cluster.kill_node(1, signal.SIGTERM)
+        stopped_unix = time.time()  # the old process is gone: a heartbeat from now on is the new one's
         cluster.start_node(1)
+        record = next(n for n in cluster.cluster_map().nodes if n.node_id == 2)
+        assert record.state == "up" and record.last_heartbeat_unix >= stopped_unix
         (cluster.node_data_dir(2) / "node.uuid").unlink()
         cluster.kill_node(2)
         cluster.start_node(2)
