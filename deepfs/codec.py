@@ -163,3 +163,25 @@ def column_segments(fragment_size: int, segment_bytes: int) -> list[tuple[int, i
     if segment_bytes <= 0:
         raise ValueError("segment_bytes must be positive")
     return [(a, min(a + segment_bytes, fragment_size)) for a in range(0, fragment_size, segment_bytes)] or [(0, 0)]
+
+
+def xor_into(dest: memoryview, src: Buffer) -> None:
+    """``dest`` ^= ``src`` (equal lengths, ``dest`` writable): a change applied to parity, or
+    new bytes turned into their change. numpy, imported on first use: only writers that
+    patch stripes and the nodes that apply the patches need it."""
+    import numpy as np
+
+    if len(dest) != len(src):
+        raise ValueError(f"XOR of {len(dest)} and {len(src)} bytes")
+    target = np.frombuffer(dest, np.uint8)
+    np.bitwise_xor(target, np.frombuffer(src, np.uint8), out=target)
+
+
+def parity_deltas(layout: Layout, deltas: Sequence[Buffer]) -> list[bytearray]:
+    """What the m parity fragments change by when data fragment i changes by ``deltas[i]``
+    (XOR, all the same length, zeros where a fragment did not change), at the same offsets:
+    Reed-Solomon is linear, so parity(new) = parity(old) XOR parity(new XOR old)."""
+    size = len(deltas[0])
+    parity = [bytearray(size) for _ in range(layout.m)]
+    isal.encode(layout.k, layout.m, _MATRIX[layout.codec], list(deltas), parity)
+    return parity

@@ -67,6 +67,7 @@ class Op(enum.IntEnum):
     SYNC = 15
     QUARANTINE_FRAGMENT = 16
     LIST_FRAGMENTS = 17
+    PATCH_FRAGMENT = 18
     # metadata server
     LOOKUP = 30
     GETATTR = 31

@@ -14,7 +14,7 @@ microseconds) are answered by the connection's reader itself
 (``handle_inline``: no task, no thread hand-off), and a plain-TCP connection
 sending a run of them by a thread of its own (``INLINE_THREADS``), so
 ``handle_inline`` must be thread-safe (the store and the capability cache are).
-PUT payloads are received into pooled, page-aligned buffers (see
+PUT and PATCH payloads are received into pooled, page-aligned buffers (see
 ``payload_pool``) so the store can write them with O_DIRECT; large GET
 answers are sent from the pooled buffers the store read them into, or —
 when the reader asks for the block CRCs to check them itself — straight from
@@ -25,7 +25,8 @@ Access (docs/SECURITY.md): with a service secret the frame server admits
 only peers holding a ticket the metadata server signed, and every request
 arrives with that peer's ``Identity``. Fragment ops then need a capability
 for the fragment's inode (``"cap"`` in the body), checked before any disk
-work: GET/STAT/QUARANTINE "r", PUT "w", DELETE "w" for every key; the
+work: GET/STAT/QUARANTINE "r", PUT "w", PATCH "w" (and "r" unless it XORs: it
+answers with the bytes it replaced), DELETE "w" for every key; the
 metadata server's own ticket (role meta) needs none. LIST_FRAGMENTS and
 NODE_STATS are for the metadata server and admins only; PING and SYNC for any
 authenticated peer. A PUT's payload has been received by then: the peer is
@@ -45,6 +46,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any, TypeVar
 
+import crc32c
 import trio
 
 from deepfs.auth import ROLE_ADMIN, ROLE_META, WRITE, Identity, TicketVerifier
@@ -52,8 +54,8 @@ from deepfs.auth.capabilities import CapabilityVerifier
 from deepfs.config import NodeConfig
 from deepfs.errors import os_error
 from deepfs.frames import FrameHeader, Op
+from deepfs.messages import FragmentKey, validate
 from deepfs.messages import storage_requests as requests
-from deepfs.messages import validate
 from deepfs.rpc import FileRange, FrameServer, Piece, ServerLimits
 from storage_node.direct_io import DIRECT_MIN_BYTES
 from storage_node.fragment_format import MAX_BLOCK_SIZE, MIN_BLOCK_SIZE
@@ -100,7 +102,7 @@ class DataServer:
             self.handle,
             ServerLimits(
                 max_payload=config.max_payload_bytes,
-                payload_limits={Op.PUT_FRAGMENT: config.max_payload_bytes},  # only PUT carries a payload
+                payload_limits={Op.PUT_FRAGMENT: config.max_payload_bytes, Op.PATCH_FRAGMENT: config.max_payload_bytes},
                 idle_timeout_s=config.idle_timeout_s,
                 frame_timeout_s=config.frame_timeout_s,
                 max_connections_per_peer=config.max_connections_per_peer,
@@ -118,6 +120,7 @@ class DataServer:
         self._max_get = min(config.max_payload_bytes, INLINE_BYTES)
         self._checks: dict[int, Callable[[dict, Identity], None]] = {
             Op.PUT_FRAGMENT: self._may_put,
+            Op.PATCH_FRAGMENT: self._may_patch,
             Op.GET_FRAGMENT: self._may_get,
             Op.DELETE_FRAGMENT: self._may_delete,
             Op.STAT_FRAGMENT: self._may_stat,
@@ -128,6 +131,7 @@ class DataServer:
         self._ops: dict[int, Callable[[dict, memoryview], Any]] = {
             Op.PING: self._ping,
             Op.PUT_FRAGMENT: self._put,
+            Op.PATCH_FRAGMENT: self._patch,
             Op.GET_FRAGMENT: self._get,
             Op.DELETE_FRAGMENT: self._delete,
             Op.STAT_FRAGMENT: self._stat,
@@ -150,10 +154,10 @@ class DataServer:
             await self.frame_server.serve(host, port, task_status=task_status)
 
     def payload_buffer(self, header: FrameHeader, _body: Any) -> memoryview | None:
-        # Only PUT carries a payload (the server refuses any other op's on its header). A pooled
+        # Only PUT and PATCH carry a payload (the server refuses any other op's on its header). A pooled
         # buffer is an anonymous mapping: a fresh one is committed only as the bytes arrive, a reused
         # one is already resident, so a PUT that stalls mid-payload pins no more than it sent.
-        if header.op != Op.PUT_FRAGMENT:
+        if header.op not in _WITH_PAYLOAD:
             return None
         return self.pool.take(header.payload_len)
 
@@ -172,7 +176,7 @@ class DataServer:
             serve = self._ops.get(op)
             if serve is None:
                 raise os_error(errno.ENOSYS, f"operation {op} is not served by a storage node")
-            if op != Op.PUT_FRAGMENT:
+            if op not in _WITH_PAYLOAD:
                 validate.no_payload(payload, Op(op).name)
             fields = validate.body_map(body)
             if principal is not None:
@@ -229,6 +233,13 @@ class DataServer:
             request = requests.put_fragment(body)
             self._check_cap(request.cap, request.key.ino, WRITE, request.key.version)
 
+    def _may_patch(self, body: dict, principal: Identity) -> None:
+        if principal.role != ROLE_META:
+            request = requests.patch_fragment(body)
+            self._check_cap(request.cap, request.key.ino, WRITE, request.key.version)
+            if not request.xor:  # the reply holds the bytes the ranges held
+                self._check_read(request.cap, request.key.ino)
+
     def _may_get(self, body: dict, principal: Identity) -> None:
         if principal.role != ROLE_META:
             request = requests.get_fragment(body)
@@ -284,6 +295,24 @@ class DataServer:
         if not durable:
             self.unsynced_puts += 1
         return {"size": len(payload), "crc": crc}, ()
+
+    async def _patch(self, body: dict, payload: memoryview) -> Reply:
+        request = requests.patch_fragment(body)
+        key = request.key
+        if request.base_version >= key.version:
+            raise os_error(errno.EINVAL, f"a patch makes a newer version than its base {request.base_version}")
+        if crc32c.crc32c(payload) != request.payload_crc:
+            raise os_error(errno.EIO, "the patch's payload does not match its CRC (damaged on the way)")
+        block_size = self.config.block_size if request.block_size is None else request.block_size
+        if not MIN_BLOCK_SIZE <= block_size <= MAX_BLOCK_SIZE:
+            raise os_error(errno.EINVAL, f"block size must be in [{MIN_BLOCK_SIZE}, {MAX_BLOCK_SIZE}]")
+        base = FragmentKey(key.ino, key.stripe, request.base_version, key.slot)
+        digest, before, base_digest = await self._on_disk(
+            self.store.patch, base, key, request.ranges, payload, request.xor, block_size, request.sync)
+        if not (request.sync and self.store.fsync):
+            self.unsynced_puts += 1
+        reply = {"crc": digest, "base_crc": base_digest, "before_crc": crc32c.crc32c(before)}
+        return reply, (before,) if before else ()
 
     async def _sync(self, _body: dict, _payload: memoryview) -> Reply:
         await self.sync_all()
@@ -357,6 +386,9 @@ class DataServer:
     async def _node_stats(self, _body: dict, _payload: memoryview) -> Reply:
         stats = await self._on_disk(self.store.stats)
         return {"node_id": self.identity.node_id, **stats, "syncs": self.syncs, "unsynced_puts": self.unsynced_puts}, ()
+
+
+_WITH_PAYLOAD = frozenset({Op.PUT_FRAGMENT, Op.PATCH_FRAGMENT})
 
 
 def _cluster_only(_body: dict, principal: Identity) -> None:

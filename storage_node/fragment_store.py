@@ -44,7 +44,8 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import NamedTuple
 
-from deepfs.checksums import fragment_digest
+from deepfs.checksums import block_crcs, fragment_digest
+from deepfs.codec import xor_into
 from deepfs.config import NodeConfig
 from deepfs.errors import ChecksumError, os_error
 from deepfs.messages import U64_MAX, FragmentKey
@@ -381,6 +382,50 @@ class FragmentStore:
         with self._admit(header.file_size):
             self._write_file(key, header, memoryview(prefix), view, self.fsync and sync)
         return digest
+
+    def patch(self, base: FragmentKey, key: FragmentKey, ranges: list[tuple[int, int]], data: memoryview,
+              xor: bool, block_size: int | None = None, sync: bool = True) -> tuple[int, bytes, int]:
+        """Store under ``key`` the fragment ``base`` with ``ranges`` of it replaced by ``data``
+        (their bytes one after another), or XORed with it (``xor``); return the new fragment's
+        digest, the bytes the ranges held before unless ``xor`` (a writer's delta), and the
+        digest of ``base`` as stored here (the writer compares it with its stripe record).
+
+        ``base`` is read whole and every block verified first (ChecksumError, and the fragment
+        quarantined, as any read), so the new CRCs cover only verified bytes; ``base`` stays."""
+        if sum(length for _, length in ranges) != len(data):
+            raise ValueError(f"the ranges hold {sum(n for _, n in ranges)} bytes; the payload has {len(data)}")
+        got = self.read_range(base, 0, _WHOLE_FRAGMENT)
+        # The new fragment is built in a pooled, page-aligned buffer: written around the page
+        # cache (``direct_io``), as a PUT's payload is.
+        fragment = self.buffers.take(len(got.data), min_bytes=0)
+        assert fragment is not None
+        try:
+            fragment[:] = got.data
+        finally:
+            self.release(got.data)
+        try:
+            return self._patched(key, fragment, ranges, data, xor, block_size, sync) + (got.digest,)
+        finally:
+            self.buffers.give(fragment)
+
+    def _patched(self, key: FragmentKey, fragment: memoryview, ranges: list[tuple[int, int]], data: memoryview,
+                 xor: bool, block_size: int | None, sync: bool) -> tuple[int, bytes]:
+        """``patch`` once the base is in ``fragment``: apply, store, and the bytes replaced."""
+        before = bytearray()
+        pos = 0
+        for offset, length in ranges:
+            if offset + length > len(fragment):
+                raise ValueError(f"range [{offset}, {offset + length}) is past the fragment's {len(fragment)} bytes")
+            piece = data[pos : pos + length]
+            pos += length
+            if xor:
+                xor_into(fragment[offset : offset + length], piece)
+            else:
+                before += fragment[offset : offset + length]
+                fragment[offset : offset + length] = piece
+        block_size = self.default_block_size if block_size is None else block_size
+        digest = self.put(key, fragment, block_crcs(fragment, block_size), block_size, sync)
+        return digest, bytes(before)
 
     @contextlib.contextmanager
     def _admit(self, size: int) -> Iterator[None]:

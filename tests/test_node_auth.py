@@ -51,6 +51,8 @@ from deepfs.auth.keys import hmac_sha256
 from deepfs.concurrency import sole_exception
 from deepfs.config import MetaConfig
 from deepfs.frames import Op
+from deepfs.messages import FragmentKey
+from deepfs.messages.storage_requests import patch_fragment_body
 from deepfs.proto import control_pb2, control_pb2_grpc
 from deepfs.rpc import FrameClient
 from deepfs.testing import ServerProcess, wait_for
@@ -214,6 +216,31 @@ def test_fragment_io_needs_a_capability_for_the_inode_and_the_op(node: ServerPro
         for op in (Op.LIST_FRAGMENTS, Op.NODE_STATS):  # a client may not see every inode's fragments
             assert await errno_of(c.call(op, {})) == errno.EACCES
         assert (await c.call(Op.DELETE_FRAGMENT, {"keys": [key], "cap": cap(4242, "w")}))[0] == {"deleted": 1}
+
+    with_client(port_of(node), ticket(ALICE), scenario)
+
+
+def test_a_patch_needs_w_for_its_version_and_r_for_the_bytes_it_returns(node: ServerProcess) -> None:
+    """PATCH_FRAGMENT writes a new version (``"w"``, at or above the capability's minimum) and
+    answers with the bytes it replaced, which a writer may read only with ``"r"`` too; an XOR
+    patch (a parity delta) returns nothing and needs ``"w"`` alone."""
+    data = os.urandom(BS)
+    key = [4244, 0, 3, 0]
+
+    def body(version: int, xor: bool, token: Any) -> dict[str, Any]:
+        return patch_fragment_body(FragmentKey(4244, 0, version, 0), 3, [(10, 4)], xor, crc32c.crc32c(b"abcd"), BS,
+                                   True, token)
+
+    async def scenario(c: FrameClient) -> None:
+        assert (await c.call(Op.PUT_FRAGMENT, put_body(key, data, cap(4244, "w")), (data,)))[0]["size"] == len(data)
+        for token in (None, cap(4245), cap(4244, "r"), cap(4244, "w"), cap(4244, min_version=5)):
+            assert await errno_of(c.call(Op.PATCH_FRAGMENT, body(4, False, token), (b"abcd",))) == errno.EACCES
+        assert await errno_of(c.call(Op.PATCH_FRAGMENT, body(4, True, cap(4244, "r")), (b"abcd",))) == errno.EACCES
+        reply, before = await c.call(Op.PATCH_FRAGMENT, body(4, False, cap(4244, "rw")), (b"abcd",))
+        assert bytes(before) == data[10:14]
+        reply, before = await c.call(Op.PATCH_FRAGMENT, body(5, True, cap(4244, "w")), (b"abcd",))
+        assert bytes(before) == b""
+        await c.call(Op.DELETE_FRAGMENT, {"keys": [key, [4244, 0, 4, 0], [4244, 0, 5, 0]], "cap": cap(4244, "w")})
 
     with_client(port_of(node), ticket(ALICE), scenario)
 

@@ -33,9 +33,12 @@ from deepfs.auth import KeyVerifier
 from deepfs.auth.grpc_auth import grpc_server_interceptor
 from deepfs.checksums import fragment_digest
 from deepfs.frames import Op
+from deepfs.messages import FragmentKey
+from deepfs.messages.storage_requests import patch_fragment_body
 from deepfs.proto import control_pb2, control_pb2_grpc
 from deepfs.rpc import FrameClient, FrameServer
-from deepfs.testing import ServerProcess, wait_for
+from deepfs.testing import ServerProcess, flip_bytes, wait_for
+from storage_node import fragment_format
 from storage_node.payload_pool import PayloadPool
 from tests.node_auth_helpers import READY, SECRET, authed_socket, exchange, frame, port_of, start_node, ticket
 
@@ -149,6 +152,75 @@ def test_bad_crc_answers_ebadmsg_and_stores_nothing(node: ServerProcess) -> None
         with pytest.raises(OSError) as info:  # well-formed but inconsistent: an errno, the connection stays
             await c.call(Op.PUT_FRAGMENT, {"key": key, "block_size": BS, "crcs": crcs[:1]}, (data,))
         assert info.value.errno == errno.EINVAL
+        assert (await c.call(Op.PING, {}))[0] == {"node_id": 0}
+
+    with_client(port_of(node), scenario)
+
+
+async def patch(client: FrameClient, key: list[int], base_version: int, ranges: list[tuple[int, int]],
+                payload: bytes, xor: bool = False, override: dict | None = None) -> tuple[dict, bytes]:
+    body = {**patch_fragment_body(FragmentKey.of(key), base_version, ranges, xor, crc32c.crc32c(payload), BS, True),
+            **(override or {})}
+    reply, before = await client.call(Op.PATCH_FRAGMENT, body, (payload,), timeout_s=10)
+    return reply, bytes(before)
+
+
+def test_patch_makes_a_new_version_from_the_stored_one(node: ServerProcess) -> None:
+    """Ranges replaced (the old bytes come back) or XORed; the new version's digest is its
+    own, the base stays as it was, and both are readable."""
+    base = os.urandom(3 * BS + 500)
+    key = [14, 1, 10, 2]
+
+    async def scenario(c: FrameClient) -> None:
+        await put(c, key, base)
+        ranges = [(5, 100), (BS - 10, 30), (3 * BS + 400, 100)]
+        new = [os.urandom(n) for _, n in ranges]
+        reply, before = await patch(c, [14, 1, 11, 2], 10, ranges, b"".join(new))
+        want = bytearray(base)
+        for (offset, n), data in zip(ranges, new, strict=True):
+            want[offset : offset + n] = data
+        assert before == b"".join(base[offset : offset + n] for offset, n in ranges)
+        assert reply == {"crc": fragment_digest(block_crcs(want)), "base_crc": fragment_digest(block_crcs(base)),
+                         "before_crc": crc32c.crc32c(before)}
+        assert (await get(c, [14, 1, 11, 2]))[1] == want
+        assert (await get(c, key))[1] == base
+        delta = os.urandom(BS)
+        reply, before = await patch(c, [14, 1, 12, 2], 11, [(BS, BS)], delta, xor=True)
+        want[BS : 2 * BS] = bytes(a ^ b for a, b in zip(want[BS : 2 * BS], delta, strict=True))
+        assert before == b"" and reply["crc"] == fragment_digest(block_crcs(want))
+        assert (await get(c, [14, 1, 12, 2]))[1] == want
+        reply, _ = await patch(c, [14, 1, 13, 2], 12, [], b"")  # no change: a copy under the new version
+        assert reply["crc"] == fragment_digest(block_crcs(want))
+        await c.call(Op.DELETE_FRAGMENT, {"keys": [[14, 1, v, 2] for v in (10, 11, 12, 13)]})
+
+    with_client(port_of(node), scenario)
+
+
+def test_patch_refuses_what_it_cannot_apply_and_stores_nothing(node: ServerProcess, node_data_dir: Path) -> None:
+    base = os.urandom(2 * BS)
+    key = [15, 0, 20, 1]
+
+    async def scenario(c: FrameClient) -> None:
+        await put(c, key, base)
+        refusals = [
+            (errno.EIO, [15, 0, 21, 1], 20, [(0, 10)], b"x" * 10, {"payload_crc": 1}),  # damaged on the way
+            (errno.EINVAL, [15, 0, 20, 1], 20, [(0, 10)], b"x" * 10, {}),  # not a newer version
+            (errno.EINVAL, [15, 0, 21, 1], 20, [(2 * BS - 5, 10)], b"x" * 10, {}),  # past the fragment's end
+            (errno.EINVAL, [15, 0, 21, 1], 20, [(0, 10)], b"x" * 11, {}),  # more bytes than the ranges hold
+            (errno.EINVAL, [15, 0, 21, 1], 20, [(0, 10)], b"x" * 10, {"ranges": [[0, -1]]}),
+            (errno.ENOENT, [15, 0, 21, 1], 19, [(0, 10)], b"x" * 10, {}),  # no such base
+        ]
+        for code, new_key, base_version, ranges, payload, override in refusals:
+            with pytest.raises(OSError) as info:
+                await patch(c, new_key, base_version, ranges, payload, override=override)
+            assert info.value.errno == code, (override, ranges, info.value)
+        flip_bytes(node_data_dir / fragment_format.FRAGMENTS_DIR / fragment_format.relative_path(FragmentKey.of(key)))
+        with pytest.raises(OSError) as info:  # a damaged base: quarantined, as any read of it
+            await patch(c, [15, 0, 21, 1], 20, [(0, 10)], b"x" * 10)
+        assert info.value.errno == errno.EBADMSG
+        for gone in (key, [15, 0, 21, 1]):
+            with pytest.raises(FileNotFoundError):
+                await get(c, gone)
         assert (await c.call(Op.PING, {}))[0] == {"node_id": 0}
 
     with_client(port_of(node), scenario)

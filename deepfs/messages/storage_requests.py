@@ -2,7 +2,7 @@
 
 Bodies are those of docs/PROTOCOL.md, "Storage node ops"; bad ones are
 answered EINVAL (the policy at the top of ``deepfs.messages.validate``).
-Only PUT_FRAGMENT carries a payload. The client builds the same bodies with
+Only PUT_FRAGMENT and PATCH_FRAGMENT carry a payload. The client builds the same bodies with
 the ``*_body`` functions here, so both ends read one definition; the replies
 a client checks are described here too (``GET_DIGEST``).
 
@@ -27,6 +27,10 @@ if TYPE_CHECKING:
 MAX_LIST_FRAGMENTS = 4096
 """Most entries in one LIST_FRAGMENTS reply: ~30 bytes each in msgpack, so a page
 stays far below the frame's 1 MiB body limit."""
+
+MAX_PATCH_RANGES = 8192
+"""Most ranges in one PATCH_FRAGMENT: every 4 KiB piece of a 1 MiB fragment's worth of
+random writes twice over; a msgpack body of that size stays far below 1 MiB."""
 
 GET_DIGEST = "digest"
 """GET_FRAGMENT replies carry the fragment's digest as stored on the node (the CRC32C of
@@ -63,6 +67,32 @@ def get_fragment(body: dict[str, Any]) -> GetFragment:
         return GetFragment(v.fragment_key(body.get("key")), offset, length, with_crcs is True, body.get("cap"))
     return GetFragment(v.fragment_key(body.get("key")), v.u64(body, "offset", 0), v.u64(body, "length"),
                        v.flag(body, "with_crcs"), body.get("cap"))
+
+
+class PatchFragment(NamedTuple):
+    """A new version of a fragment made on the node from the one it holds (``base_version``)
+    with ``ranges`` of it replaced by the payload, or, with ``xor``, XORed with it: a small
+    rewrite of a stripe sends the changed bytes and parity deltas instead of whole fragments."""
+
+    key: FragmentKey  # the new version's key
+    base_version: int  # the version of the same stripe and slot it starts from
+    ranges: list[tuple[int, int]]  # (offset, length) in the fragment, in payload order
+    xor: bool
+    payload_crc: int  # CRC32C of the payload: the bytes that change arrive unharmed
+    block_size: int | None
+    sync: bool
+    cap: Any = None
+
+
+def patch_fragment(body: dict[str, Any]) -> PatchFragment:
+    ranges = body.get("ranges")
+    if not isinstance(ranges, list) or len(ranges) > MAX_PATCH_RANGES or not all(
+            isinstance(r, list) and len(r) == 2 and all(type(x) is int and 0 <= x <= U64_MAX for x in r)
+            for r in ranges):
+        v.invalid(f"field 'ranges' must be a list of at most {MAX_PATCH_RANGES} [offset, length] pairs of u64")
+    return PatchFragment(v.fragment_key(body.get("key")), v.u64(body, "base_version"),
+                         [(r[0], r[1]) for r in ranges], v.flag(body, "xor"), v.u32(body, "payload_crc"),
+                         v.u32(body, "block_size", None), v.flag(body, "sync", True), body.get("cap"))
 
 
 class DeleteFragment(NamedTuple):
@@ -119,6 +149,12 @@ def _with_cap(body: dict[str, Any], cap: Capability | None) -> dict[str, Any]:
 def put_fragment_body(key: FragmentKey, block_size: int, crcs: list[int], sync: bool,
                       cap: Capability | None = None) -> dict[str, Any]:
     return _with_cap({"key": key.to_wire(), "block_size": block_size, "crcs": crcs, "sync": sync}, cap)
+
+
+def patch_fragment_body(key: FragmentKey, base_version: int, ranges: list[tuple[int, int]], xor: bool,
+                        payload_crc: int, block_size: int, sync: bool, cap: Capability | None = None) -> dict[str, Any]:
+    return _with_cap({"key": key.to_wire(), "base_version": base_version, "ranges": [list(r) for r in ranges],
+                      "xor": xor, "payload_crc": payload_crc, "block_size": block_size, "sync": sync}, cap)
 
 
 def get_fragment_body(key: FragmentKey, offset: int, length: int, with_crcs: bool = False,
