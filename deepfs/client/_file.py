@@ -10,7 +10,10 @@ stripe is written is stored in the background right away (bounded by
 ``max_dirty_stripes``, which is the back-pressure on writers); partial
 stripes are stored at flush/close, or earlier when a caller bounds their
 memory (``write_back``). A partially written stripe that already had data is
-merged with it (read-modify-write) by its upload task, before it is stored.
+merged with it (read-modify-write) by its upload task, before it is stored;
+one whose writes cover at most ``1 / PATCH_FRACTION`` of it is instead sent as
+those changes, which its nodes apply to the fragments they hold
+(``StripeIO.patch_stripe``: no stripe read back, only the changes moved).
 Each stored stripe is a new version committed in one metadata transaction,
 so readers see the old stripe or the new one, never a mix.
 Errors of background uploads are raised by the next write, flush or close.
@@ -42,7 +45,7 @@ import trio
 
 from deepfs.buffers import BufferPool, PoolSet
 from deepfs.client._meta import Attr, Caller, MetaClient, OpenReply
-from deepfs.client._stripes import GatheredStripe, StripeIO
+from deepfs.client._stripes import GatheredStripe, PatchUnavailable, StripeIO
 from deepfs.concurrency import run_all
 from deepfs.config import ClientConfig
 from deepfs.layout import ALIGNMENT, Layout
@@ -56,6 +59,13 @@ SPARSE_LIMIT = 1 << 20
 a whole stripe buffer: a random writer's 4 KiB writes scattered over hundreds
 of stripes cost their own size in memory, not 4 MiB each (and no write pays
 for zeroing 4 MiB: a stripe's buffer is taken when it is stored)."""
+
+PATCH_FRACTION = 4
+"""A stored stripe whose writes cover at most 1/4 of it is patched on its nodes, not
+rewritten whole. A patch moves about (2 + m) times the changed bytes (out to the data
+nodes, the old bytes back, a parity delta to each parity node) where a rewrite moves
+(2k + m) / k times the stripe (read k fragments, write k + m): at 1/4 of a 4+2 stripe,
+1 stripe's worth against 2.5. Either way each node writes a whole new fragment."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +121,23 @@ async def complete_state(meta: MetaClient, state: OpenReply) -> OpenReply:
         records.extend(batch)
         complete = not batch
     return state._replace(complete=complete)
+
+
+@dataclass
+class _StripeChanges:
+    """A stored stripe's changed spans ((offset, new bytes), sorted, disjoint) on their way to
+    its nodes (``AsyncFile._store_changes``); ``base``: the record they were written over."""
+
+    base: StripeRecord
+    length: int
+    spans: list[tuple[int, bytearray]]
+
+    def __len__(self) -> int:
+        return self.length
+
+
+UploadData = memoryview | GatheredStripe | _StripeChanges
+"""What an upload stores: a stripe's bytes (its buffer, or lent pieces), or its changes."""
 
 
 @dataclass
@@ -220,7 +247,7 @@ class AsyncFile:
         self._unsynced_nodes: set[int] = set()  # nodes holding fragments written since the last fsync
         self._dirty: dict[int, _DirtyStripe] = {}
         self._buffered = [0]  # memory of the dirty stripes not yet queued for upload (their tally)
-        self._in_flight: dict[int, tuple[memoryview | GatheredStripe, trio.Event]] = {}
+        self._in_flight: dict[int, tuple[UploadData, trio.Event]] = {}
         self._upload_slots = trio.Semaphore(services.config.max_dirty_stripes)
         self._uploads_done = trio.Event()
         self._uploads_done.set()
@@ -277,6 +304,10 @@ class AsyncFile:
         flight = self._in_flight.get(index)
         if flight is not None:
             data = flight[0]
+            if isinstance(data, _StripeChanges):  # no whole copy here: read it once stored
+                await flight[1].wait()
+                await self._read_stripe_part(index, inner, dest)
+                return
             if isinstance(data, GatheredStripe):
                 got = data.copy_out(inner, dest)
             else:
@@ -495,6 +526,11 @@ class AsyncFile:
         stripe buffer itself (reads of the stripe are served from it while in flight, and it
         goes back to the pool once stored: no copy). Holds an upload slot and counts in
         ``_uploads_running`` from ``_start_upload`` on."""
+        changes = self._small_changes(index, dirty)
+        if changes is not None:
+            del self._dirty[index]
+            self._begin_upload(index, changes, lambda: None, counted=True)
+            return
         try:
             await self._fill_gaps(index, dirty)
         except BaseException as exc:
@@ -537,7 +573,51 @@ class AsyncFile:
         self._stripes.stats.lent_stripes += 1
         self._begin_upload(index, data, lambda: None)
 
-    def _begin_upload(self, index: int, data: memoryview | GatheredStripe, release: Callable[[], None],
+    def _small_changes(self, index: int, dirty: _DirtyStripe) -> _StripeChanges | None:
+        """The writes to a stored stripe as its changed spans, when they are few enough for its
+        nodes to apply them (``StripeIO.patch_stripe``) rather than a rewrite of the whole
+        stripe: still pieces (never materialized), over a stored stripe of the same length,
+        covering at most ``1 / PATCH_FRACTION`` of it. Else None."""
+        if dirty.buf is not None or not dirty.pieces or self._replicating is not None:
+            return None
+        record = self._records.get(index)
+        length = min(self.layout.stripe_size, self.size - index * self.layout.stripe_size)
+        if record is None or record.inline is not None or record.length != length or dirty.end > length \
+                or sum(end - start for start, end in dirty.written) * PATCH_FRACTION > length:
+            return None
+        spans = [(start, bytearray(end - start)) for start, end in dirty.written]
+        starts = [start for start, _ in spans]
+        for offset, piece in dirty.pieces:  # in write order: a later write wins
+            start, buf = spans[bisect.bisect_right(starts, offset) - 1]
+            buf[offset - start : offset - start + len(piece)] = piece
+        return _StripeChanges(record, length, spans)
+
+    async def _store_changes(self, index: int, layout: Layout, changes: _StripeChanges,
+                             current: StripeRecord | None, floor: int) -> StripeRecord:
+        """A new version of a stripe with ``changes``: patched on its nodes when the stripe is
+        still the one they were written over and every node can, else read, merged and
+        rewritten whole (a node down, a base fragment damaged: what the full path handles)."""
+        if current is not None and current.version == changes.base.version:
+            try:
+                return await self._stripes.patch_stripe(self.ino, layout, current, changes.spans, floor)
+            except PatchUnavailable as exc:
+                log.info("%s: stripe %s rewritten whole instead of patched: %s", self.path, index, exc)
+        buf = self._pool.take()
+        try:
+            view = memoryview(buf)[: changes.length]
+            have = 0 if current is None else min(changes.length, current.length)
+            if current is not None and current.inline is not None:
+                self._copy_inline(current, 0, view[:have])
+            elif current is not None:
+                await self._stripes.read_into(self.ino, layout, current, 0, view[:have])
+            view[have:] = bytes(changes.length - have)
+            for start, data in changes.spans:
+                view[start : start + len(data)] = data
+            return await self._stripes.write_stripe(self.ino, index, layout, view, floor)
+        finally:
+            self._pool.give(buf)
+
+    def _begin_upload(self, index: int, data: UploadData, release: Callable[[], None],
                       counted: bool = False) -> None:
         """Upload ``data`` in the background; the caller holds one upload slot, released when done
         (``counted``: and is already counted in ``_uploads_running``)."""
@@ -547,7 +627,7 @@ class AsyncFile:
             self._upload_started()
         self._services.start_soon(self._upload, index, data, done, release)
 
-    async def _upload(self, index: int, data: memoryview | GatheredStripe, done: trio.Event,
+    async def _upload(self, index: int, data: UploadData, done: trio.Event,
                       release: Callable[[], None]) -> None:
         try:
             if index == 0:
@@ -561,7 +641,10 @@ class AsyncFile:
                 floor = max(self._min_version, current.version + 1 if current else 0)
                 layout = self.layout
                 asked = layout if self._replicating is not None and index == 0 else None
-                record = await self._stripes.write_stripe(self.ino, index, layout, data, floor)
+                if isinstance(data, _StripeChanges):
+                    record = await self._store_changes(index, layout, data, current, floor)
+                else:
+                    record = await self._stripes.write_stripe(self.ino, index, layout, data, floor)
                 try:
                     reply = await self._meta.commit(self.ino, [record], min(self.size, stripe_end), layout=asked)
                     break

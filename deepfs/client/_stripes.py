@@ -38,16 +38,19 @@ caller's ``EACCES``, not a stripe that seems unreadable.
 
 from __future__ import annotations
 
+import bisect
 import errno
 import functools
+import itertools
 import logging
 import os
 import secrets
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import crc32c
 import trio
 
 from deepfs import codec
@@ -65,6 +68,7 @@ from deepfs.messages.storage_requests import (
     GET_DIGEST,
     delete_fragment_body,
     get_fragment_body,
+    patch_fragment_body,
     put_fragment_body,
     quarantine_fragment_body,
 )
@@ -141,6 +145,12 @@ def _refuse_old_format(ino: int, record: StripeRecord) -> None:
                                  "which this version cannot read")
 
 
+class PatchUnavailable(Exception):
+    """A stripe could not be patched on its nodes (a node down or suspect, a base fragment
+    missing, damaged or not the recorded one): nothing was committed, and the writer
+    rewrites the stripe whole instead."""
+
+
 @dataclass
 class IOStats:
     """Counters a user can inspect (``Client.stats``) and tests can assert on."""
@@ -148,6 +158,7 @@ class IOStats:
     stripes_written: int = 0
     lent_stripes: int = 0  # written straight from the caller's memory (pwrite(zero_copy=True))
     degraded_writes: int = 0
+    patched_stripes: int = 0  # written as changes their nodes applied (``patch_stripe``)
     range_reads: int = 0
     degraded_reads: int = 0  # reads served from other fragments than the ones holding the bytes
     column_reads: int = 0  # of them, rebuilt from k fragments' ranges, not a whole stripe
@@ -157,6 +168,102 @@ class IOStats:
 
 BodyOf = Callable[[Capability | None], dict[str, Any]]
 """A fragment request's body with the given capability in it (the ``*_body`` builders)."""
+
+
+def _merged(spans: Iterator[tuple[int, int]]) -> list[tuple[int, int]]:
+    """[start, end) spans merged into sorted, disjoint ones."""
+    out: list[tuple[int, int]] = []
+    for start, end in sorted(spans):
+        if out and start <= out[-1][1]:
+            out[-1] = (out[-1][0], max(out[-1][1], end))
+        else:
+            out.append((start, end))
+    return out
+
+
+def _columns(k: int, fragment_size: int, changes: Sequence[tuple[int, Buffer]]) -> list[list[tuple[int, memoryview]]]:
+    """Changes to a stripe ((offset in it, new bytes)) as changes to each of its k data
+    fragments ((offset in the fragment, new bytes)), cut where a change crosses fragments."""
+    columns: list[list[tuple[int, memoryview]]] = [[] for _ in range(k)]
+    for offset, data in changes:
+        view = memoryview(data).cast("B")
+        for part in stripe_range_to_fragments(fragment_size, offset, len(view)):
+            start = part.stripe_offset - offset
+            columns[part.index].append((part.start, view[start : start + part.length]))
+    return columns
+
+
+def _laid_over(union: list[tuple[int, int]], packed: bytearray) -> list[tuple[int, memoryview]]:
+    """``packed`` (bytes for ``union``'s spans one after another) cut back into its spans."""
+    view = memoryview(packed)
+    out, pos = [], 0
+    for start, end in union:
+        out.append((start, view[pos : pos + end - start]))
+        pos += end - start
+    return out
+
+
+def _deltas_at(union: list[tuple[int, int]], column: list[tuple[int, memoryview]], before: bytes) -> bytearray:
+    """One data fragment's change (new XOR old) laid out over ``union``'s spans one after
+    another, zeros where it did not change: the input ``codec.parity_deltas`` takes."""
+    starts = [start for start, _ in union]
+    bases = list(itertools.accumulate((end - start for start, end in union), initial=0))
+    out = bytearray(bases[-1])
+    pos = 0
+    for start, new in column:
+        i = bisect.bisect_right(starts, start) - 1
+        at = bases[i] + start - union[i][0]
+        out[at : at + len(new)] = new
+        codec.xor_into(memoryview(out)[at : at + len(new)], before[pos : pos + len(new)])
+        pos += len(new)
+    return out
+
+
+class _PatchRun:
+    """The PATCH_FRAGMENT requests of one ``patch_stripe``: what each node stored and the
+    failures, which the caller turns into one ``PatchUnavailable``."""
+
+    def __init__(self, call: Callable[..., Awaitable[tuple[Any, memoryview]]], ino: int, record: StripeRecord,
+                 version: int, cap: Capability | None, durable: bool) -> None:
+        self.call = call  # ``StripeIO._call_with``
+        self.ino, self.record, self.version, self.cap, self.durable = ino, record, version, cap, durable
+        self.digests = list(record.digests)
+        self.stored: set[int] = set()  # slots whose node stored the new version
+        self.failures: list[str] = []
+
+    async def all(self, jobs: dict[int, tuple[list[tuple[int, memoryview]], bool]]) -> dict[int, bytes]:
+        """Patch these slots at once ({slot: (changes, xor)}); the bytes each replaced."""
+        befores: dict[int, bytes] = {}
+
+        async def one(slot: int, changes: list[tuple[int, memoryview]], xor: bool) -> None:
+            befores[slot] = await self.one(slot, [(start, len(new)) for start, new in changes],
+                                           b"".join(new for _, new in changes), xor)
+
+        async with trio.open_nursery() as nursery:
+            for slot, (changes, xor) in jobs.items():
+                nursery.start_soon(one, slot, changes, xor)
+        return befores
+
+    async def one(self, slot: int, ranges: list[tuple[int, int]], payload: bytes, xor: bool) -> bytes:
+        """One fragment's patch; its replaced bytes (b"" for XOR, or after a failure)."""
+        record, node = self.record, self.record.placement[slot]
+        body_of = functools.partial(patch_fragment_body, FragmentKey(self.ino, record.index, self.version, slot),
+                                    record.version, ranges, xor, crc32c.crc32c(payload), BLOCK_SIZE,
+                                    self.durable)
+        try:
+            reply, before = await self.call(node, Op.PATCH_FRAGMENT, self.ino, WRITE, body_of, self.cap, (payload,))
+            self.stored.add(slot)
+            if reply.get("base_crc") != record.digests[slot]:
+                raise ChecksumError(f"its fragment {slot} is not the one the stripe record names")
+            if type(reply.get("crc")) is not int:
+                raise ValueError(f"malformed PATCH_FRAGMENT reply {reply!r:.80}")
+            if not xor and (len(before) != len(payload) or crc32c.crc32c(before) != reply.get("before_crc")):
+                raise ChecksumError("the bytes it replaced came back damaged")
+        except (OSError, ValueError, trio.TooSlowError) as exc:
+            self.failures.append(f"node {node}: {exc}")
+            return b""
+        self.digests[slot] = reply["crc"]
+        return b"" if xor else bytes(before)
 
 
 class StripeIO:
@@ -252,6 +359,49 @@ class StripeIO:
         if any(p == MISSING_NODE for p in stored):
             self.stats.degraded_writes += 1
         return StripeRecord(index, version, len(data), encoded.fragment_size, stored, encoded.digests)
+
+    async def patch_stripe(self, ino: int, layout: Layout, record: StripeRecord,
+                           changes: Sequence[tuple[int, Buffer]], min_version: int) -> StripeRecord:
+        """A new version of ``record``'s stripe with ``changes`` ((offset in the stripe, new
+        bytes), not overlapping) applied, made by the nodes from the fragments they hold.
+
+        The problem: a random 4 KiB writer dirties every stripe a little, and rewriting a
+        stripe whole reads k fragments and writes k+m. Here the changed bytes go to the
+        nodes of the data fragments they fall in, which store the new version and answer with
+        the bytes they replaced; XORed with the new ones and encoded, those are the change of
+        each parity fragment (Reed-Solomon is linear), which its node XORs into a new version
+        of its own. Each byte moved carries a CRC; each node verifies the blocks it reads and
+        answers the digest of the base it read, compared with ``record``'s.
+
+        Raises ``PatchUnavailable`` if any node cannot, after deleting what the others stored
+        (a node that did not answer may keep a new fragment: the orphan collector's). Not
+        committed: the caller commits the record returned."""
+        placement = record.placement
+        usable = {node.node_id for node in self.cluster.live_nodes()} - self.cluster.suspects()
+        if any(node not in usable for node in placement):
+            raise PatchUnavailable(f"stripe {record.index} of inode {ino} has a fragment on no live node")
+        patch = _PatchRun(self._call_with, ino, record, min_version + secrets.randbelow(VERSION_JITTER),
+                          await self._capability(ino, WRITE), self.durable_writes)
+        columns = _columns(layout.k, record.fragment_size, changes)
+        befores = await patch.all({slot: (column, False) for slot, column in enumerate(columns)})
+        if not patch.failures:
+            union = _merged((start, start + len(new)) for column in columns for start, new in column)
+
+            def parity_changes() -> list[bytearray]:
+                deltas = [_deltas_at(union, column, befores[slot]) for slot, column in enumerate(columns)]
+                return codec.parity_deltas(layout, deltas)
+
+            size = sum(end - start for start, end in union)
+            parity = parity_changes() if size * layout.k < ENCODE_IN_THREAD_BYTES else \
+                await trio.to_thread.run_sync(parity_changes, limiter=self._encoders)
+            await patch.all({layout.k + j: (_laid_over(union, delta), True) for j, delta in enumerate(parity)})
+        if patch.failures:
+            await self._discard(ino, record.index, patch.version,
+                                [node if slot in patch.stored else MISSING_NODE for slot, node in enumerate(placement)])
+            raise PatchUnavailable(f"stripe {record.index} of inode {ino}: {'; '.join(patch.failures)}")
+        self.stats.patched_stripes += 1
+        return StripeRecord(record.index, patch.version, record.length, record.fragment_size, list(placement),
+                            patch.digests)
 
     async def _encode(self, layout: Layout, data: StripeData) -> codec.EncodedStripe:
         size = layout.stripe_size // layout.k
