@@ -32,6 +32,7 @@ class PayloadPool:
         self.idle_budget_bytes = idle_budget_bytes
         self._shelves: dict[int, list[mmap.mmap]] = {}
         self._idle_bytes = 0
+        self._idle_ids: set[int] = set()  # ids of the shelved buffers (alive while shelved: unique)
         self._lock = threading.Lock()
 
     @staticmethod
@@ -49,6 +50,7 @@ class PayloadPool:
             shelf = self._shelves.get(cls)
             if shelf:
                 buf = shelf.pop()
+                self._idle_ids.discard(id(buf))
                 self._idle_bytes -= cls
             else:
                 buf = None
@@ -66,19 +68,20 @@ class PayloadPool:
             return
         cls = len(buf)
         with self._lock:
-            shelf = self._shelves.setdefault(cls, [])
-            if any(held is buf for held in shelf):
+            if id(buf) in self._idle_ids:  # given twice: shelved once
                 return
+            shelf = self._shelves.setdefault(cls, [])
             self._make_room(cls)
             if self._idle_bytes + cls <= self.idle_budget_bytes:
                 shelf.append(buf)
+                self._idle_ids.add(id(buf))
                 self._idle_bytes += cls
 
     def _make_room(self, cls: int) -> None:
         """Drop idle buffers of other sizes so the sizes in use now win the budget."""
         for other, shelf in self._shelves.items():
             while shelf and other != cls and self._idle_bytes + cls > self.idle_budget_bytes:
-                shelf.pop()
+                self._idle_ids.discard(id(shelf.pop()))
                 self._idle_bytes -= other
 
     @property
