@@ -27,7 +27,10 @@ is bound by latency — waits for commits and round trips — not by CPU):
 - ``mount_unlink``: ``unlink`` of each;
 - ``mount_read_64_256k``: open, read whole, close of files of 64–256 KiB in random order,
   from ``bench.dataload.make_tree`` (the ``dataload`` suite's tree; ``--threads 2`` for
-  its two workers).
+  its two workers);
+- ``mount_randwrite_4k``: 4 KiB ``pwrite`` at random aligned offsets of the 32 MiB file,
+  opened ``O_DIRECT``, then one ``fsync`` (counted in the row: it stores what the writes
+  changed, as patches of the stripes they touched; fio's randwrite job).
 """
 
 from __future__ import annotations
@@ -110,9 +113,10 @@ def busy_cpu_seconds() -> float:
 
 
 def measure_threads(pids: dict[str, list[int]], count: int, work: Callable[[int], object],
-                    threads: int) -> dict[str, float]:
+                    threads: int, finish: Callable[[], object] = lambda: None) -> dict[str, float]:
     """CPU ms per operation per process group, wall ms per op, and ``busy``: the share of the
-    machine's CPUs in use, while ``threads`` threads share operations 0..count-1."""
+    machine's CPUs in use, while ``threads`` threads share operations 0..count-1 (and then
+    ``finish`` runs, counted in)."""
     before = {name: cpu_seconds(p) for name, p in pids.items()}
     busy_before = busy_cpu_seconds()
     start = time.perf_counter()
@@ -120,6 +124,7 @@ def measure_threads(pids: dict[str, list[int]], count: int, work: Callable[[int]
         for future in [pool.submit(lambda t: [work(i) for i in range(t, count, threads)], t)
                        for t in range(threads)]:
             future.result()
+    finish()
     wall = time.perf_counter() - start
     result = {f"{name}_cpu_ms": (cpu_seconds(p) - before[name]) * 1e3 / count for name, p in pids.items()}
     result["wall_ms"] = wall * 1e3 / count
@@ -147,11 +152,12 @@ def measure_mount(ops: int, fsync: bool, threads: int = 1) -> int:
         root = mount.mountpoint / "cpu"
         root.mkdir()
 
-        def row(name: str, count: int, work: Callable[[int], object], *, cold: bool = False) -> None:
+        def row(name: str, count: int, work: Callable[[int], object], *, cold: bool = False,
+                finish: Callable[[], object] = lambda: None) -> None:
             if cold:
                 drop_page_cache()
             fuse_before, meta_before = fuse_requests(mount), meta_counters(cluster)
-            results[name] = measure_threads(pids, count, work, threads)
+            results[name] = measure_threads(pids, count, work, threads, finish)
             meta_after = meta_counters(cluster)
             syncs = meta_after.pop(SYNCS) - meta_before.pop(SYNCS)
             sync_s = meta_after.pop(SYNC_SECONDS) - meta_before.pop(SYNC_SECONDS)
@@ -219,6 +225,19 @@ def measure_mount(ops: int, fsync: bool, threads: int = 1) -> int:
                     raise AssertionError(f"{path} does not hold what was written")
 
         row("mount_read_64_256k", ops, read_image, cold=True)
+
+        def randwrite(i: int) -> None:
+            if not hasattr(buffers, "page"):
+                buffers.page = mmap.mmap(-1, BLOCK)
+            os.pwritev(fd, [buffers.page], offsets[i])
+
+        fd = os.open(big, os.O_WRONLY | os.O_DIRECT)
+        try:  # last: its old stripe versions, deleted a minute later, must not land in another row
+            # ops writes: ~1/8 of each 4 MiB stripe at 1,000, so every stripe is patched
+            row("mount_randwrite_4k", ops, randwrite, finish=lambda: os.fsync(fd))
+        finally:
+            os.close(fd)
+
     groups = ("app", "fuse", "meta", "nodes")
     print(f"{'operation':<20}" + "".join(f"{g:>8}" for g in groups) + f"{'total':>8}{'wall':>8}{'busy':>6}"
           f"{'syncs':>7}{'ms/sync':>8}   (CPU ms per op; busy: share of all CPUs in use)   requests per op")

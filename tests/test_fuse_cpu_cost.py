@@ -27,7 +27,7 @@ def test_mount_rows_report_cpu_and_requests_per_operation() -> None:
     out = run_tool("bench.cpu_cost", "--mount", "--ops", "4", timeout_s=110)
     results = json.loads(out.strip().splitlines()[-1])
     assert list(results) == ["mount_randread_4k", "mount_create_4k", "mount_stat", "mount_read_4k", "mount_unlink",
-                             "mount_read_64_256k"]
+                             "mount_read_64_256k", "mount_randwrite_4k"]
     for row in results.values():
         assert row["wall_ms"] > 0 and all(row[f"{g}_cpu_ms"] >= 0 for g in ("app", "fuse", "meta", "nodes"))
         assert row["busy"] >= 0 and row["ms_per_sync"] >= 0  # (busy: clock ticks, coarse over 4 ops)
@@ -38,6 +38,9 @@ def test_mount_rows_report_cpu_and_requests_per_operation() -> None:
     meta = {name: row["requests"]["meta"] for name, row in results.items()}
     assert fuse["mount_randread_4k"]["read"] == 1
     assert all(n < 1 for n in meta["mount_randread_4k"].values())  # a stray background request at most
+    # Each write is one WRITE; the fsync stores the touched stripes and commits them (one COMMIT each).
+    assert fuse["mount_randwrite_4k"]["write"] == 1 and fuse["mount_randwrite_4k"]["fsync"] == 0.25
+    assert 0 < meta["mount_randwrite_4k"]["COMMIT"] <= 1 and meta["mount_randwrite_4k"]["FSYNC"] == 0.25
     assert fuse["mount_create_4k"]["create"] == 1 and fuse["mount_create_4k"]["flush"] == 1
     assert meta["mount_create_4k"]["CREATE"] == 1 and meta["mount_create_4k"]["COMMIT"] == 1
     # The OPEN of an unchanged inline file brings its bytes into the page cache: no READ follows.
