@@ -136,6 +136,15 @@ class _StripeChanges:
         return self.length
 
 
+class _StoredBytesUnreadable(Exception):
+    """Stripe changes that could not be patched could not be merged with the stored stripe
+    either (its fragments unreadable): ``error`` is why."""
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 UploadData = memoryview | GatheredStripe | _StripeChanges
 """What an upload stores: a stripe's bytes (its buffer, or lent pieces), or its changes."""
 
@@ -606,16 +615,26 @@ class AsyncFile:
         try:
             view = memoryview(buf)[: changes.length]
             have = 0 if current is None else min(changes.length, current.length)
-            if current is not None and current.inline is not None:
-                self._copy_inline(current, 0, view[:have])
-            elif current is not None:
-                await self._stripes.read_into(self.ino, layout, current, 0, view[:have])
+            try:
+                if current is not None and current.inline is not None:
+                    self._copy_inline(current, 0, view[:have])
+                elif current is not None:
+                    await self._stripes.read_into(self.ino, layout, current, 0, view[:have])
+            except OSError as exc:
+                raise _StoredBytesUnreadable(exc) from exc
             view[have:] = bytes(changes.length - have)
             for start, data in changes.spans:
                 view[start : start + len(data)] = data
             return await self._stripes.write_stripe(self.ino, index, layout, view, floor)
         finally:
             self._pool.give(buf)
+
+    def _dirty_again(self, index: int, changes: _StripeChanges) -> None:
+        """Put changes that could not be stored back among the dirty stripes. No dirty stripe
+        of ``index`` exists while its upload is in flight (writers wait: ``_dirty_stripe``)."""
+        dirty = self._dirty[index] = _DirtyStripe(tally=self._buffered)
+        for start, data in changes.spans:
+            dirty.write(start, memoryview(data), self._pool)
 
     def _begin_upload(self, index: int, data: UploadData, release: Callable[[], None],
                       counted: bool = False) -> None:
@@ -668,6 +687,12 @@ class AsyncFile:
             self._unsynced_nodes.update(record.placement)
             self.attr = reply["attr"]
             self._committed_size = max(self._committed_size, min(self.size, stripe_end))
+        except _StoredBytesUnreadable as exc:
+            # As when the merge of a rewrite cannot read (``_fill_and_upload``): nothing was
+            # stored, the changes are dirty again for a later flush, and this one raises once.
+            assert isinstance(data, _StripeChanges)
+            self._dirty_again(index, data)
+            self._fill_failure = self._fill_failure or exc.error
         except BaseException as exc:
             self._record_failure(index, exc)
             if not isinstance(exc, Exception):
