@@ -161,20 +161,26 @@ def test_a_damaged_base_fragment_makes_the_stripe_rewritten_whole(fresh_cluster:
 @pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "paused"])
 def test_a_node_lost_mid_flush_makes_its_stripes_rewritten_whole(fresh_cluster: LocalCluster, sig: int) -> None:
     """The patches to a node killed (refused connections) or paused (a request that never
-    answers, ``io_timeout_s``) fail; those stripes are read degraded and rewritten whole,
+    answers within ``io_timeout_s``) fail; those stripes are read degraded and rewritten whole,
     without that node, and every byte written is there, before and after the node is back."""
     rng = random.Random(sig)
-    with deepfs.Client(fresh_cluster.meta_address, ClientConfig(io_timeout_s=2.0)) as client:
+    with deepfs.Client(fresh_cluster.meta_address, ClientConfig(io_timeout_s=1.0)) as client:
         model = bytearray(rng.randbytes(4 * STRIPE))
         client.write_file("/victim", bytes(model), layout=LAYOUT)
+        node = fresh_cluster.process(fresh_cluster.state.nodes[2])
+        written = client.stats.stripes_written
         with client.open("/victim", "r+b") as f:
             scatter(f, model, rng, 30)
-            fresh_cluster.kill_node(2, sig)
+            node.send_signal(sig)  # at once: the client has not noticed when it flushes
             try:
                 f.flush()
             finally:
                 if sig == signal.SIGSTOP:
-                    fresh_cluster.kill_node(2, signal.SIGCONT)
+                    node.send_signal(signal.SIGCONT)
+                else:
+                    node.wait_exit(10.0)
+        # Every stripe has a fragment on every one of the 6 nodes: none could be patched.
+        assert client.stats.patched_stripes == 0 and client.stats.stripes_written - written == 4
         assert client.read_file("/victim") == model
         if sig == signal.SIGKILL:
             fresh_cluster.start_node(2)
