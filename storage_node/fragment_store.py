@@ -7,7 +7,8 @@ page cache is ``direct_io``. Rules of the store:
 
 - Writes are all-or-nothing: temp file in the same directory, fsync, rename,
   fsync the directory. Temp files a crash leaves behind are removed when the
-  store opens.
+  store opens. A patch (``patch``) is such a write of a new version, built
+  from a stored version whose every block was verified first.
 - Reads verify every block they return, and return the fragment's digest
   (``fragment_format.table_digest``) for the reader to compare with its
   stripe record. A fragment that fails is moved to ``<data_dir>/quarantine/``
