@@ -89,6 +89,23 @@ FIRST_CHOSEN_PORT = 20000
 _handed_out: set[int] = set()
 
 
+PORT_SLICE_ENV = "DEEPFS_PORT_SLICE"
+"""``"i/n"`` (0 <= i < n): ``free_port`` draws only from the i-th of n equal slices of its
+range. Processes that pick ports side by side (the test suite's workers) each take their own
+slice, so two of them never pick the same port between the pick and the server's bind."""
+
+
+def _port_slice(first: int, end: int) -> tuple[int, int]:
+    try:
+        index, count = (int(x) for x in os.environ.get(PORT_SLICE_ENV, "0/1").split("/"))
+    except ValueError:
+        index, count = 0, 1
+    if not 0 <= index < count or end - first < 1000 * count:
+        return first, end
+    width = (end - first) // count
+    return first + index * width, first + (index + 1) * width
+
+
 def _ephemeral_start() -> int:
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
@@ -111,7 +128,7 @@ def free_port(host: str = "127.0.0.1") -> int:
     pick when the range below is too small. Still a guess: a caller that
     must not fail retries on EADDRINUSE.
     """
-    first, end = FIRST_CHOSEN_PORT, _ephemeral_start()
+    first, end = _port_slice(FIRST_CHOSEN_PORT, _ephemeral_start())
     if len(_handed_out) > (end - first) // 2:
         _handed_out.clear()  # long-lived callers: the oldest picks are long since bound or gone
     for _ in range(100 if end - first >= 1000 else 0):

@@ -28,6 +28,7 @@ import pytest
 import deepfs
 from deepfs.auth import KEY_ENV, create_cluster_secret, make_key, write_key_file
 from deepfs.local_cluster import ADMIN_IDENTITY, LocalCluster
+from deepfs.processes import PORT_SLICE_ENV
 from fuse_client.mount_process import MountProcess
 
 if TYPE_CHECKING:
@@ -95,6 +96,12 @@ def _kernel_caches_alone(request: pytest.FixtureRequest) -> Iterator[None]:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield
 
+
+# Each pytest-xdist worker ("gw0", "gw1", …) picks server ports from a slice of its own
+# (deepfs.processes.PORT_SLICE_ENV): two workers once picked the same metrics port.
+if os.environ.get("PYTEST_XDIST_WORKER", "").startswith("gw"):
+    os.environ.setdefault(PORT_SLICE_ENV, f"{int(os.environ['PYTEST_XDIST_WORKER'][2:])}/"
+                                          f"{os.environ.get('PYTEST_XDIST_WORKER_COUNT', '1')}")
 
 # The engine of every cluster the fixtures start unless a test names one: "lmdb", or "etcd" (three
 # metadata servers), e.g. ``DEEPFS_TEST_META_ENGINE=etcd pytest -m fuse`` runs the FUSE suite on etcd.
