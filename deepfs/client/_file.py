@@ -476,18 +476,12 @@ class AsyncFile:
         if dirty.covers(0, length):
             dirty.materialize(self._pool)
             return
-        record = self._records.get(index)
-        have = 0 if record is None else min(length, record.length)
         base = self._pool.take()
         try:
-            if record is not None and record.inline is not None:
-                self._copy_inline(record, 0, memoryview(base)[:have])
-            elif record is not None:
-                await self._stripes.read_into(self.ino, self.layout, record, 0, memoryview(base)[:have])
+            await self._read_stored(self._records.get(index), self.layout, memoryview(base)[:length])
         except BaseException:
             self._pool.give(base)
             raise
-        memoryview(base)[have:length] = bytes(length - have)
         if dirty.buf is None:  # (still pieces after the read: else a write materialized it meanwhile)
             dirty.adopt(base)
             dirty.written = [(0, max(length, dirty.end))]
@@ -502,6 +496,16 @@ class AsyncFile:
             view[pos:length] = memoryview(base)[pos:length]
         self._pool.give(base)
         dirty.written = [(0, max(length, dirty.end))]
+
+    async def _read_stored(self, record: StripeRecord | None, layout: Layout, dest: memoryview) -> None:
+        """``dest`` from the start of a stored stripe (inline or on the nodes), zeros past what
+        ``record`` holds (None: a hole): the base a partial rewrite of the stripe is merged over."""
+        have = 0 if record is None else min(len(dest), record.length)
+        if record is not None and record.inline is not None:
+            self._copy_inline(record, 0, dest[:have])
+        elif record is not None:
+            await self._stripes.read_into(self.ino, layout, record, 0, dest[:have])
+        dest[have:] = bytes(len(dest) - have)
 
     async def _start_upload(self, index: int) -> None:
         """Queue dirty stripe ``index`` for storing (once an upload slot is free); its stored
@@ -614,15 +618,10 @@ class AsyncFile:
         buf = self._pool.take()
         try:
             view = memoryview(buf)[: changes.length]
-            have = 0 if current is None else min(changes.length, current.length)
             try:
-                if current is not None and current.inline is not None:
-                    self._copy_inline(current, 0, view[:have])
-                elif current is not None:
-                    await self._stripes.read_into(self.ino, layout, current, 0, view[:have])
+                await self._read_stored(current, layout, view)
             except OSError as exc:
                 raise _StoredBytesUnreadable(exc) from exc
-            view[have:] = bytes(changes.length - have)
             for start, data in changes.spans:
                 view[start : start + len(data)] = data
             return await self._stripes.write_stripe(self.ino, index, layout, view, floor)
