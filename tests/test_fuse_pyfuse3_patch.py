@@ -86,7 +86,8 @@ def test_the_patch_applies_hunk_by_hunk_and_refuses_what_it_does_not_match(tmp_p
 def test_the_shipped_patch_parses_into_hunks_of_the_files_it_changes() -> None:
     files = pyfuse3_install._parse(pyfuse3_install.PATCH.read_text())  # noqa: SLF001
     assert [path for path, _ in files] == ["Include/fuse_common.pxd", "src/pyfuse3/__init__.pyi",
-                                           "src/pyfuse3/__init__.pyx", "src/pyfuse3/internal.pxi"]
+                                           "src/pyfuse3/__init__.pyx", "src/pyfuse3/handlers.pxi",
+                                           "src/pyfuse3/internal.pxi"]
     for _, hunks in files:
         assert hunks and all(old and new and old != new for old, new in hunks)
 

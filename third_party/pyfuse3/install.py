@@ -5,7 +5,8 @@ wake-up, even when the kernel has the next request queued already (a fifth of th
 daemon's CPU per small file, bench/RESULTS.md "Eighth round"), and cannot tell the kernel
 that closing a read-only handle needs no FLUSH. The patch (``deepfs.patch`` beside this
 file) lets a request task that has just answered take the next queued request at once,
-adds ``FileInfo.noflush``, and marks the build with ``pyfuse3.deepfs_patch_level``.
+adds ``FileInfo.noflush``, lets the file system turn the kernel's ``auto_inval_data`` off
+(``Operations.auto_inval_data``), and marks the build with ``pyfuse3.deepfs_patch_level``.
 
 Usage: ``<venv>/bin/python third_party/pyfuse3/install.py`` (``make venv`` and the
 Containerfile run it). It does nothing when the patched build is installed already;
@@ -25,7 +26,7 @@ from pathlib import Path
 
 PYFUSE3_VERSION = "3.5.0"
 # Raise together with the level the patch sets, so that an older patched build is replaced.
-PATCH_LEVEL = 2
+PATCH_LEVEL = 3
 PATCH = Path(__file__).with_name("deepfs.patch")
 
 
