@@ -51,6 +51,7 @@ async def serve(options: MountOptions) -> None:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(_handle_signals, ops)
                 nursery.start_soon(_tune_once_serving, options)
+                nursery.start_soon(ops.watch_open_files)
                 await pyfuse3.main(min_tasks=min(IDLE_READERS, options.max_tasks), max_tasks=options.max_tasks)
                 nursery.cancel_scope.cancel()
         finally:

@@ -19,7 +19,12 @@ Lifecycle:
 
 Kernel page cache: when the last handle closes we remember the inode's
 (mtime, ctime, size); the next open keeps the kernel's cached pages only if
-the server still reports exactly that (``keep_cache``).
+the server still reports exactly that (``keep_cache``). Pages that writes of
+this mount did not pass through (a direct-I/O handle's, an append stored at
+another offset than the kernel's) are never kept (``OpenInode.pages_stale``).
+A write-through leaves the file's last page, when partial, out of the kernel's
+cache; the bytes this mount wrote there are handed to the kernel when the
+last handle closes (``keep_tail``), so reading the file back asks nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ import logging
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from types import TracebackType
 
@@ -44,6 +50,7 @@ from fuse_client.readahead import SEQUENTIAL_READS_NEEDED, StripePrefetcher, is_
 log = logging.getLogger(__name__)
 
 MAX_CACHE_STAMPS = 50_000
+PAGE_SIZE = os.sysconf("SC_PAGE_SIZE")
 # Memory the partially written stripes of one open file may hold. Small
 # scattered writes are kept as pieces (see deepfs.client._file.SPARSE_LIMIT),
 # so a 4 KiB random writer buffers about 32K writes here, and a stripe is
@@ -110,6 +117,22 @@ class OpenInode:
     unlinked: bool = False  # its last name went while open: RELEASE the orphan at the end
     local_mtime_ns: int = 0  # time of the last buffered write (what stat shows until the flush)
     write_failed: bool = False  # some write of this open was not stored: its cached pages are suspect
+    # Written where the kernel's pages did not follow (``OpenFiles.write``): at the last close
+    # no stamp is kept, so the next open drops them.
+    pages_stale: bool = False
+    checked_at: float = field(default_factory=time.monotonic)  # when its attributes were last compared
+    # (offset, bytes) of the file's last, partial page as this mount's writes left it: the
+    # kernel's write-through keeps only whole pages (see ``OpenFiles.keep_tail``).
+    tail: tuple[int, bytes] | None = None
+
+    def note_write(self, offset: int, data: bytes) -> None:
+        """Follow the file's partial last page through a stored write of ``data`` at ``offset``."""
+        end = offset + len(data)
+        page_start = end - end % PAGE_SIZE
+        if end == self.file.size and end % PAGE_SIZE and offset <= page_start:
+            self.tail = (page_start, bytes(data[page_start - offset:]))
+        elif self.tail is not None and end > self.tail[0]:
+            self.tail = None  # written into (or past) the page without covering it whole
 
     def merged_attr(self, attr: Attr) -> Attr:
         """``attr`` with this mount's buffered writes applied (size, mtime)."""
@@ -159,9 +182,14 @@ class FileHandle:
 
 
 class OpenFiles:
-    def __init__(self, client: AsyncClient, readahead_stripes: int) -> None:
+    def __init__(self, client: AsyncClient, readahead_stripes: int,
+                 keep_tail: Callable[[int, int, bytes], None] | None = None) -> None:
+        """``keep_tail(ino, offset, data)``: put a file's last partial page, as this mount wrote
+        and stored it, in the kernel's page cache. Called at the close of the last handle (no
+        READ of the inode can be pending then), only when the kernel's pages stay valid."""
         self._client = client
         self._readahead_stripes = readahead_stripes
+        self._keep_tail = keep_tail
         self._by_ino: dict[int, OpenInode] = {}
         self._handles: dict[int, FileHandle] = {}
         self._transitions: dict[int, QuickLock] = {}  # per-inode: open and last release never interleave
@@ -187,6 +215,17 @@ class OpenFiles:
     def forget_stamp(self, ino: int) -> None:
         self._stamps.pop(ino, None)
 
+    def has_cached_handle(self, inode: OpenInode) -> bool:
+        """Does ``inode`` have a handle open through the kernel's page cache (not direct I/O)?"""
+        return any(not self._handles[fh].direct for fh in inode.handles if fh in self._handles)
+
+    def due_for_check(self, checked_before: float, most: int) -> list[int]:
+        """Up to ``most`` inodes open here, with nothing buffered, whose attributes were last
+        compared with the server's before ``checked_before`` (``time.monotonic``), longest first."""
+        due = [inode for inode in self._by_ino.values() if not inode.dirty and inode.checked_at < checked_before]
+        due.sort(key=lambda inode: inode.checked_at)
+        return [inode.ino for inode in due[:most]]
+
     # --------------------------------------------------------- open/close
     async def open(self, ino: int, flags: int, uid: int, looked_up: bool = False) -> tuple[FileHandle, bool]:
         """A new handle of ``ino``, and whether the kernel may keep its cached pages. ``looked_up``:
@@ -202,7 +241,7 @@ class OpenFiles:
             else:
                 # Handles share the file: its reopens (reload) ask for what every handle needs.
                 inode.file.access = "".join(op for op in "rw" if op in inode.file.access + open_flags_access(flags))
-                keep_cache = await self._refresh(inode)
+                keep_cache = await self._refresh(inode) and not inode.pages_stale
             if flags & os.O_TRUNC and inode.file.size:
                 try:
                     await self.truncate(inode, 0)
@@ -270,9 +309,13 @@ class OpenFiles:
                 if self._by_ino.get(inode.ino) is inode:
                     del self._by_ino[inode.ino]
                 inode.prefetch.invalidate()
-                if stored:
+                if stored and not inode.pages_stale:
                     self._remember_stamp(inode)
-                else:  # the kernel may cache pages that never reached the cluster
+                    tail = inode.tail
+                    if self._keep_tail is not None and tail is not None and \
+                            tail[0] + len(tail[1]) == inode.file.size:
+                        self._keep_tail(inode.ino, *tail)
+                else:  # the kernel may cache pages that never reached the cluster, or miss bytes that did
                     self.forget_stamp(inode.ino)
                 if inode.unlinked:
                     await self._release_orphan(inode.ino)
@@ -293,13 +336,17 @@ class OpenFiles:
     async def write(self, handle: FileHandle, offset: int, data: bytes) -> int:
         inode = handle.inode
         async with inode.lock:
-            if handle.append:
-                offset = inode.file.size  # O_APPEND: the end as this mount knows it
+            if handle.append and offset != inode.file.size:
+                offset = inode.file.size  # O_APPEND: the end as this mount knows it (the kernel's is older)
+                inode.pages_stale = True  # the kernel put the bytes in its pages at its own end
+            if handle.direct:
+                inode.pages_stale = True  # a direct-I/O write passes by the kernel's pages
             inode.dirty = True
             inode.prefetch.invalidate()
             with _NotingFailure(inode):
                 written = await inode.file.pwrite(data, offset)
                 inode.local_mtime_ns = time.time_ns()
+                inode.note_write(offset, data[:written])
                 if inode.file.buffered_bytes > MAX_BUFFERED_BYTES:  # store the fullest stripes, in the background
                     await inode.file.write_back(MAX_BUFFERED_BYTES - WRITE_BACK_STEP)
             return written
@@ -330,6 +377,7 @@ class OpenFiles:
     async def truncate(self, inode: OpenInode, size: int) -> Attr:
         async with inode.lock:
             inode.prefetch.invalidate()
+            inode.tail = None
             await inode.file.truncate(size)
             inode.dirty = False
             inode.local_mtime_ns = 0

@@ -159,6 +159,7 @@ class MountStats:
     readahead_hits: int = 0
     loop_reads: int = 0  # small reads served on the event loop's blocking connections (``_read_on_loop``)
     getxattrs: int = 0
+    pages_dropped: int = 0  # times the daemon told the kernel to drop a file's pages (``_drop_kernel_pages``)
     requests: dict[str, int] = field(default_factory=dict)  # FUSE requests served, by op
 
 
@@ -175,7 +176,8 @@ class DeepFSOperations(pyfuse3.Operations):
         self.attrs = AttrCache(options.attr_timeout_s)
         self.names = NameCache(options.entry_timeout_s)
         self.xattrs = XattrCache(options.attr_timeout_s)
-        self.files = OpenFiles(client, options.readahead_stripes)
+        self.files = OpenFiles(client, options.readahead_stripes,
+                               self._keep_tail if OWN_PAGE_INVALIDATION else None)
         self.inodes = InodeNumbers(client.root)
         self.dirs = Directories(self._list_page, self._attr, client.root, self.names.put, self._list_page_attrs)
         self.statahead = Statahead(min(options.attr_timeout_s, options.entry_timeout_s))
@@ -188,6 +190,9 @@ class DeepFSOperations(pyfuse3.Operations):
         self.requests_in_flight = 0
         self._kernel_queue = KernelQueue()
         self._direct: DirectReads | None = None  # made on the first lone small read (it needs the loop)
+        # Off: the kernel keeps a file's pages when its mtime changes (written through this mount,
+        # they hold the new bytes); the daemon drops them itself (``_drop_kernel_pages``).
+        self.auto_inval_data = not OWN_PAGE_INVALIDATION
 
     # ------------------------------------------------------------ helpers
     def _entry(self, attr: Attr) -> pyfuse3.EntryAttributes:
@@ -262,15 +267,58 @@ class DeepFSOperations(pyfuse3.Operations):
             # RELEASE is batched): for this mount its name is gone, as if it were freed.
             raise OSError(errno.ESTALE, "the inode has no name left")
         opened = self.files.inode(ino)
+        if opened is not None:
+            opened.checked_at = time.monotonic()
         if opened is not None and not opened.dirty and _changed(opened.file.attr, attr):
             # Another mount committed to a file we hold open: pick its stripes up
-            # now (better than close-to-open), and let the kernel see the change.
+            # now (better than close-to-open), and drop what the kernel cached of it.
             async with opened.lock:
                 if not opened.dirty:
                     await opened.file.reload()
                     opened.prefetch.invalidate()
             attr = opened.file.attr
+            await self._drop_kernel_pages(ino)
         return self.attrs.put(attr)
+
+    async def _drop_kernel_pages(self, ino: int) -> None:
+        """Make the kernel drop its cached pages of ``ino``: their bytes may predate a change.
+
+        With this build of pyfuse3 the kernel no longer drops them itself whenever it sees a new
+        mtime (``auto_inval_data`` off), which threw away the pages of every file this mount had
+        just written: the daemon drops them where it learns of a change they do not hold. From a
+        worker thread: the kernel waits for each page's lock, and a page stays locked while a READ
+        of it waits for this loop."""
+        if not OWN_PAGE_INVALIDATION:
+            return  # the kernel drops them itself once it sees the new mtime
+        kernel_ino = self.inodes.to_kernel(ino)
+
+        def drop() -> None:
+            try:
+                pyfuse3.invalidate_inode(kernel_ino, attr_only=False)
+            except OSError:
+                pass  # nothing of it in the kernel's cache
+
+        self.stats.pages_dropped += 1
+        await trio.to_thread.run_sync(drop, abandon_on_cancel=True)
+
+    async def watch_open_files(self) -> None:
+        """Readers that keep a file open see another mount's changes (docs/FUSE.md, "Caches").
+
+        A reader that never calls ``stat`` gets its bytes from the kernel's pages without asking
+        the daemon anything; the kernel used to compare mtimes on such reads once its attributes
+        expired (``auto_inval_data``). Now every ``attr_timeout`` the daemon compares the
+        attributes of the files open here (``_attr``: a change reloads the file and drops the
+        kernel's pages), at most WATCHED_PER_ROUND of them, longest unchecked first."""
+        if not OWN_PAGE_INVALIDATION:
+            return
+        interval = max(self.options.attr_timeout_s, MIN_WATCH_INTERVAL_S)
+        while True:
+            await trio.sleep(interval)
+            for ino in self.files.due_for_check(time.monotonic() - interval, WATCHED_PER_ROUND):
+                try:
+                    await self._attr(ino)
+                except OSError as exc:  # gone meanwhile, or the server unreachable: the next round tries again
+                    log.debug("checking open inode %d: %s", ino, exc)
 
     def request_done(self, op: str, started: float, code: int) -> None:
         """A request that began at ``started`` (``time.perf_counter``, read only while metrics
@@ -615,6 +663,14 @@ class DeepFSOperations(pyfuse3.Operations):
         except OSError:
             pass  # a bad CRC, or a kernel without the store: the READ will come (and report it)
 
+    def _keep_tail(self, ino: int, offset: int, data: bytes) -> None:
+        """``OpenFiles.keep_tail``: the kernel's write-through cached every whole page this mount
+        wrote, not a partial last one, so a read of the file back would still cost a READ."""
+        try:
+            pyfuse3.notify_store(self.inodes.to_kernel(ino), offset, data)
+        except OSError:
+            pass  # the kernel forgot the inode meanwhile: the READ will come
+
     def _kernel_forget_attrs(self, inode: int) -> None:
         """Make the kernel fetch size and mtime again (its cached ones may
         predate what another mount committed). Attribute-only invalidation
@@ -694,7 +750,10 @@ class DeepFSOperations(pyfuse3.Operations):
             await self._drop_set_id_bits(handle.inode.ino)
         if handle.direct:
             await self._drop_file_capabilities(handle.inode.ino)
-        return await self.files.write(handle, off, buf)
+        written = await self.files.write(handle, off, buf)
+        if handle.inode.pages_stale and self.files.has_cached_handle(handle.inode):
+            await self._drop_kernel_pages(handle.inode.ino)  # a reader through the page cache is open
+        return written
 
     async def _drop_file_capabilities(self, ino: int) -> None:
         """A write removes the file's capabilities (``security.capability``), whoever writes. The
@@ -864,12 +923,17 @@ class DeepFSOperations(pyfuse3.Operations):
         SIGUSR1); ``op.NAME=N``: N requests of that FUSE op so far."""
         by_op = "".join(f" op.{op}={n}" for op, n in sorted(self.stats.requests.items()))
         log.info("FUSE stats: reads=%d largest_read=%d readahead_hits=%d loop_reads=%d writes=%d largest_write=%d "
-                 "getxattrs=%d%s", self.stats.reads, self.stats.largest_read, self.stats.readahead_hits,
-                 self.stats.loop_reads, self.stats.writes, self.stats.largest_write, self.stats.getxattrs, by_op)
+                 "getxattrs=%d pages_dropped=%d%s", self.stats.reads, self.stats.largest_read,
+                 self.stats.readahead_hits, self.stats.loop_reads, self.stats.writes, self.stats.largest_write,
+                 self.stats.getxattrs, self.stats.pages_dropped, by_op)
 
 
 # pyfuse3 built with third_party/pyfuse3's patch (level 2: the lean request loop and FileInfo.noflush).
 PATCHED_PYFUSE3 = getattr(pyfuse3, "deepfs_patch_level", 0) >= 2
+# Level 3: the kernel's own page invalidation on a new mtime can be turned off (``_drop_kernel_pages``).
+OWN_PAGE_INVALIDATION = getattr(pyfuse3, "deepfs_patch_level", 0) >= 3
+WATCHED_PER_ROUND = 256  # open files ``watch_open_files`` compares per attr_timeout
+MIN_WATCH_INTERVAL_S = 0.2  # ... and how often at most (attr_timeout 0)
 STATAHEAD_PAGE = 1024  # entries per READDIR of a statahead (the server's most)
 FILE_CAPABILITIES = b"security.capability"  # what a write removes (``_drop_file_capabilities``)
 LOOP_READ_WAIT_S = 0.02
