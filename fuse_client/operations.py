@@ -319,6 +319,8 @@ class DeepFSOperations(pyfuse3.Operations):
                     await self._attr(ino)
                 except OSError as exc:  # gone meanwhile, or the server unreachable: the next round tries again
                     log.debug("checking open inode %d: %s", ino, exc)
+                except Exception:  # a background check must never take the mount down
+                    log.exception("checking open inode %d", ino)
 
     def request_done(self, op: str, started: float, code: int) -> None:
         """A request that began at ``started`` (``time.perf_counter``, read only while metrics
