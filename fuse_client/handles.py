@@ -125,7 +125,7 @@ class OpenInode:
     # kernel's write-through keeps only whole pages (see ``OpenFiles.keep_tail``).
     tail: tuple[int, bytes] | None = None
 
-    def note_write(self, offset: int, data: bytes) -> None:
+    def note_write(self, offset: int, data: bytes | memoryview) -> None:
         """Follow the file's partial last page through a stored write of ``data`` at ``offset``."""
         end = offset + len(data)
         page_start = end - end % PAGE_SIZE
@@ -346,7 +346,7 @@ class OpenFiles:
             with _NotingFailure(inode):
                 written = await inode.file.pwrite(data, offset)
                 inode.local_mtime_ns = time.time_ns()
-                inode.note_write(offset, data[:written])
+                inode.note_write(offset, data if written == len(data) else memoryview(data)[:written])
                 if inode.file.buffered_bytes > MAX_BUFFERED_BYTES:  # store the fullest stripes, in the background
                     await inode.file.write_back(MAX_BUFFERED_BYTES - WRITE_BACK_STEP)
             return written
