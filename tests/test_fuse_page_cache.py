@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import signal
 import time
 from collections.abc import Iterator
 from types import SimpleNamespace
@@ -101,6 +102,43 @@ def test_a_reader_that_keeps_the_file_open_sees_another_mounts_overwrite(
     finally:
         os.close(fd)
     assert (d / "f").read_bytes() == new
+
+
+@pytest.mark.fuse
+@pytest.mark.kernel_caches
+def test_the_check_of_open_files_outlasts_a_paused_metadata_server(two_mounts: tuple[Mounted, Mounted],
+                                                                   cluster: LocalCluster) -> None:
+    """The metadata server is stopped (SIGSTOP) after another mount's overwrite: the held-open
+    reader gets whole old or whole new bytes meanwhile, never a mix, and the new ones within the
+    usual bound once the server runs again; the mount keeps working."""
+    a, b = two_mounts
+    d = a.subdir("paused")
+    old, new = os.urandom(150_000), os.urandom(150_000)
+    (d / "f").write_bytes(old)
+    fd = os.open(d / "f", os.O_RDONLY)
+    try:
+        assert os.pread(fd, 100_000, 0) == old[:100_000]
+        (b.path / d.name / "f").write_bytes(new)
+        meta = cluster.state.meta.pid
+        assert meta is not None
+        os.kill(meta, signal.SIGSTOP)
+        try:
+            stopped_until = time.monotonic() + 2 * ATTR_TIMEOUT_S + 1  # rounds of the check wait meanwhile
+            while time.monotonic() < stopped_until:
+                assert os.pread(fd, 100_000, 0) in (old[:100_000], new[:100_000])
+                time.sleep(0.1)
+        finally:
+            os.kill(meta, signal.SIGCONT)
+        deadline = time.monotonic() + 2 * ATTR_TIMEOUT_S + 10
+        while (got := os.pread(fd, 100_000, 0)) != new[:100_000]:
+            assert got == old[:100_000], "neither the old bytes nor the new ones"
+            assert time.monotonic() < deadline, "the reader kept the old bytes after the server came back"
+            time.sleep(0.1)
+    finally:
+        os.close(fd)
+    assert (d / "f").read_bytes() == new
+    (d / "after").write_bytes(b"still working")
+    assert (b.path / d.name / "after").read_bytes() == b"still working"
 
 
 @pytest.mark.fuse
