@@ -17,6 +17,7 @@ import fcntl
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -217,6 +218,15 @@ class Mounted:
         path = self.path / f"{name}-{os.urandom(3).hex()}"
         path.mkdir()
         return path
+
+    def wait_released(self, releases: int) -> dict[str, int]:
+        """The daemon's statistics once it has served ``releases`` RELEASE requests in all (the
+        kernel sends them after close(2) returns)."""
+        deadline = time.monotonic() + 10
+        while (stats := self.process.request_stats()).get("op.release", 0) < releases:
+            assert time.monotonic() < deadline, stats
+            time.sleep(0.05)
+        return stats
 
 
 def processes_mentioning(text: str | os.PathLike[str]) -> list[str]:

@@ -5,7 +5,6 @@ any node) until it grows past ``inline_max_bytes``; appends, reads and truncates
 from __future__ import annotations
 
 import os
-import time
 from pathlib import Path
 
 import pytest
@@ -85,16 +84,6 @@ def test_an_unchanged_inline_file_is_read_from_the_page_cache(fuse_mount: Mounte
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)  # drop the pages the write left
     finally:
         os.close(fd)
-    before = wait_released(fuse_mount, released + 2)  # (an open beside another handle stores nothing)
+    before = fuse_mount.wait_released(released + 2)  # (an open beside another handle stores nothing)
     assert path.read_bytes() == data
     assert fuse_mount.process.request_stats()["reads"] == before["reads"], "the OPEN's bytes were not used"
-
-
-def wait_released(mount: Mounted, releases: int) -> dict[str, int]:
-    """The daemon's statistics once it has served ``releases`` RELEASE requests in all (the
-    kernel sends them after close(2) returns)."""
-    deadline = time.monotonic() + 10
-    while (stats := mount.process.request_stats()).get("op.release", 0) < releases:
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.05)
-    return stats

@@ -40,16 +40,6 @@ def two_mounts(cluster: LocalCluster) -> Iterator[tuple[Mounted, Mounted]]:
         yield a, b
 
 
-def wait_released(mount: Mounted, releases: int) -> dict[str, int]:
-    """The daemon's statistics once it has served ``releases`` RELEASE requests in all (the
-    kernel sends them after close(2) returns; the last page is handed over at the last one)."""
-    deadline = time.monotonic() + 10
-    while (stats := mount.process.request_stats()).get("op.release", 0) < releases:
-        assert time.monotonic() < deadline, stats
-        time.sleep(0.05)
-    return stats
-
-
 @pytest.mark.fuse
 @pytest.mark.kernel_caches  # counts on the kernel's cached pages: alone among such tests (conftest)
 def test_files_written_here_are_read_back_from_the_page_cache(two_mounts: tuple[Mounted, Mounted]) -> None:
@@ -68,7 +58,7 @@ def test_files_written_here_are_read_back_from_the_page_cache(two_mounts: tuple[
         for piece in pieces:
             f.write(piece)
     blobs["pieces"] = b"".join(pieces)
-    before = wait_released(a, released + len(blobs))
+    before = a.wait_released(released + len(blobs))
     for name, blob in blobs.items():
         os.stat(d / name)  # the new mtime reaches the kernel (it dropped the pages when it did)
         assert (d / name).read_bytes() == blob, name
