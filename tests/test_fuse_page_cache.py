@@ -12,11 +12,13 @@ an append stored at another end than the kernel's.
 
 from __future__ import annotations
 
+import contextlib
 import mmap
 import os
 import signal
 import time
 from collections.abc import Iterator
+from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
 
@@ -38,6 +40,36 @@ ATTR_TIMEOUT_S = 1.0  # the mounts' --attr-timeout (the default)
 def two_mounts(cluster: LocalCluster) -> Iterator[tuple[Mounted, Mounted]]:
     with mounted(cluster, "pages-a") as a, mounted(cluster, "pages-b") as b:
         yield a, b
+
+
+@contextlib.contextmanager
+def overwritten_while_open(two_mounts: tuple[Mounted, Mounted], name: str) -> Iterator[tuple[int, bytes, bytes, Path]]:
+    """A file of 150,000 bytes that mount A holds open with its first 100,000 read (cached in A's
+    kernel), then overwritten by mount B with new bytes of the same size: (A's descriptor, old,
+    new, the path on A). The descriptor is closed at the end."""
+    a, b = two_mounts
+    path = a.subdir(name) / "f"
+    old, new = os.urandom(150_000), os.urandom(150_000)
+    path.write_bytes(old)
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        assert os.pread(fd, 100_000, 0) == old[:100_000]
+        (b.path / path.parent.name / "f").write_bytes(new)
+        yield fd, old, new, path
+    finally:
+        os.close(fd)
+
+
+def wait_for_new_bytes(fd: int, old: bytes, new: bytes, timeout_s: float) -> None:
+    """Read the first 100,000 bytes of ``fd`` until they are ``new``'s; each read in between
+    must be ``old``'s, whole. With ``pread`` inside the file: Python's ``read()`` would
+    ``fstat``, and reading to the end makes the kernel ask for the size, either of which sends a
+    GETATTR that the test must do without."""
+    deadline = time.monotonic() + timeout_s
+    while (got := os.pread(fd, 100_000, 0)) != new[:100_000]:
+        assert got == old[:100_000], "neither the old bytes nor the new ones"
+        assert time.monotonic() < deadline, "the reader kept the old bytes"
+        time.sleep(0.1)
 
 
 @pytest.mark.fuse
@@ -74,24 +106,9 @@ def test_a_reader_that_keeps_the_file_open_sees_another_mounts_overwrite(
     """Same size, new bytes, written by the other mount while a reader here holds the file open
     and only seeks and reads: no stat, so no GETATTR tells the kernel anything. The daemon
     compares the open files' attributes each attr_timeout and drops the stale pages."""
-    a, b = two_mounts
-    d = a.subdir("held")
-    old, new = os.urandom(200_000), os.urandom(200_000)
-    (d / "f").write_bytes(old)
-    fd = os.open(d / "f", os.O_RDONLY)
-    try:
-        # pread inside the file: Python's read() would fstat, and reading to the end makes the
-        # kernel ask for the size, either of which sends a GETATTR
-        assert os.pread(fd, 100_000, 0) == old[:100_000]  # cached in A's kernel
-        (b.path / d.name / "f").write_bytes(new)
-        deadline = time.monotonic() + 2 * ATTR_TIMEOUT_S + 5  # both caches' timeouts, and slack
-        while (got := os.pread(fd, 100_000, 0)) != new[:100_000]:
-            assert got == old[:100_000], "neither the old bytes nor the new ones"
-            assert time.monotonic() < deadline, "the reader kept the old bytes"
-            time.sleep(0.1)
-    finally:
-        os.close(fd)
-    assert (d / "f").read_bytes() == new
+    with overwritten_while_open(two_mounts, "held") as (fd, old, new, path):
+        wait_for_new_bytes(fd, old, new, 2 * ATTR_TIMEOUT_S + 5)  # both caches' timeouts, and slack
+    assert path.read_bytes() == new
 
 
 @pytest.mark.fuse
@@ -101,14 +118,7 @@ def test_the_check_of_open_files_outlasts_a_paused_metadata_server(two_mounts: t
     """The metadata server is stopped (SIGSTOP) after another mount's overwrite: the held-open
     reader gets whole old or whole new bytes meanwhile, never a mix, and the new ones within the
     usual bound once the server runs again; the mount keeps working."""
-    a, b = two_mounts
-    d = a.subdir("paused")
-    old, new = os.urandom(150_000), os.urandom(150_000)
-    (d / "f").write_bytes(old)
-    fd = os.open(d / "f", os.O_RDONLY)
-    try:
-        assert os.pread(fd, 100_000, 0) == old[:100_000]
-        (b.path / d.name / "f").write_bytes(new)
+    with overwritten_while_open(two_mounts, "paused") as (fd, old, new, path):
         meta = cluster.state.meta.pid
         assert meta is not None
         os.kill(meta, signal.SIGSTOP)
@@ -119,16 +129,10 @@ def test_the_check_of_open_files_outlasts_a_paused_metadata_server(two_mounts: t
                 time.sleep(0.1)
         finally:
             os.kill(meta, signal.SIGCONT)
-        deadline = time.monotonic() + 2 * ATTR_TIMEOUT_S + 10
-        while (got := os.pread(fd, 100_000, 0)) != new[:100_000]:
-            assert got == old[:100_000], "neither the old bytes nor the new ones"
-            assert time.monotonic() < deadline, "the reader kept the old bytes after the server came back"
-            time.sleep(0.1)
-    finally:
-        os.close(fd)
-    assert (d / "f").read_bytes() == new
-    (d / "after").write_bytes(b"still working")
-    assert (b.path / d.name / "after").read_bytes() == b"still working"
+        wait_for_new_bytes(fd, old, new, 2 * ATTR_TIMEOUT_S + 10)
+    assert path.read_bytes() == new
+    (path.parent / "after").write_bytes(b"still working")
+    assert (two_mounts[1].path / path.parent.name / "after").read_bytes() == b"still working"
 
 
 @pytest.mark.fuse
