@@ -124,8 +124,8 @@ def test_port_and_pid_file_readiness_and_an_adopted_process(tmp_path: Path) -> N
         time.sleep(0.2)
         s = socket.socket()
         s.bind(("127.0.0.1", {port}))
-        s.listen()
-        open({str(tmp_path / "toy.pid")!r}, "w").write(str(os.getpid()))
+        open({str(tmp_path / "toy.pid")!r}, "w").write(str(os.getpid()))  # before the port opens:
+        s.listen()  # once the port is open, the pid file is there to read
         time.sleep(60)
     """), port_open("127.0.0.1", port), tmp_path / "listener.log")
     with listener.start(timeout_s=10):
