@@ -582,7 +582,8 @@ class FragmentStore:
                 header, prefix = _read_prefix(fd)
             except CorruptFragment as exc:
                 raise self._quarantine(key, fd, str(exc)) from None
-            entry = _OpenFile(fd, header, prefix, _ident(st))
+            # Only the header and CRC table stay: the rest of the page read is padding (~4 KiB an entry).
+            entry = _OpenFile(fd, header, prefix[:fmt.crc_table_offset(header.n_blocks)], _ident(st))
         except BaseException:
             os.close(fd)
             raise
