@@ -47,6 +47,10 @@ from storage_node.scrubber import Scrubber
 
 log = logging.getLogger("storage_node")
 
+FD_RESERVE = 1024
+"""File descriptors kept free of the open-file cache: connections, fragments being written, the
+store's own files."""
+
 READY_PREFIX = "deepfs-node listening on"
 LOCK_FILE = "node.lock"
 _EXPECTED_FAILURES = (OSError, RuntimeError, ValueError)
@@ -190,7 +194,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[NodeConfig, str]:
                    help="store at most this much, e.g. 10G (default 0: the whole file system)")
     p.add_argument("--io-threads", type=int, help="disk worker threads (default 8)")
     p.add_argument("--open-files", type=int,
-                   help="fragment files small reads keep open with their CRC tables (default 1024; 0: none)")
+                   help="fragment files small reads keep open with their CRC tables (default 16384; 0: none; "
+                        "at most the open-file limit less 1024)")
     p.add_argument("--scrub-mib-s", type=float,
                    help="re-verify stored fragments at this rate in MiB/s, 0 turns scrub off (default 10)")
     p.add_argument("--scrub-interval-s", type=float,
@@ -263,13 +268,32 @@ async def _run_until_signalled(config: NodeConfig, key: Key) -> None:
                 break
 
 
-def raise_open_file_limit(wanted: int) -> None:
+def raise_open_file_limit(wanted: int) -> int:
     """Room for the fragment files small reads keep open plus connections and writes: the soft
-    RLIMIT_NOFILE (often 1,024) is raised towards ``wanted``, never past the hard limit."""
+    RLIMIT_NOFILE (often 1,024) is raised towards ``wanted``, never past the hard limit. Returns
+    the soft limit now in force (``wanted`` if it is unlimited)."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     target = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
     if soft != resource.RLIM_INFINITY and soft < target:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+        soft = target
+    return wanted if soft == resource.RLIM_INFINITY else soft
+
+
+def open_files_within_limit(config: NodeConfig) -> NodeConfig:
+    """``config`` with ``open_files`` lowered to what the file-descriptor limit leaves beside
+    ``FD_RESERVE`` for sockets, writes and the store's own files (logged when it had to be).
+
+    The problem: a cache of open fragment files as large as the limit would take the last
+    descriptors, and the node would then fail to accept connections or store fragments (EMFILE)."""
+    limit = raise_open_file_limit(config.open_files + FD_RESERVE)
+    room = max(0, limit - FD_RESERVE)
+    if config.open_files <= room:
+        return config
+    log.warning("keeping at most %d fragment files open, not %d: the open-file limit (RLIMIT_NOFILE) is %d "
+                "and %d descriptors stay free for connections and writes; raise the hard limit "
+                "(ulimit -Hn, LimitNOFILE=) to keep more", room, config.open_files, limit, FD_RESERVE)
+    return replace(config, open_files=room)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -284,7 +308,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=log_level, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     tune_malloc()
-    raise_open_file_limit(config.open_files + 1024)
+    config = open_files_within_limit(config)
     try:
         trio.run(_run_until_signalled, config, key)
     except BaseExceptionGroup as group:

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import re
 import socket
+import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,13 +53,16 @@ def key_file(directory: Path, key: Key = NODE_KEY) -> Path:
     return path
 
 
-def start_node(data_dir: Path, *extra: str, meta_grpc: str = "127.0.0.1:1", key: Key | None = NODE_KEY
-               ) -> ServerProcess:
-    """A node on a free port with ``key`` (None: started without ``--key``, which it refuses)."""
+def start_node(data_dir: Path, *extra: str, meta_grpc: str = "127.0.0.1:1", key: Key | None = NODE_KEY,
+               launcher: Sequence[str] = ()) -> ServerProcess:
+    """A node on a free port with ``key`` (None: started without ``--key``, which it refuses);
+    ``launcher``: a command that runs the node's command line (``prlimit --nofile=...``)."""
     data_dir.parent.mkdir(parents=True, exist_ok=True)
     key_args = ["--key", str(key_file(data_dir.parent / "keys", key))] if key is not None else []
     args = ["-m", "storage_node", "--data-dir", str(data_dir), "--host", "127.0.0.1", "--port", "0",
             "--meta-grpc", meta_grpc, "--no-fsync", "--reserve-bytes", "0", *key_args, *extra]
+    if launcher:
+        args = [*launcher, sys.executable, *args]
     return ServerProcess(args, ready_line("deepfs-node listening"), data_dir.parent / f"{data_dir.name}.log").start()
 
 

@@ -193,6 +193,29 @@ def test_open_files_stay_bounded_and_deleted_ones_are_closed(node: ServerProcess
     wait_for(lambda: open_fds(node) <= before, timeout_s=5)  # deleting a fragment closes its file
 
 
+def test_the_open_file_cache_leaves_descriptors_free_under_a_low_hard_limit(tmp_path: Path) -> None:
+    """A hard RLIMIT_NOFILE the node cannot raise past its default cache (16,384 files): it keeps
+    fewer open, says so, and still opens every fragment it is asked for and every connection.
+    Without the cap the cache would take every descriptor and reads would fail with EMFILE."""
+    hard = 1100  # the node keeps 1,024 free: 76 for the cache
+    node = start_node(tmp_path / "data", launcher=["prlimit", f"--nofile={hard}:{hard}"])
+    try:
+        assert "keeping at most 76 fragment files open, not 16384" in node.output()
+        before = open_fds(node)
+        blob = os.urandom(4096)
+        keys = [[900 + i, 0, 1, 0] for i in range(hard + 50)]  # more fragments than descriptors
+        with authed_socket(port_of(node)) as s:
+            for key in keys:
+                put(s, key, blob)
+            for key in keys:
+                assert get(s, key, 100, 200) == blob[100:300]
+            assert open_fds(node) - before <= 76 + 4
+        with authed_socket(port_of(node)) as other:  # new connections are still accepted
+            assert get(other, keys[0], 0, 4096) == blob
+    finally:
+        node.stop()
+
+
 # ---------------------------------------------------------- pipelining
 def test_pipelined_small_and_large_requests_get_their_own_answers(sock: socket.socket) -> None:
     key = [505, 0, 1, 0]
